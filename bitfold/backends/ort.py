@@ -1,0 +1,95 @@
+"""ONNX Runtime backend.
+
+Sessions are built from the serialized model in memory; a model over the protobuf limit is written (with
+external data) to a temporary directory first. ``device="auto"`` uses the CUDA execution provider when this
+onnxruntime build has it, else the CPU.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from bitfold.backends import latency_stats
+from bitfold.errors import BitfoldError
+from bitfold.frontend.inputs import check_feeds
+from bitfold.frontend.onnx_io import EXTERNAL_DATA_THRESHOLD, parameter_bytes, save
+
+_DEVICES = ("auto", "cpu", "cuda")
+
+
+class OrtRunnable:
+    backend = "ort"
+
+    def __init__(
+        self,
+        model: ir.Model,
+        *,
+        device: str = "auto",
+        threads: int | None = None,
+        spinning: bool = True,
+        optimization: str = "all",
+    ) -> None:
+        if device not in _DEVICES:
+            raise BitfoldError(f"unknown device '{device}' for ONNX Runtime; choose one of: {', '.join(_DEVICES)}.")
+        available = ort.get_available_providers()
+        has_cuda = "CUDAExecutionProvider" in available
+        if device == "cuda" and not has_cuda:
+            raise BitfoldError("device 'cuda' requested but this onnxruntime has no CUDA provider; use device 'cpu'.")
+        self.device = "cuda" if (device == "cuda" or (device == "auto" and has_cuda)) else "cpu"
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" else ["CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = {
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        }[optimization]
+        if threads:
+            options.intra_op_num_threads = threads
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._model = model
+        self.session = _session(model, options, providers)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(self._model, feeds)
+        outputs = self.session.run(self.output_names, dict(feeds))
+        return dict(zip(self.output_names, outputs, strict=True))
+
+    def bench(self, feeds: Mapping[str, np.ndarray], warmup: int = 10, iters: int = 50) -> dict[str, float]:
+        check_feeds(self._model, feeds)
+        feeds = dict(feeds)
+        for _ in range(warmup):
+            self.session.run(self.output_names, feeds)
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            self.session.run(self.output_names, feeds)
+            times.append(time.perf_counter() - start)
+        return latency_stats(times)
+
+
+def _session(model: ir.Model, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    if parameter_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
+        data = ir.to_proto(model).SerializeToString()
+        return _create(data, options, providers)
+    with tempfile.TemporaryDirectory(prefix="bitfold-ort-") as tmp:
+        path = save(model, Path(tmp) / "model.onnx", external_data=True)
+        return _create(str(path), options, providers)
+
+
+def _create(source, options, providers) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(source, options, providers=providers)
+    except Exception as e:  # ORT raises its own exception types for invalid graphs
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BitfoldError(f"ONNX Runtime cannot load the model: {first}") from e

@@ -1,0 +1,14 @@
+"""bitfold passes: plain onnx-ir passes with registered names and typed configs.
+
+Importing this package registers every pass. Each one also works outside bitfold's pipeline::
+
+    import onnx_ir as ir
+    from bitfold.passes.canonical import FoldBatchNorm, RemoveDead
+
+    ir.passes.PassManager([FoldBatchNorm(), RemoveDead()])(model)
+"""
+
+from bitfold.passes import canonical
+from bitfold.passes.registry import BitfoldPass, create, describe, get_pass, register, registered
+
+__all__ = ["BitfoldPass", "canonical", "create", "describe", "get_pass", "register", "registered"]

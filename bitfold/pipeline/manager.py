@@ -1,0 +1,190 @@
+"""The pass manager: runs a recipe and owns everything cross-cutting.
+
+Per pass it measures wall time, the op histogram delta, parameter bytes before/after, and stamps provenance
+(``bitfold.pass``) on any node a pass created without it. With ``verify=True`` it also, after every pass:
+runs ``onnx.checker`` and names the pass that broke validity; runs the model under ONNX Runtime on sample inputs
+and records max abs / max rel error of every graph output against the input model; and checks the pass's
+``modified`` claim against a fingerprint of the serialized model.
+
+Relative error is ``max|y - y_ref| / max|y_ref|`` per output (elementwise ratios explode near zero).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from bitfold.backends.ort import OrtRunnable
+from bitfold.errors import BitfoldError, VerificationError
+from bitfold.frontend.inputs import sample_feeds
+from bitfold.frontend.onnx_io import EXTERNAL_DATA_THRESHOLD, parameter_bytes, save
+from bitfold.passes.registry import FROM_KEY, PASS_KEY, BitfoldPass
+from bitfold.pipeline.recipe import Recipe
+from bitfold.pipeline.report import OutputError, PassRecord, PipelineReport
+from bitfold.summary import op_histogram, parameter_stats, summarize
+
+#: Called before each pass with (index, total, pass) and after it with the finished record.
+PassStarted = Callable[[int, int, BitfoldPass], None]
+PassFinished = Callable[[PassRecord], None]
+
+
+class PassContractError(RuntimeError):
+    """A pass misreported ``modified`` (an internal bug in that pass, not a user error)."""
+
+
+class Pipeline:
+    """A recipe plus how to run it: ``Pipeline(recipe, verify=True).run(model)``.
+
+    ``verify`` turns on the checker, numeric comparison and ``modified`` checks after each pass. ``on_pass_start``
+    and ``on_pass_end`` are the hooks through which progress is shown; passes themselves never print.
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe | list,
+        *,
+        verify: bool = False,
+        on_pass_start: PassStarted | None = None,
+        on_pass_end: PassFinished | None = None,
+    ) -> None:
+        self.recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_list(recipe)
+        self.verify = verify
+        self.on_pass_start = on_pass_start
+        self.on_pass_end = on_pass_end
+
+    def run(
+        self,
+        model: ir.Model,
+        calibration: Any = None,
+        *,
+        feeds: Mapping[str, np.ndarray] | None = None,
+        shapes: Mapping[str, tuple[int, ...]] | None = None,
+    ) -> tuple[ir.Model, PipelineReport]:
+        """Rewrite ``model`` in place and return it with its report.
+
+        ``feeds`` are the verification inputs (default: seeded samples, symbolic dimensions sized by ``shapes``
+        or 1).
+        """
+        passes = self.recipe.build()
+        for p in passes:
+            if p.needs_calibration and calibration is None:
+                raise BitfoldError(f"pass '{p.name}' needs calibration data; pass --calibration FILE.npz or a source name.")
+            if p.needs_calibration:
+                p.calibration = calibration
+        report = PipelineReport(input=summarize(model), verified=self.verify)
+        reference = None
+        if self.verify:
+            feeds = dict(feeds) if feeds is not None else sample_feeds(model, shapes)
+            reference = _run(model, feeds, "the input model")
+            _check(model, "the input model")
+        for index, p in enumerate(passes):
+            if self.on_pass_start:
+                self.on_pass_start(index, len(passes), p)
+            record = _run_pass(model, p, self.verify, feeds, reference)
+            report.passes.append(record)
+            if self.on_pass_end:
+                self.on_pass_end(record)
+        report.output = summarize(model)
+        return model, report
+
+
+def optimize(
+    model: ir.Model,
+    recipe: Recipe | list,
+    calibration: Any = None,
+    *,
+    verify: bool = False,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> tuple[ir.Model, PipelineReport]:
+    """Run ``recipe`` over ``model`` (rewritten in place); returns the model and a :class:`PipelineReport`."""
+    return Pipeline(recipe, verify=verify).run(model, calibration, feeds=feeds, shapes=shapes)
+
+
+def _run_pass(model, p: BitfoldPass, verify: bool, feeds, reference) -> PassRecord:
+    hist_before = op_histogram(model)
+    nodes_before = set(ir.traversal.RecursiveGraphIterator(model.graph))
+    bytes_before = parameter_stats(model)[1]
+    fingerprint = _fingerprint(model) if verify else None
+    start = time.perf_counter()
+    result = p(model)
+    seconds = time.perf_counter() - start
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node not in nodes_before and PASS_KEY not in node.metadata_props:
+            node.metadata_props[PASS_KEY] = p.name
+            node.metadata_props.setdefault(FROM_KEY, "")
+    hist_after = op_histogram(model)
+    record = PassRecord(
+        name=p.name,
+        params=_params(p),
+        seconds=seconds,
+        modified=result.modified,
+        nodes_before=sum(hist_before.values()),
+        nodes_after=sum(hist_after.values()),
+        ops_added=dict(sorted((hist_after - hist_before).items())),
+        ops_removed=dict(sorted((hist_before - hist_after).items())),
+        param_bytes_before=bytes_before,
+        param_bytes_after=parameter_stats(model)[1],
+    )
+    if verify:
+        changed = _fingerprint(model) != fingerprint
+        if changed != result.modified:
+            said = "modified" if result.modified else "not modified"
+            raise PassContractError(f"pass '{p.name}' reported {said} but the model {'did' if changed else 'did not'} change")
+        _check(model, f"pass '{p.name}'")
+        outputs = _run(model, feeds, f"the model after pass '{p.name}'")
+        record.errors = _errors(reference, outputs)
+    return record
+
+
+def _params(p: BitfoldPass) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(p.config).items()}
+
+
+def _fingerprint(model: ir.Model) -> str:
+    return hashlib.sha256(ir.to_proto(model).SerializeToString(deterministic=True)).hexdigest()
+
+
+def _check(model: ir.Model, who: str) -> None:
+    try:
+        if parameter_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+            with tempfile.TemporaryDirectory(prefix="bitfold-check-") as tmp:
+                onnx.checker.check_model(str(save(model, Path(tmp) / "m.onnx", external_data=True)))
+        else:
+            onnx.checker.check_model(ir.to_proto(model))
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0]
+        raise VerificationError(f"{who} produced a model that fails onnx.checker: {first}") from e
+
+
+def _run(model: ir.Model, feeds, who: str) -> list[np.ndarray]:
+    try:
+        runnable = OrtRunnable(model, device="cpu")
+        outputs = runnable.session.run(None, dict(feeds))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VerificationError(f"{who} does not run under ONNX Runtime: {first}") from e
+    return outputs
+
+
+def _errors(reference: list[np.ndarray], outputs: list[np.ndarray]) -> list[OutputError]:
+    errors = []
+    for index, (ref, out) in enumerate(zip(reference, outputs, strict=True)):
+        ref = np.asarray(ref, dtype=np.float64)
+        out = np.asarray(out, dtype=np.float64)
+        if ref.shape != out.shape:
+            errors.append(OutputError(index, float("inf"), float("inf")))
+            continue
+        diff = np.abs(out - ref)
+        max_abs = float(diff.max()) if diff.size else 0.0
+        scale = float(np.abs(ref).max()) if ref.size else 0.0
+        errors.append(OutputError(index, max_abs, max_abs / scale if scale > 0 else max_abs))
+    return errors
