@@ -25,6 +25,8 @@ class Runnable(Protocol):
 
     def bench(self, feeds: Mapping[str, np.ndarray], warmup: int = 10, iters: int = 50) -> dict[str, float]: ...
 
+    def times(self, feeds: Mapping[str, np.ndarray], iters: int) -> list[float]: ...
+
 
 BACKENDS = ("ort",)
 

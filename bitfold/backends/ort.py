@@ -66,16 +66,19 @@ class OrtRunnable:
         return dict(zip(self.output_names, outputs, strict=True))
 
     def bench(self, feeds: Mapping[str, np.ndarray], warmup: int = 10, iters: int = 50) -> dict[str, float]:
+        self.times(feeds, warmup)
+        return latency_stats(self.times(feeds, iters))
+
+    def times(self, feeds: Mapping[str, np.ndarray], iters: int) -> list[float]:
+        """Wall seconds of ``iters`` consecutive runs (feeds checked once, outside the timed loop)."""
         check_feeds(self._model, feeds)
         feeds = dict(feeds)
-        for _ in range(warmup):
-            self.session.run(self.output_names, feeds)
         times = []
         for _ in range(iters):
             start = time.perf_counter()
             self.session.run(self.output_names, feeds)
             times.append(time.perf_counter() - start)
-        return latency_stats(times)
+        return times
 
 
 def _session(model: ir.Model, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:

@@ -139,8 +139,8 @@ def _run_pass(model, p: BitfoldPass, verify: bool, feeds, reference) -> PassReco
         if changed != result.modified:
             said = "modified" if result.modified else "not modified"
             raise PassContractError(f"pass '{p.name}' reported {said} but the model {'did' if changed else 'did not'} change")
-        _check(model, f"pass '{p.name}'")
-        outputs = _run(model, feeds, f"the model after pass '{p.name}'")
+        _check(model, f"the output of pass '{p.name}'")
+        outputs = _run(model, feeds, f"the output of pass '{p.name}'")
         record.errors = _errors(reference, outputs)
     return record
 
@@ -162,7 +162,7 @@ def _check(model: ir.Model, who: str) -> None:
             onnx.checker.check_model(ir.to_proto(model))
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0]
-        raise VerificationError(f"{who} produced a model that fails onnx.checker: {first}") from e
+        raise VerificationError(f"{who} fails onnx.checker: {first}") from e
 
 
 def _run(model: ir.Model, feeds, who: str) -> list[np.ndarray]:

@@ -41,13 +41,16 @@ class FoldConstants(BitfoldPass):
     Config = FoldConstantsConfig
 
     def rewrite(self, model: ir.Model) -> int:
-        before = set(model.graph)
+        wiring = {node: tuple(node.inputs) for node in model.graph}
         onnxscript.optimizer.fold_constants(
             model,
             input_size_limit=self.config.input_size_limit,
             output_size_limit=self.config.output_size_limit,
         )
         after = set(model.graph)
-        for node in after - before:
+        created = [node for node in model.graph if node not in wiring]
+        for node in created:
             self.stamp(node, [])
-        return len(before - after) + len(after - before)
+        removed = sum(1 for node in wiring if node not in after)
+        rewired = sum(1 for node, inputs in wiring.items() if node in after and tuple(node.inputs) != inputs)
+        return removed + len(created) + rewired

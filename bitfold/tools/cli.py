@@ -1,0 +1,291 @@
+"""The ``bitfold`` command line.
+
+User mistakes (``BitfoldError``) print one sentence on stderr and exit with code 2; internal bugs exit 1 with a
+traceback. Inputs are never modified; every output is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from bitfold.errors import BitfoldError, ExportError, InputSpecError
+
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+out = Console(width=None if sys.stdout.isatty() else 140)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except BitfoldError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except Exception:  # an internal bug: show everything
+        traceback.print_exc()
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bitfold", description="Graph-rewriting compiler toolkit for cheap inference.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("export", help="export a PyTorch module to ONNX")
+    p.add_argument("factory", metavar="MODULE:FACTORY", help="importable module (or file.py) and a function returning an nn.Module")
+    p.add_argument("--shape", action="append", required=True, metavar="NAME=DIMS", help="one per forward input, in order, e.g. x=1x3x224x224")
+    p.add_argument("--dtype", action="append", default=[], metavar="NAME=DTYPE", help="input dtype (default float32), e.g. ids=int64")
+    p.add_argument("-o", "--output", required=True, type=Path)
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("inspect", help="op histogram, parameters, bytes, opsets, inputs and outputs")
+    p.add_argument("model", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("passes", help="list the registered passes and their parameters")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_passes)
+
+    p = sub.add_parser("optimize", help="run a recipe (or a list of passes) over a model")
+    p.add_argument("model", type=Path)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("-r", "--recipe", type=Path, help="recipe TOML file")
+    group.add_argument("-p", "--passes", metavar="PASS[,PASS]", help="comma-separated pass names, default parameters")
+    p.add_argument("-o", "--output", required=True, type=Path)
+    p.add_argument("--report", type=Path, help="write the per-pass report as JSON")
+    p.add_argument("--verify", action="store_true", help="after every pass: onnx.checker, ORT run, error vs the input model")
+    _add_input_options(p)
+    p.set_defaults(func=_optimize)
+
+    p = sub.add_parser("run", help="run a model on inputs")
+    p.add_argument("model", type=Path)
+    p.add_argument("--backend", default="ort", choices=["ort"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--output", type=Path, help="write outputs to this .npz")
+    _add_input_options(p)
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("bench", help="latency of one or more models; ratios against the first")
+    p.add_argument("models", type=Path, nargs="+")
+    p.add_argument("--backend", default="ort", choices=["ort"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--iters", type=int, default=20, help="runs per model per round")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    _add_input_options(p)
+    p.set_defaults(func=_bench)
+
+    p = sub.add_parser("demo", help="optimize, verify and benchmark built-in models (no files, no network)")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def _add_input_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--inputs", type=Path, help=".npz with one array per graph input (default: seeded random)")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME=DIMS", help="size of dynamic dimensions for random inputs")
+
+
+def _feeds(args, model) -> dict:
+    from bitfold.frontend.inputs import check_feeds, parse_shape, sample_feeds
+    from bitfold.tools.files import load_arrays
+
+    if args.inputs:
+        feeds = load_arrays(args.inputs)
+        check_feeds(model, feeds)
+        return feeds
+    return sample_feeds(model, dict(parse_shape(s) for s in args.shape))
+
+
+def _export(args) -> None:
+    import numpy as np
+    import torch
+
+    from bitfold.frontend import from_torch, save
+    from bitfold.frontend.inputs import parse_shape
+
+    module = _load_factory(args.factory)()
+    if not isinstance(module, torch.nn.Module):
+        raise ExportError(f"'{args.factory}' returned {type(module).__name__}, not a torch.nn.Module.")
+    shapes = [parse_shape(s) for s in args.shape]
+    dtypes = {}
+    for item in args.dtype:
+        name, _, dtype = item.partition("=")
+        try:
+            dtypes[name] = getattr(torch, np.dtype(dtype).name)
+        except (TypeError, AttributeError):
+            raise InputSpecError(f"--dtype '{item}' does not name a dtype; write e.g. --dtype ids=int64.") from None
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for name, shape in shapes:
+        dtype = dtypes.get(name, torch.float32)
+        if dtype.is_floating_point:
+            inputs.append(torch.randn(shape, generator=generator).to(dtype))
+        else:
+            inputs.append(torch.randint(0, 2, shape, generator=generator).to(dtype))
+    model = from_torch(module, tuple(inputs), input_names=[n for n, _ in shapes])
+    save(model, args.output)
+    err.print(f"wrote {args.output}")
+
+
+def _load_factory(spec: str):
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise ExportError(f"'{spec}' is not MODULE:FACTORY; write e.g. mypkg.models:build or models.py:build.")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise ExportError(f"python file '{path}' does not exist.")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ImportError as e:
+        raise ExportError(f"cannot import '{target}': {e}; check the module name and PYTHONPATH.") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ExportError(f"'{target}' has no callable '{attr}'; name a function that returns the model.")
+    return factory
+
+
+def _inspect(args) -> None:
+    from bitfold.frontend import load
+    from bitfold.summary import summarize
+
+    summary = summarize(load(args.model))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    table = Table(title=str(args.model), show_header=False)
+    for key in ("producer", "ir_version", "opsets", "nodes", "depth", "parameters", "parameter_bytes", "functions"):
+        table.add_row(key, str(summary[key]))
+    table.add_row("inputs", "\n".join(summary["inputs"]))
+    table.add_row("outputs", "\n".join(summary["outputs"]))
+    table.add_row("ops", "\n".join(f"{op}: {n}" for op, n in summary["ops"].items()))
+    out.print(table)
+
+
+def _passes(args) -> None:
+    from bitfold.passes import describe, registered
+
+    info = [describe(cls) for cls in registered().values()]
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    table = Table(title="bitfold passes")
+    for column in ("pass", "family", "what it does", "parameters"):
+        table.add_column(column)
+    for p in info:
+        params = "\n".join(f"{q['name']} = {q['default']!r}  ({q['type']})" for q in p["params"]) or "-"
+        table.add_row(p["name"], p["family"], p["doc"], params)
+    out.print(table)
+
+
+def _optimize(args) -> None:
+    from bitfold.frontend import load, save
+    from bitfold.pipeline import Pipeline, Recipe
+    from bitfold.tools.files import refuse_overwrite, write_atomic
+
+    refuse_overwrite(args.model, args.output)
+    recipe = Recipe.load(args.recipe) if args.recipe else Recipe.from_names(args.passes)
+    model = load(args.model)
+    feeds = _feeds(args, model) if args.verify else None
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("optimize", total=len(recipe.steps))
+        pipeline = Pipeline(
+            recipe,
+            verify=args.verify,
+            on_pass_start=lambda i, n, p: bar.update(task, description=f"[{i + 1}/{n}] {p.name}"),
+            on_pass_end=lambda record: bar.advance(task),
+        )
+        model, report = pipeline.run(model, feeds=feeds)
+    save(model, args.output)
+    if args.report:
+        write_atomic(args.report, report.to_json().encode())
+    err.print(report.table())
+    err.print(f"wrote {args.output}")
+
+
+def _run(args) -> None:
+    from bitfold.backends import compile
+    from bitfold.frontend import load
+    from bitfold.tools.files import save_arrays
+
+    model = load(args.model)
+    outputs = compile(model, args.backend, args.device).run(_feeds(args, model))
+    if args.output:
+        save_arrays(args.output, outputs)
+        err.print(f"wrote {args.output}")
+    for name, value in outputs.items():
+        out.print(f"{name}: {value.dtype}{list(value.shape)}  mean={value.mean():.6g} absmax={abs(value).max():.6g}")
+
+
+def _bench(args) -> None:
+    from bitfold.backends import compile
+    from bitfold.frontend import load
+    from bitfold.tools.bench import compare
+
+    models = [load(path) for path in args.models]
+    feeds = [_feeds(args, m) for m in models]
+    runnables = [compile(m, args.backend, args.device, spinning=len(models) == 1) for m in models]
+    stats = compare(runnables, feeds, warmup=args.warmup, rounds=args.rounds, iters=args.iters)
+    rows = [{"model": str(path), **s} for path, s in zip(args.models, stats, strict=True)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{args.backend} latency ({runnables[0].device}), interleaved rounds")
+    for column in ("model", "p50 ms", "p90 ms", "mean ms", "vs first"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in rows:
+        table.add_row(r["model"], f"{r['p50']:.3f}", f"{r['p90']:.3f}", f"{r['mean']:.3f}", f"{r['ratio']:.2f}×")
+    out.print(table)
+
+
+def _demo(args) -> None:
+    from bitfold.tools.demo import run_demo
+
+    with err.status("exporting, optimizing, verifying and benchmarking built-in models..."):
+        rows = run_demo()
+    table = Table(title="bitfold demo: canonical recipe, verified with ONNX Runtime")
+    for column in ("model", "nodes", "ops removed", "params KB", "max rel err", "ORT p50 ms", "speedup"):
+        table.add_column(column, justify="left" if column in ("model", "ops removed") else "right")
+    for r in rows:
+        table.add_row(
+            r["model"],
+            f"{r['nodes_before']} → {r['nodes_after']}",
+            _top_ops(r["ops_removed"]),
+            f"{r['kb_before']:.1f} → {r['kb_after']:.1f}",
+            f"{r['max_rel_err']:.1e}",
+            f"{r['p50_ms_before']:.3f} → {r['p50_ms_after']:.3f}",
+            f"{r['speedup']:.2f}×",
+        )
+    out.print(table)
+
+
+def _top_ops(ops: dict[str, int], k: int = 3) -> str:
+    ranked = sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))
+    text = ", ".join(f"{op}×{n}" for op, n in ranked[:k])
+    return text + (f", +{len(ranked) - k} more" if len(ranked) > k else "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import onnx_ir as ir
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def zoo_protos() -> dict[str, bytes]:
+    """The synthetic zoo, exported once per session and kept serialized."""
+    return {name: ir.to_proto(m).SerializeToString() for name, m in models.zoo().items()}
+
+
+@pytest.fixture
+def zoo(zoo_protos):
+    """A fresh, mutable copy of every zoo model."""
+    return {name: ir.from_proto(_parse(data)) for name, data in zoo_protos.items()}
+
+
+def fresh(zoo_protos: dict[str, bytes], name: str) -> ir.Model:
+    return ir.from_proto(_parse(zoo_protos[name]))
+
+
+def _parse(data: bytes):
+    import onnx
+
+    return onnx.ModelProto.FromString(data)

@@ -1,0 +1,189 @@
+"""The synthetic model zoo: small seeded torch models exported through ``bitfold.from_torch``.
+
+Each entry covers a structure real exporters produce: BN after Conv/ConvTranspose/Gemm, a BN whose input is
+shared (must stay), LayerNorm attention, a Llama-style decoder (RMSNorm, SwiGLU, rotary, causal), dynamic batch.
+Hand-built ONNX graphs for cases torch cannot produce (non-constant or training BN, MatMul+Add) live here too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from torch import nn
+
+import bitfold
+
+
+def _randomize_bn(module: nn.Module) -> nn.Module:
+    gen = torch.Generator().manual_seed(1)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            c = m.num_features
+            m.running_mean.copy_(torch.rand(c, generator=gen) - 0.5)
+            m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.rand(c, generator=gen) * 0.4 - 0.2)
+    return module.eval()
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class CNNWithBN(nn.Module):
+    """Conv+BN, depthwise Conv+BN, grouped ConvTranspose+BN, Linear+BatchNorm1d (Gemm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.dw, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8)
+        self.up, self.bn3 = nn.ConvTranspose2d(8, 6, 2, stride=2, groups=2), nn.BatchNorm2d(6)
+        self.fc, self.bn4 = nn.Linear(6, 12), nn.BatchNorm1d(12)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.dw(x)))
+        x = torch.relu(self.bn3(self.up(x)))
+        return self.bn4(self.fc(x.mean(dim=(2, 3))))
+
+
+class SharedBNInput(nn.Module):
+    """Conv → BN → ReLU → Conv where the first Conv's output also feeds a residual Add: that BN must stay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        return self.conv2(torch.relu(self.bn(y))) + y
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(0.1), nn.Linear(2 * dim, dim))
+
+    def forward(self, x, mask):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)
+        scores = scores.masked_fill(mask[:, None, None, :] == 0, -1e4)
+        attn = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, d)
+        x = x + self.proj(attn)
+        return x + self.mlp(self.ln2(x))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim) + 0.1 * torch.randn(dim))
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+class DecoderBlock(nn.Module):
+    """Llama-style: RMSNorm, rotary q/k, causal attention, SwiGLU MLP."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, hidden: int = 64) -> None:
+        super().__init__()
+        self.heads, self.hd = heads, dim // heads
+        self.norm1, self.norm2 = RMSNorm(dim), RMSNorm(dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.gate, self.up = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+        inv = 1.0 / (10000 ** (torch.arange(0, self.hd, 2).float() / self.hd))
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def rotate(self, x, cos, sin):
+        x1, x2 = x[..., : self.hd // 2], x[..., self.hd // 2 :]
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+    def forward(self, x):
+        b, t, d = x.shape
+        freqs = torch.arange(t, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        h = self.norm1(x)
+        q, k, v = (p(h).reshape(b, t, self.heads, self.hd).transpose(1, 2) for p in (self.q, self.k, self.v))
+        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.hd)
+        scores = scores.masked_fill(~causal, float("-inf"))
+        attn = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, d)
+        x = x + self.o(attn)
+        h = self.norm2(x)
+        return x + self.down(nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+def zoo() -> dict[str, ir.Model]:
+    """name → exported onnx-ir model (seeded)."""
+    torch.manual_seed(0)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    specs = {
+        "mlp": (MLP(), (torch.randn(4, 32),), None),
+        "cnn-bn": (_randomize_bn(CNNWithBN()), (torch.randn(2, 3, 16, 16),), None),
+        "shared-bn-input": (_randomize_bn(SharedBNInput()), (torch.randn(1, 4, 8, 8),), None),
+        "encoder-layernorm": (EncoderBlock(), (torch.randn(2, 8, 32), torch.ones(2, 8, dtype=torch.int64)), None),
+        "decoder-rmsnorm-swiglu-rope": (DecoderBlock(), (torch.randn(1, 8, 32),), None),
+        "dynamic-batch-cnn": (_randomize_bn(CNNWithBN()), (torch.randn(2, 3, 16, 16),), {"x": {0: batch}}),
+    }
+    return {name: bitfold.from_torch(m.eval(), inputs, dynamic) for name, (m, inputs, dynamic) in specs.items()}
+
+
+# ---- hand-built graphs for structures torch does not export -------------------------------------------------
+
+
+def _const(name: str, array: np.ndarray) -> ir.Value:
+    return ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.tensor(array, name=name))
+
+
+def bn_graph(producer: str, *, training: bool = False, scale_is_input: bool = False, rank3: bool = False, seed: int = 0) -> ir.Model:
+    """``producer`` ∈ {"matmul", "matmul-add"} followed by BatchNormalization, with optional negative variants."""
+    rng = np.random.default_rng(seed)
+    n, k, c = 4, 8, 6
+    x = ir.val("x", ir.DataType.FLOAT, [n, 3, k] if rank3 else [n, k])
+    w = _const("w", rng.standard_normal((k, c)).astype(np.float32))
+    inits = [w]
+    inputs = [x]
+    nodes = [ir.node("MatMul", [x, w], name="matmul")]
+    z = nodes[-1].outputs[0]
+    if producer == "matmul-add":
+        b = _const("b", rng.standard_normal(c).astype(np.float32))
+        inits.append(b)
+        nodes.append(ir.node("Add", [b, z], name="add"))
+        z = nodes[-1].outputs[0]
+    bn_c = 3 if rank3 else c  # rank 3: BN normalizes axis 1 (size 3), not the MatMul's channel axis
+    params = [rng.uniform(0.5, 1.5, bn_c), rng.uniform(-0.2, 0.2, bn_c), rng.uniform(-0.5, 0.5, bn_c), rng.uniform(0.5, 2.0, bn_c)]
+    bn_inputs = []
+    for name, p in zip(("gamma", "beta", "mean", "var"), params, strict=True):
+        if name == "gamma" and scale_is_input:
+            v = ir.val("gamma", ir.DataType.FLOAT, [bn_c])
+            inputs.append(v)
+        else:
+            v = _const(name, p.astype(np.float32))
+            inits.append(v)
+        bn_inputs.append(v)
+    attrs = {"epsilon": 1e-3}
+    if training:
+        attrs["training_mode"] = 1
+    nodes.append(ir.node("BatchNormalization", [z, *bn_inputs], attributes=attrs, name="bn"))
+    y = nodes[-1].outputs[0]
+    y.name = "y"
+    y.dtype = ir.DataType.FLOAT
+    y.shape = ir.Shape([n, 3, c] if rank3 else [n, c])
+    graph = ir.Graph(inputs, [y], nodes=nodes, initializers=inits, opset_imports={"": 17}, name="bn_graph")
+    return ir.Model(graph, ir_version=9)
