@@ -150,7 +150,10 @@ def _params(p: BitfoldPass) -> dict[str, Any]:
 
 
 def _fingerprint(model: ir.Model) -> str:
-    return hashlib.sha256(ir.to_proto(model).SerializeToString(deterministic=True)).hexdigest()
+    """Hash of everything that defines the computation; inferred shape annotations (value_info) are left out."""
+    proto = ir.to_proto(model)
+    proto.graph.ClearField("value_info")
+    return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
 
 
 def _check(model: ir.Model, who: str) -> None:
