@@ -7,11 +7,8 @@ onnxruntime build has it, else the CPU.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Mapping
-from pathlib import Path
-
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
@@ -19,7 +16,7 @@ import onnxruntime as ort
 from bitfold.backends import latency_stats
 from bitfold.errors import BitfoldError
 from bitfold.frontend.inputs import check_feeds
-from bitfold.frontend.onnx_io import EXTERNAL_DATA_THRESHOLD, parameter_bytes, save
+from bitfold.frontend.onnx_io import serialized
 
 _DEVICES = ("auto", "cpu", "cuda")
 
@@ -82,17 +79,9 @@ class OrtRunnable:
 
 
 def _session(model: ir.Model, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
-    if parameter_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
-        data = ir.to_proto(model).SerializeToString()
-        return _create(data, options, providers)
-    with tempfile.TemporaryDirectory(prefix="bitfold-ort-") as tmp:
-        path = save(model, Path(tmp) / "model.onnx", external_data=True)
-        return _create(str(path), options, providers)
-
-
-def _create(source, options, providers) -> ort.InferenceSession:
-    try:
-        return ort.InferenceSession(source, options, providers=providers)
-    except Exception as e:  # ORT raises its own exception types for invalid graphs
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BitfoldError(f"ONNX Runtime cannot load the model: {first}") from e
+    with serialized(model) as source:
+        try:
+            return ort.InferenceSession(source, options, providers=providers)
+        except Exception as e:  # ORT raises its own exception types for invalid graphs
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BitfoldError(f"ONNX Runtime cannot load the model: {first}") from e

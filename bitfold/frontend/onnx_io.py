@@ -8,9 +8,11 @@ leaves a partial output and saving over the file a model was loaded from is safe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -66,6 +68,20 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
+
+
+@contextlib.contextmanager
+def serialized(model: ir.Model) -> Iterator[bytes | str]:
+    """The model as bytes, or, when it is too big or references external data, as the path of a temporary copy.
+
+    For consumers (ONNX Runtime, onnx.checker) that accept either; the temporary copy lives for the ``with``.
+    """
+    external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+    if not external and parameter_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
+        yield ir.to_proto(model).SerializeToString()
+        return
+    with tempfile.TemporaryDirectory(prefix="bitfold-") as tmp:
+        yield str(save(model, Path(tmp) / "model.onnx", external_data=True))
 
 
 def parameter_bytes(model: ir.Model) -> int:

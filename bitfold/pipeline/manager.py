@@ -12,10 +12,8 @@ Relative error is ``max|y - y_ref| / max|y_ref|`` per output (elementwise ratios
 from __future__ import annotations
 
 import hashlib
-import tempfile
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +23,7 @@ import onnx_ir as ir
 from bitfold.backends.ort import OrtRunnable
 from bitfold.errors import BitfoldError, VerificationError
 from bitfold.frontend.inputs import sample_feeds
-from bitfold.frontend.onnx_io import EXTERNAL_DATA_THRESHOLD, parameter_bytes, save
+from bitfold.frontend.onnx_io import serialized
 from bitfold.passes.registry import FROM_KEY, PASS_KEY, BitfoldPass
 from bitfold.pipeline.recipe import Recipe
 from bitfold.pipeline.report import OutputError, PassRecord, PipelineReport
@@ -158,11 +156,8 @@ def _fingerprint(model: ir.Model) -> str:
 
 def _check(model: ir.Model, who: str) -> None:
     try:
-        if parameter_bytes(model) > EXTERNAL_DATA_THRESHOLD:
-            with tempfile.TemporaryDirectory(prefix="bitfold-check-") as tmp:
-                onnx.checker.check_model(str(save(model, Path(tmp) / "m.onnx", external_data=True)))
-        else:
-            onnx.checker.check_model(ir.to_proto(model))
+        with serialized(model) as source:
+            onnx.checker.check_model(onnx.load_from_string(source) if isinstance(source, bytes) else source)
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0]
         raise VerificationError(f"{who} fails onnx.checker: {first}") from e
