@@ -10,7 +10,7 @@
 from bitfold import passes
 from bitfold.backends import compile
 from bitfold.errors import BitfoldError
-from bitfold.frontend import from_torch, load, save
+from bitfold.frontend import clone, from_torch, load, save
 from bitfold.frontend.inputs import sample_feeds
 from bitfold.pipeline import Pipeline, PipelineReport, Recipe, optimize
 
@@ -21,6 +21,7 @@ __all__ = [
     "Pipeline",
     "PipelineReport",
     "Recipe",
+    "clone",
     "compile",
     "from_torch",
     "load",

@@ -84,6 +84,11 @@ def serialized(model: ir.Model) -> Iterator[bytes | str]:
         yield str(save(model, Path(tmp) / "model.onnx", external_data=True))
 
 
+def clone(model: ir.Model) -> ir.Model:
+    """An independent deep copy (through the proto), e.g. to keep the input of an in-place pipeline."""
+    return ir.from_proto(ir.to_proto(model))
+
+
 def parameter_bytes(model: ir.Model) -> int:
     """Bytes held by the main graph's initializers."""
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import onnx_ir as ir
-
 from bitfold.backends import compile
-from bitfold.frontend import from_torch
+from bitfold.frontend import clone, from_torch
 from bitfold.frontend.inputs import sample_feeds
 from bitfold.passes.canonical import CANONICAL
 from bitfold.pipeline import Pipeline
@@ -70,7 +68,7 @@ def run_demo(*, rounds: int = 10, iters: int = 20) -> list[dict[str, Any]]:
     rows = []
     for name, (module, inputs) in demo_models().items():
         model = from_torch(module, inputs)
-        before = ir.from_proto(ir.to_proto(model))
+        before = clone(model)
         feeds = sample_feeds(model)
         optimized, report = Pipeline(list(CANONICAL), verify=True).run(model, feeds=feeds)
         stats = compare(
