@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -60,11 +59,6 @@ def test_recipe_toml_round_trip_and_validation():
         Recipe.from_toml("[[pass]]\nbits = 4\n")
     with pytest.raises(RecipeError, match="unknown top-level key 'passes'"):
         Recipe.from_toml('[[passes]]\nname = "remove-dead"\n')
-
-
-@dataclasses.dataclass(frozen=True)
-class _NoConfig:
-    pass
 
 
 class _Breaks(registry.BitfoldPass):

@@ -50,7 +50,7 @@ def scale_output_channels(w: np.ndarray, s: np.ndarray, op_type: str, attrs: dic
 
 
 class _FoldIntoProducer(RewriteRuleClassBase):
-    """Shared check and rewrite; subclasses give the pattern and the producer op."""
+    """BN(op(x, W, [B])) for the producer ``op_type``; MatMul subclasses override the pattern."""
 
     op_type: str
     pass_name = "fold-batchnorm"
@@ -58,6 +58,10 @@ class _FoldIntoProducer(RewriteRuleClassBase):
     def __init__(self, folded: list[ir.Value]) -> None:
         super().__init__(name=f"fold-batchnorm-{self.op_type.lower()}")
         self.folded = folded
+
+    def pattern(self, op, x):
+        z = getattr(op, self.op_type)(x, _allow_other_inputs=True, _outputs=["z"])
+        return op.BatchNormalization(z, _allow_other_inputs=True, _outputs=["bn_out"])
 
     def check(self, context, bn_out: ir.Value, z: ir.Value, **_) -> MatchResult:
         result = MatchResult()
@@ -125,25 +129,13 @@ class _FoldIntoProducer(RewriteRuleClassBase):
 class FoldIntoConv(_FoldIntoProducer):
     op_type = "Conv"
 
-    def pattern(self, op, x):
-        z = op.Conv(x, _allow_other_inputs=True, _outputs=["z"])
-        return op.BatchNormalization(z, _allow_other_inputs=True, _outputs=["bn_out"])
-
 
 class FoldIntoConvTranspose(_FoldIntoProducer):
     op_type = "ConvTranspose"
 
-    def pattern(self, op, x):
-        z = op.ConvTranspose(x, _allow_other_inputs=True, _outputs=["z"])
-        return op.BatchNormalization(z, _allow_other_inputs=True, _outputs=["bn_out"])
-
 
 class FoldIntoGemm(_FoldIntoProducer):
     op_type = "Gemm"
-
-    def pattern(self, op, x):
-        z = op.Gemm(x, _allow_other_inputs=True, _outputs=["z"])
-        return op.BatchNormalization(z, _allow_other_inputs=True, _outputs=["bn_out"])
 
 
 class FoldIntoMatMul(_FoldIntoProducer):

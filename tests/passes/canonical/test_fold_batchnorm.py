@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 from conftest import fresh
 from models import bn_graph
@@ -67,7 +68,7 @@ def test_shared_weight_is_copied_not_mutated():
     model = bn_graph("matmul")
     w = model.graph.initializers["w"]
     original = w.const_value.numpy().copy()
-    other = bitfold.passes.canonical.fold_batchnorm.ir.node("MatMul", [model.graph.inputs[0], w], name="other")
+    other = ir.node("MatMul", [model.graph.inputs[0], w], name="other")
     model.graph.append(other)
     other.outputs[0].name = "y2"
     model.graph.outputs.append(other.outputs[0])
