@@ -6,9 +6,11 @@ of ``size`` consecutive elements of a row (the last group of a row may be shorte
 values to codes and back given a scale (and, for asymmetric integers, a zero point):
 
 - :class:`IntFormat`: b-bit integers, b in {2, 3, 4, 8}. Symmetric codes are signed in [-2^(b-1), 2^(b-1) - 1]
-  with zero point 0 and the smallest scale that represents both the row minimum and maximum,
-  ``s = max(-min / 2^(b-1), max / (2^(b-1) - 1))``. Asymmetric codes are unsigned in [0, 2^b - 1] with
-  ``s = (max - min) / (2^b - 1)`` over a range that always contains 0, and an integer zero point.
+  with zero point 0 and a *signed* scale ``s = e / -2^(b-1)``, e the group's value of largest magnitude: e lands
+  exactly on code -2^(b-1) whatever its sign, so all 2^b levels are used (a positive-only scale would waste one
+  step on one side). ONNX DequantizeLinear and ORT's MatMulNBits compute (q - z) · s with any sign of s.
+  Asymmetric codes are unsigned in [0, 2^b - 1] with ``s = (max - min) / (2^b - 1)`` over a range that always
+  contains 0, and an integer zero point.
 - :class:`FloatFormat`: FP8 e4m3 / e5m2 and FP4 e2m1 (ml_dtypes casts, round to nearest even) with scale
   ``absmax / max_finite``; NF4 (the 16 normal-quantile levels of QLoRA, nearest level) with scale ``absmax``.
 
@@ -117,12 +119,13 @@ class IntFormat:
         """Scale and zero point for blocks whose range is [lo, hi] (any shapes that broadcast)."""
         lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
         if self.symmetric:
-            scale = np.maximum(-lo / -self.qmin, hi / self.qmax)
+            extreme = np.where(-lo >= hi, lo, hi)
+            scale = extreme / self.qmin  # signed: the extreme lands exactly on code qmin
             zero = np.zeros_like(scale)
         else:
             scale = (hi - lo) / self.qmax
             zero = np.clip(np.round(-lo / np.where(scale > 0, scale, 1.0)), 0, self.qmax)
-        return np.where(scale > 0, scale, 1.0).astype(np.float32), zero.astype(np.float32)
+        return np.where(scale != 0, scale, 1.0).astype(np.float32), zero.astype(np.float32)
 
     def quantize(self, x: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
         return np.clip(np.round(x / scale) + zero, self.qmin, self.qmax).astype(np.int32)

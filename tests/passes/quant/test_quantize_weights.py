@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import fresh
+
+import bitfold
+from bitfold.backends.ort import OrtRunnable
+from bitfold.errors import BitfoldError, PassParameterError
+from bitfold.passes.canonical import CANONICAL
+from bitfold.quant.calibration import CalibrationData
+
+
+@pytest.fixture(scope="module")
+def decoder(zoo_protos):
+    model, _ = bitfold.optimize(fresh(zoo_protos, "decoder-rmsnorm-swiglu-rope"), list(CANONICAL))
+    return bitfold.clone(model)
+
+
+def _weight_matmuls(model):
+    return [n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None]
+
+
+def _out(model, feeds):
+    return next(iter(OrtRunnable(model, device="cpu", optimization="none").run(feeds).values()))
+
+
+def _quantize(model, calibration=None, **params):
+    return bitfold.optimize(bitfold.clone(model), [{"name": "quantize-weights", **params}], calibration)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"bits": 4, "group_size": 16},
+        {"bits": 4, "group_size": 16, "symmetric": False},
+        {"bits": 3, "group_size": 32},
+        {"bits": 2, "group_size": 16, "symmetric": False},
+        {"bits": 8, "group_size": -1},
+        {"bits": 8, "group_size": 0, "symmetric": False},
+        {"dtype": "fp8-e4m3", "group_size": -1},
+    ],
+)
+@pytest.mark.parametrize("fmt", ["qdq", "matmulnbits"])
+def test_emitted_formats_compute_exactly_the_fake_quantized_weights(decoder, params, fmt):
+    if fmt == "matmulnbits" and (params.get("group_size", 128) < 16 or params.get("dtype", "int") != "int"):
+        pytest.skip("MatMulNBits needs integer codes and power-of-two groups >= 16")
+    feeds = bitfold.sample_feeds(decoder)
+    extra = {"accuracy_level": 0} if fmt == "matmulnbits" else {}
+    emitted, report = _quantize(decoder, format=fmt, **params, **extra)
+    fake, _ = _quantize(decoder, format="fake", **params)
+    count = len(_weight_matmuls(decoder))
+    op = "com.microsoft::MatMulNBits" if fmt == "matmulnbits" else "DequantizeLinear"
+    assert report.output["ops"][op] == count == 7
+    np.testing.assert_array_equal(_out(emitted, feeds), _out(fake, feeds))
+    assert report.output["parameter_bytes"] < report.input["parameter_bytes"]
+
+
+def test_error_shrinks_with_bits_and_rerun_is_a_no_op(decoder):
+    feeds = bitfold.sample_feeds(decoder)
+    ref = _out(decoder, feeds)
+    errors = []
+    for bits in (2, 3, 4, 8):
+        model, _ = _quantize(decoder, bits=bits, group_size=16, format="fake")
+        errors.append(float(np.abs(_out(model, feeds) - ref).max()))
+        _, again = bitfold.optimize(model, [{"name": "quantize-weights", "bits": bits, "group_size": 16, "format": "fake"}], verify=True)
+        assert not again.passes[0].modified
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.05 * errors[0]
+
+
+def test_exclude_globs_match_torch_scope_and_names(decoder):
+    model, report = _quantize(decoder, exclude=["*/down: *", "*/o: *"], group_size=16)
+    assert report.output["ops"]["DequantizeLinear"] == 5
+    left = [n.metadata_props["namespace"] for n in _weight_matmuls(model)]
+    assert len(left) == 2 and any("down" in s for s in left)
+
+
+def test_gptq_needs_calibration_and_beats_rtn(decoder):
+    with pytest.raises(BitfoldError, match="needs calibration data"):
+        _quantize(decoder, method="gptq")
+    rng = np.random.default_rng(0)
+    mixing = rng.standard_normal((4, 32))  # correlated inputs: the Hessian is far from isotropic
+
+    def sample():
+        return {"x": (rng.standard_normal((1, 8, 4)) @ mixing + 0.1 * rng.standard_normal((1, 8, 32))).astype(np.float32)}
+
+    calib = CalibrationData([sample() for _ in range(64)])
+    held_out = sample()
+    ref = _out(decoder, held_out)
+    err = {}
+    for method in ("rtn", "gptq"):
+        model, _ = _quantize(decoder, calibration=calib, method=method, bits=3, group_size=16, format="fake")
+        err[method] = float(np.sqrt(((_out(model, held_out) - ref) ** 2).mean()))
+    assert err["gptq"] < 0.9 * err["rtn"], err
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"bits": 5}, "bits must be 2, 3, 4 or 8"),
+        ({"format": "matmulnbits", "group_size": 48}, "power of two >= 16"),
+        ({"format": "qdq", "dtype": "nf4"}, "use format = \"fake\""),
+        ({"method": "awq-ish"}, "must be one of"),
+    ],
+)
+def test_config_errors_name_the_fix(params, message):
+    with pytest.raises(PassParameterError, match=message):
+        bitfold.passes.create("quantize-weights", params)
