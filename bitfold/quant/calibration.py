@@ -6,6 +6,11 @@ Runtime with the requested intermediate tensors exposed as outputs, and folds ea
 as it arrives, so activations are never all held in memory: min/max, per-channel absmax and mean |x| (channel =
 last axis), percentiles of |x| (from a per-tensor reservoir of at most ``reservoir`` values), and, on request, the
 Gram matrix ``H = Σ XᵀX`` (float64, X = the tensor flattened to rows of its last axis) that GPTQ needs.
+
+``sink_weight`` weights, in H, the first row of every sequence of a tensor shaped (..., sequence, channels). In
+decoder LMs the first position is an attention sink: every query reads its value vector, so an error there
+reaches every token, yet it is one row in a sequence-length of them. Plain H (weight 1) lets GPTQ move rounding
+error into that rare direction.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ class TensorStats:
         """q-th percentile of |x| (estimated from the reservoir)."""
         return float(np.percentile(self.reservoir, q))
 
-    def update(self, x: np.ndarray, *, gram: bool, reservoir: int, rng: np.random.Generator) -> None:
+    def update(self, x: np.ndarray, *, gram: bool, reservoir: int, rng: np.random.Generator, sink_weight: float = 1.0) -> None:
         x = np.asarray(x, dtype=np.float32)
         rows = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
         ax = np.abs(rows)
@@ -53,7 +58,10 @@ class TensorStats:
         self.abs_sum = sums if self.abs_sum is None else self.abs_sum + sums
         self.rows += rows.shape[0]
         if gram:
-            g = rows.astype(np.float64).T @ rows.astype(np.float64)
+            weights = np.ones(rows.shape[0])
+            if x.ndim >= 3 and sink_weight != 1.0:  # (..., sequence, channels): weight each sequence's first row
+                weights.reshape(-1, x.shape[-2])[:, 0] = sink_weight
+            g = (rows.astype(np.float64) * weights[:, None]).T @ rows.astype(np.float64)
             self.gram = g if self.gram is None else self.gram + g
         flat = ax.ravel()
         take = flat if flat.size <= reservoir else flat[rng.choice(flat.size, reservoir, replace=False)]
@@ -113,6 +121,7 @@ class CalibrationData:
         tensors: Iterable[str],
         *,
         gram: Iterable[str] = (),
+        sink_weight: float = 1.0,
         reservoir: int = 100_000,
         progress: bool = True,
     ) -> dict[str, TensorStats]:
@@ -140,7 +149,9 @@ class CalibrationData:
         for feeds in tqdm(samples, desc="calibrate", disable=not progress, leave=False):
             outputs = runnable.run(feeds)
             for name in names:
-                stats[name].update(outputs[name], gram=name in want_gram, reservoir=reservoir, rng=rng)
+                stats[name].update(
+                    outputs[name], gram=name in want_gram, reservoir=reservoir, rng=rng, sink_weight=sink_weight
+                )
         return stats
 
 

@@ -7,6 +7,7 @@ traceback. Inputs are never modified; every output is written atomically.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -71,8 +72,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, type=Path)
     p.add_argument("--report", type=Path, help="write the per-pass report as JSON")
     p.add_argument("--verify", action="store_true", help="after every pass: onnx.checker, ORT run, error vs the input model")
+    p.add_argument("--calibration", metavar="FILE.npz|SOURCE", help="calibration data: an .npz (samples on a leading axis) or lee-text")
     _add_input_options(p)
     p.set_defaults(func=_optimize)
+
+    p = sub.add_parser("export-llm", help="export a built-in real LLM (smollm2) to ONNX")
+    p.add_argument("name", choices=["smollm2"])
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("-o", "--output", required=True, type=Path)
+    p.set_defaults(func=_export_llm)
+
+    p = sub.add_parser("eval", help="evaluate a model on a real-model task")
+    p.add_argument("model", type=Path)
+    p.add_argument("--task", required=True, choices=["smollm2-ppl"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("run", help="run a model on inputs")
     p.add_argument("model", type=Path)
@@ -203,12 +217,14 @@ def _passes(args) -> None:
 def _optimize(args) -> None:
     from bitfold.frontend import load, save
     from bitfold.pipeline import Pipeline, Recipe
+    from bitfold.quant.calibration import CalibrationData
     from bitfold.tools.files import refuse_overwrite, write_atomic
 
     refuse_overwrite(args.model, args.output)
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe.from_names(args.passes)
     model = load(args.model)
     feeds = _feeds(args, model) if args.verify else None
+    calibration = CalibrationData.from_source(args.calibration, model) if args.calibration else None
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err, transient=True) as bar:
         task = bar.add_task("optimize", total=len(recipe.steps))
         pipeline = Pipeline(
@@ -217,7 +233,7 @@ def _optimize(args) -> None:
             on_pass_start=lambda i, n, p: bar.update(task, description=f"[{i + 1}/{n}] {p.name}"),
             on_pass_end=lambda record: bar.advance(task),
         )
-        model, report = pipeline.run(model, feeds=feeds)
+        model, report = pipeline.run(model, calibration, feeds=feeds)
     save(model, args.output)
     if args.report:
         write_atomic(args.report, report.to_json().encode())
@@ -258,6 +274,29 @@ def _bench(args) -> None:
     for r in rows:
         table.add_row(r["model"], f"{r['p50']:.3f}", f"{r['p90']:.3f}", f"{r['mean']:.3f}", f"{r['ratio']:.2f}×")
     out.print(table)
+
+
+def _export_llm(args) -> None:
+    from bitfold.eval.models import export_smollm2
+    from bitfold.frontend import save
+
+    with err.status(f"exporting {args.name} (seq_len {args.seq_len})..."):
+        model = export_smollm2(args.seq_len)
+    save(model, args.output)
+    err.print(f"wrote {args.output}")
+
+
+def _eval(args) -> None:
+    from bitfold.eval.tasks import TASKS
+    from bitfold.frontend import load
+
+    with err.status(f"evaluating {args.task}..."):
+        result = TASKS[args.task](load(args.model))
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result), indent=2))
+        return
+    detail = ", ".join(f"{k}={v}" for k, v in result.detail.items())
+    out.print(f"{result.task}: {result.metric} = {result.value:.4f}  ({detail})")
 
 
 def _demo(args) -> None:

@@ -60,6 +60,7 @@ class QuantizeWeightsConfig:
     damp: float = dataclasses.field(default=0.01, metadata={"doc": "GPTQ: Hessian dampening, fraction of mean diag"})
     block_size: int = dataclasses.field(default=128, metadata={"doc": "GPTQ: columns per lazy-update block"})
     act_order: bool = dataclasses.field(default=False, metadata={"doc": "GPTQ: visit columns by decreasing Hessian diagonal"})
+    sink_weight: float = dataclasses.field(default=1.0, metadata={"doc": "GPTQ: weight in H of each sequence's first token (attention sink)"})
     accuracy_level: int = dataclasses.field(default=4, metadata={"doc": "matmulnbits: ORT compute type (4 = int8, fastest)"})
 
     def __post_init__(self) -> None:
@@ -136,7 +137,7 @@ class QuantizeWeights(BitfoldPass):
 
     def _hessians(self, model: ir.Model, targets: list[ir.Node]) -> dict[str, np.ndarray]:
         inputs = sorted({node.inputs[0].name for node in targets})
-        stats = self.calibration.collect(model, inputs, gram=inputs)
+        stats = self.calibration.collect(model, inputs, gram=inputs, sink_weight=self.config.sink_weight)
         return {name: s.gram for name, s in stats.items()}
 
     # -- solve --------------------------------------------------------------------------------------------------
