@@ -3,7 +3,7 @@
 ``smollm2-ppl``: SmolLM2-135M perplexity on the Lee background corpus. The whole corpus is tokenized with the
 model's own tokenizer (``add_special_tokens=False``, 75,680 tokens) and cut into non-overlapping 512-token windows;
 windows 0–15 are scored (each predicts its tokens 1..511: 16 × 511 = 8,176 tokens), and calibration draws only
-from windows 139–146, so evaluation and calibration text never overlap.
+from the last 32 windows, 115–146 (16,384 tokens), so evaluation and calibration text never overlap.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from bitfold.backends import compile
 
 WINDOW = 512
 EVAL_WINDOWS = range(0, 16)
-CALIB_WINDOWS = range(139, 147)
+CALIB_WINDOWS = range(115, 147)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,137 @@
+"""Weight-only quantization of SmolLM2-135M: perplexity, bytes and ORT latency, against ONNX Runtime's own tools.
+
+Protocol (bitfold.eval.tasks): Lee corpus, 512-token windows 0-15 scored (8,176 tokens); calibration from
+windows 139-146 only. SmolLM2's weights come from a Q4_1 GGUF (32-element blocks with a float offset), so they
+already lie on a 4-bit grid; nothing here uses 32-element asymmetric groups. lm_head (tied to the embedding in
+the checkpoint) stays fp32 in every row unless the row says otherwise.
+
+Perplexity is computed on the emitted graphs: MatMulNBits at accuracy_level 0 (fp32 compute) for 128-groups,
+QDQ for per-channel rows. Latency compares, in one run with interleaved rounds, fp32 against the MatMulNBits
+graphs of bitfold and of ORT's MatMulNBitsQuantizer, both at accuracy_level 4.
+Writes benchmarks/results/quant_smollm2.{json,png}.
+
+    python benchmarks/quant_table.py [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import onnx_ir as ir  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: E402
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # noqa: E402
+
+import bitfold  # noqa: E402
+from bitfold.eval.models import export_smollm2  # noqa: E402
+from bitfold.eval.tasks import CALIB_WINDOWS, smollm2_ppl  # noqa: E402
+from bitfold.passes.canonical import CANONICAL  # noqa: E402
+from bitfold.quant.calibration import CalibrationData  # noqa: E402
+from bitfold.tools.bench import compare  # noqa: E402
+from bitfold.tools.files import write_atomic  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+KEEP_HEAD = ["*lm_head*"]
+GPTQ = {"method": "gptq", "act_order": True, "sink_weight": 64.0}
+
+ROWS = [
+    ("RTN W8 per-channel", {"method": "rtn", "bits": 8, "group_size": -1}),
+    ("RTN W4 per-channel", {"method": "rtn", "bits": 4, "group_size": -1}),
+    ("GPTQ W4 per-channel", {**GPTQ, "bits": 4, "group_size": -1}),
+    ("RTN W4 g128", {"method": "rtn", "bits": 4, "group_size": 128}),
+    ("GPTQ W4 g128", {**GPTQ, "bits": 4, "group_size": 128}),
+    ("RTN W3 g128", {"method": "rtn", "bits": 3, "group_size": 128}),
+    ("GPTQ W3 g128", {**GPTQ, "bits": 3, "group_size": 128}),
+    ("RTN W4 g128, lm_head too", {"method": "rtn", "bits": 4, "group_size": 128, "exclude": []}),
+]
+
+
+def _ort_tool(model: ir.Model, tmp: Path, kind: str) -> ir.Model:
+    proto = ir.to_proto(model)
+    if kind == "matmulnbits":
+        quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=128, is_symmetric=True, accuracy_level=4)
+        quantizer.process()
+        return ir.from_proto(quantizer.model.model)
+    src, dst = tmp / "fp32.onnx", tmp / "dynamic.onnx"
+    bitfold.save(model, src)
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    return bitfold.load(dst)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    tmp = RESULTS / ".tmp"
+    tmp.mkdir(exist_ok=True)
+
+    fp32, _ = bitfold.optimize(export_smollm2(), list(CANONICAL))
+    calibration = CalibrationData.from_source("lee-text", fp32)
+    rows = [{"variant": "FP32", "tool": "-", "ppl": smollm2_ppl(fp32).value, "bytes": bitfold.frontend.parameter_bytes(fp32)}]
+    print(rows[-1], flush=True)
+    for label, params in ROWS:
+        emitted = {"format": "matmulnbits", "accuracy_level": 0} if params["group_size"] == 128 else {"format": "qdq"}
+        step = {"name": "quantize-weights", "exclude": KEEP_HEAD, **emitted, **params}
+        model, _ = bitfold.optimize(bitfold.clone(fp32), [step], calibration)
+        rows.append({"variant": label, "tool": "bitfold", "format": step["format"], "ppl": smollm2_ppl(model).value,
+                     "bytes": bitfold.frontend.parameter_bytes(model)})  # fmt: skip
+        print(rows[-1], flush=True)
+    ort_nbits = _ort_tool(fp32, tmp, "matmulnbits")
+    ort_dynamic = _ort_tool(fp32, tmp, "dynamic")
+    for label, model in (("MatMulNBitsQuantizer RTN W4 g128 sym", ort_nbits), ("quantize_dynamic int8", ort_dynamic)):
+        rows.append({"variant": label, "tool": "onnxruntime", "ppl": smollm2_ppl(model).value,
+                     "bytes": bitfold.frontend.parameter_bytes(model)})  # fmt: skip
+        print(rows[-1], flush=True)
+
+    ours, _ = bitfold.optimize(
+        bitfold.clone(fp32), [{"name": "quantize-weights", "bits": 4, "group_size": 128, "format": "matmulnbits", "exclude": KEEP_HEAD}]
+    )
+    feeds = next(iter(calibration))
+    stats = compare(
+        [bitfold.compile(m, "ort", "cpu", spinning=False) for m in (fp32, ort_nbits, ours)],
+        [feeds] * 3,
+        warmup=2,
+        rounds=args.rounds,
+        iters=3,
+    )
+    latency = {name: s for name, s in zip(("fp32", "ort MatMulNBitsQuantizer", "bitfold matmulnbits"), stats, strict=True)}
+    result = {
+        "model": "SmolLM2-135M-Instruct (weights from a Q4_1 GGUF: 32-element blocks with offset)",
+        "protocol": f"Lee corpus, windows 0-15 of 512 tokens (8,176 scored); calibration windows {CALIB_WINDOWS.start}-{CALIB_WINDOWS.stop - 1}",
+        "onnxruntime": ort.__version__,
+        "rows": rows,
+        "latency_ms_seq512": latency,
+        "bitfold_vs_ort_matmulnbits": latency["bitfold matmulnbits"]["p50"] / latency["ort MatMulNBitsQuantizer"]["p50"],
+    }
+    write_atomic(RESULTS / "quant_smollm2.json", json.dumps(result, indent=2).encode())
+    _plot(result, RESULTS / "quant_smollm2.png")
+    for name, s in latency.items():
+        print(f"{name:28s} p50 {s['p50']:.1f} ms  ratio vs fp32 {s['ratio']:.3f}")
+    print(f"bitfold / ORT MatMulNBits latency: {result['bitfold_vs_ort_matmulnbits']:.3f}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _plot(result: dict, path: Path) -> None:
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    colors = ["#999" if r["tool"] == "-" else "#c63" if r["tool"] == "bitfold" else "#69c" for r in rows]
+    ax.barh([r["variant"] for r in rows][::-1], [r["ppl"] for r in rows][::-1], color=colors[::-1])
+    ax.axvline(rows[0]["ppl"], color="k", lw=0.8)
+    ax.set_xlabel("perplexity (lower is better); orange bitfold, blue onnxruntime")
+    ax.set_title("SmolLM2-135M weight-only quantization, Lee corpus")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    main()

