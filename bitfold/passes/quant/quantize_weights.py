@@ -12,7 +12,9 @@ module scope matches no ``exclude`` glob). The weight is quantized as the (N, K)
 
 Methods: ``rtn`` rounds each weight to the nearest grid point (optionally with the MSE clipping search);
 ``gptq`` corrects rounding error with the layer input's Hessian (needs calibration; H is collected once on the
-input graph, not layer by layer on the partially quantized one). Guarantees: the emitted weight equals the
+input graph, not layer by layer on the partially quantized one); ``awq`` rescales input channels by searched
+activation-aware scales folded into the producer (RMSNorm/LayerNorm γ, or the MatMul feeding a gating Mul), so the
+graph is equivalent before rounding, then rounds; groups whose producer cannot absorb a scale fall back to RTN. Guarantees: the emitted weight equals the
 solver's dequantized weight exactly in every format (tested). Leaves alone: Gemm/Conv weights, non-constant or
 shared-with-non-MatMul weights, and MatMuls it already quantized (idempotent).
 """
@@ -31,6 +33,7 @@ from tqdm.auto import tqdm
 
 from bitfold.passes.registry import BitfoldPass, register
 from bitfold.quant import matmulnbits
+from bitfold.quant.awq import awq_scale
 from bitfold.quant.formats import (
     Format,
     PerChannel,
@@ -49,7 +52,7 @@ Dtype = Literal["int", "fp8-e4m3", "fp8-e5m2", "fp4-e2m1", "nf4"]
 
 @dataclasses.dataclass(frozen=True)
 class QuantizeWeightsConfig:
-    method: Literal["rtn", "gptq"] = dataclasses.field(default="rtn", metadata={"doc": "rtn | gptq"})
+    method: Literal["rtn", "gptq", "awq"] = dataclasses.field(default="rtn", metadata={"doc": "rtn | gptq | awq"})
     bits: int = dataclasses.field(default=4, metadata={"doc": "2, 3, 4 or 8 (integer dtype only)"})
     group_size: int = dataclasses.field(default=128, metadata={"doc": "elements per scale along K; -1 per channel, 0 per tensor"})
     symmetric: bool = dataclasses.field(default=True, metadata={"doc": "signed codes, zero point 0; false: unsigned with zero point"})
@@ -61,6 +64,7 @@ class QuantizeWeightsConfig:
     block_size: int = dataclasses.field(default=128, metadata={"doc": "GPTQ: columns per lazy-update block"})
     act_order: bool = dataclasses.field(default=False, metadata={"doc": "GPTQ: visit columns by decreasing Hessian diagonal"})
     sink_weight: float = dataclasses.field(default=1.0, metadata={"doc": "GPTQ: weight in H of each sequence's first token (attention sink)"})
+    awq_grid: int = dataclasses.field(default=20, metadata={"doc": "AWQ: number of alpha steps searched in [0, 1]"})
     accuracy_level: int = dataclasses.field(default=4, metadata={"doc": "matmulnbits: ORT compute type (4 = int8, fastest)"})
 
     def __post_init__(self) -> None:
@@ -96,14 +100,16 @@ class QuantizeWeights(BitfoldPass):
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
-        return self.config.method == "gptq"
+        return self.config.method in ("gptq", "awq")
 
     def rewrite(self, model: ir.Model) -> int:
         targets = self.collect(model)
         if not targets:
             return 0
-        weights = list(dict.fromkeys(node.inputs[1] for node in targets))
+        weights = list(dict.fromkeys(node.inputs[1] for node in targets))  # before AWQ swaps them
         hessians = self._hessians(model, targets) if self.config.method == "gptq" else {}
+        if self.config.method == "awq":
+            self._awq(model, targets)
         if self.config.format == "qdq" and model.opset_imports.get("", 1) < 21:
             onnxscript.version_converter.convert_version(model, 21)
         for node in tqdm(targets, desc=f"quantize-weights {self.config.tag}", leave=False, disable=len(targets) < 8):
@@ -111,8 +117,7 @@ class QuantizeWeights(BitfoldPass):
             q, scale, zero = self.solve(wt, hessians.get(node.inputs[0].name))
             self.fold(model.graph, node, q, scale, zero)
         for weight in weights:
-            if not weight.uses() and not weight.is_graph_output():
-                model.graph.initializers.pop(weight.name)
+            _drop_if_unused(model.graph, weight)
         return len(targets)
 
     # -- collect ------------------------------------------------------------------------------------------------
@@ -139,6 +144,37 @@ class QuantizeWeights(BitfoldPass):
         inputs = sorted({node.inputs[0].name for node in targets})
         stats = self.calibration.collect(model, inputs, gram=inputs, sink_weight=self.config.sink_weight)
         return {name: s.gram for name, s in stats.items()}
+
+    def _awq(self, model: ir.Model, targets: list[ir.Node]) -> None:
+        """Search and fold AWQ scales for every group of targets sharing an input whose producer can absorb 1/s.
+
+        Column scalings of a weight commute with its quantization (groups run along K), so every group's scale is
+        searched on the input graph's statistics, all scales are folded, and quantization follows.
+        """
+        groups: dict[ir.Value, list[ir.Node]] = {}
+        for node in targets:
+            groups.setdefault(node.inputs[0], []).append(node)
+        folds = {x: scale_fold(model.graph, x, set(nodes)) for x, nodes in groups.items()}
+        names = [x.name for x, fold in folds.items() if fold is not None]
+        stats = self.calibration.collect(model, names, gram=names)
+        fmt, granularity = self.config.number_format, granularity_from(self.config.group_size)
+
+        def quantize(w: np.ndarray) -> np.ndarray:
+            blocks = to_groups(w.T, granularity)
+            scale, zero = block_params(blocks, fmt, clip=self.config.clip)
+            return from_groups(fmt.dequantize(fmt.quantize(blocks, scale, zero), scale, zero), w.T.shape).T
+
+        for x, nodes in groups.items():
+            if folds[x] is None:
+                continue
+            weights = [node.inputs[1].const_value.numpy() for node in nodes]
+            s, alpha, _ = awq_scale(weights, stats[x.name].gram, stats[x.name].mean_abs, quantize, grid=self.config.awq_grid)
+            folds[x](s)
+            for node, w in zip(nodes, weights, strict=True):
+                old = node.inputs[1]
+                node.replace_input_with(1, _initializer(model.graph, f"{old.name}_awq", (w * s[:, None]).astype(w.dtype)))
+                node.metadata_props["bitfold.awq_alpha"] = f"{alpha:.2f}"
+                _drop_if_unused(model.graph, old)
 
     # -- solve --------------------------------------------------------------------------------------------------
 
@@ -223,3 +259,54 @@ def _initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
     graph.register_initializer(value)
     return value
 
+
+
+def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
+    if value.name in graph.initializers and not value.uses() and not value.is_graph_output():
+        graph.initializers.pop(value.name)
+
+
+def scale_fold(graph: ir.Graph, x: ir.Value, consumers: set[ir.Node]):
+    """A function folding x ← x / s into x's producer, or None when the producer cannot absorb it.
+
+    Absorbers: ``Mul`` by a constant per-channel vector (an RMSNorm γ), ``Mul`` whose other operand comes from a
+    MatMul with a constant weight read nowhere else (SwiGLU's up projection), ``LayerNormalization`` γ and β.
+    x must be read only by ``consumers``.
+    """
+    if x.is_graph_output() or {user for user, _ in x.uses()} != consumers:
+        return None
+    producer = x.producer()
+    channels = x.shape[-1] if x.shape is not None and isinstance(x.shape[-1], int) else None
+    if producer is None or channels is None or producer.domain:
+        return None
+
+    def replace(node: ir.Node, index: int, array: np.ndarray, suffix: str) -> None:
+        old = node.inputs[index]
+        node.replace_input_with(index, _initializer(graph, f"{old.name}_{suffix}", array.astype(old.const_value.dtype.numpy())))
+        _drop_if_unused(graph, old)
+
+    if producer.op_type == "LayerNormalization" and all(_const(v) is not None for v in producer.inputs[1:]):
+        def fold_layernorm(s):
+            for index in range(1, len(producer.inputs)):
+                replace(producer, index, _const(producer.inputs[index]) / s, "awq")
+        return fold_layernorm
+    if producer.op_type != "Mul":
+        return None
+    for index, operand in enumerate(producer.inputs):
+        c = _const(operand)
+        if c is not None and c.size == channels and c.shape[-1:] == (channels,):
+            return lambda s, i=index: replace(producer, i, _const(producer.inputs[i]) / s.reshape(c.shape), "awq")
+    for operand in producer.inputs:
+        source = operand.producer()
+        if source is None or source.op_type != "MatMul" or source.domain or len(operand.uses()) != 1:
+            continue
+        w = _const(source.inputs[1])
+        if w is not None and w.ndim == 2 and w.shape[1] == channels and len(source.inputs[1].uses()) == 1:
+            return lambda s, node=source: replace(node, 1, _const(node.inputs[1]) / s[None, :], "awq")
+    return None
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or not value.is_initializer() or value.const_value is None:
+        return None
+    return value.const_value.numpy()

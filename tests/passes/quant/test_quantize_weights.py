@@ -106,3 +106,34 @@ def test_gptq_needs_calibration_and_beats_rtn(decoder):
 def test_config_errors_name_the_fix(params, message):
     with pytest.raises(PassParameterError, match=message):
         bitfold.passes.create("quantize-weights", params)
+
+
+def _outlier_channels_calibration(dim=32, samples=48, seed=0):
+    rng = np.random.default_rng(seed)
+    scale = np.exp(rng.standard_normal(dim) * 1.5)  # a few channels carry most of the activation mass
+    make = lambda: {"x": (rng.standard_normal((1, 8, dim)) * scale).astype(np.float32)}  # noqa: E731
+    return CalibrationData([make() for _ in range(samples)]), make()
+
+
+def test_awq_folds_scales_into_norms_and_up_projection_exactly(decoder, monkeypatch):
+    """With rounding switched off, AWQ's folded graph is the input graph."""
+    from bitfold.passes.quant import quantize_weights as qw
+
+    calib, held_out = _outlier_channels_calibration()
+    monkeypatch.setattr(qw.QuantizeWeights, "solve", lambda self, wt, h: (wt, np.ones_like(wt), np.zeros_like(wt)))
+    model, _ = _quantize(decoder, calibration=calib, method="awq", bits=3, group_size=16, format="fake")
+    np.testing.assert_allclose(_out(model, held_out), _out(decoder, held_out), rtol=1e-4, atol=1e-4)
+    alphas = {n.metadata_props["namespace"].split("/")[-2].split(":")[0]: n.metadata_props.get("bitfold.awq_alpha")
+              for n in _weight_matmuls(model)}  # fmt: skip
+    assert alphas["o"] is None, "o_proj's input comes from attention: no producer absorbs a scale"
+    assert all(alphas[k] is not None for k in ("q", "k", "v", "gate", "up", "down"))
+
+
+def test_awq_beats_rtn_on_outlier_channels(decoder):
+    calib, held_out = _outlier_channels_calibration()
+    ref = _out(decoder, held_out)
+    err = {}
+    for method in ("rtn", "awq"):
+        model, _ = _quantize(decoder, calibration=calib, method=method, bits=3, group_size=16, format="fake")
+        err[method] = float(np.sqrt(((_out(model, held_out) - ref) ** 2).mean()))
+    assert err["awq"] < 0.97 * err["rtn"], err
