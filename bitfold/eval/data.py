@@ -2,13 +2,15 @@
 
 - text: gensim's Lee background corpus (``test/test_data/lee_background.cor``, 300 news paragraphs), found via
   ``importlib.util.find_spec`` without importing gensim;
-- images: scikit-image's bundled photos (``skimage.data``).
+- images: scikit-image's bundled photos (``skimage.data``), split into evaluation and calibration photos.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+
+import numpy as np
 
 from bitfold.errors import BitfoldError
 
@@ -25,3 +27,43 @@ def lee_corpus_path() -> Path:
 
 def lee_text() -> str:
     return lee_corpus_path().read_text(encoding="utf-8")
+
+
+#: scikit-image photos by role. Evaluation and calibration never share a photo.
+EVAL_PHOTOS = (
+    "astronaut", "chelsea", "hubble_deep_field", "retina", "camera", "coins", "moon", "clock", "brick", "page",
+)  # fmt: skip
+CALIB_PHOTOS = ("coffee", "rocket", "immunohistochemistry", "stereo_motorcycle", "grass", "gravel")
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def _photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    image = getattr(skimage.data, name)()
+    image = image[0] if isinstance(image, tuple) else image  # stereo pairs: the left view
+    image = np.asarray(image, dtype=np.float32) / (255.0 if image.dtype == np.uint8 else 1.0)
+    return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
+
+
+def photo_crops(split: str, per_photo: int, size: int = 224, seed: int = 0) -> np.ndarray:
+    """Deterministic crops (random scale 30–100 % of the short side, random position, random horizontal flip),
+    resized to size×size, ImageNet-normalized, NCHW float32: (photos · per_photo, 3, size, size)."""
+    from skimage.transform import resize
+
+    names = {"eval": EVAL_PHOTOS, "calibration": CALIB_PHOTOS}[split]
+    rng = np.random.default_rng(seed)
+    batch = []
+    for name in names:
+        image = _photo(name)
+        h, w, _ = image.shape
+        for _ in range(per_photo):
+            side = int(min(h, w) * rng.uniform(0.3, 1.0))
+            top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+            crop = image[top : top + side, left : left + side]
+            if rng.random() < 0.5:
+                crop = crop[:, ::-1]
+            crop = resize(crop, (size, size), anti_aliasing=True, preserve_range=True).astype(np.float32)
+            batch.append(((crop - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1))
+    return np.stack(batch).astype(np.float32)

@@ -4,6 +4,9 @@
 model's own tokenizer (``add_special_tokens=False``, 75,680 tokens) and cut into non-overlapping 512-token windows;
 windows 0–15 are scored (each predicts its tokens 1..511: 16 × 511 = 8,176 tokens), and calibration draws only
 from the last 32 windows, 115–146 (16,384 tokens), so evaluation and calibration text never overlap.
+
+``effnet-agree``: EfficientNet-Lite0 top-1 agreement and mean KL divergence against the fp32 export, over 500
+deterministic crops/flips of 10 scikit-image photos; calibration uses 4 other photos.
 """
 
 from __future__ import annotations
@@ -53,11 +56,15 @@ def perplexity(model: ir.Model, windows: np.ndarray) -> tuple[float, int]:
         logits = next(iter(runnable.run(feeds).values()))[0].astype(np.float64)
         targets = feeds["input_ids"][0, 1:]
         logits = logits[:-1]
-        shifted = logits - logits.max(axis=-1, keepdims=True)
-        log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+        log_probs = _log_softmax_rows(logits)
         nll -= log_probs[np.arange(targets.size), targets].sum()
         count += targets.size
     return float(np.exp(nll / count)), count
+
+
+def _log_softmax_rows(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
 def smollm2_ppl(model: ir.Model) -> TaskResult:
@@ -68,4 +75,30 @@ def smollm2_ppl(model: ir.Model) -> TaskResult:
     return TaskResult("smollm2-ppl", "perplexity", ppl, {"windows": "0-15", "window": WINDOW, "scored_tokens": tokens})
 
 
-TASKS = {"smollm2-ppl": smollm2_ppl}
+EFFNET_CROPS_PER_PHOTO = 50  # 10 evaluation photos: 500 inputs
+
+
+def effnet_agree(model: ir.Model, reference: ir.Model | None = None) -> TaskResult:
+    """Top-1 agreement and mean KL(fp32 ‖ model) of EfficientNet-Lite0 logits over 500 deterministic crops."""
+    from bitfold.eval.data import photo_crops
+    from bitfold.eval.models import efficientnet_lite0
+    from bitfold.frontend import from_torch
+
+    if reference is None:
+        module, example = efficientnet_lite0()
+        reference = from_torch(module, example)
+    images = photo_crops("eval", EFFNET_CROPS_PER_PHOTO)
+    agree, kl = 0, 0.0
+    candidate, base = compile(model, "ort", "cpu"), compile(reference, "ort", "cpu")
+    name_c, name_b = model.graph.inputs[0].name, reference.graph.inputs[0].name
+    for image in images:
+        p = next(iter(base.run({name_b: image[None]}).values()))[0].astype(np.float64)
+        q = next(iter(candidate.run({name_c: image[None]}).values()))[0].astype(np.float64)
+        agree += int(p.argmax() == q.argmax())
+        log_p, log_q = _log_softmax_rows(p), _log_softmax_rows(q)
+        kl += float(np.sum(np.exp(log_p) * (log_p - log_q)))
+    n = len(images)
+    return TaskResult("effnet-agree", "top-1 agreement", agree / n, {"mean_kl": kl / n, "inputs": n})
+
+
+TASKS = {"smollm2-ppl": smollm2_ppl, "effnet-agree": effnet_agree}

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from bitfold.errors import BitfoldError
 
-BUILTIN_SOURCES = ("lee-text",)
+BUILTIN_SOURCES = ("lee-text", "skimage-photos")
 
 
 @dataclasses.dataclass
@@ -39,7 +39,7 @@ class TensorStats:
     abs_sum: np.ndarray | None = None  # per channel, for mean |x|
     rows: int = 0
     gram: np.ndarray | None = None
-    reservoir: np.ndarray | None = None
+    reservoir: np.ndarray | None = None  # a uniform sample of the tensor's values (signed)
 
     @property
     def mean_abs(self) -> np.ndarray:
@@ -47,7 +47,7 @@ class TensorStats:
 
     def percentile(self, q: float) -> float:
         """q-th percentile of |x| (estimated from the reservoir)."""
-        return float(np.percentile(self.reservoir, q))
+        return float(np.percentile(np.abs(self.reservoir), q))
 
     def update(self, x: np.ndarray, *, gram: bool, reservoir: int, rng: np.random.Generator, sink_weight: float = 1.0) -> None:
         x = np.asarray(x, dtype=np.float32)
@@ -64,7 +64,7 @@ class TensorStats:
                 weights.reshape(-1, x.shape[-2])[:, 0] = sink_weight
             g = (rows.astype(np.float64) * weights[:, None]).T @ rows.astype(np.float64)
             self.gram = g if self.gram is None else self.gram + g
-        flat = ax.ravel()
+        flat = rows.ravel()  # the reservoir keeps signed values: observers need both tails
         take = flat if flat.size <= reservoir else flat[rng.choice(flat.size, reservoir, replace=False)]
         pool = take if self.reservoir is None else np.concatenate([self.reservoir, take])
         self.reservoir = pool if pool.size <= reservoir else pool[rng.choice(pool.size, reservoir, replace=False)]
@@ -111,6 +111,13 @@ class CalibrationData:
             _, tokenizer = smollm2()
             windows = lee_windows(tokenizer, CALIB_WINDOWS, seq_len)
             return cls(list(lm_feeds(windows)), name=name)
+        if name == "skimage-photos":
+            from bitfold.eval.data import photo_crops
+
+            image_input = model.graph.inputs[0]
+            size = _static_dim(model, image_input.name, -1)
+            crops = photo_crops("calibration", 16, size=size)
+            return cls([{image_input.name: crop[None]} for crop in crops], name=name)
         if Path(name).suffix == ".npz":
             return cls.from_npz(name)
         raise BitfoldError(
@@ -172,4 +179,4 @@ def _static_dim(model: ir.Model, input_name: str, axis: int) -> int:
     for value in model.graph.inputs:
         if value.name == input_name and value.shape is not None and isinstance(value.shape[axis], int):
             return value.shape[axis]
-    raise BitfoldError(f"built-in text calibration needs a static '{input_name}' input; export with a fixed length.")
+    raise BitfoldError(f"built-in calibration needs a static '{input_name}' input; export it with fixed shapes.")

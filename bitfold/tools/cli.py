@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, type=Path)
     p.add_argument("--report", type=Path, help="write the per-pass report as JSON")
     p.add_argument("--verify", action="store_true", help="after every pass: onnx.checker, ORT run, error vs the input model")
-    p.add_argument("--calibration", metavar="FILE.npz|SOURCE", help="calibration data: an .npz (samples on a leading axis) or lee-text")
+    p.add_argument("--calibration", metavar="FILE.npz|SOURCE", help="calibration data: an .npz (samples on a leading axis), lee-text or skimage-photos")
     _add_input_options(p)
     p.set_defaults(func=_optimize)
 
@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a model on a real-model task")
     p.add_argument("model", type=Path)
-    p.add_argument("--task", required=True, choices=["smollm2-ppl"])
+    p.add_argument("--task", required=True, choices=["smollm2-ppl", "effnet-agree"])
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_eval)
 

@@ -1,5 +1,7 @@
-"""Quantization passes: weight-only (RTN, GPTQ) and their emission as QDQ, MatMulNBits or fake-quant."""
+"""Quantization passes: weight-only (RTN, GPTQ, AWQ) emitted as QDQ, MatMulNBits or fake-quant; int8 QDQ
+activations (W8A8)."""
 
+from bitfold.passes.quant.quantize_activations import QuantizeActivations
 from bitfold.passes.quant.quantize_weights import QuantizeWeights
 
-__all__ = ["QuantizeWeights"]
+__all__ = ["QuantizeActivations", "QuantizeWeights"]

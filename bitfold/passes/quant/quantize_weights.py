@@ -31,6 +31,7 @@ import onnx_ir as ir
 import onnxscript.version_converter
 from tqdm.auto import tqdm
 
+from bitfold.passes.initializers import add_initializer, drop_if_unused
 from bitfold.passes.registry import BitfoldPass, register
 from bitfold.quant import matmulnbits
 from bitfold.quant.awq import awq_scale
@@ -117,7 +118,7 @@ class QuantizeWeights(BitfoldPass):
             q, scale, zero = self.solve(wt, hessians.get(node.inputs[0].name))
             self.fold(model.graph, node, q, scale, zero)
         for weight in weights:
-            _drop_if_unused(model.graph, weight)
+            drop_if_unused(model.graph, weight)
         return len(targets)
 
     # -- collect ------------------------------------------------------------------------------------------------
@@ -172,9 +173,9 @@ class QuantizeWeights(BitfoldPass):
             folds[x](s)
             for node, w in zip(nodes, weights, strict=True):
                 old = node.inputs[1]
-                node.replace_input_with(1, _initializer(model.graph, f"{old.name}_awq", (w * s[:, None]).astype(w.dtype)))
+                node.replace_input_with(1, add_initializer(model.graph, f"{old.name}_awq", (w * s[:, None]).astype(w.dtype)))
                 node.metadata_props["bitfold.awq_alpha"] = f"{alpha:.2f}"
-                _drop_if_unused(model.graph, old)
+                drop_if_unused(model.graph, old)
 
     # -- solve --------------------------------------------------------------------------------------------------
 
@@ -197,7 +198,7 @@ class QuantizeWeights(BitfoldPass):
         base = weight.name
         fmt, granularity = self.config.number_format, granularity_from(self.config.group_size)
         if self.config.format == "fake":
-            node.replace_input_with(1, _initializer(graph, f"{base}_fq", q.T.astype(weight.const_value.dtype.numpy())))
+            node.replace_input_with(1, add_initializer(graph, f"{base}_fq", q.T.astype(weight.const_value.dtype.numpy())))
             node.metadata_props[QUANTIZED_KEY] = self.config.tag
             self.stamp(node, [node])
             return
@@ -210,9 +211,9 @@ class QuantizeWeights(BitfoldPass):
             b, s, zp = matmulnbits.pack(
                 (codes + offset).astype(np.uint8), scale[:, ::g], None if self.config.symmetric else zero[:, ::g], storage, g
             )
-            inputs = [node.inputs[0], _initializer(graph, f"{base}_q", b), _initializer(graph, f"{base}_scales", s)]
+            inputs = [node.inputs[0], add_initializer(graph, f"{base}_q", b), add_initializer(graph, f"{base}_scales", s)]
             if zp is not None:
-                inputs.append(_initializer(graph, f"{base}_zp", zp))
+                inputs.append(add_initializer(graph, f"{base}_zp", zp))
             new = ir.node(
                 "MatMulNBits", inputs, domain="com.microsoft", name=f"{node.name}_nbits",
                 attributes={"K": k, "N": n, "bits": storage, "block_size": g, "accuracy_level": self.config.accuracy_level},
@@ -245,25 +246,12 @@ class QuantizeWeights(BitfoldPass):
         else:
             g = granularity.size
             s, z, attrs = scale[:, ::g].T, zero[:, ::g].T, {"axis": 0, "block_size": g}
-        inputs = [_initializer(graph, f"{base}_q", container), _initializer(graph, f"{base}_scale", np.asarray(s, np.float32))]
+        inputs = [add_initializer(graph, f"{base}_q", container), add_initializer(graph, f"{base}_scale", np.asarray(s, np.float32))]
         if not self.config.symmetric:
-            inputs.append(_initializer(graph, f"{base}_zero", np.asarray(z).astype(container.dtype)))
+            inputs.append(add_initializer(graph, f"{base}_zero", np.asarray(z).astype(container.dtype)))
         return inputs, attrs
 
 
-def _initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    name, i = base, 1
-    while name in graph.initializers:
-        name, i = f"{base}_{i}", i + 1
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.tensor(array).dtype), const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
-
-
-
-def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
-    if value.name in graph.initializers and not value.uses() and not value.is_graph_output():
-        graph.initializers.pop(value.name)
 
 
 def scale_fold(graph: ir.Graph, x: ir.Value, consumers: set[ir.Node]):
@@ -282,8 +270,8 @@ def scale_fold(graph: ir.Graph, x: ir.Value, consumers: set[ir.Node]):
 
     def replace(node: ir.Node, index: int, array: np.ndarray, suffix: str) -> None:
         old = node.inputs[index]
-        node.replace_input_with(index, _initializer(graph, f"{old.name}_{suffix}", array.astype(old.const_value.dtype.numpy())))
-        _drop_if_unused(graph, old)
+        node.replace_input_with(index, add_initializer(graph, f"{old.name}_{suffix}", array.astype(old.const_value.dtype.numpy())))
+        drop_if_unused(graph, old)
 
     if producer.op_type == "LayerNormalization" and all(_const(v) is not None for v in producer.inputs[1:]):
         def fold_layernorm(s):

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import fresh
+
+import bitfold
+from bitfold.errors import BitfoldError
+from bitfold.passes.canonical import CANONICAL
+from bitfold.quant.calibration import CalibrationData
+
+
+@pytest.fixture(scope="module")
+def cnn(zoo_protos):
+    model, _ = bitfold.optimize(fresh(zoo_protos, "cnn-bn"), list(CANONICAL))
+    return bitfold.clone(model)
+
+
+def _calibration(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return CalibrationData([{"x": rng.standard_normal((2, 3, 16, 16)).astype(np.float32)} for _ in range(n)])
+
+
+def _out(model, feeds):
+    return next(iter(bitfold.compile(model, "ort", "cpu").run(feeds).values()))
+
+
+@pytest.mark.parametrize("observer", ["minmax", "percentile", "mse"])
+@pytest.mark.parametrize("activation_dtype", ["uint8", "int8"])
+def test_w8a8_qdq_structure_and_bounded_error(cnn, observer, activation_dtype):
+    model, report = bitfold.optimize(
+        bitfold.clone(cnn),
+        [{"name": "quantize-activations", "observer": observer, "activation_dtype": activation_dtype}],
+        _calibration(),
+    )
+    targets = sum(report.input["ops"].get(op, 0) for op in ("Conv", "Gemm", "MatMul"))
+    assert report.passes[0].ops_added == {"QuantizeLinear": targets, "DequantizeLinear": 2 * targets}
+    for node in model.graph:
+        if node.op_type in ("Conv", "Gemm"):
+            assert all(v.producer() is not None and v.producer().op_type == "DequantizeLinear" for v in node.inputs[:2])
+    feeds = _calibration(1, seed=9).__iter__().__next__()
+    ref, got = _out(cnn, feeds), _out(model, feeds)
+    assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
+    _, again = bitfold.optimize(model, [{"name": "quantize-activations"}], _calibration())
+    assert not again.passes[0].modified
+
+
+def test_qdq_pair_matches_numpy_quantization(cnn):
+    model, _ = bitfold.optimize(bitfold.clone(cnn), [{"name": "quantize-activations", "weights": False}], _calibration())
+    q = next(n for n in model.graph if n.op_type == "QuantizeLinear")
+    scale, zero = q.inputs[1].const_value.numpy(), q.inputs[2].const_value.numpy()
+    stats = _calibration().collect(cnn, [q.inputs[0].name], progress=False)[q.inputs[0].name]
+    lo, hi = min(stats.min, 0), max(stats.max, 0)
+    assert scale == pytest.approx((hi - lo) / 255, rel=1e-6) and zero == round(-lo / scale)
+
+
+def test_mse_observer_never_worse_than_minmax_on_its_sample():
+    from bitfold.passes.quant.quantize_activations import QuantizeActivations
+    from bitfold.quant.calibration import TensorStats
+
+    stats = TensorStats()
+    stats.update(np.random.default_rng(0).standard_t(2, (4096, 8)), gram=False, reservoir=100_000, rng=np.random.default_rng(0))
+    errs = {}
+    for observer in ("minmax", "mse"):
+        p = QuantizeActivations(observer=observer)
+        lo, hi = p.observe(stats)
+        scale, zero, qmin, qmax = p._params(lo, hi)
+        x = stats.reservoir
+        errs[observer] = float(np.sum(((np.clip(np.round(x / scale) + zero, qmin, qmax) - zero) * scale - x) ** 2))
+    assert errs["mse"] < errs["minmax"]
+
+
+def test_needs_calibration(cnn):
+    with pytest.raises(BitfoldError, match="needs calibration data"):
+        bitfold.optimize(bitfold.clone(cnn), ["quantize-activations"])
