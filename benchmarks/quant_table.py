@@ -42,13 +42,15 @@ KEEP_HEAD = ["*lm_head*"]
 GPTQ = {"method": "gptq", "act_order": True, "sink_weight": 64.0}
 
 ROWS = [
-    ("RTN W8 per-channel", {"method": "rtn", "bits": 8, "group_size": -1}),
+    ("RTN W8 per-channel", {"method": "rtn", "bits": 8, "group_size": -1, "symmetric": False}),
     ("RTN W4 per-channel", {"method": "rtn", "bits": 4, "group_size": -1}),
     ("GPTQ W4 per-channel", {**GPTQ, "bits": 4, "group_size": -1}),
     ("RTN W4 g128", {"method": "rtn", "bits": 4, "group_size": 128}),
     ("GPTQ W4 g128", {**GPTQ, "bits": 4, "group_size": 128}),
+    ("AWQ W4 g128", {"method": "awq", "bits": 4, "group_size": 128}),
     ("RTN W3 g128", {"method": "rtn", "bits": 3, "group_size": 128}),
     ("GPTQ W3 g128", {**GPTQ, "bits": 3, "group_size": 128}),
+    ("AWQ W3 g128", {"method": "awq", "bits": 3, "group_size": 128}),
     ("RTN W4 g128, lm_head too", {"method": "rtn", "bits": 4, "group_size": 128, "exclude": []}),
 ]
 

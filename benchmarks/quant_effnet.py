@@ -1,0 +1,88 @@
+"""W8A8 on EfficientNet-Lite0: top-1 agreement and KL vs fp32, bytes and ORT latency, against ORT's quantize_static.
+
+Evaluation: 500 deterministic crops/flips of 10 scikit-image photos (bitfold.eval.tasks.effnet_agree);
+calibration: 96 crops of 6 other photos (the built-in ``skimage-photos`` source). ORT's quantize_static gets the
+same calibration images (QDQ, per-channel int8 weights, uint8 activations, MinMax). Latency: one run, interleaved
+rounds, ratio to fp32. Writes benchmarks/results/quant_effnet.{json,png}.
+
+    python benchmarks/quant_effnet.py
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static  # noqa: E402
+
+import bitfold  # noqa: E402
+from bitfold.eval.models import efficientnet_lite0  # noqa: E402
+from bitfold.eval.tasks import effnet_agree  # noqa: E402
+from bitfold.passes.canonical import CANONICAL  # noqa: E402
+from bitfold.quant.calibration import CalibrationData  # noqa: E402
+from bitfold.tools.bench import compare  # noqa: E402
+from bitfold.tools.files import write_atomic  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+class _Reader(CalibrationDataReader):
+    def __init__(self, calibration: CalibrationData) -> None:
+        self._feeds = iter(calibration)
+
+    def get_next(self):
+        return next(self._feeds, None)
+
+
+def main() -> None:
+    RESULTS.mkdir(exist_ok=True)
+    tmp = RESULTS / ".tmp"
+    tmp.mkdir(exist_ok=True)
+    module, example = efficientnet_lite0()
+    reference = bitfold.from_torch(module, example)
+    fp32, _ = bitfold.optimize(bitfold.clone(reference), list(CANONICAL))
+    calibration = CalibrationData.from_source("skimage-photos", fp32)
+    variants = {"fp32": fp32}
+    for observer in ("minmax", "percentile", "mse"):
+        variants[f"bitfold W8A8 {observer}"] = bitfold.optimize(
+            bitfold.clone(fp32), [{"name": "quantize-activations", "observer": observer}], calibration
+        )[0]
+    src, dst = tmp / "fp32.onnx", tmp / "ort_static.onnx"
+    bitfold.save(fp32, src)
+    quantize_static(str(src), str(dst), _Reader(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+    variants["ORT quantize_static W8A8"] = bitfold.load(dst)
+
+    rows = []
+    for name, model in variants.items():
+        task = effnet_agree(model, reference)
+        rows.append({"variant": name, "agreement": task.value, "mean_kl": task.detail["mean_kl"],
+                     "bytes": bitfold.frontend.parameter_bytes(model)})  # fmt: skip
+        print(rows[-1], flush=True)
+    feeds = next(iter(calibration))
+    stats = compare([bitfold.compile(m, "ort", "cpu", spinning=False) for m in variants.values()], [feeds] * len(variants),
+                    rounds=10, iters=10)  # fmt: skip
+    for row, s in zip(rows, stats, strict=True):
+        row["latency_ms"] = s
+        print(f"{row['variant']:28s} p50 {s['p50']:.2f} ms  ratio vs fp32 {s['ratio']:.3f}")
+    result = {"model": "EfficientNet-Lite0 1x3x224x224", "onnxruntime": ort.__version__, "rows": rows}
+    write_atomic(RESULTS / "quant_effnet.json", json.dumps(result, indent=2).encode())
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.barh([r["variant"] for r in rows][::-1], [100 * r["agreement"] for r in rows][::-1], color="#c63")
+    ax.set_xlabel("top-1 agreement with fp32, % (500 crops)")
+    ax.set_xlim(50, 100)
+    fig.tight_layout()
+    png = RESULTS / "quant_effnet.png"
+    fig.savefig(png.with_suffix(".tmp.png"), dpi=100)
+    png.with_suffix(".tmp.png").replace(png)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
