@@ -3,8 +3,8 @@
 :class:`CalibrationData` holds a source of feed dicts (an ``.npz`` with samples stacked on a new leading axis, a
 built-in named source, or any Python iterable). :meth:`CalibrationData.collect` runs the *current* graph under ONNX
 Runtime with the requested intermediate tensors exposed as outputs, and folds each batch into running statistics
-as it arrives, so activations are never all held in memory: min/max, per-channel absmax and mean |x| (channel =
-last axis), percentiles of |x| (from a per-tensor reservoir of at most ``reservoir`` values), and, on request, the
+as it arrives, so activations are never all held in memory: min/max, per-channel absmax, mean and mean |x|
+(channel = last axis unless the caller names another), percentiles of |x| (from a per-tensor reservoir of at most ``reservoir`` values), and, on request, the
 Gram matrix ``H = Σ XᵀX`` (float64, X = the tensor flattened to rows of its last axis) that GPTQ needs.
 
 ``sink_weight`` weights, in H, the first row of every sequence of a tensor shaped (..., sequence, channels). In
@@ -37,6 +37,7 @@ class TensorStats:
     max: float = -np.inf
     absmax: np.ndarray | None = None  # per channel (last axis)
     abs_sum: np.ndarray | None = None  # per channel, for mean |x|
+    sum: np.ndarray | None = None  # per channel, for the signed mean
     rows: int = 0
     gram: np.ndarray | None = None
     reservoir: np.ndarray | None = None  # a uniform sample of the tensor's values (signed)
@@ -44,6 +45,10 @@ class TensorStats:
     @property
     def mean_abs(self) -> np.ndarray:
         return self.abs_sum / max(self.rows, 1)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / max(self.rows, 1)
 
     def percentile(self, q: float) -> float:
         """q-th percentile of |x| (estimated from the reservoir)."""
@@ -57,6 +62,8 @@ class TensorStats:
         self.absmax = ax.max(axis=0) if self.absmax is None else np.maximum(self.absmax, ax.max(axis=0))
         sums = ax.sum(axis=0, dtype=np.float64)
         self.abs_sum = sums if self.abs_sum is None else self.abs_sum + sums
+        signed = rows.sum(axis=0, dtype=np.float64)
+        self.sum = signed if self.sum is None else self.sum + signed
         self.rows += rows.shape[0]
         if gram:
             weights = np.ones(rows.shape[0])
@@ -130,20 +137,24 @@ class CalibrationData:
         tensors: Iterable[str],
         *,
         gram: Iterable[str] = (),
+        channel_axis: Mapping[str, int] | None = None,
         sink_weight: float = 1.0,
         reservoir: int = 100_000,
         progress: bool = True,
     ) -> dict[str, TensorStats]:
         """Statistics of the named tensors of ``model`` (unchanged) over every calibration sample.
 
-        The last result is memoised: asking again for the same tensors of an identical graph returns it.
+        Per-channel statistics run over the last axis unless ``channel_axis`` names another for a tensor (1 for
+        NCHW images). The last result is memoised: asking again for the same request on an identical graph
+        returns it.
         """
+        axes = dict(channel_axis or {})
         from bitfold.backends import compile
         from bitfold.frontend.onnx_io import clone
 
         names = list(dict.fromkeys(tensors))
         want_gram = set(gram)
-        key = (_fingerprint(model), tuple(names), tuple(sorted(want_gram)), sink_weight, reservoir)
+        key = (_fingerprint(model), tuple(names), tuple(sorted(want_gram)), tuple(sorted(axes.items())), sink_weight, reservoir)
         if self._memo is not None and self._memo[0] == key:  # same graph, same request: reuse
             return self._memo[1]
         probe = clone(model)
@@ -164,9 +175,8 @@ class CalibrationData:
         for feeds in tqdm(samples, desc="calibrate", disable=not progress, leave=False):
             outputs = runnable.run(feeds)
             for name in names:
-                stats[name].update(
-                    outputs[name], gram=name in want_gram, reservoir=reservoir, rng=rng, sink_weight=sink_weight
-                )
+                value = outputs[name] if name not in axes else np.moveaxis(outputs[name], axes[name], -1)
+                stats[name].update(value, gram=name in want_gram, reservoir=reservoir, rng=rng, sink_weight=sink_weight)
         self._memo = (key, stats)
         return stats
 

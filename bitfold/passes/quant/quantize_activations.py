@@ -12,6 +12,9 @@ range that minimises the squared round-trip error over a sample of the values). 
 asymmetric with a zero point, ``int8`` symmetric. Guarantees: an error bound, the one of the chosen grid; the
 report measures it. Needs calibration. Leaves alone: targets whose activation is a constant or already comes from
 DequantizeLinear (idempotent), weights that are not constant initializers, excluded nodes.
+
+``bias_correction`` (on by default) removes the mean output shift that weight rounding causes, ΔW·E[x] with E[x]
+the per-input-channel calibration mean, from the Conv/Gemm bias (added if absent); MatMul has no bias to absorb it.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class QuantizeActivationsConfig:
     weights: bool = dataclasses.field(default=True, metadata={"doc": "also quantize weights to int8 per output channel (W8A8)"})
     op_types: tuple[str, ...] = dataclasses.field(default=("Conv", "MatMul", "Gemm"), metadata={"doc": "ops whose inputs are quantized"})
     exclude: tuple[str, ...] = dataclasses.field(default=(), metadata={"doc": "globs on node name or torch module scope"})
+    bias_correction: bool = dataclasses.field(default=True, metadata={"doc": "subtract the weight error's mean output shift from the bias"})
 
     def __post_init__(self) -> None:
         if not 50.0 < self.percentile <= 100.0:
@@ -60,7 +64,8 @@ class QuantizeActivations(BitfoldPass):
         if not targets:
             return 0
         names = list(dict.fromkeys(node.inputs[0].name for node in targets))
-        stats = self.calibration.collect(model, names)
+        axes = {node.inputs[0].name: 1 for node in targets if node.op_type == "Conv"}
+        stats = self.calibration.collect(model, names, channel_axis=axes)
         graph = model.graph
         activations = {}
         for node in targets:
@@ -70,7 +75,7 @@ class QuantizeActivations(BitfoldPass):
                 activations[x.name] = self._qdq(graph, x, lo, hi, node)
             node.replace_input_with(0, activations[x.name])
             if self.config.weights:
-                self._quantize_weight(graph, node)
+                self._quantize_weight(graph, node, stats[x.name].mean)
         return len(targets)
 
     def collect(self, model: ir.Model) -> list[ir.Node]:
@@ -125,7 +130,7 @@ class QuantizeActivations(BitfoldPass):
         graph.insert_before(first_user, [q, dq])
         return dq.outputs[0]
 
-    def _quantize_weight(self, graph: ir.Graph, node: ir.Node) -> None:
+    def _quantize_weight(self, graph: ir.Graph, node: ir.Node, input_mean: np.ndarray) -> None:
         w_value = node.inputs[1]
         if w_value is None or not w_value.is_initializer() or w_value.const_value is None:
             return
@@ -139,6 +144,8 @@ class QuantizeActivations(BitfoldPass):
         shape = [1] * w.ndim
         shape[axis] = -1
         codes = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+        if self.config.bias_correction:
+            self._correct_bias(graph, node, codes * scale.reshape(shape) - w, input_mean)
         q = add_initializer(graph, f"{w_value.name}_int8", codes)
         s = add_initializer(graph, f"{w_value.name}_scale", scale)
         dq = ir.node("DequantizeLinear", [q, s], attributes={"axis": axis}, name=f"{node.name}_weight_dequantize")
@@ -148,3 +155,33 @@ class QuantizeActivations(BitfoldPass):
         node.replace_input_with(1, dq.outputs[0])
         drop_if_unused(graph, w_value)
 
+    def _correct_bias(self, graph: ir.Graph, node: ir.Node, delta: np.ndarray, mean: np.ndarray) -> None:
+        """Bias correction: quantizing W shifts the output mean by ΔW·E[x]; remove that shift from the bias."""
+        if node.op_type == "MatMul" or (node.op_type == "Gemm" and node.attributes.get_int("transA", 0)):
+            return
+        shift = _mean_shift(node, delta.astype(np.float64), mean.astype(np.float64))
+        if node.op_type == "Gemm":
+            shift = shift / node.attributes.get_float("beta", 1.0)
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if bias is None:
+            node.resize_inputs(3)
+            node.replace_input_with(2, add_initializer(graph, f"{node.name}_bias", (-shift).astype(np.float32)))
+            return
+        if not bias.is_initializer() or bias.const_value is None or bias.const_value.size != shift.size:
+            return
+        corrected = (bias.const_value.numpy().reshape(-1) - shift).reshape(bias.const_value.shape).astype(np.float32)
+        node.replace_input_with(2, add_initializer(graph, f"{bias.name}_corrected", corrected))
+        drop_if_unused(graph, bias)
+
+
+
+def _mean_shift(node: ir.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """E[Δy] per output channel for weight error Δ and per-input-channel input mean (spatially uniform)."""
+    if node.op_type == "Conv":
+        group = node.attributes.get_int("group", 1)
+        per_tap = delta.reshape(delta.shape[0], delta.shape[1], -1).sum(axis=2)  # (O, I/g)
+        out, in_g = per_tap.shape
+        return np.einsum("goi,gi->go", per_tap.reshape(group, out // group, in_g), mean.reshape(group, in_g)).reshape(out)
+    if node.attributes.get_int("transB", 0):
+        return delta @ mean
+    return mean @ delta

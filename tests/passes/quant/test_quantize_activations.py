@@ -73,3 +73,19 @@ def test_mse_observer_never_worse_than_minmax_on_its_sample():
 def test_needs_calibration(cnn):
     with pytest.raises(BitfoldError, match="needs calibration data"):
         bitfold.optimize(bitfold.clone(cnn), ["quantize-activations"])
+
+
+def test_bias_correction_removes_the_mean_output_shift_of_weight_rounding(zoo_protos):
+    model, _ = bitfold.optimize(fresh(zoo_protos, "cnn-bn"), list(CANONICAL))
+    rng = np.random.default_rng(3)
+    offset = rng.uniform(-2, 2, (1, 3, 1, 1))  # non-zero input means make the shift visible
+    make = lambda: {"x": (rng.standard_normal((2, 3, 16, 16)) + offset).astype(np.float32)}  # noqa: E731
+    calib, held_out = CalibrationData([make() for _ in range(32)]), [make() for _ in range(8)]
+    drift = {}
+    for correct in (False, True):
+        quantized, _ = bitfold.optimize(
+            bitfold.clone(model), [{"name": "quantize-activations", "bias_correction": correct}], calib
+        )
+        diffs = [_out(quantized, f) - _out(model, f) for f in held_out]
+        drift[correct] = float(np.abs(np.mean(diffs, axis=(0, 1))).mean())
+    assert drift[True] < 0.7 * drift[False], drift
