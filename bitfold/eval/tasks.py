@@ -6,7 +6,10 @@ windows 0–15 are scored (each predicts its tokens 1..511: 16 × 511 = 8,176 to
 from the last 32 windows, 115–146 (16,384 tokens), so evaluation and calibration text never overlap.
 
 ``effnet-agree``: EfficientNet-Lite0 top-1 agreement and mean KL divergence against the fp32 export, over 500
-deterministic crops/flips of 10 scikit-image photos; calibration uses 4 other photos.
+deterministic crops/flips of 10 scikit-image photos; calibration uses 6 other photos.
+
+``minilm-cos``: all-MiniLM-L6-v2 mean-pooled embeddings, cosine to the fp32 export, over the sentences of the Lee
+test corpus (``lee.cor``); calibration sentences come from ``lee_background.cor``.
 """
 
 from __future__ import annotations
@@ -101,4 +104,35 @@ def effnet_agree(model: ir.Model, reference: ir.Model | None = None) -> TaskResu
     return TaskResult("effnet-agree", "top-1 agreement", agree / n, {"mean_kl": kl / n, "inputs": n})
 
 
-TASKS = {"smollm2-ppl": smollm2_ppl, "effnet-agree": effnet_agree}
+MINILM_SEQ = 128
+
+
+def sentence_feeds(tokenizer, sentences: list[str], seq_len: int = MINILM_SEQ) -> list[dict[str, np.ndarray]]:
+    """Padded/truncated token ids and masks, one feed per sentence."""
+    feeds = []
+    for sentence in sentences:
+        enc = tokenizer(sentence, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
+        feeds.append({"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)})
+    return feeds
+
+
+def minilm_cos(model: ir.Model, reference: ir.Model | None = None) -> TaskResult:
+    """all-MiniLM-L6-v2: cosine between the model's and the fp32 export's embeddings over the Lee test corpus
+    (``lee.cor``, 50 short news documents, split into sentences); calibration uses ``lee_background.cor``."""
+    from bitfold.eval.data import lee_sentences
+    from bitfold.eval.models import export_minilm, minilm
+
+    _, tokenizer = minilm()
+    reference = reference if reference is not None else export_minilm()
+    feeds = sentence_feeds(tokenizer, lee_sentences("test"))
+    candidate, base = compile(model, "ort", "cpu"), compile(reference, "ort", "cpu")
+    cosines = []
+    for feed in feeds:
+        a = next(iter(base.run(feed).values()))[0].astype(np.float64)
+        b = next(iter(candidate.run(feed).values()))[0].astype(np.float64)
+        cosines.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+    return TaskResult("minilm-cos", "mean cosine", float(np.mean(cosines)),
+                      {"min_cosine": float(np.min(cosines)), "sentences": len(cosines), "seq_len": MINILM_SEQ})  # fmt: skip
+
+
+TASKS = {"smollm2-ppl": smollm2_ppl, "effnet-agree": effnet_agree, "minilm-cos": minilm_cos}

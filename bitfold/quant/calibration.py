@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from bitfold.errors import BitfoldError
 
-BUILTIN_SOURCES = ("lee-text", "skimage-photos")
+BUILTIN_SOURCES = ("lee-text", "lee-sentences", "skimage-photos")
 
 
 @dataclasses.dataclass
@@ -118,6 +118,14 @@ class CalibrationData:
             _, tokenizer = smollm2()
             windows = lee_windows(tokenizer, CALIB_WINDOWS, seq_len)
             return cls(list(lm_feeds(windows)), name=name)
+        if name == "lee-sentences":
+            from bitfold.eval.data import lee_sentences
+            from bitfold.eval.models import minilm
+            from bitfold.eval.tasks import sentence_feeds
+
+            _, tokenizer = minilm()
+            sentences = lee_sentences("calibration")[:128]
+            return cls(sentence_feeds(tokenizer, sentences, _static_dim(model, "input_ids", 1)), name=name)
         if name == "skimage-photos":
             from bitfold.eval.data import photo_crops
 

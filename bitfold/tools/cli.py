@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a model on a real-model task")
     p.add_argument("model", type=Path)
-    p.add_argument("--task", required=True, choices=["smollm2-ppl", "effnet-agree"])
+    p.add_argument("--task", required=True, choices=["smollm2-ppl", "effnet-agree", "minilm-cos"])
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_eval)
 
