@@ -2,9 +2,10 @@
 
 Rewrites each target's activation input x into ``DequantizeLinear(QuantizeLinear(x, s, z), s, z)`` with one
 per-tensor scale from calibration, and (``weights = true``, W8A8) its constant weight into
-``DequantizeLinear(int8 W, per-output-channel scale)`` with symmetric scales absmax / 127. A tensor read by
-several targets gets one Q/DQ pair. The result is standard ONNX (opset >= 13) that ONNX Runtime's QDQ machinery
-turns into int8 kernels where it can.
+``DequantizeLinear(int8 W, per-output-channel scale)`` with symmetric scales absmax / 127. With ``outputs = true``
+the target's output gets a Q/DQ pair too and a Conv/Gemm bias becomes int32 with scale x_scale · w_scale: the
+DQ → op → Q shape ONNX Runtime fuses into int8 kernels (QLinearConv, QLinearMatMul). A tensor read by several
+targets gets one Q/DQ pair. The result is standard ONNX (opset >= 13).
 
 Observers (range per activation tensor, from the calibration statistics): ``minmax``; ``percentile`` (the
 ``percentile``-th / (100 - percentile)-th percentiles of the signed values); ``mse`` (the shrink of the min/max
@@ -41,6 +42,7 @@ class QuantizeActivationsConfig:
     op_types: tuple[str, ...] = dataclasses.field(default=("Conv", "MatMul", "Gemm"), metadata={"doc": "ops whose inputs are quantized"})
     exclude: tuple[str, ...] = dataclasses.field(default=(), metadata={"doc": "globs on node name or torch module scope"})
     bias_correction: bool = dataclasses.field(default=True, metadata={"doc": "subtract the weight error's mean output shift from the bias"})
+    outputs: bool = dataclasses.field(default=True, metadata={"doc": "also Q/DQ outputs and int32 biases, so ORT fuses int8 kernels"})
 
     def __post_init__(self) -> None:
         if not 50.0 < self.percentile <= 100.0:
@@ -63,19 +65,26 @@ class QuantizeActivations(BitfoldPass):
         targets = self.collect(model)
         if not targets:
             return 0
-        names = list(dict.fromkeys(node.inputs[0].name for node in targets))
+        names = [node.inputs[0].name for node in targets]
+        if self.config.outputs:
+            names += [node.outputs[0].name for node in targets if not node.outputs[0].is_graph_output()]
+        names = list(dict.fromkeys(names))
         axes = {node.inputs[0].name: 1 for node in targets if node.op_type == "Conv"}
         stats = self.calibration.collect(model, names, channel_axis=axes)
         graph = model.graph
-        activations = {}
+        quantized: dict[str, tuple[ir.Value, float]] = {}  # tensor name → (DQ output, scale)
         for node in targets:
             x = node.inputs[0]
-            if x.name not in activations:
-                lo, hi = self.observe(stats[x.name])
-                activations[x.name] = self._qdq(graph, x, lo, hi, node)
-            node.replace_input_with(0, activations[x.name])
-            if self.config.weights:
-                self._quantize_weight(graph, node, stats[x.name].mean)
+            if x.name not in quantized:
+                quantized[x.name] = self._qdq(graph, x, *self.observe(stats[x.name]), node)
+            dq, x_scale = quantized[x.name]
+            node.replace_input_with(0, dq)
+            w_scale = self._quantize_weight(graph, node, stats[x.name].mean) if self.config.weights else None
+            if self.config.outputs and w_scale is not None:
+                self._quantize_bias(graph, node, x_scale * w_scale)
+            y = node.outputs[0]
+            if self.config.outputs and not y.is_graph_output():
+                quantized[y.name] = self._qdq(graph, y, *self.observe(stats[y.name]), node, after=True)
         return len(targets)
 
     def collect(self, model: ir.Model) -> list[ir.Node]:
@@ -117,27 +126,38 @@ class QuantizeActivations(BitfoldPass):
         scale = (hi - lo) / 255.0 or 1.0
         return scale, int(np.clip(round(-lo / scale), 0, 255)), 0, 255
 
-    def _qdq(self, graph: ir.Graph, x: ir.Value, lo: float, hi: float, first_user: ir.Node) -> ir.Value:
+    def _qdq(self, graph: ir.Graph, x: ir.Value, lo: float, hi: float, anchor: ir.Node, after: bool = False):
+        """Insert x → QuantizeLinear → DequantizeLinear next to ``anchor``; returns (DQ output, scale).
+
+        Before ``anchor``, only ``anchor`` is rewired by the caller; after it (an output), every reader of x is.
+        """
         scale, zero, _, _ = self._params(lo, hi)
         dtype = np.uint8 if self.config.activation_dtype == "uint8" else np.int8
         s = add_initializer(graph, f"{x.name}_scale", np.array(scale, np.float32))
         z = add_initializer(graph, f"{x.name}_zero_point", np.array(zero, dtype))
+        readers = list(x.uses())
         q = ir.node("QuantizeLinear", [x, s, z], name=f"{x.name}_quantize")
         dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=f"{x.name}_dequantize")
         q.outputs[0].name, dq.outputs[0].name = f"{x.name}_q", f"{x.name}_dq"
         for node in (q, dq):
-            self.stamp(node, [first_user])
-        graph.insert_before(first_user, [q, dq])
-        return dq.outputs[0]
+            self.stamp(node, [anchor])
+        if after:
+            graph.insert_after(anchor, [q, dq])
+            for user, index in readers:
+                user.replace_input_with(index, dq.outputs[0])
+        else:
+            graph.insert_before(anchor, [q, dq])
+        return dq.outputs[0], np.float32(scale)
 
-    def _quantize_weight(self, graph: ir.Graph, node: ir.Node, input_mean: np.ndarray) -> None:
+    def _quantize_weight(self, graph: ir.Graph, node: ir.Node, input_mean: np.ndarray) -> np.ndarray | None:
+        """Per-output-channel int8 weight behind a DequantizeLinear; returns the scales (None if left alone)."""
         w_value = node.inputs[1]
         if w_value is None or not w_value.is_initializer() or w_value.const_value is None:
-            return
+            return None
         w = w_value.const_value.numpy().astype(np.float32)
         axis = _WEIGHT_AXIS.get(node.op_type, 0 if node.attributes.get_int("transB", 0) else 1)
         if w.ndim < 2:
-            return
+            return None
         reduce = tuple(i for i in range(w.ndim) if i != axis)
         scale = np.abs(w).max(axis=reduce) / 127.0
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
@@ -154,6 +174,26 @@ class QuantizeActivations(BitfoldPass):
         graph.insert_before(node, dq)
         node.replace_input_with(1, dq.outputs[0])
         drop_if_unused(graph, w_value)
+        return scale
+
+    def _quantize_bias(self, graph: ir.Graph, node: ir.Node, scale: np.ndarray) -> None:
+        """Conv/Gemm bias as int32 with scale x_scale · w_scale, the form ORT's int8 kernels take."""
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if node.op_type == "MatMul" or bias is None or not bias.is_initializer() or bias.const_value is None:
+            return
+        b = bias.const_value.numpy().astype(np.float64)
+        if b.ndim != 1 or b.size != scale.size or (node.op_type == "Gemm" and node.attributes.get_float("beta", 1.0) != 1.0):
+            return
+        scale = scale.astype(np.float32)
+        codes = np.clip(np.round(b / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        q = add_initializer(graph, f"{bias.name}_int32", codes)
+        s = add_initializer(graph, f"{bias.name}_scale", scale)
+        dq = ir.node("DequantizeLinear", [q, s], attributes={"axis": 0}, name=f"{node.name}_bias_dequantize")
+        dq.outputs[0].name = f"{bias.name}_dq"
+        self.stamp(dq, [node])
+        graph.insert_before(node, dq)
+        node.replace_input_with(2, dq.outputs[0])
+        drop_if_unused(graph, bias)
 
     def _correct_bias(self, graph: ir.Graph, node: ir.Node, delta: np.ndarray, mean: np.ndarray) -> None:
         """Bias correction: quantizing W shifts the output mean by ΔW·E[x]; remove that shift from the bias."""

@@ -33,8 +33,9 @@ def test_w8a8_qdq_structure_and_bounded_error(cnn, observer, activation_dtype):
         [{"name": "quantize-activations", "observer": observer, "activation_dtype": activation_dtype}],
         _calibration(),
     )
-    targets = sum(report.input["ops"].get(op, 0) for op in ("Conv", "Gemm", "MatMul"))
-    assert report.passes[0].ops_added == {"QuantizeLinear": targets, "DequantizeLinear": 2 * targets}
+    # targets: 2 Conv + 1 Gemm. Q/DQ pairs on their 3 inputs and on the 2 outputs that are not graph outputs;
+    # DequantizeLinear also on 3 int8 weights and 3 int32 biases
+    assert report.passes[0].ops_added == {"QuantizeLinear": 5, "DequantizeLinear": 11}
     for node in model.graph:
         if node.op_type in ("Conv", "Gemm"):
             assert all(v.producer() is not None and v.producer().op_type == "DequantizeLinear" for v in node.inputs[:2])
@@ -43,6 +44,11 @@ def test_w8a8_qdq_structure_and_bounded_error(cnn, observer, activation_dtype):
     assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
     _, again = bitfold.optimize(model, [{"name": "quantize-activations"}], _calibration())
     assert not again.passes[0].modified
+
+
+def test_inputs_only_mode(cnn):
+    _, report = bitfold.optimize(bitfold.clone(cnn), [{"name": "quantize-activations", "outputs": False}], _calibration())
+    assert report.passes[0].ops_added == {"QuantizeLinear": 3, "DequantizeLinear": 6}
 
 
 def test_qdq_pair_matches_numpy_quantization(cnn):
