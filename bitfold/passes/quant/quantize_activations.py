@@ -73,18 +73,22 @@ class QuantizeActivations(BitfoldPass):
         stats = self.calibration.collect(model, names, channel_axis=axes)
         graph = model.graph
         quantized: dict[str, tuple[ir.Value, float]] = {}  # tensor name → (DQ output, scale)
+        original: dict[str, str] = {}  # DQ output name → the tensor it stands for
         for node in targets:
             x = node.inputs[0]
             if x.name not in quantized:
                 quantized[x.name] = self._qdq(graph, x, *self.observe(stats[x.name]), node)
             dq, x_scale = quantized[x.name]
             node.replace_input_with(0, dq)
-            w_scale = self._quantize_weight(graph, node, stats[x.name].mean) if self.config.weights else None
+            x_stats = stats[original.get(x.name, x.name)]
+            w_scale = self._quantize_weight(graph, node, x_stats.mean) if self.config.weights else None
             if self.config.outputs and w_scale is not None:
                 self._quantize_bias(graph, node, x_scale * w_scale)
             y = node.outputs[0]
             if self.config.outputs and not y.is_graph_output():
                 quantized[y.name] = self._qdq(graph, y, *self.observe(stats[y.name]), node, after=True)
+                dq_name = quantized[y.name][0].name  # readers of y now read its DQ
+                quantized[dq_name], original[dq_name] = quantized[y.name], y.name
         return len(targets)
 
     def collect(self, model: ir.Model) -> list[ir.Node]:

@@ -95,3 +95,21 @@ def test_bias_correction_removes_the_mean_output_shift_of_weight_rounding(zoo_pr
         diffs = [_out(quantized, f) - _out(model, f) for f in held_out]
         drift[correct] = float(np.abs(np.mean(diffs, axis=(0, 1))).mean())
     assert drift[True] < 0.7 * drift[False], drift
+
+
+def test_chained_targets_share_one_qdq_pair():
+    """MatMul → MatMul: the first output's Q/DQ is the second's input; nothing is quantized twice."""
+    import onnx_ir as ir
+
+    rng = np.random.default_rng(0)
+    x = ir.val("x", ir.DataType.FLOAT, [4, 16])
+    w1, w2 = (ir.Value(name=n, const_value=ir.tensor(rng.standard_normal((16, 16)).astype(np.float32))) for n in ("w1", "w2"))
+    first = ir.node("MatMul", [x, w1], name="first")
+    second = ir.node("MatMul", [first.outputs[0], w2], name="second")
+    y = second.outputs[0]
+    y.name, y.dtype, y.shape = "y", ir.DataType.FLOAT, ir.Shape([4, 16])
+    graph = ir.Graph([x], [y], nodes=[first, second], initializers=[w1, w2], opset_imports={"": 21}, name="chain")
+    calib = CalibrationData([{"x": rng.standard_normal((4, 16)).astype(np.float32)} for _ in range(8)])
+    quantized, report = bitfold.optimize(ir.Model(graph, ir_version=10), ["quantize-activations"], calib, verify=True)
+    assert report.passes[0].ops_added["QuantizeLinear"] == 2  # x, and first's output (y is a graph output)
+    assert report.passes[0].max_rel < 0.05
