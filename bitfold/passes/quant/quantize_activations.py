@@ -3,7 +3,8 @@
 Rewrites each target's activation input x into ``DequantizeLinear(QuantizeLinear(x, s, z), s, z)`` with one
 per-tensor scale from calibration, and (``weights = true``, W8A8) its constant weight into
 ``DequantizeLinear(int8 W, per-output-channel scale)`` with symmetric scales absmax / 127. With ``outputs = true``
-the target's output gets a Q/DQ pair too and a Conv/Gemm bias becomes int32 with scale x_scale · w_scale: the
+the target's output (or that of the Relu/Clip that alone reads it) gets a Q/DQ pair too and a Conv/Gemm bias
+becomes int32 with scale x_scale · w_scale: the
 DQ → op → Q shape ONNX Runtime fuses into int8 kernels (QLinearConv, QLinearMatMul). A tensor read by several
 targets gets one Q/DQ pair. The result is standard ONNX (opset >= 13).
 
@@ -67,7 +68,7 @@ class QuantizeActivations(BitfoldPass):
             return 0
         names = [node.inputs[0].name for node in targets]
         if self.config.outputs:
-            names += [node.outputs[0].name for node in targets if not node.outputs[0].is_graph_output()]
+            names += [_output(node).name for node in targets if not _output(node).is_graph_output()]
         names = list(dict.fromkeys(names))
         axes = {node.inputs[0].name: 1 for node in targets if node.op_type == "Conv"}
         stats = self.calibration.collect(model, names, channel_axis=axes)
@@ -84,9 +85,9 @@ class QuantizeActivations(BitfoldPass):
             w_scale = self._quantize_weight(graph, node, x_stats.mean) if self.config.weights else None
             if self.config.outputs and w_scale is not None:
                 self._quantize_bias(graph, node, x_scale * w_scale)
-            y = node.outputs[0]
+            y = _output(node)
             if self.config.outputs and not y.is_graph_output():
-                quantized[y.name] = self._qdq(graph, y, *self.observe(stats[y.name]), node, after=True)
+                quantized[y.name] = self._qdq(graph, y, *self.observe(stats[y.name]), y.producer(), after=True)
                 dq_name = quantized[y.name][0].name  # readers of y now read its DQ
                 quantized[dq_name], original[dq_name] = quantized[y.name], y.name
         return len(targets)
@@ -229,3 +230,16 @@ def _mean_shift(node: ir.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarra
     if node.attributes.get_int("transB", 0):
         return delta @ mean
     return mean @ delta
+
+
+def _output(node: ir.Node) -> ir.Value:
+    """The tensor to quantize after ``node``: its output, or the output of a Relu/Clip that is its only reader.
+
+    Quantizing before a clipping activation would spend the 8-bit range on values the activation discards
+    (a ReLU6 input spans tens, its output 0–6); ONNX Runtime folds the activation into the quantized op.
+    """
+    y = node.outputs[0]
+    users = [user for user, _ in y.uses()]
+    if len(users) == 1 and users[0].op_type in ("Relu", "Clip") and not users[0].domain and not y.is_graph_output():
+        return users[0].outputs[0]
+    return y

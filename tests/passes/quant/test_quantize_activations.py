@@ -33,9 +33,12 @@ def test_w8a8_qdq_structure_and_bounded_error(cnn, observer, activation_dtype):
         [{"name": "quantize-activations", "observer": observer, "activation_dtype": activation_dtype}],
         _calibration(),
     )
-    # targets: 2 Conv + 1 Gemm. Q/DQ pairs on their 3 inputs and on the 2 outputs that are not graph outputs;
-    # DequantizeLinear also on 3 int8 weights and 3 int32 biases
-    assert report.passes[0].ops_added == {"QuantizeLinear": 5, "DequantizeLinear": 11}
+    # targets: 2 Conv + 1 Gemm. Q/DQ pairs: x; conv1's output taken after its Relu, which is also the depthwise
+    # conv's input (one shared pair); the depthwise output after its Relu; the Gemm input. The Gemm output is a
+    # graph output. DequantizeLinear also on 3 int8 weights and 3 int32 biases.
+    assert report.passes[0].ops_added == {"QuantizeLinear": 4, "DequantizeLinear": 10}
+    relu_outputs = [n.outputs[0] for n in model.graph if n.op_type == "Relu"]
+    assert all(any(u.op_type == "QuantizeLinear" for u, _ in v.uses()) for v in relu_outputs[:2])
     for node in model.graph:
         if node.op_type in ("Conv", "Gemm"):
             assert all(v.producer() is not None and v.producer().op_type == "DequantizeLinear" for v in node.inputs[:2])
