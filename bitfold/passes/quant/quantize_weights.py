@@ -107,10 +107,10 @@ class QuantizeWeights(BitfoldPass):
         targets = self.collect(model)
         if not targets:
             return 0
-        weights = list(dict.fromkeys(node.inputs[1] for node in targets))  # before AWQ swaps them
         hessians = self._hessians(model, targets) if self.config.method == "gptq" else {}
         if self.config.method == "awq":
             self._awq(model, targets)
+        weights = list(dict.fromkeys(node.inputs[1] for node in targets))  # the float weights about to be replaced
         if self.config.format == "qdq" and model.opset_imports.get("", 1) < 21:
             onnxscript.version_converter.convert_version(model, 21)
         for node in tqdm(targets, desc=f"quantize-weights {self.config.tag}", leave=False, disable=len(targets) < 8):

@@ -122,6 +122,7 @@ def test_awq_folds_scales_into_norms_and_up_projection_exactly(decoder, monkeypa
     calib, held_out = _outlier_channels_calibration()
     monkeypatch.setattr(qw.QuantizeWeights, "solve", lambda self, wt, h: (wt, np.ones_like(wt), np.zeros_like(wt)))
     model, _ = _quantize(decoder, calibration=calib, method="awq", bits=3, group_size=16, format="fake")
+    assert bitfold.frontend.parameter_bytes(model) <= bitfold.frontend.parameter_bytes(decoder) + 4 * 32 * 3
     np.testing.assert_allclose(_out(model, held_out), _out(decoder, held_out), rtol=1e-4, atol=1e-4)
     alphas = {n.metadata_props["namespace"].split("/")[-2].split(":")[0]: n.metadata_props.get("bitfold.awq_alpha")
               for n in _weight_matmuls(model)}  # fmt: skip
@@ -134,6 +135,7 @@ def test_awq_beats_rtn_on_outlier_channels(decoder):
     ref = _out(decoder, held_out)
     err = {}
     for method in ("rtn", "awq"):
-        model, _ = _quantize(decoder, calibration=calib, method=method, bits=3, group_size=16, format="fake")
+        model, report = _quantize(decoder, calibration=calib, method=method, bits=3, group_size=16, format="matmulnbits", accuracy_level=0)
+        assert report.output["parameter_bytes"] < 0.3 * report.input["parameter_bytes"], "no float weights left behind"
         err[method] = float(np.sqrt(((_out(model, held_out) - ref) ** 2).mean()))
     assert err["awq"] < 0.97 * err["rtn"], err
