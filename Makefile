@@ -23,6 +23,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/canonical_efficientnet.py
+	$(PY) benchmarks/quant_table.py
+	$(PY) benchmarks/quant_minilm.py
+	$(PY) benchmarks/quant_effnet.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
