@@ -27,7 +27,7 @@ from bitfold.eval.models import efficientnet_lite0  # noqa: E402
 from bitfold.passes.canonical import CANONICAL  # noqa: E402
 from bitfold.summary import summarize  # noqa: E402
 from bitfold.tools.bench import compare  # noqa: E402
-from bitfold.tools.files import write_atomic  # noqa: E402
+from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "canonical_efficientnet_lite0"
@@ -81,9 +81,7 @@ def _plot(result: dict, path: Path) -> None:
     right.set_title("ORT CPU latency, ratio to raw (p50, lower is better)")
     fig.suptitle(result["model"])
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from bitfold.eval.tasks import effnet_agree  # noqa: E402
 from bitfold.passes.canonical import CANONICAL  # noqa: E402
 from bitfold.quant.calibration import CalibrationData  # noqa: E402
 from bitfold.tools.bench import compare  # noqa: E402
-from bitfold.tools.files import write_atomic  # noqa: E402
+from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -78,9 +78,7 @@ def main() -> None:
     ax.set_xlabel("top-1 agreement with fp32, % (500 crops)")
     ax.set_xlim(50, 100)
     fig.tight_layout()
-    png = RESULTS / "quant_effnet.png"
-    fig.savefig(png.with_suffix(".tmp.png"), dpi=100)
-    png.with_suffix(".tmp.png").replace(png)
+    save_figure(fig, RESULTS / "quant_effnet.png")
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -35,7 +35,7 @@ from bitfold.eval.tasks import CALIB_WINDOWS, smollm2_ppl  # noqa: E402
 from bitfold.passes.canonical import CANONICAL  # noqa: E402
 from bitfold.quant.calibration import CalibrationData  # noqa: E402
 from bitfold.tools.bench import compare  # noqa: E402
-from bitfold.tools.files import write_atomic  # noqa: E402
+from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 KEEP_HEAD = ["*lm_head*"]
@@ -133,9 +133,7 @@ def _plot(result: dict, path: Path) -> None:
     ax.set_xlabel("perplexity (lower is better); orange bitfold, blue onnxruntime")
     ax.set_title("SmolLM2-135M weight-only quantization, Lee corpus")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -84,16 +84,18 @@ class CausalLMLogits(torch.nn.Module):
         return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
-def export_smollm2(seq_len: int = 512):
-    """SmolLM2 as an onnx-ir model with static inputs input_ids/attention_mask [1, seq_len] → logits."""
+def export_text_model(module: torch.nn.Module, seq_len: int, output: str):
+    """Export ``forward(input_ids, attention_mask)`` with static [1, seq_len] int64 inputs."""
     from bitfold.frontend import from_torch
 
-    model, _ = smollm2()
     ids = torch.zeros(1, seq_len, dtype=torch.int64)
     mask = torch.ones(1, seq_len, dtype=torch.int64)
-    return from_torch(
-        CausalLMLogits(model), (ids, mask), input_names=["input_ids", "attention_mask"], output_names=["logits"]
-    )
+    return from_torch(module, (ids, mask), input_names=["input_ids", "attention_mask"], output_names=[output])
+
+
+def export_smollm2(seq_len: int = 512):
+    """SmolLM2 as an onnx-ir model with static inputs input_ids/attention_mask [1, seq_len] → logits."""
+    return export_text_model(CausalLMLogits(smollm2()[0]), seq_len, "logits")
 
 
 class MeanPooledEncoder(torch.nn.Module):
@@ -124,11 +126,4 @@ def minilm() -> tuple[Any, Any]:
 
 def export_minilm(seq_len: int = 128):
     """all-MiniLM-L6-v2 with static inputs input_ids/attention_mask [1, seq_len] → sentence_embedding [1, 384]."""
-    from bitfold.frontend import from_torch
-
-    encoder, _ = minilm()
-    ids = torch.zeros(1, seq_len, dtype=torch.int64)
-    mask = torch.ones(1, seq_len, dtype=torch.int64)
-    return from_torch(
-        MeanPooledEncoder(encoder), (ids, mask), input_names=["input_ids", "attention_mask"], output_names=["sentence_embedding"]
-    )
+    return export_text_model(MeanPooledEncoder(minilm()[0]), seq_len, "sentence_embedding")

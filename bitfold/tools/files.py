@@ -29,6 +29,13 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure as PNG atomically."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return write_atomic(path, buffer.getvalue())
+
+
 def save_arrays(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> Path:
     buffer = io.BytesIO()
     np.savez(buffer, **dict(arrays))
