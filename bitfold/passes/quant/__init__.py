@@ -1,7 +1,8 @@
 """Quantization passes: weight-only (RTN, GPTQ, AWQ) emitted as QDQ, MatMulNBits or fake-quant; int8 QDQ
 activations (W8A8)."""
 
+from bitfold.passes.quant.cast_precision import CastPrecision
 from bitfold.passes.quant.quantize_activations import QuantizeActivations
 from bitfold.passes.quant.quantize_weights import QuantizeWeights
 
-__all__ = ["QuantizeActivations", "QuantizeWeights"]
+__all__ = ["CastPrecision", "QuantizeActivations", "QuantizeWeights"]
