@@ -229,6 +229,14 @@ def _block_error(blocks, fmt, scale, zero) -> np.ndarray:
     return ((fmt.dequantize(fmt.quantize(blocks, scale, zero), scale, zero) - blocks) ** 2).sum(axis=-1, keepdims=True)
 
 
+def rtn(w: np.ndarray, fmt: Format, granularity: Granularity, *, clip: bool = False):
+    """Round (N, K) ``w`` to nearest: (dequantized weight, per-element scale, per-element zero point)."""
+    blocks = to_groups(np.asarray(w, dtype=np.float32), granularity)
+    scale, zero = block_params(blocks, fmt, clip=clip)
+    expand = lambda p: from_groups(np.broadcast_to(p, blocks.shape), w.shape)  # noqa: E731
+    return from_groups(fmt.dequantize(fmt.quantize(blocks, scale, zero), scale, zero), w.shape), expand(scale), expand(zero)
+
+
 def quantize(w: np.ndarray, fmt: Format, granularity: Granularity, *, clip: bool = False) -> Quantized:
     """Quantize the (N, K) matrix ``w``."""
     w = np.asarray(w, dtype=np.float32)

@@ -32,19 +32,11 @@ import onnxscript.version_converter
 from tqdm.auto import tqdm
 
 from bitfold.passes.initializers import add_initializer, drop_if_unused
+from bitfold.passes.quant.scale_fold import scale_fold
 from bitfold.passes.registry import BitfoldPass, register
 from bitfold.quant import matmulnbits
 from bitfold.quant.awq import awq_scale
-from bitfold.quant.formats import (
-    Format,
-    PerChannel,
-    PerTensor,
-    block_params,
-    format_from,
-    from_groups,
-    granularity_from,
-    to_groups,
-)
+from bitfold.quant.formats import Format, PerChannel, PerTensor, format_from, granularity_from, rtn
 from bitfold.quant.gptq import gptq
 
 QUANTIZED_KEY = "bitfold.quantized"
@@ -93,7 +85,7 @@ class QuantizeWeightsConfig:
 
 @register
 class QuantizeWeights(BitfoldPass):
-    """Weight-only quantization of MatMul weights (RTN or GPTQ) emitted as QDQ, MatMulNBits or fake-quant."""
+    """Weight-only quantization of MatMul weights (RTN, GPTQ or AWQ) emitted as QDQ, MatMulNBits or fake-quant."""
 
     name = "quantize-weights"
     family = "quant"
@@ -161,9 +153,7 @@ class QuantizeWeights(BitfoldPass):
         fmt, granularity = self.config.number_format, granularity_from(self.config.group_size)
 
         def quantize(w: np.ndarray) -> np.ndarray:
-            blocks = to_groups(w.T, granularity)
-            scale, zero = block_params(blocks, fmt, clip=self.config.clip)
-            return from_groups(fmt.dequantize(fmt.quantize(blocks, scale, zero), scale, zero), w.T.shape).T
+            return rtn(w.T, fmt, granularity, clip=self.config.clip)[0].T
 
         for x, nodes in groups.items():
             if folds[x] is None:
@@ -185,11 +175,7 @@ class QuantizeWeights(BitfoldPass):
         if self.config.method == "gptq":
             return gptq(wt, hessian, fmt, granularity, block_size=self.config.block_size, damp=self.config.damp,
                         act_order=self.config.act_order, clip=self.config.clip)  # fmt: skip
-        blocks = to_groups(wt, granularity)
-        scale, zero = block_params(blocks, fmt, clip=self.config.clip)
-        q = from_groups(fmt.dequantize(fmt.quantize(blocks, scale, zero), scale, zero), wt.shape)
-        expand = lambda p: from_groups(np.broadcast_to(p, blocks.shape), wt.shape)  # noqa: E731
-        return q, expand(scale), expand(zero)
+        return rtn(wt, fmt, granularity, clip=self.config.clip)
 
     # -- fold ---------------------------------------------------------------------------------------------------
 
@@ -253,48 +239,3 @@ class QuantizeWeights(BitfoldPass):
 
 
 
-
-def scale_fold(graph: ir.Graph, x: ir.Value, consumers: set[ir.Node]):
-    """A function folding x ← x / s into x's producer, or None when the producer cannot absorb it.
-
-    Absorbers: ``Mul`` by a constant per-channel vector (an RMSNorm γ), ``Mul`` whose other operand comes from a
-    MatMul with a constant weight read nowhere else (SwiGLU's up projection), ``LayerNormalization`` γ and β.
-    x must be read only by ``consumers``.
-    """
-    if x.is_graph_output() or {user for user, _ in x.uses()} != consumers:
-        return None
-    producer = x.producer()
-    channels = x.shape[-1] if x.shape is not None and isinstance(x.shape[-1], int) else None
-    if producer is None or channels is None or producer.domain:
-        return None
-
-    def replace(node: ir.Node, index: int, array: np.ndarray, suffix: str) -> None:
-        old = node.inputs[index]
-        node.replace_input_with(index, add_initializer(graph, f"{old.name}_{suffix}", array.astype(old.const_value.dtype.numpy())))
-        drop_if_unused(graph, old)
-
-    if producer.op_type == "LayerNormalization" and all(_const(v) is not None for v in producer.inputs[1:]):
-        def fold_layernorm(s):
-            for index in range(1, len(producer.inputs)):
-                replace(producer, index, _const(producer.inputs[index]) / s, "awq")
-        return fold_layernorm
-    if producer.op_type != "Mul":
-        return None
-    for index, operand in enumerate(producer.inputs):
-        c = _const(operand)
-        if c is not None and c.size == channels and c.shape[-1:] == (channels,):
-            return lambda s, i=index: replace(producer, i, _const(producer.inputs[i]) / s.reshape(c.shape), "awq")
-    for operand in producer.inputs:
-        source = operand.producer()
-        if source is None or source.op_type != "MatMul" or source.domain or len(operand.uses()) != 1:
-            continue
-        w = _const(source.inputs[1])
-        if w is not None and w.ndim == 2 and w.shape[1] == channels and len(source.inputs[1].uses()) == 1:
-            return lambda s, node=source: replace(node, 1, _const(node.inputs[1]) / s[None, :], "awq")
-    return None
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or not value.is_initializer() or value.const_value is None:
-        return None
-    return value.const_value.numpy()
