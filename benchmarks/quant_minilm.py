@@ -33,6 +33,7 @@ ROWS = [
     ("RTN W3 g128", [{"name": "quantize-weights", "method": "rtn", "bits": 3, "group_size": 128}]),
     ("GPTQ W3 g128", [{"name": "quantize-weights", "method": "gptq", "bits": 3, "group_size": 128, "act_order": True}]),
     ("W8A8 minmax", [{"name": "quantize-activations", "observer": "minmax"}]),
+    ("fp16 with fp32 islands", [{"name": "cast-precision"}]),
 ]
 
 
