@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from conftest import fresh
 
-import bitfold
 from bitfold.errors import BitfoldError
 from bitfold.quant.calibration import CalibrationData
 
