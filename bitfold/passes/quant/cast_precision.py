@@ -46,7 +46,7 @@ class CastPrecisionConfig:
 
 @register
 class CastPrecision(BitfoldPass):
-    """Convert float32 computation to float16/bfloat16 with automatically chosen fp32 islands."""
+    """Convert float32 computation to float16 with automatically chosen fp32 islands."""
 
     name = "cast-precision"
     family = "quant"
