@@ -103,12 +103,12 @@ class _FoldIntoProducer(RewriteRuleClassBase):
         sources = [producer, bn] + ([z.producer()] if z.producer() is not producer else [])
         if self.op_type in ("Conv", "ConvTranspose", "Gemm"):
             out = op.op(self.op_type, producer.inputs[0], w_new, b_new, **attrs)
-            stamp(out.producer(), self.pass_name, sources)
+            _inherit(out.producer(), producer, self.pass_name, sources)
             return out
         matmul = op.MatMul(producer.inputs[0], w_new)
         out = op.Add(matmul, b_new)
-        stamp(matmul.producer(), self.pass_name, sources)
-        stamp(out.producer(), self.pass_name, sources)
+        _inherit(matmul.producer(), producer, self.pass_name, sources)
+        _inherit(out.producer(), producer, self.pass_name, sources)
         return out
 
     def _bias(self, z: ir.Value) -> ir.Value | None:
@@ -199,3 +199,10 @@ def _fresh(graph: ir.Graph, base: str) -> str:
     while name in graph.initializers:
         name, i = f"{base}_{i}", i + 1
     return name
+
+
+def _inherit(node: ir.Node, linear: ir.Node, pass_name: str, sources: list[ir.Node]) -> None:
+    """Provenance, plus the linear op's torch module scope: the folded op is that module (exclude globs name it)."""
+    stamp(node, pass_name, sources)
+    if "namespace" in linear.metadata_props:
+        node.metadata_props["namespace"] = linear.metadata_props["namespace"]

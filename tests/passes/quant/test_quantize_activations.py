@@ -30,7 +30,7 @@ def _out(model, feeds):
 def test_w8a8_qdq_structure_and_bounded_error(cnn, observer, activation_dtype):
     model, report = bitfold.optimize(
         bitfold.clone(cnn),
-        [{"name": "quantize-activations", "observer": observer, "activation_dtype": activation_dtype}],
+        [{"name": "quantize-activations", "observer": observer, "activation_dtype": activation_dtype, "graph_inputs": True}],
         _calibration(),
     )
     # targets: 2 Conv + 1 Gemm. Q/DQ pairs: x; conv1's output taken after its Relu, which is also the depthwise
@@ -50,12 +50,22 @@ def test_w8a8_qdq_structure_and_bounded_error(cnn, observer, activation_dtype):
 
 
 def test_inputs_only_mode(cnn):
-    _, report = bitfold.optimize(bitfold.clone(cnn), [{"name": "quantize-activations", "outputs": False}], _calibration())
+    _, report = bitfold.optimize(bitfold.clone(cnn), [{"name": "quantize-activations", "outputs": False, "graph_inputs": True}], _calibration())
     assert report.passes[0].ops_added == {"QuantizeLinear": 3, "DequantizeLinear": 6}
 
 
+def test_graph_input_readers_stay_float_by_default(cnn):
+    model, report = bitfold.optimize(bitfold.clone(cnn), [{"name": "quantize-activations"}], _calibration())
+    convs = [n for n in model.graph if n.op_type in ("Conv", "Gemm")]
+    first, rest = convs[0], convs[1:]
+    assert first.inputs[0] is model.graph.inputs[0] and first.inputs[1].producer() is None  # float input and weight
+    for node in rest:
+        assert all(v.producer() is not None and v.producer().op_type == "DequantizeLinear" for v in node.inputs[:2])
+    assert report.passes[0].ops_added["QuantizeLinear"] == 3  # conv1's Relu output, conv2's Relu output, Gemm input
+
+
 def test_qdq_pair_matches_numpy_quantization(cnn):
-    model, _ = bitfold.optimize(bitfold.clone(cnn), [{"name": "quantize-activations", "weights": False}], _calibration())
+    model, _ = bitfold.optimize(bitfold.clone(cnn), [{"name": "quantize-activations", "weights": False, "graph_inputs": True}], _calibration())
     q = next(n for n in model.graph if n.op_type == "QuantizeLinear")
     scale, zero = q.inputs[1].const_value.numpy(), q.inputs[2].const_value.numpy()
     stats = _calibration().collect(cnn, [q.inputs[0].name], progress=False)[q.inputs[0].name]
@@ -113,6 +123,8 @@ def test_chained_targets_share_one_qdq_pair():
     y.name, y.dtype, y.shape = "y", ir.DataType.FLOAT, ir.Shape([4, 16])
     graph = ir.Graph([x], [y], nodes=[first, second], initializers=[w1, w2], opset_imports={"": 21}, name="chain")
     calib = CalibrationData([{"x": rng.standard_normal((4, 16)).astype(np.float32)} for _ in range(8)])
-    quantized, report = bitfold.optimize(ir.Model(graph, ir_version=10), ["quantize-activations"], calib, verify=True)
+    quantized, report = bitfold.optimize(
+        ir.Model(graph, ir_version=10), [{"name": "quantize-activations", "graph_inputs": True}], calib, verify=True
+    )
     assert report.passes[0].ops_added["QuantizeLinear"] == 2  # x, and first's output (y is a graph output)
     assert report.passes[0].max_rel < 0.05
