@@ -73,6 +73,9 @@ class EncoderBlock(nn.Module):
         super().__init__()
         self.heads = heads
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        for ln in (self.ln1, self.ln2):  # a non-trivial affine, as trained models have
+            nn.init.normal_(ln.weight, 1.0, 0.2)
+            nn.init.normal_(ln.bias, 0.0, 0.2)
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(0.1), nn.Linear(2 * dim, dim))
 
@@ -129,6 +132,22 @@ class DecoderBlock(nn.Module):
         return x + self.down(nn.functional.silu(self.gate(h)) * self.up(h))
 
 
+class TinyLM(nn.Module):
+    """Embedding → 2 decoder blocks → RMSNorm → head tied to the embedding: a whole residual stream."""
+
+    def __init__(self, vocab: int = 96, dim: int = 48) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(DecoderBlock(dim, heads=4, hidden=96) for _ in range(2))
+        self.norm = RMSNorm(dim)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x) @ self.embed.weight.T
+
+
 def zoo() -> dict[str, ir.Model]:
     """name → exported onnx-ir model (seeded)."""
     torch.manual_seed(0)
@@ -139,6 +158,7 @@ def zoo() -> dict[str, ir.Model]:
         "shared-bn-input": (_randomize_bn(SharedBNInput()), (torch.randn(1, 4, 8, 8),), None),
         "encoder-layernorm": (EncoderBlock(), (torch.randn(2, 8, 32), torch.ones(2, 8, dtype=torch.int64)), None),
         "decoder-rmsnorm-swiglu-rope": (DecoderBlock(), (torch.randn(1, 8, 32),), None),
+        "tiny-lm": (TinyLM(), (torch.randint(0, 96, (1, 8)),), None),
         "dynamic-batch-cnn": (_randomize_bn(CNNWithBN()), (torch.randn(2, 3, 16, 16),), {"x": {0: batch}}),
     }
     return {name: bitfold.from_torch(m.eval(), inputs, dynamic) for name, (m, inputs, dynamic) in specs.items()}

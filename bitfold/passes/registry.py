@@ -43,8 +43,11 @@ class BitfoldPass(ir.passes.InPlacePass):
         if config is not None and params:
             raise TypeError("pass either a Config instance or keyword parameters, not both")
         self.config = config if config is not None else make_config(self.name, self.Config, params)
+        #: Sentences on what the last run left alone and why (unsupported structure); the pipeline reports them.
+        self.notes: list[str] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.notes = []
         count = self.rewrite(model)
         return ir.passes.PassResult(model, modified=count > 0)
 

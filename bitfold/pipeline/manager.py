@@ -131,6 +131,7 @@ def _run_pass(model, p: BitfoldPass, verify: bool, feeds, reference) -> PassReco
         ops_removed=dict(sorted((hist_before - hist_after).items())),
         param_bytes_before=bytes_before,
         param_bytes_after=parameter_stats(model)[1],
+        notes=list(getattr(p, "notes", [])),
     )
     if verify:
         changed = _fingerprint(model) != fingerprint

@@ -28,6 +28,8 @@ class PassRecord:
     param_bytes_after: int
     #: One entry per graph output, filled when the pipeline verifies.
     errors: list[OutputError] | None = None
+    #: What the pass left alone and why (unsupported structure), one sentence each.
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def max_rel(self) -> float | None:
@@ -65,6 +67,9 @@ class PipelineReport:
                 f"{r.seconds * 1e3:.1f}",
                 "-" if r.max_rel is None else f"{r.max_rel:.2e}",
             )
+        notes = [f"{r.name}: {note}" for r in self.passes for note in r.notes]
+        if notes:
+            table.caption = "\n".join(notes)
         return table
 
 

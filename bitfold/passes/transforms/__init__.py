@@ -1,0 +1,7 @@
+"""Equivalent transforms: passes that change weights and activations without changing what the model computes."""
+
+from bitfold.passes.transforms.fold_norm_affine import FoldNormAffine
+from bitfold.passes.transforms.rotate import Rotate
+from bitfold.passes.transforms.smooth import Smooth
+
+__all__ = ["FoldNormAffine", "Rotate", "Smooth"]

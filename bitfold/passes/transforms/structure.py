@@ -1,0 +1,301 @@
+"""Structure discovery for the equivalent-transform passes: norms, the linears that read them, the residual stream.
+
+Everything is found from the dataflow, on graphs as torch.onnx exports them:
+
+- **RMSNorm**, decomposed: ``n = x · 1/sqrt(mean(x²) + ε)`` (``Mul``/``Div`` by a ``Reciprocal``/``Sqrt`` chain of a
+  last-axis ``ReduceMean`` of ``Pow(x, 2)`` or ``Mul(x, x)``), optionally followed by ``Mul`` with a constant γ;
+- **LayerNorm**: the fused ``LayerNormalization`` op (last axis) with constant γ and β;
+- **linear readers**: ``MatMul`` whose input 1 is a 2-D constant ``[K, N]`` (an initializer, or ``Transpose`` of one:
+  a tied head), optionally followed by ``Add`` of a constant bias ``[N]``;
+- the **residual stream**: from an embedding ``Gather`` of a constant table, through the residual ``Add`` nodes whose
+  other operand a linear writes, to the norms that read it. Any other reader of the stream makes it unsupported.
+
+Functions return the structure or a sentence saying why it is unsupported; nothing here modifies the graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+_RSQRT_CHAIN = frozenset({"Reciprocal", "Sqrt", "Add", "Div"})
+
+
+@dataclasses.dataclass
+class Norm:
+    """One normalization: ``x`` in, ``output`` out (what consumers read)."""
+
+    kind: str  # "rms" | "layer"
+    x: ir.Value
+    output: ir.Value
+    #: RMS: the core value x/rms(x) (γ not applied); LayerNorm: the LayerNormalization node's output.
+    core: ir.Value
+    #: The nodes computing the norm from x (for the stream walk: which readers of x belong to it).
+    nodes: list[ir.Node]
+    #: RMS: the Mul applying γ, or None; LayerNorm: the LayerNormalization node.
+    affine: ir.Node | None
+    gamma: np.ndarray | None
+    beta: np.ndarray | None
+
+    @property
+    def has_affine(self) -> bool:
+        if self.kind == "layer":
+            return not (np.all(self.gamma == 1) and (self.beta is None or np.all(self.beta == 0)))
+        return self.affine is not None
+
+
+@dataclasses.dataclass
+class Linear:
+    """A MatMul reading a 2-D constant weight ``[K, N]``, with its optional constant bias ``Add``."""
+
+    matmul: ir.Node
+    weight: np.ndarray
+    bias_add: ir.Node | None
+    bias: np.ndarray | None
+
+    @property
+    def output(self) -> ir.Value:
+        return (self.bias_add or self.matmul).outputs[0]
+
+
+@dataclasses.dataclass
+class Stream:
+    """A transformer residual stream of width ``hidden``."""
+
+    hidden: int
+    embedding: ir.Node  # Gather(table, ids)
+    table: ir.Value
+    values: list[ir.Value]  # embedding output and every residual Add output
+    norms: list[Norm]  # the norms reading the stream
+    readers: list[Linear]  # linears reading a norm of the stream
+    writers: list[Linear]  # linears whose output a residual Add adds in
+
+
+def const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None:
+        return None
+    if not value.is_initializer() and value.producer() is not None:
+        return None
+    return value.const_value.numpy()
+
+
+def find_norms(graph: ir.Graph) -> list[Norm]:
+    """Every RMSNorm (decomposed) and LayerNormalization in the graph's top level."""
+    norms = []
+    for node in graph:
+        if node.domain:
+            continue
+        if node.op_type == "LayerNormalization":
+            norm = _layernorm(node)
+        elif node.op_type in ("Mul", "Div"):
+            norm = _rmsnorm(node)
+        else:
+            continue
+        if norm is not None:
+            norms.append(norm)
+    return norms
+
+
+def _layernorm(node: ir.Node) -> Norm | None:
+    x = node.inputs[0]
+    rank = len(x.shape) if x.shape is not None else None
+    axis = node.attributes.get_int("axis", -1)
+    gamma = const(node.inputs[1])
+    beta = const(node.inputs[2]) if len(node.inputs) > 2 else None
+    if gamma is None or (len(node.inputs) > 2 and node.inputs[2] is not None and beta is None):
+        return None
+    if not (axis == -1 or (rank is not None and axis == rank - 1)) or gamma.ndim != 1:
+        return None
+    out = node.outputs[0]
+    return Norm("layer", x, out, out, [node], node, gamma, beta)
+
+
+def _rmsnorm(node: ir.Node) -> Norm | None:
+    """``node`` = Mul(x, r) / Div(x, d) at the core of an RMSNorm, else None."""
+    candidates = [(0, 1), (1, 0)] if node.op_type == "Mul" else [(0, 1)]
+    for xi, ri in candidates:
+        x, r = node.inputs[xi], node.inputs[ri]
+        chain = _rsqrt_chain(r, x, inverse=node.op_type == "Div")
+        if chain is None:
+            continue
+        core = node.outputs[0]
+        nodes = [*chain, node]
+        users = [u for u, _ in core.uses()]
+        affine, gamma = None, None
+        if len(users) == 1 and users[0].op_type == "Mul" and not users[0].domain and not core.is_graph_output():
+            other = next(v for v in users[0].inputs if v is not core)
+            g = const(other)
+            width = x.shape[-1] if x.shape is not None else None
+            if g is not None and g.size == width and g.shape[-1:] == (width,):
+                affine, gamma = users[0], g.reshape(-1)
+        output = affine.outputs[0] if affine is not None else core
+        return Norm("rms", x, output, core, nodes, affine, gamma, None)
+    return None
+
+
+def _rsqrt_chain(r: ir.Value, x: ir.Value, inverse: bool) -> list[ir.Node] | None:
+    """The nodes from ``mean(x²)`` to ``r`` (= 1/sqrt(mean + ε), or sqrt(...) when ``inverse``), else None."""
+    nodes = []
+    value = r
+    reciprocals = 0
+    for _ in range(6):
+        producer = value.producer()
+        if producer is None or producer.domain:
+            return None
+        nodes.append(producer)
+        if producer.op_type == "ReduceMean":
+            if not _is_square_of(producer.inputs[0], x) or not _last_axis_keepdims(producer, x):
+                return None
+            square = producer.inputs[0].producer()
+            has_sqrt = any(n.op_type == "Sqrt" for n in nodes)
+            if not has_sqrt or (reciprocals % 2 == 1) == inverse:
+                return None
+            return [square, *reversed(nodes)]
+        if producer.op_type not in _RSQRT_CHAIN:
+            return None
+        if producer.op_type == "Reciprocal":
+            reciprocals += 1
+            value = producer.inputs[0]
+        elif producer.op_type == "Sqrt":
+            value = producer.inputs[0]
+        elif producer.op_type == "Add":  # + ε
+            variable = [v for v in producer.inputs if const(v) is None]
+            if len(variable) != 1:
+                return None
+            value = variable[0]
+        else:  # Div(1, s)
+            if const(producer.inputs[0]) is None or not np.all(const(producer.inputs[0]) == 1):
+                return None
+            reciprocals += 1
+            value = producer.inputs[1]
+    return None
+
+
+def _is_square_of(value: ir.Value, x: ir.Value) -> bool:
+    producer = value.producer()
+    if producer is None or producer.domain:
+        return False
+    if producer.op_type == "Pow":
+        e = const(producer.inputs[1])
+        return producer.inputs[0] is x and e is not None and e.size == 1 and float(e.reshape(())) == 2.0
+    return producer.op_type == "Mul" and producer.inputs[0] is x and producer.inputs[1] is x
+
+
+def _last_axis_keepdims(node: ir.Node, x: ir.Value) -> bool:
+    if node.attributes.get_int("keepdims", 1) != 1:
+        return False
+    axes = const(node.inputs[1]) if len(node.inputs) > 1 else None
+    if axes is None:
+        attr = node.attributes.get("axes")
+        axes = np.array(attr.value) if attr is not None else None
+    rank = len(x.shape) if x.shape is not None else None
+    return axes is not None and axes.size == 1 and (int(axes.reshape(())) == -1 or int(axes.reshape(())) == rank - 1)
+
+
+def linear(node: ir.Node) -> Linear | None:
+    """``node`` as a Linear (MatMul with a 2-D constant weight, possibly Transpose of one), else None."""
+    if node.op_type != "MatMul" or node.domain:
+        return None
+    w = _weight(node.inputs[1])
+    if w is None:
+        return None
+    out = node.outputs[0]
+    users = [u for u, _ in out.uses()]
+    bias_add, bias = None, None
+    if len(users) == 1 and users[0].op_type == "Add" and not users[0].domain and not out.is_graph_output():
+        other = next(v for v in users[0].inputs if v is not out)
+        b = const(other)
+        if b is not None and b.size == w.shape[1] and b.shape[-1:] == (w.shape[1],):
+            bias_add, bias = users[0], b.reshape(-1)
+    return Linear(node, w, bias_add, bias)
+
+
+def _weight(value: ir.Value | None) -> np.ndarray | None:
+    w = const(value)
+    if w is None and value is not None and value.producer() is not None:
+        producer = value.producer()
+        if producer.op_type == "Transpose" and not producer.domain and list(producer.attributes.get_ints("perm", [1, 0])) == [1, 0]:
+            t = const(producer.inputs[0])
+            w = t.T if t is not None else None
+    if w is None or w.ndim != 2 or w.dtype.kind != "f":
+        return None
+    return w
+
+
+def linear_readers(value: ir.Value) -> list[Linear] | str:
+    """The linears reading ``value`` as their activation, or why some reader is not one."""
+    if value.is_graph_output():
+        return f"'{value.name}' is a graph output"
+    found = []
+    for user, index in value.uses():
+        lin = linear(user) if index == 0 else None
+        if lin is None:
+            return f"'{value.name}' is read by {user.op_type} '{user.name}', not only by linear layers"
+        found.append(lin)
+    return found or f"'{value.name}' has no readers"
+
+
+def residual_stream(graph: ir.Graph) -> Stream | str:
+    """The residual stream, from the embedding Gather to the norms and linears around it, or why it is unsupported."""
+    gathers = [n for n in graph if n.op_type == "Gather" and not n.domain and const(n.inputs[0]) is not None and const(n.inputs[0]).ndim == 2]
+    if len(gathers) != 1:
+        return f"expected one embedding Gather of a constant table, found {len(gathers)}"
+    embedding = gathers[0]
+    table = embedding.inputs[0]
+    hidden = const(table).shape[1]
+    by_input: dict[int, list[Norm]] = {}
+    for norm in find_norms(graph):
+        by_input.setdefault(id(norm.x), []).append(norm)
+    values, norms, writers, readers = [embedding.outputs[0]], [], [], []
+    i = 0
+    while i < len(values):
+        v = values[i]
+        i += 1
+        if v.is_graph_output():
+            return f"the residual stream value '{v.name}' is a graph output"
+        norm_nodes = {id(n): norm for norm in by_input.get(id(v), []) for n in norm.nodes}
+        for user, _ in v.uses():
+            if id(user) in norm_nodes:
+                norm = norm_nodes[id(user)]
+                if norm not in norms:
+                    norms.append(norm)
+                continue
+            if user.op_type == "Add" and not user.domain:
+                other = next((w for w in user.inputs if w is not v), None)
+                writer = _writer_of(other, hidden)
+                if writer is None:
+                    return f"residual Add '{user.name}' adds '{getattr(other, 'name', None)}', which no linear writes alone"
+                writers.append(writer)
+                values.append(user.outputs[0])
+                continue
+            return f"{user.op_type} '{user.name}' reads the residual stream value '{v.name}'"
+    for norm in norms:
+        found = linear_readers(norm.output)
+        if isinstance(found, str):
+            return found
+        for lin in found:
+            if lin.weight.shape[0] != hidden:
+                return f"linear '{lin.matmul.name}' reads the stream with K = {lin.weight.shape[0]}, not {hidden}"
+        readers.extend(found)
+    if not norms:
+        return "no norm reads the residual stream"
+    return Stream(hidden, embedding, table, values, norms, readers, writers)
+
+
+def _writer_of(value: ir.Value | None, hidden: int) -> Linear | None:
+    if value is None or len(value.uses()) != 1:
+        return None
+    producer = value.producer()
+    if producer is None:
+        return None
+    matmul = producer
+    if producer.op_type == "Add":  # MatMul + bias
+        matmul = next((v.producer() for v in producer.inputs if v.producer() is not None and v.producer().op_type == "MatMul"), None)
+        if matmul is None:
+            return None
+    lin = linear(matmul)
+    if lin is None or lin.output is not value or lin.weight.shape[1] != hidden:
+        return None
+    return lin

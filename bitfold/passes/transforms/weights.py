@@ -1,0 +1,55 @@
+"""Replacing the weight and bias of a ``Linear`` (see ``structure``) with new constants, keeping the graph valid."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from bitfold.passes.initializers import add_initializer, drop_if_unused
+from bitfold.passes.transforms.structure import Linear
+
+
+def set_weight(graph: ir.Graph, lin: Linear, w: np.ndarray, suffix: str) -> None:
+    """Give ``lin.matmul`` a private initializer ``w`` ([K, N]); a tied source (``Transpose`` of a table) stays."""
+    old = lin.matmul.inputs[1]
+    dtype = old.dtype.numpy() if old.dtype is not None else np.float32
+    base = old.name if old.is_initializer() else f"{lin.matmul.name}_weight"
+    lin.matmul.replace_input_with(1, add_initializer(graph, f"{base}_{suffix}", w.astype(dtype)))
+    lin.weight = w
+    producer = old.producer()
+    if producer is not None and not old.uses() and not old.is_graph_output():
+        source = producer.inputs[0]
+        graph.remove(producer, safe=True)
+        drop_if_unused(graph, source)
+    else:
+        drop_if_unused(graph, old)
+
+
+def set_bias(graph: ir.Graph, lin: Linear, b: np.ndarray, suffix: str) -> None:
+    """Set ``lin``'s bias to ``b`` ([N]), inserting ``Add`` after the MatMul when it has none."""
+    dtype = lin.weight.dtype
+    if lin.bias_add is not None:
+        index = next(i for i, v in enumerate(lin.bias_add.inputs) if v is not lin.matmul.outputs[0])
+        old = lin.bias_add.inputs[index]
+        lin.bias_add.replace_input_with(index, add_initializer(graph, f"{old.name}_{suffix}", b.reshape(old.shape.numpy()).astype(dtype)))
+        drop_if_unused(graph, old)
+        lin.bias = b
+        return
+    out = lin.matmul.outputs[0]
+    readers = list(out.uses())
+    bias = add_initializer(graph, f"{lin.matmul.name}_bias_{suffix}", b.astype(dtype))
+    add = ir.node("Add", [out, bias], name=f"{lin.matmul.name}_bias")
+    result = add.outputs[0]
+    result.dtype, result.shape = out.dtype, out.shape
+    graph.insert_after(lin.matmul, add)
+    for user, index in readers:
+        user.replace_input_with(index, result)
+    if out.is_graph_output():
+        position = next(i for i, v in enumerate(graph.outputs) if v is out)
+        name = out.name
+        out.name = f"{name}_no_bias"
+        result.name = name
+        graph.outputs[position] = result
+    else:
+        result.name = f"{out.name}_biased"
+    lin.bias_add, lin.bias = add, b

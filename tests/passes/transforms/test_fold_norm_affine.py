@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import fresh
+from torch import nn
+
+import bitfold
+from bitfold.passes.canonical import CANONICAL
+from bitfold.passes.transforms.structure import find_norms
+
+
+@pytest.mark.parametrize("name", ["decoder-rmsnorm-swiglu-rope", "encoder-layernorm", "tiny-lm"])
+def test_folds_every_affine_and_keeps_outputs(zoo_protos, name):
+    model, report = bitfold.optimize(fresh(zoo_protos, name), [*CANONICAL, "fold-norm-affine"], verify=True)
+    record = report.passes[-1]
+    assert record.modified and record.max_rel <= 1e-5 and not record.notes
+    assert not any(n.has_affine for n in find_norms(model.graph))
+    _, again = bitfold.optimize(model, ["fold-norm-affine"])
+    assert not again.passes[0].modified
+
+
+def test_layernorm_beta_becomes_reader_biases(zoo_protos):
+    model, report = bitfold.optimize(fresh(zoo_protos, "encoder-layernorm"), [*CANONICAL, "fold-norm-affine"], verify=True)
+    ln = [n for n in model.graph if n.op_type == "LayerNormalization"]
+    assert all((n.inputs[1].const_value.numpy() == 1).all() and (n.inputs[2].const_value.numpy() == 0).all() for n in ln)
+    assert report.passes[-1].ops_removed == {}  # γ/β move, no node goes away
+
+
+class PostNorm(nn.Module):
+    """Post-norm: the LayerNorm output feeds the next residual Add too, so its affine cannot move into the linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln, self.fc = nn.LayerNorm(16), nn.Linear(16, 16)
+        nn.init.normal_(self.ln.weight, 1.0, 0.2)
+
+    def forward(self, x):
+        h = self.ln(x)
+        return h + self.fc(h)
+
+
+def test_post_norm_is_left_alone_with_a_reason():
+    model = bitfold.from_torch(PostNorm().eval(), (torch.randn(2, 4, 16),))
+    before = bitfold.frontend.parameter_bytes(model)
+    model, report = bitfold.optimize(model, [*CANONICAL, "fold-norm-affine"])
+    record = report.passes[-1]
+    assert not record.modified and bitfold.frontend.parameter_bytes(model) == before
+    assert len(record.notes) == 1 and "not only by linear layers" in record.notes[0]

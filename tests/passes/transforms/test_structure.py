@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import bitfold
+from conftest import fresh
+
+from bitfold.passes.canonical import CANONICAL
+from bitfold.passes.transforms.structure import find_norms, linear_readers, residual_stream
+
+
+def _canonical(zoo_protos, name):
+    return bitfold.optimize(fresh(zoo_protos, name), list(CANONICAL))[0]
+
+
+def test_norms_found_in_exported_graphs(zoo_protos):
+    decoder = find_norms(_canonical(zoo_protos, "decoder-rmsnorm-swiglu-rope").graph)
+    assert [n.kind for n in decoder] == ["rms", "rms"] and all(n.has_affine for n in decoder)
+    assert all(n.gamma.shape == (32,) for n in decoder)
+    encoder = find_norms(_canonical(zoo_protos, "encoder-layernorm").graph)
+    assert [n.kind for n in encoder] == ["layer", "layer"] and all(n.beta is not None for n in encoder)
+    assert find_norms(_canonical(zoo_protos, "mlp").graph) == []
+
+
+def test_norm_readers_are_the_projections(zoo_protos):
+    norms = find_norms(_canonical(zoo_protos, "decoder-rmsnorm-swiglu-rope").graph)
+    widths = [sorted(lin.weight.shape[1] for lin in linear_readers(n.output)) for n in norms]
+    assert widths == [[32, 32, 32], [64, 64]]  # q, k, v; gate, up
+
+
+def test_residual_stream_of_a_whole_lm(zoo_protos):
+    stream = residual_stream(_canonical(zoo_protos, "tiny-lm").graph)
+    assert not isinstance(stream, str)
+    assert stream.hidden == 48 and len(stream.norms) == 5  # 2 per block + final
+    assert len(stream.writers) == 4 and len(stream.values) == 5  # o and down per block
+    assert len(stream.readers) == 2 * 5 + 1  # q, k, v, gate, up per block + the tied head
+    assert stream.readers[-1].weight.shape == (48, 96)  # the head, tied to the (48-wide, 96-token) embedding
+
+
+def test_unsupported_structure_says_why(zoo_protos):
+    assert "embedding Gather" in residual_stream(_canonical(zoo_protos, "decoder-rmsnorm-swiglu-rope").graph)
+    model = _canonical(zoo_protos, "tiny-lm")
+    norm = find_norms(model.graph)[0]
+    assert "not only by linear layers" not in str(linear_readers(norm.output))
+    assert "not only by linear layers" in linear_readers(norm.x)  # the stream itself feeds Pow, Mul and Add
