@@ -59,3 +59,16 @@ def test_w8_is_near_lossless_and_w4_gptq_beats_rtn(smollm2_onnx, ppl):
     rtn = perplexity(quantized(bits=4, group_size=128), scored)[0]
     gptq = perplexity(quantized(calibration, method="gptq", bits=4, group_size=128, act_order=True, sink_weight=64.0), scored)[0]
     assert gptq < rtn - 2.0, (gptq, rtn)
+
+
+def test_fold_norm_affine_and_rotate_keep_perplexity(smollm2_onnx):
+    """The transforms are exact: perplexity on windows 0-1 identical to 3 decimals, 60 online Hadamards in ORT."""
+    from bitfold.eval.models import smollm2
+    from bitfold.eval.tasks import lee_windows, perplexity
+
+    _, tokenizer = smollm2()
+    scored = lee_windows(tokenizer, range(2))
+    rotated, report = bitfold.optimize(bitfold.clone(smollm2_onnx), ["fold-norm-affine", "rotate"])
+    assert [r.modified for r in report.passes] == [True, True] and not any(r.notes for r in report.passes)
+    assert report.passes[1].ops_added == {"bitfold::Hadamard": 60}
+    assert perplexity(rotated, scored)[0] == pytest.approx(perplexity(smollm2_onnx, scored)[0], abs=5e-4)
