@@ -8,7 +8,8 @@ Each targeted MatMul's activation x ([..., K]) is replaced, at run time, by
 the per-token A4/A8 scheme of QuaRot and SmoothQuant-O1-style evaluations. The graph computes it with standard
 ONNX ops (Abs, ReduceMax, Div, Round, Clip, Mul): an accuracy simulation that any runtime executes, not an integer
 kernel. A tensor read by several MatMuls is quantized once. Needs: nothing (the scales are dynamic). Leaves alone:
-MatMuls whose weight is not a constant (attention's QKᵀ and PV), excluded ones (globs on node name or torch
+MatMuls whose weight is not a constant (attention's QKᵀ and PV), nodes marked ``bitfold.precision = float32``
+(a low-rank branch), excluded ones (globs on node name or torch
 module scope), inputs already quantized by this pass (a rerun is a no-op).
 """
 
@@ -21,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bitfold.passes.initializers import add_initializer
+from bitfold.passes.quant.cast_precision import ISLAND_KEY
 from bitfold.passes.registry import BitfoldPass, register
 
 TOKEN_QUANT_KEY = "bitfold.token_quant"
@@ -63,6 +65,8 @@ class QuantizeTokens(BitfoldPass):
         found = []
         for node in graph:
             if node.op_type != "MatMul" or node.domain or node.inputs[1].const_value is None:
+                continue
+            if node.metadata_props.get(ISLAND_KEY) == "float32":  # kept float on purpose (a low-rank branch)
                 continue
             x = node.inputs[0]
             if x.producer() is not None and TOKEN_QUANT_KEY in x.producer().metadata_props:

@@ -32,6 +32,7 @@ import onnxscript.version_converter
 from tqdm.auto import tqdm
 
 from bitfold.passes.initializers import add_initializer, drop_if_unused
+from bitfold.passes.quant.cast_precision import ISLAND_KEY
 from bitfold.passes.quant.scale_fold import scale_fold
 from bitfold.passes.registry import BitfoldPass, register
 from bitfold.quant import matmulnbits
@@ -120,6 +121,8 @@ class QuantizeWeights(BitfoldPass):
         found = []
         for node in model.graph:
             if node.op_type != "MatMul" or node.domain or QUANTIZED_KEY in node.metadata_props:
+                continue
+            if node.metadata_props.get(ISLAND_KEY) == "float32":  # kept float on purpose (a low-rank branch)
                 continue
             weight = node.inputs[1]
             tensor = weight.const_value if weight is not None and weight.is_initializer() else None

@@ -1,7 +1,8 @@
 """Equivalent transforms: passes that change weights and activations without changing what the model computes."""
 
 from bitfold.passes.transforms.fold_norm_affine import FoldNormAffine
+from bitfold.passes.transforms.lowrank_split import LowrankSplit
 from bitfold.passes.transforms.rotate import Rotate
 from bitfold.passes.transforms.smooth import Smooth
 
-__all__ = ["FoldNormAffine", "Rotate", "Smooth"]
+__all__ = ["FoldNormAffine", "LowrankSplit", "Rotate", "Smooth"]
