@@ -1,18 +1,22 @@
-"""Equivalent transforms before quantization on SmolLM2-135M: perplexity with and without smooth / rotate.
+"""Equivalent transforms before quantization: SmolLM2-135M perplexity and MiniLM cosine, with and without them.
 
-Protocol (bitfold.eval.tasks): Lee corpus, 512-token windows 0-15 scored; calibration from the last 8 calibration
-windows (139-146). Weights: RTN or GPTQ per output channel, symmetric (``quantize-weights``, ``format = fake``);
-activations: static per-tensor uint8 on every MatMul input (``quantize-activations``, minmax, inputs only); lm_head
-stays fp32 in every row. Transforms: ``fold-norm-affine`` + ``rotate`` (seed 0, online Hadamard before every
-residual writer), ``smooth`` (α 0.5). Also the activation max/mean-|x| ratio of every linear input, before and after
-rotation. Writes benchmarks/results/transforms_smollm2.{json,png}.
+Protocol (bitfold.eval.tasks): SmolLM2 on the Lee corpus, 512-token windows 0-15 scored, calibration from windows
+139-146 (8 windows); MiniLM cosine to fp32 over the Lee test sentences, calibration from 128 background sentences.
+Weights: per output channel, symmetric, RTN or GPTQ (act-order), ``format = fake``; the LM head stays fp32.
+Activations: "A8 static" is ``quantize-activations`` (per-tensor uint8, minmax, inputs only); "A8"/"A4" are
+``quantize-tokens`` (dynamic per-token symmetric). Transforms: ``smooth`` (α 0.5), ``fold-norm-affine`` +
+``rotate`` (seed 0, online Hadamards), ``affine`` (learned for the row's bits), ``smooth`` + ``lowrank-split``
+(r = 32, SVDQuant). Also max|x| / mean|x| of every linear input before and after rotation (PNG).
+Writes benchmarks/results/transforms.{json,png}.
 
-    python benchmarks/transforms_table.py
+    python benchmarks/transforms_table.py [--models smollm2 minilm]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import time
 from pathlib import Path
 
 import matplotlib
@@ -22,8 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bitfold  # noqa: E402
-from bitfold.eval.models import export_smollm2  # noqa: E402
-from bitfold.eval.tasks import smollm2_ppl  # noqa: E402
+from bitfold.eval.models import export_minilm, export_smollm2  # noqa: E402
+from bitfold.eval.tasks import minilm_cos, smollm2_ppl  # noqa: E402
 from bitfold.passes.canonical import CANONICAL  # noqa: E402
 from bitfold.quant.calibration import CalibrationData  # noqa: E402
 from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
@@ -31,8 +35,8 @@ from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 HEAD = ["*lm_head*"]
 ROTATE = ["fold-norm-affine", "rotate"]
-SMOOTH = [{"name": "smooth", "alpha": 0.5}]
-A8 = {"name": "quantize-activations", "weights": False, "outputs": False, "exclude": HEAD}
+SMOOTH = {"name": "smooth", "alpha": 0.5}
+A8_STATIC = {"name": "quantize-activations", "weights": False, "outputs": False, "exclude": HEAD}
 
 
 def _w(bits: int, method: str = "rtn") -> dict:
@@ -40,52 +44,84 @@ def _w(bits: int, method: str = "rtn") -> dict:
     return {"name": "quantize-weights", "method": method, "bits": bits, "group_size": -1, "format": "fake", "exclude": HEAD, **extra}
 
 
-ROWS = [
-    ("fold-norm-affine + rotate (fp32)", ROTATE),
-    ("W8A8 RTN", [_w(8), A8]),
-    ("W8A8 RTN + smooth", [*SMOOTH, _w(8), A8]),
-    ("W4A8 RTN", [_w(4), A8]),
-    ("W4A8 RTN + smooth", [*SMOOTH, _w(4), A8]),
-    ("W4A8 RTN + rotate", [*ROTATE, _w(4), A8]),
-    ("W4A8 GPTQ + rotate", [*ROTATE, _w(4, "gptq"), A8]),
-]
+def _a(bits: int) -> dict:
+    return {"name": "quantize-tokens", "bits": bits, "exclude": HEAD}
+
+
+def _rows() -> list[tuple[str, list]]:
+    rows = [
+        ("fold-norm-affine + rotate (fp32)", ROTATE),
+        ("W8A8 static", [_w(8), A8_STATIC]),
+        ("W8A8 static + smooth", [SMOOTH, _w(8), A8_STATIC]),
+    ]
+    for a in (8, 4):
+        affine = {"name": "affine", "weight_bits": 4, "activation_bits": a, "exclude": HEAD}
+        rows += [
+            (f"W4A{a}", [_w(4), _a(a)]),
+            (f"W4A{a} + smooth", [SMOOTH, _w(4), _a(a)]),
+            (f"W4A{a} + rotate", [*ROTATE, _w(4), _a(a)]),
+            (f"W4A{a} + rotate + GPTQ", [*ROTATE, _w(4, "gptq"), _a(a)]),
+            (f"W4A{a} + affine", [affine, _w(4), _a(a)]),
+            (f"W4A{a} + smooth + lowrank-split r32", [SMOOTH, {"name": "lowrank-split", "rank": 32, "exclude": HEAD}, _w(4), _a(a)]),
+        ]
+    return rows
 
 
 def _ratios(model, calibration: CalibrationData) -> list[float]:
     """max |x| / mean |x| of every MatMul input with a constant weight (the outlier measure per layer)."""
-    names = [n.inputs[0].name for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None]
-    names = list(dict.fromkeys(names))
+    names = list(dict.fromkeys(n.inputs[0].name for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None))
     stats = calibration.collect(model, names)
     return [float(stats[n].absmax.max() / max(stats[n].mean_abs.mean(), 1e-12)) for n in names]
 
 
-def main() -> None:
-    RESULTS.mkdir(exist_ok=True)
-    fp32, _ = bitfold.optimize(export_smollm2(), list(CANONICAL))
-    calibration = CalibrationData(list(CalibrationData.from_source("lee-text", fp32))[-8:])
-    rows = [{"variant": "FP32", "ppl": smollm2_ppl(fp32).value}]
+def _table(name: str, fp32, calibration: CalibrationData, score) -> tuple[list[dict], dict]:
+    rows = [{"model": name, "variant": "FP32", "value": score(fp32)}]
     print(rows[-1], flush=True)
     rotated = None
-    for label, steps in ROWS:
+    for label, steps in _rows():
+        start = time.perf_counter()
         model, report = bitfold.optimize(bitfold.clone(fp32), steps, calibration)
         if label.startswith("fold-norm-affine"):
             rotated = model
-        rows.append({"variant": label, "ppl": smollm2_ppl(model).value,
-                     "notes": [f"{r.name}: {n}" for r in report.passes for n in r.notes][:3]})  # fmt: skip
+        notes = [f"{r.name}: {n}" for r in report.passes for n in r.notes]
+        rows.append({"model": name, "variant": label, "value": score(model), "seconds": time.perf_counter() - start,
+                     "notes": notes[:2] + ([f"... {len(notes) - 2} more"] if len(notes) > 2 else [])})  # fmt: skip
         print(rows[-1], flush=True)
     few = CalibrationData(list(calibration)[-2:])
-    before, after = _ratios(fp32, few), _ratios(rotated, few)
-    result = {"model": "SmolLM2-135M-Instruct", "rows": rows, "max_over_mean_abs": {"fp32": before, "rotated": after}}
-    write_atomic(RESULTS / "transforms_smollm2.json", json.dumps(result, indent=2).encode())
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.semilogy(before, ".", label="fp32 export")
-    ax.semilogy(after, ".", label="fold-norm-affine + rotate")
-    ax.set_xlabel("linear input (graph order)")
-    ax.set_ylabel("max |x| / mean |x|")
-    ax.legend()
+    return rows, {"fp32": _ratios(fp32, few), "rotated": _ratios(rotated, few)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", nargs="+", default=["smollm2", "minilm"], choices=["smollm2", "minilm"])
+    args = parser.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    result = {"rows": [], "max_over_mean_abs": {}}
+    if "minilm" in args.models:
+        reference = export_minilm()
+        fp32, _ = bitfold.optimize(bitfold.clone(reference), list(CANONICAL))
+        calibration = CalibrationData.from_source("lee-sentences", fp32)
+        rows, ratios = _table("MiniLM cosine", fp32, calibration, lambda m: minilm_cos(m, reference).value)
+        result["rows"] += rows
+        result["max_over_mean_abs"]["minilm"] = ratios
+    if "smollm2" in args.models:
+        fp32, _ = bitfold.optimize(export_smollm2(), list(CANONICAL))
+        calibration = CalibrationData(list(CalibrationData.from_source("lee-text", fp32))[-8:])
+        rows, ratios = _table("SmolLM2 perplexity", fp32, calibration, lambda m: smollm2_ppl(m).value)
+        result["rows"] += rows
+        result["max_over_mean_abs"]["smollm2"] = ratios
+    write_atomic(RESULTS / "transforms.json", json.dumps(result, indent=2).encode())
+    fig, axes = plt.subplots(1, len(result["max_over_mean_abs"]), figsize=(6 * len(result["max_over_mean_abs"]), 3.5), squeeze=False)
+    for ax, (name, ratios) in zip(axes[0], result["max_over_mean_abs"].items(), strict=True):
+        ax.semilogy(ratios["fp32"], ".", label="fp32 export")
+        ax.semilogy(ratios["rotated"], ".", label="fold-norm-affine + rotate")
+        ax.set_title(name)
+        ax.set_xlabel("linear input (graph order)")
+        ax.set_ylabel("max |x| / mean |x|")
+        ax.legend()
+        print(name, "median max/mean before", np.median(ratios["fp32"]), "after", np.median(ratios["rotated"]))
     fig.tight_layout()
-    save_figure(fig, RESULTS / "transforms_smollm2.png")
-    print("median max/mean before", np.median(before), "after", np.median(after))
+    save_figure(fig, RESULTS / "transforms.png")
 
 
 if __name__ == "__main__":

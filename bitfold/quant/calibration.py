@@ -41,6 +41,7 @@ class TensorStats:
     rows: int = 0
     gram: np.ndarray | None = None
     reservoir: np.ndarray | None = None  # a uniform sample of the tensor's values (signed)
+    sample: np.ndarray | None = None  # a uniform sample of whole rows (last axis), when asked for
 
     @property
     def mean_abs(self) -> np.ndarray:
@@ -54,7 +55,9 @@ class TensorStats:
         """q-th percentile of |x| (estimated from the reservoir)."""
         return float(np.percentile(np.abs(self.reservoir), q))
 
-    def update(self, x: np.ndarray, *, gram: bool, reservoir: int, rng: np.random.Generator, sink_weight: float = 1.0) -> None:
+    def update(
+        self, x: np.ndarray, *, gram: bool, reservoir: int, rng: np.random.Generator, sink_weight: float = 1.0, rows_kept: int = 0
+    ) -> None:
         x = np.asarray(x, dtype=np.float32)
         rows = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
         ax = np.abs(rows)
@@ -75,6 +78,9 @@ class TensorStats:
         take = flat if flat.size <= reservoir else flat[rng.choice(flat.size, reservoir, replace=False)]
         pool = take if self.reservoir is None else np.concatenate([self.reservoir, take])
         self.reservoir = pool if pool.size <= reservoir else pool[rng.choice(pool.size, reservoir, replace=False)]
+        if rows_kept:
+            pool = rows if self.sample is None else np.concatenate([self.sample, rows])
+            self.sample = pool if len(pool) <= rows_kept else pool[np.sort(rng.choice(len(pool), rows_kept, replace=False))]
 
 
 class CalibrationData:
@@ -148,12 +154,14 @@ class CalibrationData:
         channel_axis: Mapping[str, int] | None = None,
         sink_weight: float = 1.0,
         reservoir: int = 100_000,
+        rows: Iterable[str] = (),
+        rows_kept: int = 4096,
         progress: bool = True,
     ) -> dict[str, TensorStats]:
         """Statistics of the named tensors of ``model`` (unchanged) over every calibration sample.
 
         Per-channel statistics run over the last axis unless ``channel_axis`` names another for a tensor (1 for
-        NCHW images). The last result is memoised: asking again for the same request on an identical graph
+        NCHW images). Tensors named in ``rows`` also keep a uniform sample of ``rows_kept`` whole rows. The last result is memoised: asking again for the same request on an identical graph
         returns it.
         """
         axes = dict(channel_axis or {})
@@ -161,8 +169,9 @@ class CalibrationData:
         from bitfold.frontend.onnx_io import clone
 
         names = list(dict.fromkeys(tensors))
-        want_gram = set(gram)
-        key = (_fingerprint(model), tuple(names), tuple(sorted(want_gram)), tuple(sorted(axes.items())), sink_weight, reservoir)
+        want_gram, want_rows = set(gram), set(rows)
+        key = (_fingerprint(model), tuple(names), tuple(sorted(want_gram)), tuple(sorted(axes.items())), sink_weight, reservoir,
+               tuple(sorted(want_rows)), rows_kept)  # fmt: skip
         if self._memo is not None and self._memo[0] == key:  # same graph, same request: reuse
             return self._memo[1]
         probe = clone(model)
@@ -184,7 +193,8 @@ class CalibrationData:
             outputs = runnable.run(feeds)
             for name in names:
                 value = outputs[name] if name not in axes else np.moveaxis(outputs[name], axes[name], -1)
-                stats[name].update(value, gram=name in want_gram, reservoir=reservoir, rng=rng, sink_weight=sink_weight)
+                stats[name].update(value, gram=name in want_gram, reservoir=reservoir, rng=rng, sink_weight=sink_weight,
+                                   rows_kept=rows_kept if name in want_rows else 0)  # fmt: skip
         self._memo = (key, stats)
         return stats
 

@@ -20,11 +20,10 @@ import fnmatch
 import numpy as np
 import onnx_ir as ir
 
-from bitfold.passes.initializers import add_initializer
 from bitfold.passes.quant.scale_fold import scale_fold
 from bitfold.passes.registry import BitfoldPass, register
 from bitfold.passes.transforms.structure import Linear, find_norms, linear_readers
-from bitfold.passes.transforms.weights import set_weight
+from bitfold.passes.transforms.weights import insert_scale, set_weight
 
 SMOOTHED_KEY = "bitfold.smoothed"
 
@@ -77,8 +76,8 @@ class Smooth(BitfoldPass):
             if any(fnmatch.fnmatchcase(s, p) for p in self.config.exclude for pair in scopes for s in pair):
                 continue
             absorb = scale_fold(graph, x, {lin.matmul for lin in readers})
-            if absorb is None and id(x) in plain:
-                absorb = _new_gamma(graph, x)
+            if absorb is None and id(x) in plain:  # becomes the plain norm's γ again
+                absorb = lambda s, x=x: insert_scale(graph, x, 1.0 / s, "smooth")  # noqa: E731
             if absorb is None:
                 producer = x.producer()
                 self.notes.append(f"'{x.name}' (from {producer.op_type if producer else 'a graph input'}) kept: no producer absorbs 1/s")
@@ -95,19 +94,3 @@ class Smooth(BitfoldPass):
         s = np.ones_like(a)
         s[ok] = a[ok] ** alpha / w_absmax[ok] ** (1.0 - alpha)
         return s
-
-
-def _new_gamma(graph: ir.Graph, x: ir.Value):
-    """Absorb 1/s as a γ ``Mul`` after a plain RMSNorm (the norm's affine, which fold-norm-affine can fold again)."""
-
-    def absorb(s: np.ndarray) -> None:
-        readers = list(x.uses())
-        gamma = add_initializer(graph, f"{x.name}_smooth_gamma", (1.0 / s).astype(np.float32))
-        mul = ir.node("Mul", [x, gamma], name=f"{x.name}_smooth")
-        out = mul.outputs[0]
-        out.name, out.dtype, out.shape = f"{x.name}_smoothed", x.dtype, x.shape
-        graph.insert_after(x.producer(), mul)
-        for user, index in readers:
-            user.replace_input_with(index, out)
-
-    return absorb

@@ -53,3 +53,19 @@ def set_bias(graph: ir.Graph, lin: Linear, b: np.ndarray, suffix: str) -> None:
     else:
         result.name = f"{out.name}_biased"
     lin.bias_add, lin.bias = add, b
+
+
+def insert_scale(graph: ir.Graph, x: ir.Value, factor: np.ndarray, suffix: str) -> ir.Node:
+    """Insert ``x ← x ⊙ factor`` (a per-channel ``Mul`` on the last axis) in front of every reader of ``x``."""
+    readers = list(x.uses())
+    value = add_initializer(graph, f"{x.name}_{suffix}_factor", factor.astype(np.float32))
+    mul = ir.node("Mul", [x, value], name=f"{x.name}_{suffix}")
+    out = mul.outputs[0]
+    out.name, out.dtype, out.shape = f"{x.name}_{suffix}", x.dtype, x.shape
+    if x.producer() is not None:
+        graph.insert_after(x.producer(), mul)
+    else:
+        graph.insert_before(readers[0][0], mul)
+    for user, index in readers:
+        user.replace_input_with(index, out)
+    return mul

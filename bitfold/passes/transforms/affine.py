@@ -1,0 +1,148 @@
+"""affine: a per-layer diagonal equivalent transform learned to minimise the quantized layer's output error.
+
+For linears W_j reading one activation X, learn s > 0 (per input channel) minimising, on calibration rows,
+
+    L(s) = Σ_j ‖ Q_a(X / s) · Q_w(diag(s) W_j) - X W_j ‖² / ‖X W_j‖²
+
+with Q_a per-token symmetric ``activation_bits`` (as ``quantize-tokens``) and Q_w per-output-channel symmetric
+``weight_bits`` (as ``quantize-weights`` RTN), through straight-through rounding, by Adam on log s (torch autograd,
+seeded, ``steps`` steps; the search starts from the better of s = 1 and SmoothQuant's α = 0.5 and keeps the best
+iterate, so L never ends above its start). The diagonal AffineQuant/OmniQuant-LET transform; a full or block matrix
+is not learned. 1/s is absorbed like ``smooth`` (norm γ, LayerNorm, gated-MLP up projection, or a new γ after a
+plain RMSNorm); where nothing can absorb it, it stays as an explicit per-channel ``Mul`` and a note says so.
+
+Guarantees: exact equivalence up to fp32 rounding (the fp32 model is unchanged; only its quantization improves).
+Needs: calibration (a sample of rows of each input). Leaves alone: groups already transformed (rerun is a no-op),
+excluded linears.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from bitfold.passes.quant.scale_fold import scale_fold
+from bitfold.passes.registry import BitfoldPass, register
+from bitfold.passes.transforms.smooth import Smooth
+from bitfold.passes.transforms.structure import Linear, find_norms, linear_readers
+from bitfold.passes.transforms.weights import insert_scale, set_weight
+
+AFFINE_KEY = "bitfold.affine"
+
+
+@dataclasses.dataclass(frozen=True)
+class AffineConfig:
+    weight_bits: int = dataclasses.field(default=4, metadata={"doc": "weight bits the transform is learned for"})
+    activation_bits: int = dataclasses.field(default=8, metadata={"doc": "per-token activation bits it is learned for"})
+    steps: int = dataclasses.field(default=100, metadata={"doc": "Adam steps per layer group"})
+    lr: float = dataclasses.field(default=0.02, metadata={"doc": "Adam learning rate on log s"})
+    rows: int = dataclasses.field(default=512, metadata={"doc": "calibration rows per activation"})
+    seed: int = dataclasses.field(default=0, metadata={"doc": "torch seed"})
+    exclude: tuple[str, ...] = dataclasses.field(default=(), metadata={"doc": "globs on the reading MatMul's name or torch module scope"})
+
+    def __post_init__(self) -> None:
+        if not (2 <= self.weight_bits <= 8 and 2 <= self.activation_bits <= 16):
+            raise ValueError("weight_bits must be in [2, 8] and activation_bits in [2, 16]")
+        if self.steps < 0 or self.rows < 1 or self.lr <= 0:
+            raise ValueError("steps must be >= 0, rows >= 1 and lr > 0")
+
+
+@register
+class Affine(BitfoldPass):
+    """Learned per-channel equivalent scaling for quantization, folded where a producer can absorb it."""
+
+    name = "affine"
+    family = "transforms"
+    Config = AffineConfig
+    needs_calibration = True
+
+    def rewrite(self, model: ir.Model) -> int:
+        groups = self.collect(model.graph)
+        if not groups:
+            return 0
+        names = [x.name for x, _, _ in groups]
+        stats = self.calibration.collect(model, names, rows=names, rows_kept=self.config.rows)
+        c = self.config
+        for x, readers, absorb in groups:
+            weights = [lin.weight for lin in readers]
+            start = Smooth.solve(stats[x.name].absmax, weights, 0.5)
+            s, before, after = learn_scale(stats[x.name].sample, weights, start, c.weight_bits, c.activation_bits, c.steps, c.lr, c.seed)
+            if absorb is None:
+                self.notes.append(f"'{x.name}' keeps an explicit per-channel Mul: no producer absorbs 1/s")
+                absorb = lambda s, x=x: insert_scale(model.graph, x, 1.0 / s, "affine")  # noqa: E731
+            absorb(s)
+            for lin in readers:
+                set_weight(model.graph, lin, s[:, None] * lin.weight.astype(np.float64), "affine")
+                lin.matmul.metadata_props[AFFINE_KEY] = f"loss {before:.4g} -> {after:.4g}"
+                self.stamp(lin.matmul, [lin.matmul])
+        return len(groups)
+
+    def collect(self, graph: ir.Graph) -> list[tuple[ir.Value, list[Linear], object]]:
+        plain = {id(n.core) for n in find_norms(graph) if n.kind == "rms" and not n.has_affine}
+        seen, groups = set(), []
+        for node in graph:
+            if node.op_type != "MatMul" or node.domain or id(node.inputs[0]) in seen:
+                continue
+            x = node.inputs[0]
+            seen.add(id(x))
+            readers = linear_readers(x)
+            if isinstance(readers, str) or any(AFFINE_KEY in lin.matmul.metadata_props for lin in readers):
+                continue
+            if any(lin.matmul.metadata_props.get("bitfold.precision") == "float32" for lin in readers):
+                continue
+            scopes = [(lin.matmul.name or "", lin.matmul.metadata_props.get("namespace", "")) for lin in readers]
+            if any(fnmatch.fnmatchcase(s, p) for p in self.config.exclude for pair in scopes for s in pair):
+                continue
+            absorb = scale_fold(graph, x, {lin.matmul for lin in readers})
+            if absorb is None and id(x) in plain:
+                absorb = lambda s, x=x: insert_scale(graph, x, 1.0 / s, "affine")  # noqa: E731
+            groups.append((x, readers, absorb))
+        return groups
+
+
+def _fake_quant(t: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Symmetric max-scaled rounding along ``dim`` with a straight-through gradient."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = t.abs().amax(dim=dim, keepdim=True).clamp_min(1e-8) / qmax
+    q = t / scale
+    return (q + (torch.clamp(torch.round(q), -qmax - 1, qmax) - q).detach()) * scale
+
+
+def learn_scale(
+    x: np.ndarray, weights: list[np.ndarray], start: np.ndarray, weight_bits: int, activation_bits: int, steps: int, lr: float, seed: int
+) -> tuple[np.ndarray, float, float]:
+    """(s, loss at the start, best loss): the per-channel scale minimising the quantized output error L(s)."""
+    torch.manual_seed(seed)
+    rows = torch.tensor(np.asarray(x, np.float32).reshape(-1, x.shape[-1]))
+    ws = [torch.tensor(np.asarray(w, np.float32)) for w in weights]
+    refs = [rows @ w for w in ws]
+    norms = [r.square().sum().clamp_min(1e-12) for r in refs]
+
+    def loss(log_s: torch.Tensor) -> torch.Tensor:
+        s = log_s.exp()
+        xq = _fake_quant(rows / s, activation_bits, -1)
+        return sum(((xq @ _fake_quant(s[:, None] * w, weight_bits, 0) - r).square().sum() / n for w, r, n in zip(ws, refs, norms, strict=True)))
+
+    with torch.no_grad():
+        candidates = [torch.zeros(rows.shape[1]), torch.tensor(np.log(np.maximum(start, 1e-8)), dtype=torch.float32)]
+        losses = [float(loss(c)) for c in candidates]
+    first = int(np.argmin(losses))
+    log_s = torch.nn.Parameter(candidates[first].clone())
+    best, best_loss = log_s.detach().clone(), losses[first]
+    optimizer = torch.optim.Adam([log_s], lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        value = loss(log_s)
+        if float(value) < best_loss:
+            best, best_loss = log_s.detach().clone(), float(value)
+        value.backward()
+        optimizer.step()
+    with torch.no_grad():
+        final = float(loss(log_s))
+    if final < best_loss:
+        best, best_loss = log_s.detach().clone(), final
+    return best.exp().double().numpy(), losses[0], best_loss
