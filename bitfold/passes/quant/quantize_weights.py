@@ -14,9 +14,12 @@ Methods: ``rtn`` rounds each weight to the nearest grid point (optionally with t
 ``gptq`` corrects rounding error with the layer input's Hessian (needs calibration; H is collected once on the
 input graph, not layer by layer on the partially quantized one); ``awq`` rescales input channels by searched
 activation-aware scales folded into the producer (RMSNorm/LayerNorm γ, or the MatMul feeding a gating Mul), so the
-graph is equivalent before rounding, then rounds; groups whose producer cannot absorb a scale fall back to RTN. Guarantees: the emitted weight equals the
-solver's dequantized weight exactly in every format (tested). Leaves alone: Gemm/Conv weights, non-constant or
-shared-with-non-MatMul weights, and MatMuls it already quantized (idempotent).
+graph is equivalent before rounding, then rounds; groups whose producer cannot absorb a scale fall back to RTN.
+``compensate_rank = r`` (EoRA, ``bitfold.quant.eora``; needs calibration) adds a float rank-r branch
+``(A·L1)·L2`` fitted to the quantization error in the input's eigenspace, at the one place that error is known.
+Guarantees: the emitted weight equals the solver's dequantized weight exactly in every format (tested). Leaves
+alone: Gemm/Conv weights, non-constant or shared-with-non-MatMul weights, nodes pinned to float32 (a low-rank
+branch), and MatMuls it already quantized (idempotent).
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ from tqdm.auto import tqdm
 from bitfold.passes.initializers import add_initializer, drop_if_unused
 from bitfold.passes.quant.cast_precision import ISLAND_KEY
 from bitfold.passes.quant.scale_fold import scale_fold
+from bitfold.passes.transforms.weights import add_lowrank_branch
 from bitfold.passes.registry import BitfoldPass, register
 from bitfold.quant import matmulnbits
 from bitfold.quant.awq import awq_scale
+from bitfold.quant.eora import eora
 from bitfold.quant.formats import Format, PerChannel, PerTensor, format_from, granularity_from, rtn
 from bitfold.quant.gptq import gptq
 
@@ -60,10 +65,13 @@ class QuantizeWeightsConfig:
     sink_weight: float = dataclasses.field(default=1.0, metadata={"doc": "GPTQ: weight in H of each sequence's first token (attention sink)"})
     awq_grid: int = dataclasses.field(default=20, metadata={"doc": "AWQ: number of alpha steps searched in [0, 1]"})
     accuracy_level: int = dataclasses.field(default=4, metadata={"doc": "matmulnbits: ORT compute type (4 = int8, fastest)"})
+    compensate_rank: int = dataclasses.field(default=0, metadata={"doc": "EoRA: rank of a float branch fitted to the quantization error (0: none)"})
 
     def __post_init__(self) -> None:
         if self.dtype == "int" and self.bits not in (2, 3, 4, 8):
             raise ValueError("bits must be 2, 3, 4 or 8")
+        if self.compensate_rank < 0:
+            raise ValueError("compensate_rank must be >= 0")
         if self.group_size < -1:
             raise ValueError("group_size must be -1 (per channel), 0 (per tensor) or a positive size")
         if self.format == "matmulnbits":
@@ -94,13 +102,13 @@ class QuantizeWeights(BitfoldPass):
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
-        return self.config.method in ("gptq", "awq")
+        return self.config.method in ("gptq", "awq") or self.config.compensate_rank > 0
 
     def rewrite(self, model: ir.Model) -> int:
         targets = self.collect(model)
         if not targets:
             return 0
-        hessians = self._hessians(model, targets) if self.config.method == "gptq" else {}
+        hessians = self._hessians(model, targets) if self.config.method == "gptq" or self.config.compensate_rank else {}
         if self.config.method == "awq":
             self._awq(model, targets)
         weights = list(dict.fromkeys(node.inputs[1] for node in targets))  # the float weights about to be replaced
@@ -108,8 +116,13 @@ class QuantizeWeights(BitfoldPass):
             onnxscript.version_converter.convert_version(model, 21)
         for node in tqdm(targets, desc=f"quantize-weights {self.config.tag}", leave=False, disable=len(targets) < 8):
             wt = node.inputs[1].const_value.numpy().astype(np.float32).T
-            q, scale, zero = self.solve(wt, hessians.get(node.inputs[0].name))
-            self.fold(model.graph, node, q, scale, zero)
+            x = node.inputs[0]
+            q, scale, zero = self.solve(wt, hessians.get(x.name) if self.config.method == "gptq" else None)
+            producer = self.fold(model.graph, node, q, scale, zero)
+            if self.config.compensate_rank:
+                l1, l2 = eora((wt - q).T, hessians[x.name], self.config.compensate_rank)
+                for added in add_lowrank_branch(model.graph, producer, x, l1, l2):
+                    self.stamp(added, [node])
         for weight in weights:
             drop_if_unused(model.graph, weight)
         return len(targets)
@@ -182,7 +195,8 @@ class QuantizeWeights(BitfoldPass):
 
     # -- fold ---------------------------------------------------------------------------------------------------
 
-    def fold(self, graph: ir.Graph, node: ir.Node, q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> None:
+    def fold(self, graph: ir.Graph, node: ir.Node, q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> ir.Node:
+        """Emit the quantized weight; returns the node that now computes the MatMul's output."""
         weight = node.inputs[1]
         base = weight.name
         fmt, granularity = self.config.number_format, granularity_from(self.config.group_size)
@@ -190,7 +204,7 @@ class QuantizeWeights(BitfoldPass):
             node.replace_input_with(1, add_initializer(graph, f"{base}_fq", q.T.astype(weight.const_value.dtype.numpy())))
             node.metadata_props[QUANTIZED_KEY] = self.config.tag
             self.stamp(node, [node])
-            return
+            return node
         codes = fmt.quantize(q, scale, zero)
         n, k = q.shape
         if self.config.format == "matmulnbits":
@@ -211,7 +225,7 @@ class QuantizeWeights(BitfoldPass):
             new.metadata_props[QUANTIZED_KEY] = self.config.tag
             self.stamp(new, [node])
             ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
-            return
+            return new
         dq_inputs, attrs = self._qdq_tensors(graph, base, codes, scale, zero, fmt, granularity)
         dq = ir.node("DequantizeLinear", dq_inputs, attributes=attrs, name=f"{node.name}_dq")
         dq.outputs[0].name = f"{base}_dq"
@@ -219,6 +233,7 @@ class QuantizeWeights(BitfoldPass):
         graph.insert_before(node, dq)
         node.replace_input_with(1, dq.outputs[0])
         node.metadata_props[QUANTIZED_KEY] = self.config.tag
+        return node
 
     def _qdq_tensors(self, graph, base, codes, scale, zero, fmt, granularity):
         """DequantizeLinear inputs for codes (N, K) in MatMul layout (K, N)."""

@@ -20,13 +20,10 @@ import fnmatch
 import numpy as np
 import onnx_ir as ir
 
-from bitfold.passes.initializers import add_initializer
 from bitfold.passes.quant.cast_precision import ISLAND_KEY
 from bitfold.passes.registry import BitfoldPass, register
 from bitfold.passes.transforms.structure import Linear, linear
-from bitfold.passes.transforms.weights import set_weight
-
-LOWRANK_KEY = "bitfold.lowrank"
+from bitfold.passes.transforms.weights import LOWRANK_KEY, add_lowrank_branch, set_weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,30 +74,8 @@ class LowrankSplit(BitfoldPass):
 
     def fold(self, graph: ir.Graph, lin: Linear, l1: np.ndarray, l2: np.ndarray) -> None:
         mm = lin.matmul
-        x, y = mm.inputs[0], mm.outputs[0]
-        dtype = lin.weight.dtype
-        readers = list(y.uses())
         set_weight(graph, lin, lin.weight.astype(np.float64) - l1 @ l2, "residual")
-        down = ir.node("MatMul", [x, add_initializer(graph, f"{mm.name}_lowrank_l1", l1.astype(dtype))], name=f"{mm.name}_lowrank_down")
-        up = ir.node("MatMul", [down.outputs[0], add_initializer(graph, f"{mm.name}_lowrank_l2", l2.astype(dtype))], name=f"{mm.name}_lowrank_up")
-        add = ir.node("Add", [y, up.outputs[0]], name=f"{mm.name}_lowrank_add")
-        down.outputs[0].name, up.outputs[0].name = f"{y.name}_lowrank_down", f"{y.name}_lowrank"
-        for node in (down, up, add):
-            node.metadata_props[LOWRANK_KEY] = str(self.config.rank)
+        for node in add_lowrank_branch(graph, mm, mm.inputs[0], l1, l2):
             self.stamp(node, [mm])
-        for node in (down, up):
-            node.metadata_props[ISLAND_KEY] = "float32"
         mm.metadata_props[LOWRANK_KEY] = "residual"
         self.stamp(mm, [mm])
-        graph.insert_after(mm, [down, up, add])
-        result = add.outputs[0]
-        result.dtype, result.shape = y.dtype, y.shape
-        for user, index in readers:
-            user.replace_input_with(index, result)
-        if y.is_graph_output():
-            position = next(i for i, v in enumerate(graph.outputs) if v is y)
-            name = y.name
-            y.name, result.name = f"{name}_residual", name
-            graph.outputs[position] = result
-        else:
-            result.name = f"{y.name}_split"

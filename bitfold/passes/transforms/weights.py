@@ -1,4 +1,4 @@
-"""Replacing the weight and bias of a ``Linear`` (see ``structure``) with new constants, keeping the graph valid."""
+"""Graph edits shared by the transform passes: a ``Linear``'s weight and bias, per-channel scales, low-rank branches."""
 
 from __future__ import annotations
 
@@ -69,3 +69,40 @@ def insert_scale(graph: ir.Graph, x: ir.Value, factor: np.ndarray, suffix: str) 
     for user, index in readers:
         user.replace_input_with(index, out)
     return mul
+
+
+#: Metadata on the nodes of a low-rank branch (and on the linear it accompanies).
+LOWRANK_KEY = "bitfold.lowrank"
+
+
+def add_lowrank_branch(graph: ir.Graph, producer: ir.Node, x: ir.Value, l1: np.ndarray, l2: np.ndarray) -> list[ir.Node]:
+    """``y ← y + (x·L1)·L2`` after ``producer`` (whose output is y); returns the MatMul, MatMul and Add added.
+
+    The branch MatMuls carry ``bitfold.precision = "float32"``, so quantizers and cast-precision leave them alone.
+    """
+    from bitfold.passes.quant.cast_precision import ISLAND_KEY
+
+    y = producer.outputs[0]
+    readers = list(y.uses())
+    name = producer.name or y.name
+    down = ir.node("MatMul", [x, add_initializer(graph, f"{name}_lowrank_l1", l1.astype(np.float32))], name=f"{name}_lowrank_down")
+    up = ir.node("MatMul", [down.outputs[0], add_initializer(graph, f"{name}_lowrank_l2", l2.astype(np.float32))], name=f"{name}_lowrank_up")
+    add = ir.node("Add", [y, up.outputs[0]], name=f"{name}_lowrank_add")
+    down.outputs[0].name, up.outputs[0].name = f"{y.name}_lowrank_down", f"{y.name}_lowrank"
+    for node in (down, up, add):
+        node.metadata_props[LOWRANK_KEY] = str(l1.shape[1])
+    for node in (down, up):
+        node.metadata_props[ISLAND_KEY] = "float32"
+    graph.insert_after(producer, [down, up, add])
+    result = add.outputs[0]
+    result.dtype, result.shape = y.dtype, y.shape
+    for user, index in readers:
+        user.replace_input_with(index, result)
+    if y.is_graph_output():
+        position = next(i for i, v in enumerate(graph.outputs) if v is y)
+        original = y.name
+        y.name, result.name = f"{original}_main", original
+        graph.outputs[position] = result
+    else:
+        result.name = f"{y.name}_with_lowrank"
+    return [down, up, add]

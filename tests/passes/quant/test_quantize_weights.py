@@ -139,3 +139,16 @@ def test_awq_beats_rtn_on_outlier_channels(decoder):
         assert report.output["parameter_bytes"] < 0.3 * report.input["parameter_bytes"], "no float weights left behind"
         err[method] = float(np.sqrt(((_out(model, held_out) - ref) ** 2).mean()))
     assert err["awq"] < 0.97 * err["rtn"], err
+
+
+def test_eora_branch_reduces_the_output_error(decoder):
+    """A rank-8 EoRA branch on each projection of the decoder block: held-out error drops, branches stay float."""
+    calib, held_out = _outlier_channels_calibration()
+    ref = _out(decoder, held_out)
+    errors = {}
+    for rank in (0, 8):
+        model, _ = _quantize(decoder, calibration=calib, bits=3, group_size=-1, format="qdq", compensate_rank=rank)
+        errors[rank] = float(np.abs(_out(model, held_out) - ref).max())
+        branches = [n for n in model.graph if n.metadata_props.get("bitfold.precision") == "float32"]
+        assert len(branches) == (14 if rank else 0)  # two float MatMuls per quantized projection
+    assert errors[8] < 0.6 * errors[0]
