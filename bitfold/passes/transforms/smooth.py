@@ -9,7 +9,9 @@ more into the weights). 1/s is absorbed by X's producer where it can be (``quant
 LayerNorm's γ and β, the up projection of a gated MLP); after a plain (affine-free) RMSNorm, as ``fold-norm-affine``
 or ``rotate`` leave them, it becomes that norm's γ again. Guarantees: exact equivalence up to fp32 rounding.
 Needs: calibration (per-channel max |X|). Leaves alone, with a note: activations no producer can absorb 1/s for
-(attention outputs before o_proj), and groups already smoothed (a rerun is a no-op).
+(attention outputs before o_proj; in a post-norm encoder every norm output, which the residual reads too) unless
+``explicit = true``, which inserts the per-channel ``Mul`` (one elementwise op per token), and groups already
+smoothed (a rerun is a no-op).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ SMOOTHED_KEY = "bitfold.smoothed"
 class SmoothConfig:
     alpha: float = dataclasses.field(default=0.5, metadata={"doc": "migration strength in [0, 1]"})
     exclude: tuple[str, ...] = dataclasses.field(default=(), metadata={"doc": "globs on the reading MatMul's name or torch module scope"})
+    explicit: bool = dataclasses.field(default=False, metadata={"doc": "where no producer absorbs 1/s, insert a per-channel Mul"})
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -77,6 +80,9 @@ class Smooth(BitfoldPass):
                 continue
             absorb = scale_fold(graph, x, {lin.matmul for lin in readers})
             if absorb is None and id(x) in plain:  # becomes the plain norm's γ again
+                absorb = lambda s, x=x: insert_scale(graph, x, 1.0 / s, "smooth")  # noqa: E731
+            if absorb is None and self.config.explicit:
+                self.notes.append(f"'{x.name}' gets an explicit per-channel Mul: no producer absorbs 1/s")
                 absorb = lambda s, x=x: insert_scale(graph, x, 1.0 / s, "smooth")  # noqa: E731
             if absorb is None:
                 producer = x.producer()

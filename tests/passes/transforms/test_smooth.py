@@ -46,3 +46,11 @@ def test_needs_calibration_and_a_valid_alpha(zoo_protos):
         bitfold.optimize(fresh(zoo_protos, "tiny-lm"), ["smooth"])
     with pytest.raises(BitfoldError, match="alpha"):
         bitfold.optimize(fresh(zoo_protos, "tiny-lm"), [{"name": "smooth", "alpha": 1.5}], _ids())
+
+
+def test_explicit_mode_smooths_what_no_producer_absorbs(zoo_protos):
+    steps = [*CANONICAL, {"name": "smooth", "explicit": True}]
+    model, report = bitfold.optimize(fresh(zoo_protos, "tiny-lm"), steps, _ids(), verify=True)
+    record = report.passes[-1]
+    assert record.max_rel <= 1e-5 and record.ops_added.get("Mul") == 2  # the two o_proj inputs
+    assert sum(1 for n in model.graph if "bitfold.smoothed" in n.metadata_props) == 2 * 7 + 1
