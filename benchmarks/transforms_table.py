@@ -53,6 +53,7 @@ def _rows() -> list[tuple[str, list]]:
         ("fold-norm-affine + rotate (fp32)", ROTATE),
         ("W8A8 static", [_w(8), A8_STATIC]),
         ("W8A8 static + smooth", [SMOOTH, _w(8), A8_STATIC]),
+        ("W8A8 static + smooth (explicit Muls)", [{**SMOOTH, "explicit": True}, _w(8), A8_STATIC]),
     ]
     for a in (8, 4):
         affine = {"name": "affine", "weight_bits": 4, "activation_bits": a, "exclude": HEAD}

@@ -21,3 +21,11 @@ def drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
     """Remove an initializer nothing reads any more (never a graph input or output)."""
     if value.name in graph.initializers and not value.uses() and not value.is_graph_output() and not value.is_graph_input():
         graph.initializers.pop(value.name)
+
+
+def copy_type(dst: ir.Value, src: ir.Value) -> None:
+    """Give ``dst`` the type and shape ``src`` has, where known (exported graphs leave some values untyped)."""
+    if src.type is not None:
+        dst.type = src.type
+    if src.shape is not None:
+        dst.shape = src.shape

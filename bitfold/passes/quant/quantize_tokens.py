@@ -21,7 +21,7 @@ import fnmatch
 import numpy as np
 import onnx_ir as ir
 
-from bitfold.passes.initializers import add_initializer
+from bitfold.passes.initializers import add_initializer, copy_type
 from bitfold.passes.quant.cast_precision import ISLAND_KEY
 from bitfold.passes.registry import BitfoldPass, register
 
@@ -97,6 +97,7 @@ class QuantizeTokens(BitfoldPass):
             self.stamp(node, [anchor])
         out.metadata_props[TOKEN_QUANT_KEY] = f"int{self.config.bits}"
         y = out.outputs[0]
-        y.name, y.dtype, y.shape = f"{base}_tq", x.dtype, x.shape
+        y.name = f"{base}_tq"
+        copy_type(y, x)
         graph.insert_before(anchor, nodes)
         return y

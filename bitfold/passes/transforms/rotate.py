@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bitfold.ops import hadamard
-from bitfold.passes.initializers import add_initializer, drop_if_unused
+from bitfold.passes.initializers import add_initializer, copy_type, drop_if_unused
 from bitfold.passes.registry import BitfoldPass, register
 from bitfold.passes.transforms.structure import Stream, const, residual_stream
 from bitfold.passes.transforms.weights import set_bias, set_weight
@@ -115,7 +115,8 @@ class Rotate(BitfoldPass):
         x = matmul.inputs[0]
         node = hadamard.make_node(x, block, f"{matmul.name}_hadamard")
         out = node.outputs[0]
-        out.name, out.dtype, out.shape = f"{x.name}_hadamard", x.dtype, x.shape
+        out.name = f"{x.name}_hadamard"
+        copy_type(out, x)
         self.stamp(node, [matmul])
         graph.insert_before(matmul, node)
         matmul.replace_input_with(0, out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from bitfold.passes.initializers import add_initializer, drop_if_unused
+from bitfold.passes.initializers import add_initializer, copy_type, drop_if_unused
 from bitfold.passes.transforms.structure import Linear
 
 
@@ -40,7 +40,7 @@ def set_bias(graph: ir.Graph, lin: Linear, b: np.ndarray, suffix: str) -> None:
     bias = add_initializer(graph, f"{lin.matmul.name}_bias_{suffix}", b.astype(dtype))
     add = ir.node("Add", [out, bias], name=f"{lin.matmul.name}_bias")
     result = add.outputs[0]
-    result.dtype, result.shape = out.dtype, out.shape
+    copy_type(result, out)
     graph.insert_after(lin.matmul, add)
     for user, index in readers:
         user.replace_input_with(index, result)
@@ -61,7 +61,8 @@ def insert_scale(graph: ir.Graph, x: ir.Value, factor: np.ndarray, suffix: str) 
     value = add_initializer(graph, f"{x.name}_{suffix}_factor", factor.astype(np.float32))
     mul = ir.node("Mul", [x, value], name=f"{x.name}_{suffix}")
     out = mul.outputs[0]
-    out.name, out.dtype, out.shape = f"{x.name}_{suffix}", x.dtype, x.shape
+    out.name = f"{x.name}_{suffix}"
+    copy_type(out, x)
     if x.producer() is not None:
         graph.insert_after(x.producer(), mul)
     else:
@@ -95,7 +96,7 @@ def add_lowrank_branch(graph: ir.Graph, producer: ir.Node, x: ir.Value, l1: np.n
         node.metadata_props[ISLAND_KEY] = "float32"
     graph.insert_after(producer, [down, up, add])
     result = add.outputs[0]
-    result.dtype, result.shape = y.dtype, y.shape
+    copy_type(result, y)
     for user, index in readers:
         user.replace_input_with(index, result)
     if y.is_graph_output():
