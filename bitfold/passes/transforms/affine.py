@@ -19,17 +19,15 @@ excluded linears.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 
 import numpy as np
 import onnx_ir as ir
 import torch
 
-from bitfold.passes.quant.scale_fold import scale_fold
 from bitfold.passes.registry import BitfoldPass, register
 from bitfold.passes.transforms.smooth import Smooth
-from bitfold.passes.transforms.structure import Linear, find_norms, linear_readers
-from bitfold.passes.transforms.weights import insert_scale, set_weight
+from bitfold.passes.transforms.structure import Linear, shared_inputs
+from bitfold.passes.transforms.weights import absorber, set_weight
 
 AFFINE_KEY = "bitfold.affine"
 
@@ -73,7 +71,7 @@ class Affine(BitfoldPass):
             s, before, after = learn_scale(stats[x.name].sample, weights, start, c.weight_bits, c.activation_bits, c.steps, c.lr, c.seed)
             if absorb is None:
                 self.notes.append(f"'{x.name}' keeps an explicit per-channel Mul: no producer absorbs 1/s")
-                absorb = lambda s, x=x: insert_scale(model.graph, x, 1.0 / s, "affine")  # noqa: E731
+                absorb = absorber(model.graph, x, readers, explicit=True)
             absorb(s)
             for lin in readers:
                 set_weight(model.graph, lin, s[:, None] * lin.weight.astype(np.float64), "affine")
@@ -82,26 +80,11 @@ class Affine(BitfoldPass):
         return len(groups)
 
     def collect(self, graph: ir.Graph) -> list[tuple[ir.Value, list[Linear], object]]:
-        plain = {id(n.core) for n in find_norms(graph) if n.kind == "rms" and not n.has_affine}
-        seen, groups = set(), []
-        for node in graph:
-            if node.op_type != "MatMul" or node.domain or id(node.inputs[0]) in seen:
-                continue
-            x = node.inputs[0]
-            seen.add(id(x))
-            readers = linear_readers(x)
-            if isinstance(readers, str) or any(AFFINE_KEY in lin.matmul.metadata_props for lin in readers):
-                continue
-            if any(lin.matmul.metadata_props.get("bitfold.precision") == "float32" for lin in readers):
-                continue
-            scopes = [(lin.matmul.name or "", lin.matmul.metadata_props.get("namespace", "")) for lin in readers]
-            if any(fnmatch.fnmatchcase(s, p) for p in self.config.exclude for pair in scopes for s in pair):
-                continue
-            absorb = scale_fold(graph, x, {lin.matmul for lin in readers})
-            if absorb is None and id(x) in plain:
-                absorb = lambda s, x=x: insert_scale(graph, x, 1.0 / s, "affine")  # noqa: E731
-            groups.append((x, readers, absorb))
-        return groups
+        return [
+            (x, readers, absorber(graph, x, readers))
+            for x, readers in shared_inputs(graph, self.config.exclude)
+            if not any(AFFINE_KEY in lin.matmul.metadata_props for lin in readers)
+        ]
 
 
 def _fake_quant(t: torch.Tensor, bits: int, dim: int) -> torch.Tensor:

@@ -15,14 +15,13 @@ weights already split (a rerun is a no-op). Costs r·(K + N) float parameters pe
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 
 import numpy as np
 import onnx_ir as ir
 
 from bitfold.passes.quant.cast_precision import ISLAND_KEY
 from bitfold.passes.registry import BitfoldPass, register
-from bitfold.passes.transforms.structure import Linear, linear
+from bitfold.passes.transforms.structure import Linear, linear, matches
 from bitfold.passes.transforms.weights import LOWRANK_KEY, add_lowrank_branch, set_weight
 
 
@@ -59,8 +58,7 @@ class LowrankSplit(BitfoldPass):
             lin = linear(node)
             if lin is None or min(lin.weight.shape) <= 2 * self.config.rank:
                 continue
-            scope = (node.name or "", node.metadata_props.get("namespace", ""))
-            if any(fnmatch.fnmatchcase(s, p) for p in self.config.exclude for s in scope):
+            if matches(node, self.config.exclude):
                 continue
             found.append(lin)
         return found

@@ -17,15 +17,13 @@ smoothed (a rerun is a no-op).
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 
 import numpy as np
 import onnx_ir as ir
 
-from bitfold.passes.quant.scale_fold import scale_fold
 from bitfold.passes.registry import BitfoldPass, register
-from bitfold.passes.transforms.structure import Linear, find_norms, linear_readers
-from bitfold.passes.transforms.weights import insert_scale, set_weight
+from bitfold.passes.transforms.structure import Linear, shared_inputs
+from bitfold.passes.transforms.weights import absorber, set_weight
 
 SMOOTHED_KEY = "bitfold.smoothed"
 
@@ -65,25 +63,14 @@ class Smooth(BitfoldPass):
         return len(groups)
 
     def collect(self, graph: ir.Graph) -> list[tuple[ir.Value, list[Linear], object]]:
-        plain = {id(n.core): n for n in find_norms(graph) if n.kind == "rms" and not n.has_affine}
-        seen, groups = set(), []
-        for node in graph:
-            if node.op_type != "MatMul" or node.domain or id(node.inputs[0]) in seen:
+        groups = []
+        for x, readers in shared_inputs(graph, self.config.exclude):
+            if any(SMOOTHED_KEY in lin.matmul.metadata_props for lin in readers):
                 continue
-            x = node.inputs[0]
-            seen.add(id(x))
-            readers = linear_readers(x)
-            if isinstance(readers, str) or any(SMOOTHED_KEY in lin.matmul.metadata_props for lin in readers):
-                continue
-            scopes = [(lin.matmul.name or "", lin.matmul.metadata_props.get("namespace", "")) for lin in readers]
-            if any(fnmatch.fnmatchcase(s, p) for p in self.config.exclude for pair in scopes for s in pair):
-                continue
-            absorb = scale_fold(graph, x, {lin.matmul for lin in readers})
-            if absorb is None and id(x) in plain:  # becomes the plain norm's γ again
-                absorb = lambda s, x=x: insert_scale(graph, x, 1.0 / s, "smooth")  # noqa: E731
+            absorb = absorber(graph, x, readers)
             if absorb is None and self.config.explicit:
                 self.notes.append(f"'{x.name}' gets an explicit per-channel Mul: no producer absorbs 1/s")
-                absorb = lambda s, x=x: insert_scale(graph, x, 1.0 / s, "smooth")  # noqa: E731
+                absorb = absorber(graph, x, readers, explicit=True)
             if absorb is None:
                 producer = x.producer()
                 self.notes.append(f"'{x.name}' (from {producer.op_type if producer else 'a graph input'}) kept: no producer absorbs 1/s")

@@ -16,6 +16,7 @@ Functions return the structure or a sentence saying why it is unsupported; nothi
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 
 import numpy as np
 import onnx_ir as ir
@@ -235,6 +236,32 @@ def linear_readers(value: ir.Value) -> list[Linear] | str:
             return f"'{value.name}' is read by {user.op_type} '{user.name}', not only by linear layers"
         found.append(lin)
     return found or f"'{value.name}' has no readers"
+
+
+def shared_inputs(graph: ir.Graph, exclude: tuple[str, ...] = ()) -> list[tuple[ir.Value, list[Linear]]]:
+    """Each activation only linears read, with those linears (q/k/v together, gate/up together), in graph order.
+
+    Groups with a linear pinned to float32 (a low-rank branch) or matching an ``exclude`` glob are left out.
+    """
+    seen, groups = set(), []
+    for node in graph:
+        if node.op_type != "MatMul" or node.domain or id(node.inputs[0]) in seen:
+            continue
+        x = node.inputs[0]
+        seen.add(id(x))
+        readers = linear_readers(x)
+        if isinstance(readers, str):
+            continue
+        if any(lin.matmul.metadata_props.get("bitfold.precision") == "float32" or matches(lin.matmul, exclude) for lin in readers):
+            continue
+        groups.append((x, readers))
+    return groups
+
+
+def matches(node: ir.Node, patterns: tuple[str, ...]) -> bool:
+    """Whether an ``exclude`` glob matches the node's name or its torch module scope."""
+    scope = (node.name or "", node.metadata_props.get("namespace", ""))
+    return any(fnmatch.fnmatchcase(s, p) for p in patterns for s in scope)
 
 
 def residual_stream(graph: ir.Graph) -> Stream | str:

@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bitfold.passes.initializers import add_initializer, copy_type, drop_if_unused
-from bitfold.passes.transforms.structure import Linear
+from bitfold.passes.transforms.structure import Linear, find_norms
 
 
 def set_weight(graph: ir.Graph, lin: Linear, w: np.ndarray, suffix: str) -> None:
@@ -53,6 +53,24 @@ def set_bias(graph: ir.Graph, lin: Linear, b: np.ndarray, suffix: str) -> None:
     else:
         result.name = f"{out.name}_biased"
     lin.bias_add, lin.bias = add, b
+
+
+def absorber(graph: ir.Graph, x: ir.Value, readers: list[Linear], explicit: bool = False):
+    """A function folding ``x ← x / s`` into x's producer, or None.
+
+    ``quant.scale_fold`` (norm γ, LayerNorm, gated-MLP up projection) first; after a plain RMSNorm, a new γ
+    ``Mul``; with ``explicit``, a per-channel ``Mul`` anywhere.
+    """
+    from bitfold.passes.quant.scale_fold import scale_fold
+
+    absorb = scale_fold(graph, x, {lin.matmul for lin in readers})
+    if absorb is not None:
+        return absorb
+    producer = x.producer()
+    plain = producer is not None and any(n.core is x and n.kind == "rms" and not n.has_affine for n in find_norms(graph))
+    if plain or explicit:
+        return lambda s: insert_scale(graph, x, 1.0 / s, "scale")
+    return None
 
 
 def insert_scale(graph: ir.Graph, x: ir.Value, factor: np.ndarray, suffix: str) -> ir.Node:
