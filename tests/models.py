@@ -148,6 +148,44 @@ class TinyLM(nn.Module):
         return self.norm(x) @ self.embed.weight.T
 
 
+class PreLNBlock(nn.Module):
+    """GPT-style pre-LayerNorm block: fused qkv with bias, GELU MLP with biases."""
+
+    def __init__(self, dim: int = 48, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        for ln in (self.ln1, self.ln2):
+            nn.init.normal_(ln.weight, 1.0, 0.2)
+            nn.init.normal_(ln.bias, 0.0, 0.2)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc, self.out = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)).softmax(-1) @ v).transpose(1, 2).reshape(b, t, d)
+        x = x + self.proj(attn)
+        return x + self.out(nn.functional.gelu(self.fc(self.ln2(x))))
+
+
+class TinyLayerNormLM(nn.Module):
+    """Embedding → 2 pre-LayerNorm blocks → LayerNorm → untied head with bias."""
+
+    def __init__(self, vocab: int = 96, dim: int = 48) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(PreLNBlock(dim) for _ in range(2))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab)
+        nn.init.normal_(self.norm.weight, 1.0, 0.2)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
 def zoo() -> dict[str, ir.Model]:
     """name → exported onnx-ir model (seeded)."""
     torch.manual_seed(0)
@@ -159,6 +197,7 @@ def zoo() -> dict[str, ir.Model]:
         "encoder-layernorm": (EncoderBlock(), (torch.randn(2, 8, 32), torch.ones(2, 8, dtype=torch.int64)), None),
         "decoder-rmsnorm-swiglu-rope": (DecoderBlock(), (torch.randn(1, 8, 32),), None),
         "tiny-lm": (TinyLM(), (torch.randint(0, 96, (1, 8)),), None),
+        "tiny-lm-layernorm": (TinyLayerNormLM(), (torch.randint(0, 96, (1, 8)),), None),
         "dynamic-batch-cnn": (_randomize_bn(CNNWithBN()), (torch.randn(2, 3, 16, 16),), {"x": {0: batch}}),
     }
     return {name: bitfold.from_torch(m.eval(), inputs, dynamic) for name, (m, inputs, dynamic) in specs.items()}

@@ -14,8 +14,8 @@ def set_weight(graph: ir.Graph, lin: Linear, w: np.ndarray, suffix: str) -> None
     old = lin.matmul.inputs[1]
     dtype = old.dtype.numpy() if old.dtype is not None else np.float32
     base = old.name if old.is_initializer() else f"{lin.matmul.name}_weight"
-    lin.matmul.replace_input_with(1, add_initializer(graph, f"{base}_{suffix}", w.astype(dtype)))
-    lin.weight = w
+    lin.weight = w.astype(dtype)
+    lin.matmul.replace_input_with(1, add_initializer(graph, f"{base}_{suffix}", lin.weight))
     producer = old.producer()
     if producer is not None and not old.uses() and not old.is_graph_output():
         source = producer.inputs[0]
@@ -27,13 +27,14 @@ def set_weight(graph: ir.Graph, lin: Linear, w: np.ndarray, suffix: str) -> None
 
 def set_bias(graph: ir.Graph, lin: Linear, b: np.ndarray, suffix: str) -> None:
     """Set ``lin``'s bias to ``b`` ([N]), inserting ``Add`` after the MatMul when it has none."""
-    dtype = lin.weight.dtype
+    weight_type = lin.matmul.inputs[1].dtype
+    dtype = weight_type.numpy() if weight_type is not None else np.float32
     if lin.bias_add is not None:
         index = next(i for i, v in enumerate(lin.bias_add.inputs) if v is not lin.matmul.outputs[0])
         old = lin.bias_add.inputs[index]
         lin.bias_add.replace_input_with(index, add_initializer(graph, f"{old.name}_{suffix}", b.reshape(old.shape.numpy()).astype(dtype)))
         drop_if_unused(graph, old)
-        lin.bias = b
+        lin.bias = b.astype(dtype)
         return
     out = lin.matmul.outputs[0]
     readers = list(out.uses())
@@ -52,7 +53,7 @@ def set_bias(graph: ir.Graph, lin: Linear, b: np.ndarray, suffix: str) -> None:
         graph.outputs[position] = result
     else:
         result.name = f"{out.name}_biased"
-    lin.bias_add, lin.bias = add, b
+    lin.bias_add, lin.bias = add, b.astype(dtype)
 
 
 def absorber(graph: ir.Graph, x: ir.Value, readers: list[Linear], explicit: bool = False):

@@ -47,3 +47,20 @@ def test_post_norm_is_left_alone_with_a_reason():
     record = report.passes[-1]
     assert not record.modified and bitfold.frontend.parameter_bytes(model) == before
     assert len(record.notes) == 1 and "not only by linear layers" in record.notes[0]
+
+
+def test_centering_turns_a_layernorm_stream_into_a_rotatable_rmsnorm_stream(zoo_protos):
+    steps = [*CANONICAL, {"name": "fold-norm-affine", "center": True}, "rotate"]
+    model, report = bitfold.optimize(fresh(zoo_protos, "tiny-lm-layernorm"), steps, verify=True)
+    fold, rotate = report.passes[-2:]
+    assert fold.ops_removed == {"LayerNormalization": 5} and fold.max_rel <= 1e-5
+    assert rotate.modified and rotate.max_rel <= 1e-5 and rotate.ops_added == {"bitfold::Hadamard": 4}
+    assert [n.kind for n in find_norms(model.graph)] == ["rms"] * 5
+
+
+def test_without_centering_a_layernorm_stream_is_not_rotated(zoo_protos):
+    steps = [*CANONICAL, "fold-norm-affine", "rotate"]
+    _, report = bitfold.optimize(fresh(zoo_protos, "tiny-lm-layernorm"), steps)
+    assert not report.passes[-1].modified and "mean-centring" in report.passes[-1].notes[0]
+    _, rms = bitfold.optimize(fresh(zoo_protos, "tiny-lm"), [*CANONICAL, {"name": "fold-norm-affine", "center": True}], verify=True)
+    assert rms.passes[-1].ops_removed == {"Mul": 5}  # an RMSNorm stream needs no centring: γ folds only
