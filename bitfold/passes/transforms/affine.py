@@ -120,8 +120,8 @@ def learn_scale(
     for _ in range(steps):
         optimizer.zero_grad()
         value = loss(log_s)
-        if float(value) < best_loss:
-            best, best_loss = log_s.detach().clone(), float(value)
+        if float(value.detach()) < best_loss:
+            best, best_loss = log_s.detach().clone(), float(value.detach())
         value.backward()
         optimizer.step()
     with torch.no_grad():
