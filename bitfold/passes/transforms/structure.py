@@ -233,7 +233,7 @@ def linear_readers(value: ir.Value) -> list[Linear] | str:
     for user, index in value.uses():
         lin = linear(user) if index == 0 else None
         if lin is None:
-            return f"'{value.name}' is read by {user.op_type} '{user.name}', not only by linear layers"
+            return f"'{value.name}' is read by {user.op_type} '{user.name}', not only by linear layers (MatMul with a constant weight)"
         found.append(lin)
     return found or f"'{value.name}' has no readers"
 

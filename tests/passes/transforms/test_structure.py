@@ -41,3 +41,24 @@ def test_unsupported_structure_says_why(zoo_protos):
     norm = find_norms(model.graph)[0]
     assert "not only by linear layers" not in str(linear_readers(norm.output))
     assert "not only by linear layers" in linear_readers(norm.x)  # the stream itself feeds Pow, Mul and Add
+
+
+def test_rmsnorm_written_with_div_and_mul_x_x_is_found():
+    import torch
+    from torch import nn
+
+    class DivNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.rand(16) + 0.5)
+            self.fc = nn.Linear(16, 8, bias=False)
+
+        def forward(self, x):
+            return self.fc(self.weight * (x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6)))
+
+    model = bitfold.optimize(bitfold.from_torch(DivNorm().eval(), (torch.randn(2, 4, 16),)), list(CANONICAL))[0]
+    (norm,) = find_norms(model.graph)
+    assert norm.kind == "rms" and norm.has_affine and norm.gamma.shape == (16,)
+    folded, report = bitfold.optimize(model, ["fold-norm-affine"], verify=True)
+    assert report.passes[0].modified and report.passes[0].max_rel <= 1e-5
+    assert not find_norms(folded.graph)[0].has_affine
