@@ -1,7 +1,7 @@
 """Equivalent transforms before quantization: SmolLM2-135M perplexity and MiniLM cosine, with and without them.
 
 Protocol (bitfold.eval.tasks): SmolLM2 on the Lee corpus, 512-token windows 0-15 scored, calibration from windows
-139-146 (8 windows); MiniLM cosine to fp32 over the Lee test sentences, calibration from 128 background sentences.
+139-146 (8 windows; rows that say so: all 32, 115-146); MiniLM cosine to fp32 over the Lee test sentences, calibration from 128 background sentences.
 Weights: per output channel, symmetric, RTN or GPTQ (act-order), ``format = fake``; the LM head stays fp32.
 Activations: "A8 static" is ``quantize-activations`` (per-tensor uint8, minmax, inputs only); "A8"/"A4" are
 ``quantize-tokens`` (dynamic per-token symmetric). Transforms: ``smooth`` (α 0.5), ``fold-norm-affine`` +
@@ -9,7 +9,7 @@ Activations: "A8 static" is ``quantize-activations`` (per-tensor uint8, minmax, 
 (r = 32, SVDQuant). Also max|x| / mean|x| of every linear input before and after rotation (PNG).
 Writes benchmarks/results/transforms.{json,png}.
 
-    python benchmarks/transforms_table.py [--models smollm2 minilm]
+    python benchmarks/transforms_table.py [--models smollm2 minilm] [--only "MSE clip"]
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ def _rows() -> list[tuple[str, list]]:
             (f"W4A{a} + smooth", [SMOOTH, _w(4), _a(a)]),
             (f"W4A{a} + rotate", [*ROTATE, _w(4), _a(a)]),
             (f"W4A{a} + rotate + GPTQ", [*ROTATE, _w(4, "gptq"), _a(a)]),
+            (f"W4A{a} + rotate + GPTQ, MSE clip{', A4 clip 0.9' if a == 4 else ''}, 32 calibration windows",
+             [*ROTATE, {**_w(4, "gptq"), "clip": True}, {**_a(a), "clip_ratio": 0.9 if a == 4 else 1.0}]),
             (f"W4A{a} + affine", [affine, _w(4), _a(a)]),
             (f"W4A{a} + smooth + lowrank-split r32", [SMOOTH, {"name": "lowrank-split", "rank": 32, "exclude": HEAD}, _w(4), _a(a)]),
         ]
@@ -75,13 +77,17 @@ def _ratios(model, calibration: CalibrationData) -> list[float]:
     return [float(stats[n].absmax.max() / max(stats[n].mean_abs.mean(), 1e-12)) for n in names]
 
 
-def _table(name: str, fp32, calibration: CalibrationData, score) -> tuple[list[dict], dict]:
+def _table(name: str, fp32, calibration: CalibrationData, score, only: str | None, default: CalibrationData | None = None):
+    """Rows for one model; ``default`` (if given) calibrates every row whose label does not ask for all windows."""
     rows = [{"model": name, "variant": "FP32", "value": score(fp32)}]
     print(rows[-1], flush=True)
     rotated = None
     for label, steps in _rows():
+        if only and only not in label and not label.startswith("fold-norm-affine"):
+            continue
         start = time.perf_counter()
-        model, report = bitfold.optimize(bitfold.clone(fp32), steps, calibration)
+        data = calibration if default is None or "32 calibration windows" in label else default
+        model, report = bitfold.optimize(bitfold.clone(fp32), steps, data)
         if label.startswith("fold-norm-affine"):
             rotated = model
         notes = [f"{r.name}: {n}" for r in report.passes for n in r.notes]
@@ -95,6 +101,7 @@ def _table(name: str, fp32, calibration: CalibrationData, score) -> tuple[list[d
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=["smollm2", "minilm"], choices=["smollm2", "minilm"])
+    parser.add_argument("--only", help="run only the rows whose label contains this text and merge them into the JSON")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     result = {"rows": [], "max_over_mean_abs": {}}
@@ -102,15 +109,21 @@ def main() -> None:
         reference = export_minilm()
         fp32, _ = bitfold.optimize(bitfold.clone(reference), list(CANONICAL))
         calibration = CalibrationData.from_source("lee-sentences", fp32)
-        rows, ratios = _table("MiniLM cosine", fp32, calibration, lambda m: minilm_cos(m, reference).value)
+        rows, ratios = _table("MiniLM cosine", fp32, calibration, lambda m: minilm_cos(m, reference).value, args.only)
         result["rows"] += rows
         result["max_over_mean_abs"]["minilm"] = ratios
     if "smollm2" in args.models:
         fp32, _ = bitfold.optimize(export_smollm2(), list(CANONICAL))
-        calibration = CalibrationData(list(CalibrationData.from_source("lee-text", fp32))[-8:])
-        rows, ratios = _table("SmolLM2 perplexity", fp32, calibration, lambda m: smollm2_ppl(m).value)
+        calibration = CalibrationData.from_source("lee-text", fp32)  # 32 windows; rows use the last 8 unless named
+        rows, ratios = _table("SmolLM2 perplexity", fp32, calibration, lambda m: smollm2_ppl(m).value, args.only,
+                              CalibrationData(list(calibration)[-8:]))  # fmt: skip
         result["rows"] += rows
         result["max_over_mean_abs"]["smollm2"] = ratios
+    if args.only:  # merge: the new rows replace same-named ones, the rest of the table stays
+        previous = json.loads((RESULTS / "transforms.json").read_text())
+        fresh = {(r["model"], r["variant"]) for r in result["rows"]}
+        result["rows"] = [r for r in previous["rows"] if (r["model"], r["variant"]) not in fresh] + result["rows"]
+        result["max_over_mean_abs"] = {**previous["max_over_mean_abs"], **result["max_over_mean_abs"]}
     write_atomic(RESULTS / "transforms.json", json.dumps(result, indent=2).encode())
     fig, axes = plt.subplots(1, len(result["max_over_mean_abs"]), figsize=(6 * len(result["max_over_mean_abs"]), 3.5), squeeze=False)
     for ax, (name, ratios) in zip(axes[0], result["max_over_mean_abs"].items(), strict=True):
