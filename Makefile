@@ -26,6 +26,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/quant_table.py
 	$(PY) benchmarks/quant_minilm.py
 	$(PY) benchmarks/quant_effnet.py
+	$(PY) benchmarks/transforms_table.py
+	$(PY) benchmarks/transforms_layers.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
