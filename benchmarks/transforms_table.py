@@ -54,6 +54,7 @@ def _rows() -> list[tuple[str, list]]:
         ("W8A8 static", [_w(8), A8_STATIC]),
         ("W8A8 static + smooth", [SMOOTH, _w(8), A8_STATIC]),
         ("W8A8 static + smooth (explicit Muls)", [{**SMOOTH, "explicit": True}, _w(8), A8_STATIC]),
+        ("W8A8 static + smooth, α searched per layer", [{"name": "smooth", "search": True}, _w(8), A8_STATIC]),
     ]
     for a in (8, 4):
         affine = {"name": "affine", "weight_bits": 4, "activation_bits": a, "exclude": HEAD}

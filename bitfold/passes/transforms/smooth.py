@@ -8,7 +8,10 @@ so X·W_j is unchanged while X's per-channel ranges flatten (α = 0.5 splits the
 more into the weights). 1/s is absorbed by X's producer where it can be (``quant.scale_fold``: an RMSNorm γ, a
 LayerNorm's γ and β, the up projection of a gated MLP); after a plain (affine-free) RMSNorm, as ``fold-norm-affine``
 or ``rotate`` leave them, it becomes that norm's γ again. Guarantees: exact equivalence up to fp32 rounding.
-Needs: calibration (per-channel max |X|). Leaves alone, with a note: activations no producer can absorb 1/s for
+``search = true`` picks α per group of linears from an 11-point grid by the quantized output error on sampled
+calibration rows (8-bit per-tensor activations, ``weight_bits`` per-channel weights: the W8A8 of
+``quantize-activations``); the chosen α is recorded on each MatMul (``bitfold.smoothed``). Needs: calibration
+(per-channel max |X|; rows when searching). Leaves alone, with a note: activations no producer can absorb 1/s for
 (attention outputs before o_proj; in a post-norm encoder every norm output, which the residual reads too) unless
 ``explicit = true``, which inserts the per-channel ``Mul`` (one elementwise op per token), and groups already
 smoothed (a rerun is a no-op).
@@ -33,10 +36,15 @@ class SmoothConfig:
     alpha: float = dataclasses.field(default=0.5, metadata={"doc": "migration strength in [0, 1]"})
     exclude: tuple[str, ...] = dataclasses.field(default=(), metadata={"doc": "globs on the reading MatMul's name or torch module scope"})
     explicit: bool = dataclasses.field(default=False, metadata={"doc": "where no producer absorbs 1/s, insert a per-channel Mul"})
+    search: bool = dataclasses.field(default=False, metadata={"doc": "pick α per layer group on calibration rows (ignores alpha)"})
+    weight_bits: int = dataclasses.field(default=8, metadata={"doc": "search: per-channel weight bits of the target quantization"})
+    rows: int = dataclasses.field(default=512, metadata={"doc": "search: calibration rows per input"})
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError("alpha must be in [0, 1]")
+        if not 2 <= self.weight_bits <= 8 or self.rows < 1:
+            raise ValueError("weight_bits must be in [2, 8] and rows >= 1")
 
 
 @register
@@ -52,13 +60,18 @@ class Smooth(BitfoldPass):
         groups = self.collect(model.graph)
         if not groups:
             return 0
-        stats = self.calibration.collect(model, [x.name for x, _, _ in groups])
+        names = [x.name for x, _, _ in groups]
+        stats = self.calibration.collect(model, names, rows=names if self.config.search else (), rows_kept=self.config.rows)
         for x, readers, absorb in groups:
-            s = self.solve(stats[x.name].absmax, [lin.weight for lin in readers], self.config.alpha)
+            weights = [lin.weight for lin in readers]
+            alpha = self.config.alpha
+            if self.config.search:
+                alpha = search_alpha(stats[x.name].sample, stats[x.name].absmax, weights, self.config.weight_bits)
+            s = self.solve(stats[x.name].absmax, weights, alpha)
             absorb(s)
             for lin in readers:
                 set_weight(model.graph, lin, s[:, None].astype(np.float64) * lin.weight, "smooth")
-                lin.matmul.metadata_props[SMOOTHED_KEY] = f"alpha={self.config.alpha}"
+                lin.matmul.metadata_props[SMOOTHED_KEY] = f"alpha={alpha:.2f}"
                 self.stamp(lin.matmul, [lin.matmul])
         return len(groups)
 
@@ -87,3 +100,30 @@ class Smooth(BitfoldPass):
         s = np.ones_like(a)
         s[ok] = a[ok] ** alpha / w_absmax[ok] ** (1.0 - alpha)
         return s
+
+
+def search_alpha(rows: np.ndarray, x_absmax: np.ndarray, weights: list[np.ndarray], weight_bits: int, grid: int = 10) -> float:
+    """The α on a grid in [0, 1] minimising Σ_j ‖Q_a(X/s)·Q_w(diag(s) W_j) - X W_j‖² / ‖X W_j‖² on sampled rows.
+
+    Q_a: per-tensor asymmetric 8-bit over the rows' range (``quantize-activations``'s minmax); Q_w: symmetric
+    per-output-channel ``weight_bits``. α = 0 (no migration) is on the grid.
+    """
+    x = np.asarray(rows, np.float64).reshape(-1, rows.shape[-1])
+    refs = [x @ w.astype(np.float64) for w in weights]
+    qmax = 2 ** (weight_bits - 1) - 1
+    best, best_err = 0.0, np.inf
+    for alpha in np.linspace(0.0, 1.0, grid + 1):
+        s = Smooth.solve(x_absmax, weights, float(alpha))
+        xs = x / s
+        lo, hi = min(xs.min(), 0.0), max(xs.max(), 0.0)
+        step = (hi - lo) / 255 or 1.0
+        zero = np.round(-lo / step)
+        xq = (np.clip(np.round(xs / step) + zero, 0, 255) - zero) * step
+        err = 0.0
+        for w, ref in zip(weights, refs, strict=True):
+            ws = s[:, None] * w.astype(np.float64)
+            scale = np.maximum(np.abs(ws).max(axis=0, keepdims=True), 1e-12) / qmax
+            err += float(np.sum((xq @ (np.clip(np.round(ws / scale), -qmax - 1, qmax) * scale) - ref) ** 2) / max(np.sum(ref**2), 1e-30))
+        if err < best_err:
+            best, best_err = float(alpha), err
+    return best

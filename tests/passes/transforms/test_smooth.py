@@ -54,3 +54,18 @@ def test_explicit_mode_smooths_what_no_producer_absorbs(zoo_protos):
     record = report.passes[-1]
     assert record.max_rel <= 1e-5 and record.ops_added.get("Mul") == 2  # the two o_proj inputs
     assert sum(1 for n in model.graph if "bitfold.smoothed" in n.metadata_props) == 2 * 7 + 1
+
+
+def test_alpha_search_never_loses_to_no_smoothing_and_is_recorded(zoo_protos):
+    from bitfold.passes.transforms.smooth import search_alpha
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 64)) * np.exp(rng.standard_normal(64) * 2)  # outlier channels
+    w = rng.standard_normal((64, 32))
+    alpha = search_alpha(x, np.abs(x).max(axis=0), [w], 8)
+    assert alpha > 0  # with strong outliers, some migration pays
+    assert search_alpha(rng.standard_normal((256, 64)), np.full(64, 3.0), [w], 8) in np.linspace(0, 1, 11)
+    model, report = bitfold.optimize(fresh(zoo_protos, "tiny-lm"), [*CANONICAL, {"name": "smooth", "search": True, "rows": 32}], _ids(), verify=True)
+    assert report.passes[-1].max_rel <= 1e-5
+    recorded = {n.metadata_props["bitfold.smoothed"] for n in model.graph if "bitfold.smoothed" in n.metadata_props}
+    assert recorded and all(r.startswith("alpha=") for r in recorded)
