@@ -14,7 +14,8 @@ R there. The op carries its ONNX function, so any runtime executes the model.
 
 Guarantees: exact equivalence up to fp32 rounding. Needs: a residual stream as ``structure.residual_stream``
 finds it, with affine-free RMSNorms (run ``fold-norm-affine`` first). Leaves alone, with a note: graphs whose stream
-has another reader, LayerNorm streams (mean-centring is not folded), and graphs already rotated.
+has another reader, LayerNorm streams (``fold-norm-affine`` with ``center = true`` turns them into RMSNorm
+streams), and graphs already rotated.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Rotate(BitfoldPass):
         if stream is None:
             return 0
         rng = np.random.default_rng(self.config.seed)
-        q = self.solve(stream.hidden, rng, signs=True)
+        q = self.solve(stream.hidden, rng)
         self.fold(model, stream, q, rng)
         return 1 + len(stream.readers) + len(stream.writers)
 
@@ -66,7 +67,7 @@ class Rotate(BitfoldPass):
             return None
         for norm in stream.norms:
             if norm.kind != "rms":
-                self.notes.append(f"no rotation: LayerNorm on '{norm.x.name}' (mean-centring is not folded)")
+                self.notes.append(f"no rotation: LayerNorm on '{norm.x.name}' needs mean-centring (fold-norm-affine center = true)")
                 return None
             if norm.has_affine:
                 self.notes.append(f"no rotation: the norm on '{norm.x.name}' has an affine γ; run fold-norm-affine first")
@@ -74,11 +75,10 @@ class Rotate(BitfoldPass):
         return stream
 
     @staticmethod
-    def solve(n: int, rng: np.random.Generator, signs: bool) -> np.ndarray:
-        """The orthogonal n×n matrix diag(±1) · kron(B, H_p/√p) (no signs: the online op's R)."""
+    def solve(n: int, rng: np.random.Generator) -> np.ndarray:
+        """The orthogonal n×n matrix diag(±1) · kron(B, H_p/√p), B a random orthogonal block."""
         m, p = hadamard.split(n)
-        r = hadamard.matrix(hadamard.random_block(m, rng), p)
-        return r * rng.choice([-1.0, 1.0], size=n)[:, None] if signs else r
+        return hadamard.matrix(hadamard.random_block(m, rng), p) * rng.choice([-1.0, 1.0], size=n)[:, None]
 
     def fold(self, model: ir.Model, stream: Stream, q: np.ndarray, rng: np.random.Generator) -> None:
         graph = model.graph
@@ -91,17 +91,17 @@ class Rotate(BitfoldPass):
         stream.embedding.replace_input_with(0, rotated)
         drop_if_unused(graph, stream.table)
         self.stamp(stream.embedding, [stream.embedding])
-        blocks: dict[int, tuple[np.ndarray, ir.Value]] = {}
+        blocks: dict[int, tuple[np.ndarray, ir.Value]] = {}  # input size → (dense R, the op's block initializer)
         for lin in stream.writers:
             w = lin.weight.astype(np.float64)
             if self.config.online:
                 k = w.shape[0]
                 if k not in blocks:
-                    m, _ = hadamard.split(k)
+                    m, p = hadamard.split(k)
                     block = hadamard.random_block(m, rng)
-                    blocks[k] = (block, add_initializer(graph, f"hadamard_block_{k}", block.astype(np.float32)))
-                block, block_value = blocks[k]
-                w = hadamard.matrix(block, k // block.shape[0]).T @ w
+                    blocks[k] = (hadamard.matrix(block, p), add_initializer(graph, f"hadamard_block_{k}", block.astype(np.float32)))
+                r, block_value = blocks[k]
+                w = r.T @ w
                 self._online(graph, lin.matmul, block_value)
             set_weight(graph, lin, w @ q, "rot")
             if lin.bias is not None:
