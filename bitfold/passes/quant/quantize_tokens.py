@@ -16,7 +16,6 @@ module scope), inputs already quantized by this pass (a rerun is a no-op).
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 
 import numpy as np
 import onnx_ir as ir
@@ -24,6 +23,7 @@ import onnx_ir as ir
 from bitfold.passes.initializers import add_initializer, copy_type
 from bitfold.passes.quant.cast_precision import ISLAND_KEY
 from bitfold.passes.registry import BitfoldPass, register
+from bitfold.passes.transforms.structure import matches
 
 TOKEN_QUANT_KEY = "bitfold.token_quant"
 
@@ -71,8 +71,7 @@ class QuantizeTokens(BitfoldPass):
             x = node.inputs[0]
             if x.producer() is not None and TOKEN_QUANT_KEY in x.producer().metadata_props:
                 continue
-            scope = (node.name or "", node.metadata_props.get("namespace", ""))
-            if any(fnmatch.fnmatchcase(s, p) for p in self.config.exclude for s in scope):
+            if matches(node, self.config.exclude):
                 continue
             found.append(node)
         return found
