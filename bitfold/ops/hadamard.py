@@ -25,7 +25,8 @@ from onnxscript import FLOAT, INT64, UINT32, script
 from onnxscript import opset18 as op
 from onnxscript.values import Opset
 
-DOMAIN = "bitfold"
+from bitfold.ops.functions import DOMAIN, install
+
 OP_TYPE = "Hadamard"
 _bitfold = Opset(DOMAIN, 1)
 
@@ -83,9 +84,7 @@ def Hadamard(X: FLOAT, B: FLOAT) -> FLOAT:
     return op.Reshape(y2, shape)
 
 
-_FUNCTION_PROTO = Hadamard.to_function_proto()
-#: The body uses ops whose semantics are unchanged from opset 18 on; it imports the model's own default opset.
-MIN_OPSET = 18
+FUNCTION = Hadamard.to_function_proto()
 
 
 def make_node(x: ir.Value, block: ir.Value, name: str) -> ir.Node:
@@ -95,14 +94,4 @@ def make_node(x: ir.Value, block: ir.Value, name: str) -> ir.Node:
 
 def ensure_function(model: ir.Model) -> None:
     """Add the op's ONNX function and opset import to ``model`` (idempotent); raises the model to opset 18 if older."""
-    version = model.opset_imports.get("", 1)
-    if version < MIN_OPSET:
-        import onnxscript
-
-        onnxscript.version_converter.convert_version(model, MIN_OPSET)
-        version = MIN_OPSET
-    function = ir.serde.deserialize_function(_FUNCTION_PROTO)
-    function.opset_imports[""] = version
-    model.functions.setdefault(function.identifier(), function)
-    model.opset_imports.setdefault(DOMAIN, 1)
-    model.graph.opset_imports.setdefault(DOMAIN, 1)
+    install(model, [FUNCTION])

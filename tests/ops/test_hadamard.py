@@ -5,7 +5,7 @@ import onnx_ir as ir
 import pytest
 
 import bitfold
-from bitfold.ops import hadamard
+from bitfold.ops import functions, hadamard
 
 
 def _model(n: int, block: np.ndarray, opset: int = 18) -> ir.Model:
@@ -48,7 +48,7 @@ def test_function_takes_the_model_opset_and_raises_old_models():
     (function,) = model.functions.values()
     assert function.opset_imports[""] == 20 and model.opset_imports["bitfold"] == 1
     old = _model(8, np.ones((1, 1)), opset=13)
-    assert old.opset_imports[""] == hadamard.MIN_OPSET
+    assert old.opset_imports[""] == functions.MIN_OPSET
 
 
 def test_bad_sizes_are_refused():
