@@ -102,11 +102,6 @@ def BCQMatMul(X: FLOAT, P: UINT8, A: FLOAT16, group_size: int) -> FLOAT:
 FUNCTION = BCQMatMul.to_function_proto()
 
 
-def make_node(x: ir.Value, packed: ir.Value, alpha: ir.Value, group_size: int, name: str) -> ir.Node:
-    _check_group(group_size)
-    return ir.node(OP_TYPE, [x, packed, alpha], domain=DOMAIN, name=name, attributes={"group_size": group_size})
-
-
 def ensure_function(model: ir.Model) -> None:
     """Add the op's ONNX functions and opset import to ``model`` (idempotent)."""
     install(model, [bitplanes.FUNCTION, FUNCTION])

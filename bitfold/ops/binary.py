@@ -100,11 +100,6 @@ def BinaryMatMul(
 FUNCTION = BinaryMatMul.to_function_proto()
 
 
-def make_node(x: ir.Value, tensors: list[ir.Value], binarize_input: bool, name: str) -> ir.Node:
-    """A node reading x and the six initializers (P, A, M, Q, V, T)."""
-    return ir.node(OP_TYPE, [x, *tensors], domain=DOMAIN, name=name, attributes={"binarize_input": int(binarize_input)})
-
-
 def ensure_function(model: ir.Model) -> None:
     """Add the op's ONNX functions and opset import to ``model`` (idempotent)."""
     install(model, [bitplanes.FUNCTION, FUNCTION])

@@ -93,10 +93,6 @@ def ShiftMatMul(X: FLOAT, P: UINT8, S: FLOAT, zero: int = 1) -> FLOAT:
 FUNCTION = ShiftMatMul.to_function_proto()
 
 
-def make_node(x: ir.Value, packed: ir.Value, scale: ir.Value, zero: bool, name: str) -> ir.Node:
-    return ir.node(OP_TYPE, [x, packed, scale], domain=DOMAIN, name=name, attributes={"zero": int(zero)})
-
-
 def ensure_function(model: ir.Model) -> None:
     """Add the op's ONNX functions and opset import to ``model`` (idempotent)."""
     install(model, [bitplanes.FUNCTION, FUNCTION])

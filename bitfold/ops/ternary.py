@@ -66,10 +66,6 @@ def TernaryMatMul(X: FLOAT, P: UINT8, G: FLOAT) -> FLOAT:
 FUNCTION = TernaryMatMul.to_function_proto()
 
 
-def make_node(x: ir.Value, packed: ir.Value, gamma: ir.Value, name: str) -> ir.Node:
-    return ir.node(OP_TYPE, [x, packed, gamma], domain=DOMAIN, name=name)
-
-
 def ensure_function(model: ir.Model) -> None:
     """Add the op's ONNX functions and opset import to ``model`` (idempotent)."""
     install(model, [bitplanes.FUNCTION, FUNCTION])

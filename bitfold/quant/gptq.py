@@ -8,10 +8,14 @@ per block. ``damp`` adds damp · mean(diag H) to the diagonal. With ``act_order`
 decreasing diag(H); scale groups then keep their original column membership, with parameters fixed from the
 unquantized weights ("static groups"). Dead inputs (diag H = 0) get weight 0.
 
-The quantization grid is an argument: any :class:`~bitfold.quant.formats.Format` with a granularity.
+The quantization grid is an argument. :func:`gptq_loop` takes any :class:`Grid` (``fit`` a group of columns,
+``round`` one column): binary codes, powers of two, ternary or salient-plus-binary grids reuse the same loop.
+:func:`gptq` is the loop over a :class:`~bitfold.quant.formats.Format` with a granularity.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -19,11 +23,80 @@ import torch
 from bitfold.quant.formats import Format, Granularity, PerChannel, PerGroup, block_params, from_groups, to_groups
 
 
-def _column_params(w: np.ndarray, fmt: Format, granularity: Granularity, clip: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point for every element of w (N, K), constant within each scale group."""
-    blocks = to_groups(w, granularity)
-    scale, zero = block_params(blocks, fmt, clip=clip)
-    return tuple(from_groups(np.broadcast_to(p, blocks.shape), w.shape).copy() for p in (scale, zero))
+class Grid(Protocol):
+    """What the GPTQ loop rounds to. ``fit`` sees the current (error-updated) columns of each group before any of
+    them is rounded (only when the loop is given a group size); ``round`` maps one column (N,) to grid values."""
+
+    def fit(self, w: np.ndarray, start: int) -> None: ...
+
+    def round(self, w: np.ndarray, col: int) -> np.ndarray: ...
+
+
+def gptq_loop(
+    W: np.ndarray, H: np.ndarray, grid: Grid, *, group: int = 0, block_size: int = 128, damp: float = 0.01,
+    act_order: bool = False,
+) -> np.ndarray:  # fmt: skip
+    """Round W (N, K) column by column onto ``grid``, given H (K, K); returns the rounded W (N, K), float32.
+
+    ``group`` > 0: ``grid.fit`` is called at every ``group``-th column with the group's current columns (groups
+    follow column order, so not with ``act_order``). ``group`` = 0: the grid was fitted beforehand. ``round``
+    always receives the original column index.
+    """
+    if group and act_order:
+        raise ValueError("groups fitted during the loop follow column order; fit the grid beforehand for act_order")
+    W = torch.tensor(W, dtype=torch.float64)
+    H = torch.tensor(H, dtype=torch.float64).clone()
+    k = W.shape[1]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += torch.eye(k, dtype=H.dtype) * damp * torch.mean(torch.diag(H))
+    if group:
+        block_size = max(block_size // group, 1) * group  # a group never spans two blocks
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
+    W, H = W[:, perm], H[perm][:, perm]
+
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        E1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if group and col % group == 0:
+                grid.fit(W1[:, i : i + min(group, k - col)].numpy(), col)
+            w = W1[:, i]
+            q = torch.tensor(grid.round(w.numpy(), int(perm[col])), dtype=torch.float64)
+            Q[:, col] = q
+            e = (w - q) / U1[i, i]
+            W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
+            E1[:, i] = e
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    return Q[:, torch.argsort(perm)].float().numpy()
+
+
+
+class FormatGrid:
+    """A number format's grid: scale and zero point per row and column, fitted per group (or all at once)."""
+
+    def __init__(self, fmt: Format, shape: tuple[int, int], clip: bool) -> None:
+        self.fmt, self.clip = fmt, clip
+        self.scale, self.zero = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+
+    def params(self, w: np.ndarray, granularity: Granularity) -> tuple[np.ndarray, np.ndarray]:
+        """Scale and zero point of every element of w, constant within each scale group."""
+        blocks = to_groups(w, granularity)
+        scale, zero = block_params(blocks, self.fmt, clip=self.clip)
+        return tuple(from_groups(np.broadcast_to(p, blocks.shape), w.shape) for p in (scale, zero))
+
+    def fit(self, w: np.ndarray, start: int) -> None:
+        end = start + w.shape[1]
+        self.scale[:, start:end], self.zero[:, start:end] = self.params(w, PerChannel())
+
+    def round(self, w: np.ndarray, col: int) -> np.ndarray:
+        s, z = self.scale[:, col], self.zero[:, col]
+        return self.fmt.dequantize(self.fmt.quantize(w.astype(np.float32), s, z), s, z)
 
 
 def gptq(
@@ -40,51 +113,12 @@ def gptq(
     """Quantize W (N, K) given H (K, K). Returns (Q dequantized (N, K), scale (N, K), zero (N, K)).
 
     ``scale``/``zero`` are per element (constant within each scale group) so any emitter can re-derive codes.
+    Per-group scales follow the error-updated weights; with ``act_order`` (or per-channel/per-tensor scales) they
+    are fixed from the unquantized weights.
     """
-    W = torch.tensor(W, dtype=torch.float64)
-    H = torch.tensor(H, dtype=torch.float64).clone()
-    n, k = W.shape
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    H += torch.eye(k, dtype=H.dtype) * damp * torch.mean(torch.diag(H))
-
-    static = act_order or not isinstance(granularity, PerGroup)
-    if static:
-        scale, zero = (torch.tensor(p, dtype=torch.float64) for p in _column_params(W.numpy(), fmt, granularity, clip))
-    else:
-        scale, zero = torch.zeros_like(W), torch.zeros_like(W)
-        block_size = max(block_size // granularity.size, 1) * granularity.size  # a group never spans two blocks
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
-    W, H, scale, zero = W[:, perm], H[perm][:, perm], scale[:, perm], zero[:, perm]
-
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    Q = torch.zeros_like(W)
-    for i1 in range(0, k, block_size):
-        i2 = min(i1 + block_size, k)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-        E1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            col = i1 + i
-            if not static and col % granularity.size == 0:
-                end = min(col + granularity.size, k)
-                s, z = _column_params(W1[:, i : i + end - col].numpy(), fmt, PerChannel(), clip)
-                scale[:, col:end], zero[:, col:end] = torch.tensor(s), torch.tensor(z)
-            w = W1[:, i]
-            q = _round(w, scale[:, col], zero[:, col], fmt)
-            Q[:, col] = q
-            e = (w - q) / U1[i, i]
-            W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
-            E1[:, i] = e
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    inverse = torch.argsort(perm)
-    return (
-        Q[:, inverse].float().numpy(),
-        scale[:, inverse].float().numpy(),
-        zero[:, inverse].float().numpy(),
-    )
-
-
-def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: Format) -> torch.Tensor:
-    x, s, z = w.float().numpy(), scale.float().numpy(), zero.float().numpy()
-    return torch.tensor(fmt.dequantize(fmt.quantize(x, s, z), s, z), dtype=torch.float64)
+    grid = FormatGrid(fmt, W.shape, clip)
+    dynamic = isinstance(granularity, PerGroup) and not act_order
+    if not dynamic:
+        grid.scale[:], grid.zero[:] = grid.params(np.asarray(W, np.float64), granularity)
+    q = gptq_loop(W, H, grid, group=granularity.size if dynamic else 0, block_size=block_size, damp=damp, act_order=act_order)
+    return q, grid.scale.astype(np.float32), grid.zero.astype(np.float32)

@@ -35,6 +35,7 @@ import onnx_ir as ir
 
 from bitfold.passes.initializers import add_initializer, drop_if_unused
 from bitfold.passes.registry import BitfoldPass, register
+from bitfold.passes.transforms.structure import reads_graph_input
 
 _WEIGHT_AXIS = {"Conv": 0, "MatMul": 1}
 
@@ -106,7 +107,7 @@ class QuantizeActivations(BitfoldPass):
             x = node.inputs[0]
             if x.const_value is not None or (x.producer() is not None and x.producer().op_type == "DequantizeLinear"):
                 continue
-            if not self.config.graph_inputs and _reads_graph_input(x):
+            if not self.config.graph_inputs and reads_graph_input(x):
                 continue
             scope = (node.name or "", node.metadata_props.get("namespace", ""))
             if any(fnmatch.fnmatchcase(s, p) for p in self.config.exclude for s in scope):
@@ -238,19 +239,6 @@ def _mean_shift(node: ir.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarra
     if node.attributes.get_int("transB", 0):
         return delta @ mean
     return mean @ delta
-
-
-_LAYOUT_OPS = frozenset({"Pad", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
-
-
-def _reads_graph_input(x: ir.Value) -> bool:
-    """Whether ``x`` is a graph input, possibly behind ops that only move or pad its values."""
-    while not x.is_graph_input():
-        producer = x.producer()
-        if producer is None or producer.domain or producer.op_type not in _LAYOUT_OPS:
-            return False
-        x = producer.inputs[0]
-    return True
 
 
 def _output(node: ir.Node) -> ir.Value:

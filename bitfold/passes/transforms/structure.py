@@ -258,6 +258,27 @@ def shared_inputs(graph: ir.Graph, exclude: tuple[str, ...] = ()) -> list[tuple[
     return groups
 
 
+_LAYOUT_OPS = frozenset({"Pad", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+_OUTPUT_OPS = _LAYOUT_OPS | {"Add", "Cast"}
+
+
+def reads_graph_input(x: ir.Value) -> bool:
+    """Whether ``x`` is a graph input, possibly behind ops that only move or pad its values."""
+    while not x.is_graph_input():
+        producer = x.producer()
+        if producer is None or producer.domain or producer.op_type not in _LAYOUT_OPS:
+            return False
+        x = producer.inputs[0]
+    return True
+
+
+def feeds_graph_output(y: ir.Value) -> bool:
+    """Whether ``y`` reaches a graph output through layout ops, bias or residual Adds and Casts only (a head)."""
+    if y.is_graph_output():
+        return True
+    return any(not user.domain and user.op_type in _OUTPUT_OPS and feeds_graph_output(user.outputs[0]) for user, _ in y.uses())
+
+
 def matches(node: ir.Node, patterns: tuple[str, ...]) -> bool:
     """Whether an ``exclude`` glob matches the node's name or its torch module scope."""
     scope = (node.name or "", node.metadata_props.get("namespace", ""))

@@ -1,0 +1,186 @@
+"""What the multiplication-less passes share: which weights they rewrite, the Hessians GPTQ rounding reads,
+emitting a bitfold op (or fake-quantized weights), and counting the bits each weight costs as stored.
+
+Targets are ``MatMul(A, W)`` and plain ``Gemm(A, W[, C])`` (alpha = beta = 1, A not transposed; the bias becomes
+an Add after the op) with W a constant 2-D float initializer read by nothing else, and with
+``format = "fake"`` also ``Conv`` weights (reshaped to [C_out, C_in/groups · kernel], no Hessian). Left alone:
+weights matching an ``exclude`` glob (node, weight or torch module scope), low-rank branches pinned to float32,
+weights another pass already quantized, and with ``keep_ends`` (default) the first layers (reading a graph
+input, like a CNN's stem) and the head (reaching a graph output through bias/residual Adds and layout ops only).
+Embedding tables are Gathers and never touched.
+
+Bits per weight count every tensor the op reads besides the activation (codes, scales, means, salient masks and
+values) at its stored width, divided by K · N; the pipeline report shows the total and each rewritten node
+carries its own in ``bitfold.bits_per_weight``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import types
+from abc import abstractmethod
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx_ir as ir
+from tqdm.auto import tqdm
+
+from bitfold.ops.functions import DOMAIN
+from bitfold.passes.initializers import add_initializer, copy_type, drop_if_unused
+from bitfold.passes.quant.cast_precision import ISLAND_KEY
+from bitfold.passes.quant.quantize_weights import QUANTIZED_KEY
+from bitfold.passes.registry import BitfoldPass
+from bitfold.passes.transforms.structure import feeds_graph_output, reads_graph_input
+
+BITS_KEY = "bitfold.bits_per_weight"
+
+
+@dataclasses.dataclass(frozen=True)
+class MultlessConfig:
+    exclude: tuple[str, ...] = dataclasses.field(default=(), metadata={"doc": "globs on node name, weight name or torch module scope"})
+    keep_ends: bool = dataclasses.field(default=True, metadata={"doc": "leave layers reading a graph input and the head alone"})
+    gptq: bool = dataclasses.field(default=False, metadata={"doc": "round column by column with GPTQ error compensation (needs calibration)"})
+    damp: float = dataclasses.field(default=0.01, metadata={"doc": "GPTQ: Hessian dampening, fraction of mean diag"})
+    block_size: int = dataclasses.field(default=128, metadata={"doc": "GPTQ: columns per lazy-update block"})
+    format: Literal["op", "fake"] = dataclasses.field(default="op", metadata={"doc": "op: the bitfold op | fake: dequantized float weights (also Conv)"})
+
+
+@dataclasses.dataclass
+class Encoded:
+    """A solved weight: the dequantized (N, K) matrix and the op's tensors (after X, in input order) and attributes."""
+
+    dequantized: np.ndarray
+    tensors: dict[str, np.ndarray]
+    attributes: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def bits(self) -> int:
+        return 8 * sum(t.nbytes for t in self.tensors.values())
+
+
+class MultlessPass(BitfoldPass):
+    """Base class: subclasses set ``op`` (the op module) and implement ``solve``."""
+
+    family = "multless"
+    op: ClassVar[types.ModuleType]
+
+    @property
+    def uses_hessian(self) -> bool:
+        return self.config.gptq
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.uses_hessian
+
+    @property
+    def loop(self) -> dict[str, float]:
+        """GPTQ loop arguments."""
+        return {"damp": self.config.damp, "block_size": self.config.block_size}
+
+    @abstractmethod
+    def solve(self, wt: np.ndarray, hessian: np.ndarray | None) -> Encoded:
+        """Encode Wᵀ (N, K), given the input's Hessian when ``uses_hessian``."""
+
+    def rewrite(self, model: ir.Model) -> int:
+        targets = self.collect(model)
+        if not targets:
+            return 0
+        hessians = self._hessians(model, targets) if self.uses_hessian else {}
+        bits = weights = 0
+        for node in tqdm(targets, desc=self.name, leave=False, disable=len(targets) < 8):
+            w = node.inputs[1].const_value.numpy()
+            wt = _as_rows(node, w)
+            encoded = self.solve(wt.astype(np.float64), hessians.get(node.inputs[0].name))
+            bits, weights = bits + encoded.bits, weights + wt.size
+            self.fold(model, node, encoded, w)
+        self.notes.append(f"{len(targets)} weights, {bits / weights:.3f} bits per weight as stored (codes, scales, side tensors)")
+        return len(targets)
+
+    # -- collect ------------------------------------------------------------------------------------------------
+
+    def collect(self, model: ir.Model) -> list[ir.Node]:
+        found, convs = [], 0
+        for node in model.graph:
+            kinds = ("MatMul", "Gemm", "Conv") if self.config.format == "fake" else ("MatMul", "Gemm")
+            if node.op_type not in kinds or node.domain or len(node.inputs) < 2 or not _plain_gemm(node):
+                continue
+            if node.metadata_props.get(ISLAND_KEY) == "float32" or QUANTIZED_KEY in node.metadata_props or BITS_KEY in node.metadata_props:
+                continue
+            weight = node.inputs[1]
+            tensor = weight.const_value if weight is not None and weight.is_initializer() else None
+            rank = len(tensor.shape) if node.op_type == "Conv" and tensor is not None else 2
+            if tensor is None or len(tensor.shape) != rank or rank < 2 or tensor.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+                continue
+            if any(user is not node for user, _ in weight.uses()):
+                continue
+            scope = (node.name or "", weight.name or "", node.metadata_props.get("namespace", ""))
+            if any(fnmatch.fnmatchcase(s, p) for p in self.config.exclude for s in scope):
+                continue
+            if self.config.keep_ends and (reads_graph_input(node.inputs[0]) or feeds_graph_output(node.outputs[0])):
+                continue
+            if node.op_type == "Conv" and self.uses_hessian:
+                convs += 1
+                continue
+            found.append(node)
+        if convs:
+            self.notes.append(f"{convs} Conv weights left alone: GPTQ rounding needs a MatMul's input Hessian")
+        return found
+
+    def _hessians(self, model: ir.Model, targets: list[ir.Node]) -> dict[str, np.ndarray]:
+        inputs = sorted({node.inputs[0].name for node in targets})
+        stats = self.calibration.collect(model, inputs, gram=inputs)
+        return {name: s.gram for name, s in stats.items()}
+
+    # -- fold ---------------------------------------------------------------------------------------------------
+
+    def fold(self, model: ir.Model, node: ir.Node, encoded: Encoded, w: np.ndarray) -> None:
+        graph, weight = model.graph, node.inputs[1]
+        per_weight = f"{encoded.bits / w.size:.3f}"
+        if self.config.format == "fake" or node.op_type == "Conv":
+            dense = _from_rows(node, encoded.dequantized, w.shape)
+            node.replace_input_with(1, add_initializer(graph, f"{weight.name}_{self.name}", dense.astype(w.dtype)))
+            node.metadata_props[BITS_KEY] = per_weight
+            self.stamp(node, [node])
+        else:
+            inputs = [add_initializer(graph, f"{weight.name}_{suffix}", t) for suffix, t in encoded.tensors.items()]
+            new = ir.node(self.op.OP_TYPE, [node.inputs[0], *inputs], domain=DOMAIN, name=f"{node.name}_{self.name}",
+                          attributes=encoded.attributes)  # fmt: skip
+            new.metadata_props[BITS_KEY] = per_weight
+            added = [new]
+            if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+                added.append(ir.node("Add", [new.outputs[0], node.inputs[2]], name=f"{node.name}_bias"))
+            for n in added:
+                copy_type(n.outputs[0], node.outputs[0])
+                if "namespace" in node.metadata_props:
+                    n.metadata_props["namespace"] = node.metadata_props["namespace"]
+                self.stamp(n, [node])
+            ir.convenience.replace_nodes_and_values(graph, node, [node], added, node.outputs, added[-1].outputs)
+            self.op.ensure_function(model)
+        drop_if_unused(graph, weight)
+
+
+def _plain_gemm(node: ir.Node) -> bool:
+    """True for every non-Gemm node; for a Gemm, whether it is A · op(B) + C with no scaling or transposed A."""
+    if node.op_type != "Gemm":
+        return True
+    a = node.attributes
+    return a.get_float("alpha", 1.0) == 1.0 and a.get_float("beta", 1.0) == 1.0 and a.get_int("transA", 0) == 0
+
+
+def _as_rows(node: ir.Node, w: np.ndarray) -> np.ndarray:
+    """The weight as (N outputs, K inputs)."""
+    if node.op_type == "Conv":
+        return w.reshape(w.shape[0], -1)
+    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+        return w
+    return w.T
+
+
+def _from_rows(node: ir.Node, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of :func:`_as_rows`."""
+    if node.op_type == "Conv":
+        return rows.reshape(shape)
+    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+        return rows
+    return rows.T
