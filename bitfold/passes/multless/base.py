@@ -43,6 +43,7 @@ class MultlessConfig:
     gptq: bool = dataclasses.field(default=False, metadata={"doc": "round column by column with GPTQ error compensation (needs calibration)"})
     damp: float = dataclasses.field(default=0.01, metadata={"doc": "GPTQ: Hessian dampening, fraction of mean diag"})
     block_size: int = dataclasses.field(default=128, metadata={"doc": "GPTQ: columns per lazy-update block"})
+    sink_weight: float = dataclasses.field(default=1.0, metadata={"doc": "GPTQ: weight in H of each sequence's first token (attention sink)"})
     format: Literal["op", "fake"] = dataclasses.field(default="op", metadata={"doc": "op: the bitfold op | fake: dequantized float weights (also Conv)"})
 
 
@@ -129,7 +130,7 @@ class MultlessPass(BitfoldPass):
 
     def _hessians(self, model: ir.Model, targets: list[ir.Node]) -> dict[str, np.ndarray]:
         inputs = sorted({node.inputs[0].name for node in targets})
-        stats = self.calibration.collect(model, inputs, gram=inputs)
+        stats = self.calibration.collect(model, inputs, gram=inputs, sink_weight=self.config.sink_weight)
         return {name: s.gram for name, s in stats.items()}
 
     # -- fold ---------------------------------------------------------------------------------------------------
