@@ -33,16 +33,28 @@ def test_bcq_error_falls_with_q_and_gptq_beats_plain_rounding(layer):
     assert all(g < p for g, p in zip(loop, plain))
 
 
-def test_bcq_alternating_least_squares_beats_the_greedy_start(layer):
-    w = layer[0][:, :64]
-    greedy, als = bcq.fit(w, 3, iters=0), bcq.fit(w, 3, iters=10)
-    err = [np.linalg.norm(w - bcq.nearest(w, a)[0]) for a in (greedy, als)]
+def test_bcq_alternating_least_squares_beats_its_starts_and_weights_columns(layer):
+    w, _, h = layer
+    w = w[:, :64]
+    start, als = bcq.fit(w, 3, iters=0), bcq.fit(w, 3, iters=10)
+    err = [np.linalg.norm(w - bcq.nearest(w, a)[0]) for a in (start, als)]
     assert err[1] < err[0] * 0.95
+    d = np.diag(h)[:64]
+    weighted = bcq.fit(w, 3, importance=d)
+    werr = [(((w - bcq.nearest(w, a)[0]) ** 2) * d).sum() for a in (als, weighted)]
+    assert werr[1] < werr[0]
+
+
+def test_bcq_act_order_uses_static_groups_and_still_beats_rounding(layer):
+    w, x, h = layer
+    static = _err(w, _dense(*bcq.bcq(w, h, 3, 64, act_order=True), 64), x)
+    plain = _err(w, _dense(*bcq.bcq(w, None, 3, 64), 64), x)
+    assert static < plain
 
 
 def test_bcq_signs_and_scales_reproduce_the_rounded_columns(layer):
     w, _, h = layer
-    grid = bcq.BCQGrid(w.shape, 3, 64, 10, 2)
+    grid = bcq.BCQGrid(w.shape, 3, 64, 10, 2, np.diag(h).copy())
     from bitfold.quant.gptq import gptq_loop
 
     q = gptq_loop(w, h, grid, group=64)

@@ -43,6 +43,7 @@ class MultlessConfig:
     gptq: bool = dataclasses.field(default=False, metadata={"doc": "round column by column with GPTQ error compensation (needs calibration)"})
     damp: float = dataclasses.field(default=0.01, metadata={"doc": "GPTQ: Hessian dampening, fraction of mean diag"})
     block_size: int = dataclasses.field(default=128, metadata={"doc": "GPTQ: columns per lazy-update block"})
+    act_order: bool = dataclasses.field(default=True, metadata={"doc": "GPTQ: visit columns by decreasing Hessian diagonal"})
     sink_weight: float = dataclasses.field(default=1.0, metadata={"doc": "GPTQ: weight in H of each sequence's first token (attention sink)"})
     format: Literal["op", "fake"] = dataclasses.field(default="op", metadata={"doc": "op: the bitfold op | fake: dequantized float weights (also Conv)"})
 
@@ -77,7 +78,7 @@ class MultlessPass(BitfoldPass):
     @property
     def loop(self) -> dict[str, float]:
         """GPTQ loop arguments."""
-        return {"damp": self.config.damp, "block_size": self.config.block_size}
+        return {"damp": self.config.damp, "block_size": self.config.block_size, "act_order": self.config.act_order}
 
     @abstractmethod
     def solve(self, wt: np.ndarray, hessian: np.ndarray | None) -> Encoded:

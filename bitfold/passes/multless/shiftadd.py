@@ -2,7 +2,9 @@
 
 W ≈ Σ_{i<q} α_i ⊙ B_i with q sign planes and one α per plane, output and group of ``group_size`` inputs, α
 rounded to sums of ``alpha_terms`` powers of two (``bitfold.quant.bcq``: alternating least squares per group,
-fitted inside the GPTQ column loop on the error-updated weights). The op executes as table lookups and adds
+each column's error weighted by its input energy diag H, then every column rounded inside the GPTQ loop; with
+``act_order`` (default) columns go by decreasing diag H and α is fitted on the unquantized group first, without
+it each group is fitted on its error-updated columns). The op executes as table lookups and adds
 (``bitfold.ops.bcq``). Needs calibration (GPTQ rounding) unless ``gptq = false``.
 Guarantees: the op computes A · W for exactly the solver's signs and α (tested against the fake format); the
 weight error falls as q grows. Leaves alone: see ``bitfold.passes.multless.base``.
