@@ -48,6 +48,7 @@ TRANSFORMER_ROWS = [
     ("shift 4-bit code (RTN)", {"name": "shift", "bits": 4}, None),
     ("shift 4-bit code + GPTQ", {"name": "shift", "bits": 4, "gptq": True, **SINK}, None),
     ("ShiftAddLLM q=3 g128", {"name": "shiftadd", "q": 3, **SINK}, None),
+    ("ShiftAddLLM q=3 g128, float16 α", {"name": "shiftadd", "q": 3, "alpha_terms": 0, **SINK}, None),
     ("ShiftAddLLM q=2 g128", {"name": "shiftadd", "q": 2, **SINK}, None),
     ("binary, α = mean|W|", {"name": "binarize"}, None),
     ("PB-LLM ρ=10% (Hessian salience, GPTQ)", {"name": "binarize", "salient_ratio": 0.1, "salience": "hessian", "gptq": True, **SINK}, None),
