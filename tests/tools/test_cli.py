@@ -175,3 +175,17 @@ def test_exit_codes_from_a_real_process(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_multless_recipe_end_to_end_and_calibration_is_required(zoo_protos, tmp_path, capsys):
+    lm = bitfold.save(fresh(zoo_protos, "tiny-lm"), tmp_path / "lm.onnx")
+    recipe, out, report = tmp_path / "r.toml", tmp_path / "pb.onnx", tmp_path / "report.json"
+    recipe.write_text('[[pass]]\nname = "fold-constants"\n[[pass]]\nname = "binarize"\nsalient_ratio = 0.1\nsalience = "hessian"\ngptq = true\n')
+    _fails_cleanly(capsys, ["optimize", lm, "-r", recipe, "-o", out], "calibration", unchanged=[lm, recipe], absent=[out])
+    calibration = tmp_path / "calib.npz"
+    np.savez(calibration, input_ids=np.random.default_rng(0).integers(0, 96, (4, 1, 8)))
+    argv = ["optimize", lm, "-r", recipe, "-o", out, "--calibration", calibration, "--report", report, "--verify"]
+    assert main([str(a) for a in argv]) == 0
+    assert sum(n.op_type == "BinaryMatMul" for n in bitfold.load(out).graph) == 14
+    _, record = json.loads(report.read_text())["passes"]
+    assert any("bits per weight" in note for note in record["notes"])

@@ -102,7 +102,7 @@ class MultlessPass(BitfoldPass):
     # -- collect ------------------------------------------------------------------------------------------------
 
     def collect(self, model: ir.Model) -> list[ir.Node]:
-        found, convs = [], 0
+        found, convs, computed = [], 0, 0
         for node in model.graph:
             kinds = ("MatMul", "Gemm", "Conv") if self.config.format == "fake" else ("MatMul", "Gemm")
             if node.op_type not in kinds or node.domain or len(node.inputs) < 2 or not _plain_gemm(node):
@@ -111,6 +111,8 @@ class MultlessPass(BitfoldPass):
                 continue
             weight = node.inputs[1]
             tensor = weight.const_value if weight is not None and weight.is_initializer() else None
+            if tensor is None and weight is not None and weight.producer() is not None and weight.producer().op_type == "Transpose":
+                computed += 1
             rank = len(tensor.shape) if node.op_type == "Conv" and tensor is not None else 2
             if tensor is None or len(tensor.shape) != rank or rank < 2 or tensor.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
                 continue
@@ -125,6 +127,8 @@ class MultlessPass(BitfoldPass):
                 convs += 1
                 continue
             found.append(node)
+        if computed:
+            self.notes.append(f"{computed} weights are computed (Transpose of a constant): run fold-constants first")
         if convs:
             self.notes.append(f"{convs} Conv weights left alone: GPTQ rounding needs a MatMul's input Hessian")
         return found

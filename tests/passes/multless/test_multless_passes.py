@@ -148,3 +148,10 @@ def test_gptq_without_calibration_is_refused(lm):
 
     with pytest.raises(BitfoldError, match="calibration"):
         bitfold.optimize(bitfold.clone(lm[0]), ["shiftadd"])
+
+
+def test_weights_behind_a_transpose_are_named_in_a_note(zoo_protos):
+    raw = fresh(zoo_protos, "tiny-lm")
+    _, report = bitfold.optimize(raw, ["shift"])
+    assert not report.passes[0].modified
+    assert any("run fold-constants first" in note for note in report.passes[0].notes)
