@@ -8,7 +8,7 @@ background sentences; EfficientNet-Lite0 top-1 agreement with fp32 over 500 phot
 from a Q4_1 GGUF (32-element blocks with an offset); no row uses 32-element groups. The LM head (and, by the
 passes' ``keep_ends`` default, layers reading a graph input) stay fp32. Transformer rows run the emitted bitfold
 ops through their ONNX functions under ONNX Runtime; EfficientNet's Conv weights use ``format = fake`` (the ops
-are MatMuls).
+are MatMuls); two RTN rows on the same Conv weights give context (bits over a typical 144-element kernel).
 
 Bits per weight count codes, scales, means and salient masks/values at their stored width over K · N (GPTQ:
 codes + one fp32 scale per group of 128, asymmetric rows + a zero point). Writes
@@ -28,6 +28,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import onnx_ir as ir  # noqa: E402
 
 import bitfold  # noqa: E402
 from bitfold.eval.models import efficientnet_lite0, export_minilm, export_smollm2  # noqa: E402
@@ -58,11 +59,27 @@ TRANSFORMER_ROWS = [
     ("ternary b1.58 per-channel + GPTQ", {"name": "ternarize", "per_channel": True, "gptq": True, **SINK}, None),
 ]
 CNN_ROWS = [
+    ("RTN int4 per-channel (context)", lambda m: (_rtn_convs(m, 4), None), 4 + 32 / 144),
+    ("RTN int8 per-channel (context)", lambda m: (_rtn_convs(m, 8), None), 8 + 32 / 144),
     ("shift 4-bit code", {"name": "shift", "bits": 4, "format": "fake"}, None),
+    ("shift 4-bit code, DenseShift", {"name": "shift", "bits": 4, "zero": False, "format": "fake"}, None),
     ("shift 3-bit code", {"name": "shift", "bits": 3, "format": "fake"}, None),
     ("ternary b1.58 per-channel", {"name": "ternarize", "per_channel": True, "format": "fake"}, None),
     ("binary, α = mean|W|", {"name": "binarize", "format": "fake"}, None),
 ]
+
+
+def _rtn_convs(model, bits: int):
+    """Context row for the CNN: every Conv weight but the stem's, RTN per output channel (fake-quantized)."""
+    from bitfold.passes.transforms.structure import reads_graph_input
+    from bitfold.quant.formats import PerChannel, format_from, rtn
+
+    for node in model.graph:
+        if node.op_type == "Conv" and not reads_graph_input(node.inputs[0]):
+            w = node.inputs[1].const_value.numpy()
+            q = rtn(w.reshape(w.shape[0], -1), format_from(f"int{bits}"), PerChannel())[0].reshape(w.shape)
+            node.inputs[1].const_value = ir.tensor(q.astype(w.dtype), name=node.inputs[1].name)
+    return model
 
 
 def _bits(report: bitfold.pipeline.PipelineReport) -> float | None:
@@ -85,10 +102,10 @@ def _table(name: str, fp32, calibration, score, rows, only: str | None) -> list[
         if only and only not in label:
             continue
         start = time.perf_counter()
-        model, report = bitfold.optimize(bitfold.clone(fp32), [step], calibration)
+        model, report = step(bitfold.clone(fp32)) if callable(step) else bitfold.optimize(bitfold.clone(fp32), [step], calibration)
         solve = time.perf_counter() - start
         out.append({"model": name, "variant": label, "value": score(model), "bits": bits if bits is not None else _bits(report),
-                    "seconds": round(solve, 1), "step": step})  # fmt: skip
+                    "seconds": round(solve, 1), "step": "see _rtn_convs" if callable(step) else step})  # fmt: skip
         print(out[-1], flush=True)
     return out
 

@@ -83,7 +83,7 @@ class BCQGrid:
         self.alpha = np.zeros((q, n, -(-k // group)))
         self.signs = np.zeros((q, n, k))
 
-    def fit(self, w: np.ndarray, start: int) -> None:
+    def fit(self, w: np.ndarray, start: int, u_diag: np.ndarray | None = None) -> None:
         d = None if self.importance is None else self.importance[start : start + w.shape[1]]
         self.alpha[:, :, start // self.group] = pow2_sum(fit(w, self.q, self.iters, d), self.terms).T
 

@@ -66,9 +66,6 @@ class _BinaryGrid:
         self.signs = np.zeros((len(alpha), len(mean), k))
         self.codes = np.zeros((len(mean), k))
 
-    def fit(self, w: np.ndarray, start: int) -> None:
-        raise NotImplementedError("binary scales are per row, fixed before the loop")
-
     def round(self, w: np.ndarray, col: int) -> np.ndarray:
         values, signs = bcq.nearest((w - self.mean)[:, None], self.alpha.T)
         self.signs[:, :, col] = signs[:, 0, :].T
@@ -112,9 +109,6 @@ class _TernaryGrid:
     def __init__(self, gamma: np.ndarray, k: int) -> None:
         self.gamma = gamma
         self.trits = np.zeros((len(gamma), k))
-
-    def fit(self, w: np.ndarray, start: int) -> None:
-        raise NotImplementedError("ternary scales are fixed before the loop")
 
     def round(self, w: np.ndarray, col: int) -> np.ndarray:
         self.trits[:, col] = np.clip(np.round(w / self.gamma), -1, 1)

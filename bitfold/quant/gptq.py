@@ -24,16 +24,21 @@ from bitfold.quant.formats import Format, Granularity, PerChannel, PerGroup, blo
 
 
 class Grid(Protocol):
-    """What the GPTQ loop rounds to. ``fit`` sees the current (error-updated) columns of each group before any of
-    them is rounded (only when the loop is given a group size); ``round`` maps one column (N,) to grid values."""
-
-    def fit(self, w: np.ndarray, start: int) -> None: ...
+    """What the GPTQ loop rounds to: ``round`` maps one column (N,) to grid values (or prunes it)."""
 
     def round(self, w: np.ndarray, col: int) -> np.ndarray: ...
 
 
+class GroupGrid(Grid, Protocol):
+    """A grid fitted per group of columns: ``fit`` sees a group's current (error-updated) columns before any of
+    them is rounded, with the diagonal of the inverse-Hessian Cholesky factor for those columns (the OBS
+    denominators: the error of zeroing or rounding w_j costs w_j² / U_jj²)."""
+
+    def fit(self, w: np.ndarray, start: int, u_diag: np.ndarray) -> None: ...
+
+
 def gptq_loop(
-    W: np.ndarray, H: np.ndarray, grid: Grid, *, group: int = 0, block_size: int = 128, damp: float = 0.01,
+    W: np.ndarray, H: np.ndarray, grid: Grid | GroupGrid, *, group: int = 0, block_size: int = 128, damp: float = 0.01,
     act_order: bool = False,
 ) -> np.ndarray:  # fmt: skip
     """Round W (N, K) column by column onto ``grid``, given H (K, K); returns the rounded W (N, K), float32.
@@ -65,7 +70,8 @@ def gptq_loop(
         for i in range(i2 - i1):
             col = i1 + i
             if group and col % group == 0:
-                grid.fit(W1[:, i : i + min(group, k - col)].numpy(), col)
+                end = i + min(group, k - col)
+                grid.fit(W1[:, i:end].numpy(), col, torch.diag(U1)[i:end].numpy())
             w = W1[:, i]
             q = torch.tensor(grid.round(w.numpy(), int(perm[col])), dtype=torch.float64)
             Q[:, col] = q
@@ -90,7 +96,7 @@ class FormatGrid:
         scale, zero = block_params(blocks, self.fmt, clip=self.clip)
         return tuple(from_groups(np.broadcast_to(p, blocks.shape), w.shape) for p in (scale, zero))
 
-    def fit(self, w: np.ndarray, start: int) -> None:
+    def fit(self, w: np.ndarray, start: int, u_diag: np.ndarray) -> None:
         end = start + w.shape[1]
         self.scale[:, start:end], self.zero[:, start:end] = self.params(w, PerChannel())
 

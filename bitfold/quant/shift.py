@@ -51,9 +51,6 @@ class ShiftGrid:
         self.s, self.bits, self.zero = scale, bits, zero
         self.U = np.zeros((len(scale), k))
 
-    def fit(self, w: np.ndarray, start: int) -> None:
-        raise NotImplementedError("power-of-two scales are per row, fixed before the loop")
-
     def round(self, w: np.ndarray, col: int) -> np.ndarray:
         self.U[:, col] = pow2_round(w / self.s, self.bits, self.zero)
         return self.s * self.U[:, col]
