@@ -30,7 +30,7 @@ from bitfold.ops.functions import DOMAIN
 from bitfold.passes.initializers import add_initializer, copy_type, drop_if_unused
 from bitfold.passes.quant.cast_precision import ISLAND_KEY
 from bitfold.passes.quant.quantize_weights import QUANTIZED_KEY
-from bitfold.passes.registry import BitfoldPass
+from bitfold.passes.registry import PASS_KEY, BitfoldPass
 from bitfold.passes.transforms.structure import feeds_graph_output, reads_graph_input
 
 BITS_KEY = "bitfold.bits_per_weight"
@@ -61,8 +61,9 @@ class Encoded:
         return 8 * sum(t.nbytes for t in self.tensors.values())
 
 
-class MultlessPass(BitfoldPass):
-    """Base class: subclasses set ``op`` (the op module) and implement ``solve``."""
+class WeightPass(BitfoldPass):
+    """Base class of passes that rewrite weights one layer at a time: subclasses implement ``solve_node`` and set
+    ``op`` (the op module) when ``emits_op``."""
 
     family = "multless"
     op: ClassVar[types.ModuleType]
@@ -70,6 +71,11 @@ class MultlessPass(BitfoldPass):
     @property
     def uses_hessian(self) -> bool:
         return self.config.gptq
+
+    @property
+    def emits_op(self) -> bool:
+        """Whether weights become the bitfold op (else they stay float, rewritten in place)."""
+        return self.config.format == "op"
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
@@ -81,8 +87,11 @@ class MultlessPass(BitfoldPass):
         return {"damp": self.config.damp, "block_size": self.config.block_size, "act_order": self.config.act_order}
 
     @abstractmethod
-    def solve(self, wt: np.ndarray, hessian: np.ndarray | None) -> Encoded:
-        """Encode Wᵀ (N, K), given the input's Hessian when ``uses_hessian``."""
+    def solve_node(self, node: ir.Node, wt: np.ndarray, hessian: np.ndarray | None) -> Encoded:
+        """Encode Wᵀ (N, K) of ``node``, given the input's Hessian when ``uses_hessian``."""
+
+    def summary(self, count: int, bits: int, weights: int) -> str:
+        return f"{count} weights, {bits / weights:.3f} bits per weight as stored (codes, scales, side tensors)"
 
     def rewrite(self, model: ir.Model) -> int:
         targets = self.collect(model)
@@ -93,10 +102,10 @@ class MultlessPass(BitfoldPass):
         for node in tqdm(targets, desc=self.name, leave=False, disable=len(targets) < 8):
             w = node.inputs[1].const_value.numpy()
             wt = _as_rows(node, w)
-            encoded = self.solve(wt.astype(np.float64), hessians.get(node.inputs[0].name))
+            encoded = self.solve_node(node, wt.astype(np.float64), hessians.get(node.inputs[0].name))
             bits, weights = bits + encoded.bits, weights + wt.size
             self.fold(model, node, encoded, w)
-        self.notes.append(f"{len(targets)} weights, {bits / weights:.3f} bits per weight as stored (codes, scales, side tensors)")
+        self.notes.append(self.summary(len(targets), bits, weights))
         return len(targets)
 
     # -- collect ------------------------------------------------------------------------------------------------
@@ -104,14 +113,16 @@ class MultlessPass(BitfoldPass):
     def collect(self, model: ir.Model) -> list[ir.Node]:
         found, convs, computed = [], 0, 0
         for node in model.graph:
-            kinds = ("MatMul", "Gemm", "Conv") if self.config.format == "fake" else ("MatMul", "Gemm")
+            kinds = ("MatMul", "Gemm") if self.emits_op else ("MatMul", "Gemm", "Conv")
             if node.op_type not in kinds or node.domain or len(node.inputs) < 2 or not _plain_gemm(node):
                 continue
-            if node.metadata_props.get(ISLAND_KEY) == "float32" or QUANTIZED_KEY in node.metadata_props or BITS_KEY in node.metadata_props:
+            props = node.metadata_props
+            if props.get(ISLAND_KEY) == "float32" or QUANTIZED_KEY in props or BITS_KEY in props or props.get(PASS_KEY) == self.name:
                 continue
             weight = node.inputs[1]
             tensor = weight.const_value if weight is not None and weight.is_initializer() else None
-            if tensor is None and weight is not None and weight.producer() is not None and weight.producer().op_type == "Transpose":
+            producer = weight.producer() if weight is not None else None
+            if tensor is None and producer is not None and producer.op_type == "Transpose" and producer.inputs[0].is_initializer():
                 computed += 1
             rank = len(tensor.shape) if node.op_type == "Conv" and tensor is not None else 2
             if tensor is None or len(tensor.shape) != rank or rank < 2 or tensor.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
@@ -143,10 +154,11 @@ class MultlessPass(BitfoldPass):
     def fold(self, model: ir.Model, node: ir.Node, encoded: Encoded, w: np.ndarray) -> None:
         graph, weight = model.graph, node.inputs[1]
         per_weight = f"{encoded.bits / w.size:.3f}"
-        if self.config.format == "fake" or node.op_type == "Conv":
+        if not self.emits_op or node.op_type == "Conv":
             dense = _from_rows(node, encoded.dequantized, w.shape)
             node.replace_input_with(1, add_initializer(graph, f"{weight.name}_{self.name}", dense.astype(w.dtype)))
-            node.metadata_props[BITS_KEY] = per_weight
+            if encoded.tensors:
+                node.metadata_props[BITS_KEY] = per_weight
             self.stamp(node, [node])
         else:
             inputs = [add_initializer(graph, f"{weight.name}_{suffix}", t) for suffix, t in encoded.tensors.items()]
@@ -190,3 +202,14 @@ def _from_rows(node: ir.Node, rows: np.ndarray, shape: tuple[int, ...]) -> np.nd
     if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
         return rows
     return rows.T
+
+
+class MultlessPass(WeightPass):
+    """A weight pass whose encoding is the same for every layer: subclasses implement ``solve``."""
+
+    @abstractmethod
+    def solve(self, wt: np.ndarray, hessian: np.ndarray | None) -> Encoded:
+        """Encode Wᵀ (N, K), given the input's Hessian when ``uses_hessian``."""
+
+    def solve_node(self, node: ir.Node, wt: np.ndarray, hessian: np.ndarray | None) -> Encoded:
+        return self.solve(wt, hessian)

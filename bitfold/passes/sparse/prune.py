@@ -1,0 +1,97 @@
+"""prune: zero weights of MatMul/Gemm (and Conv, without calibration statistics) by magnitude, Wanda or SparseGPT
+under an unstructured, N:M or block pattern.
+
+``pattern`` is ``unstructured:<ratio>``, ``nm:<N>:<M>`` (at most N non-zeros per M consecutive inputs of an
+output, e.g. ``nm:2:4``) or ``block:<rows>x<cols>:<ratio>`` (whole tiles of outputs × inputs);
+``overrides = ["<glob>=<pattern>", ...]`` sets another pattern for the layers a glob matches (node, weight or
+torch module scope; first match wins). Methods (``bitfold.quant.sparse``): ``magnitude`` (per layer),
+``wanda`` (|W|·‖X_j‖₂ within each output row; needs calibration), ``sparsegpt`` (OBS updates through the GPTQ
+loop; needs calibration), which can quantize the kept weights in the same pass (``bits`` > 0: symmetric integers,
+``group_size`` per scale, written back dequantized). The weights stay dense float with zeros (``masked``), which
+any runtime runs. Guarantees: the pattern holds exactly (every N:M group, the exact count of weights or tiles).
+Leaves alone: what ``bitfold.passes.multless.base`` leaves alone (``exclude``, ``keep_ends``), Conv weights
+under Wanda/SparseGPT. The report notes the zero fraction achieved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from bitfold.passes.multless.base import Encoded, WeightPass
+from bitfold.passes.registry import register
+from bitfold.quant import sparse
+from bitfold.quant.formats import format_from, granularity_from
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+    method: Literal["magnitude", "wanda", "sparsegpt"] = dataclasses.field(default="sparsegpt", metadata={"doc": "magnitude | wanda | sparsegpt"})
+    pattern: str = dataclasses.field(default="unstructured:0.5", metadata={"doc": "unstructured:<ratio> | nm:<N>:<M> | block:<rows>x<cols>:<ratio>"})
+    overrides: tuple[str, ...] = dataclasses.field(default=(), metadata={"doc": "per-layer patterns, '<glob>=<pattern>'"})
+    exclude: tuple[str, ...] = dataclasses.field(default=(), metadata={"doc": "globs on node name, weight name or torch module scope"})
+    keep_ends: bool = dataclasses.field(default=True, metadata={"doc": "leave layers reading a graph input and the head alone"})
+    bits: int = dataclasses.field(default=0, metadata={"doc": "sparsegpt: also quantize kept weights to this many bits (0: no)"})
+    group_size: int = dataclasses.field(default=128, metadata={"doc": "sparsegpt with bits: elements per scale; -1 per channel"})
+    damp: float = dataclasses.field(default=0.01, metadata={"doc": "sparsegpt: Hessian dampening, fraction of mean diag"})
+    block_size: int = dataclasses.field(default=128, metadata={"doc": "sparsegpt: columns per mask decision (unstructured)"})
+    sink_weight: float = dataclasses.field(default=1.0, metadata={"doc": "weight in H of each sequence's first token (attention sink)"})
+
+    def __post_init__(self) -> None:
+        sparse.parse_pattern(self.pattern)
+        for item in self.overrides:
+            glob, sep, pattern = item.partition("=")
+            if not sep or not glob:
+                raise ValueError(f"override '{item}' must read '<glob>=<pattern>'")
+            sparse.parse_pattern(pattern)
+        if self.bits and (self.method != "sparsegpt" or self.bits not in (2, 3, 4, 8)):
+            raise ValueError("bits (joint quantization) is 2, 3, 4 or 8 and needs method = \"sparsegpt\"")
+
+
+@register
+class Prune(WeightPass):
+    """Zero weights by magnitude, Wanda or SparseGPT under unstructured, N:M or block patterns (dense, masked)."""
+
+    name = "prune"
+    family = "sparse"
+    Config = PruneConfig
+
+    @property
+    def uses_hessian(self) -> bool:
+        return self.config.method != "magnitude"
+
+    @property
+    def emits_op(self) -> bool:
+        return False
+
+    def rewrite(self, model: ir.Model) -> int:
+        self._zeros = self._total = 0
+        return super().rewrite(model)
+
+    def pattern_for(self, node: ir.Node) -> sparse.Pattern:
+        scope = (node.name or "", node.inputs[1].name or "", node.metadata_props.get("namespace", ""))
+        for item in self.config.overrides:
+            glob, _, pattern = item.partition("=")
+            if any(fnmatch.fnmatchcase(s, glob) for s in scope):
+                return sparse.parse_pattern(pattern)
+        return sparse.parse_pattern(self.config.pattern)
+
+    def solve_node(self, node: ir.Node, wt: np.ndarray, hessian: np.ndarray | None) -> Encoded:
+        pattern, c = self.pattern_for(node), self.config
+        if c.method == "sparsegpt":
+            fmt = format_from(f"int{c.bits}") if c.bits else None
+            pruned, mask = sparse.sparsegpt(wt, hessian, pattern, fmt=fmt, granularity=granularity_from(c.group_size),
+                                            block=c.block_size, damp=c.damp)  # fmt: skip
+        else:
+            mask = sparse.select(sparse.scores(wt, hessian, c.method), pattern, per_row=c.method == "wanda")
+            pruned = wt * mask
+        self._zeros += int((~mask).sum())
+        self._total += mask.size
+        return Encoded(pruned, {})
+
+    def summary(self, count: int, bits: int, weights: int) -> str:
+        return f"{count} weights, {self._zeros / self._total:.4f} of their elements zero"
