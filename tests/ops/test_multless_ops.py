@@ -124,3 +124,24 @@ def test_functions_import_the_model_opset():
     p, s = shift.pack(np.ones((8, 2)), np.ones(2), 3, True)
     got = _run(shift, 8, [p, s], x, opset=13, zero=1)
     np.testing.assert_allclose(got, np.full((1, 2), 8.0))
+
+
+@pytest.mark.parametrize("k,n_out", [(8, 3), (13, 5), (64, 4), (101, 2)])
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 3)])
+def test_sparse_nm_layout_reference_equals_ort_function_equals_dense(k, n_out, n, m):
+    from bitfold.ops import sparse
+    from bitfold.quant.sparse import NM, select
+
+    rng = np.random.default_rng(k + n + m)
+    w = rng.standard_normal((n_out, k))
+    w = (w * select(np.abs(w), NM(n, m), per_row=True)).T.astype(np.float32)  # [K, N]
+    w[0, 0] = 0.0  # a group with fewer non-zeros than n
+    values, index = sparse.pack(w, n, m)
+    assert values.shape == (-(-k // m) * n, n_out) and index.shape[0] == sparse.index_bits(m)
+    np.testing.assert_array_equal(sparse.unpack(values, index, k, n, m), w)
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    dense = x.astype(np.float64) @ w
+    _close(sparse.evaluate(x, values, index, n, m), dense)
+    _close(_run(sparse, k, [values, index], x, n=n, m=m), dense)
+    with pytest.raises(ValueError, match="sparse"):
+        sparse.pack(np.ones((8, 2), np.float32), n, m)

@@ -154,7 +154,7 @@ class WeightPass(BitfoldPass):
     def fold(self, model: ir.Model, node: ir.Node, encoded: Encoded, w: np.ndarray) -> None:
         graph, weight = model.graph, node.inputs[1]
         per_weight = f"{encoded.bits / w.size:.3f}"
-        if not self.emits_op or node.op_type == "Conv":
+        if not (self.emits_op and encoded.tensors) or node.op_type == "Conv":
             dense = _from_rows(node, encoded.dequantized, w.shape)
             node.replace_input_with(1, add_initializer(graph, f"{weight.name}_{self.name}", dense.astype(w.dtype)))
             if encoded.tensors:

@@ -7,8 +7,9 @@ output, e.g. ``nm:2:4``) or ``block:<rows>x<cols>:<ratio>`` (whole tiles of outp
 torch module scope; first match wins). Methods (``bitfold.quant.sparse``): ``magnitude`` (per layer),
 ``wanda`` (|W|·‖X_j‖₂ within each output row; needs calibration), ``sparsegpt`` (OBS updates through the GPTQ
 loop; needs calibration), which can quantize the kept weights in the same pass (``bits`` > 0: symmetric integers,
-``group_size`` per scale, written back dequantized). The weights stay dense float with zeros (``masked``), which
-any runtime runs. Guarantees: the pattern holds exactly (every N:M group, the exact count of weights or tiles).
+``group_size`` per scale, written back dequantized). ``format = "masked"`` keeps the weights dense float with
+zeros, which any runtime runs; ``format = "sparse"`` emits ``bitfold.SparseMatMul`` (compressed N:M layout:
+values plus b-bit positions) for N:M layers and keeps the others masked. Guarantees: the pattern holds exactly (every N:M group, the exact count of weights or tiles).
 Leaves alone: what ``bitfold.passes.multless.base`` leaves alone (``exclude``, ``keep_ends``), Conv weights
 under Wanda/SparseGPT. The report notes the zero fraction achieved.
 """
@@ -22,6 +23,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from bitfold.ops import sparse as sparse_op
 from bitfold.passes.multless.base import Encoded, WeightPass
 from bitfold.passes.registry import register
 from bitfold.quant import sparse
@@ -40,6 +42,7 @@ class PruneConfig:
     damp: float = dataclasses.field(default=0.01, metadata={"doc": "sparsegpt: Hessian dampening, fraction of mean diag"})
     block_size: int = dataclasses.field(default=128, metadata={"doc": "sparsegpt: columns per mask decision (unstructured)"})
     sink_weight: float = dataclasses.field(default=1.0, metadata={"doc": "weight in H of each sequence's first token (attention sink)"})
+    format: Literal["masked", "sparse"] = dataclasses.field(default="masked", metadata={"doc": "masked: dense with zeros | sparse: bitfold.SparseMatMul for N:M"})
 
     def __post_init__(self) -> None:
         sparse.parse_pattern(self.pattern)
@@ -64,9 +67,11 @@ class Prune(WeightPass):
     def uses_hessian(self) -> bool:
         return self.config.method != "magnitude"
 
+    op = sparse_op
+
     @property
     def emits_op(self) -> bool:
-        return False
+        return self.config.format == "sparse"
 
     def rewrite(self, model: ir.Model) -> int:
         self._zeros = self._total = 0
@@ -91,6 +96,9 @@ class Prune(WeightPass):
             pruned = wt * mask
         self._zeros += int((~mask).sum())
         self._total += mask.size
+        if self.emits_op and isinstance(pattern, sparse.NM):
+            values, index = sparse_op.pack(pruned.T.astype(np.float32), pattern.n, pattern.m)
+            return Encoded(pruned, {"values": values, "index": index}, {"n": pattern.n, "m": pattern.m})
         return Encoded(pruned, {})
 
     def summary(self, count: int, bits: int, weights: int) -> str:

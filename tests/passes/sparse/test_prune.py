@@ -89,3 +89,12 @@ def test_joint_int4_quantization(lm):
 def test_bad_parameters_name_the_fix(params, match):
     with pytest.raises(PassParameterError, match=match):
         bitfold.passes.create("prune", params)
+
+
+def test_sparse_format_emits_the_compressed_op_for_nm_layers(lm):
+    model, feeds, calibration, _ = lm
+    step = {"name": "prune", "method": "wanda", "pattern": "nm:2:4", "overrides": ["*node_linear_3*=unstructured:0.5"]}
+    masked, _ = bitfold.optimize(bitfold.clone(model), [step], calibration)
+    packed, report = bitfold.optimize(bitfold.clone(model), [{**step, "format": "sparse"}], calibration, verify=True)
+    assert report.output["ops"]["bitfold::SparseMatMul"] == 13  # the unstructured override stays masked
+    np.testing.assert_allclose(_out(packed, feeds), _out(masked, feeds), rtol=1e-5, atol=1e-5)
