@@ -1,5 +1,6 @@
 """Pruning SmolLM2-135M and MiniLM: magnitude, Wanda and SparseGPT at 50 % unstructured, 2:4, 4:8 and 70 %
-unstructured, and SparseGPT with joint int4 quantization (sparse + W4).
+unstructured, SparseGPT with joint int4 quantization (sparse + W4), and SqueezeLLM's dense-and-sparse W3 (0.5 %
+float16 outliers) against GPTQ W3.
 
 Protocol (bitfold.eval.tasks): SmolLM2 on the Lee corpus, 512-token windows 0-15 scored, calibration from windows
 139-146 (first-token weight 64 in H, as the GPTQ rows of the quantization table); MiniLM cosine to fp32 over the
@@ -35,6 +36,9 @@ ROWS = [(f"{method} {label}", {"name": "prune", "method": method, "pattern": pat
 ROWS += [
     ("sparsegpt 50% unstructured + W4 g128", {"name": "prune", "method": "sparsegpt", "pattern": "unstructured:0.5", "bits": 4}),
     ("sparsegpt 2:4 + W4 g128", {"name": "prune", "method": "sparsegpt", "pattern": "nm:2:4", "bits": 4}),
+    ("GPTQ W3 g128 (dense)", {"name": "quantize-weights", "method": "gptq", "bits": 3, "group_size": 128, "act_order": True,
+                              "format": "fake", "exclude": ["*lm_head*"]}),
+    ("dense-and-sparse W3 g128, 0.5% float16 outliers", {"name": "split-outliers", "ratio": 0.005, "bits": 3}),
 ]
 
 
@@ -45,10 +49,10 @@ def _table(name: str, fp32, calibration, score, only: str | None, sink: float) -
         if only and only not in label:
             continue
         start = time.perf_counter()
-        step = {**step, "sink_weight": sink} if step["method"] != "magnitude" else step
+        step = {**step, "sink_weight": sink} if step.get("method") != "magnitude" else step
         model, report = bitfold.optimize(bitfold.clone(fp32), [step], calibration)
         out.append({"model": name, "variant": label, "value": score(model), "seconds": round(time.perf_counter() - start, 1),
-                    "note": report.passes[0].notes[-1], "step": step})  # fmt: skip
+                    "note": (report.passes[0].notes or [""])[-1], "step": step})  # fmt: skip
         print(out[-1], flush=True)
     return out
 

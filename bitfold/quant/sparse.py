@@ -162,3 +162,30 @@ def sparsegpt(
     grid = PruneGrid(W.shape, pattern, quant)
     q = gptq_loop(W, H, grid, group=group_of(pattern, block), block_size=max(block, group_of(pattern, block)), damp=damp)
     return q, grid.mask
+
+
+class _OutlierGrid:
+    """Outliers stay exact (float16); everything else rounds onto a number format's grid."""
+
+    def __init__(self, mask: np.ndarray, quant: FormatGrid) -> None:
+        self.mask, self.quant = mask, quant
+
+    def round(self, w: np.ndarray, col: int) -> np.ndarray:
+        exact = w.astype(np.float16).astype(np.float64)
+        return np.where(self.mask[:, col], exact, self.quant.round(w, col))
+
+
+def dense_and_sparse(
+    W: np.ndarray, H: np.ndarray | None, fmt: Format, granularity: Granularity, ratio: float, **loop: float
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """SqueezeLLM's dense-and-sparse split of W (N, K): the top ``ratio`` of weights by magnitude stay float16 (a
+    sparse side matrix), the rest is quantized on a grid fitted without them, so outliers no longer stretch the
+    ranges; with H the columns are rounded by the GPTQ loop. Returns (weights (N, K), outlier mask (N, K))."""
+    W = np.asarray(W, np.float64)
+    mask = ~_drop_lowest(-np.abs(W), round(ratio * W.size))
+    quant = FormatGrid(fmt, W.shape, clip=False)
+    quant.scale[:], quant.zero[:] = quant.params(np.where(mask, 0.0, W), granularity)
+    grid = _OutlierGrid(mask, quant)
+    if H is None:
+        return np.stack([grid.round(W[:, col], col) for col in range(W.shape[1])], axis=1), mask
+    return gptq_loop(W, H, grid, **loop), mask

@@ -96,3 +96,17 @@ def test_joint_quantization_keeps_the_mask_and_the_grid(layer):
     assert (q[~keep] == 0).all()
     assert all(len(np.unique(np.round(row, 7))) <= 16 for row in q)  # int4 per channel: at most 16 levels a row
     assert _err(w, q, x) < 0.6
+
+
+def test_dense_and_sparse_keeps_outliers_and_beats_plain_gptq(layer):
+    from bitfold.quant.gptq import gptq
+
+    w, x, h = layer
+    w = w.copy()
+    w[np.random.default_rng(3).random(w.shape) < 0.005] *= 20  # heavy-tailed weights
+    fmt, gran = format_from("int3"), granularity_from(64)
+    q, outliers = sparse.dense_and_sparse(w, h, fmt, gran, 0.005)
+    assert outliers.sum() == round(0.005 * w.size)
+    np.testing.assert_array_equal(q[outliers], q[outliers].astype(np.float16))  # float16, after GPTQ's updates
+    plain, _, _ = gptq(w, h, fmt, gran)
+    assert _err(w, q, x) < 0.7 * _err(w, plain, x)

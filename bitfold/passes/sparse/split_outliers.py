@@ -1,0 +1,70 @@
+"""split-outliers: SqueezeLLM's dense-and-sparse weights: a sparse float16 side matrix of the largest weights plus
+a dense low-bit rest (``bitfold.quant.sparse.dense_and_sparse``).
+
+The top ``ratio`` of each MatMul/Gemm weight by magnitude stays float16; the rest is quantized to ``bits``-bit
+symmetric integers with ``group_size`` scales fitted without the outliers (which no longer stretch the ranges),
+rounded by the GPTQ loop (act-order; needs calibration) or, with ``gptq = false``, to nearest. The weight is
+written back as the sum of both parts in float (fake-quantized). Guarantees: outliers are exact to float16, every
+other weight lies on its group's grid. Leaves alone: what ``bitfold.passes.multless.base`` leaves alone. The
+report notes bits per weight: codes + fp32 scales + ratio · (16-bit value + 32-bit index) for the side matrix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from bitfold.passes.multless.base import Encoded, WeightPass
+from bitfold.passes.registry import register
+from bitfold.quant import sparse
+from bitfold.quant.formats import format_from, granularity_from
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitOutliersConfig:
+    ratio: float = dataclasses.field(default=0.005, metadata={"doc": "fraction of weights kept float16 in the sparse part"})
+    bits: int = dataclasses.field(default=3, metadata={"doc": "bits of the dense part: 2, 3, 4 or 8"})
+    group_size: int = dataclasses.field(default=128, metadata={"doc": "elements per scale along K; -1 per channel"})
+    gptq: bool = dataclasses.field(default=True, metadata={"doc": "round the dense part with GPTQ (needs calibration)"})
+    exclude: tuple[str, ...] = dataclasses.field(default=(), metadata={"doc": "globs on node name, weight name or torch module scope"})
+    keep_ends: bool = dataclasses.field(default=True, metadata={"doc": "leave layers reading a graph input and the head alone"})
+    damp: float = dataclasses.field(default=0.01, metadata={"doc": "GPTQ: Hessian dampening, fraction of mean diag"})
+    block_size: int = dataclasses.field(default=128, metadata={"doc": "GPTQ: columns per lazy-update block"})
+    act_order: bool = dataclasses.field(default=True, metadata={"doc": "GPTQ: visit columns by decreasing Hessian diagonal"})
+    sink_weight: float = dataclasses.field(default=1.0, metadata={"doc": "GPTQ: weight in H of each sequence's first token"})
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.ratio < 0.5:
+            raise ValueError("ratio must be in (0, 0.5)")
+        if self.bits not in (2, 3, 4, 8):
+            raise ValueError("bits must be 2, 3, 4 or 8")
+
+
+@register
+class SplitOutliers(WeightPass):
+    """Dense-and-sparse weights: float16 outliers plus a low-bit dense rest (SqueezeLLM), fake-quantized."""
+
+    name = "split-outliers"
+    family = "sparse"
+    Config = SplitOutliersConfig
+
+    @property
+    def uses_hessian(self) -> bool:
+        return self.config.gptq
+
+    @property
+    def emits_op(self) -> bool:
+        return False
+
+    def solve_node(self, node: ir.Node, wt: np.ndarray, hessian: np.ndarray | None) -> Encoded:
+        c = self.config
+        loop = {"damp": c.damp, "block_size": c.block_size, "act_order": c.act_order}
+        q, _ = sparse.dense_and_sparse(wt, hessian, format_from(f"int{c.bits}"), granularity_from(c.group_size), c.ratio, **loop)
+        return Encoded(q, {})
+
+    def summary(self, count: int, bits: int, weights: int) -> str:
+        c = self.config
+        group = c.group_size if c.group_size > 0 else 1024
+        return f"{count} weights, {c.bits + 32 / group + c.ratio * 48:.3f} bits per weight (codes, scales, float16 outliers with 32-bit indices)"
