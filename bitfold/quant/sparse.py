@@ -189,3 +189,33 @@ def dense_and_sparse(
     if H is None:
         return np.stack([grid.round(W[:, col], col) for col in range(W.shape[1])], axis=1), mask
     return gptq_loop(W, H, grid, **loop), mask
+
+
+def refine(W: np.ndarray, keep: np.ndarray, H: np.ndarray, cycles: int) -> np.ndarray:
+    """Training-free mask swaps (in the spirit of DSnoT) for unstructured masks; each row keeps its count.
+
+    The layer's squared output error is dᵀ H d per row, d = W − W̃ the pruned part. One cycle per row revives the
+    pruned weight j that lowers it most (−2 w_j g_j + w_j² H_jj, g = H d) and prunes the kept weight k that raises
+    it least given that revival (2 w_k g'_k + w_k² H_kk, g' = g − w_j H_j); the swap is taken only if the sum is
+    negative, so the error never grows. Rows without such a swap stop. Returns the mask.
+    """
+    keep = keep.copy()
+    rows = np.arange(len(W))
+    diag = np.diag(H)
+    g = (W * ~keep) @ H  # (N, K)
+    active = np.ones(len(W), bool)
+    for _ in range(cycles):
+        gain = np.where(~keep, -2 * W * g + W**2 * diag, np.inf)
+        j = gain.argmin(axis=1)
+        wj = W[rows, j]
+        g_after = g - wj[:, None] * H[j]
+        cost = np.where(keep, 2 * W * g_after + W**2 * diag, np.inf)
+        k = cost.argmin(axis=1)
+        ok = active & (gain[rows, j] + cost[rows, k] < -1e-12 * np.abs(g).max())
+        if not ok.any():
+            break
+        r, jr, kr = rows[ok], j[ok], k[ok]
+        keep[r, jr], keep[r, kr] = True, False
+        g[ok] = g_after[ok] + W[r, kr][:, None] * H[kr]
+        active = ok
+    return keep

@@ -110,3 +110,15 @@ def test_dense_and_sparse_keeps_outliers_and_beats_plain_gptq(layer):
     np.testing.assert_array_equal(q[outliers], q[outliers].astype(np.float16))  # float16, after GPTQ's updates
     plain, _, _ = gptq(w, h, fmt, gran)
     assert _err(w, q, x) < 0.7 * _err(w, plain, x)
+
+
+def test_refine_swaps_keep_counts_and_never_raise_the_layer_error(layer):
+    w, x, h = layer
+    pattern = sparse.Unstructured(0.6)
+    for method in ("magnitude", "wanda"):
+        keep = sparse.select(sparse.scores(w, h, method), pattern, per_row=method == "wanda")
+        refined = sparse.refine(w, keep, h, 40)
+        np.testing.assert_array_equal(refined.sum(axis=1), keep.sum(axis=1))
+        rows_before = np.einsum("nk,kl,nl->n", w * ~keep, h, w * ~keep)
+        rows_after = np.einsum("nk,kl,nl->n", w * ~refined, h, w * ~refined)
+        assert (rows_after <= rows_before * (1 + 1e-9)).all() and _err(w, w * refined, x) < 0.95 * _err(w, w * keep, x)

@@ -151,7 +151,8 @@ class WeightPass(BitfoldPass):
 
     # -- fold ---------------------------------------------------------------------------------------------------
 
-    def fold(self, model: ir.Model, node: ir.Node, encoded: Encoded, w: np.ndarray) -> None:
+    def fold(self, model: ir.Model, node: ir.Node, encoded: Encoded, w: np.ndarray) -> ir.Node:
+        """Write the encoded weight; returns the node that now computes the layer's output (before any bias)."""
         graph, weight = model.graph, node.inputs[1]
         per_weight = f"{encoded.bits / w.size:.3f}"
         if not (self.emits_op and encoded.tensors) or node.op_type == "Conv":
@@ -160,6 +161,7 @@ class WeightPass(BitfoldPass):
             if encoded.tensors:
                 node.metadata_props[BITS_KEY] = per_weight
             self.stamp(node, [node])
+            producer = node
         else:
             inputs = [add_initializer(graph, f"{weight.name}_{suffix}", t) for suffix, t in encoded.tensors.items()]
             new = ir.node(self.op.OP_TYPE, [node.inputs[0], *inputs], domain=DOMAIN, name=f"{node.name}_{self.name}",
@@ -175,7 +177,9 @@ class WeightPass(BitfoldPass):
                 self.stamp(n, [node])
             ir.convenience.replace_nodes_and_values(graph, node, [node], added, node.outputs, added[-1].outputs)
             self.op.ensure_function(model)
+            producer = new
         drop_if_unused(graph, weight)
+        return producer
 
 
 def _plain_gemm(node: ir.Node) -> bool:

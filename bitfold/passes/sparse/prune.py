@@ -7,7 +7,10 @@ output, e.g. ``nm:2:4``) or ``block:<rows>x<cols>:<ratio>`` (whole tiles of outp
 torch module scope; first match wins). Methods (``bitfold.quant.sparse``): ``magnitude`` (per layer),
 ``wanda`` (|W|·‖X_j‖₂ within each output row; needs calibration), ``sparsegpt`` (OBS updates through the GPTQ
 loop; needs calibration), which can quantize the kept weights in the same pass (``bits`` > 0: symmetric integers,
-``group_size`` per scale, written back dequantized). ``format = "masked"`` keeps the weights dense float with
+``group_size`` per scale, written back dequantized). ``refine_cycles`` swaps magnitude/Wanda mask entries, training-free
+like DSnoT but scored by the exact layer error dᵀHd (unstructured layers; it needs the dense weights, so it lives
+here rather than in a later pass);
+``compensate_rank`` adds a float EoRA branch fitted to the pruning error (``bitfold.quant.eora``). ``format = "masked"`` keeps the weights dense float with
 zeros, which any runtime runs; ``format = "sparse"`` emits ``bitfold.SparseMatMul`` (compressed N:M layout:
 values plus b-bit positions) for N:M layers and keeps the others masked. Guarantees: the pattern holds exactly (every N:M group, the exact count of weights or tiles).
 Leaves alone: what ``bitfold.passes.multless.base`` leaves alone (``exclude``, ``keep_ends``), Conv weights
@@ -26,7 +29,9 @@ import onnx_ir as ir
 from bitfold.ops import sparse as sparse_op
 from bitfold.passes.multless.base import Encoded, WeightPass
 from bitfold.passes.registry import register
+from bitfold.passes.transforms.weights import add_lowrank_branch
 from bitfold.quant import sparse
+from bitfold.quant.eora import eora
 from bitfold.quant.formats import format_from, granularity_from
 
 
@@ -42,6 +47,8 @@ class PruneConfig:
     damp: float = dataclasses.field(default=0.01, metadata={"doc": "sparsegpt: Hessian dampening, fraction of mean diag"})
     block_size: int = dataclasses.field(default=128, metadata={"doc": "sparsegpt: columns per mask decision (unstructured)"})
     sink_weight: float = dataclasses.field(default=1.0, metadata={"doc": "weight in H of each sequence's first token (attention sink)"})
+    refine_cycles: int = dataclasses.field(default=0, metadata={"doc": "mask swaps per row after magnitude/wanda that lower the layer error (unstructured; needs calibration)"})
+    compensate_rank: int = dataclasses.field(default=0, metadata={"doc": "EoRA: rank of a float branch fitted to the pruning error (needs calibration)"})
     format: Literal["masked", "sparse"] = dataclasses.field(default="masked", metadata={"doc": "masked: dense with zeros | sparse: bitfold.SparseMatMul for N:M"})
 
     def __post_init__(self) -> None:
@@ -51,6 +58,10 @@ class PruneConfig:
             if not sep or not glob:
                 raise ValueError(f"override '{item}' must read '<glob>=<pattern>'")
             sparse.parse_pattern(pattern)
+        if self.refine_cycles < 0 or self.compensate_rank < 0:
+            raise ValueError("refine_cycles and compensate_rank must be >= 0")
+        if self.refine_cycles and self.method == "sparsegpt":
+            raise ValueError("refine_cycles swaps a magnitude or wanda mask; SparseGPT already updates the kept weights")
         if self.bits and (self.method != "sparsegpt" or self.bits not in (2, 3, 4, 8)):
             raise ValueError("bits (joint quantization) is 2, 3, 4 or 8 and needs method = \"sparsegpt\"")
 
@@ -65,7 +76,8 @@ class Prune(WeightPass):
 
     @property
     def uses_hessian(self) -> bool:
-        return self.config.method != "magnitude"
+        c = self.config
+        return c.method != "magnitude" or c.refine_cycles > 0 or c.compensate_rank > 0
 
     op = sparse_op
 
@@ -75,6 +87,7 @@ class Prune(WeightPass):
 
     def rewrite(self, model: ir.Model) -> int:
         self._zeros = self._total = 0
+        self._branches: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         return super().rewrite(model)
 
     def pattern_for(self, node: ir.Node) -> sparse.Pattern:
@@ -93,13 +106,25 @@ class Prune(WeightPass):
                                             block=c.block_size, damp=c.damp)  # fmt: skip
         else:
             mask = sparse.select(sparse.scores(wt, hessian, c.method), pattern, per_row=c.method == "wanda")
+            if c.refine_cycles and isinstance(pattern, sparse.Unstructured):
+                mask = sparse.refine(wt, mask, hessian, c.refine_cycles)
             pruned = wt * mask
+        if c.compensate_rank:
+            self._branches[node.name] = eora((wt - pruned).T, hessian, c.compensate_rank)
         self._zeros += int((~mask).sum())
         self._total += mask.size
         if self.emits_op and isinstance(pattern, sparse.NM):
             values, index = sparse_op.pack(pruned.T.astype(np.float32), pattern.n, pattern.m)
             return Encoded(pruned, {"values": values, "index": index}, {"n": pattern.n, "m": pattern.m})
         return Encoded(pruned, {})
+
+    def fold(self, model: ir.Model, node: ir.Node, encoded: Encoded, w: np.ndarray) -> ir.Node:
+        x, name = node.inputs[0], node.name
+        producer = super().fold(model, node, encoded, w)
+        if name in self._branches:
+            for added in add_lowrank_branch(model.graph, producer, x, *self._branches.pop(name)):
+                self.stamp(added, [name])
+        return producer
 
     def summary(self, count: int, bits: int, weights: int) -> str:
         return f"{count} weights, {self._zeros / self._total:.4f} of their elements zero"

@@ -98,3 +98,23 @@ def test_sparse_format_emits_the_compressed_op_for_nm_layers(lm):
     packed, report = bitfold.optimize(bitfold.clone(model), [{**step, "format": "sparse"}], calibration, verify=True)
     assert report.output["ops"]["bitfold::SparseMatMul"] == 13  # the unstructured override stays masked
     np.testing.assert_allclose(_out(packed, feeds), _out(masked, feeds), rtol=1e-5, atol=1e-5)
+
+
+def test_refine_and_lowrank_compensation_reduce_the_error(lm):
+    model, _, calibration, _ = lm
+    feeds = next(iter(calibration))
+    ref = _out(model, feeds)
+
+    def err(**params):
+        pruned, report = bitfold.optimize(bitfold.clone(model), [{"name": "prune", "method": "wanda", "pattern": "unstructured:0.6", **params}],
+                                          calibration, verify=True)  # fmt: skip
+        return np.linalg.norm(_out(pruned, feeds) - ref) / np.linalg.norm(ref), report, pruned
+
+    base, _, _ = err()
+    refined, report, pruned = err(refine_cycles=20)
+    assert refined < base and report.passes[0].notes[0].startswith("14 weights, 0.60")
+    compensated, report, pruned = err(compensate_rank=4)
+    assert compensated < base
+    assert report.passes[0].ops_added.get("MatMul", 0) == 28  # two branch MatMuls per pruned layer
+    with pytest.raises(PassParameterError, match="SparseGPT"):
+        bitfold.passes.create("prune", {"method": "sparsegpt", "refine_cycles": 5})
