@@ -36,6 +36,10 @@ ROWS = [(f"{method} {label}", {"name": "prune", "method": method, "pattern": pat
 ROWS += [
     ("sparsegpt 50% unstructured + W4 g128", {"name": "prune", "method": "sparsegpt", "pattern": "unstructured:0.5", "bits": 4}),
     ("sparsegpt 2:4 + W4 g128", {"name": "prune", "method": "sparsegpt", "pattern": "nm:2:4", "bits": 4}),
+    ("wanda 50% unstructured + refine 50 cycles", {"name": "prune", "method": "wanda", "pattern": "unstructured:0.5", "refine_cycles": 50}),
+    ("wanda 70% unstructured + refine 50 cycles", {"name": "prune", "method": "wanda", "pattern": "unstructured:0.7", "refine_cycles": 50}),
+    ("sparsegpt 50% unstructured + EoRA r32", {"name": "prune", "method": "sparsegpt", "pattern": "unstructured:0.5", "compensate_rank": 32}),
+    ("sparsegpt 2:4 + EoRA r32", {"name": "prune", "method": "sparsegpt", "pattern": "nm:2:4", "compensate_rank": 32}),
     ("GPTQ W3 g128 (dense)", {"name": "quantize-weights", "method": "gptq", "bits": 3, "group_size": 128, "act_order": True,
                               "format": "fake", "exclude": ["*lm_head*"]}),
     ("dense-and-sparse W3 g128, 0.5% float16 outliers", {"name": "split-outliers", "ratio": 0.005, "bits": 3}),
