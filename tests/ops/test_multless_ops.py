@@ -145,3 +145,21 @@ def test_sparse_nm_layout_reference_equals_ort_function_equals_dense(k, n_out, n
     _close(_run(sparse, k, [values, index], x, n=n, m=m), dense)
     with pytest.raises(ValueError, match="sparse"):
         sparse.pack(np.ones((8, 2), np.float32), n, m)
+
+
+@pytest.mark.parametrize("k,n_out", [(1, 1), (13, 5), (64, 7), (100, 3)])
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.5])
+def test_csr_reference_equals_ort_function_equals_dense(k, n_out, density):
+    from bitfold.ops import csr
+
+    rng = np.random.default_rng(k + n_out)
+    w = (rng.standard_normal((k, n_out)) * (rng.random((k, n_out)) < density)).astype(np.float32)
+    if n_out > 2:
+        w[:, 1] = 0.0  # an empty row between non-empty ones
+    values, cols, pointers = csr.pack(w)
+    assert len(values) == np.count_nonzero(w) and pointers[-1] == len(values)
+    np.testing.assert_array_equal(csr.unpack(values, cols, pointers, k), w)
+    x = rng.standard_normal((2, 3, k)).astype(np.float32)
+    dense = x.astype(np.float64) @ w
+    _close(csr.evaluate(x, values, cols, pointers), dense)
+    _close(_run(csr, k, [values, cols, pointers], x), dense)

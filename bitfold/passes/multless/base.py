@@ -55,6 +55,7 @@ class Encoded:
     dequantized: np.ndarray
     tensors: dict[str, np.ndarray]
     attributes: dict[str, int] = dataclasses.field(default_factory=dict)
+    op: types.ModuleType | None = None  # the op module, when it differs per layer (else the pass's ``op``)
 
     @property
     def bits(self) -> int:
@@ -164,7 +165,8 @@ class WeightPass(BitfoldPass):
             producer = node
         else:
             inputs = [add_initializer(graph, f"{weight.name}_{suffix}", t) for suffix, t in encoded.tensors.items()]
-            new = ir.node(self.op.OP_TYPE, [node.inputs[0], *inputs], domain=DOMAIN, name=f"{node.name}_{self.name}",
+            op = encoded.op or self.op
+            new = ir.node(op.OP_TYPE, [node.inputs[0], *inputs], domain=DOMAIN, name=f"{node.name}_{self.name}",
                           attributes=encoded.attributes)  # fmt: skip
             new.metadata_props[BITS_KEY] = per_weight
             added = [new]
@@ -176,7 +178,7 @@ class WeightPass(BitfoldPass):
                     n.metadata_props["namespace"] = node.metadata_props["namespace"]
                 self.stamp(n, [node])
             ir.convenience.replace_nodes_and_values(graph, node, [node], added, node.outputs, added[-1].outputs)
-            self.op.ensure_function(model)
+            op.ensure_function(model)
             producer = new
         drop_if_unused(graph, weight)
         return producer

@@ -118,3 +118,13 @@ def test_refine_and_lowrank_compensation_reduce_the_error(lm):
     assert report.passes[0].ops_added.get("MatMul", 0) == 28  # two branch MatMuls per pruned layer
     with pytest.raises(PassParameterError, match="SparseGPT"):
         bitfold.passes.create("prune", {"method": "sparsegpt", "refine_cycles": 5})
+
+
+def test_sparse_format_emits_csr_for_unstructured_and_keeps_blocks_masked(lm):
+    model, feeds, calibration, _ = lm
+    step = {"name": "prune", "method": "magnitude", "pattern": "unstructured:0.7", "overrides": ["*node_linear_3*=block:4x4:0.5"]}
+    masked, _ = bitfold.optimize(bitfold.clone(model), [step], calibration)
+    packed, report = bitfold.optimize(bitfold.clone(model), [{**step, "format": "sparse"}], calibration, verify=True)
+    assert report.output["ops"]["bitfold::CSRMatMul"] == 13
+    assert any("no block-sparse op" in note for note in report.passes[0].notes)
+    np.testing.assert_allclose(_out(packed, feeds), _out(masked, feeds), rtol=1e-5, atol=1e-5)
