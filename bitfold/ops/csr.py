@@ -10,8 +10,9 @@ Rows are outputs: the non-zeros of output n are V[R[n] : R[n+1]] at inputs C[R[n
     W[C[i], n] = V[i]   for R[n] <= i < R[n + 1]        (every other weight 0)
 
 so a kernel computes y[n] = Σ_i V[i] · x[C[i]] over the row's range, touching only the non-zeros. The ONNX function
-re-materializes W densely: each entry's row comes from a cumulative count of the row starts (ScatterElements
-with add, so empty rows cost nothing) and ScatterND places the values. Cost: nnz · (32 + 32) + 32 · (N + 1) bits.
+re-materializes W densely (the helper function ``bitfold.CSRDense``, shared with ``DenseSparseMatMul``): each
+entry's row comes from a cumulative count of the row starts (ScatterElements with add, so empty rows cost
+nothing) and ScatterND places the values. Cost: nnz · (32 + 32) + 32 · (N + 1) bits.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def evaluate(x: np.ndarray, values: np.ndarray, cols: np.ndarray, pointers: np.n
 
 
 @script(_bitfold, default_opset=op)
-def CSRMatMul(X: FLOAT, V: FLOAT, C: INT32, R: INT32) -> FLOAT:
+def CSRDense(V: FLOAT, C: INT32, R: INT32, X: FLOAT) -> FLOAT:
     nnz = op.Shape(V)
     n = op.Sub(op.Shape(R), op.Constant(value_ints=[1]))
     starts = op.Cast(op.Slice(R, op.Constant(value_ints=[1]), n, op.Constant(value_ints=[0])), to=INT64.dtype)
@@ -66,12 +67,18 @@ def CSRMatMul(X: FLOAT, V: FLOAT, C: INT32, R: INT32) -> FLOAT:
     row = op.CumSum(op.Slice(marks, op.Constant(value_ints=[0]), nnz, op.Constant(value_ints=[0])), op.Constant(value_int=0))
     index = op.Concat(op.Unsqueeze(row, [1]), op.Unsqueeze(op.Cast(C, to=INT64.dtype), [1]), axis=1)
     dense = op.ScatterND(op.ConstantOfShape(op.Concat(n, op.Shape(X, start=-1), axis=0)), index, V)
-    return op.MatMul(X, op.Transpose(dense, perm=[1, 0]))
+    return op.Transpose(dense, perm=[1, 0])
 
 
+@script(_bitfold, default_opset=op)
+def CSRMatMul(X: FLOAT, V: FLOAT, C: INT32, R: INT32) -> FLOAT:
+    return op.MatMul(X, CSRDense(V, C, R, X))
+
+
+DENSE_FUNCTION = CSRDense.to_function_proto()
 FUNCTION = CSRMatMul.to_function_proto()
 
 
 def ensure_function(model) -> None:
     """Add the op's ONNX function and opset import to ``model`` (idempotent)."""
-    install(model, [FUNCTION])
+    install(model, [DENSE_FUNCTION, FUNCTION])

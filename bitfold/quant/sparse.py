@@ -180,15 +180,16 @@ def dense_and_sparse(
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """SqueezeLLM's dense-and-sparse split of W (N, K): the top ``ratio`` of weights by magnitude stay float16 (a
     sparse side matrix), the rest is quantized on a grid fitted without them, so outliers no longer stretch the
-    ranges; with H the columns are rounded by the GPTQ loop. Returns (weights (N, K), outlier mask (N, K))."""
+    ranges; with H the columns are rounded by the GPTQ loop. Returns (weights (N, K), outlier mask (N, K), the dense
+part's scale per element (N, K))."""
     W = np.asarray(W, np.float64)
     mask = ~_drop_lowest(-np.abs(W), round(ratio * W.size))
     quant = FormatGrid(fmt, W.shape, clip=False)
     quant.scale[:], quant.zero[:] = quant.params(np.where(mask, 0.0, W), granularity)
     grid = _OutlierGrid(mask, quant)
     if H is None:
-        return np.stack([grid.round(W[:, col], col) for col in range(W.shape[1])], axis=1), mask
-    return gptq_loop(W, H, grid, **loop), mask
+        return np.stack([grid.round(W[:, col], col) for col in range(W.shape[1])], axis=1), mask, quant.scale
+    return gptq_loop(W, H, grid, **loop), mask, quant.scale
 
 
 def refine(W: np.ndarray, keep: np.ndarray, H: np.ndarray, cycles: int) -> np.ndarray:

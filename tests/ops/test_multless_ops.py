@@ -163,3 +163,23 @@ def test_csr_reference_equals_ort_function_equals_dense(k, n_out, density):
     dense = x.astype(np.float64) @ w
     _close(csr.evaluate(x, values, cols, pointers), dense)
     _close(_run(csr, k, [values, cols, pointers], x), dense)
+
+
+@pytest.mark.parametrize("k,n_out,block", [(16, 3, 16), (40, 5, 16), (64, 4, 64)])
+@pytest.mark.parametrize("bits", [3, 8])
+def test_dense_sparse_reference_equals_ort_function_equals_dense(k, n_out, block, bits):
+    from bitfold.ops import dense_sparse
+
+    rng = np.random.default_rng(k + bits)
+    top = (1 << (bits - 1)) - 1
+    codes = rng.integers(-top, top + 1, (k, n_out))
+    outliers = (rng.random((k, n_out)) < 0.05) * rng.standard_normal((k, n_out)) * 10
+    codes[outliers != 0] = 0
+    scale = rng.random((-(-k // block), n_out)) * 0.1 + 0.01
+    tensors = dense_sparse.pack(codes, scale, outliers, bits)
+    w = codes * np.repeat(scale, block, axis=0)[:k] + outliers.astype(np.float16)
+    np.testing.assert_allclose(dense_sparse.unpack(*tensors, block), w, rtol=1e-6, atol=1e-6)
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    dense = x.astype(np.float64) @ w
+    _close(dense_sparse.evaluate(x, *tensors, block), dense)
+    _close(_run(dense_sparse, k, list(tensors), x, opset=21, block_size=block), dense)

@@ -105,7 +105,7 @@ def test_dense_and_sparse_keeps_outliers_and_beats_plain_gptq(layer):
     w = w.copy()
     w[np.random.default_rng(3).random(w.shape) < 0.005] *= 20  # heavy-tailed weights
     fmt, gran = format_from("int3"), granularity_from(64)
-    q, outliers = sparse.dense_and_sparse(w, h, fmt, gran, 0.005)
+    q, outliers, _ = sparse.dense_and_sparse(w, h, fmt, gran, 0.005)
     assert outliers.sum() == round(0.005 * w.size)
     np.testing.assert_array_equal(q[outliers], q[outliers].astype(np.float16))  # float16, after GPTQ's updates
     plain, _, _ = gptq(w, h, fmt, gran)

@@ -3,8 +3,9 @@ a dense low-bit rest (``bitfold.quant.sparse.dense_and_sparse``).
 
 The top ``ratio`` of each MatMul/Gemm weight by magnitude stays float16; the rest is quantized to ``bits``-bit
 symmetric integers with ``group_size`` scales fitted without the outliers (which no longer stretch the ranges),
-rounded by the GPTQ loop (act-order; needs calibration) or, with ``gptq = false``, to nearest. The weight is
-written back as the sum of both parts in float (fake-quantized). Guarantees: outliers are exact to float16, every
+rounded by the GPTQ loop (act-order; needs calibration) or, with ``gptq = false``, to nearest. Emitted as
+``bitfold.DenseSparseMatMul`` (int4/int8 codes with blocked scales, plus the outliers in CSR; opset 21, raised if
+older) or, with ``format = "fake"``, as the float sum. Guarantees: outliers are exact to float16, every
 other weight lies on its group's grid. Leaves alone: what ``bitfold.passes.multless.base`` leaves alone. The
 report notes bits per weight: codes + fp32 scales + ratio · (16-bit value + 32-bit index) for the side matrix.
 """
@@ -12,10 +13,12 @@ report notes bits per weight: codes + fp32 scales + ratio · (16-bit value + 32-
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 
+from bitfold.ops import dense_sparse
 from bitfold.passes.multless.base import Encoded, WeightPass
 from bitfold.passes.registry import register
 from bitfold.quant import sparse
@@ -34,6 +37,7 @@ class SplitOutliersConfig:
     block_size: int = dataclasses.field(default=128, metadata={"doc": "GPTQ: columns per lazy-update block"})
     act_order: bool = dataclasses.field(default=True, metadata={"doc": "GPTQ: visit columns by decreasing Hessian diagonal"})
     sink_weight: float = dataclasses.field(default=1.0, metadata={"doc": "GPTQ: weight in H of each sequence's first token"})
+    format: Literal["op", "fake"] = dataclasses.field(default="op", metadata={"doc": "op: bitfold.DenseSparseMatMul | fake: the float sum"})
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio < 0.5:
@@ -54,17 +58,26 @@ class SplitOutliers(WeightPass):
     def uses_hessian(self) -> bool:
         return self.config.gptq
 
+    op = dense_sparse
+
     @property
     def emits_op(self) -> bool:
-        return False
+        return self.config.format == "op"
 
     def solve_node(self, node: ir.Node, wt: np.ndarray, hessian: np.ndarray | None) -> Encoded:
         c = self.config
         loop = {"damp": c.damp, "block_size": c.block_size, "act_order": c.act_order}
-        q, _ = sparse.dense_and_sparse(wt, hessian, format_from(f"int{c.bits}"), granularity_from(c.group_size), c.ratio, **loop)
-        return Encoded(q, {})
+        fmt = format_from(f"int{c.bits}")
+        q, outliers, scale = sparse.dense_and_sparse(wt, hessian, fmt, granularity_from(c.group_size), c.ratio, **loop)
+        block = c.group_size if c.group_size > 0 else wt.shape[1]
+        codes = np.where(outliers, 0, fmt.quantize(q, scale, np.zeros_like(scale)))
+        tensors = dense_sparse.pack(codes.T, scale[:, ::block].T, np.where(outliers, q, 0.0).T, c.bits)
+        dense = dense_sparse.unpack(*tensors, block).T.astype(np.float64)
+        names = ("codes", "scale", "outliers", "outlier_cols", "outlier_rows")
+        return Encoded(dense, dict(zip(names, tensors, strict=True)), {"block_size": block})
 
     def summary(self, count: int, bits: int, weights: int) -> str:
         c = self.config
         group = c.group_size if c.group_size > 0 else 1024
-        return f"{count} weights, {c.bits + 32 / group + c.ratio * 48:.3f} bits per weight (codes, scales, float16 outliers with 32-bit indices)"
+        ideal = c.bits + 32 / group + c.ratio * 48
+        return f"{count} weights, {ideal:.3f} bits per weight (codes, scales, float16 outliers with 32-bit indices), {bits / weights:.3f} as stored"
