@@ -10,9 +10,9 @@ Rows are outputs: the non-zeros of output n are V[R[n] : R[n+1]] at inputs C[R[n
     W[C[i], n] = V[i]   for R[n] <= i < R[n + 1]        (every other weight 0)
 
 so a kernel computes y[n] = Σ_i V[i] · x[C[i]] over the row's range, touching only the non-zeros. The ONNX function
-re-materializes W densely (the helper function ``bitfold.CSRDense``, shared with ``DenseSparseMatMul``): each
-entry's row comes from a cumulative count of the row starts (ScatterElements with add, so empty rows cost
-nothing) and ScatterND places the values. Cost: nnz · (32 + 32) + 32 · (N + 1) bits.
+re-materializes W densely (helper functions ``bitfold.CSRDense``, shared with ``DenseSparseMatMul``, and
+``bitfold.RowIds``, shared with ``BlockCSRMatMul``): each entry's row comes from a cumulative count of the row
+starts (ScatterElements with add, so empty rows cost nothing) and ScatterND places the values. Cost: nnz · (32 + 32) + 32 · (N + 1) bits.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ def evaluate(x: np.ndarray, values: np.ndarray, cols: np.ndarray, pointers: np.n
 
 
 @script(_bitfold, default_opset=op)
-def CSRDense(V: FLOAT, C: INT32, R: INT32, X: FLOAT) -> FLOAT:
-    nnz = op.Shape(V)
+def RowIds(R: INT32, V: FLOAT) -> INT64:
+    nnz = op.Shape(V, start=0, end=1)
     n = op.Sub(op.Shape(R), op.Constant(value_ints=[1]))
     starts = op.Cast(op.Slice(R, op.Constant(value_ints=[1]), n, op.Constant(value_ints=[0])), to=INT64.dtype)
     marks = op.ScatterElements(
@@ -64,8 +64,13 @@ def CSRDense(V: FLOAT, C: INT32, R: INT32, X: FLOAT) -> FLOAT:
         axis=0,
         reduction="add",
     )
-    row = op.CumSum(op.Slice(marks, op.Constant(value_ints=[0]), nnz, op.Constant(value_ints=[0])), op.Constant(value_int=0))
-    index = op.Concat(op.Unsqueeze(row, [1]), op.Unsqueeze(op.Cast(C, to=INT64.dtype), [1]), axis=1)
+    return op.CumSum(op.Slice(marks, op.Constant(value_ints=[0]), nnz, op.Constant(value_ints=[0])), op.Constant(value_int=0))
+
+
+@script(_bitfold, default_opset=op)
+def CSRDense(V: FLOAT, C: INT32, R: INT32, X: FLOAT) -> FLOAT:
+    n = op.Sub(op.Shape(R), op.Constant(value_ints=[1]))
+    index = op.Concat(op.Unsqueeze(RowIds(R, V), [1]), op.Unsqueeze(op.Cast(C, to=INT64.dtype), [1]), axis=1)
     dense = op.ScatterND(op.ConstantOfShape(op.Concat(n, op.Shape(X, start=-1), axis=0)), index, V)
     return op.Transpose(dense, perm=[1, 0])
 
@@ -75,10 +80,11 @@ def CSRMatMul(X: FLOAT, V: FLOAT, C: INT32, R: INT32) -> FLOAT:
     return op.MatMul(X, CSRDense(V, C, R, X))
 
 
+ROWS_FUNCTION = RowIds.to_function_proto()
 DENSE_FUNCTION = CSRDense.to_function_proto()
 FUNCTION = CSRMatMul.to_function_proto()
 
 
 def ensure_function(model) -> None:
     """Add the op's ONNX function and opset import to ``model`` (idempotent)."""
-    install(model, [DENSE_FUNCTION, FUNCTION])
+    install(model, [ROWS_FUNCTION, DENSE_FUNCTION, FUNCTION])

@@ -65,4 +65,4 @@ FUNCTION = DenseSparseMatMul.to_function_proto()
 
 def ensure_function(model) -> None:
     """Add the op's ONNX functions and opset import to ``model`` (raising it to opset 21 if older; idempotent)."""
-    install(model, [csr.DENSE_FUNCTION, FUNCTION], min_opset=MIN_OPSET)
+    install(model, [csr.ROWS_FUNCTION, csr.DENSE_FUNCTION, FUNCTION], min_opset=MIN_OPSET)

@@ -183,3 +183,21 @@ def test_dense_sparse_reference_equals_ort_function_equals_dense(k, n_out, block
     dense = x.astype(np.float64) @ w
     _close(dense_sparse.evaluate(x, *tensors, block), dense)
     _close(_run(dense_sparse, k, list(tensors), x, opset=21, block_size=block), dense)
+
+
+@pytest.mark.parametrize("k,n_out,r,c", [(16, 8, 4, 4), (13, 7, 2, 3), (64, 5, 4, 8)])
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 0.9])
+def test_block_csr_reference_equals_ort_function_equals_dense(k, n_out, r, c, ratio):
+    from bitfold.ops import block_csr
+    from bitfold.quant.sparse import Block, select
+
+    rng = np.random.default_rng(k + r)
+    wt = rng.standard_normal((n_out, k))
+    wt = wt * select(np.abs(wt), Block(r, c, ratio), per_row=False)
+    w = wt.T.astype(np.float32)
+    values, cols, pointers = block_csr.pack(w, r, c)
+    np.testing.assert_array_equal(block_csr.unpack(values, cols, pointers, k, n_out), w)
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    dense = x.astype(np.float64) @ w
+    _close(block_csr.evaluate(x, values, cols, pointers, n_out), dense)
+    _close(_run(block_csr, k, [values, cols, pointers], x, n=n_out), dense)

@@ -12,8 +12,8 @@ like DSnoT but scored by the exact layer error dᵀHd (unstructured layers; it n
 here rather than in a later pass);
 ``compensate_rank`` adds a float EoRA branch fitted to the pruning error (``bitfold.quant.eora``). ``format = "masked"`` keeps the weights dense float with
 zeros, which any runtime runs; ``format = "sparse"`` emits ``bitfold.SparseMatMul`` (compressed N:M layout:
-values plus b-bit positions) for N:M layers, ``bitfold.CSRMatMul`` for unstructured ones, and keeps block
-patterns masked (no block-CSR op yet; noted). Guarantees: the pattern holds exactly (every N:M group, the exact count of weights or tiles).
+values plus b-bit positions) for N:M layers, ``bitfold.CSRMatMul`` for unstructured ones and
+``bitfold.BlockCSRMatMul`` for block patterns. Guarantees: the pattern holds exactly (every N:M group, the exact count of weights or tiles).
 Leaves alone: what ``bitfold.passes.multless.base`` leaves alone (``exclude``, ``keep_ends``), Conv weights
 under Wanda/SparseGPT. The report notes the zero fraction achieved.
 """
@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from bitfold.ops import csr
+from bitfold.ops import block_csr, csr
 from bitfold.ops import sparse as sparse_op
 from bitfold.passes.multless.base import Encoded, WeightPass
 from bitfold.passes.registry import register
@@ -121,8 +121,9 @@ class Prune(WeightPass):
         if self.emits_op and isinstance(pattern, sparse.Unstructured):
             values, cols, pointers = csr.pack(pruned.T.astype(np.float32))
             return Encoded(pruned, {"values": values, "cols": cols, "rows": pointers}, {}, csr)
-        if self.emits_op and f"'{node.name}'" not in " ".join(self.notes):
-            self.notes.append(f"'{node.name}' stays masked: there is no block-sparse op yet")
+        if self.emits_op and isinstance(pattern, sparse.Block):
+            values, cols, pointers = block_csr.pack(pruned.T.astype(np.float32), pattern.rows, pattern.cols)
+            return Encoded(pruned, {"values": values, "cols": cols, "rows": pointers}, {"n": len(wt)}, block_csr)
         return Encoded(pruned, {})
 
     def fold(self, model: ir.Model, node: ir.Node, encoded: Encoded, w: np.ndarray) -> ir.Node:

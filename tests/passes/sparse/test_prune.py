@@ -120,11 +120,10 @@ def test_refine_and_lowrank_compensation_reduce_the_error(lm):
         bitfold.passes.create("prune", {"method": "sparsegpt", "refine_cycles": 5})
 
 
-def test_sparse_format_emits_csr_for_unstructured_and_keeps_blocks_masked(lm):
+def test_sparse_format_emits_csr_for_unstructured_and_block_csr_for_blocks(lm):
     model, feeds, calibration, _ = lm
     step = {"name": "prune", "method": "magnitude", "pattern": "unstructured:0.7", "overrides": ["*node_linear_3*=block:4x4:0.5"]}
     masked, _ = bitfold.optimize(bitfold.clone(model), [step], calibration)
     packed, report = bitfold.optimize(bitfold.clone(model), [{**step, "format": "sparse"}], calibration, verify=True)
-    assert report.output["ops"]["bitfold::CSRMatMul"] == 13
-    assert any("no block-sparse op" in note for note in report.passes[0].notes)
+    assert report.output["ops"]["bitfold::CSRMatMul"] == 13 and report.output["ops"]["bitfold::BlockCSRMatMul"] == 1
     np.testing.assert_allclose(_out(packed, feeds), _out(masked, feeds), rtol=1e-5, atol=1e-5)
