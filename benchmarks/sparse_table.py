@@ -81,6 +81,8 @@ def main() -> None:
     if path.exists():  # merge: new rows replace same-named ones, the rest of the table stays
         fresh = {(r["model"], r["variant"]) for r in rows}
         rows = [r for r in json.loads(path.read_text())["rows"] if (r["model"], r["variant"]) not in fresh] + rows
+    order = ["dense FP32"] + [label for label, _ in ROWS]
+    rows.sort(key=lambda r: (r["model"], order.index(r["variant"]) if r["variant"] in order else len(order)))
     write_atomic(path, json.dumps({"rows": rows}, indent=2).encode())
     _plot(rows, RESULTS / "sparse.png")
 
