@@ -76,6 +76,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_input_options(p)
     p.set_defaults(func=_optimize)
 
+    p = sub.add_parser("allocate", help="mixed-precision weights: per-layer sensitivity, integer program, a recipe")
+    p.add_argument("model", type=Path)
+    p.add_argument("--bits", type=float, required=True, help="average bits per weight, scales included (e.g. 3.5)")
+    p.add_argument("--formats", default="int8,int4,int3", help="candidate formats, comma-separated: int8,int4,int3,int2")
+    p.add_argument("--calibration", metavar="FILE.npz|SOURCE", required=True, help="samples the sensitivities are measured on")
+    p.add_argument("-o", "--output", required=True, type=Path, help="the recipe TOML to write")
+    p.add_argument("--report", type=Path, help="write the sensitivities, costs and choice as JSON")
+    p.set_defaults(func=_allocate)
+
     p = sub.add_parser("export-llm", help="export a built-in real LLM (smollm2) to ONNX")
     p.add_argument("name", choices=["smollm2"])
     p.add_argument("--seq-len", type=int, default=512)
@@ -238,6 +247,29 @@ def _optimize(args) -> None:
     if args.report:
         write_atomic(args.report, report.to_json().encode())
     err.print(report.table())
+    err.print(f"wrote {args.output}")
+
+
+def _allocate(args) -> None:
+    import json
+
+    from bitfold.frontend import load
+    from bitfold.quant.calibration import CalibrationData
+    from bitfold.tools.allocate import measure, solve
+    from bitfold.tools.files import refuse_overwrite, write_atomic
+
+    refuse_overwrite(args.model, args.output)
+    model = load(args.model)
+    calibration = CalibrationData.from_source(args.calibration, model)
+    allocation = solve(measure(model, calibration, [f.strip() for f in args.formats.split(",") if f.strip()]), args.bits)
+    write_atomic(args.output, allocation.recipe().to_toml().encode())
+    if args.report:
+        data = {"layers": allocation.layers, "formats": allocation.formats, "sensitivity": allocation.sensitivity.tolist(),
+                "cost_bits": allocation.cost.tolist(), "choice": [allocation.formats[c] for c in allocation.choice],
+                "bits_per_weight": allocation.bits_per_weight}  # fmt: skip
+        write_atomic(args.report, json.dumps(data, indent=2).encode())
+    counts = {f: int((allocation.choice == i).sum()) for i, f in enumerate(allocation.formats)}
+    err.print(f"{allocation.bits_per_weight:.3f} bits per weight; layers per format: {counts}")
     err.print(f"wrote {args.output}")
 
 
