@@ -1,0 +1,51 @@
+"""The exclusion loop meets an error budget on a zoo model by keeping the most harmful layers float."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import fresh
+
+import bitfold
+from bitfold.errors import BitfoldError
+from bitfold.passes.canonical import CANONICAL
+from bitfold.tools.exclude import keep_within
+
+STEP = {"name": "quantize-weights", "bits": 2, "group_size": -1, "symmetric": False, "format": "fake"}
+
+
+@pytest.fixture(scope="module")
+def lm(zoo_protos):
+    model, _ = bitfold.optimize(fresh(zoo_protos, "tiny-lm"), list(CANONICAL))
+    rng = np.random.default_rng(0)
+    return model, [{"input_ids": rng.integers(0, 96, (1, 8)).astype(np.int64)} for _ in range(3)]
+
+
+def test_meets_the_budget_with_the_fewest_layers_float(lm):
+    model, feeds = lm
+    everything = keep_within(model, STEP, 10.0, feeds)
+    assert everything.kept == [] and everything.error > 0.2
+    budget = everything.error / 2
+    kept = keep_within(model, STEP, budget, feeds)
+    assert kept.error <= budget and 0 < len(kept.kept) < 14
+    assert kept.kept[0] == max(kept.contributions, key=kept.contributions.get)
+    fewer = keep_within(model, {**STEP, "exclude": kept.kept[:-1]}, budget, feeds)
+    assert fewer.error <= budget and len(fewer.kept) >= 1  # one layer fewer float does not meet it by itself
+
+
+def test_refuses_passes_without_exclude(lm):
+    model, feeds = lm
+    with pytest.raises(BitfoldError, match="no exclude"):
+        keep_within(model, {"name": "remove-dead"}, 0.1, feeds)
+
+
+def test_cli_max_error(zoo_protos, tmp_path, capsys):
+    from bitfold.tools.cli import main
+
+    path = bitfold.save(fresh(zoo_protos, "tiny-lm"), tmp_path / "lm.onnx")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[pass]]\nname = "fold-constants"\n[[pass]]\nname = "quantize-weights"\nbits = 2\ngroup_size = -1\nsymmetric = false\nformat = "fake"\n')
+    out = tmp_path / "q.onnx"
+    assert main(["optimize", str(path), "-r", str(recipe), "-o", str(out), "--max-error", "0.1"]) == 0
+    stderr = " ".join(capsys.readouterr().err.split())
+    assert "<= 0.1; layers kept float: node_" in stderr and "quantize-weights" in stderr
