@@ -18,8 +18,8 @@ import onnx_ir as ir
 
 from bitfold.backends.ort import OrtRunnable
 from bitfold.errors import BitfoldError
-from bitfold.pipeline import PipelineReport, optimize
 from bitfold.passes.registry import FROM_KEY, PASS_KEY, get_pass
+from bitfold.pipeline import PipelineReport, optimize
 from bitfold.quant.calibration import CalibrationData
 
 
