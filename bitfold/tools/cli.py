@@ -77,6 +77,17 @@ def _parser() -> argparse.ArgumentParser:
     _add_input_options(p)
     p.set_defaults(func=_optimize)
 
+    p = sub.add_parser("debug", help="run a recipe pass by pass and locate the first pass and node that break accuracy")
+    p.add_argument("model", type=Path)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("-r", "--recipe", type=Path, help="recipe TOML file")
+    group.add_argument("-p", "--passes", metavar="PASS[,PASS]", help="comma-separated pass names, default parameters")
+    p.add_argument("-o", "--output", required=True, type=Path, help="directory for report.json and report.html")
+    p.add_argument("--tolerance", type=float, default=1e-3, help="relative output error a pass may add (default 1e-3)")
+    p.add_argument("--calibration", metavar="FILE.npz|SOURCE", help="calibration data, as for optimize")
+    _add_input_options(p)
+    p.set_defaults(func=_debug)
+
     p = sub.add_parser("allocate", help="mixed-precision weights: per-layer sensitivity, integer program, a recipe")
     p.add_argument("model", type=Path)
     p.add_argument("--bits", type=float, required=True, help="average bits per weight, scales included (e.g. 3.5)")
@@ -259,6 +270,29 @@ def _optimize(args) -> None:
         write_atomic(args.report, report.to_json().encode())
     err.print(report.table())
     err.print(f"wrote {args.output}")
+
+
+def _debug(args) -> None:
+    from bitfold.frontend import load
+    from bitfold.pipeline import Recipe
+    from bitfold.quant.calibration import CalibrationData
+    from bitfold.tools.debug import debug, write_html
+    from bitfold.tools.files import write_atomic
+
+    recipe = Recipe.load(args.recipe) if args.recipe else Recipe.from_names(args.passes)
+    model = load(args.model)
+    calibration = CalibrationData.from_source(args.calibration, model) if args.calibration else None
+    report = debug(model, recipe.to_list(), _feeds(args, model), calibration, args.tolerance)
+    args.output.mkdir(parents=True, exist_ok=True)
+    write_atomic(args.output / "report.json", report.to_json().encode())
+    write_html(report, args.output / "report.html", f"bitfold debug: {args.model.name}")
+    for p in report.passes:
+        err.print(f"{p.index:3d} {p.name:28s} own rel. error {p.own_rel:.3g}")
+    if report.culprit is not None:
+        err.print(f"first pass over {args.tolerance:g}: {report.passes[report.culprit].name} (step {report.culprit}); first node: {report.first_node}")
+    else:
+        err.print(f"no pass exceeds {args.tolerance:g}")
+    err.print(f"wrote {args.output / 'report.html'}")
 
 
 def _allocate(args) -> None:
