@@ -35,6 +35,7 @@ from bitfold.eval.models import efficientnet_lite0, export_minilm, export_smollm
 from bitfold.eval.tasks import effnet_agree, minilm_cos, smollm2_ppl  # noqa: E402
 from bitfold.passes.canonical import CANONICAL  # noqa: E402
 from bitfold.quant.calibration import CalibrationData  # noqa: E402
+from bitfold.tools.bench import merge_rows  # noqa: E402
 from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -134,8 +135,7 @@ def main() -> None:
         rows += _table("SmolLM2 perplexity", fp32, calibration, lambda m: smollm2_ppl(m).value, TRANSFORMER_ROWS, args.only)
     path = RESULTS / "multless.json"
     if path.exists():  # merge: new rows replace same-named ones, the rest of the table stays
-        fresh = {(r["model"], r["variant"]) for r in rows}
-        rows = [r for r in json.loads(path.read_text())["rows"] if (r["model"], r["variant"]) not in fresh] + rows
+        rows = merge_rows(json.loads(path.read_text())["rows"], rows)
     result = {
         "protocol": "SmolLM2: Lee windows 0-15 (512 tokens), calibration windows 139-146; MiniLM: Lee test sentences; "
         "EfficientNet-Lite0: 500 photo crops, Conv weights fake-quantized",

@@ -27,6 +27,7 @@ from bitfold.eval.models import export_minilm, export_smollm2  # noqa: E402
 from bitfold.eval.tasks import minilm_cos, smollm2_ppl  # noqa: E402
 from bitfold.passes.canonical import CANONICAL  # noqa: E402
 from bitfold.quant.calibration import CalibrationData  # noqa: E402
+from bitfold.tools.bench import merge_rows  # noqa: E402
 from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -78,11 +79,8 @@ def main() -> None:
         calibration = CalibrationData(list(CalibrationData.from_source("lee-text", fp32))[-8:])
         rows += _table("SmolLM2 perplexity", fp32, calibration, lambda m: smollm2_ppl(m).value, args.only, 64.0)
     path = RESULTS / "sparse.json"
-    if path.exists():  # merge: new rows replace same-named ones, the rest of the table stays
-        fresh = {(r["model"], r["variant"]) for r in rows}
-        rows = [r for r in json.loads(path.read_text())["rows"] if (r["model"], r["variant"]) not in fresh] + rows
-    order = ["dense FP32"] + [label for label, _ in ROWS]
-    rows.sort(key=lambda r: (r["model"], order.index(r["variant"]) if r["variant"] in order else len(order)))
+    previous = json.loads(path.read_text())["rows"] if path.exists() else []  # merge: new rows replace same-named ones
+    rows = merge_rows(previous, rows, ["dense FP32"] + [label for label, _ in ROWS])
     write_atomic(path, json.dumps({"rows": rows}, indent=2).encode())
     _plot(rows, RESULTS / "sparse.png")
 

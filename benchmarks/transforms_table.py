@@ -30,6 +30,7 @@ from bitfold.eval.models import export_minilm, export_smollm2  # noqa: E402
 from bitfold.eval.tasks import minilm_cos, smollm2_ppl  # noqa: E402
 from bitfold.passes.canonical import CANONICAL  # noqa: E402
 from bitfold.quant.calibration import CalibrationData  # noqa: E402
+from bitfold.tools.bench import merge_rows  # noqa: E402
 from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -124,8 +125,7 @@ def main() -> None:
         result["max_over_mean_abs"]["smollm2"] = ratios
     if args.only:  # merge: the new rows replace same-named ones, the rest of the table stays
         previous = json.loads((RESULTS / "transforms.json").read_text())
-        fresh = {(r["model"], r["variant"]) for r in result["rows"]}
-        result["rows"] = [r for r in previous["rows"] if (r["model"], r["variant"]) not in fresh] + result["rows"]
+        result["rows"] = merge_rows(previous["rows"], result["rows"])
         result["max_over_mean_abs"] = {**previous["max_over_mean_abs"], **result["max_over_mean_abs"]}
     write_atomic(RESULTS / "transforms.json", json.dumps(result, indent=2).encode())
     fig, axes = plt.subplots(1, len(result["max_over_mean_abs"]), figsize=(6 * len(result["max_over_mean_abs"]), 3.5), squeeze=False)

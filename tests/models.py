@@ -246,3 +246,28 @@ def bn_graph(producer: str, *, training: bool = False, scale_is_input: bool = Fa
     y.shape = ir.Shape([n, 3, c] if rank3 else [n, c])
     graph = ir.Graph(inputs, [y], nodes=nodes, initializers=inits, opset_imports={"": 17}, name="bn_graph")
     return ir.Model(graph, ir_version=9)
+
+
+# ---- shared data for solver and pass tests --------------------------------------------------------------------
+
+
+def correlated_layer(n: int, k: int, rows: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A weight (n, k), correlated inputs with uneven channel scales (rows, k), and their Gram H = XᵀX."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k)) * 0.05
+    x = rng.standard_normal((rows, k)) @ (np.eye(k) + 0.3 * rng.standard_normal((k, k)) / np.sqrt(k))
+    x *= 1 + 3 * rng.random(k)
+    return w, x, x.T @ x
+
+
+def output_error(w: np.ndarray, q: np.ndarray, x: np.ndarray) -> float:
+    """Relative error of the layer output x·qᵀ against x·wᵀ."""
+    return float(np.linalg.norm((w - q) @ x.T) / np.linalg.norm(w @ x.T))
+
+
+def token_calibration(samples: int, vocab: int = 96, seq: int = 8, seed: int = 0):
+    """Calibration data of random token sequences for the tiny LMs."""
+    from bitfold.quant.calibration import CalibrationData
+
+    rng = np.random.default_rng(seed)
+    return CalibrationData([{"input_ids": rng.integers(0, vocab, (1, seq)).astype(np.int64)} for _ in range(samples)])

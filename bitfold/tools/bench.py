@@ -33,3 +33,14 @@ def compare(
     for s in stats:
         s["ratio"] = s["p50"] / stats[0]["p50"]
     return stats
+
+
+def merge_rows(previous: Sequence[dict], rows: Sequence[dict], order: Sequence[str] = ()) -> list[dict]:
+    """Result rows of a rerun merged into an earlier table: new rows replace those with the same (model, variant),
+    the rest stay; with ``order`` (variant labels), rows are sorted by model, then by their place in it."""
+    fresh = {(r["model"], r["variant"]) for r in rows}
+    merged = [r for r in previous if (r["model"], r["variant"]) not in fresh] + list(rows)
+    if order:
+        rank = {label: i for i, label in enumerate(order)}
+        merged.sort(key=lambda r: (r["model"], rank.get(r["variant"], len(rank))))
+    return merged

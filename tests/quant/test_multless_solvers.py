@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from models import correlated_layer, output_error
 
 from bitfold.quant import bcq, binary, shift
 
 
 @pytest.fixture(scope="module")
 def layer():
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((48, 256)) * 0.05
-    x = rng.standard_normal((1024, 256)) @ (np.eye(256) + 0.3 * rng.standard_normal((256, 256)) / 16)
-    x *= 1 + 3 * rng.random(256)
-    return w, x, x.T @ x
-
-
-def _err(w, q, x):
-    return np.linalg.norm((w - q) @ x.T) / np.linalg.norm(w @ x.T)
+    return correlated_layer(48, 256, 1024)
 
 
 def _dense(signs, alpha, group):
@@ -27,8 +20,8 @@ def _dense(signs, alpha, group):
 
 def test_bcq_error_falls_with_q_and_gptq_beats_plain_rounding(layer):
     w, x, h = layer
-    plain = [_err(w, _dense(*bcq.bcq(w, None, q, 64), 64), x) for q in (1, 2, 3, 4)]
-    loop = [_err(w, _dense(*bcq.bcq(w, h, q, 64), 64), x) for q in (1, 2, 3, 4)]
+    plain = [output_error(w, _dense(*bcq.bcq(w, None, q, 64), 64), x) for q in (1, 2, 3, 4)]
+    loop = [output_error(w, _dense(*bcq.bcq(w, h, q, 64), 64), x) for q in (1, 2, 3, 4)]
     assert all(a > b for a, b in zip(plain, plain[1:])) and all(a > b for a, b in zip(loop, loop[1:]))
     assert all(g < p for g, p in zip(loop, plain))
 
@@ -47,8 +40,8 @@ def test_bcq_alternating_least_squares_beats_its_starts_and_weights_columns(laye
 
 def test_bcq_act_order_uses_static_groups_and_still_beats_rounding(layer):
     w, x, h = layer
-    static = _err(w, _dense(*bcq.bcq(w, h, 3, 64, act_order=True), 64), x)
-    plain = _err(w, _dense(*bcq.bcq(w, None, 3, 64), 64), x)
+    static = output_error(w, _dense(*bcq.bcq(w, h, 3, 64, act_order=True), 64), x)
+    plain = output_error(w, _dense(*bcq.bcq(w, None, 3, 64), 64), x)
     assert static < plain
 
 
@@ -84,17 +77,17 @@ def test_shift_scale_search_and_gptq_reduce_error(layer):
     units, s = shift.shift(w, None, 4, True)
     at_max = np.abs(w).max(axis=1)
     naive = at_max[:, None] * shift.pow2_round(w / at_max[:, None], 4, True)
-    assert _err(w, units * s[:, None], x) < _err(w, naive, x)
+    assert output_error(w, units * s[:, None], x) < output_error(w, naive, x)
     units_g, s_g = shift.shift(w, h, 4, True)
-    assert _err(w, units_g * s_g[:, None], x) < _err(w, units * s[:, None], x)
+    assert output_error(w, units_g * s_g[:, None], x) < output_error(w, units * s[:, None], x)
 
 
 def test_binary_orderings_pbllm_and_residual_beat_plain(layer):
     w, x, h = layer
-    plain = _err(w, binary.binarize(w, h).dequantized, x)
+    plain = output_error(w, binary.binarize(w, h).dequantized, x)
     pb = binary.binarize(w, h, salient_ratio=0.1, salience="hessian", gptq=True)
-    residual = _err(w, binary.binarize(w, h, planes=2).dequantized, x)
-    assert _err(w, pb.dequantized, x) < plain and residual < plain
+    residual = output_error(w, binary.binarize(w, h, planes=2).dequantized, x)
+    assert output_error(w, pb.dequantized, x) < plain and residual < plain
     assert pb.salient.mean() == pytest.approx(0.1, abs=1e-3)
     assert np.abs(pb.codes[pb.salient]).max() <= 127
     alpha = np.abs(w).mean(axis=1)
@@ -112,4 +105,4 @@ def test_ternary_is_absmean_and_gptq_helps(layer):
     assert np.allclose(gamma, np.abs(w).mean()) and set(np.unique(trits)) <= {-1.0, 0.0, 1.0}
     np.testing.assert_array_equal(trits, np.clip(np.round(w / gamma[:, None]), -1, 1))
     trits_g, _ = binary.ternarize(w, h)
-    assert _err(w, trits_g * gamma[:, None], x) < _err(w, trits * gamma[:, None], x)
+    assert output_error(w, trits_g * gamma[:, None], x) < output_error(w, trits * gamma[:, None], x)

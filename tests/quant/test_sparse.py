@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from models import correlated_layer, output_error
 
 from bitfold.quant import sparse
 from bitfold.quant.formats import format_from, granularity_from
@@ -11,15 +12,7 @@ from bitfold.quant.formats import format_from, granularity_from
 
 @pytest.fixture(scope="module")
 def layer():
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((40, 200)) * 0.05
-    x = rng.standard_normal((800, 200)) @ (np.eye(200) + 0.3 * rng.standard_normal((200, 200)) / 14)
-    x *= 1 + 3 * rng.random(200)
-    return w, x, x.T @ x
-
-
-def _err(w, q, x):
-    return np.linalg.norm((w - q) @ x.T) / np.linalg.norm(w @ x.T)
+    return correlated_layer(40, 200, 800)
 
 
 @pytest.mark.parametrize("text", ["unstructured:0.5", "unstructured:0.7", "nm:2:4", "nm:4:8", "nm:1:3", "block:4x8:0.5", "block:3x5:0.3"])
@@ -86,7 +79,7 @@ def test_sparsegpt_beats_wanda_beats_magnitude(layer, text):
     magnitude = w * sparse.select(sparse.scores(w, None, "magnitude"), pattern, per_row=False)
     wanda = w * sparse.select(sparse.scores(w, h, "wanda"), pattern, per_row=True)
     gpt, _ = sparse.sparsegpt(w, h, pattern)
-    assert _err(w, gpt, x) < _err(w, wanda, x) < _err(w, magnitude, x)
+    assert output_error(w, gpt, x) < output_error(w, wanda, x) < output_error(w, magnitude, x)
 
 
 def test_joint_quantization_keeps_the_mask_and_the_grid(layer):
@@ -95,7 +88,7 @@ def test_joint_quantization_keeps_the_mask_and_the_grid(layer):
     q, keep = sparse.sparsegpt(w, h, sparse.NM(2, 4), fmt=fmt, granularity=granularity_from(-1))
     assert (q[~keep] == 0).all()
     assert all(len(np.unique(np.round(row, 7))) <= 16 for row in q)  # int4 per channel: at most 16 levels a row
-    assert _err(w, q, x) < 0.6
+    assert output_error(w, q, x) < 0.6
 
 
 def test_dense_and_sparse_keeps_outliers_and_beats_plain_gptq(layer):
@@ -109,7 +102,7 @@ def test_dense_and_sparse_keeps_outliers_and_beats_plain_gptq(layer):
     assert outliers.sum() == round(0.005 * w.size)
     np.testing.assert_array_equal(q[outliers], q[outliers].astype(np.float16))  # float16, after GPTQ's updates
     plain, _, _ = gptq(w, h, fmt, gran)
-    assert _err(w, q, x) < 0.7 * _err(w, plain, x)
+    assert output_error(w, q, x) < 0.7 * output_error(w, plain, x)
 
 
 def test_refine_swaps_keep_counts_and_never_raise_the_layer_error(layer):
@@ -121,4 +114,4 @@ def test_refine_swaps_keep_counts_and_never_raise_the_layer_error(layer):
         np.testing.assert_array_equal(refined.sum(axis=1), keep.sum(axis=1))
         rows_before = np.einsum("nk,kl,nl->n", w * ~keep, h, w * ~keep)
         rows_after = np.einsum("nk,kl,nl->n", w * ~refined, h, w * ~refined)
-        assert (rows_after <= rows_before * (1 + 1e-9)).all() and _err(w, w * refined, x) < 0.95 * _err(w, w * keep, x)
+        assert (rows_after <= rows_before * (1 + 1e-9)).all() and output_error(w, w * refined, x) < 0.95 * output_error(w, w * keep, x)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import fresh
+from models import token_calibration
 
 import bitfold
 from bitfold.backends.ort import OrtRunnable
@@ -30,9 +31,7 @@ STEPS = {
 def lm(zoo_protos):
     model, _ = bitfold.optimize(fresh(zoo_protos, "tiny-lm"), list(CANONICAL))
     feeds = bitfold.sample_feeds(model)
-    rng = np.random.default_rng(0)
-    calibration = CalibrationData([{"input_ids": rng.integers(0, 96, (1, 8)).astype(np.int64)} for _ in range(4)])
-    return model, feeds, calibration, _out(model, feeds)
+    return model, feeds, token_calibration(4), _out(model, feeds)
 
 
 def _out(model, feeds):
