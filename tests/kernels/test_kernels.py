@@ -1,0 +1,65 @@
+"""Every kernel against its op's numpy reference on odd shapes (CPU), and its CUDA code compiled by nvcc (run and
+checked where a GPU exists)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import tvm
+from cases import NAMES, case
+
+from bitfold.kernels import build, find
+
+SHAPES = [(1, 64, 32), (3, 100, 37), (2, 72, 19)]  # (M, K, N): K and N not multiples of a vector or a group
+
+
+def _shape(name, m, k, n):
+    return (m, 9 * 16, 9 * 16) if name == "hadamard" and k == 100 else (m, 72 if name == "hadamard" else k, n)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cpu_kernel_matches_numpy_reference(name, shape):
+    m, k, n = _shape(name, *shape)
+    kernel, weights, attrs, reference = case(name, k, n)
+    prepared = kernel.prepare([None, *weights], attrs)
+    x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
+    expected = reference(x.astype(np.float64))
+    got = build.build(kernel, prepared, m, "cpu")(x)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda_kernel_compiles_and_runs_where_a_gpu_exists(name):
+    m, k, n = _shape(name, 3, 100, 37)
+    kernel, weights, attrs, reference = case(name, k, n)
+    prepared = kernel.prepare([None, *weights], attrs)
+    code = build.source(kernel, prepared, m, "cuda")
+    assert "__global__" in code
+    if not tvm.cuda().exist:
+        return
+    x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
+    expected = reference(x.astype(np.float64))
+    np.testing.assert_allclose(build.build(kernel, prepared, m, "cuda")(x), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_registry_covers_every_bitfold_op_and_matmulnbits():
+    from bitfold import ops
+
+    for module in (ops.bcq, ops.binary, ops.block_csr, ops.csr, ops.dense_sparse, ops.hadamard, ops.shift, ops.sparse, ops.ternary):
+        assert find("bitfold", module.OP_TYPE) is not None, module.OP_TYPE
+    assert find("com.microsoft", "MatMulNBits") is not None
+    assert find("", "MatMul") is None
+
+
+def test_nbits_layout_puts_outputs_innermost():
+    from bitfold.kernels import nbits
+
+    codes = np.arange(2 * 64).reshape(2, 64) % 16  # N = 2, K = 64
+    packed = nbits.relayout(codes, 4, 32)
+    assert packed.shape == (2, 16, 2)
+    assert packed[0, 0, 1] == (codes[1, 0] | (codes[1, 1] << 4))
