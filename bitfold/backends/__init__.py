@@ -28,15 +28,20 @@ class Runnable(Protocol):
     def times(self, feeds: Mapping[str, np.ndarray], iters: int) -> list[float]: ...
 
 
-BACKENDS = ("ort",)
+BACKENDS = ("ort", "tvm")
 
 
 def compile(model: ir.Model, backend: str = "ort", device: str = "auto", **options) -> Runnable:  # noqa: A001
-    """Compile ``model`` for ``backend`` ("ort") on ``device`` ("cpu", "cuda", or "auto": CUDA when present)."""
+    """Compile ``model`` for ``backend`` ("ort" or "tvm") on ``device`` ("cpu", "cuda", or "auto": CUDA when
+    present)."""
     if backend == "ort":
         from bitfold.backends.ort import OrtRunnable
 
         return OrtRunnable(model, device=device, **options)
+    if backend == "tvm":
+        from bitfold.backends.tvm import TvmRunnable
+
+        return TvmRunnable(model, device=device, **options)
     raise BitfoldError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}.")
 
 

@@ -17,7 +17,7 @@ from tvm import s_tir, te, tirx
 from bitfold.kernels import Kernel, Prepared, schedule
 
 #: PrimFunc attributes that keep Relax from fusing or re-scheduling a kernel
-ATTRS = {"tir.is_scheduled": True, "op_pattern": 8}
+ATTRS = {"tirx.is_scheduled": True, "op_pattern": 8}
 
 
 def target(device: str) -> tvm.target.Target:
@@ -53,10 +53,14 @@ def prim_func(kernel: Kernel, prepared: Prepared, m: int, device_target: tvm.tar
     y = kernel.compute(x, arrays, **prepared.params)
     sch = s_tir.Schedule(te.create_prim_func([x, *arrays, y]))
     (kernel.schedule or schedule.apply)(sch, stages(y), device_target)
-    func = sch.mod["main"]
+    func = sch.mod["main"].without_attr("global_symbol")
     for key, value in ATTRS.items():
         func = func.with_attr(key, value)
     return func
+
+
+def _module(kernel: Kernel, prepared: Prepared, m: int, device_target: tvm.target.Target) -> tvm.IRModule:
+    return tvm.IRModule({"main": prim_func(kernel, prepared, m, device_target).with_attr("global_symbol", "main")})
 
 
 @dataclasses.dataclass
@@ -85,8 +89,7 @@ class Built:
 
 def build(kernel: Kernel, prepared: Prepared, m: int, device: str = "cpu") -> Built:
     device_target = target(device)
-    func = prim_func(kernel, prepared, m, device_target)
-    lib = tvm.compile(tvm.IRModule({"main": func}), target=device_target)
+    lib = tvm.compile(_module(kernel, prepared, m, device_target), target=device_target)
     dev = tvm.cuda() if device == "cuda" else tvm.cpu()
     built = Built(lib["main"], dev, [], m, prepared.n)
     built.arrays = built.upload(prepared)
@@ -96,6 +99,6 @@ def build(kernel: Kernel, prepared: Prepared, m: int, device: str = "cpu") -> Bu
 def source(kernel: Kernel, prepared: Prepared, m: int, device: str = "cuda") -> str:
     """Generated device source of the kernel (CUDA C for ``cuda``): compiled by nvcc, with or without a GPU."""
     device_target = target(device)
-    lib = tvm.compile(tvm.IRModule({"main": prim_func(kernel, prepared, m, device_target)}), target=device_target)
+    lib = tvm.compile(_module(kernel, prepared, m, device_target), target=device_target)
     modules = lib.mod.imports if hasattr(lib, "mod") else lib.imports
     return "\n".join(module.inspect_source() for module in modules)

@@ -74,7 +74,7 @@ def compute_block(x: te.Tensor, arrays, rows: int) -> te.Tensor:
 def prepare_dense_sparse(weights, attrs) -> Prepared:
     _, q, s, values, cols, pointers = weights
     block_size, k = int(attrs["block_size"]), int(attrs["K"])
-    bits = 8 if q.dtype == np.int8 else 4
+    bits = 4 if q.dtype != np.int8 or int(attrs.get("storage_bits", 8)) == 4 else 8
     offset = 1 << (bits - 1)
     blocks = s.shape[0]
     codes = np.full((blocks * block_size, q.shape[1]), offset, np.int16)

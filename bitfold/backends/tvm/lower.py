@@ -1,0 +1,65 @@
+"""Prepare an onnx-ir model for TVM's ONNX importer (pure onnx-ir, no TVM calls).
+
+1. Input shapes are fixed to the feeds' (the importer needs static shapes; one build per input signature).
+2. Every node with a kernel (``bitfold.kernels``) whose weights are constants is renamed to the kernel's key
+   (domain ``bitfold.tvm``, op type ``<domain>.<op>``): the importer ignores domains, so a unique op type is what
+   routes it to bitfold's converter. Its attributes gain ``K`` (the activations' last dimension, once known) and
+   int4 initializers are widened to int8 with ``storage_bits = 4`` (the importer cannot read int4 tensors).
+3. Any other model-local function call (a bitfold op whose weights are computed, or without a kernel) is inlined
+   into standard ops by onnx-ir's InlinePass, so every model still runs.
+4. onnxscript's optimizer folds the shape subgraphs to constants and Constant nodes become initializers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+from onnxscript import optimizer
+
+from bitfold.frontend.onnx_io import clone
+from bitfold.kernels import find
+
+DOMAIN = "bitfold.tvm"
+
+
+def prepare(model: ir.Model, shapes: Mapping[str, tuple[int, ...]]) -> tuple[ir.Model, int]:
+    """A copy of ``model`` ready for import, and the number of nodes routed to bitfold kernels."""
+    model = clone(model)
+    for value in model.graph.inputs:
+        if value.name in shapes:
+            value.shape = ir.Shape(shapes[value.name])
+    optimizer.optimize(model, inline=False)
+    routed = sum(_route(node) for node in list(model.graph))
+    if routed:
+        model.opset_imports[DOMAIN] = 1
+    common.InlinePass()(model)
+    common.RemoveUnusedFunctionsPass()(model)
+    optimizer.optimize(model)
+    common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    return model, routed
+
+
+def _route(node: ir.Node) -> bool:
+    entry = find(node.domain, node.op_type)
+    if entry is None:
+        return False
+    inputs = list(node.inputs)
+    if any(i < len(inputs) and inputs[i] is not None and inputs[i].const_value is None for i in entry.weights):
+        return False
+    x = inputs[0]
+    if x is None or x.shape is None or not x.shape.is_static():
+        return False
+    for i in entry.weights:
+        if i < len(inputs) and inputs[i] is not None and inputs[i].dtype == ir.DataType.INT4:
+            widened = inputs[i].const_value.numpy().astype(np.int8)
+            inputs[i].const_value = ir.tensor(widened, name=inputs[i].name)
+            inputs[i].dtype = ir.DataType.INT8
+            node.attributes["storage_bits"] = ir.AttrInt64("storage_bits", 4)
+    node.attributes["K"] = ir.AttrInt64("K", int(x.shape[-1]))
+    node.op_type, node.domain = entry.key, DOMAIN
+    node.version = None
+    return True
+
