@@ -32,6 +32,7 @@ class OrtRunnable:
         threads: int | None = None,
         spinning: bool = True,
         optimization: str = "all",
+        global_pool: bool = False,
     ) -> None:
         if device not in _DEVICES:
             raise BitfoldError(f"unknown device '{device}' for ONNX Runtime; choose one of: {', '.join(_DEVICES)}.")
@@ -50,6 +51,8 @@ class OrtRunnable:
         }[optimization]
         if threads:
             options.intra_op_num_threads = threads
+        if global_pool:  # the process's shared pool (``set_global_thread_pool_sizes`` before the first session)
+            options.use_per_session_threads = False
         if not spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._model = model

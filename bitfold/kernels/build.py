@@ -9,12 +9,17 @@ generated and compiled by nvcc either way.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import tvm
 from tvm import s_tir, te, tirx
 
 from bitfold.kernels import Kernel, Prepared, schedule
+
+# TVM sizes its thread pool by physical cores, which is 1 on a 2-vCPU machine whose vCPUs are SMT siblings; ORT and
+# torch use every logical CPU, and so do bitfold's kernels (read when TVM starts its pool, so set before any run)
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
 #: PrimFunc attributes that keep Relax from fusing or re-scheduling a kernel
 ATTRS = {"tirx.is_scheduled": True, "op_pattern": 8}

@@ -23,7 +23,7 @@ from tvm import te, tirx
 
 from bitfold.errors import BitfoldError
 from bitfold.kernels import Prepared, kernel
-from bitfold.kernels.common import padded, total
+from bitfold.kernels.common import padded
 from bitfold.quant import matmulnbits
 
 OP_TYPE = "MatMulNBits"
@@ -82,13 +82,15 @@ def compute(x: te.Tensor, arrays, bits: int, block_size: int, offset: int, zero_
     mask = tirx.const((1 << bits) - 1, "uint8")
     xp = padded(x, blocks * block_size)
     j = te.reduce_axis((0, width), "j")
+    u = te.reduce_axis((0, per), "u") if per > 1 else None
 
-    def decoded(m, g, cols):
-        byte = w[g, j, cols]
-        codes = [((byte >> tirx.const(u * bits, "uint8")) & mask).astype("int32") - tirx.const(offset, "int32") for u in range(per)]
-        return total([xp(m, g * block_size + j * per + u) * code.astype("float32") for u, code in enumerate(codes)])
+    def term(m, g, cols):
+        shift = (u * bits).astype("uint8") if u is not None else tirx.const(0, "uint8")
+        code = ((w[g, j, cols] >> shift) & mask).astype("int32") - tirx.const(offset, "int32")
+        return xp(m, g * block_size + j * per + (u if u is not None else 0)) * code.astype("float32")
 
-    part = te.compute((x.shape[0], blocks, n), lambda m, g, cols: te.sum(decoded(m, g, cols), axis=j), name="part")
+    axes = [j, u] if u is not None else [j]
+    part = te.compute((x.shape[0], blocks, n), lambda m, g, cols: te.sum(term(m, g, cols), axis=axes), name="part")
     g = te.reduce_axis((0, blocks), "g")
     if zero_points:
         zs = arrays[2]

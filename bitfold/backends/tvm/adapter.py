@@ -28,7 +28,7 @@ from bitfold.kernels import KERNELS, Kernel, _load, build
 
 
 def _converter(entry: Kernel, device_target: tvm.target.Target) -> type:
-    def convert(cls, bb, inputs, attrs, params):  # noqa: ARG001  (the importer's converter signature)
+    def convert(cls, bb, inputs, attrs, params):
         x, *weights = inputs
         shape = [int(d) for d in x.ty.shape]
         m, k = int(np.prod(shape[:-1])), shape[-1]

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common
+from onnx_ir.passes import common
 from onnxscript import optimizer
 
 from bitfold.frontend.onnx_io import clone

@@ -4,8 +4,8 @@ TVM's default CPU pipeline applies none (one SmolLM2 token ran 15× slower than 
 Per block at the root of a function, from its iteration kinds and read pattern (no op names):
 
 - a reduction whose last spatial axis indexes the last dimension of one of its inputs (MatMul against a [K, N]
-  weight): the GEMV/GEMM schedule of ``bitfold.kernels.schedule``: output columns split into vector lanes, the
-  remaining spatial axes and column tiles fused and run in parallel, reductions outside the lanes;
+  weight): the GEMV/GEMM schedule of ``bitfold.kernels.schedule``: output columns in tiles of up to 256
+  (``tile``) run in parallel with the remaining spatial axes, reductions outside the tile's vector lanes;
 - any other reduction (norms, softmax sums, A·Bᵀ products): spatial axes fused and run in parallel;
 - an element-wise block: all axes fused, split into vector lanes, outer part parallel.
 
@@ -20,7 +20,7 @@ import numpy as np
 import tvm
 from tvm import s_tir, tirx
 
-from bitfold.kernels.schedule import lanes
+from bitfold.kernels.schedule import lanes, tile
 
 _PARALLEL_WORK = 16384
 
@@ -85,8 +85,9 @@ def _columns(info, n_spatial: int) -> bool:
 
 
 def _gemv(sch, block, spatial, reduce, width: int, work: int) -> None:
-    outer, lane = sch.split(spatial[-1], [None, width])
-    sch.reorder(*spatial[:-1], outer, *reduce, lane)
+    columns = tile(int(sch.get(spatial[-1]).extent), width)
+    outer, sub, lane = sch.split(spatial[-1], [None, columns // width, width])
+    sch.reorder(*spatial[:-1], outer, *reduce, sub, lane)
     fused = sch.fuse(*spatial[:-1], outer) if len(spatial) > 1 else outer
     if work >= _PARALLEL_WORK:
         sch.parallel(fused)
