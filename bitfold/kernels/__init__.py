@@ -7,7 +7,9 @@ A kernel module registers one :class:`Kernel` with :func:`kernel`. Its faces:
   kernel's layout, e.g. packed codes with the output axis innermost so one vector load reads the codes of
   consecutive outputs and a CUDA warp reads consecutive bytes; plus the static integers the compute needs;
 - ``compute(x, arrays, **params) -> te.Tensor``: the TE definition for activations x of shape [M, K], returning
-  Y [M, N].
+  Y [M, N];
+- optionally ``lowering(prepared, m, target) -> PrimFunc | None``: a hand-written TIR kernel for the targets it
+  supports (e.g. ``lut``'s AVX-512 lookup microkernel), taking the same arguments; None falls back to ``compute``.
 
 Blocks are named for the schedule (``bitfold.kernels.schedule``): ``part*`` reduce a group of inputs for a tile
 of outputs, ``gemv*`` reduce the groups into [..., N] (outputs innermost), ``row*`` compute per-activation
@@ -46,6 +48,7 @@ class Kernel:
     prepare: Callable[[Sequence[np.ndarray | None], Mapping[str, int]], Prepared]
     compute: Callable
     schedule: Callable | None = None
+    lowering: Callable | None = None
 
     @property
     def key(self) -> str:
@@ -55,9 +58,12 @@ class Kernel:
 KERNELS: dict[str, Kernel] = {}
 
 
-def kernel(domain: str, op_type: str, weights: tuple[int, ...], prepare: Callable, compute: Callable, schedule: Callable | None = None) -> Kernel:
+def kernel(
+    domain: str, op_type: str, weights: tuple[int, ...], prepare: Callable, compute: Callable,
+    schedule: Callable | None = None, lowering: Callable | None = None,
+) -> Kernel:  # fmt: skip
     """Register the kernel of ``domain.op_type``; returns it."""
-    entry = Kernel(domain, op_type, weights, prepare, compute, schedule)
+    entry = Kernel(domain, op_type, weights, prepare, compute, schedule, lowering)
     KERNELS[entry.key] = entry
     return entry
 

@@ -1,7 +1,8 @@
 """``bitfold.BCQMatMul`` kernel (ShiftAddLLM): per eight activations a 256-entry table of signed partial sums,
 then one table lookup per plane byte, accumulated per scale group and scaled once per group.
 
-Layout: the op's planes uint8[q, ceil(K/8), N] (outputs innermost) and scales float16 [q, G, N] as stored::
+Layout: the op's planes uint8[q, ceil(K/8), N] (outputs innermost), scales float16 [q, G, N] as stored, and a zero
+vector E [N] (the mean term of ``lut``'s microkernel, which runs this op on AVX-512 CPUs). The TE kernel::
 
     T[m, c, t]    = Σ_{j<8} (bit j of t ? +1 : −1) · x[m, 8c + j]                  (row stage, 256 · K/8 entries)
     part[m, i, h, n] = Σ_{c in group h} T[m, c, P[i, c, n]]                       (a gather per byte and lane)
@@ -16,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import te, tirx
 
-from bitfold.kernels import Prepared, kernel
+from bitfold.kernels import Prepared, kernel, lut
 from bitfold.kernels.common import padded, total
 
 OP_TYPE = "BCQMatMul"
@@ -25,11 +26,19 @@ DOMAIN = "bitfold"
 
 def prepare(weights, attrs) -> Prepared:
     _, p, alpha = weights
-    return Prepared((np.ascontiguousarray(p), np.ascontiguousarray(alpha.astype(np.float16))), {"group_size": int(attrs["group_size"])}, int(attrs["K"]), p.shape[2])
+    arrays = (np.ascontiguousarray(p), np.ascontiguousarray(alpha.astype(np.float16)), np.zeros(p.shape[2], np.float32))
+    return Prepared(arrays, {"group_size": int(attrs["group_size"])}, int(attrs["K"]), p.shape[2])
+
+
+def lowering(prepared: Prepared, m: int, target):
+    p, alpha, _ = prepared.arrays
+    if not lut.available(target, prepared.n):
+        return None
+    return lut.plane_kernel(m, prepared.k, prepared.n, p.shape[0], alpha.shape[1], prepared.params["group_size"] // 8, "float16", signs=True)
 
 
 def compute(x: te.Tensor, arrays, group_size: int) -> te.Tensor:
-    p, alpha = arrays
+    p, alpha, _ = arrays
     planes, chunks, n = (int(d) for d in p.shape)
     groups = int(alpha.shape[1])
     per_group = group_size // 8
@@ -53,4 +62,4 @@ def compute(x: te.Tensor, arrays, group_size: int) -> te.Tensor:
     return te.compute((rows, n), lambda m, cols: te.sum(alpha[i, h, cols].astype("float32") * part[m, i, h, cols], axis=[i, h]), name="gemv")
 
 
-KERNEL = kernel(DOMAIN, OP_TYPE, (1, 2), prepare, compute)
+KERNEL = kernel(DOMAIN, OP_TYPE, (1, 2), prepare, compute, lowering=lowering)

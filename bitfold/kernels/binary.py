@@ -1,7 +1,8 @@
 """``bitfold.BinaryMatMul`` kernels: sign-select-add over bit-packed weights with float activations, and
 XNOR-popcount when the activations are binarized too.
 
-Layout: P stays in its bit planes uint8[r, ceil(K/8), N] (already outputs-innermost); A [r, N] and M [N] float.
+Layout: P stays in its bit planes uint8[r, ceil(K/8), N] (already outputs-innermost); A as float [r, 1, N] and M [N]
+(the layout of ``lut``'s AVX-512 microkernel, which runs the float-activation case without salient weights).
 PB-LLM's salient weights become a sparse correction in ELL layout (``common.ell``): at each salient position the
 correction is (its int8 code · T[n]) minus the binary value it replaces, so the dense part never branches.
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import te, tirx
 
-from bitfold.kernels import Prepared, kernel
+from bitfold.kernels import Prepared, kernel, lut
 from bitfold.kernels.common import bit, ell, ell_product, padded, total
 from bitfold.ops import binary, bitplanes
 
@@ -37,7 +38,7 @@ def prepare(weights, attrs) -> Prepared:
     k = int(attrs["K"])
     n = p.shape[2]
     params = {"binarize_input": int(attrs.get("binarize_input", 0)), "salient": int(q.shape[0] > 0)}
-    arrays = [np.ascontiguousarray(p), a.astype(np.float32), mean.astype(np.float32)]
+    arrays = [np.ascontiguousarray(p), a.astype(np.float32)[:, None, :], mean.astype(np.float32)]
     if q.shape[0]:
         mask = bitplanes.planes(q, k)[0].astype(bool)  # [K, N]
         dense = binary.unpack(p, a, mean, q[:0], v[:0], t[:0], k)
@@ -49,6 +50,12 @@ def prepare(weights, attrs) -> Prepared:
             cols.append(ks)
         arrays += list(ell(rows, cols, n))
     return Prepared(tuple(arrays), params, k, n)
+
+
+def lowering(prepared: Prepared, m: int, target):
+    if prepared.params["binarize_input"] or prepared.params["salient"] or not lut.available(target, prepared.n):
+        return None
+    return lut.plane_kernel(m, prepared.k, prepared.n, prepared.arrays[0].shape[0], 1, prepared.arrays[0].shape[1], "float32", signs=True)
 
 
 def compute(x: te.Tensor, arrays, binarize_input: int, salient: int) -> te.Tensor:
@@ -71,7 +78,7 @@ def compute(x: te.Tensor, arrays, binarize_input: int, salient: int) -> te.Tenso
         )  # fmt: skip
         y = te.compute(
             (rows_m, n),
-            lambda m, cols: total([a[i, cols] * (2.0 * sel[m, i, cols] - sums[m]) for i in range(planes)]) + mean[cols] * sums[m],
+            lambda m, cols: total([a[i, 0, cols] * (2.0 * sel[m, i, cols] - sums[m]) for i in range(planes)]) + mean[cols] * sums[m],
             name="out_dense",
         )  # fmt: skip
         xget = lambda m, i: x[m, i]
@@ -101,9 +108,9 @@ def _xnor(x, p, a, mean, scale):
     kf = tirx.const(float(k), "float32")
     return te.compute(
         (rows_m, n),
-        lambda m, cols: scale[m] * (total([a[i, cols] * (kf - 2.0 * pop[m, i, cols].astype("float32")) for i in range(planes)]) + mean[cols] * (2.0 * positive[m] - kf)),
+        lambda m, cols: scale[m] * (total([a[i, 0, cols] * (kf - 2.0 * pop[m, i, cols].astype("float32")) for i in range(planes)]) + mean[cols] * (2.0 * positive[m] - kf)),
         name="out_dense",
     )  # fmt: skip
 
 
-KERNEL = kernel(DOMAIN, OP_TYPE, (1, 2, 3, 4, 5, 6), prepare, compute)
+KERNEL = kernel(DOMAIN, OP_TYPE, (1, 2, 3, 4, 5, 6), prepare, compute, lowering=lowering)

@@ -53,12 +53,14 @@ def stages(out: te.Tensor) -> list[str]:
 
 def prim_func(kernel: Kernel, prepared: Prepared, m: int, device_target: tvm.target.Target) -> tirx.PrimFunc:
     """The kernel for activations [m, K], scheduled for ``device_target``; arguments (X, *arrays, Y)."""
-    x = te.placeholder((m, prepared.k), "float32", "X")
-    arrays = [te.placeholder(a.shape, str(a.dtype), f"w{i}") for i, a in enumerate(prepared.arrays)]
-    y = kernel.compute(x, arrays, **prepared.params)
-    sch = s_tir.Schedule(te.create_prim_func([x, *arrays, y]))
-    (kernel.schedule or schedule.apply)(sch, stages(y), device_target)
-    func = sch.mod["main"].without_attr("global_symbol")
+    func = kernel.lowering(prepared, m, device_target) if kernel.lowering else None
+    if func is None:
+        x = te.placeholder((m, prepared.k), "float32", "X")
+        arrays = [te.placeholder(a.shape, str(a.dtype), f"w{i}") for i, a in enumerate(prepared.arrays)]
+        y = kernel.compute(x, arrays, **prepared.params)
+        sch = s_tir.Schedule(te.create_prim_func([x, *arrays, y]))
+        (kernel.schedule or schedule.apply)(sch, stages(y), device_target)
+        func = sch.mod["main"].without_attr("global_symbol")
     for key, value in ATTRS.items():
         func = func.with_attr(key, value)
     return func

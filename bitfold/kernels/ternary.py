@@ -1,11 +1,13 @@
 """``bitfold.TernaryMatMul`` kernel (BitNet b1.58): add, subtract or skip each activation, one scale per output.
 
-Layout: the op's two bit planes uint8[2, ceil(K/8), N] as they are (outputs innermost), G [N] float::
+Layout: the op's two bit planes with the negative plane masked by the non-zero one (so the never-written code 2
+reads as 0, as the schema says), coefficients C = (G, −2G) as float [2, 1, N] and a zero vector [N]::
 
-    acc[m, n] = Σ_k nonzero[k, n] ? (negative[k, n] ? −x[m, k] : x[m, k]) : 0
-    Y[m, n]   = G[n] · acc[m, n]
+    sel_i[m, n] = Σ_k x[m, k] · plane_i[k, n]          (a select and an add per weight bit)
+    Y[m, n]     = G[n] · sel_nonzero − 2 · G[n] · sel_negative
 
-Eight weights per pair of byte loads, no multiplications in the loop.
+Eight weights per pair of byte loads, no multiplications in the loop; on AVX-512 CPUs ``lut``'s lookup microkernel
+computes both selected sums.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import te, tirx
 
-from bitfold.kernels import Prepared, kernel
+from bitfold.kernels import Prepared, kernel, lut
 from bitfold.kernels.common import bit, padded, total
 
 OP_TYPE = "TernaryMatMul"
@@ -22,23 +24,30 @@ DOMAIN = "bitfold"
 
 def prepare(weights, attrs) -> Prepared:
     _, p, gamma = weights
-    return Prepared((np.ascontiguousarray(p), gamma.astype(np.float32)), {}, int(attrs["K"]), p.shape[2])
+    planes = np.stack([p[0], p[1] & p[0]])
+    gamma = gamma.astype(np.float32)
+    coefficients = np.stack([gamma, -2.0 * gamma])[:, None, :]
+    return Prepared((planes, coefficients, np.zeros_like(gamma)), {}, int(attrs["K"]), p.shape[2])
+
+
+def lowering(prepared: Prepared, m: int, target):
+    if not lut.available(target, prepared.n):
+        return None
+    return lut.plane_kernel(m, prepared.k, prepared.n, 2, 1, prepared.arrays[0].shape[1], "float32", signs=False)
 
 
 def compute(x: te.Tensor, arrays) -> te.Tensor:
-    p, gamma = arrays
+    p, coefficients, _ = arrays
     _, chunks, n = (int(d) for d in p.shape)
     xp = padded(x, chunks * 8)
     zero = tirx.const(0.0, "float32")
     g = te.reduce_axis((0, chunks), "g")
-
-    def trit(m, cols, j):
-        value = xp(m, 8 * g + j)
-        signed = te.if_then_else(bit(p[1, g, cols], j) > 0, -value, value)
-        return te.if_then_else(bit(p[0, g, cols], j) > 0, signed, zero)
-
-    acc = te.compute((x.shape[0], n), lambda m, cols: te.sum(total([trit(m, cols, j) for j in range(8)]), axis=g), name="gemv")
-    return te.compute(acc.shape, lambda m, cols: gamma[cols] * acc[m, cols], name="out")
+    sel = te.compute(
+        (x.shape[0], 2, n),
+        lambda m, i, cols: te.sum(total([te.if_then_else(bit(p[i, g, cols], j) > 0, xp(m, 8 * g + j), zero) for j in range(8)]), axis=g),
+        name="gemv",
+    )  # fmt: skip
+    return te.compute((x.shape[0], n), lambda m, cols: coefficients[0, 0, cols] * sel[m, 0, cols] + coefficients[1, 0, cols] * sel[m, 1, cols], name="out")
 
 
-KERNEL = kernel(DOMAIN, OP_TYPE, (1, 2), prepare, compute)
+KERNEL = kernel(DOMAIN, OP_TYPE, (1, 2), prepare, compute, lowering=lowering)

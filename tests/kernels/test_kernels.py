@@ -12,11 +12,14 @@ from cases import NAMES, case
 
 from bitfold.kernels import build, find
 
-SHAPES = [(1, 64, 32), (3, 100, 37), (2, 72, 19)]  # (M, K, N): K and N not multiples of a vector or a group
+# (M, K, N): K and N not multiples of a vector or a group; N = 128 takes the AVX-512 lookup kernels where present
+SHAPES = [(1, 64, 32), (3, 100, 37), (2, 72, 19), (2, 196, 128)]
 
 
 def _shape(name, m, k, n):
-    return (m, 9 * 16, 9 * 16) if name == "hadamard" and k == 100 else (m, 72 if name == "hadamard" else k, n)
+    if name == "hadamard":
+        return {100: (m, 9 * 16, 9 * 16), 196: (m, 3 * 64, 3 * 64)}.get(k, (m, 72, 72))
+    return m, k, n
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -63,3 +66,15 @@ def test_nbits_layout_puts_outputs_innermost():
     packed = nbits.relayout(codes, 4, 32)
     assert packed.shape == (2, 16, 2)
     assert packed[0, 0, 1] == (codes[1, 0] | (codes[1, 1] << 4))
+
+
+@pytest.mark.parametrize("name", ["bcq3", "binary", "ternary"])
+def test_lookup_microkernel_serves_wide_layers_on_avx512(name):
+    from bitfold.kernels import lut
+
+    target = build.target("cpu")
+    if not lut.available(target, 128):
+        pytest.skip("the CPU has no AVX-512")
+    kernel, weights, attrs, _ = case(name, 196, 128)
+    script = build.prim_func(kernel, kernel.prepare([None, *weights], attrs), 2, target).script()
+    assert "permvar" in script and "gemv" not in script
