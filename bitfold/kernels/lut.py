@@ -41,9 +41,8 @@ def plane_kernel(m: int, k: int, n: int, planes: int, groups: int, group_bytes: 
         for r, c, t in T.grid(m, nibbles, 16):
             table[(r * nibbles + c) * 16 + t] = T.float32(0)
             for j in T.unroll(4):
-                if 4 * c + j < k:
-                    if (t >> j) & 1 == 1:
-                        table[(r * nibbles + c) * 16 + t] = table[(r * nibbles + c) * 16 + t] + x[r, 4 * c + j]
+                if 4 * c + j < k and (t >> j) & 1 == 1:
+                    table[(r * nibbles + c) * 16 + t] = table[(r * nibbles + c) * 16 + t] + x[r, 4 * c + j]
         for r in range(m):
             sums[r * (groups + 1) + groups] = T.float32(0)
             for h in range(groups):
