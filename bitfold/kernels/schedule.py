@@ -51,13 +51,12 @@ def _split_tail(sch, loop, factor: int):
     return sch.split(loop, [None, factor])
 
 
-def tile(extent: int, width: int) -> int:
+def tile(extent: int) -> int:
     """Output columns per parallel task: 256 (1 KiB of fp32 per weight row, long enough for the hardware
     prefetchers: a 4096² fp32 GEMV streams 29 GB/s here against 6 GB/s with 16 columns), fewer when that would
-    leave a core idle; a multiple of the vector width."""
+    leave a core idle; a multiple of 16 (every vector width), the whole axis when it is narrower."""
     cores = os.cpu_count() or 1
-    columns = min(256, max(width, extent // (2 * cores)))
-    return max(width, columns // width * width)
+    return min(extent, max(16, min(256, extent // (2 * cores)) // 16 * 16))
 
 
 def apply(sch: s_tir.Schedule, names: list[str], target: tvm.target.Target) -> s_tir.Schedule:
@@ -80,7 +79,7 @@ def _cpu(sch, names, width: int) -> None:
         spatial, reductions = loops[: len(loops) - reduce], loops[len(loops) - reduce :]
         extent = int(sch.get(spatial[-1]).extent)
         vec = min(width, extent)
-        vectors = max(1, tile(extent, vec) // vec)
+        vectors = max(1, tile(extent) // vec)
         rows = _row_block(int(sch.get(spatial[0]).extent)) if len(spatial) > 1 else 1
         chains = max(1, _ACCUMULATORS // rows)
         while vectors % chains:

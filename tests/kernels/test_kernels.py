@@ -64,8 +64,10 @@ def test_nbits_layout_puts_outputs_innermost():
 
     codes = np.arange(2 * 64).reshape(2, 64) % 16  # N = 2, K = 64
     packed = nbits.relayout(codes, 4, 32)
-    assert packed.shape == (2, 16, 2)
-    assert packed[0, 0, 1] == (codes[1, 0] | (codes[1, 1] << 4))
+    assert packed.shape == (1, 2, 16, 2)
+    assert packed[0, 0, 0, 1] == (codes[1, 0] | (codes[1, 1] << 4))
+    wide = nbits.relayout(np.zeros((4096, 64), np.uint8), 4, 32)
+    assert wide.shape[0] * wide.shape[3] == 4096 and wide.shape[3] % 16 == 0 and wide.shape[0] > 1
 
 
 @pytest.mark.parametrize("name", ["bcq3", "binary", "ternary"])

@@ -85,7 +85,7 @@ def _columns(info, n_spatial: int) -> bool:
 
 
 def _gemv(sch, block, spatial, reduce, width: int, work: int) -> None:
-    columns = tile(int(sch.get(spatial[-1]).extent), width)
+    columns = max(width, tile(int(sch.get(spatial[-1]).extent)) // width * width)
     outer, sub, lane = sch.split(spatial[-1], [None, columns // width, width])
     sch.reorder(*spatial[:-1], outer, *reduce, sub, lane)
     fused = sch.fuse(*spatial[:-1], outer) if len(spatial) > 1 else outer
