@@ -74,43 +74,50 @@ def apply(sch: s_tir.Schedule, names: list[str], target: tvm.target.Target) -> s
 def _cpu(sch, names, width: int) -> None:
     for gemv in blocks(sch, names, "gemv"):
         parts = [p for p in sch.get_producers(gemv) if sch.get(p).name_hint.startswith("part")]
-        loops = sch.get_loops(gemv)
-        reduce = _reduce_count(sch, gemv)
-        spatial, reductions = loops[: len(loops) - reduce], loops[len(loops) - reduce :]
-        extent = int(sch.get(spatial[-1]).extent)
-        vec = min(width, extent)
-        vectors = max(1, tile(extent) // vec)
-        rows = _row_block(int(sch.get(spatial[0]).extent)) if len(spatial) > 1 else 1
-        chains = max(1, _ACCUMULATORS // rows)
-        while vectors % chains:
-            chains //= 2
-        outer, sub, chain, inner = sch.split(spatial[-1], [None, vectors // chains, chains, vec])
-        middle = spatial[1:-1] if len(spatial) > 1 else []
-        if len(spatial) > 1:
-            row_outer, row_inner = sch.split(spatial[0], [None, rows])
-            sch.reorder(outer, row_outer, *middle, *reductions, sub, row_inner, chain, inner)
-        else:
-            row_inner = None
-            sch.reorder(outer, *reductions, sub, chain, inner)
-        sch.parallel(outer)
-        depth = len(sch.get_loops(gemv)) - (3 if row_inner is not None else 2)  # loops down to ``sub``
-        for part in parts:
-            sch.compute_at(part, sub)
-            _vector_part(sch, part, vec, depth)
-        if reductions and not parts:
-            cached = sch.cache_write(gemv, 0, "local")
-            sch.reverse_compute_at(cached, sch.get_loops(gemv)[len(middle) + (2 if row_inner is not None else 1) - 1])
-            _vectorize_last(sch, cached)
-        if row_inner is not None:
-            sch.unroll(row_inner)
-        sch.unroll(chain)
-        sch.vectorize(inner)
-        if reductions:
-            init = sch.decompose_reduction(gemv, reductions[0])
-            _vectorize_last(sch, init)
+        gemv_cpu(sch, gemv, width, parts)
     for prefix in ("row", "out"):
         for block in blocks(sch, names, prefix):
             _flat_cpu(sch, block, width)
+
+
+def gemv_cpu(sch, gemv, width: int, parts=(), parallel: bool = True) -> None:
+    """The CPU schedule of one reduction block whose last spatial axis is the output columns (contiguous in its
+    weights): column tiles in parallel, reductions outside, ``rows × chains`` accumulator vectors per step."""
+    loops = sch.get_loops(gemv)
+    reduce = _reduce_count(sch, gemv)
+    spatial, reductions = loops[: len(loops) - reduce], loops[len(loops) - reduce :]
+    extent = int(sch.get(spatial[-1]).extent)
+    vec = min(width, extent)
+    vectors = max(1, tile(extent) // vec)
+    rows = _row_block(int(sch.get(spatial[0]).extent)) if len(spatial) > 1 else 1
+    chains = max(1, _ACCUMULATORS // rows)
+    while vectors % chains:
+        chains //= 2
+    outer, sub, chain, inner = sch.split(spatial[-1], [None, vectors // chains, chains, vec])
+    middle = spatial[1:-1] if len(spatial) > 1 else []
+    if len(spatial) > 1:
+        row_outer, row_inner = sch.split(spatial[0], [None, rows])
+        sch.reorder(outer, row_outer, *middle, *reductions, sub, row_inner, chain, inner)
+    else:
+        row_inner = None
+        sch.reorder(outer, *reductions, sub, chain, inner)
+    if parallel:
+        sch.parallel(outer)
+    depth = len(sch.get_loops(gemv)) - (3 if row_inner is not None else 2)  # loops down to ``sub``
+    for part in parts:
+        sch.compute_at(part, sub)
+        _vector_part(sch, part, vec, depth)
+    if reductions and not parts:
+        cached = sch.cache_write(gemv, 0, "local")
+        sch.reverse_compute_at(cached, sch.get_loops(gemv)[len(middle) + (2 if row_inner is not None else 1) - 1])
+        _vectorize_last(sch, cached)
+    if row_inner is not None:
+        sch.unroll(row_inner)
+    sch.unroll(chain)
+    sch.vectorize(inner)
+    if reductions:
+        init = sch.decompose_reduction(gemv, reductions[0])
+        _vectorize_last(sch, init)
 
 
 def _row_block(rows: int) -> int:

@@ -4,8 +4,9 @@ TVM's default CPU pipeline applies none (one SmolLM2 token ran 15× slower than 
 Per block at the root of a function, from its iteration kinds and read pattern (no op names):
 
 - a reduction whose last spatial axis indexes the last dimension of one of its inputs (MatMul against a [K, N]
-  weight): the GEMV/GEMM schedule of ``bitfold.kernels.schedule``: output columns in tiles of up to 256
-  (``tile``) run in parallel with the remaining spatial axes, reductions outside the tile's vector lanes;
+  weight), or with three or more spatial axes (convolutions: the last is the output row): the kernels' GEMV/GEMM
+  schedule (``bitfold.kernels.schedule.gemv_cpu``): column tiles in parallel, reductions outside a block of
+  rows × vectors of accumulators kept in registers;
 - any other reduction (norms, softmax sums, A·Bᵀ products): spatial axes fused and run in parallel;
 - an element-wise block: all axes fused, split into vector lanes, outer part parallel.
 
@@ -20,7 +21,7 @@ import numpy as np
 import tvm
 from tvm import s_tir, tirx
 
-from bitfold.kernels.schedule import lanes, tile
+from bitfold.kernels.schedule import gemv_cpu, lanes
 
 _PARALLEL_WORK = 16384
 
@@ -63,8 +64,8 @@ def _schedule_block(sch: s_tir.Schedule, block, width: int) -> None:
         return
     work = int(np.prod(extents))
     try:
-        if reduce and spatial and _columns(info, len(spatial)) and extents[len(spatial) - 1] >= width:
-            _gemv(sch, block, spatial, reduce, width, work)
+        if reduce and spatial and extents[len(spatial) - 1] >= width and (_columns(info, len(spatial)) or len(spatial) >= 3):
+            gemv_cpu(sch, block, width, parallel=work >= _PARALLEL_WORK)
         elif reduce:
             if spatial and work >= _PARALLEL_WORK:
                 sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
@@ -82,18 +83,6 @@ def _columns(info, n_spatial: int) -> bool:
         if index is not None and isinstance(index, tirx.Var) and index.same_as(last):
             return True
     return False
-
-
-def _gemv(sch, block, spatial, reduce, width: int, work: int) -> None:
-    columns = max(width, tile(int(sch.get(spatial[-1]).extent)) // width * width)
-    outer, sub, lane = sch.split(spatial[-1], [None, columns // width, width])
-    sch.reorder(*spatial[:-1], outer, *reduce, sub, lane)
-    fused = sch.fuse(*spatial[:-1], outer) if len(spatial) > 1 else outer
-    if work >= _PARALLEL_WORK:
-        sch.parallel(fused)
-    sch.vectorize(lane)
-    init = sch.decompose_reduction(block, reduce[0])
-    sch.vectorize(sch.get_loops(init)[-1])
 
 
 def _elementwise(sch, spatial, width: int, work: int) -> None:
