@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a model on inputs")
     p.add_argument("model", type=Path)
-    p.add_argument("--backend", default="ort", choices=["ort"])
+    p.add_argument("--backend", default="ort", choices=["ort", "tvm"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--output", type=Path, help="write outputs to this .npz")
     _add_input_options(p)
@@ -119,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="latency of one or more models; ratios against the first")
     p.add_argument("models", type=Path, nargs="+")
-    p.add_argument("--backend", default="ort", choices=["ort"])
+    p.add_argument("--backend", default="ort", choices=["ort", "tvm"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--iters", type=int, default=20, help="runs per model per round")
@@ -339,7 +339,8 @@ def _bench(args) -> None:
 
     models = [load(path) for path in args.models]
     feeds = [_feeds(args, m) for m in models]
-    runnables = [compile(m, args.backend, args.device, spinning=len(models) == 1) for m in models]
+    options = {"spinning": len(models) == 1} if args.backend == "ort" else {}
+    runnables = [compile(m, args.backend, args.device, **options) for m in models]
     stats = compare(runnables, feeds, warmup=args.warmup, rounds=args.rounds, iters=args.iters)
     rows = [{"model": str(path), **s} for path, s in zip(args.models, stats, strict=True)]
     if args.json:

@@ -80,6 +80,20 @@ def test_run_and_bench(cnn_file, tmp_path, capsys):
     assert len(rows) == 2 and rows[0]["ratio"] == 1.0 and rows[1]["p50"] > 0
 
 
+def test_run_and_bench_on_tvm(cnn_file, tmp_path, capsys):
+    inputs, outputs = tmp_path / "x.npz", tmp_path / "y.npz"
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    np.savez(inputs, x=x)
+    assert main(["run", str(cnn_file), "--backend", "tvm", "--device", "cpu", "--inputs", str(inputs), "--output", str(outputs)]) == 0
+    expected = bitfold.compile(bitfold.load(cnn_file), "ort", "cpu").run({"x": x})
+    with np.load(outputs) as got:
+        for name, value in expected.items():
+            np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5)
+    capsys.readouterr()
+    assert main(["bench", str(cnn_file), "--backend", "tvm", "--device", "cpu", "--rounds", "2", "--iters", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["p50"] > 0
+
+
 def test_export_from_a_python_file(tmp_path):
     source = tmp_path / "factory.py"
     source.write_text(
