@@ -4,8 +4,9 @@
 Protocol: one process; ORT sessions share one global thread pool (sized to the cores), torch and TVM use as many
 threads. Weights are cold, as in a decoder: every candidate cycles through distinct copies of its weights, at least
 64 MiB in all (at most 64 copies, so shapes under 0.5 MiB stay partly in the 32 MiB L3). For each (M, K, N) the
-candidates run in interleaved rounds (A B C … A B C …) of ``--iters`` consecutive runs each, after a 10 ms pause that
-lets the previous runtime's worker threads stop spinning; the time is the median over all rounds.
+candidates run in interleaved rounds (A B C … A B C …) of ``--iters`` consecutive runs each, after a 50 ms pause that
+lets the previous runtime's worker threads stop spinning (torch's OpenMP workers are set passive for the same
+reason); the time is the median over all rounds.
 ORT MatMulNBits is int4, block 128, symmetric, ``accuracy_level = 4`` (its fastest: activations quantized to int8
 per block). bitfold's kernels compute exactly in fp32 (no activation quantization), from random weights in each
 format (ShiftAddLLM q = 3, group 128; binary with per-output scale and mean; XNOR with binarized activations;
@@ -32,6 +33,9 @@ import json
 import os
 import time
 from pathlib import Path
+
+# torch's OpenMP workers otherwise spin for a while after each call, taking the cores from the next candidate
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import matplotlib
 
@@ -163,7 +167,7 @@ def measure(candidates: dict[str, list], x: np.ndarray, rounds: int, iters: int)
     times: dict[str, list[float]] = {label: [] for label in candidates}
     for r in range(rounds):
         for label, runners in candidates.items():
-            time.sleep(0.01)
+            time.sleep(0.05)
             for i in range(iters):
                 run = runners[(r * iters + i) % len(runners)]
                 start = time.perf_counter()
@@ -267,7 +271,8 @@ def e2e(rounds: int) -> list[dict]:
         times = {label: [] for label in runnables}
         for _ in range(rounds):
             for label, runnable in runnables.items():
-                times[label].extend(runnable.times(feeds, 1))
+                time.sleep(0.05)  # the previous runtime's workers stop spinning
+                times[label].extend(runnable.times(feeds, 3))
         base_ms = float(np.median(times["ORT fp32"])) * 1e3
         int4_ms = float(np.median(times["ORT int4 MatMulNBits acc4"])) * 1e3
         for label in runnables:
@@ -301,23 +306,25 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5, help="consecutive runs per candidate and round")
     parser.add_argument("--e2e", action="store_true", help="also time SmolLM2-135M end to end")
     parser.add_argument("--only", nargs="*", help="bitfold kernels whose label contains one of these")
+    parser.add_argument("--e2e-only", action="store_true", help="rerun only the SmolLM2 rows, keep the kernel rows")
     args = parser.parse_args()
     _pybind_state.set_global_thread_pool_sizes(CORES, 1)
     torch.set_num_threads(CORES)
     RESULTS.mkdir(exist_ok=True)
-    rows, copy = kernel_table(args.rounds, args.iters, args.only)
-    result = {
-        "machine": {"cores": CORES, "copy_gbps": copy / 1e9, "tvm": tvm.__version__, "onnxruntime": ort.__version__, "torch": torch.__version__},
-        "kernels": rows,
-        "hadamard": hadamard_rows(args.rounds, copy),
-    }
     path = RESULTS / "kernels.json"
-    if args.e2e:
-        result["smollm2"] = e2e(max(5, args.rounds // 3))
-    elif path.exists():
-        result["smollm2"] = json.loads(path.read_text()).get("smollm2", [])
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    if args.e2e_only:
+        result = {**previous, "smollm2": e2e(max(5, args.rounds // 2))}
+    else:
+        rows, copy = kernel_table(args.rounds, args.iters, args.only)
+        result = {
+            "machine": {"cores": CORES, "copy_gbps": copy / 1e9, "tvm": tvm.__version__, "onnxruntime": ort.__version__, "torch": torch.__version__},
+            "kernels": rows,
+            "hadamard": hadamard_rows(args.rounds, copy),
+            "smollm2": e2e(max(5, args.rounds // 2)) if args.e2e else previous.get("smollm2", []),
+        }
     write_atomic(path, json.dumps(result, indent=2).encode())
-    _plot(rows, RESULTS / "kernels.png")
+    _plot(result["kernels"], RESULTS / "kernels.png")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,17 @@ class Runnable(Protocol):
     def times(self, feeds: Mapping[str, np.ndarray], iters: int) -> list[float]: ...
 
 
+class Timed:
+    """``bench`` for a runnable that implements ``times``."""
+
+    def times(self, feeds: Mapping[str, np.ndarray], iters: int) -> list[float]:
+        raise NotImplementedError
+
+    def bench(self, feeds: Mapping[str, np.ndarray], warmup: int = 10, iters: int = 50) -> dict[str, float]:
+        self.times(feeds, warmup)
+        return latency_stats(self.times(feeds, iters))
+
+
 BACKENDS = ("ort", "tvm")
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from bitfold.backends import latency_stats
+from bitfold.backends import Timed
 from bitfold.errors import BitfoldError
 from bitfold.frontend.inputs import check_feeds
 from bitfold.frontend.onnx_io import serialized
@@ -21,7 +22,7 @@ from bitfold.frontend.onnx_io import serialized
 _DEVICES = ("auto", "cpu", "cuda")
 
 
-class OrtRunnable:
+class OrtRunnable(Timed):
     backend = "ort"
 
     def __init__(
@@ -64,10 +65,6 @@ class OrtRunnable:
         check_feeds(self._model, feeds)
         outputs = self.session.run(self.output_names, dict(feeds))
         return dict(zip(self.output_names, outputs, strict=True))
-
-    def bench(self, feeds: Mapping[str, np.ndarray], warmup: int = 10, iters: int = 50) -> dict[str, float]:
-        self.times(feeds, warmup)
-        return latency_stats(self.times(feeds, iters))
 
     def times(self, feeds: Mapping[str, np.ndarray], iters: int) -> list[float]:
         """Wall seconds of ``iters`` consecutive runs (feeds checked once, outside the timed loop)."""

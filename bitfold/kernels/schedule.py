@@ -2,10 +2,11 @@
 
 CPU (llvm): every ``gemv`` block is split along its output axis N into tiles (``tile``) run in parallel over the
 cores; inside a tile the reduction loops run outermost and the tile's columns innermost, vectorized to the target's
-width, so each packed byte is loaded once per lane and each activation is a broadcast. The ``part`` blocks feeding
-it are computed per group for four vectors of columns at a time (four independent running sums, so the loop is
-bound by loads and arithmetic rather than by one accumulator's add latency). ``row`` and ``out`` blocks are fused,
-vectorized and parallel over their flattened extent.
+width, so each packed byte is loaded once per lane and each activation is a broadcast. A step computes a block of
+up to four activation rows × column vectors, eight accumulators in all (independent running sums keep the loop
+bound by loads and arithmetic rather than by one add's latency, and each decoded weight vector serves every row);
+``part`` blocks are computed per group at that point, a ``gemv`` without parts accumulates in a local buffer.
+``row`` and ``out`` blocks are fused, vectorized and parallel over their flattened extent.
 
 CUDA: one thread per output column (and row of activations) of a ``gemv`` block, consecutive threads on
 consecutive outputs (coalesced weight loads), accumulators and ``part`` values in registers; ``row`` and ``out``
@@ -179,11 +180,7 @@ def _cuda(sch, names) -> None:
         parts = [p for p in sch.get_producers(gemv) if sch.get(p).name_hint.startswith("part")]
         loops = sch.get_loops(gemv)
         reduce = _reduce_count(sch, gemv)
-        spatial = loops[: len(loops) - reduce]
-        fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
-        bx, tx = sch.split(fused, [None, _THREADS])
-        sch.bind(bx, "blockIdx.x")
-        sch.bind(tx, "threadIdx.x")
+        tx = _grid(sch, loops[: len(loops) - reduce])
         local = sch.cache_write(gemv, 0, "local")
         sch.reverse_compute_at(local, tx)
         inner = sch.get_loops(gemv)[-1]
@@ -199,9 +196,13 @@ def _cuda(sch, names) -> None:
 
 def _flat_cuda(sch, block) -> None:
     loops = sch.get_loops(block)
-    reduce = _reduce_count(sch, block)
-    spatial = loops[: len(loops) - reduce]
+    _grid(sch, loops[: len(loops) - _reduce_count(sch, block)])
+
+
+def _grid(sch, spatial):
+    """Fuse the spatial loops into one flat grid of thread blocks; returns the thread loop."""
     fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
     bx, tx = sch.split(fused, [None, _THREADS])
     sch.bind(bx, "blockIdx.x")
     sch.bind(tx, "threadIdx.x")
+    return tx

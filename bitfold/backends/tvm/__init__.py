@@ -15,14 +15,14 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from bitfold.backends import latency_stats
+from bitfold.backends import Timed
 from bitfold.errors import BitfoldError
 from bitfold.frontend.inputs import check_feeds, input_specs
 
 _DEVICES = ("auto", "cpu", "cuda")
 
 
-class TvmRunnable:
+class TvmRunnable(Timed):
     backend = "tvm"
 
     def __init__(self, model: ir.Model, *, device: str = "auto", shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
@@ -60,10 +60,6 @@ class TvmRunnable:
         check_feeds(self._model, feeds)
         outputs = self._session(feeds).run([feeds[name] for name in self.input_names])
         return dict(zip(self.output_names, outputs, strict=True))
-
-    def bench(self, feeds: Mapping[str, np.ndarray], warmup: int = 10, iters: int = 50) -> dict[str, float]:
-        self.times(feeds, warmup)
-        return latency_stats(self.times(feeds, iters))
 
     def times(self, feeds: Mapping[str, np.ndarray], iters: int) -> list[float]:
         """Wall seconds of ``iters`` consecutive runs, inputs already on the device."""
