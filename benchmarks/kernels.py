@@ -306,7 +306,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5, help="consecutive runs per candidate and round")
     parser.add_argument("--e2e", action="store_true", help="also time SmolLM2-135M end to end")
     parser.add_argument("--only", nargs="*", help="bitfold kernels whose label contains one of these")
-    parser.add_argument("--e2e-only", action="store_true", help="rerun only the SmolLM2 rows, keep the kernel rows")
+    parser.add_argument("--e2e-only", action="store_true", help="rerun only the SmolLM2 rows, keep the others")
+    parser.add_argument("--hadamard-only", action="store_true", help="rerun only the Hadamard rows, keep the others")
     args = parser.parse_args()
     _pybind_state.set_global_thread_pool_sizes(CORES, 1)
     torch.set_num_threads(CORES)
@@ -315,6 +316,8 @@ def main() -> None:
     previous = json.loads(path.read_text()) if path.exists() else {}
     if args.e2e_only:
         result = {**previous, "smollm2": e2e(max(5, args.rounds // 2))}
+    elif args.hadamard_only:
+        result = {**previous, "hadamard": hadamard_rows(args.rounds, copy_bandwidth())}
     else:
         rows, copy = kernel_table(args.rounds, args.iters, args.only)
         result = {
