@@ -65,10 +65,10 @@ def _rows() -> list[tuple[str, list]]:
             (f"W4A{a} + rotate", [*ROTATE, _w(4), _a(a)]),
             (f"W4A{a} + rotate + GPTQ", [*ROTATE, _w(4, "gptq"), _a(a)]),
             (f"W4A{a} + rotate + GPTQ, MSE clip{', A4 clip 0.9' if a == 4 else ''}, 32 calibration windows",
-             [*ROTATE, {**_w(4, "gptq"), "clip": True}, {**_a(a), "clip_ratio": 0.9 if a == 4 else 1.0}]),
+             [*ROTATE, {**_w(4, "gptq"), "clip": "weight"}, {**_a(a), "clip_ratio": 0.9 if a == 4 else 1.0}]),
             (f"W4A{a} + affine", [affine, _w(4), _a(a)]),
             *([(f"W4A{a} + rotate + affine + GPTQ, MSE clip, A4 clip 0.9, 32 calibration windows",
-                [*ROTATE, affine, {**_w(4, "gptq"), "clip": True}, {**_a(a), "clip_ratio": 0.9}])] if a == 4 else []),
+                [*ROTATE, affine, {**_w(4, "gptq"), "clip": "weight"}, {**_a(a), "clip_ratio": 0.9}])] if a == 4 else []),
             (f"W4A{a} + smooth + lowrank-split r32", [SMOOTH, {"name": "lowrank-split", "rank": 32, "exclude": HEAD}, _w(4), _a(a)]),
         ]
     return rows

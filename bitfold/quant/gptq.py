@@ -20,7 +20,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from bitfold.quant.formats import Format, Granularity, PerChannel, PerGroup, block_params, from_groups, to_groups
+from bitfold.quant.clip import Clip, group_params
+from bitfold.quant.formats import Format, Granularity, PerChannel, PerGroup
 
 
 class Grid(Protocol):
@@ -84,21 +85,20 @@ def gptq_loop(
 
 
 class FormatGrid:
-    """A number format's grid: scale and zero point per row and column, fitted per group (or all at once)."""
+    """A number format's grid: scale and zero point per row and column, fitted per group (or all at once).
 
-    def __init__(self, fmt: Format, shape: tuple[int, int], clip: bool) -> None:
-        self.fmt, self.clip = fmt, clip
+    ``clip = "output"`` fits each group's range to the output error through H's diagonal block (``clip.py``).
+    """
+
+    def __init__(self, fmt: Format, shape: tuple[int, int], clip: Clip = "none", H: np.ndarray | None = None) -> None:
+        self.fmt, self.clip, self.H = fmt, clip, H
         self.scale, self.zero = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-
-    def params(self, w: np.ndarray, granularity: Granularity) -> tuple[np.ndarray, np.ndarray]:
-        """Scale and zero point of every element of w, constant within each scale group."""
-        blocks = to_groups(w, granularity)
-        scale, zero = block_params(blocks, self.fmt, clip=self.clip)
-        return tuple(from_groups(np.broadcast_to(p, blocks.shape), w.shape) for p in (scale, zero))
 
     def fit(self, w: np.ndarray, start: int, u_diag: np.ndarray) -> None:
         end = start + w.shape[1]
-        self.scale[:, start:end], self.zero[:, start:end] = self.params(w, PerChannel())
+        block = None if self.H is None else self.H[start:end, start:end]
+        params = group_params(np.asarray(w, np.float32), self.fmt, PerChannel(), self.clip, block)
+        self.scale[:, start:end], self.zero[:, start:end] = params
 
     def round(self, w: np.ndarray, col: int) -> np.ndarray:
         s, z = self.scale[:, col], self.zero[:, col]
@@ -114,7 +114,7 @@ def gptq(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = False,
-    clip: bool = False,
+    clip: Clip = "none",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Quantize W (N, K) given H (K, K). Returns (Q dequantized (N, K), scale (N, K), zero (N, K)).
 
@@ -122,9 +122,9 @@ def gptq(
     Per-group scales follow the error-updated weights; with ``act_order`` (or per-channel/per-tensor scales) they
     are fixed from the unquantized weights.
     """
-    grid = FormatGrid(fmt, W.shape, clip)
+    grid = FormatGrid(fmt, W.shape, clip, H)
     dynamic = isinstance(granularity, PerGroup) and not act_order
     if not dynamic:
-        grid.scale[:], grid.zero[:] = grid.params(np.asarray(W, np.float64), granularity)
+        grid.scale[:], grid.zero[:] = group_params(np.asarray(W, np.float32), fmt, granularity, clip, H)
     q = gptq_loop(W, H, grid, group=granularity.size if dynamic else 0, block_size=block_size, damp=damp, act_order=act_order)
     return q, grid.scale.astype(np.float32), grid.zero.astype(np.float32)

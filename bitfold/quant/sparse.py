@@ -22,6 +22,7 @@ import re
 
 import numpy as np
 
+from bitfold.quant.clip import group_params
 from bitfold.quant.formats import Format, Granularity
 from bitfold.quant.gptq import FormatGrid, gptq_loop
 
@@ -157,8 +158,8 @@ def sparsegpt(
     W = np.asarray(W, np.float64)
     quant = None
     if fmt is not None:
-        quant = FormatGrid(fmt, W.shape, clip=False)
-        quant.scale[:], quant.zero[:] = quant.params(W, granularity)
+        quant = FormatGrid(fmt, W.shape)
+        quant.scale[:], quant.zero[:] = group_params(W, fmt, granularity)
     grid = PruneGrid(W.shape, pattern, quant)
     q = gptq_loop(W, H, grid, group=group_of(pattern, block), block_size=max(block, group_of(pattern, block)), damp=damp)
     return q, grid.mask
@@ -184,8 +185,8 @@ def dense_and_sparse(
 part's scale per element (N, K))."""
     W = np.asarray(W, np.float64)
     mask = ~_drop_lowest(-np.abs(W), round(ratio * W.size))
-    quant = FormatGrid(fmt, W.shape, clip=False)
-    quant.scale[:], quant.zero[:] = quant.params(np.where(mask, 0.0, W), granularity)
+    quant = FormatGrid(fmt, W.shape)
+    quant.scale[:], quant.zero[:] = group_params(np.where(mask, 0.0, W), fmt, granularity)
     grid = _OutlierGrid(mask, quant)
     if H is None:
         return np.stack([grid.round(W[:, col], col) for col in range(W.shape[1])], axis=1), mask, quant.scale

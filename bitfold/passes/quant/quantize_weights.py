@@ -10,11 +10,14 @@ module scope matches no ``exclude`` glob). The weight is quantized as the (N, K)
   kernel runs it; needs integer codes and a power-of-two group size >= 16.
 - ``fake``: the dequantized weights in float, for accuracy studies.
 
-Methods: ``rtn`` rounds each weight to the nearest grid point (optionally with the MSE clipping search);
-``gptq`` corrects rounding error with the layer input's Hessian (needs calibration; H is collected once on the
-input graph, not layer by layer on the partially quantized one); ``awq`` rescales input channels by searched
-activation-aware scales folded into the producer (RMSNorm/LayerNorm γ, or the MatMul feeding a gating Mul), so the
-graph is equivalent before rounding, then rounds; groups whose producer cannot absorb a scale fall back to RTN.
+Methods: ``rtn`` rounds each weight to the nearest grid point; ``gptq`` corrects rounding error with the layer
+input's Hessian (needs calibration; H is collected once on the input graph, not layer by layer on the partially
+quantized one); ``awq`` rescales input channels by searched activation-aware scales folded into the producer
+(RMSNorm/LayerNorm γ, or the MatMul feeding a gating Mul), so the graph is equivalent before rounding, then rounds;
+groups whose producer cannot absorb a scale fall back to RTN. ``clip`` shrinks each scale group's range before
+rounding (``bitfold.quant.clip``): ``weight`` to the least weight MSE, ``output`` to the least output error
+δᵀ H_gg δ through the group's block of the input Gram matrix (needs calibration; with AWQ, H of the rescaled
+input). With GPTQ the clipped ranges are fitted on the weights as the loop reaches each group.
 ``compensate_rank = r`` (EoRA, ``bitfold.quant.eora``; needs calibration) adds a float rank-r branch
 ``(A·L1)·L2`` fitted to the quantization error in the input's eigenspace, at the one place that error is known.
 Guarantees: the emitted weight equals the solver's dequantized weight exactly in every format (tested). Leaves
@@ -41,6 +44,8 @@ from bitfold.passes.transforms.weights import add_lowrank_branch
 from bitfold.passes.registry import BitfoldPass, register
 from bitfold.quant import matmulnbits
 from bitfold.quant.awq import awq_scale
+from bitfold.quant.calibration import TensorStats
+from bitfold.quant.clip import Clip, group_params
 from bitfold.quant.eora import eora
 from bitfold.quant.formats import Format, PerChannel, PerTensor, format_from, granularity_from, rtn
 from bitfold.quant.gptq import gptq
@@ -57,12 +62,12 @@ class QuantizeWeightsConfig:
     symmetric: bool = dataclasses.field(default=True, metadata={"doc": "signed codes, zero point 0; false: unsigned with zero point"})
     dtype: Dtype = dataclasses.field(default="int", metadata={"doc": "int | fp8-e4m3 | fp8-e5m2 | fp4-e2m1 | nf4"})
     format: Literal["qdq", "matmulnbits", "fake"] = dataclasses.field(default="qdq", metadata={"doc": "qdq | matmulnbits | fake"})
-    clip: bool = dataclasses.field(default=False, metadata={"doc": "search the MSE-optimal range shrink per scale group"})
+    clip: Clip = dataclasses.field(default="none", metadata={"doc": "range shrink per scale group: none | weight (least weight MSE) | output (least output error; needs calibration)"})
     exclude: tuple[str, ...] = dataclasses.field(default=(), metadata={"doc": "globs on node name, weight name or torch module scope"})
     damp: float = dataclasses.field(default=0.01, metadata={"doc": "GPTQ: Hessian dampening, fraction of mean diag"})
     block_size: int = dataclasses.field(default=128, metadata={"doc": "GPTQ: columns per lazy-update block"})
     act_order: bool = dataclasses.field(default=False, metadata={"doc": "GPTQ: visit columns by decreasing Hessian diagonal"})
-    sink_weight: float = dataclasses.field(default=1.0, metadata={"doc": "GPTQ: weight in H of each sequence's first token (attention sink)"})
+    sink_weight: float = dataclasses.field(default=1.0, metadata={"doc": "GPTQ, AWQ, output clip: weight in H of each sequence's first token (attention sink)"})
     awq_grid: int = dataclasses.field(default=20, metadata={"doc": "AWQ: number of alpha steps searched in [0, 1]"})
     accuracy_level: int = dataclasses.field(default=4, metadata={"doc": "matmulnbits: ORT compute type (4 = int8, fastest)"})
     compensate_rank: int = dataclasses.field(default=0, metadata={"doc": "EoRA: rank of a float branch fitted to the quantization error (0: none)"})
@@ -74,6 +79,8 @@ class QuantizeWeightsConfig:
             raise ValueError("compensate_rank must be >= 0")
         if self.group_size < -1:
             raise ValueError("group_size must be -1 (per channel), 0 (per tensor) or a positive size")
+        if self.clip == "output" and self.group_size == 0:
+            raise ValueError("clip = \"output\" fits each scale group; use group_size -1 or > 0, or clip = \"weight\"")
         if self.format == "matmulnbits":
             if self.dtype != "int":
                 raise ValueError("format 'matmulnbits' stores integer codes only; use dtype = \"int\"")
@@ -102,22 +109,23 @@ class QuantizeWeights(BitfoldPass):
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
-        return self.config.method in ("gptq", "awq") or self.config.compensate_rank > 0
+        return self.config.method in ("gptq", "awq") or self.config.compensate_rank > 0 or self.config.clip == "output"
 
     def rewrite(self, model: ir.Model) -> int:
         targets = self.collect(model)
         if not targets:
             return 0
-        hessians = self._hessians(model, targets) if self.config.method == "gptq" or self.config.compensate_rank else {}
+        stats = self._stats(model, targets) if self.needs_calibration else {}
+        hessians = {name: s.gram for name, s in stats.items()}
         if self.config.method == "awq":
-            self._awq(model, targets)
+            hessians.update(self._awq(model, targets, stats))
         weights = list(dict.fromkeys(node.inputs[1] for node in targets))  # the float weights about to be replaced
         if self.config.format == "qdq" and model.opset_imports.get("", 1) < 21:
             onnxscript.version_converter.convert_version(model, 21)
         for node in tqdm(targets, desc=f"quantize-weights {self.config.tag}", leave=False, disable=len(targets) < 8):
             wt = node.inputs[1].const_value.numpy().astype(np.float32).T
             x = node.inputs[0]
-            q, scale, zero = self.solve(wt, hessians.get(x.name) if self.config.method == "gptq" else None)
+            q, scale, zero = self.solve(wt, hessians.get(x.name))
             producer = self.fold(model.graph, node, q, scale, zero)
             if self.config.compensate_rank:
                 l1, l2 = eora((wt - q).T, hessians[x.name], self.config.compensate_rank)
@@ -149,27 +157,27 @@ class QuantizeWeights(BitfoldPass):
             found.append(node)
         return found
 
-    def _hessians(self, model: ir.Model, targets: list[ir.Node]) -> dict[str, np.ndarray]:
+    def _stats(self, model: ir.Model, targets: list[ir.Node]) -> dict[str, TensorStats]:
+        """Statistics with the Gram matrix of every target's input (one calibration run, shared by all methods)."""
         inputs = sorted({node.inputs[0].name for node in targets})
-        stats = self.calibration.collect(model, inputs, gram=inputs, sink_weight=self.config.sink_weight)
-        return {name: s.gram for name, s in stats.items()}
+        return self.calibration.collect(model, inputs, gram=inputs, sink_weight=self.config.sink_weight)
 
-    def _awq(self, model: ir.Model, targets: list[ir.Node]) -> None:
+    def _awq(self, model: ir.Model, targets: list[ir.Node], stats: dict[str, TensorStats]) -> dict[str, np.ndarray]:
         """Search and fold AWQ scales for every group of targets sharing an input whose producer can absorb 1/s.
 
         Column scalings of a weight commute with its quantization (groups run along K), so every group's scale is
-        searched on the input graph's statistics, all scales are folded, and quantization follows.
+        searched on the input graph's statistics, all scales are folded, and quantization follows. Returns the Gram
+        matrix of every rescaled input as the rescaled graph computes it (H / s sᵀ).
         """
         groups: dict[ir.Value, list[ir.Node]] = {}
         for node in targets:
             groups.setdefault(node.inputs[0], []).append(node)
         folds = {x: scale_fold(model.graph, x, set(nodes)) for x, nodes in groups.items()}
-        names = [x.name for x, fold in folds.items() if fold is not None]
-        stats = self.calibration.collect(model, names, gram=names)
+        hessians = {}
         fmt, granularity = self.config.number_format, granularity_from(self.config.group_size)
 
-        def quantize(w: np.ndarray) -> np.ndarray:
-            return rtn(w.T, fmt, granularity, clip=self.config.clip)[0].T
+        def quantize(w: np.ndarray) -> np.ndarray:  # the search rounds without output clipping, which follows it
+            return rtn(w.T, fmt, granularity, clip=self.config.clip == "weight")[0].T
 
         for x, nodes in groups.items():
             if folds[x] is None:
@@ -177,11 +185,13 @@ class QuantizeWeights(BitfoldPass):
             weights = [node.inputs[1].const_value.numpy() for node in nodes]
             s, alpha, _ = awq_scale(weights, stats[x.name].gram, stats[x.name].mean_abs, quantize, grid=self.config.awq_grid)
             folds[x](s)
+            hessians[x.name] = stats[x.name].gram / np.outer(s, s)
             for node, w in zip(nodes, weights, strict=True):
                 old = node.inputs[1]
                 node.replace_input_with(1, add_initializer(model.graph, f"{old.name}_awq", (w * s[:, None]).astype(w.dtype)))
                 node.metadata_props["bitfold.awq_alpha"] = f"{alpha:.2f}"
                 drop_if_unused(model.graph, old)
+        return hessians
 
     # -- solve --------------------------------------------------------------------------------------------------
 
@@ -191,7 +201,8 @@ class QuantizeWeights(BitfoldPass):
         if self.config.method == "gptq":
             return gptq(wt, hessian, fmt, granularity, block_size=self.config.block_size, damp=self.config.damp,
                         act_order=self.config.act_order, clip=self.config.clip)  # fmt: skip
-        return rtn(wt, fmt, granularity, clip=self.config.clip)
+        scale, zero = group_params(wt, fmt, granularity, self.config.clip, hessian)
+        return fmt.dequantize(fmt.quantize(wt, scale, zero), scale, zero), scale, zero
 
     # -- fold ---------------------------------------------------------------------------------------------------
 

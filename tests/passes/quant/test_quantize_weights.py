@@ -141,6 +141,27 @@ def test_awq_beats_rtn_on_outlier_channels(decoder):
     assert err["awq"] < 0.97 * err["rtn"], err
 
 
+@pytest.mark.parametrize("method", ["rtn", "awq", "gptq"])
+def test_output_clip_lowers_the_held_out_error(decoder, method):
+    """Ranges fitted to the output error (through the input Gram matrix) beat the full range; with AWQ, through
+    the rescaled input's H."""
+    calib, held_out = _outlier_channels_calibration()
+    ref = _out(decoder, held_out)
+    err = {}
+    for clip in ("none", "output"):
+        model, _ = _quantize(decoder, calibration=calib, method=method, bits=3, group_size=16, format="fake", clip=clip,
+                             act_order=method == "gptq")  # fmt: skip
+        err[clip] = float(np.sqrt(((_out(model, held_out) - ref) ** 2).mean()))
+    assert err["output"] < 0.97 * err["none"], err
+
+
+def test_output_clip_needs_calibration_and_groups(decoder):
+    with pytest.raises(BitfoldError, match="needs calibration data"):
+        _quantize(decoder, clip="output")
+    with pytest.raises(PassParameterError, match="fits each scale group"):
+        bitfold.passes.create("quantize-weights", {"clip": "output", "group_size": 0})
+
+
 def test_eora_branch_reduces_the_output_error(decoder):
     """A rank-8 EoRA branch on each projection of the decoder block: held-out error drops, branches stay float."""
     calib, held_out = _outlier_channels_calibration()
