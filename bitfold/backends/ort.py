@@ -56,6 +56,8 @@ class OrtRunnable(Timed):
             options.use_per_session_threads = False
         if not spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if _has_fp8_qdq(model):  # ORT's QDQ fusion would build QLinearConv/MatMul on fp8, which have no kernels
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
         self._model = model
         self.session = _session(model, options, providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -76,6 +78,17 @@ class OrtRunnable(Timed):
             self.session.run(self.output_names, feeds)
             times.append(time.perf_counter() - start)
         return times
+
+
+_FP8 = (ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E4M3FNUZ, ir.DataType.FLOAT8E5M2, ir.DataType.FLOAT8E5M2FNUZ)
+
+
+def _has_fp8_qdq(model: ir.Model) -> bool:
+    return any(
+        node.op_type == "QuantizeLinear" and not node.domain and len(node.inputs) > 2 and node.inputs[2] is not None
+        and node.inputs[2].dtype in _FP8  # the zero point's type is the quantized type
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+    )
 
 
 def _session(model: ir.Model, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:

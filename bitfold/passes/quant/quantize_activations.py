@@ -1,4 +1,4 @@
-"""quantize-activations: int8 QDQ on the inputs (and weights) of Conv, MatMul and Gemm.
+"""quantize-activations: int8 or fp8 QDQ on the inputs (and weights) of Conv, MatMul and Gemm.
 
 Rewrites each target's activation input x into ``DequantizeLinear(QuantizeLinear(x, s, z), s, z)`` with one
 per-tensor scale from calibration, and (``weights = true``, W8A8) its constant weight into
@@ -16,7 +16,11 @@ costs more top-1 agreement than every other activation together.
 Observers (range per activation tensor, from the calibration statistics): ``minmax``; ``percentile`` (the
 ``percentile``-th / (100 - percentile)-th percentiles of the signed values); ``mse`` (the shrink of the min/max
 range that minimises the squared round-trip error over a sample of the values). ``uint8`` activations are
-asymmetric with a zero point, ``int8`` symmetric. Guarantees: an error bound, the one of the chosen grid; the
+asymmetric with a zero point, ``int8`` symmetric. ``fp8-e4m3`` / ``fp8-e5m2`` activations are symmetric with
+scale max|range| / the format's largest finite value (448 / 57344) and round to nearest even (ml_dtypes; ONNX
+QuantizeLinear with saturation); their weights take the same fp8 format per output channel, biases stay float
+(there is no fp8 kernel to fuse them into: ONNX Runtime dequantizes and computes in fp32), and the model's opset
+is raised to 21 if lower (fp8 Q/DQ needs 19). Guarantees: an error bound, the one of the chosen grid; the
 report measures it. Needs calibration. Leaves alone: targets whose activation is a constant or already comes from
 DequantizeLinear (idempotent), weights that are not constant initializers, excluded nodes.
 
@@ -30,22 +34,26 @@ import dataclasses
 import fnmatch
 from typing import Literal
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
+import onnxscript.version_converter
 
 from bitfold.passes.initializers import add_initializer, drop_if_unused
 from bitfold.passes.registry import BitfoldPass, register
 from bitfold.passes.transforms.structure import reads_graph_input
 
 _WEIGHT_AXIS = {"Conv": 0, "MatMul": 1}
+ActivationDtype = Literal["uint8", "int8", "fp8-e4m3", "fp8-e5m2"]
+_FP8 = {"fp8-e4m3": ml_dtypes.float8_e4m3fn, "fp8-e5m2": ml_dtypes.float8_e5m2}
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizeActivationsConfig:
     observer: Literal["minmax", "percentile", "mse"] = dataclasses.field(default="minmax", metadata={"doc": "minmax | percentile | mse"})
     percentile: float = dataclasses.field(default=99.99, metadata={"doc": "percentile observer: tail kept, in percent"})
-    activation_dtype: Literal["uint8", "int8"] = dataclasses.field(default="uint8", metadata={"doc": "uint8 (asymmetric) | int8 (symmetric)"})
-    weights: bool = dataclasses.field(default=True, metadata={"doc": "also quantize weights to int8 per output channel (W8A8)"})
+    activation_dtype: ActivationDtype = dataclasses.field(default="uint8", metadata={"doc": "uint8 (asymmetric) | int8 (symmetric) | fp8-e4m3 | fp8-e5m2"})
+    weights: bool = dataclasses.field(default=True, metadata={"doc": "also quantize weights per output channel, int8 (fp8 with fp8 activations)"})
     op_types: tuple[str, ...] = dataclasses.field(default=("Conv", "MatMul", "Gemm"), metadata={"doc": "ops whose inputs are quantized"})
     exclude: tuple[str, ...] = dataclasses.field(default=(), metadata={"doc": "globs on node name or torch module scope"})
     bias_correction: bool = dataclasses.field(default=True, metadata={"doc": "subtract the weight error's mean output shift from the bias"})
@@ -62,7 +70,7 @@ class QuantizeActivationsConfig:
 
 @register
 class QuantizeActivations(BitfoldPass):
-    """int8 QDQ on Conv/MatMul/Gemm activations (calibrated) and, for W8A8, their weights."""
+    """int8 or fp8 QDQ on Conv/MatMul/Gemm activations (calibrated) and, for W8A8, their weights."""
 
     name = "quantize-activations"
     family = "quant"
@@ -79,6 +87,8 @@ class QuantizeActivations(BitfoldPass):
         names = list(dict.fromkeys(names))
         axes = {node.inputs[0].name: 1 for node in targets if node.op_type == "Conv"}
         stats = self.calibration.collect(model, names, channel_axis=axes)
+        if self.fp8 and model.opset_imports.get("", 1) < 19:
+            onnxscript.version_converter.convert_version(model, 21)
         graph = model.graph
         quantized: dict[str, tuple[ir.Value, float]] = {}  # tensor name → (DQ output, scale)
         original: dict[str, str] = {}  # DQ output name → the tensor it stands for
@@ -90,7 +100,7 @@ class QuantizeActivations(BitfoldPass):
             node.replace_input_with(0, dq)
             x_stats = stats[original.get(x.name, x.name)]
             w_scale = self._quantize_weight(graph, node, x_stats.mean) if self.config.weights else None
-            if self.config.outputs and w_scale is not None:
+            if self.config.outputs and w_scale is not None and not self.fp8:
                 self._quantize_bias(graph, node, x_scale * w_scale)
             y = _output(node)
             if self.config.outputs and not y.is_graph_output():
@@ -126,19 +136,34 @@ class QuantizeActivations(BitfoldPass):
         best, best_err = (stats.min, stats.max), np.inf
         for ratio in np.linspace(1.0, 0.3, 36):
             lo, hi = stats.min * ratio, stats.max * ratio
-            scale, zero, qmin, qmax = self._params(lo, hi)
-            err = float(np.sum(((np.clip(np.round(sample / scale) + zero, qmin, qmax) - zero) * scale - sample) ** 2))
+            err = float(np.sum((self.round_trip(sample, lo, hi) - sample) ** 2))
             if err < best_err:
                 best, best_err = (lo, hi), err
         return best
 
+    @property
+    def fp8(self) -> bool:
+        return self.config.activation_dtype in _FP8
+
     def _params(self, lo: float, hi: float) -> tuple[float, int, int, int]:
+        """(scale, zero point, qmin, qmax) of the activation grid for the range [lo, hi]."""
         lo, hi = min(lo, 0.0), max(hi, 0.0)
+        if self.fp8:
+            top = float(ml_dtypes.finfo(_FP8[self.config.activation_dtype]).max)
+            return max(-lo, hi) / top or 1.0, 0, -top, top
         if self.config.activation_dtype == "int8":
             scale = max(-lo, hi) / 127.0 or 1.0
             return scale, 0, -128, 127
         scale = (hi - lo) / 255.0 or 1.0
         return scale, int(np.clip(round(-lo / scale), 0, 255)), 0, 255
+
+    def round_trip(self, x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+        """What Q → DQ computes on x with the grid of [lo, hi] (QuantizeLinear saturates fp8 to ±max)."""
+        scale, zero, qmin, qmax = self._params(lo, hi)
+        if self.fp8:
+            fp8 = _FP8[self.config.activation_dtype]
+            return np.clip(x / np.float32(scale), qmin, qmax).astype(np.float32).astype(fp8).astype(np.float32) * np.float32(scale)
+        return (np.clip(np.round(x / scale) + zero, qmin, qmax) - zero) * scale
 
     def _qdq(self, graph: ir.Graph, x: ir.Value, lo: float, hi: float, anchor: ir.Node, after: bool = False):
         """Insert x → QuantizeLinear → DequantizeLinear next to ``anchor``; returns (DQ output, scale).
@@ -146,7 +171,7 @@ class QuantizeActivations(BitfoldPass):
         Before ``anchor``, only ``anchor`` is rewired by the caller; after it (an output), every reader of x is.
         """
         scale, zero, _, _ = self._params(lo, hi)
-        dtype = np.uint8 if self.config.activation_dtype == "uint8" else np.int8
+        dtype = _FP8.get(self.config.activation_dtype, np.uint8 if self.config.activation_dtype == "uint8" else np.int8)
         s = add_initializer(graph, f"{x.name}_scale", np.array(scale, np.float32))
         z = add_initializer(graph, f"{x.name}_zero_point", np.array(zero, dtype))
         readers = list(x.uses())
@@ -164,7 +189,7 @@ class QuantizeActivations(BitfoldPass):
         return dq.outputs[0], np.float32(scale)
 
     def _quantize_weight(self, graph: ir.Graph, node: ir.Node, input_mean: np.ndarray) -> np.ndarray | None:
-        """Per-output-channel int8 weight behind a DequantizeLinear; returns the scales (None if left alone)."""
+        """Per-output-channel int8 (or fp8) weight behind a DequantizeLinear; returns the scales (None if left alone)."""
         w_value = node.inputs[1]
         if w_value is None or not w_value.is_initializer() or w_value.const_value is None:
             return None
@@ -173,14 +198,19 @@ class QuantizeActivations(BitfoldPass):
         if w.ndim < 2:
             return None
         reduce = tuple(i for i in range(w.ndim) if i != axis)
-        scale = np.abs(w).max(axis=reduce) / 127.0
+        fp8 = _FP8.get(self.config.activation_dtype)
+        top = 127.0 if fp8 is None else float(ml_dtypes.finfo(fp8).max)
+        scale = np.abs(w).max(axis=reduce) / top
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
         shape = [1] * w.ndim
         shape[axis] = -1
-        codes = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+        if fp8 is None:
+            codes = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+        else:
+            codes = np.clip(w / scale.reshape(shape), -top, top).astype(fp8)
         if self.config.bias_correction:
-            self._correct_bias(graph, node, codes * scale.reshape(shape) - w, input_mean)
-        q = add_initializer(graph, f"{w_value.name}_int8", codes)
+            self._correct_bias(graph, node, codes.astype(np.float32) * scale.reshape(shape) - w, input_mean)
+        q = add_initializer(graph, f"{w_value.name}_{'int8' if fp8 is None else 'fp8'}", codes)
         s = add_initializer(graph, f"{w_value.name}_scale", scale)
         dq = ir.node("DequantizeLinear", [q, s], attributes={"axis": axis}, name=f"{node.name}_weight_dequantize")
         dq.outputs[0].name = f"{w_value.name}_dq"

@@ -80,13 +80,49 @@ def test_mse_observer_never_worse_than_minmax_on_its_sample():
     stats = TensorStats()
     stats.update(np.random.default_rng(0).standard_t(2, (4096, 8)), gram=False, reservoir=100_000, rng=np.random.default_rng(0))
     errs = {}
-    for observer in ("minmax", "mse"):
-        p = QuantizeActivations(observer=observer)
-        lo, hi = p.observe(stats)
-        scale, zero, qmin, qmax = p._params(lo, hi)
-        x = stats.reservoir
-        errs[observer] = float(np.sum(((np.clip(np.round(x / scale) + zero, qmin, qmax) - zero) * scale - x) ** 2))
-    assert errs["mse"] < errs["minmax"]
+    for dtype in ("uint8", "fp8-e4m3"):
+        for observer in ("minmax", "mse"):
+            p = QuantizeActivations(observer=observer, activation_dtype=dtype)
+            x = stats.reservoir
+            errs[dtype, observer] = float(np.sum((p.round_trip(x, *p.observe(stats)) - x) ** 2))
+        assert errs[dtype, "mse"] <= errs[dtype, "minmax"]
+    assert errs["uint8", "mse"] < errs["uint8", "minmax"]
+    x = stats.reservoir  # the uint8 round trip is the textbook one
+    scale, zero = (stats.max - stats.min) / 255, round(-stats.min / ((stats.max - stats.min) / 255))
+    reference = (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
+    np.testing.assert_allclose(QuantizeActivations().round_trip(x, stats.min, stats.max), reference, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["fp8-e4m3", "fp8-e5m2"])
+def test_fp8_activations_and_weights_run_in_ort_as_numpy_predicts(cnn, dtype):
+    import ml_dtypes
+
+    from bitfold.passes.quant.quantize_activations import QuantizeActivations
+
+    fp8 = {"fp8-e4m3": ml_dtypes.float8_e4m3fn, "fp8-e5m2": ml_dtypes.float8_e5m2}[dtype]
+    step = {"name": "quantize-activations", "activation_dtype": dtype, "graph_inputs": True}
+    model, report = bitfold.optimize(bitfold.clone(cnn), [step], _calibration())
+    assert model.opset_imports[""] >= 19
+    assert report.passes[0].ops_added == {"QuantizeLinear": 4, "DequantizeLinear": 7}  # weights, no int32 biases
+    for node in model.graph:
+        if node.op_type == "QuantizeLinear":
+            assert node.inputs[2].const_value.numpy().dtype == fp8
+        if node.op_type in ("Conv", "Gemm"):
+            w = node.inputs[1].producer().inputs[0].const_value.numpy()
+            assert w.dtype == fp8 and node.inputs[2].producer() is None  # float bias
+    # the first Q/DQ pair alone, under ORT, equals the numpy round trip on the graph input
+    model, _ = bitfold.optimize(bitfold.clone(cnn), [{**step, "weights": False, "outputs": False}], _calibration())
+    q = next(n for n in model.graph if n.op_type == "QuantizeLinear")
+    probe = bitfold.clone(model)
+    dq_out = next(n for n in probe.graph if n.op_type == "DequantizeLinear").outputs[0]
+    probe.graph.outputs.append(dq_out)
+    feeds = next(iter(_calibration(1, seed=9)))
+    got = bitfold.compile(probe, "ort", "cpu").run(feeds)[dq_out.name]
+    stats = _calibration().collect(cnn, [q.inputs[0].name], progress=False)[q.inputs[0].name]
+    expected = QuantizeActivations(activation_dtype=dtype).round_trip(feeds["x"], stats.min, stats.max)
+    np.testing.assert_array_equal(got, expected.astype(np.float32))
+    ref, out = _out(cnn, feeds), _out(model, feeds)
+    assert np.abs(out - ref).max() <= (0.05 if dtype == "fp8-e4m3" else 0.15) * np.abs(ref).max()
 
 
 def test_needs_calibration(cnn):
