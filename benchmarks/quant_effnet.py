@@ -69,6 +69,9 @@ def main() -> None:
         variants[f"bitfold W8A8 {observer}"] = bitfold.optimize(
             bitfold.clone(fp32), [{"name": "quantize-activations", "observer": observer}], calibration
         )[0]
+    variants["bitfold W8A8 fp8-e4m3 minmax"] = bitfold.optimize(
+        bitfold.clone(fp32), [{"name": "quantize-activations", "activation_dtype": "fp8-e4m3"}], calibration
+    )[0]
     variants["bitfold W8A8 minmax, image quantized too"] = bitfold.optimize(
         bitfold.clone(fp32), [{"name": "quantize-activations", "graph_inputs": True}], calibration
     )[0]

@@ -28,11 +28,14 @@ RESULTS = Path(__file__).parent / "results"
 ROWS = [
     ("RTN W8 per-channel", [{"name": "quantize-weights", "method": "rtn", "bits": 8, "group_size": -1, "symmetric": False}]),
     ("RTN W4 g128", [{"name": "quantize-weights", "method": "rtn", "bits": 4, "group_size": 128}]),
-    ("GPTQ W4 g128", [{"name": "quantize-weights", "method": "gptq", "bits": 4, "group_size": 128, "act_order": True}]),
-    ("AWQ W4 g128", [{"name": "quantize-weights", "method": "awq", "bits": 4, "group_size": 128}]),
+    ("RTN W4 g128, output clip", [{"name": "quantize-weights", "method": "rtn", "bits": 4, "group_size": 128, "clip": "output"}]),
+    ("GPTQ W4 g128", [{"name": "quantize-weights", "method": "gptq", "bits": 4, "group_size": 128, "act_order": True, "clip": "output", "damp": 0.003}]),
+    ("AWQ W4 g128", [{"name": "quantize-weights", "method": "awq", "bits": 4, "group_size": 128, "symmetric": False, "clip": "output"}]),
     ("RTN W3 g128", [{"name": "quantize-weights", "method": "rtn", "bits": 3, "group_size": 128}]),
-    ("GPTQ W3 g128", [{"name": "quantize-weights", "method": "gptq", "bits": 3, "group_size": 128, "act_order": True}]),
+    ("GPTQ W3 g128", [{"name": "quantize-weights", "method": "gptq", "bits": 3, "group_size": 128, "act_order": True, "clip": "output", "damp": 0.003}]),
     ("W8A8 minmax", [{"name": "quantize-activations", "observer": "minmax"}]),
+    ("W8A8 minmax, inputs only", [{"name": "quantize-activations", "observer": "minmax", "outputs": False}]),
+    ("W8A8 fp8-e4m3 minmax", [{"name": "quantize-activations", "observer": "minmax", "activation_dtype": "fp8-e4m3"}]),
     ("fp16 with fp32 islands", [{"name": "cast-precision"}]),
 ]
 

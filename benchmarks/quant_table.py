@@ -39,7 +39,8 @@ from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 KEEP_HEAD = ["*lm_head*"]
-GPTQ = {"method": "gptq", "act_order": True, "sink_weight": 64.0}
+GPTQ = {"method": "gptq", "act_order": True, "sink_weight": 64.0, "clip": "output", "damp": 0.003}
+AWQ = {"method": "awq", "symmetric": False, "clip": "output"}
 
 ROWS = [
     ("RTN W8 per-channel", {"method": "rtn", "bits": 8, "group_size": -1, "symmetric": False}),
@@ -47,10 +48,12 @@ ROWS = [
     ("GPTQ W4 per-channel", {**GPTQ, "bits": 4, "group_size": -1}),
     ("RTN W4 g128", {"method": "rtn", "bits": 4, "group_size": 128}),
     ("GPTQ W4 g128", {**GPTQ, "bits": 4, "group_size": 128}),
-    ("AWQ W4 g128", {"method": "awq", "bits": 4, "group_size": 128}),
+    ("RTN W4 g128, output clip", {"method": "rtn", "bits": 4, "group_size": 128, "clip": "output"}),
+    ("AWQ W4 g128", {**AWQ, "bits": 4, "group_size": 128}),
+    ("GPTQ W4 g128, no clip, damp 0.01", {"method": "gptq", "act_order": True, "sink_weight": 64.0, "bits": 4, "group_size": 128}),
     ("RTN W3 g128", {"method": "rtn", "bits": 3, "group_size": 128}),
     ("GPTQ W3 g128", {**GPTQ, "bits": 3, "group_size": 128}),
-    ("AWQ W3 g128", {"method": "awq", "bits": 3, "group_size": 128}),
+    ("AWQ W3 g128", {**AWQ, "bits": 3, "group_size": 128}),
     ("RTN W4 g128, lm_head too", {"method": "rtn", "bits": 4, "group_size": 128, "exclude": []}),
 ]
 
@@ -95,6 +98,13 @@ def main() -> None:
     rows.append({"variant": "fp16 with fp32 islands", "tool": "bitfold", "format": "float16", "ppl": smollm2_ppl(fp16).value,
                  "bytes": bitfold.frontend.parameter_bytes(fp16), "casts": report.passes[0].ops_added.get("Cast", 0)})  # fmt: skip
     print(rows[-1], flush=True)
+    for dtype in ("uint8", "fp8-e4m3"):
+        step = {"name": "quantize-activations", "activation_dtype": dtype, "exclude": KEEP_HEAD}
+        model, _ = bitfold.optimize(bitfold.clone(fp32), [step], calibration)
+        rows.append({"variant": f"W8A8 {dtype} activations (minmax), weights {'int8' if dtype == 'uint8' else dtype} per channel",
+                     "tool": "bitfold", "format": "qdq", "ppl": smollm2_ppl(model).value,
+                     "bytes": bitfold.frontend.parameter_bytes(model)})  # fmt: skip
+        print(rows[-1], flush=True)
     ort_nbits = _ort_tool(fp32, tmp, "matmulnbits")
     ort_dynamic = _ort_tool(fp32, tmp, "dynamic")
     for label, model in (("MatMulNBitsQuantizer RTN W4 g128 sym", ort_nbits), ("quantize_dynamic int8", ort_dynamic)):

@@ -43,7 +43,8 @@ def test_fp32_perplexity_matches_the_reference_protocol(smollm2_onnx, ppl):
 
 
 def test_w8_is_near_lossless_and_w4_gptq_beats_rtn(smollm2_onnx, ppl):
-    """Quick form of the benchmark: 8 calibration windows (139-146), GPTQ vs RTN scored on windows 0-3."""
+    """Quick form of the benchmark: 8 calibration windows (139-146), GPTQ vs RTN, with and without output
+    clipping, scored on windows 0-3."""
     from bitfold.eval.models import smollm2
     from bitfold.eval.tasks import lee_windows, lm_feeds, perplexity
     from bitfold.quant.calibration import CalibrationData
@@ -57,8 +58,13 @@ def test_w8_is_near_lossless_and_w4_gptq_beats_rtn(smollm2_onnx, ppl):
     calibration = CalibrationData(list(lm_feeds(lee_windows(tokenizer, range(139, 147)))))
     scored = lee_windows(tokenizer, range(0, 4))
     rtn = perplexity(quantized(bits=4, group_size=128), scored)[0]
-    gptq = perplexity(quantized(calibration, method="gptq", bits=4, group_size=128, act_order=True, sink_weight=64.0), scored)[0]
+    gptq_params = {"method": "gptq", "bits": 4, "group_size": 128, "act_order": True, "sink_weight": 64.0}
+    gptq = perplexity(quantized(calibration, **gptq_params), scored)[0]
     assert gptq < rtn - 2.0, (gptq, rtn)
+    # ranges fitted to the output error: RTN and GPTQ both gain (one calibration run serves all three)
+    rtn_clipped = perplexity(quantized(calibration, bits=4, group_size=128, clip="output", sink_weight=64.0), scored)[0]
+    gptq_clipped = perplexity(quantized(calibration, **gptq_params, clip="output"), scored)[0]
+    assert rtn_clipped < rtn - 1.0 and gptq_clipped < gptq, (rtn, rtn_clipped, gptq, gptq_clipped)
 
 
 def test_fold_norm_affine_and_rotate_keep_perplexity(smollm2_onnx):
