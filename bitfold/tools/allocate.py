@@ -2,15 +2,19 @@
 program (``bitfold.quant.allocate``) under an average bits-per-weight budget, and write the result as an editable
 recipe (one ``quantize-weights`` step per format, each excluding the layers assigned elsewhere).
 
-Sensitivity of (layer l, format f): the relative L2 error of the graph outputs on calibration samples when only
-layer l is quantized to f (RTN, fake-quantized), so L · F quantize-and-run rounds. Cost: the layer's weight count
-times the format's bits per weight including its fp32 scales (``FORMATS``).
+Sensitivity of (layer l, format f): the squared relative L2 error (noise-to-signal power) of the graph outputs on
+calibration samples when only layer l is quantized to f (RTN). Independent rounding noise adds in power, so the
+summed sensitivities the integer program minimises estimate the mixed model's output noise. The L · F rounds share
+one ONNX Runtime session: the candidate weights are graph inputs that default to their initializers, and a round
+feeds the one weight it quantizes. Cost: the layer's weight count times the format's bits per weight including
+its fp32 scales (``FORMATS``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import glob
+from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -19,7 +23,7 @@ from tqdm.auto import tqdm
 from bitfold.backends.ort import OrtRunnable
 from bitfold.errors import BitfoldError
 from bitfold.passes.quant.quantize_weights import QuantizeWeights
-from bitfold.pipeline import Recipe, optimize
+from bitfold.pipeline import Recipe
 from bitfold.quant.allocate import allocate
 from bitfold.quant.calibration import CalibrationData
 
@@ -47,46 +51,59 @@ class Allocation:
     def bits_per_weight(self) -> float:
         return float(self.cost[np.arange(len(self.layers)), self.choice].sum() / self.weights.sum())
 
-    def recipe(self) -> Recipe:
-        """One fake-quantized ``quantize-weights`` step per format used, excluding every other layer."""
+    def recipe(self, **params) -> Recipe:
+        """One ``quantize-weights`` step per format used, excluding every other layer; ``params`` (method, format,
+        clip, ...) apply to every step (default: RTN, fake-quantized)."""
         steps = []
         for f, name in enumerate(self.formats):
             others = [glob.escape(layer) for layer, c in zip(self.layers, self.choice, strict=True) if c != f]
             if len(others) < len(self.layers):
-                steps.append({"name": "quantize-weights", "method": "rtn", "format": "fake", **FORMATS[name][0], "exclude": others})
+                step = {"name": "quantize-weights", "method": "rtn", "format": "fake", **params, **FORMATS[name][0]}
+                steps.append({**step, "exclude": list(params.get("exclude", [])) + others})
         return Recipe.from_list(steps)
 
 
-def _error(model: ir.Model, feeds: list[dict], reference: list[np.ndarray]) -> float:
-    runner = OrtRunnable(model, device="cpu", optimization="basic")
-    got = [np.concatenate([v.ravel() for v in runner.run(f).values()]) for f in feeds]
-    num = sum(float(np.sum((g - r) ** 2)) for g, r in zip(got, reference, strict=True))
-    return float(np.sqrt(num / sum(float(np.sum(r**2)) for r in reference)))
+def _power(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    """Squared relative L2 error of the concatenated outputs over all samples."""
+    num = sum(float(np.sum((o - r) ** 2)) for o, r in zip(outputs, reference, strict=True))
+    return num / sum(float(np.sum(r**2)) for r in reference)
 
 
-def measure(model: ir.Model, calibration: CalibrationData, formats: list[str], samples: int = 4) -> Allocation:
-    """Sensitivity and cost of every (layer, format) pair; the choice is left empty."""
+def measure(
+    model: ir.Model, calibration: CalibrationData, formats: list[str], samples: int = 4, exclude: Sequence[str] = ()
+) -> Allocation:  # fmt: skip
+    """Sensitivity and cost of every (layer, format) pair over the first ``samples`` calibration feeds; layers
+    matching ``exclude`` (globs, as quantize-weights takes them) stay out. The choice is left empty."""
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise BitfoldError(f"unknown format '{unknown[0]}'; choose from {', '.join(FORMATS)}.")
-    nodes = QuantizeWeights().collect(model)
+    nodes = QuantizeWeights(exclude=tuple(exclude)).collect(model)
     if not nodes:
         raise BitfoldError("the model has no MatMul with a constant weight to allocate bits to; run fold-constants first.")
-    feeds = list(calibration)[:samples]
-    base = OrtRunnable(model, device="cpu", optimization="basic")
-    reference = [np.concatenate([v.ravel() for v in base.run(f).values()]) for f in feeds]
+    probe = ir.from_proto(ir.to_proto(model))
+    position = {id(node): i for i, node in enumerate(model.graph)}
+    targets = [list(probe.graph)[position[id(n)]] for n in nodes]
+    for weight in dict.fromkeys(node.inputs[1] for node in targets):
+        probe.graph.inputs.append(weight)  # overridable: an initializer that is also a graph input
+    session = OrtRunnable(probe, device="cpu", optimization="basic").session
+    feeds = [dict(f) for f in list(calibration)[:samples]]
+
+    def outputs(override: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [np.concatenate([v.ravel() for v in session.run(None, {**f, **override})]).astype(np.float64) for f in feeds]
+
+    reference = outputs({})
     layers = [n.name for n in nodes]
     shapes = [n.inputs[1].const_value.shape for n in nodes]
     weights = np.array([k * n for k, n in shapes], np.float64)
     sensitivity = np.zeros((len(layers), len(formats)))
     cost = np.array([[w * FORMATS[f][1](k) for f in formats] for w, (k, _) in zip(weights, shapes, strict=True)])
+    quantizers = [QuantizeWeights(method="rtn", format="fake", **FORMATS[f][0]) for f in formats]
     with tqdm(total=len(layers) * len(formats), desc="sensitivity", leave=False) as bar:
-        for i, layer in enumerate(layers):
-            others = [glob.escape(x) for x in layers if x != layer]
-            for j, f in enumerate(formats):
-                step = {"name": "quantize-weights", "method": "rtn", "format": "fake", **FORMATS[f][0], "exclude": others}
-                quantized, _ = optimize(ir.from_proto(ir.to_proto(model)), [step])
-                sensitivity[i, j] = _error(quantized, feeds, reference)
+        for i, node in enumerate(nodes):
+            w = node.inputs[1].const_value.numpy()
+            for j, quantizer in enumerate(quantizers):
+                q = quantizer.solve(w.astype(np.float32).T, None)[0].T.astype(w.dtype)
+                sensitivity[i, j] = _power(outputs({node.inputs[1].name: np.ascontiguousarray(q)}), reference)
                 bar.update()
     return Allocation(layers, list(formats), sensitivity, cost, weights, np.zeros(len(layers), int))
 

@@ -3,6 +3,7 @@ uniform low-bit quantization at a higher-bit cost; the CLI verb end to end."""
 
 from __future__ import annotations
 
+import glob
 import json
 
 import numpy as np
@@ -38,9 +39,15 @@ def test_sensitivities_rank_formats_and_the_budget_holds(measured):
     assert Recipe.from_toml(recipe.to_toml()).to_list() == recipe.to_list()
     mixed, _ = bitfold.optimize(bitfold.clone(model), recipe.to_list())
     uniform, _ = bitfold.optimize(bitfold.clone(model), [{"name": "quantize-weights", "format": "fake", **allocate.FORMATS["int2"][0]}])
-    err = [allocate._error(m, list(calibration), [np.concatenate([v.ravel() for v in bitfold.compile(model, "ort", "cpu").run(f).values()])
-                                                  for f in calibration]) for m in (mixed, uniform)]  # fmt: skip
+    def outputs(m):
+        runner = bitfold.compile(m, "ort", "cpu")
+        return [np.concatenate([v.ravel() for v in runner.run(f).values()]).astype(np.float64) for f in calibration]
+
+    err = [allocate._power(outputs(m), outputs(model)) for m in (mixed, uniform)]
     assert err[0] < err[1]
+    gptq = solved.recipe(method="gptq", exclude=["never*"]).to_list()
+    assert all(s["method"] == "gptq" and s["exclude"][0] == "never*" for s in gptq)
+    assert [s["bits"] for s in gptq] == [s["bits"] for s in recipe.to_list()]
     with pytest.raises(BitfoldError, match="below the cheapest"):
         allocate.solve(allocation, low * 0.9)
 
@@ -58,3 +65,19 @@ def test_cli_writes_an_editable_recipe(zoo_protos, tmp_path, capsys):
     assert main(["optimize", str(path), "-r", str(recipe), "-o", str(tmp_path / "mixed.onnx")]) == 0
     assert main(["allocate", str(path), "--bits", "5", "--formats", "int9", "--calibration", str(calibration), "-o", str(recipe)]) == 2
     assert "unknown format 'int9'" in capsys.readouterr().err
+
+
+def test_a_sensitivity_is_the_error_of_the_model_quantized_at_that_layer_alone(measured):
+    """The shared session's weight override measures the same thing as quantizing one layer through the pass."""
+    model, calibration, allocation = measured
+
+    def outputs(m):
+        runner = bitfold.compile(m, "ort", "cpu")
+        return [np.concatenate([v.ravel() for v in runner.run(f).values()]).astype(np.float64) for f in calibration]
+
+    for i in (0, len(allocation.layers) - 1):
+        others = [glob.escape(x) for x in allocation.layers if x != allocation.layers[i]]
+        step = {"name": "quantize-weights", "format": "fake", **allocate.FORMATS["int2"][0], "exclude": others}
+        alone, report = bitfold.optimize(bitfold.clone(model), [step])
+        assert report.passes[0].modified == 1
+        assert allocation.sensitivity[i, 1] == pytest.approx(allocate._power(outputs(alone), outputs(model)), rel=1e-4)

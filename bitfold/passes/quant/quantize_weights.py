@@ -183,13 +183,15 @@ class QuantizeWeights(BitfoldPass):
             if folds[x] is None:
                 continue
             weights = [node.inputs[1].const_value.numpy() for node in nodes]
-            s, alpha, _ = awq_scale(weights, stats[x.name].gram, stats[x.name].mean_abs, quantize, grid=self.config.awq_grid)
+            found = awq_scale(weights, stats[x.name].gram, stats[x.name].mean_abs, quantize, grid=self.config.awq_grid,
+                              group_size=self.config.group_size)  # fmt: skip
+            s = found.scale
             folds[x](s)
             hessians[x.name] = stats[x.name].gram / np.outer(s, s)
             for node, w in zip(nodes, weights, strict=True):
                 old = node.inputs[1]
                 node.replace_input_with(1, add_initializer(model.graph, f"{old.name}_awq", (w * s[:, None]).astype(w.dtype)))
-                node.metadata_props["bitfold.awq_alpha"] = f"{alpha:.2f}"
+                node.metadata_props["bitfold.awq_alpha"] = f"{found.alpha:.2f}{' with weight term' if found.weight_term else ''}"
                 drop_if_unused(model.graph, old)
         return hessians
 
