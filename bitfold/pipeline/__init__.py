@@ -1,7 +1,7 @@
 """Recipes and the pass manager that runs them."""
 
-from bitfold.pipeline.manager import PassContractError, Pipeline, optimize
+from bitfold.pipeline.manager import PassContractError, Pipeline, optimize, run_pass
 from bitfold.pipeline.recipe import Recipe, Step
 from bitfold.pipeline.report import OutputError, PassRecord, PipelineReport
 
-__all__ = ["OutputError", "PassContractError", "PassRecord", "Pipeline", "PipelineReport", "Recipe", "Step", "optimize"]
+__all__ = ["OutputError", "PassContractError", "PassRecord", "Pipeline", "PipelineReport", "Recipe", "Step", "optimize", "run_pass"]

@@ -86,7 +86,7 @@ class Pipeline:
         for index, p in enumerate(passes):
             if self.on_pass_start:
                 self.on_pass_start(index, len(passes), p)
-            record = _run_pass(model, p, self.verify, feeds, reference)
+            record = run_pass(model, p, self.verify, feeds, reference)
             report.passes.append(record)
             if self.on_pass_end:
                 self.on_pass_end(record)
@@ -107,7 +107,9 @@ def optimize(
     return Pipeline(recipe, verify=verify).run(model, calibration, feeds=feeds, shapes=shapes)
 
 
-def _run_pass(model, p: BitfoldPass, verify: bool, feeds, reference) -> PassRecord:
+def run_pass(model: ir.Model, p: BitfoldPass, verify: bool = False, feeds=None, reference=None) -> PassRecord:
+    """Run one pass in place with the manager's instrumentation (timing, op delta, bytes, provenance stamps; with
+    ``verify``, the checker and the output errors against ``reference`` on ``feeds``)."""
     hist_before = op_histogram(model)
     nodes_before = set(ir.traversal.RecursiveGraphIterator(model.graph))
     bytes_before = parameter_stats(model)[1]

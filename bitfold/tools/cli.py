@@ -85,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, type=Path, help="directory for report.json and report.html")
     p.add_argument("--tolerance", type=float, default=1e-3, help="relative output error a pass may add (default 1e-3)")
     p.add_argument("--calibration", metavar="FILE.npz|SOURCE", help="calibration data, as for optimize")
+    p.add_argument("--reduce", action="store_true", help="shrink the culprit's input to the smallest subgraph still showing its "
+                   "error; writes DIR/repro.onnx, repro_inputs.npz, repro.toml (and repro_calibration.npz if the pass calibrates)")
     _add_input_options(p)
     p.set_defaults(func=_debug)
 
@@ -276,23 +278,37 @@ def _optimize(args) -> None:
 
 
 def _debug(args) -> None:
-    from bitfold.frontend import load
+    import numpy as np
+
+    from bitfold.frontend import load, save
     from bitfold.pipeline import Recipe
     from bitfold.quant.calibration import CalibrationData
     from bitfold.tools.debug import debug, write_html
-    from bitfold.tools.files import write_atomic
+    from bitfold.tools.files import save_arrays, write_atomic
 
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe.from_names(args.passes)
     model = load(args.model)
     calibration = CalibrationData.from_source(args.calibration, model) if args.calibration else None
-    report = debug(model, recipe.to_list(), _feeds(args, model), calibration, args.tolerance)
+    steps = recipe.to_list()
+    report = debug(model, steps, _feeds(args, model), calibration, args.tolerance, reduce_culprit=args.reduce)
     args.output.mkdir(parents=True, exist_ok=True)
     write_atomic(args.output / "report.json", report.to_json().encode())
     write_html(report, args.output / "report.html", f"bitfold debug: {args.model.name}")
+    if report.repro is not None:
+        save(report.repro.model, args.output / "repro.onnx")
+        save_arrays(args.output / "repro_inputs.npz", report.repro.feeds)
+        write_atomic(args.output / "repro.toml", Recipe.from_list([steps[report.culprit]]).to_toml().encode())
+        if report.repro.calibration is not None:
+            samples = list(report.repro.calibration)
+            save_arrays(args.output / "repro_calibration.npz", {k: np.stack([s[k] for s in samples]) for k in samples[0]})
     for p in report.passes:
         err.print(f"{p.index:3d} {p.name:28s} own rel. error {p.own_rel:.3g}")
     if report.culprit is not None:
         err.print(f"first pass over {args.tolerance:g}: {report.passes[report.culprit].name} (step {report.culprit}); first node: {report.first_node}")
+        if report.repro is not None:
+            err.print(f"reduced to {report.repro.nodes} nodes (error {report.repro.error:.3g}): {args.output / 'repro.onnx'}")
+        elif report.reduce_note:
+            err.print(f"not reduced: {report.reduce_note}")
     else:
         err.print(f"no pass exceeds {args.tolerance:g}")
     err.print(f"wrote {args.output / 'report.html'}")

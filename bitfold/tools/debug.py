@@ -1,11 +1,16 @@
 """Pass-level numeric debugging: which pass of a recipe broke accuracy, and at which node.
 
-``debug(model, steps, feeds)`` runs the steps one at a time. After each it compares the graph outputs with the
-input model's (cumulative error) and with the previous model's (the pass's own error: max abs, relative L2,
-cosine, SQNR). The first pass whose own error exceeds ``tolerance`` is the culprit; inside it, every float tensor
-present by name before and after the pass is exposed as an output of both graphs, and the first one in the
-rewritten graph's order whose error exceeds the tolerance names the first node that went wrong (its producer).
-Steps are recipe entries (names or dicts) or pass instances (for passes outside the registry).
+``debug(model, steps, feeds)`` runs the steps one at a time through the pass manager's instrumentation (time,
+ops added/removed, parameter bytes). After each it compares the graph outputs with the input model's (cumulative
+error) and with the previous model's (the pass's own error: max abs, relative L2, cosine, SQNR). The first pass
+whose own error exceeds ``tolerance`` is the culprit; inside it, every float tensor of the rewritten graph that
+maps to one of the input graph — by name, else through provenance (a node stamped ``bitfold.from`` with one
+origin, whose output leaves the group of nodes made from that origin, stands for the origin's output) — is
+exposed as an output of both graphs, and the first one in the rewritten graph's order whose error exceeds the
+tolerance names the first node that went wrong (its producer). The worst pass (the culprit, else the largest own
+error) is also diffed node by node (``bitfold.tools.graph_diff``); ``reduce=True`` shrinks the culprit's input to
+the smallest subgraph still showing its error (``bitfold.tools.reduce``). Steps are recipe entries (names or
+dicts) or pass instances (for passes outside the registry).
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ import numpy as np
 import onnx_ir as ir
 
 from bitfold.backends.ort import OrtRunnable
-from bitfold.passes.registry import BitfoldPass
-from bitfold.pipeline import optimize
+from bitfold.errors import BitfoldError
+from bitfold.passes.registry import FROM_KEY, BitfoldPass
+from bitfold.pipeline import PassRecord, Recipe, run_pass
+from bitfold.tools.graph_diff import GraphDiff, diff, to_svg
+from bitfold.tools.reduce import Repro, reduce
 
 
 @dataclasses.dataclass
@@ -30,6 +38,7 @@ class TensorError:
     rel: float
     cosine: float
     sqnr_db: float
+    reference: str = ""  # the input graph's tensor it was compared with, when the pass renamed it
 
     @classmethod
     def of(cls, name: str, got: np.ndarray, ref: np.ndarray) -> TensorError:
@@ -51,6 +60,7 @@ class PassDiagnosis:
     name: str
     own: list[TensorError]  # graph outputs against the previous model
     cumulative: list[TensorError]  # graph outputs against the input model
+    record: PassRecord  # time, op delta, parameter bytes
 
     @property
     def own_rel(self) -> float:
@@ -65,13 +75,23 @@ class DebugReport:
     first_node: str | None = None
     first_tensor: TensorError | None = None
     tensors: list[TensorError] = dataclasses.field(default_factory=list)  # the culprit's mapped intermediates
+    worst: int | None = None  # the pass diffed: the culprit, else the largest own error
+    diff: GraphDiff | None = None
+    diff_svg: str = ""
+    repro: Repro | None = None
+    reduce_note: str = ""  # why the culprit could not be reduced
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
+        data = dataclasses.asdict(dataclasses.replace(self, diff_svg="", repro=None))
+        del data["diff_svg"]
+        if self.repro is not None:
+            data["repro"] = {"nodes": self.repro.nodes, "depth": self.repro.depth, "error": self.repro.error}
+        return json.dumps(data, indent=2)
 
 
-def _outputs(model: ir.Model, feeds: Mapping[str, np.ndarray], names: Sequence[str] = ()) -> dict[str, np.ndarray]:
-    """The graph outputs, plus the named intermediates exposed as extra outputs of a copy."""
+def run_exposing(model: ir.Model, feeds: Mapping[str, np.ndarray], names: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """The graph outputs, plus the named intermediates exposed as extra outputs of a copy (under ONNX Runtime,
+    graph optimizations off so every tensor exists as the graph states it)."""
     copy = ir.from_proto(ir.to_proto(model))
     values = {v.name: v for node in copy.graph for v in node.outputs}
     present = {v.name for v in copy.graph.outputs}
@@ -81,42 +101,93 @@ def _outputs(model: ir.Model, feeds: Mapping[str, np.ndarray], names: Sequence[s
     return OrtRunnable(copy, device="cpu", optimization="none").run(dict(feeds))
 
 
+def _build(step: str | Mapping[str, Any] | BitfoldPass, calibration: Any) -> BitfoldPass:
+    p = step if isinstance(step, BitfoldPass) else Recipe.from_list([step]).build()[0]
+    if p.needs_calibration:
+        if calibration is None:
+            raise BitfoldError(f"pass '{p.name}' needs calibration data; pass --calibration FILE.npz or a source name.")
+        p.calibration = calibration
+    return p
+
+
 def _errors(got: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], names: Sequence[str]) -> list[TensorError]:
     return [TensorError.of(n, got[n], ref[n]) for n in names]
 
 
-def debug(model: ir.Model, steps: Sequence[str | Mapping[str, Any] | BitfoldPass], feeds: Mapping[str, np.ndarray],
-          calibration: Any = None, tolerance: float = 1e-3) -> DebugReport:  # fmt: skip
+def debug(
+    model: ir.Model,
+    steps: Sequence[str | Mapping[str, Any] | BitfoldPass],
+    feeds: Mapping[str, np.ndarray],
+    calibration: Any = None,
+    tolerance: float = 1e-3,
+    reduce_culprit: bool = False,
+) -> DebugReport:
     """Run ``steps`` on a copy of ``model`` one at a time and locate the first pass and node exceeding ``tolerance``."""
     current = ir.from_proto(ir.to_proto(model))
     outputs = [v.name for v in current.graph.outputs]
-    reference = _outputs(current, feeds)
+    reference = run_exposing(current, feeds)
     report = DebugReport(tolerance, [])
     previous = reference
+    worst: tuple[float, ir.Model, ir.Model] | None = None
     for index, step in enumerate(steps):
+        p = _build(step, calibration)
         before = ir.from_proto(ir.to_proto(current))
-        if isinstance(step, BitfoldPass):
-            step.calibration = calibration
-            step(current)
-            name = step.name
-        else:
-            current, _ = optimize(current, [step], calibration)
-            name = step if isinstance(step, str) else step["name"]
-        now = _outputs(current, feeds)
-        report.passes.append(PassDiagnosis(index, name, _errors(now, previous, outputs), _errors(now, reference, outputs)))
-        if report.culprit is None and report.passes[-1].own_rel > tolerance:
+        record = run_pass(current, p)
+        now = run_exposing(current, feeds)
+        diagnosis = PassDiagnosis(index, p.name, _errors(now, previous, outputs), _errors(now, reference, outputs), record)
+        report.passes.append(diagnosis)
+        if report.culprit is None and diagnosis.own_rel > tolerance:
             report.culprit = index
             _locate(report, before, current, feeds)
+            if reduce_culprit and report.first_tensor is not None:
+                tensor = report.first_tensor.reference or report.first_tensor.name
+                try:
+                    report.repro = reduce(before, p if isinstance(step, BitfoldPass) else step, tensor, feeds, calibration, tolerance)
+                except BitfoldError as e:
+                    report.reduce_note = str(e)
+        if report.culprit in (None, index) and (worst is None or diagnosis.own_rel > worst[0] or report.culprit == index):
+            report.worst, worst = index, (diagnosis.own_rel, before, ir.from_proto(ir.to_proto(current)))
         previous = now
+    if worst is not None:
+        report.diff = diff(worst[1], worst[2])
+        report.diff_svg = to_svg(worst[1], worst[2], report.diff) if report.diff.size else ""
     return report
+
+
+def _mapping(before: ir.Model, after: ir.Model) -> dict[str, str]:
+    """Float tensors of ``after`` → the tensor of ``before`` they stand for: same name, else through provenance."""
+    floats = {v.name: v for n in before.graph for v in n.outputs if v.dtype == ir.DataType.FLOAT}
+    origins = {n.name: n for n in before.graph}
+    mapping = {v.name: v.name for n in after.graph for v in n.outputs if v.name in floats and v.dtype == ir.DataType.FLOAT}
+    groups: dict[str, list[ir.Node]] = {}
+    for node in after.graph:
+        names = [s for s in node.metadata_props.get(FROM_KEY, "").split(",") if s]
+        if len(names) == 1 and names[0] in origins:
+            groups.setdefault(names[0], []).append(node)
+    graph_outputs = set(after.graph.outputs)
+    taken = set(mapping.values())
+    for origin, nodes in groups.items():
+        members = set(nodes)
+        exits = [n for n in nodes if any(v in graph_outputs or any(u not in members for u, _ in v.uses()) for v in n.outputs)]
+        if len(exits) != 1 or len(exits[0].outputs) != len(origins[origin].outputs):
+            continue
+        for got, ref in zip(exits[0].outputs, origins[origin].outputs, strict=True):
+            if got.name not in mapping and ref.name in floats and ref.name not in taken and got.dtype in (ir.DataType.FLOAT, None):
+                mapping[got.name] = ref.name
+                taken.add(ref.name)
+    return mapping
 
 
 def _locate(report: DebugReport, before: ir.Model, after: ir.Model, feeds: Mapping[str, np.ndarray]) -> None:
     """Name the first tensor (in the rewritten graph's order) that differs beyond tolerance, and its producer."""
-    float_names = {v.name for n in before.graph for v in n.outputs if v.dtype == ir.DataType.FLOAT}
-    order = [v.name for n in after.graph for v in n.outputs if v.name in float_names and v.dtype == ir.DataType.FLOAT]
-    got, ref = _outputs(after, feeds, order), _outputs(before, feeds, order)
-    report.tensors = [TensorError.of(n, got[n], ref[n]) for n in order if got[n].shape == ref[n].shape]
+    mapping = _mapping(before, after)
+    order = [v.name for n in after.graph for v in n.outputs if v.name in mapping]
+    got, ref = run_exposing(after, feeds, order), run_exposing(before, feeds, [mapping[n] for n in order])
+    report.tensors = [
+        dataclasses.replace(TensorError.of(n, got[n], ref[mapping[n]]), reference=mapping[n] if mapping[n] != n else "")
+        for n in order
+        if got[n].shape == ref[mapping[n]].shape
+    ]
     producers = {v.name: n.name for n in after.graph for v in n.outputs}
     for error in report.tensors:
         if error.rel > report.tolerance:
@@ -150,14 +221,20 @@ def write_html(report: DebugReport, path, title: str = "bitfold debug") -> None:
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
     image = base64.b64encode(buffer.getvalue()).decode()
+    def ops(counts: dict[str, int], sign: str) -> str:
+        return " ".join(f"{sign}{n} {op}" for op, n in counts.items())
+
     rows = "".join(
         f"<tr{' class=bad' if p.index == report.culprit else ''}><td>{p.index}</td><td>{html.escape(p.name)}</td>"
         f"<td>{p.own_rel:.3g}</td><td>{max((e.rel for e in p.cumulative), default=0):.3g}</td>"
-        f"<td>{min((e.sqnr_db for e in p.own), default=float('inf')):.1f}</td></tr>"
+        f"<td>{min((e.sqnr_db for e in p.own), default=float('inf')):.1f}</td><td>{p.record.seconds:.2f}</td>"
+        f"<td>{html.escape(ops(p.record.ops_added, '+'))} {html.escape(ops(p.record.ops_removed, '-'))}</td>"
+        f"<td>{p.record.param_bytes_before / 1e6:.3f} → {p.record.param_bytes_after / 1e6:.3f}</td></tr>"
         for p in report.passes
     )
     tensors = "".join(
-        f"<tr><td>{html.escape(e.name)}</td><td>{e.rel:.3g}</td><td>{e.max_abs:.3g}</td><td>{e.cosine:.6f}</td></tr>"
+        f"<tr{' class=bad' if e.rel > report.tolerance else ''}><td>{html.escape(e.name)}</td><td>{html.escape(e.reference)}</td><td>{e.rel:.3g}</td><td>{e.max_abs:.3g}</td>"
+        f"<td>{e.cosine:.6f}</td></tr>"
         for e in report.tensors[:200]
     )
     verdict = (
@@ -166,11 +243,43 @@ def write_html(report: DebugReport, path, title: str = "bitfold debug") -> None:
         if report.culprit is not None
         else f"No pass exceeds the tolerance {report.tolerance:g}."
     )
+    if report.repro is not None:
+        verdict += (f"<br>Reduced repro: {report.repro.nodes} nodes ({report.repro.depth} producer layers above the first bad tensor), "
+                    f"pass error {report.repro.error:.3g} — repro.onnx, repro_inputs.npz and repro.toml beside this page.")  # fmt: skip
+    elif report.reduce_note:
+        verdict += f"<br>Not reduced: {html.escape(report.reduce_note)}"
+    changes = ""
+    if report.diff is not None and report.worst is not None:
+        d = report.diff
+        changes = (f"<h2>Graph diff of step {report.worst}: {html.escape(report.passes[report.worst].name)}</h2>"
+                   f"<p>{len(d.added)} nodes added, {len(d.removed)} removed, {len(d.changed)} changed"
+                   f"{' (first 60 and their neighbours drawn)' if d.size > 60 else ''}.</p>{report.diff_svg}")  # fmt: skip
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>
 body{{font:14px sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 8px}}
-tr.bad{{background:#fdd}}</style></head><body><h1>{html.escape(title)}</h1><p>{verdict}</p>
+tr.bad{{background:#fdd}} svg{{max-width:100%;height:auto}}</style></head><body><h1>{html.escape(title)}</h1><p>{verdict}</p>
 <img alt="per-pass error" src="data:image/png;base64,{image}">
-<h2>Passes</h2><table><tr><th>step</th><th>pass</th><th>own rel. error</th><th>cumulative rel. error</th><th>SQNR dB</th></tr>{rows}</table>
-<h2>Tensors of the culprit pass (rewritten graph order)</h2><table><tr><th>tensor</th><th>rel.</th><th>max abs</th><th>cosine</th></tr>{tensors}</table>
+<h2>Passes</h2><table><tr><th>step</th><th>pass</th><th>own rel. error</th><th>cumulative rel. error</th><th>SQNR dB</th>
+<th>seconds</th><th>ops</th><th>parameter MB</th></tr>{rows}</table>
+{changes}
+<h2>Tensors of the culprit pass (rewritten graph order)</h2><table><tr><th>tensor</th><th>input graph's tensor (if renamed)</th>
+<th>rel.</th><th>max abs</th><th>cosine</th></tr>{tensors}</table>
 </body></html>"""
     write_atomic(path, page.encode())
+
+
+def screenshot(page, png, size: tuple[int, int] = (1280, 1600)) -> bool:
+    """Render an HTML file to PNG with headless Chromium; False when no Chromium is installed."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    browser = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if browser is None:
+        return False
+    png = Path(png).resolve()
+    subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={size[0]},{size[1]}",
+         f"--screenshot={png}", Path(page).resolve().as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    return png.exists()

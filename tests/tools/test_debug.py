@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import onnx_ir as ir
 from conftest import fresh
 
+import pytest
+
 import bitfold
 from bitfold.passes.canonical import CANONICAL
-from bitfold.passes.registry import BitfoldPass
+from bitfold.passes.registry import FROM_KEY, BitfoldPass
 from bitfold.tools.debug import debug
 
 
@@ -36,6 +39,26 @@ class DoubleScaleConfig:
     pass
 
 
+class RenamingDoubleScale(DoubleScale):
+    """The same bug, but the pass replaces the MatMul by a Mul → MatMul pair with fresh output names, stamped with
+    provenance, so the broken tensor exists in the rewritten graph only under a new name."""
+
+    name = "renaming-double-scale"
+
+    def rewrite(self, model: ir.Model) -> int:
+        node = next(n for n in model.graph if n.name == self.target)
+        two = ir.Value(name="two", const_value=ir.tensor(np.array(2.0, np.float32), name="two"))
+        model.graph.register_initializer(two)
+        scaled = ir.node("Mul", [node.inputs[0], two], name=f"{self.target}_prescale", metadata_props={FROM_KEY: self.target})
+        scaled.outputs[0].name = f"{self.target}_prescaled"
+        matmul = ir.node("MatMul", [scaled.outputs[0], node.inputs[1]], name=f"{self.target}_rewritten", metadata_props={FROM_KEY: self.target})
+        matmul.outputs[0].name = f"{self.target}_renamed"
+        model.graph.insert_before(node, [scaled, matmul])
+        ir.convenience.replace_all_uses_with(node.outputs[0], matmul.outputs[0])
+        model.graph.remove(node, safe=True)
+        return 1
+
+
 def test_debugger_names_the_wrong_pass_and_its_first_node(zoo_protos):
     model = fresh(zoo_protos, "tiny-lm")
     folded, _ = bitfold.optimize(bitfold.clone(model), ["fold-constants"])
@@ -49,6 +72,68 @@ def test_debugger_names_the_wrong_pass_and_its_first_node(zoo_protos):
     assert report.first_tensor.rel > 0.5  # the layer output doubled: relative error 1
     assert report.passes[3].cumulative[0].rel == report.passes[2].cumulative[0].rel
     assert '"culprit": 2' in report.to_json()
+
+
+def _buggy(zoo_protos, bug):
+    model = fresh(zoo_protos, "tiny-lm")
+    folded, _ = bitfold.optimize(bitfold.clone(model), ["fold-constants"])
+    target = [n.name for n in folded.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None][5]
+    return model, target, ["fold-constants", "remove-identity", bug(target), "remove-dead"]
+
+
+def test_intermediates_map_through_provenance_when_the_pass_renames_them(zoo_protos):
+    model, target, steps = _buggy(zoo_protos, RenamingDoubleScale)
+    report = debug(model, steps, bitfold.sample_feeds(model), tolerance=1e-4)
+    assert report.culprit == 2 and report.first_node == f"{target}_rewritten"
+    original = next(v.name for n in bitfold.optimize(bitfold.clone(model), ["fold-constants"])[0].graph if n.name == target for v in n.outputs)
+    assert report.first_tensor.name == f"{target}_renamed" and report.first_tensor.reference == original
+    assert report.first_tensor.rel > 0.5
+    assert f"{target}_prescaled" not in {e.name for e in report.tensors}, "the inner node of the replacement maps to nothing"
+    assert report.diff.added == [f"{target}_prescale", f"{target}_rewritten"] and report.diff.removed == [target]
+    assert report.passes[2].record.ops_added == {"Mul": 1}
+
+
+def test_reduce_shrinks_to_the_broken_node_and_the_repro_reruns(zoo_protos, tmp_path):
+    model, target, steps = _buggy(zoo_protos, DoubleScale)
+    feeds = bitfold.sample_feeds(model)
+    report = debug(model, steps, feeds, tolerance=1e-4, reduce_culprit=True)
+    repro = report.repro
+    assert repro.nodes == 1 and repro.depth == 1 and repro.error > 0.5
+    assert [n.name for n in repro.model.graph] == [target]
+    assert report.diff.changed == [target] and not report.diff.added and "<svg" in report.diff_svg
+    again = debug(repro.model, [steps[2]], repro.feeds, tolerance=1e-4)  # the repro alone shows the same bug
+    assert again.culprit == 0 and again.first_node == target
+    assert again.passes[0].own_rel == pytest.approx(repro.error, rel=1e-6)
+
+
+def test_reduce_keeps_the_producers_a_bug_needs(zoo_protos):
+    """A pass that breaks a node only where its input comes from a Softmax cannot be shown without that Softmax."""
+    model = fresh(zoo_protos, "tiny-lm")
+    folded, _ = bitfold.optimize(bitfold.clone(model), ["fold-constants"])
+    after_softmax = next(u for n in folded.graph if n.op_type == "Softmax" for u, _ in n.outputs[0].uses())
+
+    class BreakAfterSoftmax(DoubleScale):
+        name = "break-after-softmax"
+
+        def rewrite(self, m: ir.Model) -> int:
+            node = next(n for n in m.graph if n.name == self.target)
+            producer = node.inputs[0].producer()
+            if producer is None or producer.op_type != "Softmax":
+                return 0
+            return super().rewrite(m) if node.inputs[1].const_value is not None else self._scale_input(m, node)
+
+        def _scale_input(self, m: ir.Model, node: ir.Node) -> int:
+            two = ir.Value(name="two", const_value=ir.tensor(np.array(2.0, np.float32), name="two"))
+            m.graph.register_initializer(two)
+            mul = ir.node("Mul", [node.inputs[0], two], name="scale")
+            m.graph.insert_before(node, mul)
+            node.replace_input_with(0, mul.outputs[0])
+            return 1
+
+    feeds = bitfold.sample_feeds(model)
+    report = debug(folded, [BreakAfterSoftmax(after_softmax.name)], feeds, tolerance=1e-4, reduce_culprit=True)
+    assert report.culprit == 0 and report.repro is not None
+    assert report.repro.depth == 2 and "Softmax" in [n.op_type for n in report.repro.model.graph]
 
 
 def test_no_culprit_for_an_exact_recipe(zoo_protos):
@@ -71,5 +156,42 @@ def test_cli_writes_json_and_a_self_contained_html(zoo_protos, tmp_path, capsys)
     data = json.loads((out / "report.json").read_text())
     assert data["culprit"] == 1 and data["first_node"]
     page = (out / "report.html").read_text()
-    assert "data:image/png;base64," in page and "quantize-weights" in page and "http" not in page.replace("charset", "")
+    assert "data:image/png;base64," in page and "quantize-weights" in page and "<svg" in page
+    assert not re.search(r"""(src|href)=["']?(https?:|//)|<link|<script""", page), "the page loads nothing from outside"
     assert "first pass over 0.001: quantize-weights" in " ".join(capsys.readouterr().err.split())
+
+
+def test_cli_reduce_writes_a_repro_that_reruns(zoo_protos, tmp_path, capsys):
+    import json
+
+    from bitfold.tools.cli import main
+
+    path = bitfold.save(fresh(zoo_protos, "tiny-lm"), tmp_path / "lm.onnx")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[pass]]\nname = "fold-constants"\n[[pass]]\nname = "quantize-weights"\nbits = 2\nformat = "fake"\ngroup_size = -1\n')
+    out = tmp_path / "dbg"
+    assert main(["debug", str(path), "-r", str(recipe), "-o", str(out), "--reduce"]) == 0
+    data = json.loads((out / "report.json").read_text())
+    assert data["repro"]["nodes"] == 1 and data["repro"]["error"] > 1e-3
+    assert "reduced to 1 nodes" in capsys.readouterr().err
+    again = tmp_path / "again"
+    assert main(["debug", str(out / "repro.onnx"), "-r", str(out / "repro.toml"), "--inputs", str(out / "repro_inputs.npz"), "-o", str(again)]) == 0
+    rerun = json.loads((again / "report.json").read_text())
+    assert rerun["culprit"] == 0 and rerun["passes"][0]["own"][0]["rel"] == pytest.approx(data["repro"]["error"], rel=1e-5)
+
+
+def test_the_report_renders_in_headless_chromium(zoo_protos, tmp_path):
+    import matplotlib.image
+
+    from bitfold.tools.debug import screenshot, write_html
+
+    model, _, steps = _buggy(zoo_protos, DoubleScale)
+    report = debug(model, steps, bitfold.sample_feeds(model), tolerance=1e-4)
+    write_html(report, tmp_path / "report.html")
+    if not screenshot(tmp_path / "report.html", tmp_path / "report.png"):
+        pytest.skip("no Chromium on this machine (Debian package 'chromium')")
+    pixels = matplotlib.image.imread(tmp_path / "report.png")[..., :3]
+    assert pixels.shape[:2] == (1600, 1280)
+    ink = (pixels.min(axis=-1) < 0.9).mean()  # share of pixels that are not (near) white
+    assert 0.02 < ink < 0.9, ink
+    assert (np.abs(pixels - pixels.mean(axis=(0, 1))).max(axis=-1) > 0.3).any(), "the page shows coloured content"
