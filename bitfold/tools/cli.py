@@ -303,6 +303,8 @@ def _debug(args) -> None:
             save_arrays(args.output / "repro_calibration.npz", {k: np.stack([s[k] for s in samples]) for k in samples[0]})
     for p in report.passes:
         err.print(f"{p.index:3d} {p.name:28s} own rel. error {p.own_rel:.3g}")
+        for u in p.unmatched:
+            err.print(f"      not matched ({u.rule}, {u.node}): {u.reason}")
     if report.culprit is not None:
         err.print(f"first pass over {args.tolerance:g}: {report.passes[report.culprit].name} (step {report.culprit}); first node: {report.first_node}")
         if report.repro is not None:

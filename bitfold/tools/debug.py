@@ -55,12 +55,23 @@ class TensorError:
 
 
 @dataclasses.dataclass
+class Unmatched:
+    """A pattern pass's best partial match left in its output, from onnxscript's MatchingTracer."""
+
+    rule: str
+    node: str
+    status: str  # NO_MATCH | CONDITION_FAILED | REPLACEMENT_FAILED
+    reason: str
+
+
+@dataclasses.dataclass
 class PassDiagnosis:
     index: int
     name: str
     own: list[TensorError]  # graph outputs against the previous model
     cumulative: list[TensorError]  # graph outputs against the input model
     record: PassRecord  # time, op delta, parameter bytes
+    unmatched: list[Unmatched] = dataclasses.field(default_factory=list)  # pattern passes: why candidates stayed
 
     @property
     def own_rel(self) -> float:
@@ -134,7 +145,7 @@ def debug(
         before = ir.from_proto(ir.to_proto(current))
         record = run_pass(current, p)
         now = run_exposing(current, feeds)
-        diagnosis = PassDiagnosis(index, p.name, _errors(now, previous, outputs), _errors(now, reference, outputs), record)
+        diagnosis = PassDiagnosis(index, p.name, _errors(now, previous, outputs), _errors(now, reference, outputs), record, _unmatched(p, current))
         report.passes.append(diagnosis)
         if report.culprit is None and diagnosis.own_rel > tolerance:
             report.culprit = index
@@ -154,11 +165,30 @@ def debug(
     return report
 
 
+def _unmatched(p: BitfoldPass, model: ir.Model) -> list[Unmatched]:
+    """Dry-run a pattern pass's rules (a ``rule_set()`` method) on its output with a tracer; a tracer makes
+    onnxscript's ``apply_to_model`` change nothing, and the copy keeps even its constant propagation away."""
+    if not hasattr(p, "rule_set"):
+        return []
+    from onnxscript.rewriter._basics import MatchingTracer, MatchStatus
+
+    tracer = MatchingTracer()
+    p.rule_set().apply_to_model(ir.from_proto(ir.to_proto(model)), tracer=tracer)
+    return [
+        Unmatched(rule.name or type(rule).__name__, info.root_node.name or info.root_node.op_type, info.status.name,
+                  info.match_result.reason or "the pattern does not match here")
+        for rule, infos in tracer.best_matches_map.items()
+        for info in infos
+        if info.status != MatchStatus.SUCCESS
+    ]  # fmt: skip
+
+
 def _mapping(before: ir.Model, after: ir.Model) -> dict[str, str]:
     """Float tensors of ``after`` → the tensor of ``before`` they stand for: same name, else through provenance."""
-    floats = {v.name: v for n in before.graph for v in n.outputs if v.dtype == ir.DataType.FLOAT}
+    maybe_float = (ir.DataType.FLOAT, None)  # untyped intermediates are checked on their computed arrays
+    floats = {v.name: v for n in before.graph for v in n.outputs if v.dtype in maybe_float}
     origins = {n.name: n for n in before.graph}
-    mapping = {v.name: v.name for n in after.graph for v in n.outputs if v.name in floats and v.dtype == ir.DataType.FLOAT}
+    mapping = {v.name: v.name for n in after.graph for v in n.outputs if v.name in floats and v.dtype in maybe_float}
     groups: dict[str, list[ir.Node]] = {}
     for node in after.graph:
         names = [s for s in node.metadata_props.get(FROM_KEY, "").split(",") if s]
@@ -172,7 +202,7 @@ def _mapping(before: ir.Model, after: ir.Model) -> dict[str, str]:
         if len(exits) != 1 or len(exits[0].outputs) != len(origins[origin].outputs):
             continue
         for got, ref in zip(exits[0].outputs, origins[origin].outputs, strict=True):
-            if got.name not in mapping and ref.name in floats and ref.name not in taken and got.dtype in (ir.DataType.FLOAT, None):
+            if got.name not in mapping and ref.name in floats and ref.name not in taken and got.dtype in maybe_float:
                 mapping[got.name] = ref.name
                 taken.add(ref.name)
     return mapping
@@ -186,7 +216,7 @@ def _locate(report: DebugReport, before: ir.Model, after: ir.Model, feeds: Mappi
     report.tensors = [
         dataclasses.replace(TensorError.of(n, got[n], ref[mapping[n]]), reference=mapping[n] if mapping[n] != n else "")
         for n in order
-        if got[n].shape == ref[mapping[n]].shape
+        if got[n].shape == ref[mapping[n]].shape and got[n].dtype == ref[mapping[n]].dtype == np.float32
     ]
     producers = {v.name: n.name for n in after.graph for v in n.outputs}
     for error in report.tensors:
@@ -254,6 +284,15 @@ def write_html(report: DebugReport, path, title: str = "bitfold debug") -> None:
         changes = (f"<h2>Graph diff of step {report.worst}: {html.escape(report.passes[report.worst].name)}</h2>"
                    f"<p>{len(d.added)} nodes added, {len(d.removed)} removed, {len(d.changed)} changed"
                    f"{' (first 60 and their neighbours drawn)' if d.size > 60 else ''}.</p>{report.diff_svg}")  # fmt: skip
+    unmatched = "".join(
+        f"<tr><td>{p.index}: {html.escape(p.name)}</td><td>{html.escape(u.rule)}</td><td>{html.escape(u.node)}</td>"
+        f"<td>{u.status}</td><td>{html.escape(u.reason)}</td></tr>"
+        for p in report.passes
+        for u in p.unmatched
+    )
+    if unmatched:
+        unmatched = ("<h2>Why patterns did not match (best partial matches left)</h2><table><tr><th>pass</th><th>rule</th>"
+                     f"<th>node</th><th>status</th><th>reason</th></tr>{unmatched}</table>")  # fmt: skip
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>
 body{{font:14px sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 8px}}
 tr.bad{{background:#fdd}} svg{{max-width:100%;height:auto}}</style></head><body><h1>{html.escape(title)}</h1><p>{verdict}</p>
@@ -261,6 +300,7 @@ tr.bad{{background:#fdd}} svg{{max-width:100%;height:auto}}</style></head><body>
 <h2>Passes</h2><table><tr><th>step</th><th>pass</th><th>own rel. error</th><th>cumulative rel. error</th><th>SQNR dB</th>
 <th>seconds</th><th>ops</th><th>parameter MB</th></tr>{rows}</table>
 {changes}
+{unmatched}
 <h2>Tensors of the culprit pass (rewritten graph order)</h2><table><tr><th>tensor</th><th>input graph's tensor (if renamed)</th>
 <th>rel.</th><th>max abs</th><th>cosine</th></tr>{tensors}</table>
 </body></html>"""

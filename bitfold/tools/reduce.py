@@ -66,7 +66,7 @@ def _subgraph(model: ir.Model, nodes: list[ir.Node], tensor: str, captured: Mapp
     output = next(v for n in keep for v in n.outputs if v.name == tensor)
     copy.graph.outputs.clear()
     copy.graph.inputs.clear()
-    copy.graph.remove([n for n in everything if n not in kept], safe=False)
+    copy.graph.remove([n for n in everything if n not in kept], safe=True)
     copy.graph.inputs.extend(inputs.values())
     copy.graph.outputs.append(output)
     for name in [name for name, v in copy.graph.initializers.items() if not v.uses()]:

@@ -100,6 +100,7 @@ def test_reduce_shrinks_to_the_broken_node_and_the_repro_reruns(zoo_protos, tmp_
     repro = report.repro
     assert repro.nodes == 1 and repro.depth == 1 and repro.error > 0.5
     assert [n.name for n in repro.model.graph] == [target]
+    assert list(repro.model.graph.initializers) == [repro.model.graph.node(0).inputs[1].name], "only the weight it reads"
     assert report.diff.changed == [target] and not report.diff.added and "<svg" in report.diff_svg
     again = debug(repro.model, [steps[2]], repro.feeds, tolerance=1e-4)  # the repro alone shows the same bug
     assert again.culprit == 0 and again.first_node == target
@@ -195,3 +196,14 @@ def test_the_report_renders_in_headless_chromium(zoo_protos, tmp_path):
     ink = (pixels.min(axis=-1) < 0.9).mean()  # share of pixels that are not (near) white
     assert 0.02 < ink < 0.9, ink
     assert (np.abs(pixels - pixels.mean(axis=(0, 1))).max(axis=-1) > 0.3).any(), "the page shows coloured content"
+
+
+def test_pattern_pass_says_why_a_candidate_did_not_match(zoo_protos):
+    """cnn-bn before fold-constants: one Conv's bias is computed by Expand, so its BatchNormalization stays."""
+    model = fresh(zoo_protos, "cnn-bn")
+    report = debug(model, ["fold-batchnorm"], bitfold.sample_feeds(model), tolerance=1e-4)
+    (left,) = [u for u in report.passes[0].unmatched if u.status == "CONDITION_FAILED"]
+    assert "bias" in left.reason and "is not constant" in left.reason
+    assert report.passes[0].record.ops_removed["BatchNormalization"] == 3
+    folded, _ = bitfold.optimize(fresh(zoo_protos, "cnn-bn"), ["fold-constants"])
+    assert not debug(folded, ["fold-batchnorm"], bitfold.sample_feeds(folded)).passes[0].unmatched

@@ -165,10 +165,16 @@ class FoldBatchNorm(BitfoldPass):
     name = "fold-batchnorm"
     family = "canonical"
 
+    def rule_set(self, folded: list[ir.Value] | None = None) -> RewriteRuleSet:
+        """The pass's rewrite rules (``folded`` collects the weights they replace); the debugger dry-runs them with a
+        MatchingTracer to say why a BatchNormalization was left alone."""
+        folded = [] if folded is None else folded
+        rules = [cls.rule(folded) for cls in (FoldIntoConv, FoldIntoConvTranspose, FoldIntoGemm, FoldIntoMatMulAdd, FoldIntoMatMul)]
+        return RewriteRuleSet(rules, commute=True)
+
     def rewrite(self, model: ir.Model) -> int:
         folded: list[ir.Value] = []
-        rules = [cls.rule(folded) for cls in (FoldIntoConv, FoldIntoConvTranspose, FoldIntoGemm, FoldIntoMatMulAdd, FoldIntoMatMul)]
-        count = RewriteRuleSet(rules, commute=True).apply_to_model(model)
+        count = self.rule_set(folded).apply_to_model(model)
         for value in dict.fromkeys(folded):
             if not value.uses() and value.is_initializer() and not value.is_graph_input() and not value.is_graph_output():
                 value.graph.initializers.pop(value.name, None)
