@@ -25,7 +25,7 @@ from bitfold.errors import BitfoldError, VerificationError
 from bitfold.frontend.inputs import sample_feeds
 from bitfold.frontend.onnx_io import serialized
 from bitfold.passes.registry import FROM_KEY, PASS_KEY, BitfoldPass
-from bitfold.pipeline.recipe import Recipe
+from bitfold.pipeline.recipe import Recipe, Step
 from bitfold.pipeline.report import OutputError, PassRecord, PipelineReport
 from bitfold.summary import op_histogram, parameter_stats, summarize
 
@@ -83,10 +83,16 @@ class Pipeline:
             feeds = dict(feeds) if feeds is not None else sample_feeds(model, shapes)
             reference = _run(model, feeds, "the input model")
             _check(model, "the input model")
-        for index, p in enumerate(passes):
+        for index, (step, p) in enumerate(zip(self.recipe.steps, passes, strict=True)):
             if self.on_pass_start:
                 self.on_pass_start(index, len(passes), p)
-            record = run_pass(model, p, self.verify, feeds, reference)
+            if step.max_error is not None:
+                record = _run_within(model, step, calibration, feeds, shapes)
+                if self.verify:
+                    _check(model, f"the output of pass '{p.name}'")
+                    record.errors = _errors(reference, _run(model, feeds, f"the output of pass '{p.name}'"))
+            else:
+                record = run_pass(model, p, self.verify, feeds, reference)
             report.passes.append(record)
             if self.on_pass_end:
                 self.on_pass_end(record)
@@ -143,6 +149,26 @@ def run_pass(model: ir.Model, p: BitfoldPass, verify: bool = False, feeds=None, 
         _check(model, f"the output of pass '{p.name}'")
         outputs = _run(model, feeds, f"the output of pass '{p.name}'")
         record.errors = _errors(reference, outputs)
+    return record
+
+
+def _run_within(model: ir.Model, step: Step, calibration: Any, feeds, shapes) -> PassRecord:
+    """A step with ``max_error``: the exclusion loop on the verification feeds, else the first four calibration
+    samples, else seeded sample inputs; the model's graph is replaced by the loop's result."""
+    from bitfold.tools.exclude import keep_within
+
+    samples = [dict(feeds)] if feeds is not None else list(calibration)[:4] if calibration is not None else [sample_feeds(model, shapes)]
+    plain = {k: v for k, v in step.to_dict().items() if k != "max_error"}
+    kept = keep_within(model, plain, step.max_error, samples, calibration)
+    model.graph = kept.model.graph
+    model.functions.clear()
+    model.functions.update(kept.model.functions)
+    record = kept.report.passes[0]
+    record.params["max_error"] = step.max_error
+    record.notes.append(
+        f"exclusion loop: output error {kept.error:.4g} <= {step.max_error:g} with {len(kept.kept)} layer(s) kept float"
+        + (f": {', '.join(kept.kept)}" if kept.kept else "")
+    )
     return record
 
 

@@ -9,6 +9,11 @@ TOML form::
     name = "fold-constants"
     input_size_limit = 4096
 
+    [[pass]]
+    name = "quantize-weights"
+    bits = 4
+    max_error = 0.05     # any pass with exclude globs: the exclusion loop leaves layers float to meet it
+
 Python form: ``Recipe.from_list(["fold-batchnorm", {"name": "fold-constants", "input_size_limit": 4096}])``.
 Every step is validated when the recipe is built: unknown passes and bad parameters fail before any work starts.
 """
@@ -32,12 +37,24 @@ from bitfold.passes import registry
 class Step:
     name: str
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: Run through the exclusion loop: layers stay float until the graph outputs' relative L2 error against this
+    #: step's input is at most this (``bitfold.tools.exclude``). Only for passes that take ``exclude`` globs.
+    max_error: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_error is None:
+            return
+        if isinstance(self.max_error, bool) or not isinstance(self.max_error, int | float) or not self.max_error > 0:
+            raise RecipeError(f"pass '{self.name}': max_error must be a positive number, got {self.max_error!r}.")
+        if not any(f.name == "exclude" for f in dataclasses.fields(registry.get_pass(self.name).Config)):
+            raise RecipeError(f"pass '{self.name}' takes no exclude globs, so max_error (the exclusion loop) cannot apply to it.")
 
     def build(self) -> registry.BitfoldPass:
         return registry.create(self.name, self.params)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **{k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()}}
+        extra = {"max_error": self.max_error} if self.max_error is not None else {}
+        return {"name": self.name, **{k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()}, **extra}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +76,8 @@ class Recipe:
                 name = params.pop("name", None)
                 if not isinstance(name, str):
                     raise RecipeError(f"recipe step {i + 1} has no 'name'; every [[pass]] needs name = \"<pass>\".")
-                steps.append(Step(name, params))
+                registry.get_pass(name)  # an unknown name fails here, with its did-you-mean
+                steps.append(Step(name, params, params.pop("max_error", None)))
             else:
                 raise RecipeError(f"recipe step {i + 1} must be a pass name or a table, got {type(item).__name__}.")
         if not steps:

@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, help="write the per-pass report as JSON")
     p.add_argument("--verify", action="store_true", help="after every pass: onnx.checker, ORT run, error vs the input model")
     p.add_argument("--calibration", metavar="FILE.npz|SOURCE", help="calibration data: an .npz (samples on a leading axis), lee-text or skimage-photos")
-    p.add_argument("--max-error", type=float, metavar="E", help="leave the last step's most harmful layers float until the output error <= E")
+    p.add_argument("--max-error", type=float, metavar="E", help="leave the last step's most harmful layers float until the output error <= E (recipe key max_error)")
     _add_input_options(p)
     p.set_defaults(func=_optimize)
 
@@ -242,34 +242,30 @@ def _passes(args) -> None:
 
 def _optimize(args) -> None:
     from bitfold.frontend import load, save
-    from bitfold.pipeline import Pipeline, Recipe
+    from bitfold.pipeline import Pipeline, Recipe, Step
     from bitfold.quant.calibration import CalibrationData
     from bitfold.tools.files import refuse_overwrite, write_atomic
 
     refuse_overwrite(args.model, args.output)
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe.from_names(args.passes)
     model = load(args.model)
-    feeds = _feeds(args, model) if args.verify or args.max_error is not None else None
+    feeds = _feeds(args, model) if args.verify or args.inputs or args.max_error is not None else None
     calibration = CalibrationData.from_source(args.calibration, model) if args.calibration else None
-    last = recipe.steps[-1] if args.max_error is not None else None  # run by the exclusion loop, after the rest
-    steps = Recipe(recipe.steps[:-1]) if last is not None else recipe
+    if args.max_error is not None:  # the exclusion loop on the last step, as its recipe key max_error would
+        last = recipe.steps[-1]
+        recipe = Recipe((*recipe.steps[:-1], Step(last.name, last.params, args.max_error)))
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err, transient=True) as bar:
-        task = bar.add_task("optimize", total=len(steps.steps))
+        task = bar.add_task("optimize", total=len(recipe.steps))
         pipeline = Pipeline(
-            steps,
+            recipe,
             verify=args.verify,
             on_pass_start=lambda i, n, p: bar.update(task, description=f"[{i + 1}/{n}] {p.name}"),
             on_pass_end=lambda record: bar.advance(task),
         )
-        model, report = pipeline.run(model, calibration, feeds=feeds if args.verify else None)
-    if last is not None:
-        from bitfold.tools.exclude import keep_within
-
-        kept = keep_within(model, last.to_dict(), args.max_error, [feeds], calibration)
-        model, last_report = kept.model, kept.report
-        report.passes.extend(last_report.passes)
-        report.output = last_report.output
-        err.print(f"output error {kept.error:.4g} <= {args.max_error:g}; layers kept float: {', '.join(kept.kept) or 'none'}")
+        model, report = pipeline.run(model, calibration, feeds=feeds)
+    for record in report.passes:
+        for note in record.notes if "max_error" in record.params else ():
+            err.print(f"{record.name}: {note}")
     save(model, args.output)
     if args.report:
         write_atomic(args.report, report.to_json().encode())

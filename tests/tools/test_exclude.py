@@ -48,4 +48,30 @@ def test_cli_max_error(zoo_protos, tmp_path, capsys):
     out = tmp_path / "q.onnx"
     assert main(["optimize", str(path), "-r", str(recipe), "-o", str(out), "--max-error", "0.1"]) == 0
     stderr = " ".join(capsys.readouterr().err.split())
-    assert "<= 0.1; layers kept float: node_" in stderr and "quantize-weights" in stderr
+    assert "quantize-weights: exclusion loop: output error" in stderr and "<= 0.1 with" in stderr and "kept float: node_" in stderr
+
+
+def test_recipe_key_runs_the_loop_inside_the_pipeline(lm):
+    """max_error in a recipe step: the pipeline's result equals keep_within's, the report names the kept layers,
+    and the key round-trips through TOML."""
+    model, feeds = lm
+    everything = keep_within(model, STEP, 10.0, feeds)
+    budget = everything.error / 2
+    recipe = bitfold.Recipe.from_list(["remove-dead", {**STEP, "max_error": budget}])
+    assert bitfold.Recipe.from_toml(recipe.to_toml()).steps[1].max_error == budget
+    out, report = bitfold.optimize(bitfold.clone(model), recipe, feeds=feeds[0])
+    direct = keep_within(model, STEP, budget, [feeds[0]])
+    assert report.passes[1].params["max_error"] == budget and direct.kept
+    assert report.passes[1].notes[0].endswith(", ".join(direct.kept))
+    ref = bitfold.compile(model, "ort", "cpu").run(feeds[0])
+    got = bitfold.compile(out, "ort", "cpu").run(feeds[0])
+    err = np.linalg.norm(np.concatenate([(got[k] - ref[k]).ravel() for k in ref])) / np.linalg.norm(np.concatenate([r.ravel() for r in ref.values()]))
+    assert err == pytest.approx(direct.error, rel=1e-5) and err <= budget
+
+
+@pytest.mark.parametrize("bad, message", [(0, "positive number"), ("x", "positive number")])
+def test_recipe_key_is_validated(bad, message):
+    with pytest.raises(bitfold.errors.RecipeError, match=message):
+        bitfold.Recipe.from_list([{**STEP, "max_error": bad}])
+    with pytest.raises(bitfold.errors.RecipeError, match="no exclude"):
+        bitfold.Recipe.from_list([{"name": "remove-dead", "max_error": 0.1}])
