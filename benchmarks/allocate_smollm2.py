@@ -1,8 +1,8 @@
 """Mixed-precision bit allocation on SmolLM2-135M: perplexity against average bits per weight, scales included.
 
-Sensitivities (bitfold.tools.allocate.measure): every (layer, format) pair quantized alone with RTN, the squared
-relative error of the logits on 4 × 128-token samples from the calibration region of the Lee corpus (a 128-token
-export of the same graph). The integer program then picks one format per layer at each budget, and every point —
+Sensitivities (bitfold.tools.allocate.measure): every (layer, format) pair quantized alone with the same GPTQ
+settings as the points (on Gram matrices of 16 × 128 calibration tokens), the squared relative error of the logits
+on the first 4 of those samples (a 128-token export of the same graph; calibration region of the Lee corpus). The integer program then picks one format per layer at each budget, and every point —
 the allocations and the uniform GPTQ W4 g128 / W3 g128 / W2 g128 rows — is quantized with the same GPTQ settings
 as benchmarks/quant_table.py, calibrated on windows 139-146, and scored on windows 0-15 (bitfold.eval.tasks).
 lm_head stays fp32 everywhere and is not counted in the bits. Writes benchmarks/results/allocate_smollm2.{json,png}.
@@ -35,7 +35,8 @@ GPTQ = {"method": "gptq", "act_order": True, "sink_weight": 64.0, "clip": "outpu
 FORMATS = ["int8", "int4", "int3", "int2"]
 BUDGETS = [3.0, 3.25, 3.5, 4.0, 4.25]
 UNIFORM = {"int4": 4.25, "int3": 3.25, "int2": 2 + 34 / 128}
-SENSITIVITY_WINDOWS = range(464, 468)  # 128-token windows 464-467 = tokens 59,392-59,903, inside 512-windows 115-146
+SENSITIVITY_WINDOWS = range(464, 480)  # 128-token windows 464-479 = tokens 59,392-61,439, inside 512-windows 115-146
+OUTPUT_SAMPLES = 4
 
 
 def main() -> None:
@@ -44,7 +45,7 @@ def main() -> None:
     fp32, _ = bitfold.optimize(export_smollm2(), list(CANONICAL))
     short, _ = bitfold.optimize(export_smollm2(128), list(CANONICAL))
     sensitivity_data = CalibrationData(list(lm_feeds(lee_windows(tokenizer, SENSITIVITY_WINDOWS, 128))))
-    measured = allocate.measure(short, sensitivity_data, FORMATS, samples=len(SENSITIVITY_WINDOWS), exclude=KEEP_HEAD)
+    measured = allocate.measure(short, sensitivity_data, FORMATS, samples=OUTPUT_SAMPLES, exclude=KEEP_HEAD, params=GPTQ)
     names = {n.name for n in fp32.graph}
     missing = [layer for layer in measured.layers if layer not in names]
     if missing:
@@ -71,7 +72,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     result = {
         "model": "SmolLM2-135M-Instruct",
-        "protocol": "ppl on Lee windows 0-15 of 512 tokens; GPTQ calibration windows 139-146; sensitivities on 4 x 128 tokens (windows 464-467 of 128)",
+        "protocol": "ppl on Lee windows 0-15 of 512 tokens; GPTQ calibration windows 139-146; sensitivities: GPTQ on 16 x 128 tokens (128-token windows 464-479), logits of the first 4",
         "formats": {f: {**allocate.FORMATS[f][0], "bits_per_weight_k576": allocate.FORMATS[f][1](576)} for f in FORMATS},
         "gptq": GPTQ,
         "rows": rows,
@@ -86,7 +87,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     uniform = [r for r in rows if r["variant"].startswith("uniform")]
     mixed = [r for r in rows if r["variant"].startswith("allocate")]
     ax.plot([r["bits"] for r in uniform], [r["ppl"] for r in uniform], "o--", label="uniform GPTQ g128")
-    ax.plot([r["bits"] for r in mixed], [r["ppl"] for r in mixed], "s-", label="allocate-bits (int8/4/3/2) + GPTQ")
+    ax.plot([r["bits"] for r in mixed], [r["ppl"] for r in mixed], "s-", label="allocate-bits (int8/4/3/2, GPTQ sensitivities)")
     ax.axhline(rows[0]["ppl"], color="k", lw=0.8, label="FP32")
     ax.set_xlabel("average bits per weight (scales included)")
     ax.set_ylabel("perplexity (Lee, 8,176 tokens)")

@@ -3,7 +3,8 @@ program (``bitfold.quant.allocate``) under an average bits-per-weight budget, an
 recipe (one ``quantize-weights`` step per format, each excluding the layers assigned elsewhere).
 
 Sensitivity of (layer l, format f): the squared relative L2 error (noise-to-signal power) of the graph outputs on
-calibration samples when only layer l is quantized to f (RTN). Independent rounding noise adds in power, so the
+calibration samples when only layer l is quantized to f, with the quantizer the recipe will use (RTN, or GPTQ on
+the calibration Gram matrices). Independent rounding noise adds in power, so the
 summed sensitivities the integer program minimises estimate the mixed model's output noise. The L · F rounds share
 one ONNX Runtime session: the candidate weights are graph inputs that default to their initializers, and a round
 feeds the one weight it quantizes. Cost: the layer's weight count times the format's bits per weight including
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -70,10 +72,17 @@ def _power(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float:
 
 
 def measure(
-    model: ir.Model, calibration: CalibrationData, formats: list[str], samples: int = 4, exclude: Sequence[str] = ()
-) -> Allocation:  # fmt: skip
+    model: ir.Model,
+    calibration: CalibrationData,
+    formats: list[str],
+    samples: int = 4,
+    exclude: Sequence[str] = (),
+    params: Mapping[str, Any] | None = None,
+) -> Allocation:
     """Sensitivity and cost of every (layer, format) pair over the first ``samples`` calibration feeds; layers
-    matching ``exclude`` (globs, as quantize-weights takes them) stay out. The choice is left empty."""
+    matching ``exclude`` (globs, as quantize-weights takes them) stay out. ``params`` are the quantize-weights
+    settings the recipe will use (default RTN): a layer is quantized for its sensitivity as that method would do
+    it, GPTQ and output clipping on the Gram matrices of all calibration samples. The choice is left empty."""
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise BitfoldError(f"unknown format '{unknown[0]}'; choose from {', '.join(FORMATS)}.")
@@ -97,12 +106,20 @@ def measure(
     weights = np.array([k * n for k, n in shapes], np.float64)
     sensitivity = np.zeros((len(layers), len(formats)))
     cost = np.array([[w * FORMATS[f][1](k) for f in formats] for w, (k, _) in zip(weights, shapes, strict=True)])
-    quantizers = [QuantizeWeights(method="rtn", format="fake", **FORMATS[f][0]) for f in formats]
+    settings = {k: v for k, v in (params or {}).items() if k not in ("name", "exclude", "format")}
+    if settings.get("method") == "awq":
+        raise BitfoldError("allocate-bits measures layers one at a time; AWQ rescales shared inputs, so measure with rtn or gptq.")
+    quantizers = [QuantizeWeights(**{**settings, "format": "fake", **FORMATS[f][0]}) for f in formats]
+    hessians = {}
+    if any(q.needs_calibration for q in quantizers):
+        inputs = sorted({n.inputs[0].name for n in nodes})
+        stats = calibration.collect(model, inputs, gram=inputs, sink_weight=quantizers[0].config.sink_weight)
+        hessians = {name: s.gram for name, s in stats.items()}
     with tqdm(total=len(layers) * len(formats), desc="sensitivity", leave=False) as bar:
         for i, node in enumerate(nodes):
             w = node.inputs[1].const_value.numpy()
             for j, quantizer in enumerate(quantizers):
-                q = quantizer.solve(w.astype(np.float32).T, None)[0].T.astype(w.dtype)
+                q = quantizer.solve(w.astype(np.float32).T, hessians.get(node.inputs[0].name))[0].T.astype(w.dtype)
                 sensitivity[i, j] = _power(outputs({node.inputs[1].name: np.ascontiguousarray(q)}), reference)
                 bar.update()
     return Allocation(layers, list(formats), sensitivity, cost, weights, np.zeros(len(layers), int))

@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", default="int8,int4,int3", help="candidate formats, comma-separated: int8,int4,int3,int2")
     p.add_argument("--calibration", metavar="FILE.npz|SOURCE", required=True, help="samples the sensitivities are measured on")
     p.add_argument("-o", "--output", required=True, type=Path, help="the recipe TOML to write")
-    p.add_argument("--method", choices=("rtn", "gptq", "awq"), default="rtn", help="quantizer the written recipe uses (default rtn)")
+    p.add_argument("--method", choices=("rtn", "gptq"), default="rtn", help="quantizer measured and written into the recipe: rtn (default) or gptq")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="layers left float (repeatable), e.g. '*lm_head*'")
     p.add_argument("--samples", type=int, default=4, help="calibration samples the sensitivities are measured on (default 4)")
     p.add_argument("--report", type=Path, help="write the sensitivities, costs and choice as JSON")
@@ -324,7 +324,7 @@ def _allocate(args) -> None:
     model = load(args.model)
     calibration = CalibrationData.from_source(args.calibration, model)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    allocation = solve(measure(model, calibration, formats, args.samples, args.exclude), args.bits)
+    allocation = solve(measure(model, calibration, formats, args.samples, args.exclude, {"method": args.method}), args.bits)
     write_atomic(args.output, allocation.recipe(method=args.method, exclude=args.exclude).to_toml().encode())
     if args.report:
         data = {"layers": allocation.layers, "formats": allocation.formats, "sensitivity": allocation.sensitivity.tolist(),

@@ -81,3 +81,15 @@ def test_a_sensitivity_is_the_error_of_the_model_quantized_at_that_layer_alone(m
         alone, report = bitfold.optimize(bitfold.clone(model), [step])
         assert report.passes[0].modified == 1
         assert allocation.sensitivity[i, 1] == pytest.approx(allocate._power(outputs(alone), outputs(model)), rel=1e-4)
+
+
+def test_gptq_sensitivities_measure_the_quantizer_the_recipe_uses(measured):
+    """With GPTQ settings, each layer is rounded by GPTQ on the calibration Gram matrices: less output noise than
+    RTN on the samples it was fitted to, in total and for most layers."""
+    model, calibration, rtn = measured
+    gptq = allocate.measure(model, calibration, ["int8", "int2"], params={"method": "gptq", "damp": 0.01})
+    assert gptq.layers == rtn.layers and np.array_equal(gptq.cost, rtn.cost)
+    assert gptq.sensitivity[:, 1].sum() < rtn.sensitivity[:, 1].sum()
+    assert (gptq.sensitivity[:, 1] < rtn.sensitivity[:, 1]).mean() > 0.5
+    with pytest.raises(BitfoldError, match="AWQ rescales shared inputs"):
+        allocate.measure(model, calibration, ["int4"], params={"method": "awq"})
