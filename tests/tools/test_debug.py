@@ -7,9 +7,8 @@ import re
 
 import numpy as np
 import onnx_ir as ir
-from conftest import fresh
-
 import pytest
+from conftest import fresh
 
 import bitfold
 from bitfold.passes.canonical import CANONICAL
