@@ -56,10 +56,12 @@ class OrtRunnable(Timed):
             options.use_per_session_threads = False
         if not spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if _has_fp8_qdq(model):  # ORT's QDQ fusion would build QLinearConv/MatMul on fp8, which have no kernels
+        disabled = []
+        if _has_fp8_qdq(model):  # ORT's QDQ fusion would build QLinearConv/MatMul on fp8, which have no kernels,
             options.add_session_config_entry("session.disable_quant_qdq", "1")
+            disabled.append("ClipQuantRewrite")  # and its Clip→QuantizeLinear rule rejects fp8 zero points at load
         self._model = model
-        self.session = _session(model, options, providers)
+        self.session = _session(model, options, providers, disabled)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -91,10 +93,10 @@ def _has_fp8_qdq(model: ir.Model) -> bool:
     )
 
 
-def _session(model: ir.Model, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+def _session(model: ir.Model, options: ort.SessionOptions, providers: list[str], disabled: list[str]) -> ort.InferenceSession:
     with serialized(model) as source:
         try:
-            return ort.InferenceSession(source, options, providers=providers)
+            return ort.InferenceSession(source, options, providers=providers, disabled_optimizers=disabled)
         except Exception as e:  # ORT raises its own exception types for invalid graphs
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BitfoldError(f"ONNX Runtime cannot load the model: {first}") from e

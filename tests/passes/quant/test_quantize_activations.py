@@ -164,3 +164,22 @@ def test_chained_targets_share_one_qdq_pair():
     )
     assert report.passes[0].ops_added["QuantizeLinear"] == 2  # x, and first's output (y is a graph output)
     assert report.passes[0].max_rel < 0.05
+
+
+def test_fp8_after_relu6_loads_in_ort():
+    """Conv → ReLU6 (Clip) → fp8 QuantizeLinear: ORT's Clip/QuantizeLinear rule rejects fp8 zero points at session
+    load unless the backend switches it off; with it off the graph runs and stays close to fp32."""
+    import torch
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU6(), torch.nn.Conv2d(8, 4, 3)).eval()
+    example = (torch.randn(1, 3, 12, 12),)
+    model, _ = bitfold.optimize(bitfold.from_torch(module, example), list(CANONICAL))
+    assert "Clip" in [n.op_type for n in model.graph]
+    rng = np.random.default_rng(0)
+    calibration = CalibrationData([{model.graph.inputs[0].name: rng.standard_normal((1, 3, 12, 12)).astype(np.float32)} for _ in range(4)])
+    fp8, _ = bitfold.optimize(bitfold.clone(model), [{"name": "quantize-activations", "activation_dtype": "fp8-e4m3", "graph_inputs": True}], calibration)
+    feeds = next(iter(calibration))
+    ref = next(iter(bitfold.compile(model, "ort", "cpu").run(feeds).values()))
+    out = next(iter(bitfold.compile(fp8, "ort", "cpu").run(feeds).values()))
+    assert np.abs(out - ref).max() <= 0.1 * np.abs(ref).max()
