@@ -156,7 +156,7 @@ def debug(
                     report.repro = reduce(before, p if isinstance(step, BitfoldPass) else step, tensor, feeds, calibration, tolerance)
                 except BitfoldError as e:
                     report.reduce_note = str(e)
-        if report.culprit in (None, index) and (worst is None or diagnosis.own_rel > worst[0] or report.culprit == index):
+        if report.culprit == index or (report.culprit is None and (worst is None or diagnosis.own_rel > worst[0])):
             report.worst, worst = index, (diagnosis.own_rel, before, ir.from_proto(ir.to_proto(current)))
         previous = now
     if worst is not None:
