@@ -6,6 +6,8 @@ Runtime with the requested intermediate tensors exposed as outputs, and folds ea
 as it arrives, so activations are never all held in memory: min/max, per-channel absmax, mean and mean |x|
 (channel = last axis unless the caller names another), percentiles of |x| (from a per-tensor reservoir of at most ``reservoir`` values), and, on request, the
 Gram matrix ``H = Σ XᵀX`` (float64, X = the tensor flattened to rows of its last axis) that GPTQ needs.
+:meth:`CalibrationData.conv_grams` streams the same way the Gram matrices of 2-D Convs' input patches
+(``bitfold.quant.im2col``), per group.
 
 ``sink_weight`` weights, in H, the first row of every sequence of a tensor shaped (..., sequence, channels). In
 decoder LMs the first position is an attention sink: every query reads its value vector, so an error there
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from bitfold.errors import BitfoldError
+from bitfold.quant.im2col import ConvGeometry, patch_gram
 
 BUILTIN_SOURCES = ("lee-text", "lee-sentences", "skimage-photos")
 
@@ -90,6 +93,7 @@ class CalibrationData:
         self._samples = samples
         self.name = name
         self._memo: tuple[tuple, dict[str, TensorStats]] | None = None
+        self._conv_memo: tuple[tuple, dict[str, np.ndarray]] | None = None
 
     def __iter__(self):
         source = self._samples() if callable(self._samples) else self._samples
@@ -165,15 +169,42 @@ class CalibrationData:
         returns it.
         """
         axes = dict(channel_axis or {})
-        from bitfold.backends import compile
-        from bitfold.frontend.onnx_io import clone
-
         names = list(dict.fromkeys(tensors))
         want_gram, want_rows = set(gram), set(rows)
         key = (_fingerprint(model), tuple(names), tuple(sorted(want_gram)), tuple(sorted(axes.items())), sink_weight, reservoir,
                tuple(sorted(want_rows)), rows_kept)  # fmt: skip
         if self._memo is not None and self._memo[0] == key:  # same graph, same request: reuse
             return self._memo[1]
+        stats = {name: TensorStats() for name in names}
+        rng = np.random.default_rng(0)
+        for outputs in self._run(model, names, progress):
+            for name in names:
+                value = outputs[name] if name not in axes else np.moveaxis(outputs[name], axes[name], -1)
+                stats[name].update(value, gram=name in want_gram, reservoir=reservoir, rng=rng, sink_weight=sink_weight,
+                                   rows_kept=rows_kept if name in want_rows else 0)  # fmt: skip
+        self._memo = (key, stats)
+        return stats
+
+    def conv_grams(self, model: ir.Model, convs: Mapping[str, tuple[str, ConvGeometry]], *, progress: bool = True) -> dict[str, np.ndarray]:
+        """Patch Gram matrices (groups, K, K) of 2-D Convs, keyed like ``convs``: key -> (input tensor, geometry).
+        Memoised like :meth:`collect`."""
+        memo_key = (_fingerprint(model), tuple(sorted(convs.items())))
+        if self._conv_memo is not None and self._conv_memo[0] == memo_key:  # same graph, same request: reuse
+            return self._conv_memo[1]
+        names = sorted({tensor for tensor, _ in convs.values()})
+        grams: dict[str, np.ndarray] = {}
+        for outputs in self._run(model, names, progress):
+            for key, (tensor, geometry) in convs.items():
+                g = patch_gram(outputs[tensor], geometry)
+                grams[key] = g if key not in grams else grams[key] + g
+        self._conv_memo = (memo_key, grams)
+        return grams
+
+    def _run(self, model: ir.Model, names: list[str], progress: bool) -> Iterator[dict[str, np.ndarray]]:
+        """Run ``model`` (unchanged) on every sample with the named tensors exposed; yields each sample's outputs."""
+        from bitfold.backends import compile
+        from bitfold.frontend.onnx_io import clone
+
         probe = clone(model)
         values = {out.name: out for node in ir.traversal.RecursiveGraphIterator(probe.graph) for out in node.outputs}
         values.update({v.name: v for v in probe.graph.inputs})
@@ -184,19 +215,11 @@ class CalibrationData:
             if name not in exposed:
                 probe.graph.outputs.append(values[name])
         runnable = compile(probe, "ort", "cpu")
-        stats = {name: TensorStats() for name in names}
-        rng = np.random.default_rng(0)
         samples = list(self)
         if not samples:
             raise BitfoldError(f"calibration source '{self.name}' yields no samples.")
         for feeds in tqdm(samples, desc="calibrate", disable=not progress, leave=False):
-            outputs = runnable.run(feeds)
-            for name in names:
-                value = outputs[name] if name not in axes else np.moveaxis(outputs[name], axes[name], -1)
-                stats[name].update(value, gram=name in want_gram, reservoir=reservoir, rng=rng, sink_weight=sink_weight,
-                                   rows_kept=rows_kept if name in want_rows else 0)  # fmt: skip
-        self._memo = (key, stats)
-        return stats
+            yield runnable.run(feeds)
 
 
 def _fingerprint(model: ir.Model) -> str:

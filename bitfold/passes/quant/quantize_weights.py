@@ -1,4 +1,4 @@
-"""quantize-weights: weight-only quantization of MatMul weights by RTN, GPTQ or AWQ.
+"""quantize-weights: weight-only quantization of MatMul (and Conv) weights by RTN, GPTQ or AWQ.
 
 Rewrites every ``MatMul(A, W)`` whose W is a constant 2-D float initializer (and whose node, weight or torch
 module scope matches no ``exclude`` glob). The weight is quantized as the (N, K) matrix Wᵀ with scale groups of
@@ -20,9 +20,17 @@ rounding (``bitfold.quant.clip``): ``weight`` to the least weight MSE, ``output`
 input). With GPTQ the clipped ranges are fitted on the weights as the loop reaches each group.
 ``compensate_rank = r`` (EoRA, ``bitfold.quant.eora``; needs calibration) adds a float rank-r branch
 ``(A·L1)·L2`` fitted to the quantization error in the input's eigenspace, at the one place that error is known.
+
+With ``"Conv"`` in ``op_types``, 2-D Conv weights W (C_out, C_in/groups, kh, kw) are quantized too, as the
+(N, K) = (C_out, C_in/groups · kh · kw) matrix ``W.reshape(C_out, -1)`` with per-channel or per-group scales, and
+emitted as ``qdq`` (per channel: ``DequantizeLinear`` on the 4-D weight, axis 0; per group: on the (N, K) matrix,
+then ``Reshape``) or ``fake``. GPTQ and output clipping read the Gram matrix of each group's input patches
+(``bitfold.quant.im2col``), so a depthwise Conv gets one kh·kw Hessian per channel. AWQ has no producer to fold
+a Conv's scales into: Conv weights take its clip and grid without rescaling.
+
 Guarantees: the emitted weight equals the solver's dequantized weight exactly in every format (tested). Leaves
-alone: Gemm/Conv weights, non-constant or shared-with-non-MatMul weights, nodes pinned to float32 (a low-rank
-branch), and MatMuls it already quantized (idempotent).
+alone: Gemm weights, Conv weights unless asked for (and 1-D/3-D Convs), non-constant or shared weights, nodes
+pinned to float32 (a low-rank branch), and layers it already quantized (idempotent).
 """
 
 from __future__ import annotations
@@ -49,9 +57,11 @@ from bitfold.quant.clip import Clip, group_params
 from bitfold.quant.eora import eora
 from bitfold.quant.formats import Format, PerChannel, PerTensor, format_from, granularity_from, rtn
 from bitfold.quant.gptq import gptq
+from bitfold.quant.im2col import ConvGeometry
 
 QUANTIZED_KEY = "bitfold.quantized"
 Dtype = Literal["int", "fp8-e4m3", "fp8-e5m2", "fp4-e2m1", "nf4"]
+OpType = Literal["MatMul", "Conv"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +81,7 @@ class QuantizeWeightsConfig:
     awq_grid: int = dataclasses.field(default=20, metadata={"doc": "AWQ: number of alpha steps searched in [0, 1]"})
     accuracy_level: int = dataclasses.field(default=4, metadata={"doc": "matmulnbits: ORT compute type (4 = int8, fastest)"})
     compensate_rank: int = dataclasses.field(default=0, metadata={"doc": "EoRA: rank of a float branch fitted to the quantization error (0: none)"})
+    op_types: tuple[OpType, ...] = dataclasses.field(default=("MatMul",), metadata={"doc": "ops whose weights are quantized: MatMul, Conv (2-D)"})
 
     def __post_init__(self) -> None:
         if self.dtype == "int" and self.bits not in (2, 3, 4, 8):
@@ -89,6 +100,15 @@ class QuantizeWeightsConfig:
                 raise ValueError("format 'matmulnbits' needs group_size a power of two >= 16 (e.g. 32, 64, 128)")
         if self.format == "qdq" and self.dtype in ("fp4-e2m1", "nf4"):
             raise ValueError(f"dtype '{self.dtype}' has no ONNX Runtime DequantizeLinear kernel; use format = \"fake\"")
+        if not self.op_types or set(self.op_types) - {"MatMul", "Conv"}:
+            raise ValueError(f"op_types must name MatMul and/or Conv, got {list(self.op_types)}")
+        if "Conv" in self.op_types:
+            if self.format == "matmulnbits":
+                raise ValueError("format 'matmulnbits' is a MatMul kernel; Conv weights need format = \"qdq\" or \"fake\"")
+            if self.group_size == 0:
+                raise ValueError("Conv weights take per-channel or per-group scales; use group_size -1 or > 0")
+            if self.compensate_rank:
+                raise ValueError("compensate_rank adds MatMul branches; drop \"Conv\" from op_types or set it to 0")
 
     @property
     def number_format(self) -> Format:
@@ -101,7 +121,7 @@ class QuantizeWeightsConfig:
 
 @register
 class QuantizeWeights(BitfoldPass):
-    """Weight-only quantization of MatMul weights (RTN, GPTQ or AWQ) emitted as QDQ, MatMulNBits or fake-quant."""
+    """Weight-only quantization of MatMul and Conv weights (RTN, GPTQ or AWQ) emitted as QDQ, MatMulNBits or fake-quant."""
 
     name = "quantize-weights"
     family = "quant"
@@ -115,16 +135,23 @@ class QuantizeWeights(BitfoldPass):
         targets = self.collect(model)
         if not targets:
             return 0
-        stats = self._stats(model, targets) if self.needs_calibration else {}
+        matmuls = [node for node in targets if node.op_type == "MatMul"]
+        convs = [node for node in targets if node.op_type == "Conv"]
+        patch_grams = self._conv_grams(model, convs) if self.needs_calibration and convs else {}
+        stats = self._stats(model, matmuls) if self.needs_calibration and matmuls else {}
         hessians = {name: s.gram for name, s in stats.items()}
         if self.config.method == "awq":
-            hessians.update(self._awq(model, targets, stats))
+            hessians.update(self._awq(model, matmuls, stats))
         weights = list(dict.fromkeys(node.inputs[1] for node in targets))  # the float weights about to be replaced
         if self.config.format == "qdq" and model.opset_imports.get("", 1) < 21:
             onnxscript.version_converter.convert_version(model, 21)
         for node in tqdm(targets, desc=f"quantize-weights {self.config.tag}", leave=False, disable=len(targets) < 8):
-            wt = node.inputs[1].const_value.numpy().astype(np.float32).T
-            x = node.inputs[0]
+            w = node.inputs[1].const_value.numpy().astype(np.float32)
+            if node.op_type == "Conv":
+                q, scale, zero = self.solve_groups(w.reshape(w.shape[0], -1), patch_grams.get(node.name))
+                self.fold_conv(model.graph, node, q, scale, zero)
+                continue
+            wt, x = w.T, node.inputs[0]
             q, scale, zero = self.solve(wt, hessians.get(x.name))
             producer = self.fold(model.graph, node, q, scale, zero)
             if self.config.compensate_rank:
@@ -138,29 +165,41 @@ class QuantizeWeights(BitfoldPass):
     # -- collect ------------------------------------------------------------------------------------------------
 
     def collect(self, model: ir.Model) -> list[ir.Node]:
-        """MatMuls with a constant 2-D float weight, not excluded and not already quantized."""
-        found = []
+        """MatMuls (and 2-D Convs, if asked for) with a constant float weight, not excluded, not already quantized."""
+        found, other_convs = [], 0
         for node in model.graph:
-            if node.op_type != "MatMul" or node.domain or QUANTIZED_KEY in node.metadata_props:
+            if node.op_type not in self.config.op_types or node.domain or QUANTIZED_KEY in node.metadata_props:
                 continue
             if node.metadata_props.get(ISLAND_KEY) == "float32":  # kept float on purpose (a low-rank branch)
                 continue
             weight = node.inputs[1]
             tensor = weight.const_value if weight is not None and weight.is_initializer() else None
-            if tensor is None or len(tensor.shape) != 2 or tensor.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+            if tensor is None or tensor.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
                 continue
-            if any(user.op_type != "MatMul" for user, _ in weight.uses()):
+            if node.op_type == "Conv":
+                if len(tensor.shape) != 4:
+                    other_convs += 1
+                    continue
+                if len(weight.uses()) != 1:
+                    continue
+            elif len(tensor.shape) != 2 or any(user.op_type != "MatMul" for user, _ in weight.uses()):
                 continue
             scope = (node.name or "", weight.name or "", node.metadata_props.get("namespace", ""))
             if any(fnmatch.fnmatchcase(s, pattern) for pattern in self.config.exclude for s in scope):
                 continue
             found.append(node)
+        if other_convs:
+            self.notes.append(f"{other_convs} Conv weights left alone: only 2-D Convs are quantized")
         return found
 
     def _stats(self, model: ir.Model, targets: list[ir.Node]) -> dict[str, TensorStats]:
         """Statistics with the Gram matrix of every target's input (one calibration run, shared by all methods)."""
         inputs = sorted({node.inputs[0].name for node in targets})
         return self.calibration.collect(model, inputs, gram=inputs, sink_weight=self.config.sink_weight)
+
+    def _conv_grams(self, model: ir.Model, convs: list[ir.Node]) -> dict[str, np.ndarray]:
+        """Per-group input-patch Gram matrices (groups, K, K) of every target Conv, keyed by node name."""
+        return self.calibration.conv_grams(model, {node.name: (node.inputs[0].name, ConvGeometry.of(node)) for node in convs})
 
     def _awq(self, model: ir.Model, targets: list[ir.Node], stats: dict[str, TensorStats]) -> dict[str, np.ndarray]:
         """Search and fold AWQ scales for every group of targets sharing an input whose producer can absorb 1/s.
@@ -206,6 +245,13 @@ class QuantizeWeights(BitfoldPass):
         scale, zero = group_params(wt, fmt, granularity, self.config.clip, hessian)
         return fmt.dequantize(fmt.quantize(wt, scale, zero), scale, zero), scale, zero
 
+    def solve_groups(self, wt: np.ndarray, grams: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Quantize a Conv's (N, K) rows group by group, each against its own patch Gram matrix (groups, K, K)."""
+        if grams is None:
+            return self.solve(wt, None)
+        parts = [self.solve(rows, h) for rows, h in zip(np.split(wt, len(grams)), grams, strict=True)]
+        return tuple(np.concatenate(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
+
     # -- fold ---------------------------------------------------------------------------------------------------
 
     def fold(self, graph: ir.Graph, node: ir.Node, q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> ir.Node:
@@ -239,7 +285,7 @@ class QuantizeWeights(BitfoldPass):
             self.stamp(new, [node])
             ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
             return new
-        dq_inputs, attrs = self._qdq_tensors(graph, base, codes, scale, zero, fmt, granularity)
+        dq_inputs, attrs = self._qdq_tensors(graph, base, codes.T, scale, zero, fmt, granularity, channel_axis=1)
         dq = ir.node("DequantizeLinear", dq_inputs, attributes=attrs, name=f"{node.name}_dq")
         dq.outputs[0].name = f"{base}_dq"
         self.stamp(dq, [node])
@@ -248,21 +294,51 @@ class QuantizeWeights(BitfoldPass):
         node.metadata_props[QUANTIZED_KEY] = self.config.tag
         return node
 
-    def _qdq_tensors(self, graph, base, codes, scale, zero, fmt, granularity):
-        """DequantizeLinear inputs for codes (N, K) in MatMul layout (K, N)."""
+    def fold_conv(self, graph: ir.Graph, node: ir.Node, q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> None:
+        """Emit a Conv's quantized weight from its (N, K) rows: DequantizeLinear on the 4-D codes (per channel) or
+        on the (N, K) codes followed by a Reshape (per group), or the dequantized weight (fake)."""
+        weight = node.inputs[1]
+        base, shape = weight.name, tuple(weight.const_value.shape)
+        fmt, granularity = self.config.number_format, granularity_from(self.config.group_size)
+        node.metadata_props[QUANTIZED_KEY] = self.config.tag
+        if self.config.format == "fake":
+            node.replace_input_with(1, add_initializer(graph, f"{base}_fq", q.reshape(shape).astype(weight.const_value.dtype.numpy())))
+            self.stamp(node, [node])
+            return
+        codes = fmt.quantize(q, scale, zero)
+        per_channel = isinstance(granularity, PerChannel)
+        stored = codes.reshape(shape) if per_channel else codes
+        dq_inputs, attrs = self._qdq_tensors(graph, base, stored, scale, zero, fmt, granularity, channel_axis=0)
+        added = [ir.node("DequantizeLinear", dq_inputs, attributes=attrs, name=f"{node.name}_dq")]
+        added[0].outputs[0].name = f"{base}_dq"
+        if not per_channel:
+            target = add_initializer(graph, f"{base}_shape", np.asarray(shape, np.int64))
+            added.append(ir.node("Reshape", [added[0].outputs[0], target], name=f"{node.name}_dq_reshape"))
+            added[1].outputs[0].name = f"{base}_dq_4d"
+        for new in added:
+            self.stamp(new, [node])
+        graph.insert_before(node, added)
+        node.replace_input_with(1, added[-1].outputs[0])
+
+    def _qdq_tensors(self, graph, base, stored, scale, zero, fmt, granularity, channel_axis: int):
+        """DequantizeLinear inputs for codes ``stored`` in the emitted layout, whose output channels lie on
+        ``channel_axis`` (MatMul (K, N): 1; Conv: 0); scale groups run along axis 1 - channel_axis."""
         if fmt.name.startswith("fp8"):
-            container = codes.T
+            container = stored
         elif self.config.symmetric:
-            container = codes.T.astype(np.int8 if fmt.bits == 8 else ml_dtypes.int4)
+            container = stored.astype(np.int8 if fmt.bits == 8 else ml_dtypes.int4)
         else:
-            container = codes.T.astype(np.uint8 if fmt.bits == 8 else ml_dtypes.uint4)
+            container = stored.astype(np.uint8 if fmt.bits == 8 else ml_dtypes.uint4)
         if isinstance(granularity, PerTensor):
             s, z, attrs = scale[0, 0], zero[0, 0], {}
         elif isinstance(granularity, PerChannel):
-            s, z, attrs = scale[:, 0], zero[:, 0], {"axis": 1}
+            s, z, attrs = scale[:, 0], zero[:, 0], {"axis": channel_axis}
         else:
             g = granularity.size
-            s, z, attrs = scale[:, ::g].T, zero[:, ::g].T, {"axis": 0, "block_size": g}
+            s, z = scale[:, ::g], zero[:, ::g]
+            if channel_axis == 1:
+                s, z = s.T, z.T
+            attrs = {"axis": 1 - channel_axis, "block_size": g}
         inputs = [add_initializer(graph, f"{base}_q", container), add_initializer(graph, f"{base}_scale", np.asarray(s, np.float32))]
         if not self.config.symmetric:
             inputs.append(add_initializer(graph, f"{base}_zero", np.asarray(z).astype(container.dtype)))
