@@ -100,8 +100,8 @@ class QuantizeWeightsConfig:
                 raise ValueError("format 'matmulnbits' needs group_size a power of two >= 16 (e.g. 32, 64, 128)")
         if self.format == "qdq" and self.dtype in ("fp4-e2m1", "nf4"):
             raise ValueError(f"dtype '{self.dtype}' has no ONNX Runtime DequantizeLinear kernel; use format = \"fake\"")
-        if not self.op_types or set(self.op_types) - {"MatMul", "Conv"}:
-            raise ValueError(f"op_types must name MatMul and/or Conv, got {list(self.op_types)}")
+        if not self.op_types:
+            raise ValueError("op_types must name MatMul and/or Conv")
         if "Conv" in self.op_types:
             if self.format == "matmulnbits":
                 raise ValueError("format 'matmulnbits' is a MatMul kernel; Conv weights need format = \"qdq\" or \"fake\"")

@@ -173,3 +173,66 @@ def test_eora_branch_reduces_the_output_error(decoder):
         branches = [n for n in model.graph if n.metadata_props.get("bitfold.precision") == "float32"]
         assert len(branches) == (14 if rank else 0)  # two float MatMuls per quantized projection
     assert errors[8] < 0.6 * errors[0]
+
+
+@pytest.fixture(scope="module")
+def cnn(zoo_protos):
+    model, _ = bitfold.optimize(fresh(zoo_protos, "cnn-bn"), list(CANONICAL))
+    return bitfold.clone(model)
+
+
+def _smooth_images(samples: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """Images whose neighbouring pixels and channels are correlated: the patch Hessian is far from isotropic."""
+    rng = np.random.default_rng(seed)
+    low = rng.standard_normal((samples, 2, 3, 4, 4)).repeat(4, axis=3).repeat(4, axis=4)
+    mixed = low + 0.3 * low[:, :, ::-1] + 0.05 * rng.standard_normal(low.shape)
+    return [{"x": m.astype(np.float32)} for m in mixed]
+
+
+@pytest.mark.parametrize(
+    "params", [{"group_size": -1}, {"group_size": 16}, {"group_size": 16, "symmetric": False}, {"bits": 8, "group_size": -1}]
+)
+def test_conv_weights_emit_exactly_the_fake_quantized_weights(cnn, params):
+    feeds = bitfold.sample_feeds(cnn)
+    emitted, report = _quantize(cnn, op_types=["Conv"], **params)
+    fake, _ = _quantize(cnn, op_types=["Conv"], format="fake", **params)
+    assert report.output["ops"]["DequantizeLinear"] == 2  # the Conv and the depthwise Conv; ConvTranspose, Gemm stay
+    assert report.output["ops"].get("Reshape", 0) == (0 if params["group_size"] == -1 else 2)
+    np.testing.assert_array_equal(_out(emitted, feeds), _out(fake, feeds))
+    ref, got = _out(cnn, feeds), _out(fake, feeds)
+    assert 0 < np.abs(got - ref).max() < (0.02 if params.get("bits") == 8 else 0.5) * np.abs(ref).max()
+    _, again = bitfold.optimize(emitted, [{"name": "quantize-weights", "op_types": ["Conv"], **params}], verify=True)
+    assert not again.passes[0].modified
+
+
+def test_conv_weights_only_when_asked(cnn):
+    _, report = _quantize(cnn)
+    assert not report.passes[0].modified and "DequantizeLinear" not in report.output["ops"]
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn-output-clip"])
+def test_conv_hessian_methods_beat_rtn_on_correlated_patches(cnn, method):
+    calibration = CalibrationData(_smooth_images(32, 0))
+    held_out = _smooth_images(4, 1)
+    ref = np.concatenate([_out(cnn, f).ravel() for f in held_out])
+    params = {"method": "gptq"} if method == "gptq" else {"clip": "output"}
+    err = {}
+    for name, extra in (("rtn", {}), (method, params)):
+        model, _ = _quantize(cnn, calibration, op_types=["Conv"], bits=3, group_size=-1, format="fake", **extra)
+        err[name] = float(np.linalg.norm(np.concatenate([_out(model, f).ravel() for f in held_out]) - ref))
+    assert err[method] < 0.9 * err["rtn"], err
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"format": "matmulnbits", "group_size": 32}, "Conv weights need format"),
+        ({"group_size": 0}, "use group_size -1 or > 0"),
+        ({"compensate_rank": 4}, "drop \"Conv\" from op_types"),
+        ({"op_types": []}, "op_types must name MatMul and/or Conv"),
+        ({"op_types": ["Gemm"]}, "must be one of 'MatMul' | 'Conv'"),
+    ],
+)
+def test_conv_config_errors_name_the_fix(params, message):
+    with pytest.raises(PassParameterError, match=message):
+        bitfold.passes.create("quantize-weights", {"op_types": ["MatMul", "Conv"], **params})
