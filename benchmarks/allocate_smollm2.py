@@ -59,7 +59,7 @@ def main() -> None:
     rows = [{"variant": "FP32", "bits": 32.0, "ppl": smollm2_ppl(fp32).value}]
     print(rows[-1], flush=True)
     for name, bits in UNIFORM.items():
-        step = {"name": "quantize-weights", "format": "fake", **GPTQ, **allocate.FORMATS[name][0], "exclude": KEEP_HEAD}
+        step = {"name": "quantize-weights", "format": "fake", **GPTQ, **allocate.FORMATS[name].step, "exclude": KEEP_HEAD}
         rows.append({"variant": f"uniform GPTQ {name} g128", "bits": bits, "ppl": score([step])})
         print(rows[-1], flush=True)
     for budget in BUDGETS:
@@ -73,7 +73,7 @@ def main() -> None:
     result = {
         "model": "SmolLM2-135M-Instruct",
         "protocol": "ppl on Lee windows 0-15 of 512 tokens; GPTQ calibration windows 139-146; sensitivities: GPTQ on 16 x 128 tokens (128-token windows 464-479), logits of the first 4",
-        "formats": {f: {**allocate.FORMATS[f][0], "bits_per_weight_k576": allocate.FORMATS[f][1](576)} for f in FORMATS},
+        "formats": {f: {**allocate.FORMATS[f].step, "bits_per_weight_k576": allocate.FORMATS[f].bits(576)} for f in FORMATS},
         "gptq": GPTQ,
         "rows": rows,
         "sensitivity": {"layers": measured.layers, "formats": FORMATS, "values": measured.sensitivity.tolist()},

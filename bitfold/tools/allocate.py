@@ -1,6 +1,6 @@
 """Mixed-precision weight allocation: measure each layer's sensitivity to each candidate format, solve the integer
 program (``bitfold.quant.allocate``) under an average bits-per-weight budget, and write the result as an editable
-recipe (one ``quantize-weights`` step per format, each excluding the layers assigned elsewhere).
+recipe (one step per format, each excluding the layers assigned elsewhere).
 
 Sensitivity of (layer l, format f): the squared relative L2 error (noise-to-signal power) of the graph outputs on
 calibration samples when only layer l is quantized to f, with the quantizer the recipe will use (RTN, or GPTQ on
@@ -8,14 +8,22 @@ the calibration Gram matrices). Independent rounding noise adds in power, so the
 summed sensitivities the integer program minimises estimate the mixed model's output noise. The L · F rounds share
 one ONNX Runtime session: the candidate weights are graph inputs that default to their initializers, and a round
 feeds the one weight it quantizes. Cost: the layer's weight count times the format's bits per weight including
-its fp32 scales (``FORMATS``).
+its scales: by formula for the integer formats, as the emitted op stores it (codes, scales, side tensors) for the
+multiplication-less ones.
+
+Candidate formats (``FORMATS``) are pass steps: ``int8``/``int4``/``int3``/``int2`` (quantize-weights), ``shift4``
+(power-of-two weights, 4-bit sign + exponent code), ``bcq3``/``bcq2`` (ShiftAddLLM binary coding, q planes,
+groups of 128), ``binary`` (one sign plane, α per output) and ``2:4-int4`` (SparseGPT 2:4 with int4 g128 kept
+weights; costed as a packed 2:4 int4 layout stores it, 2 × (4-bit code + 2-bit position) per 4 weights plus one
+fp32 scale per 128 inputs, although the recipe writes the weight back dense). The recipe's method carries over:
+``gptq`` turns on each pass's GPTQ rounding, ``rtn`` turns it off (SparseGPT always uses the Hessian).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import glob
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,17 +33,48 @@ from tqdm.auto import tqdm
 from bitfold.backends.ort import OrtRunnable
 from bitfold.errors import BitfoldError
 from bitfold.passes.quant.quantize_weights import QuantizeWeights
+from bitfold.passes.registry import BitfoldPass, create, get_pass
 from bitfold.pipeline import Recipe
 from bitfold.quant.allocate import allocate
 from bitfold.quant.calibration import CalibrationData
 
-#: name → (quantize-weights parameters, bits per weight including scales for K inputs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A candidate format: the pass step that produces it and its bits per weight for K inputs (None: as the
+    pass's op stores it, measured per layer)."""
+
+    step: Mapping[str, Any]
+    bits: Callable[[int], float] | None = None
+
+
 FORMATS = {
-    "int8": ({"bits": 8, "group_size": -1, "symmetric": True}, lambda k: 8 + 32 / k),
-    "int4": ({"bits": 4, "group_size": 128, "symmetric": True}, lambda k: 4 + 32 / 128),
-    "int3": ({"bits": 3, "group_size": 128, "symmetric": True}, lambda k: 3 + 32 / 128),
-    "int2": ({"bits": 2, "group_size": 128, "symmetric": False}, lambda k: 2 + 34 / 128),
+    "int8": Candidate({"name": "quantize-weights", "bits": 8, "group_size": -1, "symmetric": True}, lambda k: 8 + 32 / k),
+    "int4": Candidate({"name": "quantize-weights", "bits": 4, "group_size": 128, "symmetric": True}, lambda k: 4 + 32 / 128),
+    "int3": Candidate({"name": "quantize-weights", "bits": 3, "group_size": 128, "symmetric": True}, lambda k: 3 + 32 / 128),
+    "int2": Candidate({"name": "quantize-weights", "bits": 2, "group_size": 128, "symmetric": False}, lambda k: 2 + 34 / 128),
+    "shift4": Candidate({"name": "shift", "bits": 4}),
+    "bcq3": Candidate({"name": "shiftadd", "q": 3, "group_size": 128}),
+    "bcq2": Candidate({"name": "shiftadd", "q": 2, "group_size": 128}),
+    "binary": Candidate({"name": "binarize"}),
+    "2:4-int4": Candidate({"name": "prune", "method": "sparsegpt", "pattern": "nm:2:4", "bits": 4, "group_size": 128},
+                          lambda k: (4 + 2) / 2 + 32 / 128),
 }
+
+
+def _step(candidate: Candidate, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The candidate's step with the recipe's settings that its pass takes: ``method`` becomes the ``gptq`` switch
+    of passes that have one, ``format`` applies to quantize-weights only; weight passes keep no layers back by
+    position (``keep_ends`` off)."""
+    fields = {f.name for f in dataclasses.fields(get_pass(candidate.step["name"]).Config)}
+    own_format = candidate.step["name"] == "quantize-weights"  # the other passes name their emissions differently
+    step = {k: v for k, v in settings.items() if k in fields and k not in candidate.step and (k != "format" or own_format)}
+    if "gptq" in fields and "method" in settings:
+        step["gptq"] = settings["method"] == "gptq"
+    if "keep_ends" in fields:
+        step["keep_ends"] = False
+    return {**candidate.step, **step}
 
 
 @dataclasses.dataclass
@@ -48,20 +87,24 @@ class Allocation:
     cost: np.ndarray
     weights: np.ndarray
     choice: np.ndarray
+    outside: list[str] = dataclasses.field(default_factory=list)  # other weight-bearing nodes, never touched
 
     @property
     def bits_per_weight(self) -> float:
         return float(self.cost[np.arange(len(self.layers)), self.choice].sum() / self.weights.sum())
 
     def recipe(self, **params) -> Recipe:
-        """One ``quantize-weights`` step per format used, excluding every other layer; ``params`` (method, format,
-        clip, ...) apply to every step (default: RTN, fake-quantized)."""
+        """One step per format used, excluding every other layer (and every weight outside the allocation);
+        ``params`` (method, format, clip, ...) apply to every step whose pass takes them (default: RTN; integer
+        formats fake-quantized)."""
         steps = []
+        settings = {"method": "rtn", "format": "fake", **params}
         for f, name in enumerate(self.formats):
             others = [glob.escape(layer) for layer, c in zip(self.layers, self.choice, strict=True) if c != f]
             if len(others) < len(self.layers):
-                step = {"name": "quantize-weights", "method": "rtn", "format": "fake", **params, **FORMATS[name][0]}
-                steps.append({**step, "exclude": list(params.get("exclude", [])) + others})
+                step = _step(FORMATS[name], settings)
+                exclude = list(params.get("exclude", [])) + others + [glob.escape(x) for x in self.outside]
+                steps.append({**step, "exclude": exclude})
         return Recipe.from_list(steps)
 
 
@@ -89,6 +132,9 @@ def measure(
     nodes = QuantizeWeights(exclude=tuple(exclude)).collect(model)
     if not nodes:
         raise BitfoldError("the model has no MatMul with a constant weight to allocate bits to; run fold-constants first.")
+    chosen = {id(n) for n in nodes}
+    outside = [n.name for n in model.graph if n.op_type in ("MatMul", "Gemm", "Conv") and id(n) not in chosen
+               and len(n.inputs) > 1 and n.inputs[1] is not None and n.inputs[1].const_value is not None]  # fmt: skip
     probe = ir.from_proto(ir.to_proto(model))
     position = {id(node): i for i, node in enumerate(model.graph)}
     targets = [list(probe.graph)[position[id(n)]] for n in nodes]
@@ -102,27 +148,36 @@ def measure(
 
     reference = outputs({})
     layers = [n.name for n in nodes]
-    shapes = [n.inputs[1].const_value.shape for n in nodes]
-    weights = np.array([k * n for k, n in shapes], np.float64)
-    sensitivity = np.zeros((len(layers), len(formats)))
-    cost = np.array([[w * FORMATS[f][1](k) for f in formats] for w, (k, _) in zip(weights, shapes, strict=True)])
-    settings = {k: v for k, v in (params or {}).items() if k not in ("name", "exclude", "format")}
-    if settings.get("method") == "awq":
+    weights = np.array([np.prod(n.inputs[1].const_value.shape) for n in nodes], np.float64)
+    sensitivity, cost = np.zeros((len(layers), len(formats))), np.zeros((len(layers), len(formats)))
+    settings = {"method": "rtn", **{k: v for k, v in (params or {}).items() if k not in ("name", "exclude", "format")}}
+    if settings["method"] == "awq":
         raise BitfoldError("allocate-bits measures layers one at a time; AWQ rescales shared inputs, so measure with rtn or gptq.")
-    quantizers = [QuantizeWeights(**{**settings, "format": "fake", **FORMATS[f][0]}) for f in formats]
+    steps = [_step(FORMATS[f], {**settings, "format": "fake"}) for f in formats]
+    solvers = [create(step["name"], {k: v for k, v in step.items() if k != "name"}) for step in steps]
     hessians = {}
-    if any(q.needs_calibration for q in quantizers):
+    if any(s.needs_calibration for s in solvers):
         inputs = sorted({n.inputs[0].name for n in nodes})
-        stats = calibration.collect(model, inputs, gram=inputs, sink_weight=quantizers[0].config.sink_weight)
+        stats = calibration.collect(model, inputs, gram=inputs, sink_weight=settings.get("sink_weight", 1.0))
         hessians = {name: s.gram for name, s in stats.items()}
     with tqdm(total=len(layers) * len(formats), desc="sensitivity", leave=False) as bar:
         for i, node in enumerate(nodes):
             w = node.inputs[1].const_value.numpy()
-            for j, quantizer in enumerate(quantizers):
-                q = quantizer.solve(w.astype(np.float32).T, hessians.get(node.inputs[0].name))[0].T.astype(w.dtype)
-                sensitivity[i, j] = _power(outputs({node.inputs[1].name: np.ascontiguousarray(q)}), reference)
+            for j, (name, solver) in enumerate(zip(formats, solvers, strict=True)):
+                q, bits = _solve(solver, FORMATS[name], node, w.astype(np.float32).T, hessians.get(node.inputs[0].name))
+                sensitivity[i, j] = _power(outputs({node.inputs[1].name: np.ascontiguousarray(q.T.astype(w.dtype))}), reference)
+                cost[i, j] = bits * w.size
                 bar.update()
-    return Allocation(layers, list(formats), sensitivity, cost, weights, np.zeros(len(layers), int))
+    return Allocation(layers, list(formats), sensitivity, cost, weights, np.zeros(len(layers), int), outside)
+
+
+def _solve(solver: BitfoldPass, candidate: Candidate, node: ir.Node, wt: np.ndarray, hessian: np.ndarray | None) -> tuple[np.ndarray, float]:
+    """One layer's Wᵀ (N, K) in the candidate format: the dequantized weight and its bits per weight."""
+    if isinstance(solver, QuantizeWeights):
+        return solver.solve(wt, hessian)[0], candidate.bits(wt.shape[1])
+    encoded = solver.solve_node(node, wt.astype(np.float64), hessian)
+    bits = candidate.bits(wt.shape[1]) if candidate.bits else encoded.bits / wt.size
+    return np.asarray(encoded.dequantized, np.float32), bits
 
 
 def solve(allocation: Allocation, bits_per_weight: float) -> Allocation:

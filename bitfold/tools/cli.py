@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("allocate", help="mixed-precision weights: per-layer sensitivity, integer program, a recipe")
     p.add_argument("model", type=Path)
     p.add_argument("--bits", type=float, required=True, help="average bits per weight, scales included (e.g. 3.5)")
-    p.add_argument("--formats", default="int8,int4,int3", help="candidate formats, comma-separated: int8,int4,int3,int2")
+    p.add_argument("--formats", default="int8,int4,int3", help="candidate formats, comma-separated, of: int8,int4,int3,int2,shift4,bcq3,bcq2,binary,2:4-int4")
     p.add_argument("--calibration", metavar="FILE.npz|SOURCE", required=True, help="samples the sensitivities are measured on")
     p.add_argument("-o", "--output", required=True, type=Path, help="the recipe TOML to write")
     p.add_argument("--method", choices=("rtn", "gptq"), default="rtn", help="quantizer measured and written into the recipe: rtn (default) or gptq")

@@ -38,7 +38,7 @@ def test_sensitivities_rank_formats_and_the_budget_holds(measured):
     recipe = solved.recipe()
     assert Recipe.from_toml(recipe.to_toml()).to_list() == recipe.to_list()
     mixed, _ = bitfold.optimize(bitfold.clone(model), recipe.to_list())
-    uniform, _ = bitfold.optimize(bitfold.clone(model), [{"name": "quantize-weights", "format": "fake", **allocate.FORMATS["int2"][0]}])
+    uniform, _ = bitfold.optimize(bitfold.clone(model), [{"name": "quantize-weights", "format": "fake", **allocate.FORMATS["int2"].step}])
     def outputs(m):
         runner = bitfold.compile(m, "ort", "cpu")
         return [np.concatenate([v.ravel() for v in runner.run(f).values()]).astype(np.float64) for f in calibration]
@@ -77,7 +77,7 @@ def test_a_sensitivity_is_the_error_of_the_model_quantized_at_that_layer_alone(m
 
     for i in (0, len(allocation.layers) - 1):
         others = [glob.escape(x) for x in allocation.layers if x != allocation.layers[i]]
-        step = {"name": "quantize-weights", "format": "fake", **allocate.FORMATS["int2"][0], "exclude": others}
+        step = {"name": "quantize-weights", "format": "fake", **allocate.FORMATS["int2"].step, "exclude": others}
         alone, report = bitfold.optimize(bitfold.clone(model), [step])
         assert report.passes[0].modified == 1
         assert allocation.sensitivity[i, 1] == pytest.approx(allocate._power(outputs(alone), outputs(model)), rel=1e-4)
@@ -93,3 +93,40 @@ def test_gptq_sensitivities_measure_the_quantizer_the_recipe_uses(measured):
     assert (gptq.sensitivity[:, 1] < rtn.sensitivity[:, 1]).mean() > 0.5
     with pytest.raises(BitfoldError, match="AWQ rescales shared inputs"):
         allocate.measure(model, calibration, ["int4"], params={"method": "awq"})
+
+
+def test_multiplication_less_and_sparse_candidates_cost_what_they_store_and_build_their_recipe(measured):
+    """Formats of other passes join the program: costs as stored (binary < bcq2 < 2:4-int4 < int4), each
+    sensitivity is that pass's rounding of the layer alone, and the recipe runs every layer through the pass chosen."""
+    model, calibration, _ = measured
+    formats = ["int4", "shift4", "bcq2", "binary", "2:4-int4"]
+    allocation = allocate.measure(model, calibration, formats, params={"method": "gptq"})
+    per_weight = dict(zip(formats, allocation.cost.sum(axis=0) / allocation.weights.sum(), strict=True))
+    assert per_weight["binary"] < per_weight["bcq2"] < per_weight["2:4-int4"] < per_weight["int4"]
+    assert (allocation.sensitivity[:, formats.index("int4")] < allocation.sensitivity[:, formats.index("binary")]).all()
+    solved = allocate.solve(allocation, (per_weight["binary"] + per_weight["int4"]) / 2)
+    recipe = solved.recipe(method="gptq").to_list()
+    used = {formats[c] for c in solved.choice}
+    assert len(used) >= 2 and [s["name"] for s in recipe] == [allocate.FORMATS[f].step["name"] for f in formats if f in used]
+    assert all(s.get("gptq", True) for s in recipe if s["name"] != "quantize-weights")
+    mixed, report = bitfold.optimize(bitfold.clone(model), recipe, calibration)
+    by_pass = {p.name: 0 for p in report.passes}
+    for node in mixed.graph:
+        origin = node.metadata_props.get("bitfold.pass")
+        if origin in by_pass and node.op_type not in ("DequantizeLinear", "Add"):
+            by_pass[origin] += 1
+    expected = {}
+    for f in (formats[c] for c in solved.choice):
+        name = allocate.FORMATS[f].step["name"]
+        expected[name] = expected.get(name, 0) + 1
+    assert by_pass == expected
+    i = formats.index("bcq2")
+    layer = next(k for k, c in enumerate(solved.choice) if c == i) if i in solved.choice else 0
+    others = [glob.escape(x) for x in allocation.layers if x != allocation.layers[layer]]
+    alone, _ = bitfold.optimize(bitfold.clone(model), [{**allocate.FORMATS["bcq2"].step, "keep_ends": False, "exclude": others}], calibration)
+
+    def outputs(m):
+        runner = bitfold.compile(m, "ort", "cpu")
+        return [np.concatenate([v.ravel() for v in runner.run(f).values()]).astype(np.float64) for f in calibration]
+
+    assert allocation.sensitivity[layer, i] == pytest.approx(allocate._power(outputs(alone), outputs(model)), rel=1e-3)

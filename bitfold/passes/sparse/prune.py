@@ -83,6 +83,11 @@ class Prune(WeightPass):
 
     op = sparse_op
 
+    def __init__(self, config: PruneConfig | None = None, /, **params) -> None:
+        super().__init__(config, **params)
+        self._zeros = self._total = 0
+        self._branches: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
     @property
     def emits_op(self) -> bool:
         return self.config.format == "sparse"
