@@ -63,7 +63,7 @@ FORMATS = {
 }
 
 
-def _step(candidate: Candidate, settings: Mapping[str, Any]) -> dict[str, Any]:
+def step_for(candidate: Candidate, settings: Mapping[str, Any]) -> dict[str, Any]:
     """The candidate's step with the recipe's settings that its pass takes: ``method`` becomes the ``gptq`` switch
     of passes that have one, ``format`` applies to quantize-weights only; weight passes keep no layers back by
     position (``keep_ends`` off)."""
@@ -102,7 +102,7 @@ class Allocation:
         for f, name in enumerate(self.formats):
             others = [glob.escape(layer) for layer, c in zip(self.layers, self.choice, strict=True) if c != f]
             if len(others) < len(self.layers):
-                step = _step(FORMATS[name], settings)
+                step = step_for(FORMATS[name], settings)
                 exclude = list(params.get("exclude", [])) + others + [glob.escape(x) for x in self.outside]
                 steps.append({**step, "exclude": exclude})
         return Recipe.from_list(steps)
@@ -153,7 +153,7 @@ def measure(
     settings = {"method": "rtn", **{k: v for k, v in (params or {}).items() if k not in ("name", "exclude", "format")}}
     if settings["method"] == "awq":
         raise BitfoldError("allocate-bits measures layers one at a time; AWQ rescales shared inputs, so measure with rtn or gptq.")
-    steps = [_step(FORMATS[f], {**settings, "format": "fake"}) for f in formats]
+    steps = [step_for(FORMATS[f], {**settings, "format": "fake"}) for f in formats]
     solvers = [create(step["name"], {k: v for k, v in step.items() if k != "name"}) for step in steps]
     hessians = {}
     if any(s.needs_calibration for s in solvers):
