@@ -21,7 +21,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 
 import bitfold  # noqa: E402
 from bitfold.eval.models import export_minilm  # noqa: E402
