@@ -1,4 +1,4 @@
-"""cast-precision: run the model in float16, keeping fp32 islands where low precision would hurt.
+"""cast-precision: run the model in float16 or bfloat16, keeping fp32 islands where low precision would hurt.
 
 Rewrites every float32 node computation to ``dtype``: float initializers it reads are stored in ``dtype``, its
 float outputs become ``dtype``, and one ``Cast`` is inserted per (tensor, precision) boundary, shared by all its
@@ -11,7 +11,13 @@ readers. Islands (nodes kept in fp32) are chosen on calibration data:
    introduced the error itself, so it joins the islands; repeated ``rounds`` times.
 
 ``keep_io_types`` keeps graph inputs and outputs float32 (with Casts at the edge). Guarantees: an error bound, the
-measured one. Leaves alone: nodes with subgraphs, Cast nodes (their target type is explicit), non-float tensors.
+measured one.
+
+bfloat16: ONNX Runtime's CPU provider has bfloat16 kernels for Cast and data movement only, so the precision
+islands are chosen on an emulation that runs there: every float tensor a converted node reads or writes is
+rounded to bfloat16 (``Cast`` to bfloat16 and back) while the arithmetic stays fp32, as GPU bfloat16 kernels
+accumulate in fp32. The emitted model computes in bfloat16 and runs where those kernels exist (CUDA, TVM);
+``emulate = true`` writes the emulation itself (either dtype), which ONNX Runtime's CPU runs, for accuracy studies. Leaves alone: nodes with subgraphs, Cast nodes (their target type is explicit), non-float tensors.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
@@ -26,18 +33,19 @@ from onnx_ir.passes.common import ShapeInferencePass
 from bitfold.passes.initializers import add_initializer, drop_if_unused
 from bitfold.passes.registry import BitfoldPass, register
 
-_TYPES = {"float16": (ir.DataType.FLOAT16, np.float16)}
+_TYPES = {"float16": (ir.DataType.FLOAT16, np.float16), "bfloat16": (ir.DataType.BFLOAT16, ml_dtypes.bfloat16)}
 _FP32 = ir.DataType.FLOAT
 ISLAND_KEY = "bitfold.precision"
 
 
 @dataclasses.dataclass(frozen=True)
 class CastPrecisionConfig:
-    dtype: Literal["float16"] = dataclasses.field(default="float16", metadata={"doc": "float16 (bfloat16: ONNX Runtime's CPU has no kernels for most ops)"})
+    dtype: Literal["float16", "bfloat16"] = dataclasses.field(default="float16", metadata={"doc": "float16 | bfloat16 (islands chosen on an fp32 emulation; runs on CUDA/TVM)"})
     keep_io_types: bool = dataclasses.field(default=True, metadata={"doc": "graph inputs and outputs stay float32"})
     tolerance: float = dataclasses.field(default=0.01, metadata={"doc": "relative output error a node may introduce"})
     overflow_fraction: float = dataclasses.field(default=0.5, metadata={"doc": "fp32 island above this fraction of the format's max"})
     rounds: int = dataclasses.field(default=2, metadata={"doc": "precision-island refinement rounds"})
+    emulate: bool = dataclasses.field(default=False, metadata={"doc": "write the emulation (fp32 arithmetic, rounded tensors) instead, for accuracy studies on CPU"})
 
     def __post_init__(self) -> None:
         if not 0 < self.tolerance < 1 or not 0 < self.overflow_fraction <= 1 or self.rounds < 0:
@@ -46,7 +54,7 @@ class CastPrecisionConfig:
 
 @register
 class CastPrecision(BitfoldPass):
-    """Convert float32 computation to float16 with automatically chosen fp32 islands."""
+    """Convert float32 computation to float16 or bfloat16 with automatically chosen fp32 islands."""
 
     name = "cast-precision"
     family = "quant"
@@ -68,13 +76,18 @@ class CastPrecision(BitfoldPass):
         for node in candidates:
             if node.name in islands:
                 node.metadata_props[ISLAND_KEY] = "float32"
-        self.fold(model.graph, converted)
+        if self.config.emulate:
+            for node in converted:
+                node.metadata_props[ISLAND_KEY] = f"{self.config.dtype}-emulated"
+            self.emulate(model.graph, converted)
+        else:
+            self.fold(model.graph, converted)
         return len(converted)
 
     # -- collect / solve ----------------------------------------------------------------------------------------
 
     def _overflow_islands(self, model: ir.Model, candidates: list[ir.Node]) -> set[str]:
-        limit = float(np.finfo(_TYPES[self.config.dtype][1]).max)
+        limit = float(ml_dtypes.finfo(_TYPES[self.config.dtype][1]).max)
         names = _float_tensors(candidates)
         stats = self.calibration.collect(model, names, progress=False)
         big = {n for n, s in stats.items() if max(abs(s.min), abs(s.max)) > self.config.overflow_fraction * limit}
@@ -86,7 +99,11 @@ class CastPrecision(BitfoldPass):
 
         names = [v.name for n in candidates for v in n.outputs if _is_float(v)]
         reference_probe, trial = clone(model), clone(model)
-        self.fold(trial.graph, [n for n in trial.graph if _convertible(n) and n.name not in islands])
+        trial_nodes = [n for n in trial.graph if _convertible(n) and n.name not in islands]
+        if self.config.dtype == "bfloat16":
+            self.emulate(trial.graph, trial_nodes)
+        else:
+            self.fold(trial.graph, trial_nodes)
         errors: dict[str, float] = {}
         for probe in (reference_probe, trial):
             produced = {v.name: v for n in probe.graph for v in n.outputs}
@@ -108,6 +125,42 @@ class CastPrecision(BitfoldPass):
             if out_err > tol and in_err <= tol:
                 new.add(node.name)
         return new
+
+    def emulate(self, graph: ir.Graph, converted: list[ir.Node]) -> None:
+        """Round every float tensor the converted nodes read or write to bfloat16, keeping fp32 arithmetic. A
+        rounded output takes its tensor's name, so statistics by name see what the converted model would hold."""
+        low, np_low = _TYPES[self.config.dtype]
+        chosen, done, rounded = set(converted), set(), {}
+
+        def round_trip(value: ir.Value, anchor: ir.Node, after: bool) -> ir.Value:
+            down = ir.node("Cast", [value], attributes={"to": low})
+            up = ir.node("Cast", [down.outputs[0]], attributes={"to": _FP32})
+            up.outputs[0].dtype, up.outputs[0].shape = _FP32, value.shape
+            (graph.insert_after if after else graph.insert_before)(anchor, [down, up])
+            return up.outputs[0]
+
+        for node in converted:
+            for value in node.outputs:
+                if not _is_float(value):
+                    continue
+                uses, name = list(value.uses()), value.name
+                out = round_trip(value, node, after=True)
+                for user, index in uses:
+                    user.replace_input_with(index, out)
+                graph.outputs[:] = [out if v is value else v for v in graph.outputs]
+                value.name, out.name = f"{name}_unrounded", name
+                done.add(out)
+        for node in converted:
+            for index, value in enumerate(node.inputs):
+                if not _is_float(value) or value in done or value.producer() in chosen:
+                    continue
+                if value not in rounded:
+                    if value.is_initializer() and value.const_value is not None:
+                        array = value.const_value.numpy().astype(np_low).astype(np.float32)
+                        rounded[value] = add_initializer(graph, f"{value.name}_{self.config.dtype}_rounded", array)
+                    else:
+                        rounded[value] = round_trip(value, node, after=False)
+                node.replace_input_with(index, rounded[value])
 
     # -- fold ---------------------------------------------------------------------------------------------------
 

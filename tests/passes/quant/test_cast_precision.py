@@ -51,3 +51,37 @@ def test_values_beyond_float16_range_stay_in_float32_islands():
     kept = {n.name for n in model.graph if n.metadata_props.get("bitfold.precision") == "float32"}
     assert {"up", "shift", "down"} <= kept and "relu" not in kept
     assert report.passes[0].max_rel <= 1e-3
+
+
+def test_bfloat16_islands_come_from_an_emulation_and_the_emitted_model_computes_in_bfloat16(zoo_protos):
+    """ORT's CPU has no bfloat16 arithmetic: islands are chosen on fp32 arithmetic over bfloat16-rounded tensors,
+    and the emitted bfloat16 model (run by ONNX's reference evaluator) stays within bfloat16's error of fp32."""
+    from onnx.reference import ReferenceEvaluator
+
+    from bitfold.backends.ort import OrtRunnable
+
+    model, _ = bitfold.optimize(fresh(zoo_protos, "decoder-rmsnorm-swiglu-rope"), list(CANONICAL))
+    calibration = _calibration((1, 8, 32))
+    feeds = next(iter(_calibration((1, 8, 32), n=1, seed=1)))
+    ref = next(iter(OrtRunnable(model, device="cpu", optimization="none").run(feeds).values()))
+    converted, report = bitfold.optimize(bitfold.clone(model), [{"name": "cast-precision", "dtype": "bfloat16"}], calibration)
+    low = ir.DataType.BFLOAT16
+    assert report.output["parameter_bytes"] <= 0.55 * report.input["parameter_bytes"]
+    assert any(v.dtype == low for v in converted.graph.initializers.values())
+    assert [v.dtype for v in converted.graph.outputs] == [ir.DataType.FLOAT]
+    emitted = ReferenceEvaluator(ir.to_proto(converted)).run(None, feeds)[0]
+    scale = np.abs(ref).max()
+    assert 1e-4 < np.abs(emitted - ref).max() / scale < 2e-2  # bfloat16 has 8 significant bits
+
+    emulated = bitfold.clone(model)
+    before = {n.name for n in emulated.graph}
+    emulated, _ = bitfold.optimize(emulated, [{"name": "cast-precision", "dtype": "bfloat16", "emulate": True}], calibration)
+    added = [n for n in emulated.graph if n.name not in before]
+    assert added and all(n.op_type == "Cast" for n in added)  # round trips only: the arithmetic stays fp32
+    assert {v.name for v in emulated.graph.outputs} == {v.name for v in model.graph.outputs}
+    got = next(iter(OrtRunnable(emulated, device="cpu", optimization="none").run(feeds).values()))
+    assert 1e-4 < np.abs(got - ref).max() / scale < 2e-2
+    _, again = bitfold.optimize(emulated, [{"name": "cast-precision", "dtype": "bfloat16", "emulate": True}], calibration)
+    assert not again.passes[0].modified
+    _, again = bitfold.optimize(converted, [{"name": "cast-precision", "dtype": "bfloat16"}], calibration)
+    assert not again.passes[0].modified
