@@ -3,7 +3,8 @@ emitting a bitfold op (or fake-quantized weights), and counting the bits each we
 
 Targets are ``MatMul(A, W)`` and plain ``Gemm(A, W[, C])`` (alpha = beta = 1, A not transposed; the bias becomes
 an Add after the op) with W a constant 2-D float initializer read by nothing else, and with
-``format = "fake"`` also ``Conv`` weights (reshaped to [C_out, C_in/groups · kernel], no Hessian). Left alone:
+``format = "fake"`` also 2-D ``Conv`` weights (reshaped to [C_out, C_in/groups · kernel]; GPTQ rounds each group
+of rows against the Gram matrix of that group's input patches, ``bitfold.quant.im2col``). Left alone:
 weights matching an ``exclude`` glob (node, weight or torch module scope), low-rank branches pinned to float32,
 weights another pass already quantized, and with ``keep_ends`` (default) the first layers (reading a graph
 input, like a CNN's stem) and the head (reaching a graph output through bias/residual Adds and layout ops only).
@@ -32,6 +33,7 @@ from bitfold.passes.quant.cast_precision import ISLAND_KEY
 from bitfold.passes.quant.quantize_weights import QUANTIZED_KEY
 from bitfold.passes.registry import PASS_KEY, BitfoldPass
 from bitfold.passes.transforms.structure import feeds_graph_output, reads_graph_input
+from bitfold.quant.im2col import ConvGeometry
 
 BITS_KEY = "bitfold.bits_per_weight"
 
@@ -103,7 +105,10 @@ class WeightPass(BitfoldPass):
         for node in tqdm(targets, desc=self.name, leave=False, disable=len(targets) < 8):
             w = node.inputs[1].const_value.numpy()
             wt = _as_rows(node, w)
-            encoded = self.solve_node(node, wt.astype(np.float64), hessians.get(node.inputs[0].name))
+            if node.op_type == "Conv" and node.name in hessians:
+                encoded = self._solve_groups(node, wt.astype(np.float64), hessians[node.name])
+            else:
+                encoded = self.solve_node(node, wt.astype(np.float64), hessians.get(node.inputs[0].name))
             bits, weights = bits + encoded.bits, weights + wt.size
             self.fold(model, node, encoded, w)
         self.notes.append(self.summary(len(targets), bits, weights))
@@ -135,20 +140,30 @@ class WeightPass(BitfoldPass):
                 continue
             if self.config.keep_ends and (reads_graph_input(node.inputs[0]) or feeds_graph_output(node.outputs[0])):
                 continue
-            if node.op_type == "Conv" and self.uses_hessian:
+            if node.op_type == "Conv" and self.uses_hessian and isinstance(ConvGeometry.of(node), str):
                 convs += 1
                 continue
             found.append(node)
         if computed:
             self.notes.append(f"{computed} weights are computed (Transpose of a constant): run fold-constants first")
         if convs:
-            self.notes.append(f"{convs} Conv weights left alone: GPTQ rounding needs a MatMul's input Hessian")
+            self.notes.append(f"{convs} Conv weights left alone: GPTQ rounding needs a 2-D Conv's patch Hessian")
         return found
 
     def _hessians(self, model: ir.Model, targets: list[ir.Node]) -> dict[str, np.ndarray]:
-        inputs = sorted({node.inputs[0].name for node in targets})
-        stats = self.calibration.collect(model, inputs, gram=inputs, sink_weight=self.config.sink_weight)
-        return {name: s.gram for name, s in stats.items()}
+        """Gram matrices keyed by input name (MatMul, Gemm) and per-group patch Grams keyed by node name (Conv)."""
+        convs = {node.name: (node.inputs[0].name, ConvGeometry.of(node)) for node in targets if node.op_type == "Conv"}
+        inputs = sorted({node.inputs[0].name for node in targets if node.op_type != "Conv"})
+        stats = self.calibration.collect(model, inputs, gram=inputs, sink_weight=self.config.sink_weight) if inputs else {}
+        grams = self.calibration.conv_grams(model, convs) if convs else {}
+        return {**{name: s.gram for name, s in stats.items()}, **grams}
+
+    def _solve_groups(self, node: ir.Node, wt: np.ndarray, grams: np.ndarray) -> Encoded:
+        """A Conv's rows group by group, each against its group's patch Gram matrix; the tensors of every group
+        are kept (under group-prefixed names) so the bits count covers them all."""
+        parts = [self.solve_node(node, rows, h) for rows, h in zip(np.split(wt, len(grams)), grams, strict=True)]
+        tensors = {f"g{i}_{name}": t for i, part in enumerate(parts) for name, t in part.tensors.items()}
+        return Encoded(np.concatenate([part.dequantized for part in parts]), tensors)
 
     # -- fold ---------------------------------------------------------------------------------------------------
 

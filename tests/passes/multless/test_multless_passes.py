@@ -113,7 +113,7 @@ def test_keep_ends_and_exclude_leave_layers_alone(zoo_protos):
     assert report.output["ops"]["bitfold::ShiftMatMul"] == 1
 
 
-def test_fake_format_rewrites_conv_weights_but_gptq_leaves_them_with_a_note(zoo_protos):
+def test_fake_format_rewrites_conv_weights(zoo_protos):
     cnn, _ = bitfold.optimize(fresh(zoo_protos, "cnn-bn"), list(CANONICAL))
     feeds = bitfold.sample_feeds(cnn)
     fake, report = bitfold.optimize(bitfold.clone(cnn), [{"name": "ternarize", "format": "fake"}])
@@ -123,8 +123,23 @@ def test_fake_format_rewrites_conv_weights_but_gptq_leaves_them_with_a_note(zoo_
         w = node.inputs[1].const_value.numpy()
         assert len(np.unique(np.round(np.abs(w[w != 0]), 6))) == 1  # one γ per tensor
     assert np.isfinite(_out(fake, feeds)).all()
-    _, report = bitfold.optimize(bitfold.clone(cnn), [{"name": "ternarize", "format": "fake", "gptq": True}], CalibrationData([feeds]))
-    assert any("Conv weights left alone" in n for n in report.passes[0].notes)
+
+
+def test_gptq_rounds_conv_weights_on_their_patch_hessians(zoo_protos):
+    """Images with correlated neighbouring pixels: GPTQ on each Conv group's patch Gram matrix beats plain rounding."""
+    cnn, _ = bitfold.optimize(fresh(zoo_protos, "cnn-bn"), list(CANONICAL))
+    rng = np.random.default_rng(0)
+    low = rng.standard_normal((36, 2, 3, 4, 4)).repeat(4, axis=3).repeat(4, axis=4)
+    images = [{"x": (m + 0.05 * rng.standard_normal(m.shape)).astype(np.float32)} for m in low]
+    calibration, held_out = CalibrationData(images[:32]), images[32:]
+    ref = np.concatenate([_out(cnn, f).ravel() for f in held_out])
+    err = {}
+    for gptq in (False, True):
+        step = {"name": "shift", "format": "fake", "bits": 3, "keep_ends": False, "gptq": gptq}
+        model, report = bitfold.optimize(bitfold.clone(cnn), [step], calibration)
+        assert sum(BITS_KEY in n.metadata_props for n in model.graph if n.op_type == "Conv") == 2  # the stem and the depthwise Conv
+        err[gptq] = float(np.linalg.norm(np.concatenate([_out(model, f).ravel() for f in held_out]) - ref))
+    assert err[True] < 0.9 * err[False], err
 
 
 @pytest.mark.parametrize(
