@@ -7,7 +7,8 @@ calibration samples when only layer l is quantized to f, with the quantizer the 
 the calibration Gram matrices). Independent rounding noise adds in power, so the
 summed sensitivities the integer program minimises estimate the mixed model's output noise. The L · F rounds share
 one ONNX Runtime session: the candidate weights are graph inputs that default to their initializers, and a round
-feeds the one weight it quantizes. Cost: the layer's weight count times the format's bits per weight including
+feeds the one weight it quantizes. For a model exported from torch, :func:`hawq` scores instead by HAWQ-V2's
+Hessian-trace estimate (no ONNX runs: one Hutchinson pass over the torch model). Cost: the layer's weight count times the format's bits per weight including
 its scales: by formula for the integer formats, as the emitted op stores it (codes, scales, side tensors) for the
 multiplication-less ones.
 
@@ -23,11 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+import torch
 from tqdm.auto import tqdm
 
 from bitfold.backends.ort import OrtRunnable
@@ -37,6 +40,7 @@ from bitfold.passes.registry import BitfoldPass, create, get_pass
 from bitfold.pipeline import Recipe
 from bitfold.quant.allocate import allocate
 from bitfold.quant.calibration import CalibrationData
+from bitfold.quant.hutchinson import hessian_traces
 
 
 
@@ -126,15 +130,7 @@ def measure(
     matching ``exclude`` (globs, as quantize-weights takes them) stay out. ``params`` are the quantize-weights
     settings the recipe will use (default RTN): a layer is quantized for its sensitivity as that method would do
     it, GPTQ and output clipping on the Gram matrices of all calibration samples. The choice is left empty."""
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown:
-        raise BitfoldError(f"unknown format '{unknown[0]}'; choose from {', '.join(FORMATS)}.")
-    nodes = QuantizeWeights(exclude=tuple(exclude)).collect(model)
-    if not nodes:
-        raise BitfoldError("the model has no MatMul with a constant weight to allocate bits to; run fold-constants first.")
-    chosen = {id(n) for n in nodes}
-    outside = [n.name for n in model.graph if n.op_type in ("MatMul", "Gemm", "Conv") and id(n) not in chosen
-               and len(n.inputs) > 1 and n.inputs[1] is not None and n.inputs[1].const_value is not None]  # fmt: skip
+    nodes, outside = _layers(model, formats, exclude)
     probe = ir.from_proto(ir.to_proto(model))
     position = {id(node): i for i, node in enumerate(model.graph)}
     targets = [list(probe.graph)[position[id(n)]] for n in nodes]
@@ -153,8 +149,7 @@ def measure(
     settings = {"method": "rtn", **{k: v for k, v in (params or {}).items() if k not in ("name", "exclude", "format")}}
     if settings["method"] == "awq":
         raise BitfoldError("allocate-bits measures layers one at a time; AWQ rescales shared inputs, so measure with rtn or gptq.")
-    steps = [step_for(FORMATS[f], {**settings, "format": "fake"}) for f in formats]
-    solvers = [create(step["name"], {k: v for k, v in step.items() if k != "name"}) for step in steps]
+    solvers = _solvers(formats, settings)
     hessians = {}
     if any(s.needs_calibration for s in solvers):
         inputs = sorted({n.inputs[0].name for n in nodes})
@@ -169,6 +164,72 @@ def measure(
                 cost[i, j] = bits * w.size
                 bar.update()
     return Allocation(layers, list(formats), sensitivity, cost, weights, np.zeros(len(layers), int), outside)
+
+
+def hawq(
+    model: ir.Model,
+    module: torch.nn.Module,
+    loss: Callable[[torch.nn.Module, Any], torch.Tensor],
+    batches: Sequence[Any],
+    formats: list[str],
+    exclude: Sequence[str] = (),
+    probes: int = 8,
+) -> Allocation:
+    """HAWQ-V2 sensitivities for a model exported from ``module``: Tr(H)/n of ``loss`` per layer weight
+    (``bitfold.quant.hutchinson``, ``probes`` Rademacher vectors per batch) times ‖Q(W) - W‖² of each format's
+    plain rounding. Each MatMul weight is matched to the module parameter it equals (a Linear weight, transposed)."""
+    nodes, outside = _layers(model, formats, exclude)
+    by_value: dict[str, str] = {}
+    for name, param in module.named_parameters():
+        if param.ndim == 2:
+            by_value.setdefault(_digest(param.detach().T.float().numpy()), name)
+    matched = {node.name: by_value.get(_digest(node.inputs[1].const_value.numpy().astype(np.float32))) for node in nodes}
+    unmatched = [name for name, param in matched.items() if param is None]
+    if unmatched:
+        raise BitfoldError(f"no parameter of the torch module equals the weight of '{unmatched[0]}'; pass the module the model was exported from.")
+    parameters = dict(module.named_parameters())
+    traces = hessian_traces(module, loss, batches, {p: parameters[p] for p in dict.fromkeys(matched.values())}, probes=probes)
+    negative = {p: t for p, t in traces.items() if t < 0}
+    if negative:
+        name, value = next(iter(negative.items()))
+        raise BitfoldError(f"the loss curves downward at '{name}' (average Hessian diagonal {value:.3g}); give a loss minimised at "
+                           "the current weights, such as the distance of the outputs to the unquantized model's.")  # fmt: skip
+    solvers = _solvers(formats, {"method": "rtn"})
+    needing = [f for f, s in zip(formats, solvers, strict=True) if s.needs_calibration]
+    if needing:
+        raise BitfoldError(f"format '{needing[0]}' rounds with calibration Hessians; HAWQ-V2 scores plain rounding, so leave it out.")
+    sensitivity, cost = np.zeros((len(nodes), len(formats))), np.zeros((len(nodes), len(formats)))
+    for i, node in enumerate(tqdm(nodes, desc="hawq", leave=False)):
+        wt = node.inputs[1].const_value.numpy().astype(np.float32).T
+        for j, (name, solver) in enumerate(zip(formats, solvers, strict=True)):
+            q, bits = _solve(solver, FORMATS[name], node, wt, None)
+            sensitivity[i, j] = traces[matched[node.name]] * float(np.sum((q.astype(np.float64) - wt) ** 2))
+            cost[i, j] = bits * wt.size
+    weights = np.array([np.prod(n.inputs[1].const_value.shape) for n in nodes], np.float64)
+    return Allocation([n.name for n in nodes], list(formats), sensitivity, cost, weights, np.zeros(len(nodes), int), outside)
+
+
+def _layers(model: ir.Model, formats: list[str], exclude: Sequence[str]) -> tuple[list[ir.Node], list[str]]:
+    """The MatMuls to allocate and the names of every other weight-bearing node (left out of every step)."""
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise BitfoldError(f"unknown format '{unknown[0]}'; choose from {', '.join(FORMATS)}.")
+    nodes = QuantizeWeights(exclude=tuple(exclude)).collect(model)
+    if not nodes:
+        raise BitfoldError("the model has no MatMul with a constant weight to allocate bits to; run fold-constants first.")
+    chosen = {id(n) for n in nodes}
+    outside = [n.name for n in model.graph if n.op_type in ("MatMul", "Gemm", "Conv") and id(n) not in chosen
+               and len(n.inputs) > 1 and n.inputs[1] is not None and n.inputs[1].const_value is not None]  # fmt: skip
+    return nodes, outside
+
+
+def _solvers(formats: list[str], settings: Mapping[str, Any]) -> list[BitfoldPass]:
+    steps = [step_for(FORMATS[f], {**settings, "format": "fake"}) for f in formats]
+    return [create(step["name"], {k: v for k, v in step.items() if k != "name"}) for step in steps]
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array, np.float32).tobytes()).hexdigest() + str(array.shape)
 
 
 def _solve(solver: BitfoldPass, candidate: Candidate, node: ir.Node, wt: np.ndarray, hessian: np.ndarray | None) -> tuple[np.ndarray, float]:
