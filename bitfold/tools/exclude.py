@@ -4,7 +4,8 @@
 the input model (over ``feeds``) exceeds ``max_error``, it measures each rewritten layer's contribution (the
 error drop when that layer alone is excluded), excludes layers greedily from the largest contribution (binary
 search on how many) until the error meets the budget, and reports which layers stayed float. The step must take
-``exclude`` globs (quantize-weights, the multiplication-less passes, prune, split-outliers). Runs: 1 + L + log2 L.
+``exclude`` globs (quantize-weights, the multiplication-less passes, prune, split-outliers). Runs: 1 + L + log2 L;
+passing the ``contributions`` of an earlier result for the same model and step (another budget) skips the L.
 """
 
 from __future__ import annotations
@@ -40,8 +41,13 @@ def _outputs(model: ir.Model, feeds: list[Mapping[str, np.ndarray]]) -> np.ndarr
 
 
 def keep_within(
-    model: ir.Model, step: Mapping, max_error: float, feeds: list[Mapping[str, np.ndarray]], calibration: CalibrationData | None = None
-) -> Kept:  # fmt: skip
+    model: ir.Model,
+    step: Mapping,
+    max_error: float,
+    feeds: list[Mapping[str, np.ndarray]],
+    calibration: CalibrationData | None = None,
+    contributions: Mapping[str, float] | None = None,
+) -> Kept:
     """Run ``step`` on a copy of ``model``, leaving layers float until the output error is at most ``max_error``."""
     name = step["name"]
     if not any(f.name == "exclude" for f in dataclasses.fields(get_pass(name).Config)):
@@ -57,7 +63,8 @@ def keep_within(
     if error <= max_error:
         return Kept(out, report, error, [], {})
     layers = sorted({s for n in out.graph if n.metadata_props.get(PASS_KEY) == name for s in n.metadata_props.get(FROM_KEY, "").split(",") if s})
-    contributions = {layer: error - attempt([layer])[2] for layer in layers}
+    if contributions is None or set(contributions) != set(layers):
+        contributions = {layer: error - attempt([layer])[2] for layer in layers}
     order = sorted(layers, key=lambda x: contributions[x], reverse=True)
     lo, hi = 1, len(order)  # smallest count of exclusions meeting the budget
     best = None

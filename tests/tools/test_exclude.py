@@ -31,6 +31,9 @@ def test_meets_the_budget_with_the_fewest_layers_float(lm):
     assert kept.kept[0] == max(kept.contributions, key=kept.contributions.get)
     fewer = keep_within(model, {**STEP, "exclude": kept.kept[:-1]}, budget, feeds)
     assert fewer.error <= budget and len(fewer.kept) >= 1  # one layer fewer float does not meet it by itself
+    looser = keep_within(model, STEP, budget * 1.5, feeds, contributions=kept.contributions)  # another budget, not re-measured
+    assert looser.contributions is kept.contributions and looser.error <= budget * 1.5 and len(looser.kept) <= len(kept.kept)
+    assert looser.kept == keep_within(model, STEP, budget * 1.5, feeds).kept
 
 
 def test_refuses_passes_without_exclude(lm):
