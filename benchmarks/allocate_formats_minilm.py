@@ -4,7 +4,8 @@ Sensitivities (bitfold.tools.allocate.measure): every (linear layer, format) pai
 (act-order, damp 0.003; integer formats with output clip) on the Gram matrices of the 128 ``lee-sentences``
 calibration sentences, noise on the embeddings of the first 4. Points: uniform formats, and the integer program
 at the bits of uniform int3, bcq3 and bcq2 twice — with every format, and with the integer formats only. Every
-point is quantized with the same settings and scored by ``minilm-cos`` (151 Lee test sentences). Bits per weight
+point is quantized with the same settings and scored by ``minilm-cos`` (151 Lee test sentences); a budget below
+a format set's cheapest allocation (integer formats at bcq2's 2.25 bits: int2 costs 2.27) is skipped. Bits per weight
 as each format stores it (codes, scales, α), averaged over the 36 linear layers.
 Writes benchmarks/results/allocate_formats_minilm.{json,png}.
 
@@ -60,6 +61,10 @@ def main() -> None:
     only_integer = dataclasses.replace(measured, formats=INTEGER, sensitivity=measured.sensitivity[:, integer], cost=measured.cost[:, integer])
     for at in BUDGET_AT:
         for label, allocation in (("all formats", measured), ("integer formats", only_integer)):
+            cheapest = allocation.cost.min(axis=1).sum() / allocation.weights.sum()
+            if bits[at] < cheapest:
+                print(f"{label}: {at}'s {bits[at]:.3f} bits are below the cheapest allocation ({cheapest:.3f})", flush=True)
+                continue
             solved = allocate.solve(allocation, float(bits[at]))
             counts = {f: int((solved.choice == i).sum()) for i, f in enumerate(solved.formats) if (solved.choice == i).any()}
             rows.append({"variant": f"allocate-bits at {at}'s bits, {label}", "bits": solved.bits_per_weight,
