@@ -1,7 +1,7 @@
 """HAWQ-V2 sensitivities for SmolLM2-135M bit allocation, against the measured sensitivities of allocate_smollm2.py.
 
-Ω(l, f) = Tr(H_l)/n · ‖Q_f(W_l) - W_l‖² (``bitfold.tools.allocate.hawq``): Hutchinson traces (8 Rademacher probes per
-batch) of the squared distance of the torch model's logits to its own unquantized logits, on the same four
+Ω(l, f) = Tr(H_l)/n · ‖Q_f(W_l) - W_l‖² (``bitfold.tools.allocate.hawq``): traces (8 output-space Rademacher probes
+per batch) of the Hessian of the logits' squared distance to the unquantized logits, 2 JᵀJ, on the same four
 128-token calibration windows (464-467) whose logits allocate_smollm2.py measures noise on; ‖ΔW‖² of each format's
 RTN rounding. Formats int8 / int4 / int3 / int2 (g128), lm_head fp32. Points are quantized and scored exactly as in
 allocate_smollm2.py (GPTQ act-order, sink 64, output clip, damp 0.003, calibration windows 139-146, perplexity on
@@ -40,14 +40,11 @@ def main() -> None:
     module = CausalLMLogits(lm).eval()
     fp32, _ = bitfold.optimize(export_smollm2(), list(CANONICAL))
     batches = [torch.tensor(w[None]) for w in lee_windows(tokenizer, WINDOWS, 128)]
-    with torch.no_grad():
-        targets = {id(ids): module(ids, torch.ones_like(ids)) for ids in batches}
-
-    def loss(m, ids):  # the logits' squared distance to the unquantized model's: minimal, with a PSD Hessian, here
-        return torch.nn.functional.mse_loss(m(ids, torch.ones_like(ids)), targets[id(ids)], reduction="sum")
+    def logits(m, ids):
+        return m(ids, torch.ones_like(ids))
 
     start = time.perf_counter()
-    scored = allocate.hawq(fp32, module, loss, batches, FORMATS, exclude=KEEP_HEAD, probes=8)
+    scored = allocate.hawq(fp32, module, logits, batches, FORMATS, exclude=KEEP_HEAD, probes=8)
     seconds = time.perf_counter() - start
     print(f"HAWQ-V2 sensitivities: {seconds:.0f} s", flush=True)
     calibration = CalibrationData(list(lm_feeds(lee_windows(tokenizer, range(139, 147)))))

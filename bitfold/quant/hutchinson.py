@@ -5,8 +5,13 @@ Rademacher vectors v (Hutchinson, 1990); each vᵀHv costs one Hessian-vector pr
 (double backward). HAWQ-V2 (Dong et al., 2020) scores quantizing W to a format by Ω = Tr(H_W)/n · ‖Q(W) - W‖²,
 the second-order loss increase of a perturbation spread evenly over the Hessian's eigenvectors. This needs the model
 in torch with a differentiable loss: :func:`hessian_traces` takes the module, a loss function and batches. The
-second-order argument holds where the loss is at a minimum: a trained model's task loss, or (always) the distance
-of the outputs to the unquantized model's own, whose Hessian there is the positive semi-definite JᵀJ.
+second-order argument holds where the loss is at a minimum, as a trained model's task loss may be.
+
+One probe vector spans all parameters, so each block's estimate also carries the cross terms v_pᵀH_pq v_q: zero
+in expectation, but from large blocks they can swamp a small one and turn it negative. :func:`output_traces`
+avoids both problems for the loss that is always at its minimum, the squared distance of the outputs y to the
+unquantized model's own: its Hessian there is 2 JᵀJ (J = ∂y/∂W), and Tr(J_pᵀJ_p) = E‖J_pᵀu‖² over Rademacher
+vectors u in output space, one backward pass per probe for every block at once, each estimate non-negative.
 """
 
 from __future__ import annotations
@@ -41,4 +46,30 @@ def hessian_traces(
                 for name, t, v, hv in zip(names, tensors, vs, hvs, strict=True):
                     totals[name] += float((v * hv).sum()) / t.numel()
                 count += 1
+    return {name: total / max(count, 1) for name, total in totals.items()}
+
+
+def output_traces(
+    module: torch.nn.Module,
+    forward: Callable[[torch.nn.Module, Any], torch.Tensor],
+    batches: Iterable[Any],
+    params: Mapping[str, torch.nn.Parameter],
+    *,
+    probes: int = 8,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Tr(H)/n per named parameter of ‖forward(module, batch) - y₀‖² at the current weights (H = 2 JᵀJ), averaged
+    over batches and ``probes`` output-space Rademacher vectors per batch."""
+    names = list(params)
+    tensors = [params[name] for name in names]
+    generator = torch.Generator().manual_seed(seed)
+    totals, count = dict.fromkeys(names, 0.0), 0
+    for batch in batches:
+        outputs = forward(module, batch)
+        for _ in range(probes):
+            u = (torch.randint(0, 2, outputs.shape, generator=generator) * 2 - 1).to(outputs.dtype)
+            grads = torch.autograd.grad(outputs, tensors, grad_outputs=u, retain_graph=True)
+            for name, t, g in zip(names, tensors, grads, strict=True):
+                totals[name] += 2.0 * float((g.double() ** 2).sum()) / t.numel()
+            count += 1
     return {name: total / max(count, 1) for name, total in totals.items()}

@@ -26,7 +26,7 @@ import dataclasses
 import glob
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -40,7 +40,7 @@ from bitfold.passes.registry import BitfoldPass, create, get_pass
 from bitfold.pipeline import Recipe
 from bitfold.quant.allocate import allocate
 from bitfold.quant.calibration import CalibrationData
-from bitfold.quant.hutchinson import hessian_traces
+from bitfold.quant.hutchinson import hessian_traces, output_traces
 
 
 
@@ -169,15 +169,18 @@ def measure(
 def hawq(
     model: ir.Model,
     module: torch.nn.Module,
-    loss: Callable[[torch.nn.Module, Any], torch.Tensor],
+    fn: Callable[[torch.nn.Module, Any], torch.Tensor],
     batches: Sequence[Any],
     formats: list[str],
     exclude: Sequence[str] = (),
     probes: int = 8,
+    curvature: Literal["outputs", "loss"] = "outputs",
 ) -> Allocation:
-    """HAWQ-V2 sensitivities for a model exported from ``module``: Tr(H)/n of ``loss`` per layer weight
-    (``bitfold.quant.hutchinson``, ``probes`` Rademacher vectors per batch) times ‖Q(W) - W‖² of each format's
-    plain rounding. Each MatMul weight is matched to the module parameter it equals (a Linear weight, transposed)."""
+    """HAWQ-V2 sensitivities for a model exported from ``module``: Tr(H)/n per layer weight times ‖Q(W) - W‖² of
+    each format's plain rounding (``bitfold.quant.hutchinson``, ``probes`` Rademacher vectors per batch). With
+    ``curvature = "outputs"`` ``fn(module, batch)`` returns the outputs and H is that of their squared distance to
+    the unquantized outputs (the quantity ``measure`` scores); with ``"loss"`` ``fn`` returns a scalar task loss.
+    Each MatMul weight is matched to the module parameter it equals (a Linear weight, transposed)."""
     nodes, outside = _layers(model, formats, exclude)
     by_value: dict[str, str] = {}
     for name, param in module.named_parameters():
@@ -188,12 +191,13 @@ def hawq(
     if unmatched:
         raise BitfoldError(f"no parameter of the torch module equals the weight of '{unmatched[0]}'; pass the module the model was exported from.")
     parameters = dict(module.named_parameters())
-    traces = hessian_traces(module, loss, batches, {p: parameters[p] for p in dict.fromkeys(matched.values())}, probes=probes)
+    estimate = output_traces if curvature == "outputs" else hessian_traces
+    traces = estimate(module, fn, batches, {p: parameters[p] for p in dict.fromkeys(matched.values())}, probes=probes)
     negative = {p: t for p, t in traces.items() if t < 0}
     if negative:
         name, value = next(iter(negative.items()))
         raise BitfoldError(f"the loss curves downward at '{name}' (average Hessian diagonal {value:.3g}); give a loss minimised at "
-                           "the current weights, such as the distance of the outputs to the unquantized model's.")  # fmt: skip
+                           "the current weights, or use curvature = \"outputs\".")  # fmt: skip
     solvers = _solvers(formats, {"method": "rtn"})
     needing = [f for f, s in zip(formats, solvers, strict=True) if s.needs_calibration]
     if needing:

@@ -142,25 +142,20 @@ def test_hawq_sensitivities_from_the_torch_module_the_model_came_from():
     lm = TinyLM().eval()
     model, _ = bitfold.optimize(bitfold.from_torch(lm, (torch.randint(0, 96, (1, 8)),)), list(CANONICAL))
     batches = [torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    with torch.no_grad():
-        targets = {id(ids): lm(ids) for ids in batches}
-
-    def loss(module, ids):  # minimised at the current weights: the Hessian there is positive semi-definite
-        return torch.nn.functional.mse_loss(module(ids), targets[id(ids)], reduction="sum")
 
     def next_token(module, ids):  # an untrained model is not at a minimum of its task loss
         logits = module(ids)
         return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
     with pytest.raises(BitfoldError, match="curves downward"):
-        allocate.hawq(model, lm, next_token, batches, ["int4"])
-    allocation = allocate.hawq(model, lm, loss, batches, ["int8", "int4", "int2"], probes=4)
+        allocate.hawq(model, lm, next_token, batches, ["int4"], curvature="loss")
+    allocation = allocate.hawq(model, lm, lambda module, ids: module(ids), batches, ["int8", "int4", "int2"], probes=4)
     assert len(allocation.layers) == 15 and (allocation.sensitivity > 0).all()
     assert (np.diff(allocation.sensitivity, axis=1) > 0).all()  # int8 < int4 < int2 in every layer
     solved = allocate.solve(allocation, 5.0)
     assert solved.bits_per_weight <= 5.0 and len(set(solved.choice)) >= 2
     bitfold.optimize(bitfold.clone(model), solved.recipe().to_list())
     with pytest.raises(BitfoldError, match="no parameter of the torch module equals the weight of"):
-        allocate.hawq(model, TinyLM(), loss, batches, ["int4"])
+        allocate.hawq(model, TinyLM(), next_token, batches, ["int4"])
     with pytest.raises(BitfoldError, match="leave it out"):
-        allocate.hawq(model, lm, loss, batches, ["2:4-int4"])
+        allocate.hawq(model, lm, lambda module, ids: module(ids), batches, ["2:4-int4"])
