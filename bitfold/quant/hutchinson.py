@@ -33,20 +33,17 @@ def hessian_traces(
 ) -> dict[str, float]:
     """Tr(H)/n of ``loss(module, batch)`` for each named parameter, averaged over batches and ``probes`` Rademacher
     vectors per batch."""
-    names = list(params)
-    tensors = [params[name] for name in names]
-    generator = torch.Generator().manual_seed(seed)
-    totals, count = dict.fromkeys(names, 0.0), 0
+
+    def prepare(batch, tensors):
+        return torch.autograd.grad(loss(module, batch), tensors, create_graph=True)
+
+    def probe(grads, tensors, generator):
+        vs = [_rademacher(t.shape, t.dtype, generator) for t in tensors]
+        hvs = torch.autograd.grad(grads, tensors, grad_outputs=vs, retain_graph=True)
+        return [float((v * hv).sum()) / t.numel() for t, v, hv in zip(tensors, vs, hvs, strict=True)]
+
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # the fused kernels lack double backward
-        for batch in batches:
-            grads = torch.autograd.grad(loss(module, batch), tensors, create_graph=True)
-            for _ in range(probes):
-                vs = [(torch.randint(0, 2, t.shape, generator=generator) * 2 - 1).to(t.dtype) for t in tensors]
-                hvs = torch.autograd.grad(grads, tensors, grad_outputs=vs, retain_graph=True)
-                for name, t, v, hv in zip(names, tensors, vs, hvs, strict=True):
-                    totals[name] += float((v * hv).sum()) / t.numel()
-                count += 1
-    return {name: total / max(count, 1) for name, total in totals.items()}
+        return _average(params, batches, probes, seed, prepare, probe)
 
 
 def output_traces(
@@ -60,16 +57,29 @@ def output_traces(
 ) -> dict[str, float]:
     """Tr(H)/n per named parameter of ‖forward(module, batch) - y₀‖² at the current weights (H = 2 JᵀJ), averaged
     over batches and ``probes`` output-space Rademacher vectors per batch."""
+
+    def probe(outputs, tensors, generator):
+        u = _rademacher(outputs.shape, outputs.dtype, generator)
+        grads = torch.autograd.grad(outputs, tensors, grad_outputs=u, retain_graph=True)
+        return [2.0 * float((g.double() ** 2).sum()) / t.numel() for t, g in zip(tensors, grads, strict=True)]
+
+    return _average(params, batches, probes, seed, lambda batch, _: forward(module, batch), probe)
+
+
+def _average(params, batches, probes: int, seed: int, prepare, probe) -> dict[str, float]:
+    """Mean over batches and probes of ``probe(prepare(batch, tensors), tensors, generator)``, one value per parameter."""
     names = list(params)
     tensors = [params[name] for name in names]
     generator = torch.Generator().manual_seed(seed)
     totals, count = dict.fromkeys(names, 0.0), 0
     for batch in batches:
-        outputs = forward(module, batch)
+        state = prepare(batch, tensors)
         for _ in range(probes):
-            u = (torch.randint(0, 2, outputs.shape, generator=generator) * 2 - 1).to(outputs.dtype)
-            grads = torch.autograd.grad(outputs, tensors, grad_outputs=u, retain_graph=True)
-            for name, t, g in zip(names, tensors, grads, strict=True):
-                totals[name] += 2.0 * float((g.double() ** 2).sum()) / t.numel()
+            for name, value in zip(names, probe(state, tensors, generator), strict=True):
+                totals[name] += value
             count += 1
     return {name: total / max(count, 1) for name, total in totals.items()}
+
+
+def _rademacher(shape, dtype, generator: torch.Generator) -> torch.Tensor:
+    return (torch.randint(0, 2, shape, generator=generator) * 2 - 1).to(dtype)
