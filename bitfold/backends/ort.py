@@ -56,7 +56,9 @@ class OrtRunnable(Timed):
             options.use_per_session_threads = False
         if not spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        disabled = []
+        # A float weight stays float: ORT's WeightBiasQuantization would quantize the float weight (per tensor) and
+        # bias of every Conv/Gemm that sits between DequantizeLinear and QuantizeLinear, an error the graph never asked for.
+        disabled = ["WeightBiasQuantization"]
         if _has_fp8_qdq(model):  # ORT's QDQ fusion would build QLinearConv/MatMul on fp8, which have no kernels,
             options.add_session_config_entry("session.disable_quant_qdq", "1")
             disabled.append("ClipQuantRewrite")  # and its Clip→QuantizeLinear rule rejects fp8 zero points at load

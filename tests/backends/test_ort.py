@@ -41,3 +41,29 @@ def test_unknown_backend_and_device(zoo_protos):
         bitfold.compile(model, "tensorrt")
     with pytest.raises(BitfoldError, match="unknown device 'tpu'"):
         bitfold.compile(model, "ort", "tpu")
+
+
+def test_float_weights_between_qdq_stay_float():
+    """A Conv read through DequantizeLinear and written through QuantizeLinear keeps its float weight: with every
+    ORT optimization on, the output equals the unoptimized run (ORT's own weight quantization would move it)."""
+    import onnx
+    import onnx.helper as h
+    import onnx_ir as ir
+
+    from bitfold.backends.ort import OrtRunnable
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((32, 64, 1, 1)).astype(np.float32)
+    w[:, 0] *= 100  # one large input channel: a per-tensor int8 grid would crush the rest
+    inits = [onnx.numpy_helper.from_array(a, n) for a, n in
+             ((w, "w"), (np.float32(0.05), "s"), (np.float32(2.0), "s2"), (np.uint8(128), "z"))]  # fmt: skip
+    nodes = [h.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), h.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+             h.make_node("Conv", ["d", "w"], ["c"]),
+             h.make_node("QuantizeLinear", ["c", "s2", "z"], ["q2"]), h.make_node("DequantizeLinear", ["q2", "s2", "z"], ["y"])]  # fmt: skip
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", 1, [1, 64, 4, 4])],
+                         [h.make_tensor_value_info("y", 1, None)], inits)  # fmt: skip
+    model = ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 21)], ir_version=9))
+    feeds = {"x": rng.standard_normal((1, 64, 4, 4)).astype(np.float32)}
+    plain = OrtRunnable(model, device="cpu", optimization="none").run(feeds)["y"]
+    optimized = OrtRunnable(model, device="cpu", optimization="all").run(feeds)["y"]
+    np.testing.assert_array_equal(optimized, plain)
