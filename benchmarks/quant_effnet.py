@@ -2,7 +2,9 @@
 
 Evaluation: 500 deterministic crops/flips of 10 scikit-image photos (bitfold.eval.tasks.effnet_agree);
 calibration: 96 crops of 6 other photos (the built-in ``skimage-photos`` source). ORT's quantize_static gets the
-same calibration images (QDQ, per-channel int8 weights, uint8 activations, MinMax). A last row feeds fp32 itself
+same calibration images (QDQ, per-channel int8 weights, uint8 activations, MinMax). The exclusion loop
+(``bitfold.tools.exclude.keep_within`` on the W8A8 step, metric: relative L2 error of the logits on the first 4
+calibration crops) leaves the layers that cost most in float, for each budget in ``BUDGETS``. A last row feeds fp32 itself
 inputs with noise of the size of 8-bit input rounding: the agreement this data allows any quantized input. Latency: one run, interleaved
 rounds, ratio to fp32. Writes benchmarks/results/quant_effnet.{json,png}.
 
@@ -31,9 +33,11 @@ from bitfold.eval.tasks import EFFNET_CROPS_PER_PHOTO, effnet_agree  # noqa: E40
 from bitfold.passes.canonical import CANONICAL  # noqa: E402
 from bitfold.quant.calibration import CalibrationData  # noqa: E402
 from bitfold.tools.bench import compare  # noqa: E402
+from bitfold.tools.exclude import keep_within  # noqa: E402
 from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+BUDGETS = (0.04, 0.03)
 
 
 class _Reader(CalibrationDataReader):
@@ -75,6 +79,13 @@ def main() -> None:
     variants["bitfold W8A8 minmax, image quantized too"] = bitfold.optimize(
         bitfold.clone(fp32), [{"name": "quantize-activations", "graph_inputs": True}], calibration
     )[0]
+    kept_float, contributions = {}, None  # contributions measured once, reused for the other budgets
+    for budget in BUDGETS:
+        kept = keep_within(bitfold.clone(fp32), {"name": "quantize-activations"}, budget, list(calibration)[:4], calibration, contributions)
+        contributions = kept.contributions
+        name = f"bitfold W8A8 minmax, exclusion loop max_error {budget:g}"
+        variants[name], kept_float[name] = kept.model, kept.kept
+        print(f"budget {budget}: logit error {kept.error:.4f}, {len(kept.kept)} layers kept float: {kept.kept}", flush=True)
     src, dst = tmp / "fp32.onnx", tmp / "ort_static.onnx"
     bitfold.save(fp32, src)
     quantize_static(str(src), str(dst), _Reader(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
@@ -85,7 +96,7 @@ def main() -> None:
     for name, model in variants.items():
         task = effnet_agree(model, reference)
         rows.append({"variant": name, "agreement": task.value, "mean_kl": task.detail["mean_kl"],
-                     "bytes": bitfold.frontend.parameter_bytes(model)})  # fmt: skip
+                     "bytes": bitfold.frontend.parameter_bytes(model), "layers_kept_float": kept_float.get(name)})  # fmt: skip
         print(rows[-1], flush=True)
     rows.append(_input_noise_floor(reference))
     print(rows[-1], flush=True)
@@ -95,9 +106,10 @@ def main() -> None:
     for row, s in zip(rows, stats, strict=False):
         row["latency_ms"] = s
         print(f"{row['variant']:28s} p50 {s['p50']:.2f} ms  ratio vs fp32 {s['ratio']:.3f}")
-    result = {"model": "EfficientNet-Lite0 1x3x224x224", "onnxruntime": ort.__version__, "rows": rows}
+    result = {"model": "EfficientNet-Lite0 1x3x224x224", "onnxruntime": ort.__version__, "conv_layers": sum(n.op_type == "Conv" for n in fp32.graph),
+              "budgets": list(BUDGETS), "rows": rows}  # fmt: skip
     write_atomic(RESULTS / "quant_effnet.json", json.dumps(result, indent=2).encode())
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, ax = plt.subplots(figsize=(8, 4.2))
     ax.barh([r["variant"] for r in rows][::-1], [100 * r["agreement"] for r in rows][::-1], color="#c63")
     ax.set_xlabel("top-1 agreement with fp32, % (500 crops)")
     ax.set_xlim(50, 100)

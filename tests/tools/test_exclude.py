@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 from conftest import fresh
 
@@ -78,3 +79,22 @@ def test_recipe_key_is_validated(bad, message):
         bitfold.Recipe.from_list([{**STEP, "max_error": bad}])
     with pytest.raises(bitfold.errors.RecipeError, match="no exclude"):
         bitfold.Recipe.from_list([{"name": "remove-dead", "max_error": 0.1}])
+
+
+def test_w8a8_on_a_cnn_leaves_whole_layers_float(zoo_protos):
+    """On quantize-activations the loop meets the budget, and a kept layer reads a float input with a float weight."""
+    from bitfold.quant.calibration import CalibrationData
+
+    model, _ = bitfold.optimize(fresh(zoo_protos, "cnn-bn"), list(CANONICAL))
+    rng = np.random.default_rng(0)
+    calibration = CalibrationData([{"x": rng.standard_normal((2, 3, 16, 16)).astype(np.float32)} for _ in range(8)])
+    step = {"name": "quantize-activations", "activation_dtype": "int8"}
+    everything = keep_within(model, step, 10.0, list(calibration)[:2], calibration)
+    budget = everything.error / 2
+    kept = keep_within(model, step, budget, list(calibration)[:2], calibration)
+    assert 0 < kept.error <= budget < everything.error and kept.kept
+    nodes = {node.name: node for node in kept.model.graph}
+    for name in kept.kept:
+        x, w = nodes[name].inputs[:2]
+        assert x.producer() is None or x.producer().op_type != "DequantizeLinear"
+        assert w.const_value is not None and w.const_value.dtype == ir.DataType.FLOAT
