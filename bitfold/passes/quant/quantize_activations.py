@@ -26,6 +26,9 @@ DequantizeLinear (idempotent), weights that are not constant initializers, exclu
 
 ``bias_correction`` (on by default) removes the mean output shift that weight rounding causes, ΔW·E[x] with E[x]
 the per-input-channel calibration mean, from the Conv/Gemm bias (added if absent); MatMul has no bias to absorb it.
+
+With ``weights = false`` a Conv/Gemm keeps its float weight between Q/DQ pairs; ONNX Runtime's default session
+would quantize that weight itself (its ``WeightBiasQuantization`` rewrite), which ``bitfold.compile`` disables.
 """
 
 from __future__ import annotations
