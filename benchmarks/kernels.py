@@ -9,7 +9,8 @@ cycles through distinct copies of its weights, at least 64 MiB in all (at most 6
 stay partly in the 32 MiB L3). Inside a process the candidates of one (M, K, N) run in interleaved rounds of
 ``--iters`` consecutive runs; a time is the median over all runs of all rounds.
 ORT MatMulNBits is int4, block 128, symmetric, ``accuracy_level = 4`` (its fastest: activations quantized to int8
-per block). bitfold's kernels compute exactly in fp32 (no activation quantization), from random weights in each
+per block); so does bitfold's ``int4 acc4`` row (the same MatMulNBits op and attribute, AVX-512 VNNI kernel). The
+other bitfold kernels compute exactly in fp32 (no activation quantization), from random weights in each
 format (ShiftAddLLM q = 3, group 128; binary with per-output scale and mean; XNOR with binarized activations;
 ternary; shift 4-bit; 2:4; unstructured 50 % CSR; 4×4 blocks 50 %).
 
@@ -127,6 +128,7 @@ def formats(k: int, n: int, rng: np.random.Generator, int4: tuple) -> dict[str, 
     p1, a1, m1, q1, v1, t1 = binary.pack(signs[:1], rng.random((1, n)), rng.standard_normal(n) * 0.01)
     cases = {
         "int4 (MatMulNBits)": (k_nbits.KERNEL, [b, s], {"K": k, "N": n, "bits": 4, "block_size": 128}),
+        "int4 acc4 (int8 activations)": (k_nbits.KERNEL, [b, s], {"K": k, "N": n, "bits": 4, "block_size": 128, "accuracy_level": 4}),
         "ShiftAddLLM q3 (BCQ LUT)": (k_bcq.KERNEL, list(bcq.pack(signs, rng.random((3, -(-k // 128), n)))), {"K": k, "group_size": 128}),
         "binary": (k_binary.KERNEL, [p1, a1, m1, q1, v1, t1], {"K": k}),
         "binary XNOR": (k_binary.KERNEL, [p1, a1, m1, q1, v1, t1], {"K": k, "binarize_input": 1}),

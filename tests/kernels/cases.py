@@ -36,18 +36,31 @@ def _nm_sparse(rng, k, n, keep, group):
     return (g * mask).reshape(-1, n)[:k]
 
 
+def int8_blocks(x: np.ndarray, block: int) -> np.ndarray:
+    """x as ONNX Runtime's ``accuracy_level = 4`` sees it: int8 per row and block of inputs, scale max|x| / 127,
+    rounded to nearest even (computed in fp32)."""
+    m, k = x.shape
+    blocks = np.zeros((m, -(-k // block) * block), np.float32)
+    blocks[:, :k] = x
+    blocks = blocks.reshape(m, -1, block)
+    top = np.abs(blocks).max(-1, keepdims=True)
+    inverse = np.divide(np.float32(127), top, out=np.zeros_like(top), where=top > 0)
+    return (np.rint(blocks * inverse) * (top / np.float32(127))).reshape(m, -1)[:, :k].astype(np.float64)
+
+
 def case(name: str, k: int, n: int, seed: int = 0):
     """(kernel, weights (inputs 1…), attrs, reference(x) -> y)."""
     rng = np.random.default_rng(seed)
     if name.startswith("nbits"):
-        bits, zp = {"nbits4": (4, False), "nbits4-zp": (4, True), "nbits8": (8, False), "nbits2-zp": (2, True)}[name]
+        bits, zp, level = {"nbits4": (4, False, 0), "nbits4-zp": (4, True, 0), "nbits8": (8, False, 0), "nbits2-zp": (2, True, 0), "nbits4-int8": (4, False, 4), "nbits4-int8-zp": (4, True, 4)}[name]
         block = 32
         blocks = -(-k // block)
         codes = rng.integers(0, 1 << bits, (n, k))
         zero = rng.integers(0, 1 << bits, (n, blocks)) if zp else None
         b, s, z = matmulnbits.pack(codes, rng.random((n, blocks)).astype(np.float32), zero, bits, block)
         w = matmulnbits.unpack(b, s, z, bits, block, k)
-        return k_nbits.KERNEL, [b, s, z], {"K": k, "N": n, "bits": bits, "block_size": block}, lambda x: x @ w
+        attrs = {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": level}
+        return k_nbits.KERNEL, [b, s, z], attrs, (lambda x: int8_blocks(x, block) @ w) if level == 4 else (lambda x: x @ w)
     if name.startswith(("binary", "xnor")):
         planes, salient, binarize = {"binary": (1, False, 0), "binary-residual-salient": (2, True, 0), "xnor": (1, False, 1), "xnor-salient": (2, True, 1)}[name]
         signs = rng.choice([-1, 1], (planes, k, n))
@@ -95,7 +108,7 @@ def case(name: str, k: int, n: int, seed: int = 0):
 
 
 NAMES = [
-    "nbits4", "nbits4-zp", "nbits8", "nbits2-zp", "binary", "binary-residual-salient", "xnor", "xnor-salient", "ternary",
+    "nbits4", "nbits4-zp", "nbits8", "nbits2-zp", "nbits4-int8", "nbits4-int8-zp", "binary", "binary-residual-salient", "xnor", "xnor-salient", "ternary",
     "shift3", "shift4-dense", "bcq3", "bcq2-g16", "sparse2:4", "sparse1:4", "sparse2:8", "csr", "block-csr4x4",
     "block-csr3x5", "dense-sparse4", "dense-sparse8", "hadamard",
 ]  # fmt: skip

@@ -80,3 +80,39 @@ def test_lookup_microkernel_serves_wide_layers_on_avx512(name):
     kernel, weights, attrs, _ = case(name, 196, 128)
     script = build.prim_func(kernel, kernel.prepare([None, *weights], attrs), 2, target).script()
     assert "permvar" in script and "gemv" not in script
+
+
+def test_int8_nbits_takes_the_vnni_microkernel_where_present():
+    from bitfold.kernels import vnni
+
+    target = build.target("cpu")
+    if not vnni.available(target):
+        pytest.skip("the CPU has no AVX-512 VNNI")
+    kernel, weights, attrs, _ = case("nbits4-int8-zp", 196, 128)
+    script = build.prim_func(kernel, kernel.prepare([None, *weights], attrs), 2, target).script()
+    assert "vpdpbusd" in script and "gemv" not in script
+
+
+@pytest.mark.parametrize("name", ["nbits4-int8", "nbits4-int8-zp"])
+def test_int8_nbits_without_vnni_has_the_same_numerics(name):
+    """The TE kernel (CPUs without VNNI, CUDA) quantizes activations exactly as the microkernel does."""
+    m, k, n = 3, 100, 37
+    kernel, weights, attrs, reference = case(name, k, n)
+    prepared = kernel.prepare([None, *weights], attrs)
+    plain = tvm.target.Target("llvm")
+    func = build.prim_func(kernel, prepared, m, plain).with_attr("global_symbol", "main")
+    assert "vpdpbusd" not in func.script()
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=plain)
+    x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
+    args = [tvm.runtime.tensor(a) for a in (x, *prepared.arrays, np.zeros((m, n), np.float32))]
+    lib["main"](*args)
+    expected = reference(x.astype(np.float64))
+    np.testing.assert_allclose(args[-1].numpy(), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    assert np.abs(args[-1].numpy() - x @ _float_weights(weights, attrs, k)).max() > 1e-3 * np.abs(expected).max()
+
+
+def _float_weights(weights, attrs, k):
+    from bitfold.quant import matmulnbits
+
+    b, s, z = weights
+    return matmulnbits.unpack(b, s, z, attrs["bits"], attrs["block_size"], k)
