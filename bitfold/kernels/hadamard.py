@@ -8,7 +8,7 @@ Stages: with z_0 = x and h = 2^s, for s = 0 … log2(p) − 1::
 (each stage touches every element once, a butterfly on index pairs), then
 ``Y[a·p + b] = Σ_c B'[c, a] · z[c·p + b]`` with B' = B / √p (prepared once; for B = [[1]] a single scale).
 
-CPU (``lowering``, TIR): rows run in parallel; a row is transformed in place in a scratch buffer that stays in L1.
+CPU (``lowering``, TIR): rows run in parallel (a single row on the calling thread); a row is transformed in place in a scratch buffer that stays in L1.
 The first four stages (butterflies inside 16-element chunks, which a 16-lane vector cannot do with contiguous
 loads) are one product with the 16×16 Walsh matrix: 16 broadcast multiply-adds per chunk; the remaining stages are
 in-place butterflies on whole vectors (two loads, an add, a subtract, two stores per 16 elements). CUDA (TE):
@@ -54,10 +54,11 @@ def _fwht(rows: int, n: int, p: int) -> tvm.tirx.PrimFunc:
     q = min(p, 16)
     blocks = n // p
     wide = (p // q).bit_length() - 1  # stages after the first log2(q)
+    rows_loop = T.parallel if rows > 1 else T.serial  # one row: no thread-pool launch (a few µs, the row's own cost)
 
     @T.prim_func(private=True)
     def kernel(x: T.Buffer((rows, n), "float32"), block: T.Buffer((blocks, blocks), "float32"), walsh: T.Buffer((q, q), "float32"), y: T.Buffer((rows, n), "float32")):
-        for r in T.parallel(rows):
+        for r in rows_loop(rows):
             buf = T.decl_buffer((n,), "float32")
             for c in range(n // q):
                 buf[T.ramp(c * q, 1, q)] = T.broadcast(T.float32(0), q)
