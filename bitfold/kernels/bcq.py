@@ -26,20 +26,22 @@ DOMAIN = "bitfold"
 
 def prepare(weights, attrs) -> Prepared:
     _, p, alpha = weights
-    arrays = (np.ascontiguousarray(p), np.ascontiguousarray(alpha.astype(np.float16)), np.zeros(p.shape[2], np.float32))
-    return Prepared(arrays, {"group_size": int(attrs["group_size"])}, int(attrs["K"]), p.shape[2])
+    n = p.shape[2]
+    arrays = (lut.tiled(p), lut.tiled(alpha.astype(np.float16)), lut.padded(np.zeros(n, np.float32)))
+    return Prepared(arrays, {"group_size": int(attrs["group_size"]), "columns": n}, int(attrs["K"]), n)
 
 
 def lowering(prepared: Prepared, m: int, target):
     p, alpha, _ = prepared.arrays
-    if not lut.available(target, prepared.n):
+    if not lut.available(target):
         return None
-    return lut.plane_kernel(m, prepared.k, prepared.n, p.shape[0], alpha.shape[1], prepared.params["group_size"] // 8, "float16", signs=True)
+    return lut.plane_kernel(m, prepared.k, prepared.n, p.shape[2], alpha.shape[1], prepared.params["group_size"] // 8, "float16", signs=True)
 
 
-def compute(x: te.Tensor, arrays, group_size: int) -> te.Tensor:
+def compute(x: te.Tensor, arrays, group_size: int, columns: int) -> te.Tensor:
     p, alpha, _ = arrays
-    planes, chunks, n = (int(d) for d in p.shape)
+    _, chunks, planes, _ = (int(d) for d in p.shape)
+    n = columns
     groups = int(alpha.shape[1])
     per_group = group_size // 8
     xp = padded(x, chunks * 8)
@@ -54,12 +56,12 @@ def compute(x: te.Tensor, arrays, group_size: int) -> te.Tensor:
     def lookup(m, i, h, cols):
         c = tirx.min(h * per_group + u, chunks - 1)
         inside = h * per_group + u < chunks
-        return te.if_then_else(inside, table[m, c, p[i, c, cols].astype("int32")], tirx.const(0.0, "float32"))
+        return te.if_then_else(inside, table[m, c, lut.at(p, i, c, cols).astype("int32")], tirx.const(0.0, "float32"))
 
     part = te.compute((rows, planes, groups, n), lambda m, i, h, cols: te.sum(lookup(m, i, h, cols), axis=u), name="part")
     i = te.reduce_axis((0, planes), "i")
     h = te.reduce_axis((0, groups), "h")
-    return te.compute((rows, n), lambda m, cols: te.sum(alpha[i, h, cols].astype("float32") * part[m, i, h, cols], axis=[i, h]), name="gemv")
+    return te.compute((rows, n), lambda m, cols: te.sum(lut.at(alpha, i, h, cols).astype("float32") * part[m, i, h, cols], axis=[i, h]), name="gemv")
 
 
 KERNEL = kernel(DOMAIN, OP_TYPE, (1, 2), prepare, compute, lowering=lowering)

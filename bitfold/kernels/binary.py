@@ -1,8 +1,9 @@
 """``bitfold.BinaryMatMul`` kernels: sign-select-add over bit-packed weights with float activations, and
 XNOR-popcount when the activations are binarized too.
 
-Layout: P stays in its bit planes uint8[r, ceil(K/8), N] (already outputs-innermost); A as float [r, 1, N] and M [N]
-(the layout of ``lut``'s AVX-512 microkernel, which runs the float-activation case without salient weights).
+Layout: P's bit planes uint8[r, ceil(K/8), N] and A as float [r, 1, N] ``lut.tiled`` (64 outputs of all planes in one
+contiguous stream), M [N] ``lut.padded`` (the layout of ``lut``'s AVX-512 microkernel, which runs the
+float-activation case without salient weights).
 PB-LLM's salient weights become a sparse correction in ELL layout (``common.ell``): at each salient position the
 correction is (its int8 code · T[n]) minus the binary value it replaces, so the dense part never branches.
 
@@ -37,8 +38,8 @@ def prepare(weights, attrs) -> Prepared:
     _, p, a, mean, q, v, t = weights
     k = int(attrs["K"])
     n = p.shape[2]
-    params = {"binarize_input": int(attrs.get("binarize_input", 0)), "salient": int(q.shape[0] > 0)}
-    arrays = [np.ascontiguousarray(p), a.astype(np.float32)[:, None, :], mean.astype(np.float32)]
+    params = {"binarize_input": int(attrs.get("binarize_input", 0)), "salient": int(q.shape[0] > 0), "columns": n}
+    arrays = [lut.tiled(p), lut.tiled(a.astype(np.float32)[:, None, :]), lut.padded(mean.astype(np.float32))]
     if q.shape[0]:
         mask = bitplanes.planes(q, k)[0].astype(bool)  # [K, N]
         dense = binary.unpack(p, a, mean, q[:0], v[:0], t[:0], k)
@@ -53,19 +54,21 @@ def prepare(weights, attrs) -> Prepared:
 
 
 def lowering(prepared: Prepared, m: int, target):
-    if prepared.params["binarize_input"] or prepared.params["salient"] or not lut.available(target, prepared.n):
+    if prepared.params["binarize_input"] or prepared.params["salient"] or not lut.available(target):
         return None
-    return lut.plane_kernel(m, prepared.k, prepared.n, prepared.arrays[0].shape[0], 1, prepared.arrays[0].shape[1], "float32", signs=True)
+    _, chunks, planes, _ = prepared.arrays[0].shape
+    return lut.plane_kernel(m, prepared.k, prepared.n, planes, 1, chunks, "float32", signs=True)
 
 
-def compute(x: te.Tensor, arrays, binarize_input: int, salient: int) -> te.Tensor:
+def compute(x: te.Tensor, arrays, binarize_input: int, salient: int, columns: int) -> te.Tensor:
     p, a, mean = arrays[:3]
-    planes, chunks, n = (int(d) for d in p.shape)
+    _, chunks, planes, _ = (int(d) for d in p.shape)
+    n = columns
     rows_m, k = int(x.shape[0]), int(x.shape[1])
     i_k = te.reduce_axis((0, k), "i")
     if binarize_input:
         scale = te.compute((rows_m,), lambda m: te.sum(te.abs(x[m, i_k]) * tirx.const(1.0 / k, "float32"), axis=i_k), name="rows_mean")
-        y = _xnor(x, p, a, mean, scale)
+        y = _xnor(x, p, a, mean, scale, n)
         xget = lambda m, i: te.if_then_else(x[m, i] >= 0, scale[m], -scale[m])
     else:
         xp = padded(x, chunks * 8)
@@ -73,12 +76,12 @@ def compute(x: te.Tensor, arrays, binarize_input: int, salient: int) -> te.Tenso
         g = te.reduce_axis((0, chunks), "g")
         sel = te.compute(
             (rows_m, planes, n),
-            lambda m, i, cols: te.sum(total([te.if_then_else(bit(p[i, g, cols], j) > 0, xp(m, 8 * g + j), tirx.const(0.0, "float32")) for j in range(8)]), axis=g),
+            lambda m, i, cols: te.sum(total([te.if_then_else(bit(lut.at(p, i, g, cols), j) > 0, xp(m, 8 * g + j), tirx.const(0.0, "float32")) for j in range(8)]), axis=g),
             name="gemv",
         )  # fmt: skip
         y = te.compute(
             (rows_m, n),
-            lambda m, cols: total([a[i, 0, cols] * (2.0 * sel[m, i, cols] - sums[m]) for i in range(planes)]) + mean[cols] * sums[m],
+            lambda m, cols: total([lut.at(a, i, 0, cols) * (2.0 * sel[m, i, cols] - sums[m]) for i in range(planes)]) + mean[cols] * sums[m],
             name="out_dense",
         )  # fmt: skip
         xget = lambda m, i: x[m, i]
@@ -88,8 +91,8 @@ def compute(x: te.Tensor, arrays, binarize_input: int, salient: int) -> te.Tenso
     return te.compute((rows_m, n), lambda m, cols: y[m, cols] + correction[m, cols], name="out")
 
 
-def _xnor(x, p, a, mean, scale):
-    planes, chunks, n = (int(d) for d in p.shape)
+def _xnor(x, p, a, mean, scale, n: int):
+    _, chunks, planes, _ = (int(d) for d in p.shape)
     rows_m, k = int(x.shape[0]), int(x.shape[1])
     xp = padded(x, chunks * 8)
     signs = te.compute(
@@ -102,13 +105,13 @@ def _xnor(x, p, a, mean, scale):
     g = te.reduce_axis((0, chunks), "g")
     pop = te.compute(
         (rows_m, planes, n),
-        lambda m, i, cols: te.sum(tirx.popcount((signs[m, g] ^ p[i, g, cols]).astype("uint32")).astype("int32"), axis=g),
+        lambda m, i, cols: te.sum(tirx.popcount((signs[m, g] ^ lut.at(p, i, g, cols)).astype("uint32")).astype("int32"), axis=g),
         name="gemv",
     )  # fmt: skip
     kf = tirx.const(float(k), "float32")
     return te.compute(
         (rows_m, n),
-        lambda m, cols: scale[m] * (total([a[i, 0, cols] * (kf - 2.0 * pop[m, i, cols].astype("float32")) for i in range(planes)]) + mean[cols] * (2.0 * positive[m] - kf)),
+        lambda m, cols: scale[m] * (total([lut.at(a, i, 0, cols) * (kf - 2.0 * pop[m, i, cols].astype("float32")) for i in range(planes)]) + mean[cols] * (2.0 * positive[m] - kf)),
         name="out_dense",
     )  # fmt: skip
 
