@@ -39,6 +39,8 @@ class TensorStats:
     min: float = np.inf
     max: float = -np.inf
     absmax: np.ndarray | None = None  # per channel (last axis)
+    channel_min: np.ndarray | None = None  # per channel
+    channel_max: np.ndarray | None = None  # per channel
     abs_sum: np.ndarray | None = None  # per channel, for mean |x|
     sum: np.ndarray | None = None  # per channel, for the signed mean
     rows: int = 0
@@ -66,6 +68,9 @@ class TensorStats:
         ax = np.abs(rows)
         self.min, self.max = min(self.min, float(rows.min())), max(self.max, float(rows.max()))
         self.absmax = ax.max(axis=0) if self.absmax is None else np.maximum(self.absmax, ax.max(axis=0))
+        low, high = rows.min(axis=0), rows.max(axis=0)
+        self.channel_min = low if self.channel_min is None else np.minimum(self.channel_min, low)
+        self.channel_max = high if self.channel_max is None else np.maximum(self.channel_max, high)
         sums = ax.sum(axis=0, dtype=np.float64)
         self.abs_sum = sums if self.abs_sum is None else self.abs_sum + sums
         signed = rows.sum(axis=0, dtype=np.float64)

@@ -17,7 +17,8 @@ def scale_fold(graph: ir.Graph, x: ir.Value, consumers: set[ir.Node]):
     """A function folding x ← x / s into x's producer, or None when the producer cannot absorb it.
 
     Absorbers: ``Mul`` by a constant per-channel vector (an RMSNorm γ), ``Mul`` whose other operand comes from a
-    MatMul with a constant weight read nowhere else (SwiGLU's up projection), ``LayerNormalization`` γ and β.
+    MatMul with a constant weight read nowhere else, with or without a constant bias ``Add`` (SwiGLU's up
+    projection), ``LayerNormalization`` γ and β.
     x must be read only by ``consumers``.
     """
     if x.is_graph_output() or {user for user, _ in x.uses()} != consumers:
@@ -44,13 +45,43 @@ def scale_fold(graph: ir.Graph, x: ir.Value, consumers: set[ir.Node]):
         if c is not None and c.size == channels and c.shape[-1:] == (channels,):
             return lambda s, i=index: replace(producer, i, _const(producer.inputs[i]) / s.reshape(c.shape), "awq")
     for operand in producer.inputs:
-        source = operand.producer()
-        if source is None or source.op_type != "MatMul" or source.domain or len(operand.uses()) != 1:
+        source = _matmul_source(operand)
+        if source is None or len(operand.uses()) != 1:
             continue
         w = _const(source.inputs[1])
         if w is not None and w.ndim == 2 and w.shape[1] == channels and len(source.inputs[1].uses()) == 1:
-            return lambda s, node=source: replace(node, 1, _const(node.inputs[1]) / s[None, :], "awq")
+            def fold_projection(s, node=source):
+                replace(node, 1, _const(node.inputs[1]) / s[None, :], "awq")
+                bias = _bias(node)  # looked up when folding: a pass may have given the projection a bias since
+                if bias is not None:
+                    add, index = bias
+                    replace(add, index, _const(add.inputs[index]) / s.reshape(_const(add.inputs[index]).shape), "awq")
+            return fold_projection
     return None
+
+
+def _matmul_source(value: ir.Value) -> ir.Node | None:
+    """The MatMul computing ``value``, directly or through its constant bias ``Add``."""
+    producer = value.producer()
+    if producer is not None and not producer.domain and producer.op_type == "Add" and _bias_operand(producer) is not None:
+        value = producer.inputs[1 - _bias_operand(producer)]
+        producer = value.producer() if len(value.uses()) == 1 else None
+    if producer is None or producer.op_type != "MatMul" or producer.domain:
+        return None
+    return producer
+
+
+def _bias_operand(add: ir.Node) -> int | None:
+    index = next((i for i, v in enumerate(add.inputs) if _const(v) is not None), None)
+    return index if index is not None and len(add.inputs) == 2 else None
+
+
+def _bias(matmul: ir.Node) -> tuple[ir.Node, int] | None:
+    users = list(matmul.outputs[0].uses())
+    if len(users) != 1 or users[0][0].op_type != "Add" or users[0][0].domain:
+        return None
+    index = _bias_operand(users[0][0])
+    return None if index is None else (users[0][0], index)
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:

@@ -5,7 +5,10 @@ For linears W_j ([K, N_j]) that read one activation X ([..., K]), per input chan
     s_k = max|X_k|^α / max_j,n |W_j[k, n]|^(1-α),     X ← X / s,  W_j ← diag(s) W_j
 
 so X·W_j is unchanged while X's per-channel ranges flatten (α = 0.5 splits the difficulty evenly; larger α moves
-more into the weights). 1/s is absorbed by X's producer where it can be (``quant.scale_fold``: an RMSNorm γ, a
+more into the weights). With ``shift = true`` (Outlier Suppression+), each channel is first centred on
+z_k = (max X_k + min X_k) / 2: X ← (X − z) / s, with s from the centred ranges max|X_k − z_k|, and z · W_j moves
+into each reader's bias (an ``Add`` after the MatMul when it has none); the −z / s is one per-channel ``Add`` in
+front of the readers. Outlier channels of LLM activations are mostly one-signed, so centring halves their range. 1/s is absorbed by X's producer where it can be (``quant.scale_fold``: an RMSNorm γ, a
 LayerNorm's γ and β, the up projection of a gated MLP); after a plain (affine-free) RMSNorm, as ``fold-norm-affine``
 or ``rotate`` leave them, it becomes that norm's γ again. Guarantees: exact equivalence up to fp32 rounding.
 ``search = true`` picks α per group of linears from an 11-point grid by the quantized output error on sampled
@@ -26,7 +29,7 @@ import onnx_ir as ir
 
 from bitfold.passes.registry import BitfoldPass, register
 from bitfold.passes.transforms.structure import Linear, shared_inputs
-from bitfold.passes.transforms.weights import absorber, set_weight
+from bitfold.passes.transforms.weights import absorber, insert_scale, set_bias, set_weight
 
 SMOOTHED_KEY = "bitfold.smoothed"
 
@@ -37,6 +40,7 @@ class SmoothConfig:
     exclude: tuple[str, ...] = dataclasses.field(default=(), metadata={"doc": "globs on the reading MatMul's name or torch module scope"})
     explicit: bool = dataclasses.field(default=False, metadata={"doc": "where no producer absorbs 1/s, insert a per-channel Mul"})
     search: bool = dataclasses.field(default=False, metadata={"doc": "pick α per layer group on calibration rows (ignores alpha)"})
+    shift: bool = dataclasses.field(default=False, metadata={"doc": "OS+: centre each channel first, the shift moving into the readers' biases"})
     weight_bits: int = dataclasses.field(default=8, metadata={"doc": "search: per-channel weight bits of the target quantization"})
     rows: int = dataclasses.field(default=512, metadata={"doc": "search: calibration rows per input"})
 
@@ -64,14 +68,22 @@ class Smooth(BitfoldPass):
         stats = self.calibration.collect(model, names, rows=names if self.config.search else (), rows_kept=self.config.rows)
         for x, readers, absorb in groups:
             weights = [lin.weight for lin in readers]
+            st = stats[x.name]
+            center = (st.channel_max.astype(np.float64) + st.channel_min) / 2 if self.config.shift else np.zeros(st.absmax.shape)
+            spread = st.channel_max - center if self.config.shift else st.absmax
             alpha = self.config.alpha
             if self.config.search:
-                alpha = search_alpha(stats[x.name].sample, stats[x.name].absmax, weights, self.config.weight_bits)
-            s = self.solve(stats[x.name].absmax, weights, alpha)
+                alpha = search_alpha(st.sample - center, spread, weights, self.config.weight_bits)
+            s = self.solve(spread, weights, alpha)
             absorb(s)
+            if center.any():
+                insert_scale(model.graph, readers[0].matmul.inputs[0], -center / s, "shift", op_type="Add")
+                for lin in readers:
+                    moved = center @ lin.weight.astype(np.float64)
+                    set_bias(model.graph, lin, moved if lin.bias is None else lin.bias + moved, "shift")
             for lin in readers:
                 set_weight(model.graph, lin, s[:, None].astype(np.float64) * lin.weight, "smooth")
-                lin.matmul.metadata_props[SMOOTHED_KEY] = f"alpha={alpha:.2f}"
+                lin.matmul.metadata_props[SMOOTHED_KEY] = f"alpha={alpha:.2f}" + (",shift" if center.any() else "")
                 self.stamp(lin.matmul, [lin.matmul])
         return len(groups)
 

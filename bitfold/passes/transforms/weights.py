@@ -74,11 +74,12 @@ def absorber(graph: ir.Graph, x: ir.Value, readers: list[Linear], explicit: bool
     return None
 
 
-def insert_scale(graph: ir.Graph, x: ir.Value, factor: np.ndarray, suffix: str) -> ir.Node:
-    """Insert ``x ← x ⊙ factor`` (a per-channel ``Mul`` on the last axis) in front of every reader of ``x``."""
+def insert_scale(graph: ir.Graph, x: ir.Value, factor: np.ndarray, suffix: str, op_type: str = "Mul") -> ir.Node:
+    """Insert ``x ← x ⊙ factor`` (a per-channel ``Mul`` on the last axis; ``op_type = "Add"``: ``x ← x + factor``)
+    in front of every reader of ``x``."""
     readers = list(x.uses())
     value = add_initializer(graph, f"{x.name}_{suffix}_factor", factor.astype(np.float32))
-    mul = ir.node("Mul", [x, value], name=f"{x.name}_{suffix}")
+    mul = ir.node(op_type, [x, value], name=f"{x.name}_{suffix}")
     out = mul.outputs[0]
     out.name = f"{x.name}_{suffix}"
     copy_type(out, x)

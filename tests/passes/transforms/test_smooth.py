@@ -69,3 +69,24 @@ def test_alpha_search_never_loses_to_no_smoothing_and_is_recorded(zoo_protos):
     assert report.passes[-1].max_rel <= 1e-5
     recorded = {n.metadata_props["bitfold.smoothed"] for n in model.graph if "bitfold.smoothed" in n.metadata_props}
     assert recorded and all(r.startswith("alpha=") for r in recorded)
+
+
+def test_shift_centres_channels_moves_the_shift_into_biases_and_keeps_outputs(zoo_protos):
+    steps = [*CANONICAL, {"name": "smooth", "shift": True}]
+    calibration = _ids()
+    model, report = bitfold.optimize(fresh(zoo_protos, "tiny-lm"), steps, calibration, verify=True)
+    record = report.passes[-1]
+    assert record.max_rel <= 1e-5
+    shifted = [n for n in model.graph if n.metadata_props.get("bitfold.smoothed", "").endswith(",shift")]
+    shifts = [n for n in model.graph if n.op_type == "Add" and n.name.endswith("_shift")]
+    assert shifted and len(shifts) == len({n.inputs[0].name for n in shifted})  # one centring Add per group
+    assert all(n.inputs[0].producer() in shifts for n in shifted)
+    assert all(any(user.op_type == "Add" for user, _ in n.outputs[0].uses()) for n in shifted)  # its bias
+    # every centred input now spans a range symmetric about zero per channel, so per tensor it is no wider
+    # than the plain smoothed one
+    plain, _ = bitfold.optimize(fresh(zoo_protos, "tiny-lm"), [*CANONICAL, "smooth"], calibration)
+    inputs = lambda m: [n.inputs[0].name for n in m.graph if n.metadata_props.get("bitfold.smoothed")]  # noqa: E731
+    centred = calibration.collect(model, inputs(model))
+    for stats in centred.values():
+        np.testing.assert_allclose(stats.channel_max, -stats.channel_min, atol=1e-4 * np.abs(stats.channel_max).max())
+    assert max(s.max - s.min for s in centred.values()) <= max(s.max - s.min for s in calibration.collect(plain, inputs(plain)).values()) * 1.0001
