@@ -4,7 +4,7 @@ Protocol (bitfold.eval.tasks): SmolLM2 on the Lee corpus, 512-token windows 0-15
 139-146 (8 windows; rows that say so: all 32, 115-146); MiniLM cosine to fp32 over the Lee test sentences, calibration from 128 background sentences.
 Weights: per output channel, symmetric, RTN or GPTQ (act-order), ``format = fake``; the LM head stays fp32.
 Activations: "A8 static" is ``quantize-activations`` (per-tensor uint8, minmax, inputs only); "A8"/"A4" are
-``quantize-tokens`` (dynamic per-token symmetric). Transforms: ``smooth`` (α 0.5), ``fold-norm-affine`` +
+``quantize-tokens`` (dynamic per-token symmetric). Transforms: ``smooth`` (α 0.5; OS+ rows add ``shift``), ``fold-norm-affine`` +
 ``rotate`` (seed 0, online Hadamards), ``affine`` (learned for the row's bits), ``smooth`` + ``lowrank-split``
 (r = 32, SVDQuant). Also max|x| / mean|x| of every linear input before and after rotation (PNG).
 Writes benchmarks/results/transforms.{json,png}.
@@ -56,6 +56,8 @@ def _rows() -> list[tuple[str, list]]:
         ("W8A8 static + smooth", [SMOOTH, _w(8), A8_STATIC]),
         ("W8A8 static + smooth (explicit Muls)", [{**SMOOTH, "explicit": True}, _w(8), A8_STATIC]),
         ("W8A8 static + smooth, α searched per layer", [{"name": "smooth", "search": True}, _w(8), A8_STATIC]),
+        ("W8A8 static + smooth + OS+ shift", [{**SMOOTH, "shift": True}, _w(8), A8_STATIC]),
+        ("W8A8 static + smooth + OS+ shift, α searched per layer", [{"name": "smooth", "search": True, "shift": True}, _w(8), A8_STATIC]),
     ]
     for a in (8, 4):
         affine = {"name": "affine", "weight_bits": 4, "activation_bits": a, "exclude": HEAD}

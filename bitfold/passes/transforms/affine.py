@@ -7,9 +7,18 @@ For linears W_j reading one activation X, learn s > 0 (per input channel) minimi
 with Q_a per-token symmetric ``activation_bits`` (as ``quantize-tokens``) and Q_w per-output-channel symmetric
 ``weight_bits`` (as ``quantize-weights`` RTN), through straight-through rounding, by Adam on log s (torch autograd,
 seeded, ``steps`` steps; the search starts from the better of s = 1 and SmoothQuant's α = 0.5 and keeps the best
-iterate, so L never ends above its start). The diagonal AffineQuant/OmniQuant-LET transform; a full or block matrix
-is not learned. 1/s is absorbed like ``smooth`` (norm γ, LayerNorm, gated-MLP up projection, or a new γ after a
-plain RMSNorm); where nothing can absorb it, it stays as an explicit per-channel ``Mul`` and a note says so.
+iterate, so L never ends above its start). The diagonal AffineQuant/OmniQuant-LET transform. 1/s is absorbed like
+``smooth`` (norm γ, LayerNorm, gated-MLP up projection, or a new γ after a plain RMSNorm); where nothing can absorb
+it, it stays as an explicit per-channel ``Mul`` and a note says so.
+
+With ``block = b > 0`` a block-diagonal matrix A (b×b blocks, b dividing K; FlatQuant-style) is learned next, on
+top of s, from A = I:
+
+    L(A) = Σ_j ‖ Q_a(X / s · A⁻¹) · Q_w(A · diag(s) W_j) - X W_j ‖² / ‖X W_j‖²
+
+(A⁻¹ block by block, gradients through it; best iterate kept, so L(A) ≤ L(s)). No producer can absorb a full
+matrix: A⁻¹ stays as an explicit float32 ``MatMul`` in front of the readers (``bitfold.precision = "float32"``, so
+quantizers leave it alone; K·b multiply-adds per row), and a note says so for every group.
 
 Guarantees: exact equivalence up to fp32 rounding (the fp32 model is unchanged; only its quantization improves).
 Needs: calibration (a sample of rows of each input). Leaves alone: groups already transformed (rerun is a no-op),
@@ -41,10 +50,13 @@ class AffineConfig:
     rows: int = dataclasses.field(default=512, metadata={"doc": "calibration rows per activation"})
     seed: int = dataclasses.field(default=0, metadata={"doc": "torch seed"})
     exclude: tuple[str, ...] = dataclasses.field(default=(), metadata={"doc": "globs on the reading MatMul's name or torch module scope"})
+    block: int = dataclasses.field(default=0, metadata={"doc": "> 0: also learn a block-diagonal matrix with blocks this size (an explicit MatMul)"})
 
     def __post_init__(self) -> None:
         if not (2 <= self.weight_bits <= 8 and 2 <= self.activation_bits <= 16):
             raise ValueError("weight_bits must be in [2, 8] and activation_bits in [2, 16]")
+        if self.block < 0:
+            raise ValueError("block must be >= 0")
         if self.steps < 0 or self.rows < 1 or self.lr <= 0:
             raise ValueError("steps must be >= 0, rows >= 1 and lr > 0")
 
@@ -69,22 +81,54 @@ class Affine(BitfoldPass):
             weights = [lin.weight for lin in readers]
             start = Smooth.solve(stats[x.name].absmax, weights, 0.5)
             s, before, after = learn_scale(stats[x.name].sample, weights, start, c.weight_bits, c.activation_bits, c.steps, c.lr, c.seed)
+            matrix = None
+            if c.block:
+                scaled = [s[:, None] * w.astype(np.float64) for w in weights]
+                matrix, after = learn_blocks(stats[x.name].sample / s, scaled, c.block, c.weight_bits, c.activation_bits, c.steps, c.lr, c.seed)
             if absorb is None:
                 self.notes.append(f"'{x.name}' keeps an explicit per-channel Mul: no producer absorbs 1/s")
                 absorb = absorber(model.graph, x, readers, explicit=True)
             absorb(s)
+            if matrix is not None:
+                self.notes.append(f"'{x.name}' gets an explicit float32 MatMul by A⁻¹ ({c.block}×{c.block} blocks)")
+                insert_matrix(model.graph, readers[0].matmul.inputs[0], np.linalg.inv(matrix))
             for lin in readers:
-                set_weight(model.graph, lin, s[:, None] * lin.weight.astype(np.float64), "affine")
+                w = s[:, None] * lin.weight.astype(np.float64)
+                set_weight(model.graph, lin, w if matrix is None else matrix @ w, "affine")
                 lin.matmul.metadata_props[AFFINE_KEY] = f"loss {before:.4g} -> {after:.4g}"
                 self.stamp(lin.matmul, [lin.matmul])
         return len(groups)
 
     def collect(self, graph: ir.Graph) -> list[tuple[ir.Value, list[Linear], object]]:
-        return [
-            (x, readers, absorber(graph, x, readers))
-            for x, readers in shared_inputs(graph, self.config.exclude)
-            if not any(AFFINE_KEY in lin.matmul.metadata_props for lin in readers)
-        ]
+        groups = []
+        for x, readers in shared_inputs(graph, self.config.exclude):
+            if any(AFFINE_KEY in lin.matmul.metadata_props for lin in readers):
+                continue
+            if self.config.block and x.shape is not None and x.shape[-1] % self.config.block:
+                self.notes.append(f"'{x.name}' kept: {x.shape[-1]} channels are not a multiple of block {self.config.block}")
+                continue
+            groups.append((x, readers, absorber(graph, x, readers)))
+        return groups
+
+
+def insert_matrix(graph: ir.Graph, x: ir.Value, matrix: np.ndarray) -> ir.Node:
+    """Insert ``x ← x · matrix`` (a float32-pinned ``MatMul``) in front of every reader of ``x``."""
+    from bitfold.passes.initializers import add_initializer, copy_type
+    from bitfold.passes.quant.cast_precision import ISLAND_KEY
+
+    readers = list(x.uses())
+    weight = add_initializer(graph, f"{x.name}_affine_inverse", matrix.astype(np.float32))
+    node = ir.node("MatMul", [x, weight], name=f"{x.name}_affine_inverse")
+    node.metadata_props[ISLAND_KEY] = "float32"
+    node.outputs[0].name = f"{x.name}_affine"
+    copy_type(node.outputs[0], x)
+    if x.producer() is not None:
+        graph.insert_after(x.producer(), node)
+    else:
+        graph.insert_before(readers[0][0], node)
+    for user, index in readers:
+        user.replace_input_with(index, node.outputs[0])
+    return node
 
 
 def _fake_quant(t: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
@@ -129,3 +173,45 @@ def learn_scale(
     if final < best_loss:
         best, best_loss = log_s.detach().clone(), final
     return best.exp().double().numpy(), losses[0], best_loss
+
+
+def learn_blocks(
+    x: np.ndarray, weights: list[np.ndarray], block: int, weight_bits: int, activation_bits: int, steps: int, lr: float, seed: int
+) -> tuple[np.ndarray, float]:
+    """(A, best loss): the block-diagonal A ([K, K], ``block``-sized blocks, from I) minimising the quantized output
+    error of X · A⁻¹ against A · W_j (x and weights already scaled by the diagonal step)."""
+    torch.manual_seed(seed)
+    rows = torch.tensor(np.asarray(x, np.float32).reshape(-1, x.shape[-1]))
+    ws = [torch.tensor(np.asarray(w, np.float32)) for w in weights]
+    refs = [rows @ w for w in ws]
+    norms = [r.square().sum().clamp_min(1e-12) for r in refs]
+    k = rows.shape[1]
+    count = k // block
+    blocks = rows.reshape(-1, count, block)
+
+    def loss(delta: torch.Tensor) -> torch.Tensor:
+        a = torch.eye(block) + delta  # [count, block, block]
+        xq = _fake_quant(torch.einsum("rcb,cbd->rcd", blocks, torch.linalg.inv(a)).reshape(-1, k), activation_bits, -1)
+        total = 0.0
+        for w, r, n in zip(ws, refs, norms, strict=True):
+            wa = torch.einsum("cbd,cdn->cbn", a, w.reshape(count, block, -1)).reshape(k, -1)
+            total = total + (xq @ _fake_quant(wa, weight_bits, 0) - r).square().sum() / n
+        return total
+
+    delta = torch.nn.Parameter(torch.zeros(count, block, block))
+    with torch.no_grad():
+        best, best_loss = delta.detach().clone(), float(loss(delta))
+    optimizer = torch.optim.Adam([delta], lr=lr * 0.1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        value = loss(delta)
+        if float(value.detach()) < best_loss:
+            best, best_loss = delta.detach().clone(), float(value.detach())
+        value.backward()
+        optimizer.step()
+    with torch.no_grad():
+        final = float(loss(delta))
+    if final < best_loss:
+        best, best_loss = delta.detach().clone(), final
+    a = torch.eye(block, dtype=torch.float64) + best.double()
+    return np.asarray(torch.block_diag(*a).numpy()), best_loss
