@@ -16,13 +16,16 @@ ternary; shift 4-bit; 2:4; unstructured 50 % CSR; 4×4 blocks 50 %).
 
 Bandwidth: ``copy`` is a 256 MiB torch copy on all cores (bytes read per second); the roofline is the best read
 rate in the run, copy or ORT's fp32 GEMV (the issue's rule). A kernel's fraction = (bytes it reads / time) / roofline.
-The Hadamard rows time the O(n log n) transform of M rows of n = 4096 against the larger of two floors: reading and
+The Hadamard rows time the O(n log n) transform of M rows of n = 4096 (hot: it reads only activations, which the
+previous op has just written) against the larger of two floors: reading and
 writing the M · n activations once at the copy bandwidth, and M · n · log2(n) additions at full vector width on
-every core (two vector adds per cycle at the nominal clock).
+every core (two vector adds per cycle at the nominal clock); ``call_us`` is the cost of calling a compiled kernel that
+copies one float (paid by every kernel call from Python), and the ratio after it compares the rest with the bound.
 
 End-to-end (``--e2e``): SmolLM2-135M forward of 1 token (a decode step without KV cache) and of 128 tokens
 (prefill): ORT fp32, TVM fp32, ORT int4 (MatMulNBits acc-4, group 128) and bitfold formats through TVM (int4
-MatMulNBits kernel, ShiftAddLLM q3, binary, 2:4 magnitude), each variant in its own process, one at a time.
+MatMulNBits acc-4 kernel, ShiftAddLLM q3, binary, 2:4 magnitude), each variant in its own process, one at a time,
+variants alternating over ``--e2e-rounds`` rounds.
 Weights are RTN/ magnitude (speed only; accuracy is in the other tables); the LM head stays fp32 in every variant. Writes benchmarks/results/kernels.{json,png}.
 
     python benchmarks/kernels.py [--rounds 10] [--iters 5] [--e2e] [--only int4 ShiftAddLLM]
@@ -267,20 +270,37 @@ def _peak_adds() -> float:
     return CORES * build.schedule.lanes(build.target("cpu")) * 2 * mhz * 1e6
 
 
+def call_overhead(rounds: int) -> float:
+    """Seconds of one call of a compiled TVM kernel that copies one float: the fixed cost every kernel call pays
+    from Python (argument conversion, packed-function dispatch)."""
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def copy_one(x: T.Buffer((1,), "float32"), y: T.Buffer((1,), "float32")):
+        y[0] = x[0]
+
+    function = tvm.compile(tvm.IRModule({"main": copy_one}), target=build.target("cpu"))["main"]
+    args = [tvm.runtime.tensor(np.zeros(1, np.float32)) for _ in range(2)]
+    return measure({"call": [lambda xs: function(*args)]}, np.zeros(1, np.float32), rounds, 5)["call"]
+
+
 def hadamard_rows(rounds: int, copy: float) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
+    call = call_overhead(rounds)
     for m in (1, 16, 128):
         n = 4096
         prepared = k_hadamard.prepare([None, np.ones((1, 1))], {"K": n})
         x = rng.standard_normal((m, n)).astype(np.float32)
-        t = measure({"hadamard": tvm_runners(k_hadamard.KERNEL, prepared, m, x)}, x, rounds, 5)["hadamard"]
+        # hot: the transform reads only activations that the previous op has just written (no weights to cycle)
+        t = measure({"hadamard": tvm_runners(k_hadamard.KERNEL, prepared, m, x)[:1]}, x, rounds, 5)["hadamard"]
         memory = 2 * m * n * 4 / copy  # read x and write y once
         arithmetic = m * n * np.log2(n) / _peak_adds()  # n log2 n additions per row at full vector width
         bound = max(memory, arithmetic)
         rows.append({"m": m, "n": n, "us": t * 1e6, "bound_us": bound * 1e6, "memory_bound_us": memory * 1e6,
-                     "add_bound_us": arithmetic * 1e6, "ratio_to_bound": t / bound})  # fmt: skip
-        print(f"Hadamard M={m} n={n}: {t * 1e6:.1f}us, bound {bound * 1e6:.1f}us", flush=True)
+                     "add_bound_us": arithmetic * 1e6, "ratio_to_bound": t / bound, "call_us": call * 1e6,
+                     "ratio_to_bound_after_call": (t - call) / bound})  # fmt: skip
+        print(f"Hadamard M={m} n={n}: {t * 1e6:.1f}us, bound {bound * 1e6:.1f}us, call {call * 1e6:.1f}us", flush=True)
     return rows
 
 
@@ -313,10 +333,15 @@ def e2e_worker(label: str, seq: int, iters: int) -> list[float]:
     return runnable.times(feeds, iters)
 
 
-def e2e(iters: int) -> list[dict]:
+def e2e(iters: int, rounds: int) -> list[dict]:
+    """Each variant's process ``rounds`` times, variants alternating (the machine's state drifts between
+    processes); a time is the median over all runs of all rounds."""
     rows = []
     for seq in (1, 128):
-        times = {label: _spawn("--e2e-worker", label, "--tokens", str(seq), "--iters", str(iters)) for label in VARIANTS}
+        times: dict[str, list[float]] = {label: [] for label in VARIANTS}
+        for _ in range(rounds):
+            for label in VARIANTS:
+                times[label] += _spawn("--e2e-worker", label, "--tokens", str(seq), "--iters", str(iters))
         medians = {label: float(np.median(t)) * 1e3 for label, t in times.items()}
         for label, ms in medians.items():
             rows.append({"tokens": seq, "variant": label, "ms": ms, "vs_ort_fp32": ms / medians["ORT fp32"], "vs_ort_int4": ms / medians["ORT int4 MatMulNBits acc4"]})
@@ -349,6 +374,8 @@ def main() -> None:
     parser.add_argument("--e2e", action="store_true", help="also time SmolLM2-135M end to end")
     parser.add_argument("--only", nargs="*", help="bitfold kernels whose label contains one of these")
     parser.add_argument("--e2e-only", action="store_true", help="rerun only the SmolLM2 rows, keep the others")
+    parser.add_argument("--e2e-rounds", type=int, default=2, help="alternations of the SmolLM2 variants' processes")
+    parser.add_argument("--e2e-iters", type=int, default=10, help="SmolLM2 forwards per process")
     parser.add_argument("--hadamard-only", action="store_true", help="rerun only the Hadamard rows, keep the others")
     parser.add_argument("--worker", choices=["ort", "torch", "tvm"], help=argparse.SUPPRESS)
     parser.add_argument("--e2e-worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
@@ -367,7 +394,7 @@ def main() -> None:
     path = RESULTS / "kernels.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
     if args.e2e_only:
-        result = {**previous, "smollm2": e2e(20)}
+        result = {**previous, "smollm2": e2e(args.e2e_iters, args.e2e_rounds)}
     elif args.hadamard_only:
         result = {**previous, "hadamard": hadamard_rows(args.rounds, copy_bandwidth())}
     else:
@@ -376,7 +403,7 @@ def main() -> None:
             "machine": {"cores": CORES, "copy_gbps": copy / 1e9, "tvm": tvm.__version__, "onnxruntime": ort.__version__, "torch": torch.__version__},
             "kernels": rows,
             "hadamard": hadamard_rows(args.rounds, copy),
-            "smollm2": e2e(20) if args.e2e else previous.get("smollm2", []),
+            "smollm2": e2e(args.e2e_iters, args.e2e_rounds) if args.e2e else previous.get("smollm2", []),
         }
     write_atomic(path, json.dumps(result, indent=2).encode())
     _plot(result["kernels"], RESULTS / "kernels.png")

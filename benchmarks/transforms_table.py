@@ -5,7 +5,7 @@ Protocol (bitfold.eval.tasks): SmolLM2 on the Lee corpus, 512-token windows 0-15
 Weights: per output channel, symmetric, RTN or GPTQ (act-order), ``format = fake``; the LM head stays fp32.
 Activations: "A8 static" is ``quantize-activations`` (per-tensor uint8, minmax, inputs only); "A8"/"A4" are
 ``quantize-tokens`` (dynamic per-token symmetric). Transforms: ``smooth`` (α 0.5; OS+ rows add ``shift``), ``fold-norm-affine`` +
-``rotate`` (seed 0, online Hadamards), ``affine`` (learned for the row's bits), ``smooth`` + ``lowrank-split``
+``rotate`` (seed 0, online Hadamards), ``affine`` (learned for the row's bits; diagonal, or diagonal then 64×64 blocks), ``smooth`` + ``lowrank-split``
 (r = 32, SVDQuant). Also max|x| / mean|x| of every linear input before and after rotation (PNG).
 Writes benchmarks/results/transforms.{json,png}.
 
@@ -70,7 +70,10 @@ def _rows() -> list[tuple[str, list]]:
              [*ROTATE, {**_w(4, "gptq"), "clip": "weight"}, {**_a(a), "clip_ratio": 0.9 if a == 4 else 1.0}]),
             (f"W4A{a} + affine", [affine, _w(4), _a(a)]),
             *([(f"W4A{a} + rotate + affine + GPTQ, MSE clip, A4 clip 0.9, 32 calibration windows",
-                [*ROTATE, affine, {**_w(4, "gptq"), "clip": "weight"}, {**_a(a), "clip_ratio": 0.9}])] if a == 4 else []),
+                [*ROTATE, affine, {**_w(4, "gptq"), "clip": "weight"}, {**_a(a), "clip_ratio": 0.9}]),
+               (f"W4A{a} + affine, 64×64 blocks", [{**affine, "block": 64}, _w(4), _a(a)]),
+               (f"W4A{a} + rotate + affine, 64×64 blocks + GPTQ, MSE clip, A4 clip 0.9, 32 calibration windows",
+                [*ROTATE, {**affine, "block": 64}, {**_w(4, "gptq"), "clip": "weight"}, {**_a(a), "clip_ratio": 0.9}])] if a == 4 else []),
             (f"W4A{a} + smooth + lowrank-split r32", [SMOOTH, {"name": "lowrank-split", "rank": 32, "exclude": HEAD}, _w(4), _a(a)]),
         ]
     return rows
