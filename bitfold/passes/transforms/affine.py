@@ -11,18 +11,15 @@ iterate, so L never ends above its start). The diagonal AffineQuant/OmniQuant-LE
 ``smooth`` (norm γ, LayerNorm, gated-MLP up projection, or a new γ after a plain RMSNorm); where nothing can absorb
 it, it stays as an explicit per-channel ``Mul`` and a note says so.
 
-With ``block = b > 0`` a block-diagonal matrix A (b×b blocks, b dividing K; FlatQuant-style) is learned next, on
-top of s, from A = I:
+With ``block = b > 0`` a block-diagonal rotation R (b×b orthogonal blocks, b dividing K; the orthogonal half of
+FlatQuant/SpinQuant's learned transforms, the diagonal being s) is learned next, on top of s, from R = I:
 
-    L(A) = Σ_j ‖ Q_a(X / s · A⁻¹) · Q_w(A · diag(s) W_j) - X W_j ‖² / ‖X W_j‖²
+    L(R) = Σ_j ‖ Q_a(X / s · R) · Q_w(Rᵀ · diag(s) W_j) - X W_j ‖² / ‖X W_j‖²,   R_i = exp(S_i − S_iᵀ)
 
-(A⁻¹ block by block, gradients through it; best iterate kept, so L(A) ≤ L(s)). No producer can absorb a full
-matrix: A⁻¹ stays as an explicit float32 ``MatMul`` in front of the readers (``bitfold.precision = "float32"``, so
-quantizers leave it alone; K·b multiply-adds per row), and a note says so for every group.
-
-Guarantees: exact equivalence up to fp32 rounding (the fp32 model is unchanged; only its quantization improves).
-Needs: calibration (a sample of rows of each input). Leaves alone: groups already transformed (rerun is a no-op),
-excluded linears.
+(the matrix exponential of a skew-symmetric matrix keeps every block exactly orthogonal, so the transform cannot
+become ill-conditioned on rows outside the calibration sample; best iterate kept, so L(R) ≤ L(s)). No producer can
+absorb a full matrix: R stays as an explicit float32 ``MatMul`` in front of the readers (``bitfold.precision =
+"float32"``, so quantizers leave it alone; K·b multiply-adds per row), and a note says so for every group.
 """
 
 from __future__ import annotations
@@ -50,7 +47,7 @@ class AffineConfig:
     rows: int = dataclasses.field(default=512, metadata={"doc": "calibration rows per activation"})
     seed: int = dataclasses.field(default=0, metadata={"doc": "torch seed"})
     exclude: tuple[str, ...] = dataclasses.field(default=(), metadata={"doc": "globs on the reading MatMul's name or torch module scope"})
-    block: int = dataclasses.field(default=0, metadata={"doc": "> 0: also learn a block-diagonal matrix with blocks this size (an explicit MatMul)"})
+    block: int = dataclasses.field(default=0, metadata={"doc": "> 0: also learn a block-diagonal rotation with blocks this size (an explicit MatMul)"})
 
     def __post_init__(self) -> None:
         if not (2 <= self.weight_bits <= 8 and 2 <= self.activation_bits <= 16):
@@ -84,17 +81,17 @@ class Affine(BitfoldPass):
             matrix = None
             if c.block:
                 scaled = [s[:, None] * w.astype(np.float64) for w in weights]
-                matrix, after = learn_blocks(stats[x.name].sample / s, scaled, c.block, c.weight_bits, c.activation_bits, c.steps, c.lr, c.seed)
+                matrix, after = learn_rotation(stats[x.name].sample / s, scaled, c.block, c.weight_bits, c.activation_bits, c.steps, c.lr, c.seed)
             if absorb is None:
                 self.notes.append(f"'{x.name}' keeps an explicit per-channel Mul: no producer absorbs 1/s")
                 absorb = absorber(model.graph, x, readers, explicit=True)
             absorb(s)
             if matrix is not None:
-                self.notes.append(f"'{x.name}' gets an explicit float32 MatMul by A⁻¹ ({c.block}×{c.block} blocks)")
-                insert_matrix(model.graph, readers[0].matmul.inputs[0], np.linalg.inv(matrix))
+                self.notes.append(f"'{x.name}' gets an explicit float32 MatMul by a learned rotation ({c.block}×{c.block} blocks)")
+                insert_matrix(model.graph, readers[0].matmul.inputs[0], matrix)
             for lin in readers:
                 w = s[:, None] * lin.weight.astype(np.float64)
-                set_weight(model.graph, lin, w if matrix is None else matrix @ w, "affine")
+                set_weight(model.graph, lin, w if matrix is None else matrix.T @ w, "affine")
                 lin.matmul.metadata_props[AFFINE_KEY] = f"loss {before:.4g} -> {after:.4g}"
                 self.stamp(lin.matmul, [lin.matmul])
         return len(groups)
@@ -117,8 +114,8 @@ def insert_matrix(graph: ir.Graph, x: ir.Value, matrix: np.ndarray) -> ir.Node:
     from bitfold.passes.quant.cast_precision import ISLAND_KEY
 
     readers = list(x.uses())
-    weight = add_initializer(graph, f"{x.name}_affine_inverse", matrix.astype(np.float32))
-    node = ir.node("MatMul", [x, weight], name=f"{x.name}_affine_inverse")
+    weight = add_initializer(graph, f"{x.name}_affine_rotation", matrix.astype(np.float32))
+    node = ir.node("MatMul", [x, weight], name=f"{x.name}_affine_rotation")
     node.metadata_props[ISLAND_KEY] = "float32"
     node.outputs[0].name = f"{x.name}_affine"
     copy_type(node.outputs[0], x)
@@ -175,11 +172,11 @@ def learn_scale(
     return best.exp().double().numpy(), losses[0], best_loss
 
 
-def learn_blocks(
+def learn_rotation(
     x: np.ndarray, weights: list[np.ndarray], block: int, weight_bits: int, activation_bits: int, steps: int, lr: float, seed: int
 ) -> tuple[np.ndarray, float]:
-    """(A, best loss): the block-diagonal A ([K, K], ``block``-sized blocks, from I) minimising the quantized output
-    error of X · A⁻¹ against A · W_j (x and weights already scaled by the diagonal step)."""
+    """(R, best loss): the block-diagonal rotation ([K, K], ``block``-sized orthogonal blocks, from I) minimising
+    the quantized output error of X · R against Rᵀ · W_j (x and weights already scaled by the diagonal step)."""
     torch.manual_seed(seed)
     rows = torch.tensor(np.asarray(x, np.float32).reshape(-1, x.shape[-1]))
     ws = [torch.tensor(np.asarray(w, np.float32)) for w in weights]
@@ -189,29 +186,32 @@ def learn_blocks(
     count = k // block
     blocks = rows.reshape(-1, count, block)
 
-    def loss(delta: torch.Tensor) -> torch.Tensor:
-        a = torch.eye(block) + delta  # [count, block, block]
-        xq = _fake_quant(torch.einsum("rcb,cbd->rcd", blocks, torch.linalg.inv(a)).reshape(-1, k), activation_bits, -1)
+    def rotation(generator: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.matrix_exp(generator - generator.transpose(1, 2))  # [count, block, block]
+
+    def loss(generator: torch.Tensor) -> torch.Tensor:
+        r = rotation(generator)
+        xq = _fake_quant(torch.einsum("rcb,cbd->rcd", blocks, r).reshape(-1, k), activation_bits, -1)
         total = 0.0
-        for w, r, n in zip(ws, refs, norms, strict=True):
-            wa = torch.einsum("cbd,cdn->cbn", a, w.reshape(count, block, -1)).reshape(k, -1)
-            total = total + (xq @ _fake_quant(wa, weight_bits, 0) - r).square().sum() / n
+        for w, ref, n in zip(ws, refs, norms, strict=True):
+            wr = torch.einsum("cdb,cdn->cbn", r, w.reshape(count, block, -1)).reshape(k, -1)  # Rᵀ W, block by block
+            total = total + (xq @ _fake_quant(wr, weight_bits, 0) - ref).square().sum() / n
         return total
 
-    delta = torch.nn.Parameter(torch.zeros(count, block, block))
+    generator = torch.nn.Parameter(torch.zeros(count, block, block))
     with torch.no_grad():
-        best, best_loss = delta.detach().clone(), float(loss(delta))
-    optimizer = torch.optim.Adam([delta], lr=lr * 0.1)
+        best, best_loss = generator.detach().clone(), float(loss(generator))
+    optimizer = torch.optim.Adam([generator], lr=lr * 0.1)
     for _ in range(steps):
         optimizer.zero_grad()
-        value = loss(delta)
+        value = loss(generator)
         if float(value.detach()) < best_loss:
-            best, best_loss = delta.detach().clone(), float(value.detach())
+            best, best_loss = generator.detach().clone(), float(value.detach())
         value.backward()
         optimizer.step()
     with torch.no_grad():
-        final = float(loss(delta))
+        final = float(loss(generator))
     if final < best_loss:
-        best, best_loss = delta.detach().clone(), final
-    a = torch.eye(block, dtype=torch.float64) + best.double()
-    return np.asarray(torch.block_diag(*a).numpy()), best_loss
+        best, best_loss = generator.detach().clone(), final
+    r = rotation(best.double())
+    return np.asarray(torch.block_diag(*r).numpy()), best_loss
