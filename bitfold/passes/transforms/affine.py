@@ -155,21 +155,25 @@ def learn_scale(
         candidates = [torch.zeros(rows.shape[1]), torch.tensor(np.log(np.maximum(start, 1e-8)), dtype=torch.float32)]
         losses = [float(loss(c)) for c in candidates]
     first = int(np.argmin(losses))
-    log_s = torch.nn.Parameter(candidates[first].clone())
-    best, best_loss = log_s.detach().clone(), losses[first]
-    optimizer = torch.optim.Adam([log_s], lr=lr)
-    for _ in range(steps):
+    best, best_loss = _minimise(loss, candidates[first], losses[first], steps, lr)
+    return best.exp().double().numpy(), losses[0], best_loss
+
+
+def _minimise(loss, start: torch.Tensor, start_loss: float, steps: int, lr: float) -> tuple[torch.Tensor, float]:
+    """Adam on ``loss`` from ``start`` for ``steps`` steps; the best iterate seen (start included) and its loss."""
+    parameter = torch.nn.Parameter(start.clone())
+    best, best_loss = parameter.detach().clone(), start_loss
+    optimizer = torch.optim.Adam([parameter], lr=lr)
+    for step in range(steps + 1):
         optimizer.zero_grad()
-        value = loss(log_s)
+        value = loss(parameter)
         if float(value.detach()) < best_loss:
-            best, best_loss = log_s.detach().clone(), float(value.detach())
+            best, best_loss = parameter.detach().clone(), float(value.detach())
+        if step == steps:  # the last iterate is scored, not stepped from
+            break
         value.backward()
         optimizer.step()
-    with torch.no_grad():
-        final = float(loss(log_s))
-    if final < best_loss:
-        best, best_loss = log_s.detach().clone(), final
-    return best.exp().double().numpy(), losses[0], best_loss
+    return best, best_loss
 
 
 def learn_rotation(
@@ -198,20 +202,9 @@ def learn_rotation(
             total = total + (xq @ _fake_quant(wr, weight_bits, 0) - ref).square().sum() / n
         return total
 
-    generator = torch.nn.Parameter(torch.zeros(count, block, block))
+    start = torch.zeros(count, block, block)
     with torch.no_grad():
-        best, best_loss = generator.detach().clone(), float(loss(generator))
-    optimizer = torch.optim.Adam([generator], lr=lr * 0.1)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        value = loss(generator)
-        if float(value.detach()) < best_loss:
-            best, best_loss = generator.detach().clone(), float(value.detach())
-        value.backward()
-        optimizer.step()
-    with torch.no_grad():
-        final = float(loss(generator))
-    if final < best_loss:
-        best, best_loss = generator.detach().clone(), final
+        start_loss = float(loss(start))
+    best, best_loss = _minimise(loss, start, start_loss, steps, lr * 0.1)
     r = rotation(best.double())
     return np.asarray(torch.block_diag(*r).numpy()), best_loss
