@@ -24,6 +24,8 @@ _THREADS = 128
 #: accumulator vectors per tile step, rows × column vectors (independent sums hide the add latency; 8 leaves
 #: registers for the decoded weights)
 _ACCUMULATORS = 8
+#: accumulator vectors of a GEMM step (plain weights, nothing to decode: AVX-512 has 32 vector registers)
+_GEMM_ACCUMULATORS = 16
 
 
 def is_cuda(target: tvm.target.Target) -> bool:
@@ -83,34 +85,45 @@ def _cpu(sch, names, width: int) -> None:
 
 def gemv_cpu(sch, gemv, width: int, parts=(), parallel: bool = True) -> None:
     """The CPU schedule of one reduction block whose last spatial axis is the output columns (contiguous in its
-    weights): column tiles in parallel, reductions outside, ``rows × chains`` accumulator vectors per step."""
+    weights), the rows taken from the axis before them (a GEMM's M). Column tiles, leading (batch) axes and row
+    blocks are fused into one parallel loop, column tile outermost so the tasks of one core share a weight tile.
+
+    A GEMV (or a kernel decoding its weights in ``parts``) runs the reductions outside the tile's column vectors:
+    each weight row of the tile is one contiguous read, the tile's sums stay in L1. A GEMM (a row block of 4 or
+    more, plain weights) runs them inside: ``rows × chains`` accumulator vectors stay in registers over the whole
+    reduction and each weight vector loaded serves every row of the block."""
     loops = sch.get_loops(gemv)
     reduce = _reduce_count(sch, gemv)
     spatial, reductions = loops[: len(loops) - reduce], loops[len(loops) - reduce :]
     extent = int(sch.get(spatial[-1]).extent)
     vec = min(width, extent)
     vectors = max(1, tile(extent) // vec)
-    rows = _row_block(int(sch.get(spatial[0]).extent)) if len(spatial) > 1 else 1
-    chains = max(1, _ACCUMULATORS // rows)
-    while vectors % chains:
-        chains //= 2
+    rows = _row_block(int(sch.get(spatial[-2]).extent)) if len(spatial) > 1 else 1
+    gemm = rows >= 4 and not parts and bool(reductions)
+    if gemm:
+        chains = max(d for d in range(1, vectors + 1) if vectors % d == 0 and d * rows <= _GEMM_ACCUMULATORS)
+    else:
+        chains = max(1, _ACCUMULATORS // rows)
+        while vectors % chains:
+            chains //= 2
     outer, sub, chain, inner = sch.split(spatial[-1], [None, vectors // chains, chains, vec])
-    middle = spatial[1:-1] if len(spatial) > 1 else []
     if len(spatial) > 1:
-        row_outer, row_inner = sch.split(spatial[0], [None, rows])
-        sch.reorder(outer, row_outer, *middle, *reductions, sub, row_inner, chain, inner)
+        row_outer, row_inner = sch.split(spatial[-2], [None, rows])
+        steps = [sub, *reductions] if gemm else [*reductions, sub]
+        sch.reorder(outer, *spatial[:-2], row_outer, *steps, row_inner, chain, inner)
+        task = sch.fuse(outer, *spatial[:-2], row_outer)
     else:
         row_inner = None
         sch.reorder(outer, *reductions, sub, chain, inner)
+        task = outer
     if parallel:
-        sch.parallel(outer)
-    depth = len(sch.get_loops(gemv)) - (3 if row_inner is not None else 2)  # loops down to ``sub``
+        sch.parallel(task)
     for part in parts:
         sch.compute_at(part, sub)
-        _vector_part(sch, part, vec, depth)
+        _vector_part(sch, part, vec, len(reductions) + 2)
     if reductions and not parts:
         cached = sch.cache_write(gemv, 0, "local")
-        sch.reverse_compute_at(cached, sch.get_loops(gemv)[len(middle) + (2 if row_inner is not None else 1) - 1])
+        sch.reverse_compute_at(cached, sub if gemm else task)
         _vectorize_last(sch, cached)
     if row_inner is not None:
         sch.unroll(row_inner)

@@ -39,7 +39,7 @@ class ScheduleStandardOps:
             sch = s_tir.Schedule(func)
             try:
                 roots = sch.get_child_blocks(sch.get_sblock("root"))
-            except (tvm.error.TVMError, ValueError):  # a function without a root block: leave it
+            except (RuntimeError, ValueError):  # a function without a root block: leave it
                 continue
             for block in roots:
                 _schedule_block(sch, block, self.width)
@@ -71,7 +71,7 @@ def _schedule_block(sch: s_tir.Schedule, block, width: int) -> None:
                 sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
         else:
             _elementwise(sch, spatial, width, work)
-    except (tvm.error.TVMError, s_tir.ScheduleError):  # the block's structure forbids a primitive: keep it as is
+    except (RuntimeError, s_tir.ScheduleError):  # the block's structure forbids a primitive: keep it as is
         return
 
 
