@@ -97,12 +97,13 @@ def gemv_cpu(sch, gemv, width: int, parts=(), parallel: bool = True) -> None:
     spatial, reductions = loops[: len(loops) - reduce], loops[len(loops) - reduce :]
     extent = int(sch.get(spatial[-1]).extent)
     vec = min(width, extent)
-    vectors = max(1, tile(extent) // vec)
     rows = _row_block(int(sch.get(spatial[-2]).extent)) if len(spatial) > 1 else 1
     gemm = rows >= 4 and not parts and bool(reductions)
     if gemm:
-        chains = max(d for d in range(1, vectors + 1) if vectors % d == 0 and d * rows <= _GEMM_ACCUMULATORS)
+        vectors = max(1, _gemm_tile(extent, vec) // vec)
+        rows, chains = _gemm_block(int(sch.get(spatial[-2]).extent), vectors)
     else:
+        vectors = max(1, tile(extent) // vec)
         chains = max(1, _ACCUMULATORS // rows)
         while vectors % chains:
             chains //= 2
@@ -132,6 +133,22 @@ def gemv_cpu(sch, gemv, width: int, parts=(), parallel: bool = True) -> None:
     if reductions:
         init = sch.decompose_reduction(gemv, reductions[0])
         _vectorize_last(sch, init)
+
+
+def _gemm_tile(extent: int, vec: int) -> int:
+    """Output columns per GEMM task: the widest multiple of ``vec`` up to 256 dividing the columns (row blocks
+    give the parallelism, so the tile need not be narrow), else the GEMV tile."""
+    fits = [c for c in range(vec, min(extent, 256) + 1, vec) if extent % c == 0]
+    return fits[-1] if fits else tile(extent)
+
+
+def _gemm_block(rows: int, vectors: int) -> tuple[int, int]:
+    """Rows × column vectors of a GEMM step: the most accumulators (up to ``_GEMM_ACCUMULATORS``), 8 rows before 4
+    on a tie (each weight vector loaded from L2 then serves 8 rows)."""
+    options = [(r * c, r, c) for r in (8, 4) if rows % r == 0 for c in range(1, vectors + 1)
+               if vectors % c == 0 and r * c <= _GEMM_ACCUMULATORS]  # fmt: skip
+    _, r, c = max(options) if options else (0, _row_block(rows), 1)
+    return r, c
 
 
 def _row_block(rows: int) -> int:

@@ -131,3 +131,57 @@ def test_bench_and_errors(zoo_protos):
     if not tvm.cuda().exist:
         with pytest.raises(BitfoldError, match="finds no CUDA GPU"):
             bitfold.compile(model, "tvm", "cuda")
+
+
+def _scheduled_matmul(rows: int):
+    """The scheduled PrimFunc of x[2, 3, rows, 40] @ w[40, 48] after ``ScheduleStandardOps``, and its build."""
+    import onnx
+    import onnx.helper as h
+    import onnx_ir as ir
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from bitfold.backends.tvm import adapter
+    from bitfold.backends.tvm.schedule import ScheduleStandardOps
+    from bitfold.kernels import build
+
+    w = np.random.default_rng(0).standard_normal((40, 48)).astype(np.float32)
+    graph = h.make_graph([h.make_node("MatMul", ["x", "w"], ["y"])], "g", [h.make_tensor_value_info("x", 1, [2, 3, rows, 40])],
+                         [h.make_tensor_value_info("y", 1, [2, 3, rows, 48])], [onnx.numpy_helper.from_array(w, "w")])  # fmt: skip
+    model = ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 21)], ir_version=10))
+    target = build.target("cpu")
+    x = np.random.default_rng(1).standard_normal((2, 3, rows, 40)).astype(np.float32)
+    mod = adapter.import_model(ir.to_proto(model), {"x": x}, target)
+    with target:
+        scheduled = tvm.transform.Sequential([*cpu.library_dispatch_passes(target), *cpu.legalize_passes(target), ScheduleStandardOps(target)])(mod)
+    func = next(f for _, f in scheduled.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+    got = bitfold.compile(model, backend="tvm", device="cpu").run({"x": x})["y"]
+    return func, got, x @ w
+
+
+def _update_loops(func) -> list:
+    """Loops around the MatMul's update block, outermost first."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    block = next(b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint.endswith("_update"))
+    return [sch.get(loop) for loop in sch.get_loops(block)]
+
+
+@pytest.mark.parametrize("rows", [1, 24])
+def test_standard_matmul_schedule_keeps_gemm_sums_in_registers(rows):
+    import tvm
+
+    func, got, expected = _scheduled_matmul(rows)
+    assert _rel(got, expected) <= 1e-5
+    loops = _update_loops(func)
+    kinds = [loop.kind for loop in loops]
+    extents = [int(loop.extent) for loop in loops]
+    reduction = next(i for i, loop in enumerate(loops) if int(loop.extent) == 40)
+    assert kinds[-1] == tvm.tirx.ForKind.VECTORIZED
+    if rows == 1:  # GEMV: 16-column tiles, the reduction outside the tile's vectors (one contiguous weight row each)
+        assert extents == [2 * 3 * 3, 40, 1, 1, 1, 16]
+    else:  # GEMM: 4 rows × 3 column vectors of sums over the whole reduction, parallel over batch, heads and rows
+        assert extents[reduction + 1 :] == [4, 3, 16]
+        assert kinds[reduction + 1 : -1] == [tvm.tirx.ForKind.UNROLLED] * 2
+        assert extents[0] == 2 * 3 * rows // 4
