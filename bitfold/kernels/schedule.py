@@ -144,10 +144,9 @@ def _gemm_tile(extent: int, vec: int) -> int:
 
 def _gemm_block(rows: int, vectors: int) -> tuple[int, int]:
     """Rows × column vectors of a GEMM step: the most accumulators (up to ``_GEMM_ACCUMULATORS``), 8 rows before 4
-    on a tie (each weight vector loaded from L2 then serves 8 rows)."""
-    options = [(r * c, r, c) for r in (8, 4) if rows % r == 0 for c in range(1, vectors + 1)
-               if vectors % c == 0 and r * c <= _GEMM_ACCUMULATORS]  # fmt: skip
-    _, r, c = max(options) if options else (0, _row_block(rows), 1)
+    on a tie (each weight vector loaded from L2 then serves 8 rows). ``rows`` is a multiple of 4."""
+    _, r, c = max((r * c, r, c) for r in (8, 4) if rows % r == 0 for c in range(1, vectors + 1)
+                  if vectors % c == 0 and r * c <= _GEMM_ACCUMULATORS)  # fmt: skip
     return r, c
 
 
