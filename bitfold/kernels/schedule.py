@@ -26,6 +26,10 @@ _THREADS = 128
 _ACCUMULATORS = 8
 #: accumulator vectors of a GEMM step (plain weights, nothing to decode: AVX-512 has 32 vector registers)
 _GEMM_ACCUMULATORS = 16
+#: a GEMM copies each column strip of its weight contiguous first when the weight's rows are this far apart
+_STRIP_ROW_BYTES = 65536
+#: ... and it has at least this many strips (one parallel task each)
+_STRIP_TASKS = 32
 
 
 def is_cuda(target: tvm.target.Target) -> bool:
@@ -91,7 +95,9 @@ def gemv_cpu(sch, gemv, width: int, parts=(), parallel: bool = True) -> None:
     A GEMV (or a kernel decoding its weights in ``parts``) runs the reductions outside the tile's column vectors:
     each weight row of the tile is one contiguous read, the tile's sums stay in L1. A GEMM (a row block of 4 or
     more, plain weights) runs them inside: ``rows × chains`` accumulator vectors stay in registers over the whole
-    reduction and each weight vector loaded serves every row of the block."""
+    reduction and each weight vector loaded serves every row of the block. A GEMM whose weight rows lie far apart
+    (``_strip``) runs one task per column strip (and batch index) instead, which first copies its strip of the
+    weight contiguous (the copy's buffer compacts to K × strip when lowered) and then runs every row block on it."""
     loops = sch.get_loops(gemv)
     reduce = _reduce_count(sch, gemv)
     spatial, reductions = loops[: len(loops) - reduce], loops[len(loops) - reduce :]
@@ -107,12 +113,17 @@ def gemv_cpu(sch, gemv, width: int, parts=(), parallel: bool = True) -> None:
         chains = max(1, _ACCUMULATORS // rows)
         while vectors % chains:
             chains //= 2
+    strip = _strip(sch, gemv, extent, vectors * vec) if gemm else None
     outer, sub, chain, inner = sch.split(spatial[-1], [None, vectors // chains, chains, vec])
     if len(spatial) > 1:
         row_outer, row_inner = sch.split(spatial[-2], [None, rows])
         steps = [sub, *reductions] if gemm else [*reductions, sub]
         sch.reorder(outer, *spatial[:-2], row_outer, *steps, row_inner, chain, inner)
-        task = sch.fuse(outer, *spatial[:-2], row_outer)
+        task = sch.fuse(outer, *spatial[:-2]) if strip is not None else sch.fuse(outer, *spatial[:-2], row_outer)
+        if strip is not None:  # one task per column strip: copy it contiguous once, then every row block reads it
+            packed = sch.cache_read(gemv, strip, "global")
+            sch.compute_at(packed, task)
+            _vectorize_last(sch, packed)
     else:
         row_inner = None
         sch.reorder(outer, *reductions, sub, chain, inner)
@@ -140,6 +151,19 @@ def _gemm_tile(extent: int, vec: int) -> int:
     give the parallelism, so the tile need not be narrow), else the GEMV tile."""
     fits = [c for c in range(vec, min(extent, 256) + 1, vec) if extent % c == 0]
     return fits[-1] if fits else tile(extent)
+
+
+def _strip(sch, gemv, columns: int, width: int) -> int | None:
+    """The read index of a GEMM's weight when its column strips are worth copying contiguous first: rows of at
+    least ``_STRIP_ROW_BYTES`` (every reduction step of a strip would touch a new page) and at least
+    ``_STRIP_TASKS`` strips to run in parallel (the strips alone give the parallelism); else None."""
+    if columns * 4 < _STRIP_ROW_BYTES or columns // width < _STRIP_TASKS:
+        return None
+    info = sch.get(gemv)
+    last = info.iter_vars[sum(1 for iv in info.iter_vars if iv.iter_type == tirx.IterVar.DataPar) - 1].var
+    found = [i for i, region in enumerate(info.reads) if len(region.region) == 2
+             and isinstance(region.region[-1].min, tirx.Var) and region.region[-1].min.same_as(last)]  # fmt: skip
+    return found[0] if len(found) == 1 else None
 
 
 def _gemm_block(rows: int, vectors: int) -> tuple[int, int]:

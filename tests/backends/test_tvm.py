@@ -133,8 +133,8 @@ def test_bench_and_errors(zoo_protos):
             bitfold.compile(model, "tvm", "cuda")
 
 
-def _scheduled_matmul(rows: int):
-    """The scheduled PrimFunc of x[2, 3, rows, 40] @ w[40, 48] after ``ScheduleStandardOps``, and its build."""
+def _scheduled_matmul(rows: int, k: int = 40, n: int = 48, batch: tuple[int, ...] = (2, 3)):
+    """The scheduled PrimFunc of x[*batch, rows, k] @ w[k, n] after ``ScheduleStandardOps``, and its build."""
     import onnx
     import onnx.helper as h
     import onnx_ir as ir
@@ -145,12 +145,12 @@ def _scheduled_matmul(rows: int):
     from bitfold.backends.tvm.schedule import ScheduleStandardOps
     from bitfold.kernels import build
 
-    w = np.random.default_rng(0).standard_normal((40, 48)).astype(np.float32)
-    graph = h.make_graph([h.make_node("MatMul", ["x", "w"], ["y"])], "g", [h.make_tensor_value_info("x", 1, [2, 3, rows, 40])],
-                         [h.make_tensor_value_info("y", 1, [2, 3, rows, 48])], [onnx.numpy_helper.from_array(w, "w")])  # fmt: skip
+    w = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32)
+    graph = h.make_graph([h.make_node("MatMul", ["x", "w"], ["y"])], "g", [h.make_tensor_value_info("x", 1, [*batch, rows, k])],
+                         [h.make_tensor_value_info("y", 1, [*batch, rows, n])], [onnx.numpy_helper.from_array(w, "w")])  # fmt: skip
     model = ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 21)], ir_version=10))
     target = build.target("cpu")
-    x = np.random.default_rng(1).standard_normal((2, 3, rows, 40)).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal((*batch, rows, k)).astype(np.float32)
     mod = adapter.import_model(ir.to_proto(model), {"x": x}, target)
     with target:
         scheduled = tvm.transform.Sequential([*cpu.library_dispatch_passes(target), *cpu.legalize_passes(target), ScheduleStandardOps(target)])(mod)
@@ -159,12 +159,12 @@ def _scheduled_matmul(rows: int):
     return func, got, x @ w
 
 
-def _update_loops(func) -> list:
-    """Loops around the MatMul's update block, outermost first."""
+def _update_loops(func, suffix: str = "_update") -> list:
+    """Loops around the MatMul's update block (or the block whose name ends with ``suffix``), outermost first."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
-    block = next(b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint.endswith("_update"))
+    block = next(b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint.endswith(suffix))
     return [sch.get(loop) for loop in sch.get_loops(block)]
 
 
@@ -185,3 +185,20 @@ def test_standard_matmul_schedule_keeps_gemm_sums_in_registers(rows):
         assert extents[reduction + 1 :] == [4, 3, 16]
         assert kinds[reduction + 1 : -1] == [tvm.tirx.ForKind.UNROLLED] * 2
         assert extents[0] == 2 * 3 * rows // 4
+
+
+def test_wide_gemm_copies_each_weight_strip_contiguous_once():
+    """A weight whose rows lie 64 KiB apart (the LM head's shape) is read through a per-task copy of its column
+    strip: one parallel task per strip and batch, the copy inside it, compacted to k × 256 when lowered."""
+    import tvm
+    from tvm.s_tir import transform as st
+
+    func, got, expected = _scheduled_matmul(8, k=24, n=16384, batch=(2,))
+    assert _rel(got, expected) <= 1e-5
+    update, copy = _update_loops(func), _update_loops(func, "_global")
+    assert update[0].kind == tvm.tirx.ForKind.PARALLEL and int(update[0].extent) == 2 * 16384 // 256
+    assert copy[0].same_as(update[0]) and [int(loop.extent) for loop in copy[1:]] == [24, 256]
+    lowered = tvm.transform.Sequential([st.LowerInitBlock(), st.PlanAndUpdateBufferAllocationLocation(), st.ConvertBlocksToOpaque(),
+                                        st.CompactBufferAllocation()])(tvm.IRModule({"main": func}))  # fmt: skip
+    assert "B_global = T.sblock_alloc_buffer((T.int64(24), T.int64(256)))" in lowered.script()
+
