@@ -29,6 +29,7 @@ variants alternating over ``--e2e-rounds`` rounds.
 Weights are RTN/ magnitude (speed only; accuracy is in the other tables); the LM head stays fp32 in every variant. Writes benchmarks/results/kernels.{json,png}.
 
     python benchmarks/kernels.py [--rounds 10] [--iters 5] [--e2e] [--only int4 ShiftAddLLM]
+    python benchmarks/kernels.py --e2e-only [--e2e-tokens 1]      # only the SmolLM2 rows (of one length)
 """
 
 from __future__ import annotations
@@ -333,11 +334,11 @@ def e2e_worker(label: str, seq: int, iters: int) -> list[float]:
     return runnable.times(feeds, iters)
 
 
-def e2e(iters: int, rounds: int) -> list[dict]:
+def e2e(iters: int, rounds: int, tokens: tuple[int, ...] = (1, 128)) -> list[dict]:
     """Each variant's process ``rounds`` times, variants alternating (the machine's state drifts between
-    processes); a time is the median over all runs of all rounds."""
+    processes); a time is the median over all runs of all rounds. One run per sequence length."""
     rows = []
-    for seq in (1, 128):
+    for seq in tokens:
         times: dict[str, list[float]] = {label: [] for label in VARIANTS}
         for _ in range(rounds):
             for label in VARIANTS:
@@ -376,6 +377,8 @@ def main() -> None:
     parser.add_argument("--e2e-only", action="store_true", help="rerun only the SmolLM2 rows, keep the others")
     parser.add_argument("--e2e-rounds", type=int, default=2, help="alternations of the SmolLM2 variants' processes")
     parser.add_argument("--e2e-iters", type=int, default=10, help="SmolLM2 forwards per process")
+    parser.add_argument("--e2e-tokens", type=int, nargs="+", default=[1, 128], choices=[1, 128],
+                        help="with --e2e-only: the sequence lengths to rerun (the others' rows are kept)")
     parser.add_argument("--hadamard-only", action="store_true", help="rerun only the Hadamard rows, keep the others")
     parser.add_argument("--worker", choices=["ort", "torch", "tvm"], help=argparse.SUPPRESS)
     parser.add_argument("--e2e-worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
@@ -394,7 +397,9 @@ def main() -> None:
     path = RESULTS / "kernels.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
     if args.e2e_only:
-        result = {**previous, "smollm2": e2e(args.e2e_iters, args.e2e_rounds)}
+        fresh = e2e(args.e2e_iters, args.e2e_rounds, tuple(args.e2e_tokens))
+        kept = [row for row in previous.get("smollm2", []) if row["tokens"] not in args.e2e_tokens]
+        result = {**previous, "smollm2": sorted(kept + fresh, key=lambda row: row["tokens"])}
     elif args.hadamard_only:
         result = {**previous, "hadamard": hadamard_rows(args.rounds, copy_bandwidth())}
     else:

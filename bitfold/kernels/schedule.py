@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import tvm
 from tvm import s_tir, tirx
 
@@ -59,14 +58,12 @@ def _split_tail(sch, loop, factor: int):
     return sch.split(loop, [None, factor])
 
 
-def tile(extent: int, others: int = 1) -> int:
+def tile(extent: int) -> int:
     """Output columns per parallel task: 256 (1 KiB of fp32 per weight row, long enough for the hardware
     prefetchers: a 4096² fp32 GEMV streams 29 GB/s here against 6 GB/s with 16 columns), fewer when that would
-    leave a core idle, counting the ``others`` tasks that leading (batch) axes give; a multiple of 16 (every vector
-    width), the whole axis when it is narrower."""
+    leave a core idle; a multiple of 16 (every vector width), the whole axis when it is narrower."""
     cores = os.cpu_count() or 1
-    need = -(-2 * cores // others)
-    return min(extent, max(16, min(256, extent // need) // 16 * 16))
+    return min(extent, max(16, min(256, extent // (2 * cores)) // 16 * 16))
 
 
 def apply(sch: s_tir.Schedule, names: list[str], target: tvm.target.Target) -> s_tir.Schedule:
@@ -112,8 +109,7 @@ def gemv_cpu(sch, gemv, width: int, parts=(), parallel: bool = True) -> None:
         vectors = max(1, _gemm_tile(extent, vec) // vec)
         rows, chains = _gemm_block(int(sch.get(spatial[-2]).extent), vectors)
     else:
-        leading = [int(sch.get(loop).extent) for loop in spatial[:-2]]
-        vectors = max(1, tile(extent, int(np.prod(leading))) // vec)
+        vectors = max(1, tile(extent) // vec)
         chains = max(1, _ACCUMULATORS // rows)
         while vectors % chains:
             chains //= 2
