@@ -1,16 +1,22 @@
-"""quantize-tokens: dynamic per-token symmetric activation quantization (simulated) on MatMul inputs.
+"""quantize-tokens: dynamic per-token activation quantization (simulated) on MatMul inputs.
 
-Each targeted MatMul's activation x ([..., K]) is replaced, at run time, by
+Each targeted MatMul's activation x ([..., K]) is replaced, at run time, by (one scale per token: per row of the
+last axis)
 
-    s = clip_ratio · max_k |x[..., k]| / qmax        (one scale per token: per row of the last axis)
-    x ← clip(round(x / s), -qmax - 1, qmax) · s       qmax = 2^(bits-1) - 1
+    symmetric     s = clip_ratio · max_k |x_k| / qmax,  x ← clip(round(x / s), -qmax - 1, qmax) · s,  qmax = 2^(bits-1) - 1
+    asymmetric    s = clip_ratio · (max_k x_k - min_k x_k) / (2^bits - 1),  z = round(-clip_ratio · min_k x_k / s),
+                  x ← (clip(round(x / s) + z, 0, 2^bits - 1) - z) · s
 
-the per-token A4/A8 scheme of QuaRot and SmoothQuant-O1-style evaluations. The graph computes it with standard
+the per-token A4/A8 scheme of QuaRot and SmoothQuant-O1-style evaluations (asymmetric: all 2^bits levels span the
+token's own range, which helps tokens whose values lean to one side). With ``search_clip = true`` each quantized
+input gets its own clip ratio, the grid value in [0.5, 1] whose fake-quantized calibration rows (a uniform sample)
+give its MatMuls the least summed squared output error ``Σ_j ‖(Q(X) - X) W_j‖²``; the chosen ratio is recorded as
+node metadata ``bitfold.token_clip``. The graph computes it with standard
 ONNX ops (Abs, ReduceMax, Div, Round, Clip, Mul): an accuracy simulation that any runtime executes, not an integer
 kernel. A tensor read by several MatMuls is quantized once. Needs: nothing (the scales are dynamic). Leaves alone:
 MatMuls whose weight is not a constant (attention's QKᵀ and PV), nodes marked ``bitfold.precision = float32``
-(a low-rank branch), excluded ones (globs on node name or torch
-module scope), inputs already quantized by this pass (a rerun is a no-op).
+(a low-rank branch), excluded ones (globs on node name or torch module scope), inputs already quantized by this
+pass (a rerun is a no-op). Needs calibration only with ``search_clip``.
 """
 
 from __future__ import annotations
@@ -26,12 +32,16 @@ from bitfold.passes.registry import BitfoldPass, register
 from bitfold.passes.transforms.structure import matches
 
 TOKEN_QUANT_KEY = "bitfold.token_quant"
+TOKEN_CLIP_KEY = "bitfold.token_clip"
+CLIP_GRID = np.linspace(1.0, 0.5, 11)
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizeTokensConfig:
     bits: int = dataclasses.field(default=8, metadata={"doc": "activation bits: 4 or 8"})
-    clip_ratio: float = dataclasses.field(default=1.0, metadata={"doc": "fraction of each token's max |x| kept"})
+    clip_ratio: float = dataclasses.field(default=1.0, metadata={"doc": "fraction of each token's max |x| (or range) kept"})
+    symmetric: bool = dataclasses.field(default=True, metadata={"doc": "false: a zero point per token, 2^bits levels over [min, max]"})
+    search_clip: bool = dataclasses.field(default=False, metadata={"doc": "choose each input's clip ratio on calibration data"})
     exclude: tuple[str, ...] = dataclasses.field(default=(), metadata={"doc": "globs on node name or torch module scope"})
 
     def __post_init__(self) -> None:
@@ -49,17 +59,20 @@ class QuantizeTokens(BitfoldPass):
     family = "quant"
     Config = QuantizeTokensConfig
 
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.config.search_clip
+
     def rewrite(self, model: ir.Model) -> int:
-        graph = model.graph
-        done: dict[int, ir.Value] = {}
-        count = 0
-        for node in self.collect(graph):
-            x = node.inputs[0]
-            if id(x) not in done:
-                done[id(x)] = self._fake_quant(graph, x, node)
-            node.replace_input_with(0, done[id(x)])
-            count += 1
-        return count
+        groups: dict[ir.Value, list[ir.Node]] = {}
+        for node in self.collect(model.graph):
+            groups.setdefault(node.inputs[0], []).append(node)
+        clips = self.solve(model, groups) if self.config.search_clip else dict.fromkeys(groups, self.config.clip_ratio)
+        for x, nodes in groups.items():
+            quantized = self._fake_quant(model.graph, x, nodes[0], clips[x])
+            for node in nodes:
+                node.replace_input_with(0, quantized)
+        return sum(len(nodes) for nodes in groups.values())
 
     def collect(self, graph: ir.Graph) -> list[ir.Node]:
         found = []
@@ -76,27 +89,63 @@ class QuantizeTokens(BitfoldPass):
             found.append(node)
         return found
 
-    def _fake_quant(self, graph: ir.Graph, x: ir.Value, anchor: ir.Node) -> ir.Value:
-        qmax = float(2 ** (self.config.bits - 1) - 1)
+    def solve(self, model: ir.Model, groups: dict[ir.Value, list[ir.Node]]) -> dict[ir.Value, float]:
+        """Each input's clip ratio from ``CLIP_GRID``: the least output error of its MatMuls on sampled rows."""
+        names = [x.name for x in groups]
+        stats = self.calibration.collect(model, names, rows=names)
+        clips = {}
+        for x, nodes in groups.items():
+            rows = stats[x.name].sample.astype(np.float64)
+            weight = np.concatenate([node.inputs[1].const_value.numpy().reshape(rows.shape[1], -1) for node in nodes], axis=1)
+            errors = [np.sum(((token_quant(rows, self.config.bits, c, self.config.symmetric) - rows) @ weight) ** 2) for c in CLIP_GRID]
+            clips[x] = float(CLIP_GRID[int(np.argmin(errors))])
+        return clips
+
+    def _fake_quant(self, graph: ir.Graph, x: ir.Value, anchor: ir.Node, clip: float) -> ir.Value:
         base = x.name
         const = lambda name, v: add_initializer(graph, f"{base}_{name}", np.array(v, np.float32))  # noqa: E731
         axes = add_initializer(graph, f"{base}_token_axis", np.array([-1], np.int64))
-        amax = ir.node("ReduceMax", [ir.node("Abs", [x]).outputs[0], axes], attributes={"keepdims": 1})
-        nodes = [amax.inputs[0].producer(), amax]
-        scale = ir.node("Max", [ir.node("Mul", [amax.outputs[0], const("token_step", self.config.clip_ratio / qmax)]).outputs[0],
-                                const("token_eps", 1e-12)])  # fmt: skip
-        nodes += [scale.inputs[0].producer(), scale]
-        codes = ir.node("Clip", [ir.node("Round", [ir.node("Div", [x, scale.outputs[0]]).outputs[0]]).outputs[0],
-                                 const("token_qmin", -qmax - 1), const("token_qmax", qmax)])  # fmt: skip
-        nodes += [codes.inputs[0].producer().inputs[0].producer(), codes.inputs[0].producer(), codes]
-        out = ir.node("Mul", [codes.outputs[0], scale.outputs[0]], name=f"{base}_token_quant")
+        nodes: list[ir.Node] = []
+
+        def op(op_type: str, *inputs: ir.Value, **attributes: int) -> ir.Value:
+            nodes.append(ir.node(op_type, list(inputs), attributes=attributes))
+            return nodes[-1].outputs[0]
+
+        eps = const("token_eps", 1e-12)
+        if self.config.symmetric:
+            qmax = float(2 ** (self.config.bits - 1) - 1)
+            scale = op("Max", op("Mul", op("ReduceMax", op("Abs", x), axes, keepdims=1), const("token_step", clip / qmax)), eps)
+            codes = op("Clip", op("Round", op("Div", x, scale)), const("token_qmin", -qmax - 1), const("token_qmax", qmax))
+        else:
+            levels = float(2**self.config.bits - 1)
+            kept = const("token_clip", clip)
+            low, high = (op("Mul", op(reduce, x, axes, keepdims=1), kept) for reduce in ("ReduceMin", "ReduceMax"))
+            scale = op("Max", op("Div", op("Sub", high, low), const("token_levels", levels)), eps)
+            zero = op("Round", op("Div", op("Neg", low), scale))
+            shifted = op("Clip", op("Add", op("Round", op("Div", x, scale)), zero), const("token_qmin", 0.0), const("token_qmax", levels))
+            codes = op("Sub", shifted, zero)
+        out = ir.node("Mul", [codes, scale], name=f"{base}_token_quant")
         nodes.append(out)
         for i, node in enumerate(nodes):
             node.name = node.name or f"{base}_token_quant_{i}"
             self.stamp(node, [anchor])
         out.metadata_props[TOKEN_QUANT_KEY] = f"int{self.config.bits}"
+        out.metadata_props[TOKEN_CLIP_KEY] = f"{clip:.2f}"
         y = out.outputs[0]
         y.name = f"{base}_tq"
         copy_type(y, x)
         graph.insert_before(anchor, nodes)
         return y
+
+
+def token_quant(x: np.ndarray, bits: int, clip_ratio: float, symmetric: bool) -> np.ndarray:
+    """What the emitted graph computes for rows ``x`` (..., K): per-row fake quantization (see the module doc)."""
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        s = np.maximum(np.abs(x).max(axis=-1, keepdims=True) * clip_ratio / qmax, 1e-12)
+        return np.clip(np.round(x / s), -qmax - 1, qmax) * s
+    levels = 2**bits - 1
+    low, high = x.min(axis=-1, keepdims=True) * clip_ratio, x.max(axis=-1, keepdims=True) * clip_ratio
+    s = np.maximum((high - low) / levels, 1e-12)
+    z = np.round(-low / s)
+    return (np.clip(np.round(x / s) + z, 0, levels) - z) * s
