@@ -74,11 +74,30 @@ def _rows() -> list[tuple[str, list]]:
                (f"W4A{a} + rotate + affine + GPTQ, MSE clip, A4 clip 0.9, 32 calibration windows",
                 [*ROTATE, affine, {**_w(4, "gptq"), "clip": "weight"}, {**_a(a), "clip_ratio": 0.9}]),
                (f"W4A{a} + affine, 64×64 blocks", [{**affine, "block": 64}, _w(4), _a(a)]),
+               *_asymmetric_a4_rows(),
                (f"W4A{a} + rotate + affine, 64×64 blocks + GPTQ, MSE clip, A4 clip 0.9, 32 calibration windows",
                 [*ROTATE, {**affine, "block": 64}, {**_w(4, "gptq"), "clip": "weight"}, {**_a(a), "clip_ratio": 0.9}])] if a == 4 else []),
             (f"W4A{a} + smooth + lowrank-split r32", [SMOOTH, {"name": "lowrank-split", "rank": 32, "exclude": HEAD}, _w(4), _a(a)]),
         ]
     return rows
+
+
+def _asymmetric_a4_rows() -> list[tuple[str, list]]:
+    """A4 alone (fp32 weights) and W4A4 with per-token zero points, clip ratios searched per input, and the
+    down projection's input smoothed before its online Hadamard (``smooth`` ahead of ``rotate``)."""
+    a4 = {**_a(4), "symmetric": False, "search_clip": True}
+    gptq = {**_w(4, "gptq"), "clip": "weight"}
+    return [
+        ("A4 only (fp32 weights) + rotate, A4 clip 0.9", [*ROTATE, {**_a(4), "clip_ratio": 0.9}]),
+        ("A4 only (fp32 weights) + rotate, asymmetric A4, clip searched per input, 32 calibration windows", [*ROTATE, a4]),
+        ("A4 only (fp32 weights) + smooth + rotate, asymmetric A4, clip searched per input, 32 calibration windows",
+         [SMOOTH, *ROTATE, a4]),
+        ("W4A4 + rotate + GPTQ, MSE clip, asymmetric A4, clip searched per input, 32 calibration windows", [*ROTATE, gptq, a4]),
+        ("W4A4 + rotate, asymmetric A4, clip searched per input, then GPTQ (H of the quantized activations), MSE clip, "
+         "32 calibration windows", [*ROTATE, a4, gptq]),
+        ("W4A4 + smooth + rotate, asymmetric A4, clip searched per input, then GPTQ (H of the quantized activations), "
+         "MSE clip, 32 calibration windows", [SMOOTH, *ROTATE, a4, gptq]),
+    ]
 
 
 def _ratios(model, calibration: CalibrationData) -> list[float]:
