@@ -12,8 +12,8 @@ token's own range, which helps tokens whose values lean to one side). With ``sea
 input gets its own clip ratio, the grid value in [0.5, 1] whose fake-quantized calibration rows (a uniform sample)
 give its MatMuls the least summed squared output error ``Σ_j ‖(Q(X) - X) W_j‖²``; the chosen ratio is recorded as
 node metadata ``bitfold.token_clip``. The graph computes it with standard
-ONNX ops (Abs, ReduceMax, Div, Round, Clip, Mul): an accuracy simulation that any runtime executes, not an integer
-kernel. A tensor read by several MatMuls is quantized once. Needs: nothing (the scales are dynamic). Leaves alone:
+ONNX ops (ReduceMax/ReduceMin, Div, Round, Clip, Mul...): an accuracy simulation that any runtime executes, not an
+integer kernel. A tensor read by several MatMuls is quantized once. Leaves alone:
 MatMuls whose weight is not a constant (attention's QKᵀ and PV), nodes marked ``bitfold.precision = float32``
 (a low-rank branch), excluded ones (globs on node name or torch module scope), inputs already quantized by this
 pass (a rerun is a no-op). Needs calibration only with ``search_clip``.
