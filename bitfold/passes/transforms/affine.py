@@ -29,6 +29,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 import torch
+from tqdm.auto import tqdm
 
 from bitfold.passes.registry import BitfoldPass, register
 from bitfold.passes.transforms.smooth import Smooth
@@ -155,16 +156,17 @@ def learn_scale(
         candidates = [torch.zeros(rows.shape[1]), torch.tensor(np.log(np.maximum(start, 1e-8)), dtype=torch.float32)]
         losses = [float(loss(c)) for c in candidates]
     first = int(np.argmin(losses))
-    best, best_loss = _minimise(loss, candidates[first], losses[first], steps, lr)
+    best, best_loss = minimise(loss, candidates[first], losses[first], steps, lr)
     return best.exp().double().numpy(), losses[0], best_loss
 
 
-def _minimise(loss, start: torch.Tensor, start_loss: float, steps: int, lr: float) -> tuple[torch.Tensor, float]:
-    """Adam on ``loss`` from ``start`` for ``steps`` steps; the best iterate seen (start included) and its loss."""
+def minimise(loss, start: torch.Tensor, start_loss: float, steps: int, lr: float, desc: str = "") -> tuple[torch.Tensor, float]:
+    """Adam on ``loss`` from ``start`` for ``steps`` steps; the best iterate seen (start included) and its loss.
+    A progress bar is shown when ``desc`` names the run."""
     parameter = torch.nn.Parameter(start.clone())
     best, best_loss = parameter.detach().clone(), start_loss
     optimizer = torch.optim.Adam([parameter], lr=lr)
-    for step in range(steps + 1):
+    for step in tqdm(range(steps + 1), desc=desc, disable=not desc, leave=False):
         optimizer.zero_grad()
         value = loss(parameter)
         if float(value.detach()) < best_loss:
@@ -205,6 +207,6 @@ def learn_rotation(
     start = torch.zeros(count, block, block)
     with torch.no_grad():
         start_loss = float(loss(start))
-    best, best_loss = _minimise(loss, start, start_loss, steps, lr * 0.1)
+    best, best_loss = minimise(loss, start, start_loss, steps, lr * 0.1)
     r = rotation(best.double())
     return np.asarray(torch.block_diag(*r).numpy()), best_loss

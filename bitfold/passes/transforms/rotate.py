@@ -12,6 +12,16 @@ true`` each writer's input x also gets an explicit ``bitfold.Hadamard`` (x ← x
 the MLP down projection's input is the worst-conditioned activation of a transformer, and no producer can absorb
 R there. The op carries its ONNX function, so any runtime executes the model.
 
+With ``learn_steps > 0`` the stream's rotation is then learned (SpinQuant's R1, layer by layer): starting from
+Q, R = Q · exp(S − Sᵀ) minimises, on calibration rows X_l of every norm output l and its readers' weights W_l,
+
+    L(R) = Σ_l ‖ (Q_a(X_l R) − X_l R) Rᵀ W_l ‖² / ‖X_l W_l‖²
+
+with Q_a the per-token fake quantization of ``quantize-tokens`` (``learn_bits``, ``learn_symmetric``, clip 1)
+through straight-through rounding, by Adam on S (torch, seeded; the best iterate is kept, so L never ends above
+Q's). The exponential keeps R exactly orthogonal, so the fold stays an equivalence. The losses before and after
+are recorded in the graph metadata ``bitfold.rotated``. The online Hadamards stay fixed.
+
 Guarantees: exact equivalence up to fp32 rounding. Needs: a residual stream as ``structure.residual_stream``
 finds it, with affine-free RMSNorms (run ``fold-norm-affine`` first). Leaves alone, with a note: graphs whose stream
 has another reader, LayerNorm streams (``fold-norm-affine`` with ``center = true`` turns them into RMSNorm
@@ -24,10 +34,12 @@ import dataclasses
 
 import numpy as np
 import onnx_ir as ir
+import torch
 
 from bitfold.ops import hadamard
 from bitfold.passes.initializers import add_initializer, copy_type, drop_if_unused
 from bitfold.passes.registry import BitfoldPass, register
+from bitfold.passes.transforms.affine import minimise
 from bitfold.passes.transforms.structure import Stream, const, residual_stream
 from bitfold.passes.transforms.weights import set_bias, set_weight
 
@@ -38,6 +50,17 @@ ROTATED_KEY = "bitfold.rotated"
 class RotateConfig:
     seed: int = dataclasses.field(default=0, metadata={"doc": "seed of the random signs and orthogonal blocks"})
     online: bool = dataclasses.field(default=True, metadata={"doc": "also insert bitfold.Hadamard before every residual writer"})
+    learn_steps: int = dataclasses.field(default=0, metadata={"doc": "> 0: learn the stream rotation for per-token activation quantization (Adam steps; needs calibration)"})
+    learn_bits: int = dataclasses.field(default=4, metadata={"doc": "per-token activation bits the rotation is learned for"})
+    learn_symmetric: bool = dataclasses.field(default=False, metadata={"doc": "learn for symmetric (true) or zero-point (false) per-token quantization"})
+    learn_rows: int = dataclasses.field(default=256, metadata={"doc": "calibration rows per norm output"})
+    learn_lr: float = dataclasses.field(default=0.003, metadata={"doc": "Adam learning rate on the skew-symmetric generator"})
+
+    def __post_init__(self) -> None:
+        if self.learn_steps < 0 or self.learn_rows < 1 or self.learn_lr <= 0:
+            raise ValueError("learn_steps must be >= 0, learn_rows >= 1 and learn_lr > 0")
+        if not 2 <= self.learn_bits <= 8:
+            raise ValueError("learn_bits must be in [2, 8]")
 
 
 @register
@@ -48,13 +71,22 @@ class Rotate(BitfoldPass):
     family = "transforms"
     Config = RotateConfig
 
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.config.learn_steps > 0
+
     def rewrite(self, model: ir.Model) -> int:
         stream = self.collect(model.graph)
         if stream is None:
             return 0
         rng = np.random.default_rng(self.config.seed)
         q = self.solve(stream.hidden, rng)
+        learned = ""
+        if self.config.learn_steps:
+            q, before, after = self.learn(model, stream, q)
+            learned = f" learned {before:.4g} -> {after:.4g}"
         self.fold(model, stream, q, rng)
+        model.graph.metadata_props[ROTATED_KEY] = f"seed={self.config.seed}{learned}"
         return 1 + len(stream.readers) + len(stream.writers)
 
     def collect(self, graph: ir.Graph) -> Stream | None:
@@ -79,6 +111,18 @@ class Rotate(BitfoldPass):
         """The orthogonal n×n matrix diag(±1) · kron(B, H_p/√p), B a random orthogonal block."""
         m, p = hadamard.split(n)
         return hadamard.matrix(hadamard.random_block(m, rng), p) * rng.choice([-1.0, 1.0], size=n)[:, None]
+
+    def learn(self, model: ir.Model, stream: Stream, q: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """(R, L(Q), L(R)): the rotation refined on calibration rows of every norm output (see the module doc)."""
+        groups: dict[str, list[np.ndarray]] = {}
+        for lin in stream.readers:
+            groups.setdefault(lin.matmul.inputs[0].name, []).append(lin.weight)
+        names = list(groups)
+        stats = self.calibration.collect(model, names, rows=names, rows_kept=self.config.learn_rows)
+        rows = [stats[name].sample for name in names]
+        weights = [np.concatenate(ws, axis=1) for ws in groups.values()]
+        c = self.config
+        return learn_rotation(rows, weights, q, c.learn_bits, c.learn_symmetric, c.learn_steps, c.learn_lr, c.seed)
 
     def fold(self, model: ir.Model, stream: Stream, q: np.ndarray, rng: np.random.Generator) -> None:
         graph = model.graph
@@ -109,7 +153,6 @@ class Rotate(BitfoldPass):
             self.stamp(lin.matmul, [lin.matmul])
         if blocks:
             hadamard.ensure_function(model)
-        graph.metadata_props[ROTATED_KEY] = f"seed={self.config.seed}"
 
     def _online(self, graph: ir.Graph, matmul: ir.Node, block: ir.Value) -> None:
         x = matmul.inputs[0]
@@ -120,3 +163,45 @@ class Rotate(BitfoldPass):
         self.stamp(node, [matmul])
         graph.insert_before(matmul, node)
         matmul.replace_input_with(0, out)
+
+
+def token_fake_quant(y: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """``quantize-tokens``' per-row rounding (clip 1) with a straight-through gradient: y + s · δ, δ detached."""
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = y.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / qmax
+        q = y / scale
+        return (q + (torch.clamp(torch.round(q), -qmax - 1, qmax) - q).detach()) * scale
+    levels = 2**bits - 1
+    low = y.amin(dim=-1, keepdim=True)
+    scale = ((y.amax(dim=-1, keepdim=True) - low) / levels).clamp_min(1e-12)
+    zero = torch.round(-low / scale).detach()
+    q = y / scale + zero
+    return (q + (torch.clamp(torch.round(q), 0, levels) - q).detach() - zero) * scale
+
+
+def learn_rotation(
+    rows: list[np.ndarray], weights: list[np.ndarray], q: np.ndarray, bits: int, symmetric: bool, steps: int, lr: float, seed: int
+) -> tuple[np.ndarray, float, float]:
+    """(R, L(Q), best L): R = Q · exp(S − Sᵀ) minimising Σ_l ‖(Q_a(X_l R) − X_l R) Rᵀ W_l‖² / ‖X_l W_l‖² over the
+    rows ``X_l`` ([rows, K]) each read by the linears ``W_l`` ([K, N_l], concatenated)."""
+    torch.manual_seed(seed)
+    count = min(len(x) for x in rows)
+    xs = torch.tensor(np.stack([np.asarray(x[:count], np.float64) for x in rows]))  # [L, rows, K]
+    grams = torch.tensor(np.stack([w.astype(np.float64) @ w.T.astype(np.float64) for w in weights]))  # W Wᵀ: [L, K, K]
+    scale = 1.0 / torch.einsum("lrk,lkj,lrj->l", xs, grams, xs).clamp_min(1e-30)  # 1 / ‖X W‖²
+    xs, grams, scale = xs.float(), grams.float(), scale.float()
+    base = torch.tensor(q, dtype=torch.float32)
+
+    def loss(generator: torch.Tensor) -> torch.Tensor:
+        r = base @ torch.linalg.matrix_exp(generator - generator.T)
+        y = xs @ r
+        e = (token_fake_quant(y, bits, symmetric) - y) @ r.T
+        return (torch.einsum("lrk,lkj,lrj->l", e, grams, e) * scale).sum()
+
+    start = torch.zeros_like(base)
+    with torch.no_grad():
+        start_loss = float(loss(start))
+    best, best_loss = minimise(loss, start, start_loss, steps, lr, desc="rotate: learn")
+    r = base.double() @ torch.linalg.matrix_exp(best.double() - best.double().T)
+    return r.numpy(), start_loss, best_loss

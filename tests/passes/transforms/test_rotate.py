@@ -5,8 +5,12 @@ import pytest
 from conftest import fresh
 
 import bitfold
+from bitfold.errors import BitfoldError
 from bitfold.passes.canonical import CANONICAL
+from bitfold.passes.quant.quantize_tokens import token_quant
+from bitfold.passes.transforms.rotate import Rotate, learn_rotation
 from bitfold.passes.transforms.structure import residual_stream
+from bitfold.quant.calibration import CalibrationData
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +53,44 @@ def test_rerun_and_unfolded_norms_are_refused_with_a_reason(zoo_protos, folded):
 def test_graph_without_a_stream_is_unchanged(zoo_protos):
     _, report = bitfold.optimize(fresh(zoo_protos, "encoder-layernorm"), [*CANONICAL, "fold-norm-affine", "rotate"])
     assert not report.passes[-1].modified and "embedding Gather" in report.passes[-1].notes[0]
+
+
+def _ids(n: int = 4, seed: int = 0) -> CalibrationData:
+    rng = np.random.default_rng(seed)
+    return CalibrationData([{"input_ids": rng.integers(0, 96, (1, 8)).astype(np.int64)} for _ in range(n)])
+
+
+def test_learned_rotation_keeps_outputs_and_lowers_its_loss(folded):
+    steps = [{"name": "rotate", "learn_steps": 20, "learn_rows": 32, "learn_lr": 0.01}]
+    model, report = bitfold.optimize(bitfold.clone(folded), steps, _ids(), verify=True)
+    assert report.passes[0].modified and report.passes[0].max_rel <= 1e-5
+    before, after = map(float, model.graph.metadata_props["bitfold.rotated"].split("learned ")[1].split(" -> "))
+    assert after < before
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_learned_rotation_beats_its_start_on_an_independent_oracle(symmetric):
+    """The loss of the module doc, computed with quantize-tokens' numpy rounding, falls from Q to the learned R."""
+    rng = np.random.default_rng(1)
+    k = 32
+    rows = [rng.standard_normal((64, k)) * np.where(np.arange(k) < 2, 25.0, 1.0) for _ in range(3)]  # outlier channels
+    weights = [rng.standard_normal((k, 48)) for _ in range(3)]
+    q = Rotate.solve(k, np.random.default_rng(0))
+
+    def loss(r):
+        return sum(
+            np.sum(((token_quant(x @ r, 4, 1.0, symmetric) - x @ r) @ r.T @ w) ** 2) / np.sum((x @ w) ** 2)
+            for x, w in zip(rows, weights, strict=True)
+        )
+
+    r, before, after = learn_rotation(rows, weights, q, 4, symmetric, 60, 0.01, 0)
+    assert np.allclose(r.T @ r, np.eye(k), atol=1e-10)
+    assert before == pytest.approx(loss(q), rel=1e-3) and after == pytest.approx(loss(r), rel=1e-3)
+    assert loss(r) < 0.9 * loss(q)
+
+
+def test_learning_needs_calibration_and_valid_settings(folded):
+    with pytest.raises(BitfoldError, match="calibration"):
+        bitfold.optimize(bitfold.clone(folded), [{"name": "rotate", "learn_steps": 5}])
+    with pytest.raises(BitfoldError, match="learn_bits"):
+        bitfold.optimize(bitfold.clone(folded), [{"name": "rotate", "learn_steps": 5, "learn_bits": 1}], _ids())
