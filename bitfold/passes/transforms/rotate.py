@@ -12,15 +12,18 @@ true`` each writer's input x also gets an explicit ``bitfold.Hadamard`` (x ← x
 the MLP down projection's input is the worst-conditioned activation of a transformer, and no producer can absorb
 R there. The op carries its ONNX function, so any runtime executes the model.
 
-With ``learn_steps > 0`` the stream's rotation is then learned (SpinQuant's R1, layer by layer): starting from
-Q, R = Q · exp(S − Sᵀ) minimises, on calibration rows X_l of every norm output l and its readers' weights W_l,
+With ``learn_steps > 0`` the rotations are then learned (SpinQuant's R1, layer by layer, and each online block):
+starting from Q, R = Q · exp(S − Sᵀ) minimises, on calibration rows X_l of every norm output l and its readers'
+weights W_l,
 
     L(R) = Σ_l ‖ (Q_a(X_l R) − X_l R) Rᵀ W_l ‖² / ‖X_l W_l‖²
 
 with Q_a the per-token fake quantization of ``quantize-tokens`` (``learn_bits``, ``learn_symmetric``, clip 1)
 through straight-through rounding, by Adam on S (torch, seeded; the best iterate is kept, so L never ends above
-Q's). The exponential keeps R exactly orthogonal, so the fold stays an equivalence. The losses before and after
-are recorded in the graph metadata ``bitfold.rotated``. The online Hadamards stay fixed.
+Q's). Each writer's online R = kron(B, H_p/√p) gets its own block B · exp(S_w − S_wᵀ) by the same loss on its input
+rows; ``online_block`` enlarges B (the smallest size ≥ it whose n / size is a power of two) so that it has
+something to learn. The exponential keeps every matrix exactly orthogonal, so the fold stays an equivalence. The
+summed losses before and after are recorded in the graph metadata ``bitfold.rotated``.
 
 Guarantees: exact equivalence up to fp32 rounding. Needs: a residual stream as ``structure.residual_stream``
 finds it, with affine-free RMSNorms (run ``fold-norm-affine`` first). Leaves alone, with a note: graphs whose stream
@@ -55,10 +58,11 @@ class RotateConfig:
     learn_symmetric: bool = dataclasses.field(default=False, metadata={"doc": "learn for symmetric (true) or zero-point (false) per-token quantization"})
     learn_rows: int = dataclasses.field(default=256, metadata={"doc": "calibration rows per norm output"})
     learn_lr: float = dataclasses.field(default=0.003, metadata={"doc": "Adam learning rate on the skew-symmetric generator"})
+    online_block: int = dataclasses.field(default=0, metadata={"doc": "online Hadamards' dense block: the smallest size >= this with n / size a power of two"})
 
     def __post_init__(self) -> None:
-        if self.learn_steps < 0 or self.learn_rows < 1 or self.learn_lr <= 0:
-            raise ValueError("learn_steps must be >= 0, learn_rows >= 1 and learn_lr > 0")
+        if self.learn_steps < 0 or self.learn_rows < 1 or self.learn_lr <= 0 or self.online_block < 0:
+            raise ValueError("learn_steps and online_block must be >= 0, learn_rows >= 1 and learn_lr > 0")
         if not 2 <= self.learn_bits <= 8:
             raise ValueError("learn_bits must be in [2, 8]")
 
@@ -81,11 +85,12 @@ class Rotate(BitfoldPass):
             return 0
         rng = np.random.default_rng(self.config.seed)
         q = self.solve(stream.hidden, rng)
+        blocks = self.online_blocks(stream, rng) if self.config.online else {}
         learned = ""
         if self.config.learn_steps:
-            q, before, after = self.learn(model, stream, q)
+            q, blocks, before, after = self.learn(model, stream, q, blocks)
             learned = f" learned {before:.4g} -> {after:.4g}"
-        self.fold(model, stream, q, rng)
+        self.fold(model, stream, q, blocks)
         model.graph.metadata_props[ROTATED_KEY] = f"seed={self.config.seed}{learned}"
         return 1 + len(stream.readers) + len(stream.writers)
 
@@ -112,19 +117,53 @@ class Rotate(BitfoldPass):
         m, p = hadamard.split(n)
         return hadamard.matrix(hadamard.random_block(m, rng), p) * rng.choice([-1.0, 1.0], size=n)[:, None]
 
-    def learn(self, model: ir.Model, stream: Stream, q: np.ndarray) -> tuple[np.ndarray, float, float]:
-        """(R, L(Q), L(R)): the rotation refined on calibration rows of every norm output (see the module doc)."""
+    def online_blocks(self, stream: Stream, rng: np.random.Generator) -> dict[int, np.ndarray]:
+        """Each writer's dense block B of its online R = kron(B, H_p/√p) (by node id): one random block per input
+        size, of the smallest size m ≥ ``online_block`` whose n / m is a power of two."""
+        by_size: dict[int, np.ndarray] = {}
+        blocks = {}
+        for lin in stream.writers:
+            k = lin.weight.shape[0]
+            if k not in by_size:
+                m, p = hadamard.split(k)
+                while m < self.config.online_block and p > 1:
+                    m, p = 2 * m, p // 2
+                by_size[k] = hadamard.random_block(m, rng)
+            blocks[id(lin.matmul)] = by_size[k]
+        return blocks
+
+    def learn(
+        self, model: ir.Model, stream: Stream, q: np.ndarray, blocks: dict[int, np.ndarray]
+    ) -> tuple[np.ndarray, dict[int, np.ndarray], float, float]:
+        """(R, the writers' blocks, loss before, loss after): the stream rotation and each online block refined on
+        calibration rows of every norm output and writer input (see the module doc)."""
         groups: dict[str, list[np.ndarray]] = {}
         for lin in stream.readers:
             groups.setdefault(lin.matmul.inputs[0].name, []).append(lin.weight)
-        names = list(groups)
+        writers = [lin for lin in stream.writers if id(lin.matmul) in blocks]
+        names = list(groups) + [lin.matmul.inputs[0].name for lin in writers]
         stats = self.calibration.collect(model, names, rows=names, rows_kept=self.config.learn_rows)
-        rows = [stats[name].sample for name in names]
-        weights = [np.concatenate(ws, axis=1) for ws in groups.values()]
         c = self.config
-        return learn_rotation(rows, weights, q, c.learn_bits, c.learn_symmetric, c.learn_steps, c.learn_lr, c.seed)
+        settings = (c.learn_bits, c.learn_symmetric, c.learn_steps, c.learn_lr, c.seed)
+        rows = [stats[name].sample for name in groups]
+        weights = [np.concatenate(ws, axis=1) for ws in groups.values()]
+        q, before, after = learn_rotation(rows, weights, q, 1, True, *settings, desc="rotate: learn the stream")
+        by_size: dict[int, list] = {}
+        for lin in writers:
+            by_size.setdefault(lin.weight.shape[0], []).append(lin)
+        learned = dict(blocks)
+        for k, same in by_size.items():
+            block = blocks[id(same[0].matmul)]
+            p = k // block.shape[0]
+            rows = [stats[lin.matmul.inputs[0].name].sample for lin in same]
+            _, b, a, factors = learn_rotation(rows, [lin.weight for lin in same], hadamard.matrix(block, p), p, False, *settings,
+                                              desc=f"rotate: learn {len(same)} online blocks of {k}", factors=True)  # fmt: skip
+            for lin, factor in zip(same, factors, strict=True):
+                learned[id(lin.matmul)] = block @ factor
+            before, after = before + b, after + a
+        return q, learned, before, after
 
-    def fold(self, model: ir.Model, stream: Stream, q: np.ndarray, rng: np.random.Generator) -> None:
+    def fold(self, model: ir.Model, stream: Stream, q: np.ndarray, blocks: dict[int, np.ndarray]) -> None:
         graph = model.graph
         table = const(stream.table).astype(np.float64)
         # readers first: a tied head's weight is Transpose(table) and must be read before the table rotates
@@ -135,18 +174,15 @@ class Rotate(BitfoldPass):
         stream.embedding.replace_input_with(0, rotated)
         drop_if_unused(graph, stream.table)
         self.stamp(stream.embedding, [stream.embedding])
-        blocks: dict[int, tuple[np.ndarray, ir.Value]] = {}  # input size → (dense R, the op's block initializer)
+        values: dict[int, ir.Value] = {}  # one initializer per distinct block array
         for lin in stream.writers:
             w = lin.weight.astype(np.float64)
-            if self.config.online:
-                k = w.shape[0]
-                if k not in blocks:
-                    m, p = hadamard.split(k)
-                    block = hadamard.random_block(m, rng)
-                    blocks[k] = (hadamard.matrix(block, p), add_initializer(graph, f"hadamard_block_{k}", block.astype(np.float32)))
-                r, block_value = blocks[k]
-                w = r.T @ w
-                self._online(graph, lin.matmul, block_value)
+            if id(lin.matmul) in blocks:
+                block = blocks[id(lin.matmul)]
+                if id(block) not in values:
+                    values[id(block)] = add_initializer(graph, f"hadamard_block_{w.shape[0]}", block.astype(np.float32))
+                w = hadamard.matrix(block, w.shape[0] // block.shape[0]).T @ w
+                self._online(graph, lin.matmul, values[id(block)])
             set_weight(graph, lin, w @ q, "rot")
             if lin.bias is not None:
                 set_bias(graph, lin, lin.bias.astype(np.float64) @ q, "rot")
@@ -181,27 +217,57 @@ def token_fake_quant(y: torch.Tensor, bits: int, symmetric: bool) -> torch.Tenso
 
 
 def learn_rotation(
-    rows: list[np.ndarray], weights: list[np.ndarray], q: np.ndarray, bits: int, symmetric: bool, steps: int, lr: float, seed: int
-) -> tuple[np.ndarray, float, float]:
-    """(R, L(Q), best L): R = Q · exp(S − Sᵀ) minimising Σ_l ‖(Q_a(X_l R) − X_l R) Rᵀ W_l‖² / ‖X_l W_l‖² over the
-    rows ``X_l`` ([rows, K]) each read by the linears ``W_l`` ([K, N_l], concatenated)."""
+    rows: list[np.ndarray],
+    weights: list[np.ndarray],
+    q: np.ndarray,
+    p: int,
+    shared: bool,
+    bits: int,
+    symmetric: bool,
+    steps: int,
+    lr: float,
+    seed: int,
+    desc: str = "",
+    factors: bool = False,
+):
+    """Learn R_l = Q · kron(E_l, I_p), E_l = exp(S_l − S_lᵀ) ((n/p)×(n/p); one E for all l when ``shared``),
+    minimising Σ_l ‖(Q_a(X_l R_l) − X_l R_l) R_lᵀ W_l‖² / ‖X_l W_l‖² over the rows ``X_l`` ([rows, n]) each read
+    by the linears ``W_l`` ([n, N_l], concatenated). Returns (R, loss at Q, best loss) for ``shared``, and the E_l
+    as a fourth item with ``factors`` (with Q = kron(B, H_p/√p), R_l = kron(B E_l, H_p/√p))."""
     torch.manual_seed(seed)
     count = min(len(x) for x in rows)
-    xs = torch.tensor(np.stack([np.asarray(x[:count], np.float64) for x in rows]))  # [L, rows, K]
-    grams = torch.tensor(np.stack([w.astype(np.float64) @ w.T.astype(np.float64) for w in weights]))  # W Wᵀ: [L, K, K]
-    scale = 1.0 / torch.einsum("lrk,lkj,lrj->l", xs, grams, xs).clamp_min(1e-30)  # 1 / ‖X W‖²
-    xs, grams, scale = xs.float(), grams.float(), scale.float()
-    base = torch.tensor(q, dtype=torch.float32)
+    n = q.shape[0]
+    m = n // p
+    q64 = np.asarray(q, np.float64)
+    z = torch.tensor(np.stack([np.asarray(x[:count], np.float64) @ q64 for x in rows]))  # X Q: [L, rows, n]
+    # ‖e Rᵀ W‖² = ‖(e Kᵀ)(Qᵀ F)‖² for any F with F Fᵀ = W Wᵀ: the thinner of W and Wᵀ's triangular factor
+    thin = [q64.T @ _thin_factor(np.asarray(w, np.float64)) for w in weights]
+    width = max(t.shape[1] for t in thin)
+    f = torch.tensor(np.stack([np.pad(t, ((0, 0), (0, width - t.shape[1]))) for t in thin]))  # [L, n, r], zero-padded
+    scale = 1.0 / (z @ f).square().sum(dim=(1, 2)).clamp_min(1e-30)
+    z, f, scale = z.float().reshape(len(rows), count, m, p), f.float(), scale.float()
+
+    def expand(generator: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.matrix_exp(generator - generator.transpose(-1, -2)).expand(len(rows), m, m)
 
     def loss(generator: torch.Tensor) -> torch.Tensor:
-        r = base @ torch.linalg.matrix_exp(generator - generator.T)
-        y = xs @ r
-        e = (token_fake_quant(y, bits, symmetric) - y) @ r.T
-        return (torch.einsum("lrk,lkj,lrj->l", e, grams, e) * scale).sum()
+        e = expand(generator)
+        y = torch.einsum("lrap,lab->lrbp", z, e)  # X R = (X Q) kron(E, I_p)
+        err = token_fake_quant(y.reshape(len(rows), count, n), bits, symmetric).reshape(y.shape) - y
+        back = torch.einsum("lrbp,lab->lrap", err, e).reshape(len(rows), count, n)  # err kron(E, I_p)ᵀ
+        return ((back @ f).square().sum(dim=(1, 2)) * scale).sum()
 
-    start = torch.zeros_like(base)
+    start = torch.zeros((1 if shared else len(rows), m, m))
     with torch.no_grad():
         start_loss = float(loss(start))
-    best, best_loss = minimise(loss, start, start_loss, steps, lr, desc="rotate: learn")
-    r = base.double() @ torch.linalg.matrix_exp(best.double() - best.double().T)
-    return r.numpy(), start_loss, best_loss
+    best, best_loss = minimise(loss, start, start_loss, steps, lr, desc=desc)
+    e = expand(best.double()).numpy()
+    r = q64 @ np.kron(e[0], np.eye(p))
+    return (r, start_loss, best_loss, list(e)) if factors else (r, start_loss, best_loss)
+
+
+def _thin_factor(w: np.ndarray) -> np.ndarray:
+    """F with F Fᵀ = W Wᵀ and min(K, N) columns."""
+    if w.shape[1] <= w.shape[0]:
+        return w
+    return np.linalg.qr(w.T, mode="r").T

@@ -6,6 +6,7 @@ from conftest import fresh
 
 import bitfold
 from bitfold.errors import BitfoldError
+from bitfold.ops import hadamard
 from bitfold.passes.canonical import CANONICAL
 from bitfold.passes.quant.quantize_tokens import token_quant
 from bitfold.passes.transforms.rotate import Rotate, learn_rotation
@@ -69,24 +70,47 @@ def test_learned_rotation_keeps_outputs_and_lowers_its_loss(folded):
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_learned_rotation_beats_its_start_on_an_independent_oracle(symmetric):
+def test_learned_stream_rotation_beats_its_start_on_an_independent_oracle(symmetric):
     """The loss of the module doc, computed with quantize-tokens' numpy rounding, falls from Q to the learned R."""
     rng = np.random.default_rng(1)
     k = 32
     rows = [rng.standard_normal((64, k)) * np.where(np.arange(k) < 2, 25.0, 1.0) for _ in range(3)]  # outlier channels
-    weights = [rng.standard_normal((k, 48)) for _ in range(3)]
+    weights = [rng.standard_normal((k, n)) for n in (48, 16, 96)]
     q = Rotate.solve(k, np.random.default_rng(0))
-
-    def loss(r):
-        return sum(
-            np.sum(((token_quant(x @ r, 4, 1.0, symmetric) - x @ r) @ r.T @ w) ** 2) / np.sum((x @ w) ** 2)
-            for x, w in zip(rows, weights, strict=True)
-        )
-
-    r, before, after = learn_rotation(rows, weights, q, 4, symmetric, 60, 0.01, 0)
+    r, before, after = learn_rotation(rows, weights, q, 1, True, 4, symmetric, 60, 0.01, 0)
     assert np.allclose(r.T @ r, np.eye(k), atol=1e-10)
-    assert before == pytest.approx(loss(q), rel=1e-3) and after == pytest.approx(loss(r), rel=1e-3)
-    assert loss(r) < 0.9 * loss(q)
+    assert before == pytest.approx(_oracle(rows, weights, [q] * 3, symmetric), rel=1e-3)
+    assert after == pytest.approx(_oracle(rows, weights, [r] * 3, symmetric), rel=1e-3)
+    assert after < 0.95 * before
+
+
+def test_learned_online_blocks_are_hadamard_kronecker_factors_that_lower_the_loss():
+    rng = np.random.default_rng(2)
+    k, p = 48, 8  # blocks of 6 (n = 6 · 8)
+    rows = [rng.standard_normal((64, k)) * np.where(np.arange(k) % 7 == 0, 15.0, 1.0) for _ in range(2)]
+    weights = [rng.standard_normal((k, 24)) for _ in range(2)]
+    block = hadamard.random_block(k // p, np.random.default_rng(0))
+    _, before, after, factors = learn_rotation(rows, weights, hadamard.matrix(block, p), p, False, 4, False, 60, 0.01, 0, factors=True)
+    learned = [hadamard.matrix(block @ e, p) for e in factors]
+    assert len(factors) == 2 and not np.allclose(factors[0], factors[1])  # one block per writer
+    assert all(np.allclose(r.T @ r, np.eye(k), atol=1e-10) for r in learned)
+    assert before == pytest.approx(_oracle(rows, weights, [hadamard.matrix(block, p)] * 2, False), rel=1e-3)
+    assert after == pytest.approx(_oracle(rows, weights, learned, False), rel=1e-3)
+    assert after < 0.9 * before
+
+
+def _oracle(rows, weights, rotations, symmetric):
+    return sum(
+        np.sum(((token_quant(x @ r, 4, 1.0, symmetric) - x @ r) @ r.T @ w) ** 2) / np.sum((x @ w) ** 2)
+        for x, w, r in zip(rows, weights, rotations, strict=True)
+    )
+
+
+def test_larger_online_blocks_keep_outputs(folded):
+    model, report = bitfold.optimize(bitfold.clone(folded), [{"name": "rotate", "online_block": 5}], verify=True)
+    assert report.passes[0].max_rel <= 1e-5
+    sizes = {n.inputs[1].const_value.shape[0] for n in model.graph if n.op_type == "Hadamard"}
+    assert min(sizes) >= 5 and all(s & (s - 1) for s in sizes)  # grown from the odd part, never a power of two
 
 
 def test_learning_needs_calibration_and_valid_settings(folded):
