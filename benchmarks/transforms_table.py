@@ -36,7 +36,7 @@ from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 HEAD = ["*lm_head*"]
 ROTATE = ["fold-norm-affine", "rotate"]
-LEARNED = ["fold-norm-affine", {"name": "rotate", "learn_steps": 200}]  # R learned for asymmetric per-token A4
+LEARNED = ["fold-norm-affine", {"name": "rotate", "learn_steps": 200, "online_block": 32}]  # learned for asymmetric per-token A4
 SMOOTH = {"name": "smooth", "alpha": 0.5}
 A8_STATIC = {"name": "quantize-activations", "weights": False, "outputs": False, "exclude": HEAD}
 
@@ -98,9 +98,9 @@ def _asymmetric_a4_rows() -> list[tuple[str, list]]:
          "32 calibration windows", [*ROTATE, a4, gptq]),
         ("W4A4 + smooth + rotate, asymmetric A4, clip searched per input, then GPTQ (H of the quantized activations), "
          "MSE clip, 32 calibration windows", [SMOOTH, *ROTATE, a4, gptq]),
-        ("A4 only (fp32 weights) + rotate learned (200 steps), asymmetric A4, clip searched per input, 32 calibration windows",
+        ("A4 only (fp32 weights) + rotate learned (200 steps, online blocks 32+), asymmetric A4, clip searched per input, 32 calibration windows",
          [*LEARNED, a4]),
-        ("W4A4 + smooth + rotate learned (200 steps), asymmetric A4, clip searched per input, then GPTQ (H of the quantized "
+        ("W4A4 + smooth + rotate learned (200 steps, online blocks 32+), asymmetric A4, clip searched per input, then GPTQ (H of the quantized "
          "activations), MSE clip, 32 calibration windows", [SMOOTH, *LEARNED, a4, gptq]),
     ]
 
