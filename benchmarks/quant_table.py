@@ -10,7 +10,9 @@ QDQ for per-channel rows. Latency compares, in one run with interleaved rounds, 
 graphs of bitfold and of ORT's MatMulNBitsQuantizer, both at accuracy_level 4.
 Writes benchmarks/results/quant_smollm2.{json,png}.
 
-    python benchmarks/quant_table.py [--rounds 5]
+    python benchmarks/quant_table.py [--rounds 5] [--only "W8A8"]
+
+``--only TEXT`` runs the bitfold rows whose label contains TEXT and merges them into the JSON (no latency rerun).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from bitfold.eval.models import export_smollm2  # noqa: E402
 from bitfold.eval.tasks import CALIB_WINDOWS, smollm2_ppl  # noqa: E402
 from bitfold.passes.canonical import CANONICAL  # noqa: E402
 from bitfold.quant.calibration import CalibrationData  # noqa: E402
-from bitfold.tools.bench import compare  # noqa: E402
+from bitfold.tools.bench import compare, merge_rows  # noqa: E402
 from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -56,6 +58,28 @@ ROWS = [
     ("AWQ W3 g128", {**AWQ, "bits": 3, "group_size": 128}),
     ("RTN W4 g128, lm_head too", {"method": "rtn", "bits": 4, "group_size": 128, "exclude": []}),
 ]
+# where AWQ loses to GPTQ: only the q/k/v projections quantized (each method as in its row above), the rest fp32
+NOT_QKV = [*KEEP_HEAD, "*o_proj*", "*gate_proj*", "*up_proj*", "*down_proj*"]
+ROWS += [
+    (f"{label} W4 g128, q/k/v only", {**params, "bits": 4, "group_size": 128, "exclude": NOT_QKV})
+    for label, params in (
+        ("RTN (asymmetric, output clip)", {"method": "rtn", "symmetric": False, "clip": "output"}),
+        ("AWQ", AWQ),
+        ("GPTQ", GPTQ),
+        ("GPTQ with sink_weight 1", {**GPTQ, "sink_weight": 1.0}),
+    )
+]
+TOKENS8 = {"name": "quantize-tokens", "bits": 8, "exclude": KEEP_HEAD}
+W8 = {"name": "quantize-weights", "method": "rtn", "bits": 8, "group_size": -1, "format": "qdq", "exclude": KEEP_HEAD}
+ACTIVATION_ROWS = [
+    ("W8A8 uint8 activations (minmax), weights int8 per channel",
+     [{"name": "quantize-activations", "activation_dtype": "uint8", "exclude": KEEP_HEAD}]),
+    ("W8A8 fp8-e4m3 activations (minmax), weights fp8-e4m3 per channel",
+     [{"name": "quantize-activations", "activation_dtype": "fp8-e4m3", "exclude": KEEP_HEAD}]),
+    ("W8A8 int8 per-token dynamic activations (simulated), weights int8 per channel", [TOKENS8, W8]),
+    ("W8A8 int8 per-token dynamic activations (simulated), weights int8 per channel, smooth alpha 0.5",
+     [{"name": "smooth", "alpha": 0.5, "exclude": KEEP_HEAD}, TOKENS8, W8]),
+]  # fmt: skip
 
 
 def _ort_tool(model: ir.Model, tmp: Path, kind: str) -> ir.Model:
@@ -70,9 +94,25 @@ def _ort_tool(model: ir.Model, tmp: Path, kind: str) -> ir.Model:
     return bitfold.load(dst)
 
 
+def _weight_steps(params: dict) -> list[dict]:
+    emitted = {"format": "matmulnbits", "accuracy_level": 0} if params["group_size"] == 128 else {"format": "qdq"}
+    steps = [{"name": "quantize-weights", "exclude": KEEP_HEAD, **emitted, **params}]
+    if params.get("exclude") == []:  # lm_head reads Transpose(embedding): fold it into a constant so it can be quantized
+        steps.insert(0, {"name": "fold-constants", "input_size_limit": 1 << 26, "output_size_limit": 1 << 26})
+    return steps
+
+
+def _row(label: str, model: ir.Model, tool: str, **extra) -> dict:
+    row = {"model": "SmolLM2", "variant": label, "tool": tool, **extra, "ppl": smollm2_ppl(model).value,
+           "bytes": bitfold.frontend.parameter_bytes(model)}  # fmt: skip
+    print(row, flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--only", help="run only the bitfold rows whose label contains this text and merge them into the JSON")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     tmp = RESULTS / ".tmp"
@@ -80,64 +120,47 @@ def main() -> None:
 
     fp32, _ = bitfold.optimize(export_smollm2(), list(CANONICAL))
     calibration = CalibrationData.from_source("lee-text", fp32)
-    rows = [{"variant": "FP32", "tool": "-", "ppl": smollm2_ppl(fp32).value, "bytes": bitfold.frontend.parameter_bytes(fp32)}]
-    print(rows[-1], flush=True)
-    for label, params in ROWS:
-        emitted = {"format": "matmulnbits", "accuracy_level": 0} if params["group_size"] == 128 else {"format": "qdq"}
-        step = {"name": "quantize-weights", "exclude": KEEP_HEAD, **emitted, **params}
-        steps = [step]
-        if "exclude" in params:  # lm_head reads Transpose(embedding): fold it into a constant so it can be quantized
-            steps.insert(0, {"name": "fold-constants", "input_size_limit": 1 << 26, "output_size_limit": 1 << 26})
-        model, _ = bitfold.optimize(bitfold.clone(fp32), steps, calibration)
-        rows.append({"variant": label, "tool": "bitfold", "format": step["format"], "ppl": smollm2_ppl(model).value,
-                     "bytes": bitfold.frontend.parameter_bytes(model)})  # fmt: skip
-        print(rows[-1], flush=True)
-    # fp16 with islands: every tensor is exposed during calibration, so 2 windows keep memory reasonable
-    few_windows = CalibrationData(list(calibration)[-2:])
-    fp16, report = bitfold.optimize(bitfold.clone(fp32), ["cast-precision"], few_windows)
-    rows.append({"variant": "fp16 with fp32 islands", "tool": "bitfold", "format": "float16", "ppl": smollm2_ppl(fp16).value,
-                 "bytes": bitfold.frontend.parameter_bytes(fp16), "casts": report.passes[0].ops_added.get("Cast", 0)})  # fmt: skip
-    print(rows[-1], flush=True)
-    for dtype in ("uint8", "fp8-e4m3"):
-        step = {"name": "quantize-activations", "activation_dtype": dtype, "exclude": KEEP_HEAD}
-        model, _ = bitfold.optimize(bitfold.clone(fp32), [step], calibration)
-        rows.append({"variant": f"W8A8 {dtype} activations (minmax), weights {'int8' if dtype == 'uint8' else dtype} per channel",
-                     "tool": "bitfold", "format": "qdq", "ppl": smollm2_ppl(model).value,
-                     "bytes": bitfold.frontend.parameter_bytes(model)})  # fmt: skip
-        print(rows[-1], flush=True)
-    ort_nbits = _ort_tool(fp32, tmp, "matmulnbits")
-    ort_dynamic = _ort_tool(fp32, tmp, "dynamic")
-    for label, model in (("MatMulNBitsQuantizer RTN W4 g128 sym", ort_nbits), ("quantize_dynamic int8", ort_dynamic)):
-        rows.append({"variant": label, "tool": "onnxruntime", "ppl": smollm2_ppl(model).value,
-                     "bytes": bitfold.frontend.parameter_bytes(model)})  # fmt: skip
-        print(rows[-1], flush=True)
-
-    ours, _ = bitfold.optimize(
-        bitfold.clone(fp32), [{"name": "quantize-weights", "bits": 4, "group_size": 128, "format": "matmulnbits", "exclude": KEEP_HEAD}]
-    )
-    feeds = next(iter(calibration))
-    stats = compare(
-        [bitfold.compile(m, "ort", "cpu", spinning=False) for m in (fp32, ort_nbits, ours)],
-        [feeds] * 3,
-        warmup=2,
-        rounds=args.rounds,
-        iters=3,
-    )
-    latency = {name: s for name, s in zip(("fp32", "ort MatMulNBitsQuantizer", "bitfold matmulnbits"), stats, strict=True)}
-    result = {
-        "model": "SmolLM2-135M-Instruct (weights from a Q4_1 GGUF: 32-element blocks with offset)",
-        "protocol": f"Lee corpus, windows 0-15 of 512 tokens (8,176 scored); calibration windows {CALIB_WINDOWS.start}-{CALIB_WINDOWS.stop - 1}",
-        "onnxruntime": ort.__version__,
-        "rows": rows,
-        "latency_ms_seq512": latency,
-        "bitfold_vs_ort_matmulnbits": latency["bitfold matmulnbits"]["p50"] / latency["ort MatMulNBitsQuantizer"]["p50"],
-    }
+    selected = lambda label: args.only is None or args.only in label  # noqa: E731
+    rows = [] if args.only else [_row("FP32", fp32, "-")]
+    for label, steps in [(label, _weight_steps(params)) for label, params in ROWS] + ACTIVATION_ROWS:
+        if selected(label):
+            model, _ = bitfold.optimize(bitfold.clone(fp32), steps, calibration)
+            rows.append(_row(label, model, "bitfold", format=steps[-1].get("format", "qdq")))
+    if selected("fp16 with fp32 islands"):  # every tensor is exposed during calibration: 2 windows keep memory reasonable
+        fp16, report = bitfold.optimize(bitfold.clone(fp32), ["cast-precision"], CalibrationData(list(calibration)[-2:]))
+        rows.append(_row("fp16 with fp32 islands", fp16, "bitfold", format="float16", casts=report.passes[0].ops_added.get("Cast", 0)))
+    if args.only:  # merge: the new rows replace same-named ones, the rest of the table and the latency stay
+        result = json.loads((RESULTS / "quant_smollm2.json").read_text())
+        result["rows"] = merge_rows([{"model": "SmolLM2", **r} for r in result["rows"]], rows)
+    else:
+        ort_nbits = _ort_tool(fp32, tmp, "matmulnbits")
+        rows.append(_row("MatMulNBitsQuantizer RTN W4 g128 sym", ort_nbits, "onnxruntime"))
+        rows.append(_row("quantize_dynamic int8", _ort_tool(fp32, tmp, "dynamic"), "onnxruntime"))
+        result = {
+            "model": "SmolLM2-135M-Instruct (weights from a Q4_1 GGUF: 32-element blocks with offset)",
+            "protocol": f"Lee corpus, windows 0-15 of 512 tokens (8,176 scored); calibration windows {CALIB_WINDOWS.start}-{CALIB_WINDOWS.stop - 1}",
+            "onnxruntime": ort.__version__,
+            "rows": rows,
+            **_latency(fp32, ort_nbits, next(iter(calibration)), args.rounds),
+        }
     write_atomic(RESULTS / "quant_smollm2.json", json.dumps(result, indent=2).encode())
     _plot(result, RESULTS / "quant_smollm2.png")
-    for name, s in latency.items():
+    for name, s in result["latency_ms_seq512"].items():
         print(f"{name:28s} p50 {s['p50']:.1f} ms  ratio vs fp32 {s['ratio']:.3f}")
     print(f"bitfold / ORT MatMulNBits latency: {result['bitfold_vs_ort_matmulnbits']:.3f}")
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _latency(fp32: ir.Model, ort_nbits: ir.Model, feeds: dict, rounds: int) -> dict:
+    """One 512-token forward of fp32, ORT's MatMulNBits model and bitfold's, interleaved in one run."""
+    ours, _ = bitfold.optimize(
+        bitfold.clone(fp32), [{"name": "quantize-weights", "bits": 4, "group_size": 128, "format": "matmulnbits", "exclude": KEEP_HEAD}]
+    )
+    stats = compare([bitfold.compile(m, "ort", "cpu", spinning=False) for m in (fp32, ort_nbits, ours)], [feeds] * 3,
+                    warmup=2, rounds=rounds, iters=3)  # fmt: skip
+    latency = {name: s for name, s in zip(("fp32", "ort MatMulNBitsQuantizer", "bitfold matmulnbits"), stats, strict=True)}
+    return {"latency_ms_seq512": latency,
+            "bitfold_vs_ort_matmulnbits": latency["bitfold matmulnbits"]["p50"] / latency["ort MatMulNBitsQuantizer"]["p50"]}  # fmt: skip
 
 
 def _plot(result: dict, path: Path) -> None:

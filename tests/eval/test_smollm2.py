@@ -67,6 +67,27 @@ def test_w8_is_near_lossless_and_w4_gptq_beats_rtn(smollm2_onnx, ppl):
     assert rtn_clipped < rtn - 1.0 and gptq_clipped < gptq, (rtn, rtn_clipped, gptq, gptq_clipped)
 
 
+def test_w8a8_per_token_beats_ort_quantize_dynamic(smollm2_onnx, tmp_path):
+    """int8 per-token activations with int8 per-channel weights stay near fp32 where ORT's quantize_dynamic (one
+    dynamic range per tensor) loses to SmolLM2's activation outliers; windows 0-1."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from bitfold.eval.models import smollm2
+    from bitfold.eval.tasks import lee_windows, perplexity
+
+    _, tokenizer = smollm2()
+    scored = lee_windows(tokenizer, range(2))
+    steps = [
+        {"name": "quantize-tokens", "bits": 8, "exclude": ["*lm_head*"]},
+        {"name": "quantize-weights", "bits": 8, "group_size": -1, "format": "qdq", "exclude": ["*lm_head*"]},
+    ]
+    ours, _ = bitfold.optimize(bitfold.clone(smollm2_onnx), steps)
+    bitfold.save(smollm2_onnx, tmp_path / "fp32.onnx")
+    quantize_dynamic(str(tmp_path / "fp32.onnx"), str(tmp_path / "dynamic.onnx"), weight_type=QuantType.QInt8)
+    fp32, w8a8, dynamic = (perplexity(m, scored)[0] for m in (smollm2_onnx, ours, bitfold.load(tmp_path / "dynamic.onnx")))
+    assert w8a8 < 1.06 * fp32 and w8a8 < 0.8 * dynamic, (fp32, w8a8, dynamic)
+
+
 def test_fold_norm_affine_and_rotate_keep_perplexity(smollm2_onnx):
     """The transforms are exact: perplexity on windows 0-1 identical to 3 decimals, 60 online Hadamards in ORT."""
     from bitfold.eval.models import smollm2

@@ -129,7 +129,7 @@ def insert_matrix(graph: ir.Graph, x: ir.Value, matrix: np.ndarray) -> ir.Node:
     return node
 
 
-def _fake_quant(t: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+def ste_fake_quant(t: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Symmetric max-scaled rounding along ``dim`` with a straight-through gradient."""
     qmax = 2 ** (bits - 1) - 1
     scale = t.abs().amax(dim=dim, keepdim=True).clamp_min(1e-8) / qmax
@@ -149,8 +149,8 @@ def learn_scale(
 
     def loss(log_s: torch.Tensor) -> torch.Tensor:
         s = log_s.exp()
-        xq = _fake_quant(rows / s, activation_bits, -1)
-        return sum(((xq @ _fake_quant(s[:, None] * w, weight_bits, 0) - r).square().sum() / n for w, r, n in zip(ws, refs, norms, strict=True)))
+        xq = ste_fake_quant(rows / s, activation_bits, -1)
+        return sum(((xq @ ste_fake_quant(s[:, None] * w, weight_bits, 0) - r).square().sum() / n for w, r, n in zip(ws, refs, norms, strict=True)))
 
     with torch.no_grad():
         candidates = [torch.zeros(rows.shape[1]), torch.tensor(np.log(np.maximum(start, 1e-8)), dtype=torch.float32)]
@@ -197,11 +197,11 @@ def learn_rotation(
 
     def loss(generator: torch.Tensor) -> torch.Tensor:
         r = rotation(generator)
-        xq = _fake_quant(torch.einsum("rcb,cbd->rcd", blocks, r).reshape(-1, k), activation_bits, -1)
+        xq = ste_fake_quant(torch.einsum("rcb,cbd->rcd", blocks, r).reshape(-1, k), activation_bits, -1)
         total = 0.0
         for w, ref, n in zip(ws, refs, norms, strict=True):
             wr = torch.einsum("cdb,cdn->cbn", r, w.reshape(count, block, -1)).reshape(k, -1)  # Rᵀ W, block by block
-            total = total + (xq @ _fake_quant(wr, weight_bits, 0) - ref).square().sum() / n
+            total = total + (xq @ ste_fake_quant(wr, weight_bits, 0) - ref).square().sum() / n
         return total
 
     start = torch.zeros(count, block, block)

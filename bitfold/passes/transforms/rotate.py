@@ -42,7 +42,7 @@ import torch
 from bitfold.ops import hadamard
 from bitfold.passes.initializers import add_initializer, copy_type, drop_if_unused
 from bitfold.passes.registry import BitfoldPass, register
-from bitfold.passes.transforms.affine import minimise
+from bitfold.passes.transforms.affine import minimise, ste_fake_quant
 from bitfold.passes.transforms.structure import Stream, const, residual_stream
 from bitfold.passes.transforms.weights import set_bias, set_weight
 
@@ -204,10 +204,7 @@ class Rotate(BitfoldPass):
 def token_fake_quant(y: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
     """``quantize-tokens``' per-row rounding (clip 1) with a straight-through gradient: y + s · δ, δ detached."""
     if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        scale = y.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / qmax
-        q = y / scale
-        return (q + (torch.clamp(torch.round(q), -qmax - 1, qmax) - q).detach()) * scale
+        return ste_fake_quant(y, bits, -1)
     levels = 2**bits - 1
     low = y.amin(dim=-1, keepdim=True)
     scale = ((y.amax(dim=-1, keepdim=True) - low) / levels).clamp_min(1e-12)
