@@ -9,7 +9,10 @@ A kernel module registers one :class:`Kernel` with :func:`kernel`. Its faces:
 - ``compute(x, arrays, **params) -> te.Tensor``: the TE definition for activations x of shape [M, K], returning
   Y [M, N];
 - optionally ``lowering(prepared, m, target) -> PrimFunc | None``: a hand-written TIR kernel for the targets it
-  supports (e.g. ``lut``'s AVX-512 lookup microkernel), taking the same arguments; None falls back to ``compute``.
+  supports (e.g. ``lut``'s AVX-512 lookup microkernel), taking the same arguments; None falls back to ``compute``;
+- optionally ``select(weights, attrs, device) -> bool``: whether a node with these constant inputs takes the kernel
+  on ``device`` ("cpu" or "cuda"; default: every node whose weights are constants). A kernel for a standard ONNX op
+  (``dense``) uses it to take only the nodes its layout speeds up.
 
 Blocks are named for the schedule (``bitfold.kernels.schedule``): ``part*`` reduce a group of inputs for a tile
 of outputs, ``gemv*`` reduce the groups into [..., N] (outputs innermost), ``row*`` compute per-activation
@@ -49,6 +52,7 @@ class Kernel:
     compute: Callable
     schedule: Callable | None = None
     lowering: Callable | None = None
+    select: Callable[[Sequence[np.ndarray | None], Mapping[str, int], str], bool] | None = None
 
     @property
     def key(self) -> str:
@@ -60,10 +64,10 @@ KERNELS: dict[str, Kernel] = {}
 
 def kernel(
     domain: str, op_type: str, weights: tuple[int, ...], prepare: Callable, compute: Callable,
-    schedule: Callable | None = None, lowering: Callable | None = None,
+    schedule: Callable | None = None, lowering: Callable | None = None, select: Callable | None = None,
 ) -> Kernel:  # fmt: skip
     """Register the kernel of ``domain.op_type``; returns it."""
-    entry = Kernel(domain, op_type, weights, prepare, compute, schedule, lowering)
+    entry = Kernel(domain, op_type, weights, prepare, compute, schedule, lowering, select)
     KERNELS[entry.key] = entry
     return entry
 
@@ -78,6 +82,7 @@ def _load() -> None:
         bcq,
         binary,
         csr,
+        dense,
         hadamard,
         nbits,
         shift,

@@ -202,3 +202,32 @@ def test_wide_gemm_copies_each_weight_strip_contiguous_once():
                                         st.CompactBufferAllocation()])(tvm.IRModule({"main": func}))  # fmt: skip
     assert "B_global = T.sblock_alloc_buffer((T.int64(24), T.int64(256)))" in lowered.script()
 
+
+
+def _head(n: int, rows: int = 3, k: int = 24):
+    """x [1, rows, k] · Transpose(E [n, k]): a tied LM head as exported."""
+    import onnx_ir as ir
+
+    table = np.random.default_rng(0).standard_normal((n, k)).astype(np.float32)
+    x = ir.Value(name="x", shape=ir.Shape([1, rows, k]), type=ir.TensorType(ir.DataType.FLOAT))
+    embedding = ir.Value(name="E", shape=ir.Shape([n, k]), type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.tensor(table, name="E"))
+    transpose = ir.node("Transpose", [embedding], attributes={"perm": [1, 0]})
+    matmul = ir.node("MatMul", [x, transpose.outputs[0]])
+    matmul.outputs[0].name = "y"
+    graph = ir.Graph([x], matmul.outputs, nodes=[transpose, matmul], initializers=[embedding], opset_imports={"": 20})
+    return ir.Model(graph, ir_version=10)
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_wide_head_runs_on_the_strip_kernel_and_narrow_matmuls_stay_standard(rows):
+    wide = _head(16384, rows)
+    prepared, routed = lower.prepare(wide, {"x": (1, rows, 24)})
+    assert routed == 1
+    assert [node.op_type for node in prepared.graph] == ["ai.onnx.MatMul"]
+    assert prepared.graph.node(0).inputs[1].const_value.numpy().shape == (24, 16384)  # the Transpose folded
+    assert [node.op_type for node in wide.graph] == ["Transpose", "MatMul"]  # the input model is untouched
+    assert lower.prepare(wide, {"x": (1, rows, 24)}, "cuda")[1] == 0
+    feeds = {"x": np.random.default_rng(1).standard_normal((1, rows, 24)).astype(np.float32)}
+    error, runnable = _parity(wide, feeds)
+    assert runnable.kernel_nodes == 1 and error <= 1e-5
+    assert lower.prepare(_head(1536, rows), {"x": (1, rows, 24)})[1] == 0

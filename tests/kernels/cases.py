@@ -7,6 +7,7 @@ import numpy as np
 from bitfold.kernels import bcq as k_bcq
 from bitfold.kernels import binary as k_binary
 from bitfold.kernels import csr as k_csr
+from bitfold.kernels import dense as k_dense
 from bitfold.kernels import hadamard as k_hadamard
 from bitfold.kernels import nbits as k_nbits
 from bitfold.kernels import shift as k_shift
@@ -101,6 +102,9 @@ def case(name: str, k: int, n: int, seed: int = 0):
         codes[outliers != 0] = 0
         packed = dense_sparse.pack(codes, rng.random((-(-k // block), n)), outliers, bits)
         return k_csr.DENSE_SPARSE, list(packed), {"K": k, "block_size": block}, lambda x: dense_sparse.evaluate(x, *packed, block)
+    if name == "dense":
+        w = rng.standard_normal((k, n)).astype(np.float32)
+        return k_dense.KERNEL, [w], {"K": k}, lambda x: x @ w
     if name.startswith("hadamard"):
         block = hadamard.random_block(hadamard.split(k)[0], rng)
         return k_hadamard.KERNEL, [block], {"K": k}, lambda x: hadamard.evaluate(x, block)
@@ -110,5 +114,5 @@ def case(name: str, k: int, n: int, seed: int = 0):
 NAMES = [
     "nbits4", "nbits4-zp", "nbits8", "nbits2-zp", "nbits4-int8", "nbits4-int8-zp", "binary", "binary-residual-salient", "xnor", "xnor-salient", "ternary",
     "shift3", "shift4-dense", "bcq3", "bcq2-g16", "sparse2:4", "sparse1:4", "sparse2:8", "csr", "block-csr4x4",
-    "block-csr3x5", "dense-sparse4", "dense-sparse8", "hadamard",
+    "block-csr3x5", "dense-sparse4", "dense-sparse8", "hadamard", "dense",
 ]  # fmt: skip

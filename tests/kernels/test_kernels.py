@@ -56,7 +56,27 @@ def test_registry_covers_every_bitfold_op_and_matmulnbits():
     for module in (ops.bcq, ops.binary, ops.block_csr, ops.csr, ops.dense_sparse, ops.hadamard, ops.shift, ops.sparse, ops.ternary):
         assert find("bitfold", module.OP_TYPE) is not None, module.OP_TYPE
     assert find("com.microsoft", "MatMulNBits") is not None
-    assert find("", "MatMul") is None
+
+
+def test_dense_kernel_takes_only_wide_fp32_weights_on_the_cpu():
+    """Plain MatMuls stay standard ops unless the weight's rows lie 64 KiB apart (the strip layout's case)."""
+    dense = find("", "MatMul")
+    wide, narrow = np.zeros((64, 16384), np.float32), np.zeros((576, 1536), np.float32)
+    assert dense.select([None, wide], {}, "cpu")
+    assert not dense.select([None, narrow], {}, "cpu")
+    assert not dense.select([None, wide], {}, "cuda")
+    assert not dense.select([None, wide.astype(np.float16)], {}, "cpu")
+
+
+def test_dense_strips_hold_each_tasks_columns_contiguous():
+    from bitfold.kernels import dense, schedule
+
+    w = np.arange(24 * 16384, dtype=np.float32).reshape(24, 16384)
+    strips = dense.strips(w)
+    width = schedule.tile(16384)
+    assert strips.shape == (16384 // width, 24, width)
+    assert strips[3, 5, 7] == w[5, 3 * width + 7]
+    assert dense.strips(w[:, :37]).shape == (1, 24, 37)  # a width the tile does not divide: one strip
 
 
 def test_nbits_layout_puts_outputs_innermost():

@@ -51,7 +51,7 @@ class TvmRunnable(Timed):
 
         key = tuple((name, feeds[name].shape, feeds[name].dtype.str) for name in self.input_names)
         if key not in self._sessions:
-            prepared, self.kernel_nodes = lower.prepare(self._model, {name: feeds[name].shape for name in self.input_names})
+            prepared, self.kernel_nodes = lower.prepare(self._model, {name: feeds[name].shape for name in self.input_names}, self.device)
             mod = adapter.import_model(ir.to_proto(prepared), {name: feeds[name] for name in self.input_names}, self.target)
             self._sessions[key] = adapter.Session(adapter.compile_module(mod, self.target), self.device)
         return self._sessions[key]
