@@ -27,7 +27,7 @@ _ACCUMULATORS = 8
 #: accumulator vectors of a GEMM step (plain weights, nothing to decode: AVX-512 has 32 vector registers)
 _GEMM_ACCUMULATORS = 16
 #: a GEMM copies each column strip of its weight contiguous first when the weight's rows are this far apart
-STRIP_ROW_BYTES = 65536
+_STRIP_ROW_BYTES = 65536
 #: ... and it has at least this many strips (one parallel task each)
 _STRIP_TASKS = 32
 
@@ -155,9 +155,9 @@ def _gemm_tile(extent: int, vec: int) -> int:
 
 def _strip(sch, gemv, columns: int, width: int) -> int | None:
     """The read index of a GEMM's weight when its column strips are worth copying contiguous first: rows of at
-    least ``STRIP_ROW_BYTES`` (every reduction step of a strip would touch a new page) and at least
+    least ``_STRIP_ROW_BYTES`` (every reduction step of a strip would touch a new page) and at least
     ``_STRIP_TASKS`` strips to run in parallel (the strips alone give the parallelism); else None."""
-    if columns * 4 < STRIP_ROW_BYTES or columns // width < _STRIP_TASKS:
+    if columns * 4 < _STRIP_ROW_BYTES or columns // width < _STRIP_TASKS:
         return None
     info = sch.get(gemv)
     last = info.iter_vars[sum(1 for iv in info.iter_vars if iv.iter_type == tirx.IterVar.DataPar) - 1].var

@@ -58,14 +58,14 @@ def test_registry_covers_every_bitfold_op_and_matmulnbits():
     assert find("com.microsoft", "MatMulNBits") is not None
 
 
-def test_dense_kernel_takes_only_wide_fp32_weights_on_the_cpu():
-    """Plain MatMuls stay standard ops unless the weight's rows lie 64 KiB apart (the strip layout's case)."""
+def test_dense_kernel_takes_only_large_fp32_weights_on_the_cpu():
+    """Plain MatMuls with weights that stay in cache remain standard ops, and so do CUDA's and non-fp32 ones."""
     dense = find("", "MatMul")
-    wide, narrow = np.zeros((64, 16384), np.float32), np.zeros((576, 1536), np.float32)
-    assert dense.select([None, wide], {}, "cpu")
-    assert not dense.select([None, narrow], {}, "cpu")
-    assert not dense.select([None, wide], {}, "cuda")
-    assert not dense.select([None, wide.astype(np.float16)], {}, "cpu")
+    large, small = np.zeros((576, 192), np.float32), np.zeros((128, 128), np.float32)
+    assert dense.select([None, large], {}, "cpu")
+    assert not dense.select([None, small], {}, "cpu")
+    assert not dense.select([None, large], {}, "cuda")
+    assert not dense.select([None, large.astype(np.float16)], {}, "cpu")
 
 
 def test_dense_strips_hold_each_tasks_columns_contiguous():

@@ -5,8 +5,10 @@
   reshapes the activations to [M, K], emits the kernel's scheduled PrimFunc (``bitfold.kernels.build``) through
   ``call_tir`` and reshapes the result back.
 - ``compile_module``: the Relax pipeline for the target. CUDA uses TVM's default pipeline (dlight GPU rules);
-  llvm adds ``schedule.ScheduleStandardOps`` after operator fusion, because the default CPU pipeline schedules
-  nothing.
+  llvm first rewrites exp, sigmoid and softmax to TVM's polynomial ``fast_exp`` (``FastNonlinear``: libm's expf is a
+  scalar call per element, and SmolLM2's SiLU and attention softmax took 30 of a 128-token forward's 240 ms; the
+  polynomial vectorizes, 11.5 ms, within 5e-6 relative), and adds ``schedule.ScheduleStandardOps`` after operator
+  fusion, because the default CPU pipeline schedules nothing.
 - ``VirtualMachine`` execution with numpy in and out.
 """
 
@@ -19,7 +21,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import onnx
 import tvm
-from tvm import relax
+from tvm import relax, topi
 from tvm.relax.frontend.onnx import onnx_frontend
 
 from bitfold.backends.tvm.schedule import ScheduleStandardOps
@@ -77,7 +79,8 @@ def compile_module(mod: tvm.IRModule, device_target: tvm.target.Target):
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     passes = (
-        cpu.library_dispatch_passes(device_target)
+        [FastNonlinear()]
+        + cpu.library_dispatch_passes(device_target)
         + cpu.legalize_passes(device_target)
         + [ScheduleStandardOps(device_target)]
         + cpu.dataflow_lower_passes(device_target)
@@ -86,6 +89,33 @@ def compile_module(mod: tvm.IRModule, device_target: tvm.target.Target):
     with device_target:
         mod = tvm.transform.Sequential(passes)(mod)
     return tvm.compile(mod, target=device_target, relax_pipeline=None)
+
+
+@relax.expr_functor.mutator
+class _Nonlinear(relax.PyExprMutator):
+    """exp, sigmoid (1 / (1 + exp(−x))) and softmax through ``topi.fast_exp``."""
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        name = getattr(call.op, "name", "")
+        if name == "relax.sigmoid":
+            return self.builder_.call_te(lambda x: topi.divide(1.0, topi.add(1.0, topi.fast_exp(topi.negative(x)))), call.args[0])
+        if name == "relax.nn.softmax":
+            return self.builder_.call_te(topi.nn.fast_softmax, call.args[0], call.attrs.axis)
+        if name == "relax.exp":
+            return self.builder_.call_te(topi.fast_exp, call.args[0])
+        return super().visit_call_(call)
+
+
+@tvm.transform.module_pass(opt_level=0, name="bitfold.FastNonlinear")
+class FastNonlinear:
+    """TVM's ``FastMathTransform`` for the ops it covers, plus sigmoid (which it leaves to libm)."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        mutator = _Nonlinear(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                mutator.builder_.update_func(gv, mutator.visit_expr(func))
+        return mutator.builder_.get()
 
 
 class Session:
