@@ -5,9 +5,9 @@
   reshapes the activations to [M, K], emits the kernel's scheduled PrimFunc (``bitfold.kernels.build``) through
   ``call_tir`` and reshapes the result back.
 - ``compile_module``: the Relax pipeline for the target. CUDA uses TVM's default pipeline (dlight GPU rules);
-  llvm first rewrites exp, sigmoid and softmax to TVM's polynomial ``fast_exp`` (``FastNonlinear``: libm's expf is a
-  scalar call per element, and SmolLM2's SiLU and attention softmax took 30 of a 128-token forward's 240 ms; the
-  polynomial vectorizes, 11.5 ms, within 5e-6 relative), and adds ``schedule.ScheduleStandardOps`` after operator
+  llvm first rewrites exp, softmax, erf, tanh (TVM's ``FastMathTransform``) and sigmoid (``FastSigmoid``) to TVM's
+  polynomial approximations (libm's expf is a scalar call per element, and SmolLM2's SiLU and attention softmax took
+  30 of a 128-token forward's 240 ms; the polynomials vectorize, 11.5 ms, within 5e-6 relative), and adds ``schedule.ScheduleStandardOps`` after operator
   fusion, because the default CPU pipeline schedules nothing.
 - ``VirtualMachine`` execution with numpy in and out.
 """
@@ -79,7 +79,7 @@ def compile_module(mod: tvm.IRModule, device_target: tvm.target.Target):
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     passes = (
-        [FastNonlinear()]
+        [relax.transform.FastMathTransform(), FastSigmoid()]
         + cpu.library_dispatch_passes(device_target)
         + cpu.legalize_passes(device_target)
         + [ScheduleStandardOps(device_target)]
@@ -92,26 +92,19 @@ def compile_module(mod: tvm.IRModule, device_target: tvm.target.Target):
 
 
 @relax.expr_functor.mutator
-class _Nonlinear(relax.PyExprMutator):
-    """exp, sigmoid (1 / (1 + exp(−x))) and softmax through ``topi.fast_exp``."""
-
+class _Sigmoid(relax.PyExprMutator):
     def visit_call_(self, call: relax.Call) -> relax.Expr:
-        name = getattr(call.op, "name", "")
-        if name == "relax.sigmoid":
+        if getattr(call.op, "name", "") == "relax.sigmoid":
             return self.builder_.call_te(lambda x: topi.divide(1.0, topi.add(1.0, topi.fast_exp(topi.negative(x)))), call.args[0])
-        if name == "relax.nn.softmax":
-            return self.builder_.call_te(topi.nn.fast_softmax, call.args[0], call.attrs.axis)
-        if name == "relax.exp":
-            return self.builder_.call_te(topi.fast_exp, call.args[0])
         return super().visit_call_(call)
 
 
-@tvm.transform.module_pass(opt_level=0, name="bitfold.FastNonlinear")
-class FastNonlinear:
-    """TVM's ``FastMathTransform`` for the ops it covers, plus sigmoid (which it leaves to libm)."""
+@tvm.transform.module_pass(opt_level=0, name="bitfold.FastSigmoid")
+class FastSigmoid:
+    """sigmoid as 1 / (1 + fast_exp(−x)): TVM's ``FastMathTransform`` covers exp, softmax, erf and tanh, not it."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        mutator = _Nonlinear(mod)
+        mutator = _Sigmoid(mod)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 mutator.builder_.update_func(gv, mutator.visit_expr(func))
