@@ -11,7 +11,8 @@ stay partly in the 32 MiB L3). Inside a process the candidates of one (M, K, N) 
 ORT MatMulNBits is int4, block 128, symmetric, ``accuracy_level = 4`` (its fastest: activations quantized to int8
 per block); so does bitfold's ``int4 acc4`` row (the same MatMulNBits op and attribute, AVX-512 VNNI kernel). The
 other bitfold kernels compute exactly in fp32 (no activation quantization), from random weights in each
-format (ShiftAddLLM q = 3, group 128; binary with per-output scale and mean; XNOR with binarized activations;
+format (fp32 re-laid in column strips, the layout the TVM backend gives every large fp32 MatMul weight;
+ShiftAddLLM q = 3, group 128; binary with per-output scale and mean; XNOR with binarized activations;
 ternary; shift 4-bit; 2:4; unstructured 50 % CSR; 4×4 blocks 50 %).
 
 Bandwidth: ``copy`` is a 256 MiB torch copy on all cores (bytes read per second); the roofline is the best read
@@ -57,6 +58,7 @@ from bitfold.kernels import bcq as k_bcq  # noqa: E402
 from bitfold.kernels import binary as k_binary  # noqa: E402
 from bitfold.kernels import build  # noqa: E402
 from bitfold.kernels import csr as k_csr  # noqa: E402
+from bitfold.kernels import dense as k_dense  # noqa: E402
 from bitfold.kernels import hadamard as k_hadamard  # noqa: E402
 from bitfold.kernels import nbits as k_nbits  # noqa: E402
 from bitfold.kernels import shift as k_shift  # noqa: E402
@@ -131,6 +133,7 @@ def formats(k: int, n: int, rng: np.random.Generator, int4: tuple) -> dict[str, 
     keep = np.repeat(np.repeat(rng.random((n // 4, k // 4)) < 0.5, 4, 0), 4, 1).T
     p1, a1, m1, q1, v1, t1 = binary.pack(signs[:1], rng.random((1, n)), rng.standard_normal(n) * 0.01)
     cases = {
+        "fp32 (strip layout)": (k_dense.KERNEL, [dense], {"K": k}),
         "int4 (MatMulNBits)": (k_nbits.KERNEL, [b, s], {"K": k, "N": n, "bits": 4, "block_size": 128}),
         "int4 acc4 (int8 activations)": (k_nbits.KERNEL, [b, s], {"K": k, "N": n, "bits": 4, "block_size": 128, "accuracy_level": 4}),
         "ShiftAddLLM q3 (BCQ LUT)": (k_bcq.KERNEL, list(bcq.pack(signs, rng.random((3, -(-k // 128), n)))), {"K": k, "group_size": 128}),

@@ -6,9 +6,9 @@
   ``call_tir`` and reshapes the result back.
 - ``compile_module``: the Relax pipeline for the target. CUDA uses TVM's default pipeline (dlight GPU rules);
   llvm first rewrites exp, softmax, erf, tanh (TVM's ``FastMathTransform``) and sigmoid (``FastSigmoid``) to TVM's
-  polynomial approximations (libm's expf is a scalar call per element, and SmolLM2's SiLU and attention softmax took
-  30 of a 128-token forward's 240 ms; the polynomials vectorize, 11.5 ms, within 5e-6 relative), and adds ``schedule.ScheduleStandardOps`` after operator
-  fusion, because the default CPU pipeline schedules nothing.
+  polynomial approximations (libm's expf is a scalar call per element, and SmolLM2's SiLU and attention softmax
+  took 30 of a 128-token forward's 240 ms; the polynomials vectorize, 11.5 ms, within 5e-6 relative), and adds
+  ``schedule.ScheduleStandardOps`` after operator fusion, because the default CPU pipeline schedules nothing.
 - ``VirtualMachine`` execution with numpy in and out.
 """
 

@@ -1,10 +1,11 @@
 """Prepare an onnx-ir model for TVM's ONNX importer (pure onnx-ir, no TVM calls).
 
 1. Input shapes are fixed to the feeds' (the importer needs static shapes; one build per input signature).
-2. Every node with a kernel (``bitfold.kernels``) whose weights are constants (or Transposes of constants), and
-   that the kernel selects for the device, is renamed to the kernel's key (domain ``bitfold.tvm``, op type
-   ``<domain>.<op>``): the importer ignores domains, so a unique op type is what routes it to bitfold's converter. Its attributes gain ``K`` (the activations' last dimension, once known) and
-   int4 initializers are widened to int8 with ``storage_bits = 4`` (the importer cannot read int4 tensors).
+2. Every node with a kernel (``bitfold.kernels``) whose weights are constants (or Transposes of constants, folded
+   here), and that the kernel selects for the device, is renamed to the kernel's key (domain ``bitfold.tvm``, op
+   type ``<domain>.<op>``): the importer ignores domains, so a unique op type is what routes it to bitfold's
+   converter. Its attributes gain ``K`` (the activations' last dimension, once known) and int4 initializers are
+   widened to int8 with ``storage_bits = 4`` (the importer cannot read int4 tensors).
 3. Any other model-local function call (a bitfold op whose weights are computed, or without a kernel) is inlined
    into standard ops by onnx-ir's InlinePass, so every model still runs.
 4. onnxscript's optimizer folds the shape subgraphs to constants and Constant nodes become initializers.
