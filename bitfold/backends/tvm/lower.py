@@ -65,7 +65,7 @@ def _route(node: ir.Node, device: str) -> bool:
             node.graph.initializers.add(folded)
             node.replace_input_with(i, folded)
         elif inputs[i].dtype == ir.DataType.INT4:
-            widened = inputs[i].const_value.numpy().astype(np.int8)
+            widened = constants[i].astype(np.int8)
             inputs[i].const_value = ir.tensor(widened, name=inputs[i].name)
             inputs[i].dtype = ir.DataType.INT8
             node.attributes["storage_bits"] = ir.AttrInt64("storage_bits", 4)
