@@ -46,17 +46,24 @@ def lee_windows(tokenizer, windows: range, seq_len: int = WINDOW) -> np.ndarray:
     return ids[: usable * seq_len].reshape(usable, seq_len)[windows.start : windows.stop]
 
 
-def lm_feeds(windows: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+def lm_feeds(windows: np.ndarray, model: ir.Model | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """One prefill per window: input_ids and attention_mask, plus position_ids and an empty past for a KV-cache
+    graph (when ``model`` is given and has them)."""
+    from bitfold.llm.feeds import prefill
+
     for row in windows:
-        yield {"input_ids": row[None, :], "attention_mask": np.ones((1, row.size), dtype=np.int64)}
+        if model is None:
+            yield {"input_ids": row[None, :], "attention_mask": np.ones((1, row.size), dtype=np.int64)}
+        else:
+            yield prefill(model, row[None, :])
 
 
 def perplexity(model: ir.Model, windows: np.ndarray) -> tuple[float, int]:
-    """exp(mean next-token NLL) over all windows; returns (perplexity, scored tokens)."""
+    """exp(mean next-token NLL) over all windows (each a prefill from an empty cache); (perplexity, scored tokens)."""
     runnable = compile(model, "ort", "cpu")
     nll, count = 0.0, 0
-    for feeds in lm_feeds(windows):
-        logits = next(iter(runnable.run(feeds).values()))[0].astype(np.float64)
+    for feeds in lm_feeds(windows, model):
+        logits = runnable.run(feeds)["logits"][0].astype(np.float64)
         targets = feeds["input_ids"][0, 1:]
         logits = logits[:-1]
         log_probs = _log_softmax_rows(logits)
@@ -76,6 +83,25 @@ def smollm2_ppl(model: ir.Model) -> TaskResult:
     _, tokenizer = smollm2()
     ppl, tokens = perplexity(model, lee_windows(tokenizer, EVAL_WINDOWS))
     return TaskResult("smollm2-ppl", "perplexity", ppl, {"windows": "0-15", "window": WINDOW, "scored_tokens": tokens})
+
+
+def text_windows(tokenizer, text: str, window: int = WINDOW, windows: int | None = None) -> np.ndarray:
+    """Non-overlapping ``window``-token windows of ``text`` (the first ``windows`` of them, else all)."""
+    from bitfold.errors import BitfoldError
+
+    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    usable = len(ids) // window
+    if usable == 0:
+        raise BitfoldError(f"the text has {len(ids)} tokens, fewer than one window of {window}; give more text or a smaller --window.")
+    usable = min(usable, windows) if windows else usable
+    return ids[: usable * window].reshape(usable, window)
+
+
+def text_ppl(model: ir.Model, tokenizer, text: str, window: int = WINDOW, windows: int | None = None) -> TaskResult:
+    """Perplexity on the user's own text, in non-overlapping windows, each scored from an empty cache."""
+    rows = text_windows(tokenizer, text, window, windows)
+    ppl, tokens = perplexity(model, rows)
+    return TaskResult("ppl", "perplexity", ppl, {"windows": len(rows), "window": window, "scored_tokens": tokens})
 
 
 EFFNET_CROPS_PER_PHOTO = 50  # 10 evaluation photos: 500 inputs

@@ -58,11 +58,11 @@ def export_llm(source: str | os.PathLike, dtype: str = "fp32") -> tuple[ir.Model
 
 
 def write_llm(model: ir.Model, output: str | os.PathLike, folder: Path, cfg: LLMConfig, max_length: int) -> Path:
-    """Save ``model`` and write genai_config.json and the tokenizer files beside it."""
+    """Save ``model`` (weights in ``<name>.data`` beside it) and write genai_config.json and the tokenizer files."""
     from bitfold.frontend import save
 
     output = Path(output)
-    save(model, output)
+    save(model, output, external_data=True)  # tensors are read and written one at a time: memory stays near one tensor
     write_sidecar(output, folder, cfg, max_length)
     return output
 

@@ -104,6 +104,8 @@ class Weights:
         for alt in (hf.removeprefix("model."), "model.language_model." + hf.removeprefix("model."), "language_model." + hf):
             if alt in self.source:
                 return alt
+        if self.cfg.tie_word_embeddings and hf == "model.embed_tokens.weight" and "lm_head.weight" in self.source:
+            return "lm_head.weight"  # a tied pair saved once under the head's name (safetensors keeps one of shared tensors)
         raise KeyError(hf)
 
     def has(self, hf: str) -> bool:

@@ -127,12 +127,12 @@ class CalibrationData:
         """A built-in source by name, shaped for ``model``'s inputs."""
         if name == "lee-text":
             from bitfold.eval.models import smollm2
-            from bitfold.eval.tasks import CALIB_WINDOWS, lee_windows, lm_feeds
+            from bitfold.eval.tasks import CALIB_WINDOWS, WINDOW, lee_windows, lm_feeds
 
-            seq_len = _static_dim(model, "input_ids", 1)
+            seq_len = _static_dim(model, "input_ids", 1, default=WINDOW)
             _, tokenizer = smollm2()
             windows = lee_windows(tokenizer, CALIB_WINDOWS, seq_len)
-            return cls(list(lm_feeds(windows)), name=name)
+            return cls(list(lm_feeds(windows, model)), name=name)
         if name == "lee-sentences":
             from bitfold.eval.data import lee_sentences
             from bitfold.eval.models import minilm
@@ -231,8 +231,11 @@ def _fingerprint(model: ir.Model) -> str:
     return hashlib.sha256(ir.to_proto(model).SerializeToString(deterministic=True)).hexdigest()
 
 
-def _static_dim(model: ir.Model, input_name: str, axis: int) -> int:
+def _static_dim(model: ir.Model, input_name: str, axis: int, default: int | None = None) -> int:
+    """The static size of an input's axis; ``default`` when the axis is symbolic (a KV-cache graph's sequence)."""
     for value in model.graph.inputs:
         if value.name == input_name and value.shape is not None and isinstance(value.shape[axis], int):
             return value.shape[axis]
+        if value.name == input_name and default is not None:
+            return default
     raise BitfoldError(f"built-in calibration needs a static '{input_name}' input; export it with fixed shapes.")

@@ -102,15 +102,37 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, help="write the sensitivities, costs and choice as JSON")
     p.set_defaults(func=_allocate)
 
-    p = sub.add_parser("export-llm", help="export a built-in real LLM (smollm2) to ONNX")
-    p.add_argument("name", choices=["smollm2"])
-    p.add_argument("--seq-len", type=int, default=512)
+    p = sub.add_parser("export-llm", help="export a causal LM (HF folder, .gguf, or smollm2) to a KV-cache ONNX graph")
+    p.add_argument("source", metavar="SOURCE", help="a Hugging Face model folder (config.json + safetensors), a .gguf file, or 'smollm2'")
     p.add_argument("-o", "--output", required=True, type=Path)
+    p.add_argument("--max-length", type=int, default=2048, help="context length written to genai_config.json (default 2048)")
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="weights and activations (default fp32)")
+    p.add_argument("--seq-len", type=int, help="instead: trace transformers into the fixed-length graph input_ids[1, N] -> "
+                   "logits without a cache (smollm2 only; the graph earlier benchmarks use)")
     p.set_defaults(func=_export_llm)
+
+    p = sub.add_parser("generate", help="generate text with a KV-cache model from export-llm")
+    p.add_argument("model", type=Path, help="model.onnx with its tokenizer files beside it")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt text")
+    prompt.add_argument("--prompt-file", type=Path, help="read the prompt from a file")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-length", type=int, help="cache capacity (default: prompt + new tokens)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw", action="store_true", help="no chat template, even when the tokenizer has one")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print the result (text, tokens, timings) as JSON instead of streaming")
+    p.set_defaults(func=_generate)
 
     p = sub.add_parser("eval", help="evaluate a model on a real-model task")
     p.add_argument("model", type=Path)
-    p.add_argument("--task", required=True, choices=["smollm2-ppl", "effnet-agree", "minilm-cos"])
+    p.add_argument("--task", required=True, choices=["ppl", "smollm2-ppl", "effnet-agree", "minilm-cos"],
+                   help="ppl: perplexity on --text with the tokenizer beside the model; smollm2-ppl: the Lee protocol")
+    p.add_argument("--text", type=Path, help="for --task ppl: a UTF-8 text file")
+    p.add_argument("--window", type=int, default=512, help="for --task ppl: tokens per window (default 512)")
+    p.add_argument("--windows", type=int, help="for --task ppl: score only the first N windows")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_eval)
 
@@ -373,21 +395,73 @@ def _bench(args) -> None:
 
 
 def _export_llm(args) -> None:
-    from bitfold.eval.models import export_smollm2
     from bitfold.frontend import save
 
-    with err.status(f"exporting {args.name} (seq_len {args.seq_len})..."):
-        model = export_smollm2(args.seq_len)
-    save(model, args.output)
-    err.print(f"wrote {args.output}")
+    if args.seq_len is not None:
+        if args.source != "smollm2":
+            raise BitfoldError("--seq-len (the fixed-length traced graph) is only for 'smollm2'; drop it to export a KV-cache graph.")
+        from bitfold.eval.models import export_smollm2
+
+        with err.status(f"tracing smollm2 (seq_len {args.seq_len})..."):
+            model = export_smollm2(args.seq_len)
+        save(model, args.output)
+        err.print(f"wrote {args.output}")
+        return
+    from bitfold.llm.export import export_llm, write_llm
+
+    if args.max_length < 1:
+        raise BitfoldError(f"--max-length must be positive, got {args.max_length}.")
+    with err.status(f"exporting {args.source}..."):
+        model, cfg, folder = export_llm(args.source, args.dtype)
+        write_llm(model, args.output, folder, cfg, args.max_length)
+    err.print(f"wrote {args.output} ({cfg.model_type}, {cfg.num_layers} layers, {args.dtype}) with genai_config.json and the tokenizer files")
+
+
+def _generate(args) -> None:
+    from bitfold.llm.generate import generate
+
+    if args.prompt_file is not None:
+        if not args.prompt_file.is_file():
+            raise BitfoldError(f"prompt file '{args.prompt_file}' does not exist.")
+        prompt = args.prompt_file.read_text(encoding="utf-8")
+    else:
+        prompt = args.prompt
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise BitfoldError("--max-new-tokens must be ≥ 1, --temperature ≥ 0 and --top-p in (0, 1].")
+
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    result = generate(args.model, prompt, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
+                      temperature=args.temperature, top_p=args.top_p, seed=args.seed, raw=args.raw, threads=args.threads,
+                      on_text=None if args.json else show)  # fmt: skip
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result), indent=2))
+        return
+    sys.stdout.write("\n")
+    err.print(f"prompt {result.prompt_tokens} tokens, prefill {result.prefill_ms:.1f} ms; "
+              f"{len(result.tokens)} new tokens, decode {result.decode_tokens_per_s:.1f} tokens/s")  # fmt: skip
 
 
 def _eval(args) -> None:
-    from bitfold.eval.tasks import TASKS
+    from bitfold.eval.tasks import TASKS, text_ppl
     from bitfold.frontend import load
 
-    with err.status(f"evaluating {args.task}..."):
-        result = TASKS[args.task](load(args.model))
+    if args.task == "ppl":
+        from bitfold.llm.generate import load_tokenizer
+
+        if args.text is None or not args.text.is_file():
+            raise BitfoldError("--task ppl needs --text FILE, an existing UTF-8 text file.")
+        if args.window < 2:
+            raise BitfoldError(f"--window must be at least 2 tokens, got {args.window}.")
+        tokenizer = load_tokenizer(args.model.parent)
+        model = load(args.model)
+        with err.status("evaluating perplexity..."):
+            result = text_ppl(model, tokenizer, args.text.read_text(encoding="utf-8"), args.window, args.windows)
+    else:
+        with err.status(f"evaluating {args.task}..."):
+            result = TASKS[args.task](load(args.model))
     if args.json:
         print(json.dumps(dataclasses.asdict(result), indent=2))
         return
