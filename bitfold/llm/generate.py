@@ -190,6 +190,9 @@ def generate(
     if not isinstance(model, ir.Model):
         model_dir = Path(model).parent
         model = load(model)
+    if not past_inputs(model):
+        raise BitfoldError("the model has no past_key_values.* inputs; export it with `bitfold export-llm` to get a KV-cache graph.")
+    if model_dir is not None:
         tokenizer = tokenizer or load_tokenizer(model_dir)
     if tokenizer is None:
         raise BitfoldError("pass tokenizer= when generating from an in-memory model.")

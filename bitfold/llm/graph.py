@@ -290,7 +290,11 @@ def build(cfg: LLMConfig, source, dtype=np.float32) -> ir.Model:
     for i, (key, value) in enumerate(presents):
         b.output(key, f"present.{i}.key", dt, ["batch_size", kvh, "total_sequence_length", hd])
         b.output(value, f"present.{i}.value", dt, ["batch_size", kvh, "total_sequence_length", hd])
-    return ir.Model(b.graph, ir_version=10, producer_name="bitfold")
+    model = ir.Model(b.graph, ir_version=10, producer_name="bitfold")
+    # Shapes on every value (symbolic where they vary), so passes read widths from the graph. onnx-ir's pass sets
+    # large initializers aside during inference: only tensors under 1 KiB-ish (norm γ, constants) are read.
+    ir.passes.common.ShapeInferencePass()(model)
+    return model
 
 
 def _activation(b: _Builder, x: ir.Value, kind: str) -> ir.Value:

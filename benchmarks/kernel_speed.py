@@ -29,8 +29,8 @@ MatMulNBits acc-4 kernel, ShiftAddLLM q3, binary, 2:4 magnitude), each variant i
 variants alternating over ``--e2e-rounds`` rounds.
 Weights are RTN/ magnitude (speed only; accuracy is in the other tables); the LM head stays fp32 in every variant. Writes benchmarks/results/kernels.{json,png}.
 
-    python benchmarks/kernels.py [--rounds 10] [--iters 5] [--e2e] [--only int4 ShiftAddLLM]
-    python benchmarks/kernels.py --e2e-only [--e2e-tokens 1]      # only the SmolLM2 rows (of one length)
+    python benchmarks/kernel_speed.py [--rounds 10] [--iters 5] [--e2e] [--only int4 ShiftAddLLM]
+    python benchmarks/kernel_speed.py --e2e-only [--e2e-tokens 1]      # only the SmolLM2 rows (of one length)
 """
 
 from __future__ import annotations

@@ -1,0 +1,107 @@
+"""Every LLM recipe on SmolLM2's two graphs: the fixed-length traced graph (``input_ids[1, 512] → logits``, no cache)
+and the KV-cache graph ``bitfold export-llm`` builds. Structure discovery and calibration must see both alike, so
+each recipe's perplexity must agree to 1e-3 relative.
+
+Protocol: Lee corpus, 512-token windows 0-3 scored (2,044 tokens; the full 16-window protocol is the quantization
+table's), calibration windows 139-142 (prefill from an empty cache on the cached graph). lm_head stays fp32 in
+every row. SmolLM2's weights already lie on a Q4_1 32-group grid; no row uses 32-element asymmetric groups.
+Writes benchmarks/results/llm_passes.json.
+
+    python benchmarks/llm_passes.py [--only TEXT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import bitfold
+from bitfold.eval.models import export_smollm2, smollm2
+from bitfold.eval.tasks import lee_windows, lm_feeds, perplexity
+from bitfold.llm import export_llm
+from bitfold.passes.canonical import CANONICAL
+from bitfold.quant.calibration import CalibrationData
+from bitfold.tools.bench import merge_rows
+from bitfold.tools.files import write_atomic
+
+RESULTS = Path(__file__).parent / "results"
+HEAD = ["*lm_head*"]
+EVAL, CALIB = range(0, 4), range(139, 143)
+GPTQ = {"method": "gptq", "act_order": True, "sink_weight": 64.0, "clip": "output", "damp": 0.003}
+NBITS = {"format": "matmulnbits", "accuracy_level": 0}
+TOKENS8 = {"name": "quantize-tokens", "bits": 8, "exclude": HEAD}
+W8 = {"name": "quantize-weights", "method": "rtn", "bits": 8, "group_size": -1, "format": "qdq", "exclude": HEAD}
+W4_FAKE = {"name": "quantize-weights", "method": "rtn", "bits": 4, "group_size": -1, "format": "fake", "exclude": HEAD}
+
+RECIPES: list[tuple[str, list]] = [
+    ("fp32 (canonical)", []),
+    ("fold-norm-affine", ["fold-norm-affine"]),
+    ("fold-norm-affine + rotate (online Hadamard)", ["fold-norm-affine", "rotate"]),
+    ("fold-norm-affine + rotate learned (20 steps)", ["fold-norm-affine", {"name": "rotate", "learn_steps": 20}]),
+    ("smooth α 0.5 + W8A8 per-token", [{"name": "smooth", "alpha": 0.5, "exclude": HEAD}, TOKENS8, W8]),
+    ("affine W4A8 + RTN W4 + A8", [{"name": "affine", "weight_bits": 4, "activation_bits": 8, "exclude": HEAD}, W4_FAKE,
+                                   {**TOKENS8}]),
+    ("RTN W4 g128 (MatMulNBits)", [{"name": "quantize-weights", "method": "rtn", "bits": 4, "group_size": 128, "exclude": HEAD, **NBITS}]),
+    ("GPTQ W4 g128 (MatMulNBits)", [{"name": "quantize-weights", **GPTQ, "bits": 4, "group_size": 128, "exclude": HEAD, **NBITS}]),
+    ("AWQ W4 g128 (QDQ)", [{"name": "quantize-weights", "method": "awq", "symmetric": False, "clip": "output", "bits": 4,
+                            "group_size": 128, "exclude": HEAD}]),
+    ("RTN W8 per-channel (QDQ)", [W8]),
+    ("quantize-tokens A8", [TOKENS8]),
+    ("shift (power-of-two, 4 bits)", [{"name": "shift", "exclude": HEAD}]),
+    ("shiftadd (ShiftAddLLM q3)", [{"name": "shiftadd", "exclude": HEAD}]),
+    ("binarize", [{"name": "binarize", "exclude": HEAD}]),
+    ("ternarize", [{"name": "ternarize", "exclude": HEAD}]),
+    ("prune Wanda 2:4", [{"name": "prune", "method": "wanda", "pattern": "nm:2:4", "exclude": HEAD}]),
+    ("split-outliers (0.5 % fp16 + 3-bit)", [{"name": "split-outliers", "exclude": HEAD}]),
+    ("lowrank-split r32 + RTN W4", [{"name": "lowrank-split", "rank": 32, "exclude": HEAD}, W4_FAKE]),
+    ("cast-precision fp16", ["cast-precision"]),
+]  # fmt: skip
+
+
+def _graphs():
+    fixed, _ = bitfold.optimize(export_smollm2(512), list(CANONICAL))
+    cached, _, _ = export_llm("smollm2")
+    cached, _ = bitfold.optimize(bitfold.clone(cached), list(CANONICAL))
+    return {"fixed-length (traced, no cache)": fixed, "KV-cache (export-llm)": cached}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", help="run only the recipes whose label contains this text and merge them into the JSON")
+    args = parser.parse_args()
+    _, tokenizer = smollm2()
+    scored, calib_windows = lee_windows(tokenizer, EVAL), lee_windows(tokenizer, CALIB)
+    graphs = _graphs()
+    rows = []
+    for label, steps in RECIPES:
+        if args.only and args.only not in label:
+            continue
+        row = {"model": "SmolLM2", "variant": label, "steps": [s if isinstance(s, str) else s["name"] for s in steps]}
+        for kind, base in graphs.items():
+            samples = list(lm_feeds(calib_windows, base))
+            if label.startswith("cast-precision"):  # every tensor is exposed while calibrating: one window
+                samples = samples[:1]
+            start = time.perf_counter()
+            model, _ = bitfold.optimize(bitfold.clone(base), steps, CalibrationData(samples)) if steps else (base, None)
+            row[kind] = {"ppl": perplexity(model, scored)[0], "optimize_s": round(time.perf_counter() - start, 1)}
+        a, b = (row[k]["ppl"] for k in graphs)
+        row["rel_diff"] = abs(a - b) / a
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    path = RESULTS / "llm_passes.json"
+    if args.only and path.exists():
+        rows = merge_rows(json.loads(path.read_text())["rows"], rows, order=[label for label, _ in RECIPES])
+    result = {
+        "model": "SmolLM2-135M-Instruct (weights from a Q4_1 GGUF: 32-element blocks with offset)",
+        "protocol": f"Lee corpus, windows {EVAL.start}-{EVAL.stop - 1} of 512 tokens scored; calibration windows "
+        f"{CALIB.start}-{CALIB.stop - 1}; lm_head fp32",
+        "command": "python benchmarks/llm_passes.py",
+        "rows": rows,
+    }
+    write_atomic(path, json.dumps(result, indent=2).encode())
+
+
+if __name__ == "__main__":
+    main()
