@@ -54,6 +54,7 @@ def export_llm(source: str | os.PathLike, dtype: str = "fp32") -> tuple[ir.Model
     except KeyError as e:
         raise BitfoldError(f"'{folder}' has no tensor {e}; its weights do not match its {cfg.model_type} config.") from None
     model.metadata_props["bitfold.llm.model_type"] = cfg.model_type
+    model.metadata_props["bitfold.llm.sliding_window"] = str(min((w for w in cfg.windows if w), default=0))
     return model, cfg, folder
 
 

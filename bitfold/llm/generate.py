@@ -78,6 +78,125 @@ class Decoder:
         return binding.copy_outputs_to_cpu()[0][0, -1].astype(np.float32)
 
 
+class TvmDecoder:
+    """One sequence through a KV-cache graph on TVM, whose builds need static shapes.
+
+    The cache is a fixed-capacity buffer per past tensor, ``[1, heads, C, head_dim]``, shared with TVM without
+    copies (DLPack); a slot is visible when its ``attention_mask`` entry is 1, so the graph's own masking handles
+    holes. Decode is one build (S = 1, past = C): the new key/value lands at graph position C and is copied into the
+    next free slot. Prefill runs from an empty past at a bucketed length (the next power of two ≥ 16, at most C),
+    left-padded with masked slots, so a handful of builds serve every prompt.
+    """
+
+    def __init__(self, model: ir.Model, max_length: int = 2048, device: str = "cpu") -> None:
+        from bitfold.backends.tvm import TvmRunnable
+
+        pasts = past_inputs(model)
+        if not pasts:
+            raise BitfoldError("the model has no past_key_values.* inputs; export it with `bitfold export-llm` to get a KV-cache graph.")
+        window = int(model.metadata_props.get("bitfold.llm.sliding_window", "0"))
+        if window and window < max_length:
+            raise BitfoldError(f"the model uses sliding-window attention ({window} tokens) and TVM's fixed-capacity cache "
+                               "does not keep token order; use --backend ort.")  # fmt: skip
+        self.runnable = TvmRunnable(model, device=device)
+        if self.runnable.device != "cpu":
+            raise BitfoldError("TVM generation runs on the CPU for now; use --backend ort for CUDA.")
+        self.model, self.max_length = model, max_length
+        self.dtype = pasts[0].dtype.numpy()
+        self.names = self.runnable.input_names
+        self._layout = [(v.name, int(v.shape[1]), int(v.shape[3])) for v in pasts]
+        self.capacity = max_length - 1  # decode sees C past slots plus the new token at graph position C
+        self.cache = {name: _aligned((1, heads, self.capacity, dim), self.dtype) for name, heads, dim in self._layout}
+        self.mask = _aligned((1, self.capacity + 1), np.int64)
+        self._ids, self._pos = _aligned((1, 1), np.int64), _aligned((1, 1), np.int64)
+        self._decode = None  # (session, input tensors): every decode input is one of the buffers above
+        self.length = 0
+        self._next_pos = 0
+
+    def reset(self) -> None:
+        self.length, self._next_pos = 0, 0
+        self.mask[...] = 0
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if self.length == 0 and ids.size > 1:
+            return self._prefill(ids)
+        logits = None
+        for token in ids:
+            logits = self._step(int(token))
+        return logits
+
+    def _prefill(self, ids: np.ndarray) -> np.ndarray:
+        import tvm
+
+        from bitfold.llm.feeds import empty_past
+
+        n = ids.size
+        bucket = min(max(16, 1 << (n - 1).bit_length()), self.capacity)
+        if n > bucket:
+            raise BitfoldError(f"the prompt has {n} tokens, more than max_length {self.max_length} allows; raise --max-length.")
+        pad = bucket - n
+        feeds = {"input_ids": _aligned((1, bucket), np.int64), "attention_mask": _aligned((1, bucket), np.int64),
+                 "position_ids": _aligned((1, bucket), np.int64)}  # fmt: skip
+        feeds["input_ids"][0, pad:] = ids
+        feeds["attention_mask"][0, pad:] = 1
+        feeds["position_ids"][0, pad:] = np.arange(n)
+        feeds.update({k: _aligned(v.shape, v.dtype) for k, v in empty_past(self.model).items()})
+        session = self.runnable.session(feeds)
+        out = list(session.call([_tvm_tensor(feeds[name]) for name in self.names]))
+        for (name, _, _), present in zip(self._layout, out[1:], strict=True):
+            self.cache[name][:, :, :bucket] = np.from_dlpack(present)
+        self.mask[0, :bucket] = feeds["attention_mask"][0]
+        self.length, self._next_pos = bucket, n
+        return np.from_dlpack(out[0])[0, -1].astype(np.float32)
+
+    def _step(self, token: int) -> np.ndarray:
+        import tvm
+
+        if self.length >= self.capacity:
+            raise BitfoldError(f"the sequence would exceed max_length {self.max_length}; raise --max-length.")
+        if self._decode is None:
+            feeds = {"input_ids": self._ids, "attention_mask": self.mask, "position_ids": self._pos, **self.cache}
+            self._decode = (self.runnable.session(feeds), [tvm.runtime.from_dlpack(feeds[name]) for name in self.names])
+        session, tensors = self._decode
+        self._ids[0, 0], self._pos[0, 0] = token, self._next_pos
+        self.mask[0, self.capacity] = 1
+        out = list(session.call(tensors))
+        for (name, _, _), present in zip(self._layout, out[1:], strict=True):
+            self.cache[name][:, :, self.length] = np.from_dlpack(present)[:, :, self.capacity]
+        self.mask[0, self.length] = 1
+        self.length += 1
+        self._next_pos += 1
+        return np.from_dlpack(out[0])[0, -1].astype(np.float32)
+
+
+def _tvm_tensor(array: np.ndarray):
+    """The array as a TVM tensor sharing its memory (an empty array gets a fresh empty tensor: numpy gives zero-size
+    arrays no aligned data pointer)."""
+    import tvm
+
+    if array.size == 0:
+        return tvm.runtime.empty(array.shape, str(array.dtype))
+    return tvm.runtime.from_dlpack(array)
+
+
+def _aligned(shape, dtype, align: int = 64) -> np.ndarray:
+    """Zeros whose data starts on an ``align``-byte boundary (TVM takes such arrays without a copy)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.zeros(nbytes + align, np.uint8)
+    offset = (-raw.ctypes.data) % align
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
+def make_decoder(model: ir.Model, backend: str = "ort", max_length: int = 2048, threads: int | None = None):
+    if backend == "ort":
+        return Decoder(model, max_length=max_length, threads=threads)
+    if backend == "tvm":
+        return TvmDecoder(model, max_length=max_length)
+    raise BitfoldError(f"unknown backend '{backend}'; choose ort or tvm.")
+
+
 @dataclasses.dataclass
 class Generation:
     prompt_tokens: int
@@ -178,6 +297,7 @@ def generate(
     seed: int = 0,
     raw: bool = False,
     threads: int | None = None,
+    backend: str = "ort",
     on_text: Callable[[str], None] | None = None,
 ) -> Generation:
     """Generate a continuation of ``prompt`` with a bitfold KV-cache model (a path, or a model plus ``tokenizer``).
@@ -197,8 +317,8 @@ def generate(
     if tokenizer is None:
         raise BitfoldError("pass tokenizer= when generating from an in-memory model.")
     ids = encode_prompt(tokenizer, prompt, raw)
-    max_length = max_length or len(ids) + max_new_tokens
-    decoder = Decoder(model, max_length=max_length, threads=threads)
+    max_length = max_length or len(ids) + max_new_tokens + (len(ids) if backend == "tvm" else 0)  # TVM: bucket room
+    decoder = make_decoder(model, backend, max_length, threads)
     eos = eos_ids(tokenizer, model_dir) if model_dir else ({tokenizer.eos_token_id} - {None})
     shown = ""
     tokens: list[int] = []

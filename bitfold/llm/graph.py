@@ -174,16 +174,20 @@ def build(cfg: LLMConfig, source, dtype=np.float32) -> ir.Model:
     scalar = b.i64([])
     q_pos = b.op("Unsqueeze", b.op("Range", b.op("Reshape", past_len, scalar), b.op("Reshape", total, scalar), b.i64(1)), b.i64([1]))
     k_pos = b.op("Unsqueeze", b.op("Range", b.i64(0), b.op("Reshape", total, scalar), b.i64(1)), b.i64([0]))
-    causal = b.op("LessOrEqual", k_pos, q_pos)  # [S, T]
-    padding = b.op("Unsqueeze", b.op("Cast", mask, to=ir.DataType.BOOL), b.i64([1, 2]))  # [B, 1, 1, T]
-    masks: dict[int, ir.Value] = {}
+    # additive bias, 0 where a key is visible and the dtype's minimum elsewhere (bool tensors are avoided: TVM's
+    # llvm codegen rejects vectorized stores of them)
+    causal = b.op("Cast", b.op("LessOrEqual", k_pos, q_pos), to=dt)  # [S, T]
+    padding = b.op("Unsqueeze", b.op("Cast", mask, to=dt), b.i64([1, 2]))  # [B, 1, 1, T]
+    biases: dict[int, ir.Value] = {}
     grouped = cfg.num_heads != kvh
     for window in sorted(set(cfg.windows)):
         allowed = causal
         if window:
-            allowed = b.op("And", allowed, b.op("Greater", k_pos, b.op("Sub", q_pos, b.i64(window))))
-        m = b.op("And", allowed, padding)  # [B, 1, S, T]
-        masks[window] = b.op("Unsqueeze", m, b.i64([1])) if grouped else m
+            near = b.op("Cast", b.op("Greater", k_pos, b.op("Sub", q_pos, b.i64(window))), to=dt)
+            allowed = b.op("Mul", allowed, near)
+        visible = b.op("Mul", allowed, padding)  # [B, 1, S, T], 1 = visible
+        bias = b.op("Mul", b.op("Sub", b.f(1.0), visible), b.f(float(np.finfo(dtype).min)))
+        biases[window] = b.op("Unsqueeze", bias, b.i64([1])) if grouped else bias
 
     b.scope = "/model/rotary_emb"
     pos_f = b.op("Unsqueeze", b.op("Cast", positions, to=ir.DataType.FLOAT), b.i64([-1]))  # [B, S, 1]
@@ -246,7 +250,7 @@ def build(cfg: LLMConfig, source, dtype=np.float32) -> ir.Model:
         if cfg.attn_softcap:
             cap = b.f(cfg.attn_softcap)
             scores = b.op("Mul", b.op("Tanh", b.op("Div", scores, cap)), cap)
-        scores = b.op("Where", masks[cfg.windows[i]], scores, b.f(float(np.finfo(dtype).min)))
+        scores = b.op("Add", scores, biases[cfg.windows[i]])
         probs = b.op("Softmax", scores, axis=-1)
         ctx = b.op("MatMul", probs, value_g)
         if grouped:

@@ -44,3 +44,34 @@ def test_family_matches_transformers(name, tmp_path):
     # the same through the generation loop (its own greedy choices)
     result = generate_ids(decoder, list(prompt), 64)
     assert result.tokens == expected_tokens
+
+
+@pytest.mark.parametrize("name", ["llama-tied-llama3rope", "qwen3-qknorm"])
+def test_tvm_decoder_matches_ort(name, tmp_path):
+    """TVM's fixed-capacity cache (bucketed, left-padded prefill; decode into free slots) gives ORT's logits."""
+    pytest.importorskip("tvm")
+    from bitfold.llm import export_llm
+    from bitfold.llm.generate import Decoder, TvmDecoder
+
+    make(name, tmp_path)
+    model, _, _ = export_llm(tmp_path)
+    prompt = np.random.default_rng(3).integers(3, 256, 11)  # bucket 16: five masked slots ahead of the prompt
+    ort, tvm = Decoder(model, 48), TvmDecoder(model, 48)
+    pairs = [(ort(prompt), tvm(prompt))]
+    for token in (7, 19, 200, 3, 64):
+        pairs.append((ort(np.array([token])), tvm(np.array([token]))))
+    for step, (a, b) in enumerate(pairs):
+        assert np.abs(a - b).max() / np.abs(a).max() < 1e-5, f"step {step}"
+    assert tvm.length == 16 + 5
+
+
+def test_tvm_decoder_refuses_sliding_windows(tmp_path):
+    pytest.importorskip("tvm")
+    from bitfold.errors import BitfoldError
+    from bitfold.llm import export_llm
+    from bitfold.llm.generate import TvmDecoder
+
+    make("mistral-sliding", tmp_path)
+    model, _, _ = export_llm(tmp_path)
+    with pytest.raises(BitfoldError, match="sliding-window"):
+        TvmDecoder(model, 48)

@@ -56,6 +56,12 @@ class TvmRunnable(Timed):
             self._sessions[key] = adapter.Session(adapter.compile_module(mod, self.target), self.device)
         return self._sessions[key]
 
+    def session(self, feeds: Mapping[str, np.ndarray]):
+        """The built module for these feeds' signature (built on first use), for callers that keep their tensors on
+        the device between calls (``Session.call`` takes TVM tensors in ``input_names`` order)."""
+        check_feeds(self._model, feeds)
+        return self._session(feeds)
+
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self._model, feeds)
         outputs = self._session(feeds).run([feeds[name] for name in self.input_names])
