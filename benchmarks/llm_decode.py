@@ -43,7 +43,7 @@ HEAD8 = [{"name": "fold-constants", "input_size_limit": 1 << 26, "output_size_li
 BITFOLD = {
     "fp32": ("bitfold fp32", []),
     "w4": ("bitfold W4 GPTQ g128, int8 activations (MatMulNBits acc 4), fp32 head", [GPTQ]),
-    "w4-head8": ("bitfold W4 GPTQ g128, int8 activations, 8-bit head (RTN g128)", [GPTQ, *HEAD8]),
+    "w4-head8": ("bitfold W4 GPTQ g128, int8 activations, 8-bit head (RTN g128)", ["w4", *HEAD8]),  # steps after w4's
     "q3": ("bitfold ShiftAddLLM q3 g128 (BCQ lookup tables)", [{"name": "shiftadd", "exclude": HEAD}]),
     "binary": ("bitfold binary (sign planes, per-output scales)", [{"name": "binarize", "exclude": HEAD}]),
 }
@@ -71,6 +71,8 @@ def prepare(only: str | None) -> list[dict]:
                 base, cfg, _ = export_llm("smollm2")
                 base = bitfold.clone(base)
             model = bitfold.clone(base)
+            if steps and isinstance(steps[0], str):  # start from another row's model
+                model, steps = bitfold.load(WORK / f"bitfold-{steps[0]}" / "model.onnx"), steps[1:]
             if steps:
                 from bitfold.eval.models import smollm2
 

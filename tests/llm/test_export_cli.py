@@ -145,3 +145,18 @@ def test_generate_without_a_cache_graph_is_refused(tmp_path, capsys):
     bitfold.save(ir.Model(graph, ir_version=10), tmp_path / "m.onnx")
     (tmp_path / "tokenizer_config.json").write_text("{}")
     assert main(["generate", str(tmp_path / "m.onnx"), "--prompt", "hi"]) == 2
+
+
+def test_fp16_export_stays_close_to_fp32(llama):
+    from bitfold.llm import export_llm
+    from bitfold.llm.generate import Decoder
+
+    fp32, _, _ = export_llm(llama)
+    fp16, _, _ = export_llm(llama, "fp16")
+    assert all(v.dtype.name == "FLOAT16" for v in fp16.graph.initializers.values() if v.name.endswith("weight"))
+    prompt = np.arange(3, 15)
+    a, b = Decoder(fp32, 40), Decoder(fp16, 40)
+    for ids in (prompt, [5], [77]):
+        x, y = a(np.asarray(ids)), b(np.asarray(ids))
+        assert np.abs(x - y).max() / np.abs(x).max() < 2e-3
+        assert np.argmax(x) == np.argmax(y)

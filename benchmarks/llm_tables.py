@@ -1,0 +1,61 @@
+"""Print the README's language-model tables (Markdown) from benchmarks/results/llm_{export,passes,decode}.json.
+
+    python benchmarks/llm_tables.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def export_table() -> str:
+    r = json.loads((RESULTS / "llm_export.json").read_text())
+    lines = [f"`{r['command']}` (SmolLM2-135M, fp32 weights {r['fp32_bytes'] / 1e6:.0f} MB):", "",
+             "| export method | wall s | peak RSS MB | RSS / fp32 bytes |", "|---|---|---|---|"]  # fmt: skip
+    for row in r["rows"]:
+        lines.append(f"| {row['method']} | {row['seconds']:.1f} | {row['peak_rss_bytes'] / 1e6:.0f} | {row['rss_over_fp32_bytes']:.2f} |")
+    return "\n".join(lines)
+
+
+def passes_table() -> str:
+    r = json.loads((RESULTS / "llm_passes.json").read_text())
+    fixed, cached = "fixed-length (traced, no cache)", "KV-cache (export-llm)"
+    lines = [f"`{r['command']}`: {r['protocol']}.", "",
+             "| recipe | perplexity, fixed-length graph | perplexity, KV-cache graph | relative difference |",
+             "|---|---|---|---|"]  # fmt: skip
+    for row in r["rows"]:
+        lines.append(f"| {row['variant']} | {row[fixed]['ppl']:.4f} | {row[cached]['ppl']:.4f} | {row['rel_diff']:.1e} |")
+    return "\n".join(lines)
+
+
+def decode_table(prompt: str = "512") -> str:
+    r = json.loads((RESULTS / "llm_decode.json").read_text())
+    anchor = next((row for row in r["rows"] if row["name"] == "llamacpp-Q4_0"), None)
+    lengths = sorted({n for row in r["rows"] for n in row["median"]}, key=int)
+    head = "| runtime / format | Lee perplexity | file MB | " + " | ".join(f"prefill {n} ms | decode tok/s @{n}" for n in lengths) + " |"
+    lines = [f"`{r['command']}`: {r['protocol']}.", "", head, "|---|---|---|" + "---|---|" * len(lengths)]
+    for row in sorted(r["rows"], key=lambda x: -x["median"].get(prompt, {"decode_tok_s": 0})["decode_tok_s"]):
+        cells = []
+        for n in lengths:
+            m = row["median"].get(n)
+            cells += [f"{m['prefill_ms']:.0f}", f"{m['decode_tok_s']:.1f}"] if m else ["-", "-"]
+        lines.append(f"| {row['label']} | {row['ppl']:.2f} | {row['file_bytes'] / 1e6:.0f} | " + " | ".join(cells) + " |")
+    if anchor is not None and prompt in anchor["median"]:
+        a = anchor["median"][prompt]
+        lines += ["", f"Ratios at the {prompt}-token prompt against llama.cpp Q4_0 (decode tok/s ratio, prefill time ratio):", ""]
+        for row in r["rows"]:
+            m = row["median"].get(prompt)
+            if m:
+                lines.append(f"- {row['name']}: decode {m['decode_tok_s'] / a['decode_tok_s']:.2f}×, prefill {m['prefill_ms'] / a['prefill_ms']:.2f}×")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    for make in (export_table, passes_table, decode_table):
+        try:
+            print(make(), end="\n\n")
+        except FileNotFoundError as e:
+            print(f"(missing {e.filename})\n")
