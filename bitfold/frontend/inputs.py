@@ -8,6 +8,7 @@ dimensions take the size the user named for them or 1.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -74,6 +75,8 @@ def sample_feeds(
     if unknown:
         names = ", ".join(s.name for s in specs)
         raise InputSpecError(f"shape given for '{sorted(unknown)[0]}', which is not a model input; inputs are: {names}.")
+    if any(PAST_KEY_VALUES.match(s.name) for s in specs):
+        return _decoder_feeds(model, specs, shapes or {}, rng)
     feeds = {}
     for spec in specs:
         shape = spec.concrete(shapes)
@@ -81,6 +84,34 @@ def sample_feeds(
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         else:
             feeds[spec.name] = rng.integers(0, 2, size=shape).astype(spec.dtype)
+    check_feeds(model, feeds)
+    return feeds
+
+
+#: Past keys/values of a KV-cache decoder graph (the optimum / onnxruntime-genai interface).
+PAST_KEY_VALUES = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+
+
+def _decoder_feeds(model: ir.Model, specs, shapes: Mapping[str, tuple[int, ...]], rng) -> dict[str, np.ndarray]:
+    """A consistent prefill for a KV-cache graph: random token ids (8 unless ``--shape input_ids=BxS``), an all-ones
+    mask, positions 0..S-1 and an empty past."""
+    batch, seq = shapes.get("input_ids", (1, 8))
+    logits = next((v for v in model.graph.outputs if v.name == "logits"), None)
+    vocab = logits.shape[-1] if logits is not None and logits.shape is not None and isinstance(logits.shape[-1], int) else 2
+    feeds = {}
+    for spec in specs:
+        if spec.name == "input_ids":
+            feeds[spec.name] = rng.integers(0, vocab, size=(batch, seq)).astype(spec.dtype)
+        elif spec.name == "attention_mask":
+            feeds[spec.name] = np.ones((batch, seq), spec.dtype)
+        elif spec.name == "position_ids":
+            feeds[spec.name] = np.tile(np.arange(seq, dtype=spec.dtype), (batch, 1))
+        elif PAST_KEY_VALUES.match(spec.name):
+            dims = [d if isinstance(d, int) else 0 for d in spec.shape]
+            dims[0] = batch
+            feeds[spec.name] = np.zeros(dims, spec.dtype)
+        else:
+            raise InputSpecError(f"input '{spec.name}' of a KV-cache graph has no default; pass --inputs.")
     check_feeds(model, feeds)
     return feeds
 

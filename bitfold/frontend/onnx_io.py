@@ -85,8 +85,16 @@ def serialized(model: ir.Model) -> Iterator[bytes | str]:
 
 
 def clone(model: ir.Model) -> ir.Model:
-    """An independent deep copy (through the proto), e.g. to keep the input of an in-place pipeline."""
-    return ir.from_proto(ir.to_proto(model))
+    """An independent deep copy (through the proto), e.g. to keep the input of an in-place pipeline.
+
+    Tensors still in an external data file stay there (the proto keeps their location; their directory is carried
+    over, which the proto does not hold)."""
+    copy = ir.from_proto(ir.to_proto(model))
+    for name, value in model.graph.initializers.items():
+        tensor, copied = value.const_value, copy.graph.initializers.get(name)
+        if isinstance(tensor, ir.ExternalTensor) and copied is not None and isinstance(copied.const_value, ir.ExternalTensor):
+            copied.const_value.base_dir = tensor.base_dir
+    return copy
 
 
 def parameter_bytes(model: ir.Model) -> int:

@@ -8,12 +8,10 @@ calibration source serves both kinds of graph.
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import onnx_ir as ir
 
-PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+from bitfold.frontend.inputs import PAST_KEY_VALUES as PAST
 
 
 def is_cached(model: ir.Model) -> bool:

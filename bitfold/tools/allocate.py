@@ -33,6 +33,7 @@ import onnx_ir as ir
 import torch
 from tqdm.auto import tqdm
 
+from bitfold.frontend.onnx_io import clone
 from bitfold.backends.ort import OrtRunnable
 from bitfold.errors import BitfoldError
 from bitfold.passes.quant.quantize_weights import QuantizeWeights
@@ -131,7 +132,7 @@ def measure(
     settings the recipe will use (default RTN): a layer is quantized for its sensitivity as that method would do
     it, GPTQ and output clipping on the Gram matrices of all calibration samples. The choice is left empty."""
     nodes, outside = _layers(model, formats, exclude)
-    probe = ir.from_proto(ir.to_proto(model))
+    probe = clone(model)
     position = {id(node): i for i, node in enumerate(model.graph)}
     targets = [list(probe.graph)[position[id(n)]] for n in nodes]
     for weight in dict.fromkeys(node.inputs[1] for node in targets):

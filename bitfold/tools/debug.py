@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from bitfold.frontend.onnx_io import clone
 from bitfold.backends.ort import OrtRunnable
 from bitfold.errors import BitfoldError
 from bitfold.passes.registry import FROM_KEY, BitfoldPass
@@ -103,7 +104,7 @@ class DebugReport:
 def run_exposing(model: ir.Model, feeds: Mapping[str, np.ndarray], names: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """The graph outputs, plus the named intermediates exposed as extra outputs of a copy (under ONNX Runtime,
     graph optimizations off so every tensor exists as the graph states it)."""
-    copy = ir.from_proto(ir.to_proto(model))
+    copy = clone(model)
     values = {v.name: v for node in copy.graph for v in node.outputs}
     present = {v.name for v in copy.graph.outputs}
     for name in names:
@@ -134,7 +135,7 @@ def debug(
     reduce_culprit: bool = False,
 ) -> DebugReport:
     """Run ``steps`` on a copy of ``model`` one at a time and locate the first pass and node exceeding ``tolerance``."""
-    current = ir.from_proto(ir.to_proto(model))
+    current = clone(model)
     outputs = [v.name for v in current.graph.outputs]
     reference = run_exposing(current, feeds)
     report = DebugReport(tolerance, [])
@@ -142,7 +143,7 @@ def debug(
     worst: tuple[float, ir.Model, ir.Model] | None = None
     for index, step in enumerate(steps):
         p = _build(step, calibration)
-        before = ir.from_proto(ir.to_proto(current))
+        before = clone(current)
         record = run_pass(current, p)
         now = run_exposing(current, feeds)
         diagnosis = PassDiagnosis(index, p.name, _errors(now, previous, outputs), _errors(now, reference, outputs), record, _unmatched(p, current))
@@ -157,7 +158,7 @@ def debug(
                 except BitfoldError as e:
                     report.reduce_note = str(e)
         if report.culprit == index or (report.culprit is None and (worst is None or diagnosis.own_rel > worst[0])):
-            report.worst, worst = index, (diagnosis.own_rel, before, ir.from_proto(ir.to_proto(current)))
+            report.worst, worst = index, (diagnosis.own_rel, before, clone(current))
         previous = now
     if worst is not None:
         report.diff = diff(worst[1], worst[2])
@@ -173,7 +174,7 @@ def _unmatched(p: BitfoldPass, model: ir.Model) -> list[Unmatched]:
     from onnxscript.rewriter._basics import MatchingTracer, MatchStatus
 
     tracer = MatchingTracer()
-    p.rule_set().apply_to_model(ir.from_proto(ir.to_proto(model)), tracer=tracer)
+    p.rule_set().apply_to_model(clone(model), tracer=tracer)
     return [
         Unmatched(rule.name or type(rule).__name__, info.root_node.name or info.root_node.op_type, info.status.name,
                   info.match_result.reason or "the pattern does not match here")

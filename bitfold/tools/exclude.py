@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
+from bitfold.frontend.onnx_io import clone
 from bitfold.backends.ort import OrtRunnable
 from bitfold.errors import BitfoldError
 from bitfold.passes.registry import FROM_KEY, PASS_KEY, get_pass
@@ -56,7 +57,7 @@ def keep_within(
     base = list(step.get("exclude", []))
 
     def attempt(extra: list[str]) -> tuple[ir.Model, PipelineReport, float]:
-        out, report = optimize(ir.from_proto(ir.to_proto(model)), [{**step, "exclude": base + [glob.escape(x) for x in extra]}], calibration)
+        out, report = optimize(clone(model), [{**step, "exclude": base + [glob.escape(x) for x in extra]}], calibration)
         return out, report, float(np.linalg.norm(_outputs(out, feeds) - reference) / np.linalg.norm(reference))
 
     out, report, error = attempt([])

@@ -18,6 +18,7 @@ import networkx as nx
 import numpy as np
 import onnx_ir as ir
 
+from bitfold.frontend.onnx_io import clone
 from bitfold.errors import BitfoldError
 from bitfold.passes.analysis import to_networkx
 from bitfold.passes.registry import BitfoldPass
@@ -47,7 +48,7 @@ def _cone(model: ir.Model, tensor: str, depth: int) -> tuple[list[ir.Node], bool
 
 
 def _subgraph(model: ir.Model, nodes: list[ir.Node], tensor: str, captured: Mapping[str, np.ndarray]) -> ir.Model:
-    copy = ir.from_proto(ir.to_proto(model))
+    copy = clone(model)
     position = {id(n): i for i, n in enumerate(model.graph)}
     everything = list(copy.graph)
     keep = [everything[position[id(n)]] for n in nodes]
@@ -110,7 +111,7 @@ def reduce(
             if sub_calibration is None:
                 raise BitfoldError(f"pass '{p.name}' needs calibration data to be reduced; pass --calibration.")
             p.calibration = sub_calibration
-        after = ir.from_proto(ir.to_proto(sub))
+        after = clone(sub)
         run_pass(after, p)
         (ref,) = run_exposing(sub, sub_feeds, []).values()
         (got,) = run_exposing(after, sub_feeds, []).values()

@@ -160,3 +160,26 @@ def test_fp16_export_stays_close_to_fp32(llama):
         x, y = a(np.asarray(ids)), b(np.asarray(ids))
         assert np.abs(x - y).max() / np.abs(x).max() < 2e-3
         assert np.argmax(x) == np.argmax(y)
+
+
+def test_debug_and_allocate_run_on_a_cached_graph(llama, tmp_path, capsys):
+    """Default sample feeds of a KV-cache graph are a consistent prefill; external data survives the tools' copies."""
+    import bitfold
+    from bitfold.llm.feeds import prefill
+    from bitfold.tools.cli import main
+
+    model_path = tmp_path / "m" / "model.onnx"
+    assert main(["export-llm", str(llama), "-o", str(model_path)]) == 0
+    feeds = bitfold.sample_feeds(bitfold.load(model_path))
+    assert feeds["input_ids"].shape == (1, 8) and feeds["past_key_values.0.key"].shape == (1, 2, 0, 16)
+    assert main(["debug", str(model_path), "-p", "quantize-weights", "-o", str(tmp_path / "dbg")]) == 0
+    report = json.loads((tmp_path / "dbg" / "report.json").read_text())
+    assert report["culprit"] == 0 and "q_proj" in json.dumps(report)
+    model = bitfold.load(model_path)
+    rng = np.random.default_rng(0)
+    samples = [prefill(model, rng.integers(0, 256, (1, 16))) for _ in range(4)]
+    np.savez(tmp_path / "cal.npz", **{k: np.stack([s[k] for s in samples]) for k in samples[0]})
+    recipe = tmp_path / "mixed.toml"
+    assert main(["allocate", str(model_path), "--bits", "4.5", "--samples", "2", "--calibration", str(tmp_path / "cal.npz"), "-o", str(recipe)]) == 0
+    assert main(["optimize", str(model_path), "-r", str(recipe), "--calibration", str(tmp_path / "cal.npz"), "-o", str(tmp_path / "q" / "model.onnx")]) == 0
+    capsys.readouterr()
