@@ -460,10 +460,14 @@ def _eval(args) -> None:
             raise BitfoldError("--task ppl needs --text FILE, an existing UTF-8 text file.")
         if args.window < 2:
             raise BitfoldError(f"--window must be at least 2 tokens, got {args.window}.")
+        try:
+            text = args.text.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise BitfoldError(f"'{args.text}' is not UTF-8 text (byte {e.start}); convert it, e.g. with iconv.") from None
         tokenizer = load_tokenizer(args.model.parent)
         model = load(args.model)
         with err.status("evaluating perplexity..."):
-            result = text_ppl(model, tokenizer, args.text.read_text(encoding="utf-8"), args.window, args.windows)
+            result = text_ppl(model, tokenizer, text, args.window, args.windows)
     else:
         with err.status(f"evaluating {args.task}..."):
             result = TASKS[args.task](load(args.model))
