@@ -90,8 +90,12 @@ def main() -> None:
         row["rel_diff"] = abs(a - b) / a
         print(json.dumps(row), flush=True)
         rows.append(row)
+        _write(rows, merge=bool(args.only))  # after every row: a long run that stops keeps what it measured
+
+
+def _write(rows: list[dict], merge: bool) -> None:
     path = RESULTS / "llm_passes.json"
-    if args.only and path.exists():
+    if merge and path.exists():
         rows = merge_rows(json.loads(path.read_text())["rows"], rows, order=[label for label, _ in RECIPES])
     result = {
         "model": "SmolLM2-135M-Instruct (weights from a Q4_1 GGUF: 32-element blocks with offset)",

@@ -8,7 +8,8 @@ The graph interface is the one optimum and onnxruntime-genai use, so one graph s
 
 Only standard ONNX ops (opset 18) are emitted, in the shapes bitfold's structure discovery reads: every linear is a
 ``MatMul`` by a constant ``[in, out]`` weight (plus an ``Add`` of its bias), RMSNorm is decomposed
-(``Pow → ReduceMean → Add ε → Sqrt → Reciprocal → Mul → Mul γ``), the residual stream runs from the embedding
+(``Pow → ReduceMean → Add ε → Sqrt → Div → Mul γ``, which ONNX Runtime fuses into one
+normalization kernel), the residual stream runs from the embedding
 ``Gather`` through ``Add`` nodes, and a tied head reads ``Transpose(embedding)``. So every LLM pass sees the cached
 graph as it sees a traced one. Grouped-query attention broadcasts the shared keys and values over a head-group axis
 instead of copying them. Node names follow the Hugging Face module paths (``/model/layers.3/self_attn/q_proj/MatMul``),
@@ -154,8 +155,8 @@ def build(cfg: LLMConfig, source, dtype=np.float32) -> ir.Model:
         saved, b.scope = b.scope, scope
         square = b.op("Pow", x, b.f(2.0))
         mean = b.op("ReduceMean", square, b.i64([-1]), keepdims=1)
-        rstd = b.op("Reciprocal", b.op("Sqrt", b.op("Add", mean, b.f(cfg.rms_norm_eps))))
-        y = b.op("Mul", b.op("Mul", x, rstd), vector(hf, size, cfg.family.gamma_offset))
+        std = b.op("Sqrt", b.op("Add", mean, b.f(cfg.rms_norm_eps)))
+        y = b.op("Mul", b.op("Div", x, std), vector(hf, size, cfg.family.gamma_offset))  # the form ORT fuses
         b.scope = saved
         return y
 
