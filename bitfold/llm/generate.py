@@ -132,7 +132,7 @@ class TvmDecoder:
         from bitfold.llm.feeds import empty_past
 
         n = ids.size
-        bucket = min(max(16, 1 << (n - 1).bit_length()), self.capacity)
+        bucket = min(prefill_bucket(n), self.capacity)
         if n > bucket:
             raise BitfoldError(f"the prompt has {n} tokens, more than max_length {self.max_length} allows; raise --max-length.")
         pad = bucket - n
@@ -168,6 +168,11 @@ class TvmDecoder:
         self.length += 1
         self._next_pos += 1
         return np.from_dlpack(out[0])[0, -1].astype(np.float32)
+
+
+def prefill_bucket(tokens: int) -> int:
+    """The prefill length TVM builds for a prompt: the next power of two, at least 16."""
+    return max(16, 1 << (tokens - 1).bit_length())
 
 
 def _tvm_tensor(array: np.ndarray):
@@ -317,7 +322,8 @@ def generate(
     if tokenizer is None:
         raise BitfoldError("pass tokenizer= when generating from an in-memory model.")
     ids = encode_prompt(tokenizer, prompt, raw)
-    max_length = max_length or len(ids) + max_new_tokens + (len(ids) if backend == "tvm" else 0)  # TVM: bucket room
+    if max_length is None:  # TVM: the prompt takes its bucket's slots; decode needs one more for the new token
+        max_length = (prefill_bucket(len(ids)) + 1 if backend == "tvm" else len(ids)) + max_new_tokens
     decoder = make_decoder(model, backend, max_length, threads)
     eos = eos_ids(tokenizer, model_dir) if model_dir else ({tokenizer.eos_token_id} - {None})
     shown = ""

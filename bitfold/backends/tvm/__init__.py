@@ -52,6 +52,7 @@ class TvmRunnable(Timed):
         key = tuple((name, feeds[name].shape, feeds[name].dtype.str) for name in self.input_names)
         if key not in self._sessions:
             prepared, self.kernel_nodes = lower.prepare(self._model, {name: feeds[name].shape for name in self.input_names}, self.device)
+            _inline_external(prepared)  # TVM's importer reads the proto alone: no external data files
             mod = adapter.import_model(ir.to_proto(prepared), {name: feeds[name] for name in self.input_names}, self.target)
             self._sessions[key] = adapter.Session(adapter.compile_module(mod, self.target), self.device)
         return self._sessions[key]
@@ -79,3 +80,9 @@ class TvmRunnable(Timed):
             session.device.sync()
             times.append(time.perf_counter() - start)
         return times
+
+
+def _inline_external(model: ir.Model) -> None:
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
