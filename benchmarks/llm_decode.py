@@ -147,10 +147,18 @@ def perplexity(spec: dict) -> float:
             nll -= logp[np.arange(row.size - 1), row[1:]].sum()
             count += row.size - 1
         return float(np.exp(nll / count))
+    import onnx_ir as ir
+
     import bitfold
     from bitfold.eval.tasks import perplexity as ort_perplexity
 
-    return ort_perplexity(bitfold.load(spec["path"]), windows)[0]
+    model = bitfold.load(spec["path"])
+    if spec["kind"] == "genai":  # its past keys declare a symbolic last axis (kv_cache_dim): fix it to the head size
+        head = json.loads((Path(spec["path"]).parent / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
+        for value in model.graph.inputs:
+            if value.name.startswith("past_key_values"):
+                value.shape = ir.Shape([*list(value.shape)[:3], head])
+    return ort_perplexity(model, windows)[0]
 
 
 # ----------------------------------------------------------------------------------------------- workers
@@ -261,6 +269,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, nargs="+", default=[512, 128, 1024])
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--only", help="run only the runtimes whose label or name contains this text; merge into the JSON")
+    parser.add_argument("--ppl-only", action="store_true", help="compute the perplexities only (no timing) and store them")
     parser.add_argument("--worker", nargs=4, metavar=("KIND", "PATH", "PROMPTS", "NEW"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -278,16 +287,29 @@ def main() -> None:
 
     previous = json.loads((RESULTS / "llm_decode.json").read_text()) if (RESULTS / "llm_decode.json").exists() else {"rows": []}
     known_ppl = {r["name"]: r["ppl"] for r in previous["rows"]}
+    cache = WORK / "ppl.json"  # perplexities as they are computed: a stopped run does not recompute them
+    known_ppl.update(json.loads(cache.read_text()) if cache.exists() else {})
     rows = {}
     for spec in specs:
         ppl = known_ppl.get(spec["name"]) if not spec["name"].endswith("-tvm") else None
         if ppl is None:  # TVM rows run the ORT rows' files: the same model, the same perplexity
             twin = spec["name"].replace("-tvm", "-ort")
             ppl = rows[twin]["ppl"] if twin in rows else known_ppl.get(twin) or perplexity(spec)
+            known_ppl[spec["name"]] = ppl
+            cache.write_text(json.dumps(known_ppl, indent=1))
         size = sum(f.stat().st_size for f in Path(spec["path"]).parent.iterdir() if f.suffix in (".onnx", ".data", ".gguf")) \
             if spec["kind"] != "llamacpp" else Path(spec["path"]).stat().st_size  # fmt: skip
         rows[spec["name"]] = {**spec, "ppl": ppl, "file_bytes": size, "runs": {str(n): [] for n in args.prompts}}
         print(f"{spec['label']}: perplexity {ppl:.2f}", flush=True)
+
+    if args.ppl_only:
+        from bitfold.tools.files import write_atomic
+
+        kept = {r["name"]: r for r in previous["rows"]}
+        for name, row in rows.items():
+            kept[name] = {**kept.get(name, {}), **{k: v for k, v in row.items() if k != "runs"}, "median": kept.get(name, {}).get("median", {})}
+        write_atomic(RESULTS / "llm_decode.json", json.dumps({**previous, "rows": list(kept.values())}, indent=2).encode())
+        return
 
     processes = []
     for spec in specs:

@@ -1,6 +1,6 @@
 """Print the README's language-model tables (Markdown) from benchmarks/results/llm_{export,passes,decode}.json.
 
-    python benchmarks/llm_tables.py
+    python benchmarks/llm_tables.py [--readme]     # --readme: rewrite the block between the README's llm-tables markers
 """
 
 from __future__ import annotations
@@ -53,9 +53,25 @@ def decode_table(prompt: str = "512") -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def tables() -> str:
+    parts = []
     for make in (export_table, passes_table, decode_table):
         try:
-            print(make(), end="\n\n")
+            parts.append(make())
         except FileNotFoundError as e:
-            print(f"(missing {e.filename})\n")
+            parts.append(f"(no results yet: {Path(e.filename).name})")
+    return "\n\n".join(parts)
+
+
+if __name__ == "__main__":
+    import sys
+
+    text = tables()
+    if "--readme" in sys.argv:
+        readme = Path(__file__).parent.parent / "README.md"
+        start, end = "<!-- llm-tables:start (python benchmarks/llm_tables.py --readme) -->", "<!-- llm-tables:end -->"
+        content = readme.read_text()
+        head, rest = content.split(start, 1)
+        _, tail = rest.split(end, 1)
+        readme.write_text(f"{head}{start}\n{text}\n{end}{tail}")
+    print(text)
