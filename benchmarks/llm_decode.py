@@ -269,6 +269,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, nargs="+", default=[512, 128, 1024])
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--only", help="run only the runtimes whose label or name contains this text; merge into the JSON")
+    parser.add_argument("--names", help="comma-separated runtime names to run (e.g. w4-ort,llamacpp-Q4_0); merge into the JSON")
     parser.add_argument("--ppl-only", action="store_true", help="compute the perplexities only (no timing) and store them")
     parser.add_argument("--worker", nargs=4, metavar=("KIND", "PATH", "PROMPTS", "NEW"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -281,6 +282,10 @@ def main() -> None:
     from bitfold.eval.models import smollm2
 
     specs = prepare(args.only)
+    if args.names:
+        wanted = set(args.names.split(","))
+        specs = [s for s in specs if s["name"] in wanted]
+        args.only = args.only or args.names  # merge with the rows already measured
     ids = np.asarray(smollm2()[1](lee_text(), add_special_tokens=False)["input_ids"][: max(args.prompts)], dtype=np.int64)
     prompt_file = WORK / "prompt_ids.npy"
     np.save(prompt_file, ids, allow_pickle=False)

@@ -158,7 +158,7 @@ def test_fp16_export_stays_close_to_fp32(llama):
     a, b = Decoder(fp32, 40), Decoder(fp16, 40)
     for ids in (prompt, [5], [77]):
         x, y = a(np.asarray(ids)), b(np.asarray(ids))
-        assert np.abs(x - y).max() / np.abs(x).max() < 2e-3
+        assert np.abs(x - y).max() / np.abs(x).max() < 1e-2  # fp16 weights and activations: ~11 bits
         assert np.argmax(x) == np.argmax(y)
 
 
