@@ -32,6 +32,9 @@ def prepare(model: ir.Model, shapes: Mapping[str, tuple[int, ...]], device: str 
     for value in model.graph.inputs:
         if value.name in shapes:
             value.shape = ir.Shape(shapes[value.name])
+    for node in model.graph:  # shapes inferred for other inputs (symbolic) would hide the static ones: infer anew
+        for value in node.outputs:
+            value.shape = None
     optimizer.optimize(model, inline=False)
     routed = sum(_route(node, device) for node in list(model.graph))
     if routed:
@@ -53,7 +56,11 @@ def _route(node: ir.Node, device: str) -> bool:
     if any(array is None for array in constants.values()):
         return False
     x = inputs[0]
-    if x is None or x.shape is None or not x.shape.is_static():
+    if x is None:
+        return False
+    static = x.shape is not None and x.shape.is_static()
+    k = int(x.shape[-1]) if static else node.attributes.get_int("K", None)  # MatMulNBits states its K
+    if k is None:
         return False
     attrs = {name: attr.value for name, attr in node.attributes.items()}
     if entry.select is not None and not entry.select([constants.get(i) for i in range(len(inputs))], attrs, device):
@@ -69,7 +76,7 @@ def _route(node: ir.Node, device: str) -> bool:
             inputs[i].const_value = ir.tensor(widened, name=inputs[i].name)
             inputs[i].dtype = ir.DataType.INT8
             node.attributes["storage_bits"] = ir.AttrInt64("storage_bits", 4)
-    node.attributes["K"] = ir.AttrInt64("K", int(x.shape[-1]))
+    node.attributes["K"] = ir.AttrInt64("K", k)
     node.op_type, node.domain = entry.key, DOMAIN
     node.version = None
     return True
