@@ -32,9 +32,10 @@ def prepare(model: ir.Model, shapes: Mapping[str, tuple[int, ...]], device: str 
     for value in model.graph.inputs:
         if value.name in shapes:
             value.shape = ir.Shape(shapes[value.name])
-    for node in model.graph:  # shapes inferred for other inputs (symbolic) would hide the static ones: infer anew
+    for node in model.graph:  # symbolic shapes (inferred for other inputs) would hide the static ones: infer anew
         for value in node.outputs:
-            value.shape = None
+            if value.shape is not None and not value.shape.is_static():
+                value.shape = None
     optimizer.optimize(model, inline=False)
     routed = sum(_route(node, device) for node in list(model.graph))
     if routed:
