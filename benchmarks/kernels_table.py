@@ -1,4 +1,4 @@
-"""Print the README tables of benchmarks/results/kernels.json (written by benchmarks/kernel_speed.py) as Markdown.
+"""Print the docs tables of benchmarks/results/kernels.json (written by benchmarks/kernel_speed.py) as Markdown.
 
     python benchmarks/kernels_table.py
 """

@@ -1,6 +1,6 @@
-"""Print the README's language-model tables (Markdown) from benchmarks/results/llm_{export,passes,decode}.json.
+"""Print the docs' language-model tables (docs/measured.md) (Markdown) from benchmarks/results/llm_{export,passes,decode}.json.
 
-    python benchmarks/llm_tables.py [--readme]     # --readme: rewrite the block between the README's llm-tables markers
+    python benchmarks/llm_tables.py [--readme]     # --readme: rewrite the block between the llm-tables markers of docs/measured.md
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ if __name__ == "__main__":
 
     text = tables()
     if "--readme" in sys.argv:
-        readme = Path(__file__).parent.parent / "README.md"
+        readme = Path(__file__).parent.parent / "docs" / "measured.md"
         start, end = "<!-- llm-tables:start (python benchmarks/llm_tables.py --readme) -->", "<!-- llm-tables:end -->"
         content = readme.read_text()
         head, rest = content.split(start, 1)

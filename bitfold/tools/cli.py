@@ -391,11 +391,17 @@ def _bench(args) -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"{args.backend} latency ({runnables[0].device}), interleaved rounds")
-    for column in ("model", "p50 ms", "p90 ms", "mean ms", "vs first"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for r in rows:
-        table.add_row(r["model"], f"{r['p50']:.3f}", f"{r['p90']:.3f}", f"{r['mean']:.3f}", f"{r['ratio']:.2f}×")
+    _print_table(f"{args.backend} latency ({runnables[0].device}), interleaved rounds", ("model", "p50 ms", "p90 ms", "mean ms", "vs first"),
+                 [(r["model"], f"{r['p50']:.3f}", f"{r['p90']:.3f}", f"{r['mean']:.3f}", f"{r['ratio']:.2f}×") for r in rows])  # fmt: skip
+
+
+def _print_table(title: str, columns: tuple[str, ...], rows) -> None:
+    """A rich table, the first column left-aligned, the others right-aligned."""
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="left" if column == columns[0] else "right")
+    for row in rows:
+        table.add_row(*row)
     out.print(table)
 
 
@@ -508,12 +514,10 @@ def _demo_llm(args) -> None:
 
     with tempfile.TemporaryDirectory(prefix="bitfold-demo-") as tmp, err.status("SmolLM2...") as status:
         rows = run_llm_demo(Path(tmp), threads=args.threads, status=lambda text: status.update(text + "..."))
-    table = Table(title=f"SmolLM2-135M: fp32 and 4-bit, {args.threads} threads, ONNX Runtime, KV cache")
-    for column in ("model", "file MB", "Lee ppl (windows 0-3)", "prefill ms", "decode tok/s"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for r in rows:
-        table.add_row(r["model"], f"{r['bytes'] / 1e6:.0f}", f"{r['ppl']:.2f}", f"{r['prefill_ms']:.0f}", f"{r['decode_tok_s']:.0f}")
-    out.print(table)
+    _print_table(f"SmolLM2-135M: fp32 and 4-bit, {args.threads} threads, ONNX Runtime, KV cache",
+                 ("model", "file MB", "Lee ppl (windows 0-3)", "prefill ms", "decode tok/s"),
+                 [(r["model"], f"{r['bytes'] / 1e6:.0f}", f"{r['ppl']:.2f}", f"{r['prefill_ms']:.0f}", f"{r['decode_tok_s']:.0f}")
+                  for r in rows])  # fmt: skip
     out.print(f"[bold]prompt:[/] {PROMPT}", highlight=False)
     for r in rows:
         out.print(f"[bold]{r['model']}:[/] {r['text']}", highlight=False)
