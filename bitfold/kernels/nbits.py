@@ -55,13 +55,13 @@ def prepare(weights, attrs) -> Prepared:
         raise BitfoldError(f"MatMulNBits with {bits} bits has no kernel; bitfold's kernel reads 2, 4 or 8 bits.")
     if g_idx is not None:
         raise BitfoldError("MatMulNBits with g_idx (act-order groups) has no kernel; re-export without g_idx.")
-    if zero_points is not None and zero_points.dtype != np.uint8:
-        raise BitfoldError("MatMulNBits with float zero points has no kernel; use packed uint8 zero points.")
     blocks = b.shape[1]
     codes = matmulnbits.unpack_bits(b, bits, block_size).reshape(n, blocks * block_size)
     scale = scales.astype(np.float32).reshape(n, blocks)
     if zero_points is None:
         zero = np.full((n, blocks), 1 << (bits - 1), np.float32)
+    elif zero_points.dtype != np.uint8:  # unpacked float zero points (a min-max grid): the corrections carry them
+        zero = zero_points.astype(np.float32).reshape(n, blocks)
     else:
         zero = matmulnbits.unpack_bits(zero_points, bits, blocks).astype(np.float32)
     if bits == 4 and int(attrs.get("accuracy_level", 0)) == 4 and block_size % 16 == 0:
@@ -71,7 +71,7 @@ def prepare(weights, attrs) -> Prepared:
 
 def _offset(zero: np.ndarray) -> int:
     """The most common zero point (folded into the per-block term; the others become a correction)."""
-    values, counts = np.unique(zero, return_counts=True)
+    values, counts = np.unique(np.round(zero), return_counts=True)
     return int(values[counts.argmax()])
 
 

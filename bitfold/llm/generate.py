@@ -22,27 +22,38 @@ from bitfold.llm.feeds import PAST, past_inputs
 
 
 class Decoder:
-    """One sequence (batch 1) through a KV-cache graph on ONNX Runtime, with preallocated cache buffers."""
+    """One sequence (batch 1) through a KV-cache graph on ONNX Runtime, with preallocated cache buffers.
 
-    def __init__(self, model: ir.Model, max_length: int = 2048, threads: int | None = None, device: str = "cpu") -> None:
+    On the CPU the graph is first lowered to ORT's fused LLM kernels (:func:`bitfold.backends.ort_llm.lower_decoder`:
+    one ``GroupQueryAttention`` per layer, fused residual norms, the head on the last position only); past and
+    present then share one ``max_length`` buffer per tensor. Where the lowering declines (``fusion.reason``) or
+    ``fuse=False``, the standard graph runs with two buffers per tensor used in turn as past and present.
+    """
+
+    def __init__(self, model: ir.Model, max_length: int = 2048, threads: int | None = None, device: str = "cpu",
+                 fuse: bool = True) -> None:  # fmt: skip
         from bitfold.backends.ort import OrtRunnable
+        from bitfold.backends.ort_llm import lower_decoder
 
         pasts = past_inputs(model)
         if not pasts:
             raise BitfoldError("the model has no past_key_values.* inputs; export it with `bitfold export-llm` to get a KV-cache graph.")
-        self.runnable = OrtRunnable(model, device=device, threads=threads)
+        self.fusion = lower_decoder(model, max_length, last_logits=True) if fuse and device == "cpu" else None
+        self.shared = self.fusion is not None and self.fusion.attention
+        self.runnable = OrtRunnable(self.fusion.model if self.fusion else model, device=device, threads=threads)
         self.session = self.runnable.session
         self.max_length = max_length
         outputs = {o.name: o for o in model.graph.outputs}
         self.vocab = int(outputs["logits"].shape[-1])
         self.dtype = pasts[0].dtype.numpy()
-        self._pairs = []  # (past name, present name, heads, head_dim, [buffer A, buffer B])
+        self._pairs = []  # (past name, present name, heads, head_dim, [buffer A, buffer B] or [shared buffer])
         for value in pasts:
             layer, kind = PAST.match(value.name).groups()
             heads, head_dim = int(value.shape[1]), int(value.shape[3])
-            buffers = [np.zeros(heads * max_length * head_dim, self.dtype) for _ in range(2)]
+            buffers = [np.zeros(heads * max_length * head_dim, self.dtype) for _ in range(1 if self.shared else 2)]
             self._pairs.append((value.name, f"present.{layer}.{kind}", heads, head_dim, buffers))
         self._has_positions = any(v.name == "position_ids" for v in model.graph.inputs)
+        self._last_only = self.fusion is not None and self.fusion.last_logits
         self._ones = np.ones((1, max_length), np.int64)
         self._logits = np.zeros((1, 1, self.vocab), np.float32 if self.dtype == np.float32 else self.dtype)
         self.length = 0  # tokens in the cache
@@ -63,17 +74,25 @@ class Decoder:
         binding.bind_cpu_input("attention_mask", self._ones[:, :total])
         if self._has_positions:
             binding.bind_cpu_input("position_ids", np.arange(past, total, dtype=np.int64)[None])
-        if new == 1:
+        into_buffer = new == 1 or self._last_only
+        if into_buffer:
             binding.bind_output("logits", "cpu", 0, self._logits.dtype, list(self._logits.shape), self._logits.ctypes.data)
         else:
             binding.bind_output("logits", "cpu")  # bound first: copy_outputs_to_cpu()[0] below
         read, write = self._current, 1 - self._current
         for past_name, present_name, heads, head_dim, buffers in self._pairs:
-            binding.bind_input(past_name, "cpu", 0, self.dtype, [1, heads, past, head_dim], buffers[read].ctypes.data)
-            binding.bind_output(present_name, "cpu", 0, self.dtype, [1, heads, total, head_dim], buffers[write].ctypes.data)
+            if self.shared:  # GroupQueryAttention reads and writes one max_length buffer in place
+                shape = [1, heads, self.max_length, head_dim]
+                binding.bind_input(past_name, "cpu", 0, self.dtype, shape, buffers[0].ctypes.data)
+                binding.bind_output(present_name, "cpu", 0, self.dtype, shape, buffers[0].ctypes.data)
+            else:
+                binding.bind_input(past_name, "cpu", 0, self.dtype, [1, heads, past, head_dim], buffers[read].ctypes.data)
+                binding.bind_output(present_name, "cpu", 0, self.dtype, [1, heads, total, head_dim], buffers[write].ctypes.data)
         self.session.run_with_iobinding(binding)
-        self.length, self._current = total, write
-        if new == 1:
+        self.length = total
+        if not self.shared:
+            self._current = write
+        if into_buffer:
             return self._logits[0, -1].astype(np.float32)
         return binding.copy_outputs_to_cpu()[0][0, -1].astype(np.float32)
 

@@ -10,7 +10,9 @@ values to codes and back given a scale (and, for asymmetric integers, a zero poi
   exactly on code -2^(b-1) whatever its sign, so all 2^b levels are used (a positive-only scale would waste one
   step on one side). ONNX DequantizeLinear and ORT's MatMulNBits compute (q - z) · s with any sign of s.
   Asymmetric codes are unsigned in [0, 2^b - 1] with ``s = (max - min) / (2^b - 1)`` over a range that always
-  contains 0, and an integer zero point.
+  contains 0, and an integer zero point. With ``float_zero`` the range is the group's own [min, max] and the zero
+  point ``-min / s`` stays a float: the min-max grid of llama.cpp's Q4_1 (``x = s·q + min``), which ORT's MatMulNBits
+  reads as a float zero point but ONNX's DequantizeLinear cannot hold.
 - :class:`FloatFormat`: FP8 e4m3 / e5m2 and FP4 e2m1 (ml_dtypes casts, round to nearest even) with scale
   ``absmax / max_finite``; NF4 (the 16 normal-quantile levels of QLoRA, nearest level) with scale ``absmax``.
 
@@ -98,6 +100,7 @@ def from_groups(blocks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 class IntFormat:
     bits: int
     symmetric: bool = True
+    float_zero: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4, 8):
@@ -105,7 +108,7 @@ class IntFormat:
 
     @property
     def name(self) -> str:
-        return f"int{self.bits}{'' if self.symmetric else '-asym'}"
+        return f"int{self.bits}{'' if self.symmetric else '-minmax' if self.float_zero else '-asym'}"
 
     @property
     def qmin(self) -> int:
@@ -117,6 +120,10 @@ class IntFormat:
 
     def params(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Scale and zero point for blocks whose range is [lo, hi] (any shapes that broadcast)."""
+        if self.float_zero and not self.symmetric:
+            scale = (hi - lo) / self.qmax
+            safe = np.where(scale > 0, scale, 1.0)
+            return safe.astype(np.float32), (-lo / safe).astype(np.float32)
         lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
         if self.symmetric:
             extreme = np.where(-lo >= hi, lo, hi)
@@ -128,7 +135,7 @@ class IntFormat:
         return np.where(scale != 0, scale, 1.0).astype(np.float32), zero.astype(np.float32)
 
     def quantize(self, x: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
-        return np.clip(np.round(x / scale) + zero, self.qmin, self.qmax).astype(np.int32)
+        return np.clip(np.round(x / scale + zero), self.qmin, self.qmax).astype(np.int32)
 
     def dequantize(self, q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
         return ((q - zero) * scale).astype(np.float32)
@@ -182,10 +189,10 @@ class FloatFormat:
 Format = IntFormat | FloatFormat
 
 
-def format_from(name: str, *, symmetric: bool = True) -> Format:
+def format_from(name: str, *, symmetric: bool = True, float_zero: bool = False) -> Format:
     """``int8|int4|int3|int2|fp8-e4m3|fp8-e5m2|fp4-e2m1|nf4``."""
     if name.startswith("int"):
-        return IntFormat(int(name[3:]), symmetric)
+        return IntFormat(int(name[3:]), symmetric, float_zero)
     return FloatFormat(name)  # type: ignore[arg-type]
 
 

@@ -7,7 +7,8 @@
   (k · bits) mod 8 of byte (k · bits) // 8 of its row, least significant bits first: for 4 bits, even k in the
   low nibble, odd k in the high nibble; for 2 bits, four per byte from bit 0 up.
 - ``scales``: float [N, n_blocks] (ORT also reads it flattened).
-- ``zero_points`` (optional): uint8 [N, ceil(n_blocks · bits / 8)], packed along blocks the same way. When absent,
+- ``zero_points`` (optional): uint8 [N, ceil(n_blocks · bits / 8)], packed along blocks the same way, or float
+  [N, n_blocks] (unpacked, the scales' dtype: a min-max grid whose zero point is not an integer). When absent,
   every zero point is 2^(bits-1).
 
 Element value: (code - zero_point) · scale. Padded codes equal the block's zero point so they decode to 0.
@@ -36,19 +37,25 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 
 def pack(
-    codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int, block_size: int
+    codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int, block_size: int, float_zero: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """codes: unsigned (N, K); scales, zero_points: (N, n_blocks). Returns (B, scales, packed zero points)."""
+    """codes: unsigned (N, K); scales, zero_points: (N, n_blocks). Returns (B, scales, zero points: packed uint8, or
+    float32 (N, n_blocks) with ``float_zero``)."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"MatMulNBits stores 2, 4 or 8 bits, got {bits}")
     n, k = codes.shape
     blocks = -(-k // block_size)
-    zp = np.full((n, blocks), 1 << (bits - 1), np.uint8) if zero_points is None else zero_points.astype(np.uint8)
+    if zero_points is None:
+        zp = np.full((n, blocks), 1 << (bits - 1), np.uint8)
+    else:
+        zp = np.clip(np.round(zero_points), 0, (1 << bits) - 1).astype(np.uint8)
     padded = np.repeat(zp, block_size, axis=1).copy()
     padded[:, :k] = codes
     b = pack_bits(padded.reshape(n, blocks, block_size), bits)
     packed_zp = None
-    if zero_points is not None:
+    if zero_points is not None and float_zero:
+        packed_zp = np.asarray(zero_points, np.float32).reshape(n, blocks)
+    elif zero_points is not None:
         width = -(-blocks * bits // 8) * 8 // bits
         zp_padded = np.zeros((n, width), np.uint8)
         zp_padded[:, :blocks] = zp
@@ -62,6 +69,8 @@ def unpack(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bi
     codes = unpack_bits(b, bits, block_size).reshape(n, blocks * block_size).astype(np.float32)
     if zero_points is None:
         zp = np.full((n, blocks), 1 << (bits - 1), np.float32)
+    elif zero_points.dtype != np.uint8:
+        zp = zero_points.astype(np.float32).reshape(n, blocks)
     else:
         zp = unpack_bits(zero_points, bits, blocks).astype(np.float32)
     values = (codes - np.repeat(zp, block_size, axis=1)) * np.repeat(scales.reshape(n, blocks), block_size, axis=1)

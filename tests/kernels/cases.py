@@ -53,12 +53,14 @@ def case(name: str, k: int, n: int, seed: int = 0):
     """(kernel, weights (inputs 1…), attrs, reference(x) -> y)."""
     rng = np.random.default_rng(seed)
     if name.startswith("nbits"):
-        bits, zp, level = {"nbits4": (4, False, 0), "nbits4-zp": (4, True, 0), "nbits8": (8, False, 0), "nbits2-zp": (2, True, 0), "nbits4-int8": (4, False, 4), "nbits4-int8-zp": (4, True, 4)}[name]
+        bits, zp, level = {"nbits4": (4, False, 0), "nbits4-zp": (4, True, 0), "nbits8": (8, False, 0), "nbits2-zp": (2, True, 0), "nbits4-int8": (4, False, 4), "nbits4-int8-zp": (4, True, 4), "nbits4-fzp": (4, "float", 0), "nbits4-int8-fzp": (4, "float", 4)}[name]
         block = 32
         blocks = -(-k // block)
         codes = rng.integers(0, 1 << bits, (n, k))
         zero = rng.integers(0, 1 << bits, (n, blocks)) if zp else None
-        b, s, z = matmulnbits.pack(codes, rng.random((n, blocks)).astype(np.float32), zero, bits, block)
+        if zp == "float":  # a min-max grid: zero points anywhere in the code range
+            zero = (rng.random((n, blocks)) * ((1 << bits) - 1)).astype(np.float32)
+        b, s, z = matmulnbits.pack(codes, rng.random((n, blocks)).astype(np.float32), zero, bits, block, float_zero=zp == "float")
         w = matmulnbits.unpack(b, s, z, bits, block, k)
         attrs = {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": level}
         return k_nbits.KERNEL, [b, s, z], attrs, (lambda x: int8_blocks(x, block) @ w) if level == 4 else (lambda x: x @ w)
@@ -112,7 +114,7 @@ def case(name: str, k: int, n: int, seed: int = 0):
 
 
 NAMES = [
-    "nbits4", "nbits4-zp", "nbits8", "nbits2-zp", "nbits4-int8", "nbits4-int8-zp", "binary", "binary-residual-salient", "xnor", "xnor-salient", "ternary",
+    "nbits4", "nbits4-zp", "nbits8", "nbits2-zp", "nbits4-int8", "nbits4-int8-zp", "nbits4-fzp", "nbits4-int8-fzp", "binary", "binary-residual-salient", "xnor", "xnor-salient", "ternary",
     "shift3", "shift4-dense", "bcq3", "bcq2-g16", "sparse2:4", "sparse1:4", "sparse2:8", "csr", "block-csr4x4",
     "block-csr3x5", "dense-sparse4", "dense-sparse8", "hadamard", "dense",
 ]  # fmt: skip

@@ -70,6 +70,7 @@ class QuantizeWeightsConfig:
     bits: int = dataclasses.field(default=4, metadata={"doc": "2, 3, 4 or 8 (integer dtype only)"})
     group_size: int = dataclasses.field(default=128, metadata={"doc": "elements per scale along K; -1 per channel, 0 per tensor"})
     symmetric: bool = dataclasses.field(default=True, metadata={"doc": "signed codes, zero point 0; false: unsigned with zero point"})
+    zero_point: Literal["int", "float"] = dataclasses.field(default="int", metadata={"doc": "asymmetric: int (range widened to hold 0, ONNX QDQ) | float (the group's own min-max grid, as llama.cpp Q4_1; matmulnbits and fake only)"})
     dtype: Dtype = dataclasses.field(default="int", metadata={"doc": "int | fp8-e4m3 | fp8-e5m2 | fp4-e2m1 | nf4"})
     format: Literal["qdq", "matmulnbits", "fake"] = dataclasses.field(default="qdq", metadata={"doc": "qdq | matmulnbits | fake"})
     clip: Clip = dataclasses.field(default="none", metadata={"doc": "range shrink per scale group: none | weight (least weight MSE) | output (least output error; needs calibration)"})
@@ -102,6 +103,11 @@ class QuantizeWeightsConfig:
             raise ValueError(f"dtype '{self.dtype}' has no ONNX Runtime DequantizeLinear kernel; use format = \"fake\"")
         if not self.op_types:
             raise ValueError("op_types must name MatMul and/or Conv")
+        if self.zero_point == "float":
+            if self.symmetric or self.dtype != "int":
+                raise ValueError("zero_point = \"float\" is an asymmetric integer grid; set symmetric = false, dtype = \"int\"")
+            if self.format == "qdq":
+                raise ValueError("zero_point = \"float\" cannot be stored by DequantizeLinear; use format = \"matmulnbits\" or \"fake\"")
         if "Conv" in self.op_types:
             if self.format == "matmulnbits":
                 raise ValueError("format 'matmulnbits' is a MatMul kernel; Conv weights need format = \"qdq\" or \"fake\"")
@@ -112,7 +118,8 @@ class QuantizeWeightsConfig:
 
     @property
     def number_format(self) -> Format:
-        return format_from(f"int{self.bits}" if self.dtype == "int" else self.dtype, symmetric=self.symmetric)
+        name = f"int{self.bits}" if self.dtype == "int" else self.dtype
+        return format_from(name, symmetric=self.symmetric, float_zero=self.zero_point == "float")
 
     @property
     def tag(self) -> str:
@@ -271,7 +278,8 @@ class QuantizeWeights(BitfoldPass):
             storage = 4 if self.config.bits == 3 else self.config.bits
             offset = 0 if not self.config.symmetric else 1 << (storage - 1)
             b, s, zp = matmulnbits.pack(
-                (codes + offset).astype(np.uint8), scale[:, ::g], None if self.config.symmetric else zero[:, ::g], storage, g
+                (codes + offset).astype(np.uint8), scale[:, ::g], None if self.config.symmetric else zero[:, ::g], storage, g,
+                float_zero=self.config.zero_point == "float",
             )
             inputs = [node.inputs[0], add_initializer(graph, f"{base}_q", b), add_initializer(graph, f"{base}_scales", s)]
             if zp is not None:

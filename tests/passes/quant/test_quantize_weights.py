@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 from conftest import fresh
 
@@ -34,6 +35,7 @@ def _quantize(model, calibration=None, **params):
     [
         {"bits": 4, "group_size": 16},
         {"bits": 4, "group_size": 16, "symmetric": False},
+        {"bits": 4, "group_size": 16, "symmetric": False, "zero_point": "float"},
         {"bits": 3, "group_size": 32},
         {"bits": 2, "group_size": 16, "symmetric": False},
         {"bits": 8, "group_size": -1},
@@ -45,6 +47,8 @@ def _quantize(model, calibration=None, **params):
 def test_emitted_formats_compute_exactly_the_fake_quantized_weights(decoder, params, fmt):
     if fmt == "matmulnbits" and (params.get("group_size", 128) < 16 or params.get("dtype", "int") != "int"):
         pytest.skip("MatMulNBits needs integer codes and power-of-two groups >= 16")
+    if fmt == "qdq" and params.get("zero_point") == "float":
+        pytest.skip("DequantizeLinear holds integer zero points only")
     feeds = bitfold.sample_feeds(decoder)
     extra = {"accuracy_level": 0} if fmt == "matmulnbits" else {}
     emitted, report = _quantize(decoder, format=fmt, **params, **extra)
@@ -52,8 +56,34 @@ def test_emitted_formats_compute_exactly_the_fake_quantized_weights(decoder, par
     count = len(_weight_matmuls(decoder))
     op = "com.microsoft::MatMulNBits" if fmt == "matmulnbits" else "DequantizeLinear"
     assert report.output["ops"][op] == count == 7
-    np.testing.assert_array_equal(_out(emitted, feeds), _out(fake, feeds))
+    got, want = _out(emitted, feeds), _out(fake, feeds)
+    if params.get("zero_point") == "float":  # ORT evaluates (q - z)·s in another order: float rounding only
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    else:
+        np.testing.assert_array_equal(got, want)
     assert report.output["parameter_bytes"] < report.input["parameter_bytes"]
+
+
+def test_float_zero_point_keeps_a_min_max_grid_exactly(decoder):
+    """Weights already on a min-max grid per group (llama.cpp Q4_1's x = s·q + min) survive RTN with float zero
+    points exactly; an integer zero point moves the grid."""
+    model = bitfold.clone(decoder)
+    rng = np.random.default_rng(0)
+    for node in _weight_matmuls(model):
+        w = node.inputs[1].const_value.numpy()
+        k, n = w.shape
+        groups = rng.integers(0, 16, (n, k // 16, 16)).astype(np.float32)
+        groups[..., 0], groups[..., 1] = 0, 15  # every group spans its grid
+        step, low = rng.random((n, k // 16, 1)) * 0.01 + 1e-3, rng.standard_normal((n, k // 16, 1)) * 0.05
+        grid = (groups * step + low).reshape(n, k).T.astype(np.float32)
+        node.inputs[1].const_value = ir.tensor(grid, name=node.inputs[1].name)
+    feeds = bitfold.sample_feeds(model)
+    want = _out(model, feeds)
+    minmax, _ = _quantize(model, format="matmulnbits", bits=4, group_size=16, symmetric=False, zero_point="float", accuracy_level=0)
+    widened, _ = _quantize(model, format="matmulnbits", bits=4, group_size=16, symmetric=False, accuracy_level=0)
+    exact = np.abs(_out(minmax, feeds) - want).max() / np.abs(want).max()
+    moved = np.abs(_out(widened, feeds) - want).max() / np.abs(want).max()
+    assert exact < 1e-5 and moved > 100 * exact, (exact, moved)
 
 
 def test_error_shrinks_with_bits_and_rerun_is_a_no_op(decoder):
@@ -101,6 +131,8 @@ def test_gptq_needs_calibration_and_beats_rtn(decoder):
         ({"format": "matmulnbits", "group_size": 48}, "power of two >= 16"),
         ({"format": "qdq", "dtype": "nf4"}, "use format = \"fake\""),
         ({"method": "awq-ish"}, "must be one of"),
+        ({"symmetric": False, "zero_point": "float"}, "use format = \"matmulnbits\" or \"fake\""),
+        ({"zero_point": "float", "format": "matmulnbits"}, "set symmetric = false"),
     ],
 )
 def test_config_errors_name_the_fix(params, message):
