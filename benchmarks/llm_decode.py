@@ -39,14 +39,23 @@ HEAD8 = [{"name": "fold-constants", "input_size_limit": 1 << 26, "output_size_li
          {"name": "quantize-weights", "method": "rtn", "bits": 8, "group_size": 128, "format": "matmulnbits",
           "accuracy_level": 4, "exclude": ["*layers*"]}]  # fmt: skip
 
-#: bitfold models: name → (label, recipe)
+GPTQ32 = {**GPTQ, "group_size": 32, "symmetric": False, "exclude": HEAD}
+MINMAX = {"name": "quantize-weights", "method": "rtn", "bits": 4, "group_size": 32, "symmetric": False, "zero_point": "float",
+          "format": "matmulnbits", "accuracy_level": 4, "exclude": HEAD}  # fmt: skip
+
+#: bitfold models: name → (label, recipe, runtimes). ``ort`` is the lowered graph bitfold's generator runs (fused
+#: attention and norms, see bitfold.backends.ort_llm), ``ort-standard`` the exported graph as written, ``tvm`` TVM.
 BITFOLD = {
-    "fp32": ("bitfold fp32", []),
-    "w4": ("bitfold W4 GPTQ g128, int8 activations (MatMulNBits acc 4), fp32 head", [GPTQ]),
-    "w4-head8": ("bitfold W4 GPTQ g128, int8 activations, 8-bit head (RTN g128)", ["w4", *HEAD8]),  # steps after w4's
-    "q3": ("bitfold ShiftAddLLM q3 g128 (BCQ lookup tables)", [{"name": "shiftadd", "exclude": HEAD}]),
-    "binary": ("bitfold binary (sign planes, per-output scales)", [{"name": "binarize", "exclude": HEAD}]),
+    "fp32": ("bitfold fp32", [], ("ort", "tvm")),
+    "w4": ("bitfold W4 GPTQ g128, int8 activations (MatMulNBits acc 4), fp32 head", [GPTQ], ("ort",)),
+    "w4-head8": ("bitfold W4 GPTQ g128, int8 activations, 8-bit head (RTN g128)", ["w4", *HEAD8], ("ort", "ort-standard", "tvm")),  # steps after w4's
+    "w4g32-head8": ("bitfold W4 GPTQ g32 asymmetric, int8 activations, 8-bit head", [GPTQ32, *HEAD8], ("ort",)),
+    "minmax-head8": ("bitfold W4 min-max g32 (float zero points: the Q4_1 grid), int8 activations, 8-bit head",
+                     [MINMAX, *HEAD8], ("ort", "tvm")),  # fmt: skip
+    "q3": ("bitfold ShiftAddLLM q3 g128 (BCQ lookup tables)", [{"name": "shiftadd", "exclude": HEAD}], ("ort",)),
+    "binary": ("bitfold binary (sign planes, per-output scales)", [{"name": "binarize", "exclude": HEAD}], ("ort",)),
 }
+RUNTIME_LABELS = {"ort": "ONNX Runtime", "ort-standard": "ONNX Runtime, standard graph (no lowering)", "tvm": "TVM"}
 GENAI_BLOCKS = (32, 64, 128)  # 32 is the builder's default
 LLAMA_TYPES = {"Q4_1": None, "Q4_0": 2, "Q4_K_M": 15, "Q8_0": 7}  # llama_ftype values; Q4_1 is the package's own file
 
@@ -64,7 +73,7 @@ def prepare(only: str | None) -> list[dict]:
     specs = []
     folder = smollm2_folder()
     base = None
-    for key, (label, steps) in BITFOLD.items():
+    for key, (label, steps, runtimes) in BITFOLD.items():
         path = WORK / f"bitfold-{key}" / "model.onnx"
         if not path.exists():
             if base is None:
@@ -79,8 +88,8 @@ def prepare(only: str | None) -> list[dict]:
                 windows = lee_windows(smollm2()[1], range(139, 147))
                 model, _ = bitfold.optimize(model, steps, CalibrationData(list(lm_feeds(windows, model))))
             write_llm(model, path, folder, cfg, 2048)
-        for backend in ("ort", "tvm"):
-            specs.append({"name": f"{key}-{backend}", "label": f"{label} on {'ONNX Runtime' if backend == 'ort' else 'TVM'}",
+        for backend in runtimes:
+            specs.append({"name": f"{key}-{backend}", "label": f"{label} on {RUNTIME_LABELS[backend]}",
                           "kind": f"bitfold-{backend}", "path": str(path), "tool": "bitfold"})  # fmt: skip
 
     genai_src = WORK / "hf-folder"  # the builder wants `architectures` and no GGUF quantization_config
@@ -173,7 +182,7 @@ def worker(kind: str, path: str, prompt_file: str, new: int) -> None:
 
 
 def _runner(kind: str, path: str, new: int):
-    if kind in ("bitfold-ort", "bitfold-tvm"):
+    if kind in ("bitfold-ort", "bitfold-ort-standard", "bitfold-tvm"):
         import bitfold
         from bitfold.llm.generate import Decoder, TvmDecoder
 
@@ -183,7 +192,8 @@ def _runner(kind: str, path: str, new: int):
         def run(prompt):
             if len(prompt) not in decoders:  # one decoder (cache capacity) per prompt length
                 cap = len(prompt) + new + 1
-                decoders[len(prompt)] = Decoder(model, cap, threads=THREADS) if kind == "bitfold-ort" else TvmDecoder(model, cap)
+                decoders[len(prompt)] = (TvmDecoder(model, cap) if kind == "bitfold-tvm" else
+                                         Decoder(model, cap, threads=THREADS, fuse=kind == "bitfold-ort"))  # fmt: skip
             return _timed(decoders[len(prompt)], prompt, new)
 
         return run
@@ -296,9 +306,10 @@ def main() -> None:
     known_ppl.update(json.loads(cache.read_text()) if cache.exists() else {})
     rows = {}
     for spec in specs:
-        ppl = known_ppl.get(spec["name"]) if not spec["name"].endswith("-tvm") else None
-        if ppl is None:  # TVM rows run the ORT rows' files: the same model, the same perplexity
-            twin = spec["name"].replace("-tvm", "-ort")
+        twin = spec["name"].removesuffix("-tvm").removesuffix("-ort-standard")
+        twin = twin if twin == spec["name"] else twin + "-ort"
+        ppl = known_ppl.get(spec["name"]) if twin == spec["name"] else None
+        if ppl is None:  # TVM and standard-graph rows run the ORT rows' files: the same model, the same perplexity
             ppl = rows[twin]["ppl"] if twin in rows else known_ppl.get(twin) or perplexity(spec)
             known_ppl[spec["name"]] = ppl
             cache.write_text(json.dumps(known_ppl, indent=1))

@@ -291,6 +291,13 @@ def _flat(heads: ir.Value) -> ir.Value | None:
     return node.inputs[0]
 
 
+def _const_linear(node: ir.Node) -> bool:
+    if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+        return _const(node.inputs[1]) is not None
+    return (node.op_type == "MatMulNBits" and node.domain == MS and len(node.inputs) <= 4
+            and all(_const(v) is not None for v in node.inputs[1:] if v is not None))  # fmt: skip
+
+
 def _linear(value: ir.Value) -> tuple[ir.Node, ir.Value | None] | None:
     """The ``MatMul`` / ``MatMulNBits`` by constant weights that computes ``value`` (and the constant bias added)."""
     node, bias = value.producer(), None
@@ -301,23 +308,23 @@ def _linear(value: ir.Value) -> tuple[ir.Node, ir.Value | None] | None:
         bias, node = consts[0], _other(node, consts[0]).producer()
     if node is None or len(list(node.outputs[0].uses())) != 1:
         return None
-    if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and _const(node.inputs[1]) is not None:
-        return node, bias
-    if node.op_type == "MatMulNBits" and node.domain == MS and len(node.inputs) <= 4 and all(_const(v) is not None for v in node.inputs[1:] if v is not None):
-        return node, bias
-    return None
+    return (node, bias) if _const_linear(node) else None
 
 
 def _pack_qkv(graph: ir.Graph, flat: list[ir.Value | None], scope: str) -> ir.Value | None:
     """One linear for q, k and v when they are linears of one input of one kind (the packed-QKV form of
-    GroupQueryAttention): weights, scales, zero points and biases concatenated along the output axis."""
+    GroupQueryAttention)."""
     if any(v is None for v in flat):
         return None
     found = [_linear(v) for v in flat]
     if any(f is None for f in found):
         return None
-    nodes = [f[0] for f in found]
-    biases = [f[1] for f in found]
+    return _pack(graph, [f[0] for f in found], [f[1] for f in found], scope)
+
+
+def _pack(graph: ir.Graph, nodes: list[ir.Node], biases: list[ir.Value | None], scope: str) -> ir.Value | None:
+    """One linear computing the outputs of ``nodes`` side by side (weights, scales, zero points and biases
+    concatenated along the output axis), or None when they are not linears of one input of one kind."""
     first = nodes[0]
     if any(n.op_type != first.op_type or n.inputs[0] is not first.inputs[0] for n in nodes) or len({b is None for b in biases}) != 1:
         return None
@@ -340,7 +347,7 @@ def _pack_qkv(graph: ir.Graph, flat: list[ir.Value | None], scope: str) -> ir.Va
                    name=f"{scope}/{first.op_type}")  # fmt: skip
     graph.insert_after(nodes[-1], node)
     out = node.outputs[0]
-    out.type = flat[0].type
+    out.type = first.outputs[0].type
     if biases[0] is not None:
         array = np.concatenate([_const(b).reshape(-1) for b in biases])
         bias = ir.Value(name=f"{scope}/packed_bias", const_value=ir.tensor(array))
@@ -349,7 +356,7 @@ def _pack_qkv(graph: ir.Graph, flat: list[ir.Value | None], scope: str) -> ir.Va
         add = ir.Node("", "Add", [out, bias], name=f"{scope}/Add")
         graph.insert_after(node, add)
         out = add.outputs[0]
-        out.type = flat[0].type
+        out.type = first.outputs[0].type
     return out
 
 

@@ -75,3 +75,36 @@ def test_tvm_decoder_refuses_sliding_windows(tmp_path):
     model, _, _ = export_llm(tmp_path)
     with pytest.raises(BitfoldError, match="sliding-window"):
         TvmDecoder(model, 48)
+
+
+FORMATS = {
+    "shiftadd": {"name": "shiftadd", "group_size": 32},
+    "binarize": {"name": "binarize"},
+    "ternarize": {"name": "ternarize"},
+    "shift": {"name": "shift"},
+    "prune-2:4": {"name": "prune", "pattern": "nm:2:4", "format": "sparse"},
+    "minmax-int4": {"name": "quantize-weights", "bits": 4, "group_size": 32, "symmetric": False, "zero_point": "float",
+                    "format": "matmulnbits", "accuracy_level": 0},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_tvm_kernels_serve_prefill_and_decode(fmt, tmp_path):
+    """Each bitfold op, routed to its TVM kernel, gives ORT's logits at prefill and at every decode step."""
+    pytest.importorskip("tvm")
+    import bitfold
+    from bitfold.llm import export_llm
+    from bitfold.llm.feeds import prefill
+    from bitfold.llm.generate import Decoder, TvmDecoder
+    from bitfold.quant.calibration import CalibrationData
+
+    make("llama-tied-llama3rope", tmp_path)
+    model, _, _ = export_llm(tmp_path)
+    calibration = CalibrationData([prefill(model, np.random.default_rng(i).integers(3, 256, (1, 16))) for i in range(4)])
+    model, _ = bitfold.optimize(model, [FORMATS[fmt]], calibration)
+    ort, tvm = Decoder(model, 32, fuse=False), TvmDecoder(model, 32)
+    prompt = np.arange(3, 14)
+    pairs = [(ort(prompt), tvm(prompt))] + [(ort(np.array([t])), tvm(np.array([t]))) for t in (5, 90, 17)]
+    for step, (a, b) in enumerate(pairs):
+        assert np.abs(a - b).max() / np.abs(a).max() < 1e-4, f"{fmt}: step {step}"
+    assert tvm.runnable.kernel_nodes == 14, "every linear but the head runs a bitfold kernel (decode build)"

@@ -32,12 +32,17 @@ def prepare(model: ir.Model, shapes: Mapping[str, tuple[int, ...]], device: str 
     for value in model.graph.inputs:
         if value.name in shapes:
             value.shape = ir.Shape(shapes[value.name])
+    widths = {}  # a kernel's K from the exported shapes ([batch, sequence, 576]) where inference cannot reach it anew
+    for node in model.graph:
+        x = node.inputs[0] if node.inputs else None
+        if x is not None and x.shape is not None and len(x.shape) and isinstance(x.shape[-1], int):
+            widths[node.name] = int(x.shape[-1])
     for node in model.graph:  # symbolic shapes (inferred for other inputs) would hide the static ones: infer anew
         for value in node.outputs:
             if value.shape is not None and not value.shape.is_static():
                 value.shape = None
     optimizer.optimize(model, inline=False)
-    routed = sum(_route(node, device) for node in list(model.graph))
+    routed = sum(_route(node, device, widths.get(node.name)) for node in list(model.graph))
     if routed:
         model.opset_imports[DOMAIN] = 1
     common.InlinePass()(model)
@@ -47,7 +52,7 @@ def prepare(model: ir.Model, shapes: Mapping[str, tuple[int, ...]], device: str 
     return model, routed
 
 
-def _route(node: ir.Node, device: str) -> bool:
+def _route(node: ir.Node, device: str, width: int | None = None) -> bool:
     entry = find(node.domain, node.op_type)
     if entry is None:
         return False
@@ -60,7 +65,7 @@ def _route(node: ir.Node, device: str) -> bool:
     if x is None:
         return False
     static = x.shape is not None and x.shape.is_static()
-    k = int(x.shape[-1]) if static else node.attributes.get_int("K", None)  # MatMulNBits states its K
+    k = int(x.shape[-1]) if static else node.attributes.get_int("K", width)  # MatMulNBits states its K
     if k is None:
         return False
     attrs = {name: attr.value for name, attr in node.attributes.items()}
