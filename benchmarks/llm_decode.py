@@ -19,6 +19,7 @@ Writes benchmarks/results/llm_decode.{json,png}. Needs ``pip install -e '.[bench
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -45,17 +46,21 @@ MINMAX = {"name": "quantize-weights", "method": "rtn", "bits": 4, "group_size": 
 
 #: bitfold models: name → (label, recipe, runtimes). ``ort`` is the lowered graph bitfold's generator runs (fused
 #: attention and norms, see bitfold.backends.ort_llm), ``ort-standard`` the exported graph as written, ``tvm`` TVM.
+#: ``ort-slow``: ONNX Runtime runs bitfold's own ops as their ONNX function bodies (the reference implementation,
+#: about 2 tokens/s here), so those rows time 16 new tokens after the 512-token prompt only.
 BITFOLD = {
     "fp32": ("bitfold fp32", [], ("ort", "tvm")),
     "w4": ("bitfold W4 GPTQ g128, int8 activations (MatMulNBits acc 4), fp32 head", [GPTQ], ("ort",)),
     "w4-head8": ("bitfold W4 GPTQ g128, int8 activations, 8-bit head (RTN g128)", ["w4", *HEAD8], ("ort", "ort-standard", "tvm")),  # steps after w4's
     "w4g32-head8": ("bitfold W4 GPTQ g32 asymmetric, int8 activations, 8-bit head", [GPTQ32, *HEAD8], ("ort",)),
     "minmax-head8": ("bitfold W4 min-max g32 (float zero points: the Q4_1 grid), int8 activations, 8-bit head",
-                     [MINMAX, *HEAD8], ("ort", "tvm")),  # fmt: skip
-    "q3": ("bitfold ShiftAddLLM q3 g128 (BCQ lookup tables)", [{"name": "shiftadd", "exclude": HEAD}], ("ort",)),
-    "binary": ("bitfold binary (sign planes, per-output scales)", [{"name": "binarize", "exclude": HEAD}], ("ort",)),
+                     [MINMAX, *HEAD8], ("tvm",)),  # fmt: skip  (ORT's MatMulNBits has no fast path for float zero points)
+    "q3": ("bitfold ShiftAddLLM q3 g128 (BCQ lookup tables)", [{"name": "shiftadd", "exclude": HEAD}], ("tvm", "ort-slow")),
+    "binary": ("bitfold binary (sign planes, per-output scales)", [{"name": "binarize", "exclude": HEAD}], ("tvm", "ort-slow")),
 }
-RUNTIME_LABELS = {"ort": "ONNX Runtime", "ort-standard": "ONNX Runtime, standard graph (no lowering)", "tvm": "TVM"}
+RUNTIME_LABELS = {"ort": "ONNX Runtime", "ort-standard": "ONNX Runtime, standard graph (no lowering)", "tvm": "TVM",
+                  "ort-slow": "ONNX Runtime (bitfold ops as ONNX functions; 512-token prompt, 16 new tokens)"}  # fmt: skip
+SLOW = {"prompts": [512], "new": 16}
 GENAI_BLOCKS = (32, 64, 128)  # 32 is the builder's default
 LLAMA_TYPES = {"Q4_1": None, "Q4_0": 2, "Q4_K_M": 15, "Q8_0": 7}  # llama_ftype values; Q4_1 is the package's own file
 
@@ -89,8 +94,9 @@ def prepare(only: str | None) -> list[dict]:
                 model, _ = bitfold.optimize(model, steps, CalibrationData(list(lm_feeds(windows, model))))
             write_llm(model, path, folder, cfg, 2048)
         for backend in runtimes:
-            specs.append({"name": f"{key}-{backend}", "label": f"{label} on {RUNTIME_LABELS[backend]}",
-                          "kind": f"bitfold-{backend}", "path": str(path), "tool": "bitfold"})  # fmt: skip
+            spec = {"name": f"{key}-{backend}", "label": f"{label} on {RUNTIME_LABELS[backend]}",
+                    "kind": f"bitfold-{backend.removesuffix('-slow')}", "path": str(path), "tool": "bitfold"}  # fmt: skip
+            specs.append({**spec, **SLOW} if backend.endswith("-slow") else spec)
 
     genai_src = WORK / "hf-folder"  # the builder wants `architectures` and no GGUF quantization_config
     if not genai_src.exists():
@@ -190,7 +196,9 @@ def _runner(kind: str, path: str, new: int):
         decoders = {}
 
         def run(prompt):
-            if len(prompt) not in decoders:  # one decoder (cache capacity) per prompt length
+            if len(prompt) not in decoders:  # one decoder (cache capacity) per prompt length; the last one is freed
+                decoders.clear()
+                gc.collect()
                 cap = len(prompt) + new + 1
                 decoders[len(prompt)] = (TvmDecoder(model, cap) if kind == "bitfold-tvm" else
                                          Decoder(model, cap, threads=THREADS, fuse=kind == "bitfold-ort"))  # fmt: skip
@@ -222,6 +230,8 @@ def _runner(kind: str, path: str, new: int):
 
     def run(prompt):
         if len(prompt) not in llms:
+            llms.clear()
+            gc.collect()
             n = len(prompt) + new + 8
             llms[len(prompt)] = Llama(path, n_ctx=n, n_batch=n, n_ubatch=512, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
         llm = llms[len(prompt)]
@@ -306,7 +316,7 @@ def main() -> None:
     known_ppl.update(json.loads(cache.read_text()) if cache.exists() else {})
     rows = {}
     for spec in specs:
-        twin = spec["name"].removesuffix("-tvm").removesuffix("-ort-standard")
+        twin = spec["name"].removesuffix("-tvm").removesuffix("-ort-standard").removesuffix("-ort-slow")
         twin = twin if twin == spec["name"] else twin + "-ort"
         ppl = known_ppl.get(spec["name"]) if twin == spec["name"] else None
         if ppl is None:  # TVM and standard-graph rows run the ORT rows' files: the same model, the same perplexity
@@ -315,7 +325,8 @@ def main() -> None:
             cache.write_text(json.dumps(known_ppl, indent=1))
         size = sum(f.stat().st_size for f in Path(spec["path"]).parent.iterdir() if f.suffix in (".onnx", ".data", ".gguf")) \
             if spec["kind"] != "llamacpp" else Path(spec["path"]).stat().st_size  # fmt: skip
-        rows[spec["name"]] = {**spec, "ppl": ppl, "file_bytes": size, "runs": {str(n): [] for n in args.prompts}}
+        prompts = [n for n in args.prompts if n in spec.get("prompts", args.prompts)]
+        rows[spec["name"]] = {**spec, "ppl": ppl, "file_bytes": size, "runs": {str(n): [] for n in prompts}}
         print(f"{spec['label']}: perplexity {ppl:.2f}", flush=True)
 
     if args.ppl_only:
@@ -329,25 +340,30 @@ def main() -> None:
 
     processes = []
     for spec in specs:
-        processes.append(Process(spec, prompt_file, args.new))
+        processes.append(Process(spec, prompt_file, spec.get("new", args.new)))
     try:
         for length in args.prompts:
-            for p in processes:  # warm-up (and TVM's builds for this length), untimed
+            active = [p for p in processes if str(length) in rows[p.spec["name"]]["runs"]]
+            for p in active:  # warm-up (and TVM's builds for this length), untimed
                 p.generate(length)
             for r in range(args.rounds):
-                for p in processes:
+                for p in active:
                     result = p.generate(length)
                     rows[p.spec["name"]]["runs"][str(length)].append(result)
                     print(f"round {r} prompt {length} {p.spec['name']}: prefill {result['prefill_ms']:.0f} ms, "
                           f"decode {result['decode_tok_s']:.1f} tok/s", flush=True)  # fmt: skip
+            _write(rows, previous, args)  # after every prompt length: a run that stops keeps what it measured
     finally:
         for p in processes:
             p.close()
+    _plot(_write(rows, previous, args))
 
+
+def _write(rows: dict, previous: dict, args) -> dict:
     for row in rows.values():
         row["median"] = {n: {"prefill_ms": float(np.median([x["prefill_ms"] for x in runs])),
                              "decode_tok_s": float(np.median([x["decode_tok_s"] for x in runs]))}
-                         for n, runs in row["runs"].items()}  # fmt: skip
+                         for n, runs in row["runs"].items() if runs}  # fmt: skip
     merged = {r["name"]: r for r in previous["rows"]} if args.only else {}
     merged.update(rows)
     result = {
@@ -361,7 +377,7 @@ def main() -> None:
     from bitfold.tools.files import write_atomic
 
     write_atomic(RESULTS / "llm_decode.json", json.dumps(result, indent=2).encode())
-    _plot(result)
+    return result
 
 
 def _versions() -> dict:

@@ -7,7 +7,7 @@ table's), calibration windows 139-142 (prefill from an empty cache on the cached
 every row. SmolLM2's weights already lie on a Q4_1 32-group grid; no row uses 32-element asymmetric groups.
 Writes benchmarks/results/llm_passes.json.
 
-    python benchmarks/llm_passes.py [--only TEXT]
+    python benchmarks/llm_passes.py [--only TEXT ...] [--skip-done]
 """
 
 from __future__ import annotations
@@ -69,14 +69,17 @@ def _graphs():
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", help="run only the recipes whose label contains this text and merge them into the JSON")
+    parser.add_argument("--only", nargs="+", help="run only the recipes whose label contains one of these texts; merge into the JSON")
+    parser.add_argument("--skip-done", action="store_true", help="run only the recipes the JSON does not hold yet; merge into it")
     args = parser.parse_args()
+    path = RESULTS / "llm_passes.json"
+    done = {r["variant"] for r in json.loads(path.read_text())["rows"]} if args.skip_done and path.exists() else set()
     _, tokenizer = smollm2()
     scored, calib_windows = lee_windows(tokenizer, EVAL), lee_windows(tokenizer, CALIB)
     graphs = _graphs()
     rows = []
     for label, steps in RECIPES:
-        if args.only and args.only not in label:
+        if (args.only and not any(text in label for text in args.only)) or label in done:
             continue
         row = {"model": "SmolLM2", "variant": label, "steps": [s if isinstance(s, str) else s["name"] for s in steps]}
         for kind, base in graphs.items():
@@ -90,7 +93,7 @@ def main() -> None:
         row["rel_diff"] = abs(a - b) / a
         print(json.dumps(row), flush=True)
         rows.append(row)
-        _write(rows, merge=bool(args.only))  # after every row: a long run that stops keeps what it measured
+        _write(rows, merge=bool(args.only or args.skip_done))  # after every row: a long run that stops keeps what it measured
 
 
 def _write(rows: list[dict], merge: bool) -> None:

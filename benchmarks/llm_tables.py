@@ -34,6 +34,7 @@ def passes_table() -> str:
 def decode_table(prompt: str = "512") -> str:
     r = json.loads((RESULTS / "llm_decode.json").read_text())
     anchor = next((row for row in r["rows"] if row["name"] == "llamacpp-Q4_0"), None)
+    genai = next((row for row in r["rows"] if row["name"] == "genai-int4-b32"), None)
     lengths = sorted({n for row in r["rows"] for n in row["median"]}, key=int)
     head = "| runtime / format | Lee perplexity | file MB | " + " | ".join(f"prefill {n} ms | decode tok/s @{n}" for n in lengths) + " |"
     lines = [f"`{r['command']}`: {r['protocol']}.", "", head, "|---|---|---|" + "---|---|" * len(lengths)]
@@ -45,11 +46,15 @@ def decode_table(prompt: str = "512") -> str:
         lines.append(f"| {row['label']} | {row['ppl']:.2f} | {row['file_bytes'] / 1e6:.0f} | " + " | ".join(cells) + " |")
     if anchor is not None and prompt in anchor["median"]:
         a = anchor["median"][prompt]
-        lines += ["", f"Ratios at the {prompt}-token prompt against llama.cpp Q4_0 (decode tok/s ratio, prefill time ratio):", ""]
+        g = genai["median"].get(prompt) if genai is not None else None
+        versus = " and ORT GenAI int4 (builder default, block 32)" if g else ""
+        lines += ["", f"Ratios at the {prompt}-token prompt against llama.cpp Q4_0{versus} (decode tok/s ratio; prefill time ratio):", ""]
         for row in r["rows"]:
             m = row["median"].get(prompt)
-            if m:
-                lines.append(f"- {row['name']}: decode {m['decode_tok_s'] / a['decode_tok_s']:.2f}×, prefill {m['prefill_ms'] / a['prefill_ms']:.2f}×")
+            if m and row["tool"] == "bitfold":
+                text = f"- {row['name']}: decode {m['decode_tok_s'] / a['decode_tok_s']:.2f}× Q4_0"
+                text += f", {m['decode_tok_s'] / g['decode_tok_s']:.2f}× GenAI" if g else ""
+                lines.append(text + f"; prefill {m['prefill_ms'] / a['prefill_ms']:.2f}× Q4_0's time")
     return "\n".join(lines)
 
 

@@ -55,6 +55,8 @@ class Decoder:
         self._has_positions = any(v.name == "position_ids" for v in model.graph.inputs)
         self._last_only = self.fusion is not None and self.fusion.last_logits
         self._ones = np.ones((1, max_length), np.int64)
+        self._positions = np.arange(max_length, dtype=np.int64)[None]
+        self._binding = None  # kept across steps when past and present share buffers
         self._logits = np.zeros((1, 1, self.vocab), np.float32 if self.dtype == np.float32 else self.dtype)
         self.length = 0  # tokens in the cache
         self._current = 0  # which buffer of each pair holds the past
@@ -69,11 +71,13 @@ class Decoder:
         past, total = self.length, self.length + new
         if total > self.max_length:
             raise BitfoldError(f"the sequence would hold {total} tokens, more than max_length {self.max_length}; raise --max-length.")
+        if self.shared:
+            return self._shared_step(ids, past, total)
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", self._ones[:, :total])
         if self._has_positions:
-            binding.bind_cpu_input("position_ids", np.arange(past, total, dtype=np.int64)[None])
+            binding.bind_cpu_input("position_ids", self._positions[:, past:total])
         into_buffer = new == 1 or self._last_only
         if into_buffer:
             binding.bind_output("logits", "cpu", 0, self._logits.dtype, list(self._logits.shape), self._logits.ctypes.data)
@@ -81,20 +85,31 @@ class Decoder:
             binding.bind_output("logits", "cpu")  # bound first: copy_outputs_to_cpu()[0] below
         read, write = self._current, 1 - self._current
         for past_name, present_name, heads, head_dim, buffers in self._pairs:
-            if self.shared:  # GroupQueryAttention reads and writes one max_length buffer in place
-                shape = [1, heads, self.max_length, head_dim]
-                binding.bind_input(past_name, "cpu", 0, self.dtype, shape, buffers[0].ctypes.data)
-                binding.bind_output(present_name, "cpu", 0, self.dtype, shape, buffers[0].ctypes.data)
-            else:
-                binding.bind_input(past_name, "cpu", 0, self.dtype, [1, heads, past, head_dim], buffers[read].ctypes.data)
-                binding.bind_output(present_name, "cpu", 0, self.dtype, [1, heads, total, head_dim], buffers[write].ctypes.data)
+            binding.bind_input(past_name, "cpu", 0, self.dtype, [1, heads, past, head_dim], buffers[read].ctypes.data)
+            binding.bind_output(present_name, "cpu", 0, self.dtype, [1, heads, total, head_dim], buffers[write].ctypes.data)
         self.session.run_with_iobinding(binding)
-        self.length = total
-        if not self.shared:
-            self._current = write
+        self.length, self._current = total, write
         if into_buffer:
             return self._logits[0, -1].astype(np.float32)
         return binding.copy_outputs_to_cpu()[0][0, -1].astype(np.float32)
+
+    def _shared_step(self, ids: np.ndarray, past: int, total: int) -> np.ndarray:
+        """One call of the lowered graph: the cache and logits stay bound across steps, only the token inputs change."""
+        if self._binding is None:
+            self._binding = binding = self.session.io_binding()
+            binding.bind_output("logits", "cpu", 0, self._logits.dtype, list(self._logits.shape), self._logits.ctypes.data)
+            for past_name, present_name, heads, head_dim, buffers in self._pairs:  # one max_length buffer, read and written in place
+                shape = [1, heads, self.max_length, head_dim]
+                self._binding.bind_input(past_name, "cpu", 0, self.dtype, shape, buffers[0].ctypes.data)
+                self._binding.bind_output(present_name, "cpu", 0, self.dtype, shape, buffers[0].ctypes.data)
+        binding = self._binding
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", self._ones[:, :total])
+        if self._has_positions:
+            binding.bind_cpu_input("position_ids", self._positions[:, past:total])
+        self.session.run_with_iobinding(binding)
+        self.length = total
+        return self._logits[0, -1].astype(np.float32)
 
 
 class TvmDecoder:
@@ -102,9 +117,11 @@ class TvmDecoder:
 
     The cache is a fixed-capacity buffer per past tensor, ``[1, heads, C, head_dim]``, shared with TVM without
     copies (DLPack); a slot is visible when its ``attention_mask`` entry is 1, so the graph's own masking handles
-    holes. Decode is one build (S = 1, past = C): the new key/value lands at graph position C and is copied into the
-    next free slot. Prefill runs from an empty past at a bucketed length (the next power of two ≥ 16, at most C),
-    left-padded with masked slots, so a handful of builds serve every prompt.
+    holes. Prefill computes the head on the last position only. Decode is one build (S = 1, past = C) of the graph's
+    decode form
+    (:func:`bitfold.backends.tvm.decode.split_attention`: attention reads the cache in place and the presents are the
+    new token's key and value), copied into the next free slot. Prefill runs from an empty past at a bucketed length
+    (the next power of two ≥ 16, at most C), left-padded with masked slots, so a handful of builds serve every prompt.
     """
 
     def __init__(self, model: ir.Model, max_length: int = 2048, device: str = "cpu") -> None:
@@ -117,15 +134,25 @@ class TvmDecoder:
         if window and window < max_length:
             raise BitfoldError(f"the model uses sliding-window attention ({window} tokens) and TVM's fixed-capacity cache "
                                "does not keep token order; use --backend ort.")  # fmt: skip
-        self.runnable = TvmRunnable(model, device=device)
+        from bitfold.backends.llm_match import slice_head
+        from bitfold.backends.tvm.decode import split_attention
+        from bitfold.frontend.onnx_io import clone
+
+        prefill_form = clone(model)  # the head on the last position only: prefill needs no other logits
+        slice_head(prefill_form.graph)
+        self.runnable = TvmRunnable(prefill_form, device=device)
         if self.runnable.device != "cpu":
             raise BitfoldError("TVM generation runs on the CPU for now; use --backend ort for CUDA.")
+        decode_form, self.decode_reason = split_attention(model)
+        self.decode_runnable = TvmRunnable(decode_form, device=device) if decode_form is not None else self.runnable
+        self.split = decode_form is not None  # keys cached transposed, [1, heads, head_dim, C]; presents: the new slot
         self.model, self.max_length = model, max_length
         self.dtype = pasts[0].dtype.numpy()
         self.names = self.runnable.input_names
         self._layout = [(v.name, int(v.shape[1]), int(v.shape[3])) for v in pasts]
         self.capacity = max_length - 1  # decode sees C past slots plus the new token at graph position C
-        self.cache = {name: _aligned((1, heads, self.capacity, dim), self.dtype) for name, heads, dim in self._layout}
+        self.cache = {name: _aligned((1, heads, dim, self.capacity) if self._transposed(name) else (1, heads, self.capacity, dim), self.dtype)
+                      for name, heads, dim in self._layout}  # fmt: skip
         self.mask = _aligned((1, self.capacity + 1), np.int64)
         self._ids, self._pos = _aligned((1, 1), np.int64), _aligned((1, 1), np.int64)
         self._decode = None  # (session, input tensors): every decode input is one of the buffers above
@@ -135,6 +162,9 @@ class TvmDecoder:
     def reset(self) -> None:
         self.length, self._next_pos = 0, 0
         self.mask[...] = 0
+
+    def _transposed(self, name: str) -> bool:
+        return self.split and name.endswith(".key")
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -164,7 +194,11 @@ class TvmDecoder:
         session = self.runnable.session(feeds)
         out = list(session.call([_tvm_tensor(feeds[name]) for name in self.names]))
         for (name, _, _), present in zip(self._layout, out[1:], strict=True):
-            self.cache[name][:, :, :bucket] = np.from_dlpack(present)
+            present = np.from_dlpack(present)
+            if self._transposed(name):
+                self.cache[name][:, :, :, :bucket] = present.transpose(0, 1, 3, 2)
+            else:
+                self.cache[name][:, :, :bucket] = present
         self.mask[0, :bucket] = feeds["attention_mask"][0]
         self.length, self._next_pos = bucket, n
         return np.from_dlpack(out[0])[0, -1].astype(np.float32)
@@ -176,13 +210,16 @@ class TvmDecoder:
             raise BitfoldError(f"the sequence would exceed max_length {self.max_length}; raise --max-length.")
         if self._decode is None:
             feeds = {"input_ids": self._ids, "attention_mask": self.mask, "position_ids": self._pos, **self.cache}
-            self._decode = (self.runnable.session(feeds), [tvm.runtime.from_dlpack(feeds[name]) for name in self.names])
+            self._decode = (self.decode_runnable.session(feeds), [tvm.runtime.from_dlpack(feeds[name]) for name in self.names])
         session, tensors = self._decode
         self._ids[0, 0], self._pos[0, 0] = token, self._next_pos
         self.mask[0, self.capacity] = 1
         out = list(session.call(tensors))
         for (name, _, _), present in zip(self._layout, out[1:], strict=True):
-            self.cache[name][:, :, self.length] = np.from_dlpack(present)[:, :, self.capacity]
+            if self._transposed(name):
+                self.cache[name][:, :, :, self.length] = np.from_dlpack(present)[:, :, 0]
+            else:
+                self.cache[name][:, :, self.length] = np.from_dlpack(present)[:, :, 0 if self.split else self.capacity]
         self.mask[0, self.length] = 1
         self.length += 1
         self._next_pos += 1

@@ -46,9 +46,10 @@ def test_family_matches_transformers(name, tmp_path):
     assert result.tokens == expected_tokens
 
 
-@pytest.mark.parametrize("name", ["llama-tied-llama3rope", "qwen3-qknorm"])
+@pytest.mark.parametrize("name", ["llama-tied-llama3rope", "llama-untied-linearrope-mha", "qwen3-qknorm"])
 def test_tvm_decoder_matches_ort(name, tmp_path):
-    """TVM's fixed-capacity cache (bucketed, left-padded prefill; decode into free slots) gives ORT's logits."""
+    """TVM's fixed-capacity cache (bucketed, left-padded prefill; decode into free slots, attention reading the cache
+    in place) gives ORT's logits."""
     pytest.importorskip("tvm")
     from bitfold.llm import export_llm
     from bitfold.llm.generate import Decoder, TvmDecoder
@@ -63,6 +64,7 @@ def test_tvm_decoder_matches_ort(name, tmp_path):
     for step, (a, b) in enumerate(pairs):
         assert np.abs(a - b).max() / np.abs(a).max() < 1e-5, f"step {step}"
     assert tvm.length == 16 + 5
+    assert tvm.decode_reason == "" and tvm.decode_runnable is not tvm.runnable  # the split-attention decode form ran
 
 
 def test_tvm_decoder_refuses_sliding_windows(tmp_path):
