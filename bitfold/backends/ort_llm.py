@@ -7,15 +7,15 @@ keys copies the whole cache at every step. This lowering rewrites a copy of the 
 * each layer's attention (RoPE on q and k, the cache ``Concat``, grouped scores, soft-capping, the mask bias,
   softmax and the weighted sum) becomes one ``com.microsoft.GroupQueryAttention`` with rotary tables computed from the
   graph's own inverse frequencies; past and present then share one ``max_length`` buffer, which the caller binds
-  to both (no copy of the cache per token);
+  to both (no copy of the cache per token); q, k and v linears of one input (``MatMul`` or ``MatMulNBits``, with
+  their biases) become one packed linear feeding its packed-QKV input;
 * a residual ``Add`` followed by the decomposed RMSNorm becomes ``SkipSimplifiedLayerNormalization``;
 * optionally the head runs on the last position only (``logits [B, 1, V]``), which generation needs and prefill
   otherwise pays a whole ``S × vocab`` product for.
 
 The lowered graph assumes what generation feeds it: one sequence whose ``attention_mask`` is all ones (positions
 ``0 … total-1``); attention masks with holes need the standard graph. Everything else (weights, quantized
-linears,
-bitfold's own ops) is left as the passes wrote it. Layers whose attention does not have the shape the exporter
+linears, bitfold's own ops) is left as the passes wrote it. Layers whose attention does not have the shape the exporter
 writes (e.g. after a pass that inserts ops inside attention) make the whole lowering decline with the reason,
 and the caller keeps the standard graph.
 """
@@ -27,7 +27,9 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from bitfold.backends.llm_match import Attention, Decline, const, match_attention, num_layers, only_user, other, producer, scalar, slice_head
+from bitfold.backends.llm_match import (
+    Attention, Decline, const, match_attention, num_layers, only_user, other, producer, scalar, slice_head,
+)  # fmt: skip
 from bitfold.frontend.onnx_io import clone
 
 MS = "com.microsoft"
@@ -192,9 +194,8 @@ def _fuse_attention(model: ir.Model, layers: list[Attention], max_length: int) -
         out, present_k, present_v = gqa.outputs
         out.shape, out.type = layer.context.shape, layer.context.type
         ir.convenience.replace_all_uses_with(layer.context, out)
-        for idx, name in enumerate(graph.outputs):
-            if name.name in (f"present.{i}.key", f"present.{i}.value"):
-                old = graph.outputs[idx]
+        for idx, old in enumerate(list(graph.outputs)):
+            if old.name in (f"present.{i}.key", f"present.{i}.value"):
                 new = present_k if old.name.endswith(".key") else present_v
                 new.shape, new.type = ir.Shape([old.shape[0], old.shape[1], "max_length", old.shape[3]]), old.type
                 old.name = f"{old.name}_unfused"
