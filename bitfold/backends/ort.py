@@ -3,10 +3,18 @@
 Sessions are built from the serialized model in memory; a model over the protobuf limit is written (with
 external data) to a temporary directory first. ``device="auto"`` uses the CUDA execution provider when this
 onnxruntime build has it, else the CPU.
+
+Sessions compute what the graph says. ORT's optimizer fuses ``DequantizeLinear → MatMul`` into ``MatMulNBits`` and
+by default gives the fused node ``accuracy_level = 4`` (activations quantized to int8 on the fly): a weight-only QDQ
+graph would then be evaluated with int8 activations it never asked for (SmolLM2's W8 per-channel QDQ logits move by
+about 5 %). The fused nodes keep float activations here; a model that wants int8 activations says so with its own
+``MatMulNBits`` ``accuracy_level``. ``$BITFOLD_ORT_OPTIMIZATION`` (``all``, ``basic``, ``none``) sets the default
+graph-optimization level, to check whether ORT's rewrites move a number.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 
@@ -20,6 +28,11 @@ from bitfold.frontend.inputs import check_feeds
 from bitfold.frontend.onnx_io import serialized
 
 _DEVICES = ("auto", "cpu", "cuda")
+_LEVELS = {
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
 
 
 class OrtRunnable(Timed):
@@ -32,7 +45,7 @@ class OrtRunnable(Timed):
         device: str = "auto",
         threads: int | None = None,
         spinning: bool = True,
-        optimization: str = "all",
+        optimization: str | None = None,
         global_pool: bool = False,
     ) -> None:
         if device not in _DEVICES:
@@ -45,11 +58,11 @@ class OrtRunnable(Timed):
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" else ["CPUExecutionProvider"]
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        options.graph_optimization_level = {
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        }[optimization]
+        optimization = optimization or os.environ.get("BITFOLD_ORT_OPTIMIZATION", "all")
+        if optimization not in _LEVELS:
+            raise BitfoldError(f"unknown ONNX Runtime optimization level '{optimization}'; choose one of: {', '.join(_LEVELS)}.")
+        options.graph_optimization_level = _LEVELS[optimization]
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         if threads:
             options.intra_op_num_threads = threads
         if global_pool:  # the process's shared pool (``set_global_thread_pool_sizes`` before the first session)

@@ -67,3 +67,36 @@ def test_float_weights_between_qdq_stay_float():
     plain = OrtRunnable(model, device="cpu", optimization="none").run(feeds)["y"]
     optimized = OrtRunnable(model, device="cpu", optimization="all").run(feeds)["y"]
     np.testing.assert_array_equal(optimized, plain)
+
+
+@pytest.mark.parametrize("bits,group", [(8, -1), (4, 32)])
+def test_weight_only_qdq_keeps_float_activations(bits, group):
+    """ORT fuses DequantizeLinear → MatMul into MatMulNBits and, by default, computes it with int8 activations. A
+    weight-only QDQ graph must run as written: the optimized session equals the unoptimized one."""
+    import onnx
+    import onnx.helper as h
+    import onnx_ir as ir
+
+    from bitfold.backends.ort import OrtRunnable
+
+    rng = np.random.default_rng(0)
+    k, n = 256, 64
+    graph = h.make_graph([h.make_node("MatMul", ["x", "w"], ["y"])], "g", [h.make_tensor_value_info("x", 1, [8, k])],
+                         [h.make_tensor_value_info("y", 1, [8, n])],
+                         [onnx.numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "w")])  # fmt: skip
+    model = ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 21)], ir_version=10))
+    step = {"name": "quantize-weights", "method": "rtn", "bits": bits, "group_size": group, "format": "qdq"}
+    model, _ = bitfold.optimize(model, [step])
+    x = rng.standard_normal((8, k)).astype(np.float32)
+    x[:, 0] *= 50  # one large channel: int8 activations would lose the small ones
+    plain = OrtRunnable(model, device="cpu", optimization="none").run({"x": x})["y"]
+    optimized = OrtRunnable(model, device="cpu", optimization="all").run({"x": x})["y"]
+    np.testing.assert_allclose(optimized, plain, rtol=1e-5, atol=1e-4 * np.abs(plain).max())
+
+
+def test_optimization_level_from_the_environment(zoo_protos, monkeypatch):
+    from bitfold.backends.ort import OrtRunnable
+
+    monkeypatch.setenv("BITFOLD_ORT_OPTIMIZATION", "fastest")
+    with pytest.raises(BitfoldError, match="unknown ONNX Runtime optimization level 'fastest'"):
+        OrtRunnable(fresh(zoo_protos, "mlp"), device="cpu")
