@@ -18,7 +18,10 @@ zero point and scale cost one multiply-add per block, not per weight.
 
 At ``accuracy_level = 4`` (ORT's int8 compute) 4-bit weights take ``int8_layout`` instead: activations are quantized
 per row and block to int8 as ONNX Runtime does at that level, and the dots are integer (``vnni``'s AVX-512 VNNI
-microkernel on CPUs that have it, ``compute_int8`` elsewhere, both with the same numerics).
+microkernel on CPUs that have it, ``compute_int8`` elsewhere, both with the same numerics), matching ONNX Runtime's
+CPU kernel at that level to float32 rounding (tests/kernels). Level 4 is a floor on accuracy, not a prescription:
+other codes keep float activations here, where ORT's CPU kernel quantizes them for 8-bit weights and 2-bit weights
+in blocks of 32 or more, and keeps them in float for float zero points (which take ``int8_layout`` here).
 """
 
 from __future__ import annotations

@@ -2,12 +2,20 @@
 integer subtraction on the float's bits) and its sign flipped, then added; one scale multiply per output.
 
 Layout: the op's b bit planes uint8[b, ceil(K/8), N] (outputs innermost) and S [N] float. For code c with sign
-s = c >> (b−1) and exponent e = c & (2^(b−1) − 1)::
+s = c >> (b−1) and exponent e = c & (2^(b−1) − 1), with f = (bits(x) >> 23) & 0xff the exponent field of x::
 
     bits(x · (−1)^s · 2^(−e)) = ((bits(x) & 0x7fffffff) − (e << 23)) | ((bits(x) ^ (s << 31)) & 0x80000000)
 
-exact while the exponent stays normal; a result that would fall below the smallest normal float flushes to 0
-(relative error below 2^−126 of the row's largest term). With ``zero = 1`` the top exponent code is the weight 0.
+which is exact while f − e ≥ 1. The product follows float arithmetic everywhere else, except that it never
+yields a denormal:
+
+- f − e ≤ 0 (the product, or x itself, is below the smallest normal float 2^−126): a zero of the product's sign
+  (the error is below 2^−126 per term);
+- x = ±inf gives ±inf with the product's sign, x = NaN gives NaN (f = 255 is left unshifted);
+- with ``zero = 1`` the top exponent code is the weight ±0: a zero of the product's sign for finite x and NaN for
+  x = ±inf or NaN (as ``x · 0``).
+
+Sums of the products (inf − inf = NaN, overflow to ±inf) and the scale multiply are ordinary float32 arithmetic.
 """
 
 from __future__ import annotations
@@ -27,16 +35,24 @@ def prepare(weights, attrs) -> Prepared:
     return Prepared((np.ascontiguousarray(p), scale.astype(np.float32)), {"zero": int(attrs.get("zero", 1))}, int(attrs["K"]), p.shape[2])
 
 
+def _u32(value: int):
+    return tirx.const(value, "uint32")
+
+
 def _shifted(value, code, bits: int, zero: int):
+    """x · (−1)^s · 2^(−e) (or x · ±0) on the bits of the float32 ``value``, for the uint32 ``code``."""
     top = (1 << (bits - 1)) - 1
-    exponent = code & tirx.const(top, "uint32")
-    sign = code >> tirx.const(bits - 1, "uint32")
+    exponent = code & _u32(top)
+    sign = code >> _u32(bits - 1)
     raw = tirx.reinterpret("uint32", value)
-    magnitude = (raw & tirx.const(0x7FFFFFFF, "uint32")).astype("int32") - (exponent << tirx.const(23, "uint32")).astype("int32")
-    kept = tirx.Select(magnitude > 0, magnitude, tirx.const(0, "int32")).astype("uint32")
+    magnitude = raw & _u32(0x7FFFFFFF)
+    field = (raw >> _u32(23)) & _u32(0xFF)
+    special = field == _u32(0xFF)
+    normal = field.astype("int32") - exponent.astype("int32") >= tirx.const(1, "int32")
+    kept = tirx.Select(special, magnitude, tirx.Select(normal, magnitude - (exponent << _u32(23)), _u32(0)))
     if zero:
-        kept = tirx.Select(exponent == tirx.const(top, "uint32"), tirx.const(0, "uint32"), kept)
-    signed = kept | ((raw ^ (sign << tirx.const(31, "uint32"))) & tirx.const(0x80000000, "uint32"))
+        kept = tirx.Select(exponent == _u32(top), tirx.Select(special, magnitude | _u32(0x00400000), _u32(0)), kept)
+    signed = kept | ((raw ^ (sign << _u32(31))) & _u32(0x80000000))
     return tirx.reinterpret("float32", signed)
 
 

@@ -5,10 +5,11 @@ Layout. A weight W of shape [K, N] (MatMul layout, Y = X · W) with b-bit unsign
     P: uint8[b, ceil(K / 8), N]      bit j (LSB = 0) of P[i, g, n]  =  bit i of c[8g + j, n]
 
 so plane i holds bit i of every code, and one byte holds the same bit of eight consecutive inputs k = 8g … 8g+7
-of one output n. Bits for k >= K (the tail of the last byte) are zero. Storage is exactly b bits per weight plus
-at most 7 padding rows, for any b (3-bit codes cost 3 bits, not 4). Grouping eight inputs per byte is what a
-lookup-table kernel needs: it tabulates the 256 signed partial sums of eight activations once and then reads one
-table entry per plane byte instead of multiplying (see ``bitfold.ops.bcq.evaluate_lut``).
+of one output n. Bits for k >= K (the tail of the last byte) are zero. Codes have b = 1 … 8 bits (``MAX_BITS``;
+:func:`pack` refuses wider ones). Storage is exactly b bits per weight plus at most 7 padding rows (3-bit codes
+cost 3 bits, not 4). Grouping eight inputs per byte is what a lookup-table kernel needs: it tabulates the 256
+signed partial sums of eight activations once and then reads one table entry per plane byte instead of
+multiplying (see ``bitfold.ops.bcq.evaluate_lut``).
 
 ``BitPlanes(P, X)`` is the ONNX function the ops' own functions call: it returns the planes as float 0/1 values
 of shape [b, K, N], K taken from X's last axis.
@@ -21,11 +22,18 @@ from onnxscript import FLOAT, UINT8, script
 from onnxscript import opset18 as op
 from onnxscript.values import Opset
 
+from bitfold.errors import BitfoldError
+
 _bitfold = Opset("bitfold", 1)
+
+#: the widest code the planes hold
+MAX_BITS = 8
 
 
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Pack unsigned codes [K, N] (each < 2**bits) into planes uint8[bits, ceil(K/8), N]."""
+    """Pack unsigned codes [K, N] (each < 2**bits) into planes uint8[bits, ceil(K/8), N], 1 <= bits <= 8."""
+    if not 1 <= bits <= MAX_BITS:
+        raise BitfoldError(f"bit planes hold codes of 1 to {MAX_BITS} bits, got bits = {bits}; use a code of at most {MAX_BITS} bits.")
     codes = np.asarray(codes)
     if codes.ndim != 2:
         raise ValueError(f"codes must be [K, N], got shape {codes.shape}")

@@ -8,6 +8,11 @@ per block. ``damp`` adds damp · mean(diag H) to the diagonal. With ``act_order`
 decreasing diag(H); scale groups then keep their original column membership, with parameters fixed from the
 unquantized weights ("static groups"). Dead inputs (diag H = 0) get weight 0.
 
+A Hessian that is not positive definite even after dampening (an indefinite matrix, or one too ill-conditioned for
+float64) gets 10×, 100× and 1000× the dampening in turn; if all fail, the loop keeps only diag(H) (U diagonal), so
+no rounding error is spread and every column is rounded to nearest (RTN) with the same grid. Either event appends
+one sentence to ``notes`` when a list is given. ``damp`` must lie in (0, 1]; H must be finite.
+
 The quantization grid is an argument. :func:`gptq_loop` takes any :class:`Grid` (``fit`` a group of columns,
 ``round`` one column): binary codes, powers of two, ternary or salient-plus-binary grids reuse the same loop.
 :func:`gptq` is the loop over a :class:`~bitfold.quant.formats.Format` with a granularity.
@@ -15,11 +20,14 @@ The quantization grid is an argument. :func:`gptq_loop` takes any :class:`Grid` 
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from bitfold.errors import BitfoldError, PassParameterError
 from bitfold.quant.clip import Clip, group_params
 from bitfold.quant.formats import Format, Granularity, PerChannel, PerGroup
 
@@ -40,29 +48,36 @@ class GroupGrid(Grid, Protocol):
 
 def gptq_loop(
     W: np.ndarray, H: np.ndarray, grid: Grid | GroupGrid, *, group: int = 0, block_size: int = 128, damp: float = 0.01,
-    act_order: bool = False,
+    act_order: bool = False, notes: list[str] | None = None,
 ) -> np.ndarray:  # fmt: skip
     """Round W (N, K) column by column onto ``grid``, given H (K, K); returns the rounded W (N, K), float32.
 
     ``group`` > 0: ``grid.fit`` is called at every ``group``-th column with the group's current columns (groups
     follow column order, so not with ``act_order``). ``group`` = 0: the grid was fitted beforehand. ``round``
-    always receives the original column index.
+    always receives the original column index. ``notes`` receives a sentence when H needed more dampening than
+    ``damp`` or the loop fell back to round-to-nearest.
     """
     if group and act_order:
         raise ValueError("groups fitted during the loop follow column order; fit the grid beforehand for act_order")
+    check_damp(damp)
     W = torch.tensor(W, dtype=torch.float64)
     H = torch.tensor(H, dtype=torch.float64).clone()
+    if not torch.isfinite(H).all():
+        raise BitfoldError(
+            "the layer's Hessian (the Gram matrix of its calibration inputs) has inf or NaN entries; "
+            "use calibration data whose activations stay finite at this layer."
+        )
     k = W.shape[1]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    H += torch.eye(k, dtype=H.dtype) * damp * torch.mean(torch.diag(H))
     if group:
         block_size = max(block_size // group, 1) * group  # a group never spans two blocks
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
+    scale = torch.mean(torch.abs(torch.diag(H)))  # the dampening's unit
+    perm = torch.argsort(torch.diag(H) + damp * scale, descending=True) if act_order else torch.arange(k)
     W, H = W[:, perm], H[perm][:, perm]
 
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    U = inverse_cholesky(H, damp, scale, notes)
     Q = torch.zeros_like(W)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
@@ -82,6 +97,35 @@ def gptq_loop(
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     return Q[:, torch.argsort(perm)].float().numpy()
 
+
+#: Dampening factors tried in turn, as multiples of ``damp``, before falling back to round-to-nearest.
+DAMP_STEPS = (1.0, 10.0, 100.0, 1000.0)
+
+
+def check_damp(damp: float) -> None:
+    """Raise unless ``damp`` (the dampening, a fraction of H's mean diagonal) is a finite number in (0, 1]."""
+    if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not math.isfinite(damp) or not 0.0 < damp <= 1.0:
+        raise PassParameterError(f"damp must be a finite number in (0, 1] (a fraction of H's mean diagonal, e.g. 0.01), got {damp!r}.")
+
+
+def inverse_cholesky(H: torch.Tensor, damp: float, scale: torch.Tensor, notes: list[str] | None = None) -> torch.Tensor:
+    """The upper Cholesky factor U of (H + λI)⁻¹ (H⁻¹ = UᵀU), λ = damp · ``scale`` (mean |diag H|) raised through
+    ``DAMP_STEPS`` until H + λI is positive definite; if none is, the diagonal U = diag(H)^(-1/2) (entries where
+    diag H <= 0 take 1), under which the GPTQ loop spreads no error: round-to-nearest."""
+    k = H.shape[0]
+    for step in DAMP_STEPS:
+        lower, info = torch.linalg.cholesky_ex(H + torch.eye(k, dtype=H.dtype) * (damp * step) * scale)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info == 0 and torch.isfinite(U).all():
+                if step != 1.0 and notes is not None:
+                    notes.append(f"H is not positive definite with damp {damp:g}; used damp {damp * step:g}")
+                return U
+    if notes is not None:
+        top = damp * DAMP_STEPS[-1]
+        notes.append(f"H is not positive definite even with damp {top:g}; rounded to nearest (no GPTQ error feedback)")
+    diag = torch.diag(H)
+    return torch.diag(torch.rsqrt(torch.where(diag > 0, diag, torch.ones_like(diag))))
 
 
 class FormatGrid:
@@ -115,16 +159,19 @@ def gptq(
     damp: float = 0.01,
     act_order: bool = False,
     clip: Clip = "none",
+    notes: list[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Quantize W (N, K) given H (K, K). Returns (Q dequantized (N, K), scale (N, K), zero (N, K)).
 
     ``scale``/``zero`` are per element (constant within each scale group) so any emitter can re-derive codes.
     Per-group scales follow the error-updated weights; with ``act_order`` (or per-channel/per-tensor scales) they
-    are fixed from the unquantized weights.
+    are fixed from the unquantized weights. ``notes``: as for :func:`gptq_loop`.
     """
+    check_damp(damp)
     grid = FormatGrid(fmt, W.shape, clip, H)
     dynamic = isinstance(granularity, PerGroup) and not act_order
     if not dynamic:
         grid.scale[:], grid.zero[:] = group_params(np.asarray(W, np.float32), fmt, granularity, clip, H)
-    q = gptq_loop(W, H, grid, group=granularity.size if dynamic else 0, block_size=block_size, damp=damp, act_order=act_order)
+    q = gptq_loop(W, H, grid, group=granularity.size if dynamic else 0, block_size=block_size, damp=damp, act_order=act_order,
+                  notes=notes)  # fmt: skip
     return q, grid.scale.astype(np.float32), grid.zero.astype(np.float32)

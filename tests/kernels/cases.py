@@ -37,16 +37,54 @@ def _nm_sparse(rng, k, n, keep, group):
     return (g * mask).reshape(-1, n)[:k]
 
 
-def int8_blocks(x: np.ndarray, block: int) -> np.ndarray:
-    """x as ONNX Runtime's ``accuracy_level = 4`` sees it: int8 per row and block of inputs, scale max|x| / 127,
-    rounded to nearest even (computed in fp32)."""
+def int8_codes(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """x as ONNX Runtime's ``accuracy_level = 4`` quantizes it: int8 codes [M, blocks, block] per row and block of
+    inputs (zero-padded) and scales [M, blocks, 1] = max|x| / 127, codes rint(x · (127 / max|x|)) (to nearest
+    even, in fp32)."""
     m, k = x.shape
     blocks = np.zeros((m, -(-k // block) * block), np.float32)
     blocks[:, :k] = x
     blocks = blocks.reshape(m, -1, block)
     top = np.abs(blocks).max(-1, keepdims=True)
     inverse = np.divide(np.float32(127), top, out=np.zeros_like(top), where=top > 0)
-    return (np.rint(blocks * inverse) * (top / np.float32(127))).reshape(m, -1)[:, :k].astype(np.float64)
+    return np.rint(blocks * inverse), top / np.float32(127)
+
+
+def int8_blocks(x: np.ndarray, block: int) -> np.ndarray:
+    """x as ONNX Runtime's ``accuracy_level = 4`` sees it: :func:`int8_codes` times their scales, float64."""
+    codes, scale = int8_codes(np.asarray(x, np.float32), block)
+    return (codes * scale).reshape(x.shape[0], -1)[:, : x.shape[1]].astype(np.float64)
+
+
+def nbits_weights(k: int, n: int, bits: int, block: int, zero, level: int, rng, bias: bool = False):
+    """Random ``com.microsoft.MatMulNBits`` inputs after A (B, scales, zero points, g_idx, bias; None where absent)
+    and attributes. ``zero``: False (none), True (packed uint8 codes) or "float" (float zero points anywhere in
+    the code range, a min-max grid)."""
+    blocks = -(-k // block)
+    codes = rng.integers(0, 1 << bits, (n, k))
+    zeros = rng.integers(0, 1 << bits, (n, blocks)) if zero else None
+    if zero == "float":
+        zeros = (rng.random((n, blocks)) * ((1 << bits) - 1)).astype(np.float32)
+    scales = rng.random((n, blocks)).astype(np.float32)
+    b, s, z = matmulnbits.pack(codes, scales, zeros, bits, block, float_zero=zero == "float")
+    extra = [None, rng.standard_normal(n).astype(np.float32)] if bias else []
+    attrs = {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": level}
+    return [b, s, z, *extra], attrs
+
+
+def run_ort(op_type: str, domain: str, weights: list, attrs: dict, x: np.ndarray) -> np.ndarray:
+    """One node ``op_type(X, *weights)`` (None: an absent optional input) run by ONNX Runtime on the CPU."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    a = ir.val("x", ir.DataType.FLOAT, list(x.shape))
+    inputs = [None if w is None else ir.Value(name=f"w{i}", const_value=ir.tensor(w)) for i, w in enumerate(weights)]
+    node = ir.node(op_type, [a, *inputs], domain=domain, attributes=attrs)
+    y = node.outputs[0]
+    y.name, y.dtype, y.shape = "y", ir.DataType.FLOAT, ir.Shape([x.shape[0], attrs["N"]])
+    graph = ir.Graph([a], [y], nodes=[node], initializers=[v for v in inputs if v is not None], opset_imports={"": 21, domain: 1}, name="g")
+    session = ort.InferenceSession(ir.to_proto(ir.Model(graph, ir_version=10)).SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
 
 
 def case(name: str, k: int, n: int, seed: int = 0):
@@ -54,16 +92,9 @@ def case(name: str, k: int, n: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     if name.startswith("nbits"):
         bits, zp, level = {"nbits4": (4, False, 0), "nbits4-zp": (4, True, 0), "nbits8": (8, False, 0), "nbits2-zp": (2, True, 0), "nbits4-int8": (4, False, 4), "nbits4-int8-zp": (4, True, 4), "nbits4-fzp": (4, "float", 0), "nbits4-int8-fzp": (4, "float", 4)}[name]
-        block = 32
-        blocks = -(-k // block)
-        codes = rng.integers(0, 1 << bits, (n, k))
-        zero = rng.integers(0, 1 << bits, (n, blocks)) if zp else None
-        if zp == "float":  # a min-max grid: zero points anywhere in the code range
-            zero = (rng.random((n, blocks)) * ((1 << bits) - 1)).astype(np.float32)
-        b, s, z = matmulnbits.pack(codes, rng.random((n, blocks)).astype(np.float32), zero, bits, block, float_zero=zp == "float")
-        w = matmulnbits.unpack(b, s, z, bits, block, k)
-        attrs = {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": level}
-        return k_nbits.KERNEL, [b, s, z], attrs, (lambda x: int8_blocks(x, block) @ w) if level == 4 else (lambda x: x @ w)
+        weights, attrs = nbits_weights(k, n, bits, 32, zp, level, rng)
+        w = matmulnbits.unpack(*weights[:3], bits, 32, k)
+        return k_nbits.KERNEL, weights, attrs, (lambda x: int8_blocks(x, 32) @ w) if level == 4 else (lambda x: x @ w)
     if name.startswith(("binary", "xnor")):
         planes, salient, binarize = {"binary": (1, False, 0), "binary-residual-salient": (2, True, 0), "xnor": (1, False, 1), "xnor-salient": (2, True, 1)}[name]
         signs = rng.choice([-1, 1], (planes, k, n))

@@ -7,6 +7,7 @@ import onnx_ir as ir
 import pytest
 
 import bitfold
+from bitfold.errors import BitfoldError
 from bitfold.ops import bcq, binary, bitplanes, shift, ternary
 
 SHAPES = [(1, 1), (5, 3), (13, 7), (64, 4), (100, 9)]
@@ -38,6 +39,14 @@ def test_bitplanes_round_trip_and_cost_exactly_b_bits(k, n, bits):
     np.testing.assert_array_equal(bitplanes.unpack(packed, k), codes)
     with pytest.raises(ValueError, match="lie in"):
         bitplanes.pack(codes + (1 << bits), bits)
+
+
+@pytest.mark.parametrize("bits", [0, 9, 16])
+def test_bitplanes_refuse_codes_wider_than_a_byte(bits):
+    """uint8 planes of codes with more than 8 bits would lose the high bits (code 300 at 9 bits read back as 44)."""
+    codes = np.array([[300], [5]]) if bits > 8 else np.zeros((2, 1), np.int64)
+    with pytest.raises(BitfoldError, match=f"bit planes hold codes of 1 to 8 bits, got bits = {bits}"):
+        bitplanes.pack(codes, bits)
 
 
 def test_bitplane_layout_is_lsb_first_along_k():

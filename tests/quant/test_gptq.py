@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bitfold.errors import BitfoldError
 from bitfold.quant.formats import IntFormat, PerChannel, PerGroup, fake_quantize
-from bitfold.quant.gptq import gptq
+from bitfold.quant.gptq import FormatGrid, gptq, gptq_loop
 
 
 def direct_gptq(W, H, fmt, granularity, damp):
@@ -60,7 +61,7 @@ def test_gptq_output_error_beats_rtn(act_order):
     err = lambda A: np.linalg.norm((W - A) @ X.T)  # noqa: E731
     assert err(Q) < 0.8 * err(rtn)
     codes = fmt.quantize(Q, scale, zero)
-    np.testing.assert_allclose(fmt.dequantize(codes, scale, zero), Q, atol=1e-5), "Q lies on its own grid"
+    np.testing.assert_allclose(fmt.dequantize(codes, scale, zero), Q, atol=1e-5, err_msg="Q does not lie on its own grid")
 
 
 def test_dead_inputs_get_zero_weight():
@@ -68,3 +69,74 @@ def test_dead_inputs_get_zero_weight():
     H[5, :] = H[:, 5] = 0
     Q, _, _ = gptq(W, H, IntFormat(4), PerChannel())
     assert np.all(Q[:, 5] == 0)
+
+
+@pytest.mark.parametrize("damp", [0.0, -0.01, float("nan"), float("inf"), 1.5])
+def test_damp_outside_its_range_is_refused_naming_the_field(damp):
+    W, H, _ = _problem(1, n=4, k=8, samples=32)
+    with pytest.raises(BitfoldError, match=r"^damp must be a finite number in \(0, 1\]"):
+        gptq(W, H, IntFormat(4), PerChannel(), damp=damp)
+    grid = FormatGrid(IntFormat(4), W.shape)
+    with pytest.raises(BitfoldError, match="^damp must"):
+        gptq_loop(W, H, grid, damp=damp)
+
+
+def test_non_finite_hessian_is_refused():
+    W, H, _ = _problem(1, n=4, k=8, samples=32)
+    H[2, 3] = H[3, 2] = np.nan
+    with pytest.raises(BitfoldError, match="inf or NaN"):
+        gptq(W, H, IntFormat(4), PerChannel())
+
+
+def _indefinite(H, margin):
+    """H shifted so that its smallest eigenvalue is -margin · mean(diag) of the result (a non-PD, NaN-free H)."""
+    k = len(H)
+    low = np.linalg.eigvalsh(H)[0]
+    mean = np.mean(np.diag(H)) - low  # mean diagonal after subtracting low · I
+    return H - (low + margin * mean / (1 + margin)) * np.eye(k)
+
+
+def test_indefinite_hessian_gets_ten_times_the_dampening_and_says_so():
+    W, H, _ = _problem(5, n=16, k=64, samples=256)
+    H = _indefinite(H, 0.05)  # damp 0.01 leaves it indefinite, damp 0.1 does not
+    assert np.linalg.eigvalsh(H + 0.01 * np.mean(np.diag(H)) * np.eye(len(H)))[0] < 0
+    notes = []
+    Q, _, _ = gptq(W, H, IntFormat(4), PerGroup(32), damp=0.01, notes=notes)
+    assert notes == ["H is not positive definite with damp 0.01; used damp 0.1"]
+    again = []
+    expected, _, _ = gptq(W, H, IntFormat(4), PerGroup(32), damp=0.1, notes=again)
+    assert again == []
+    np.testing.assert_array_equal(Q, expected)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("granularity", [PerChannel(), PerGroup(16)])
+def test_hessian_no_dampening_repairs_falls_back_to_round_to_nearest(granularity, act_order):
+    k = 64
+    H = np.eye(k) + 100.0 * (np.ones((k, k)) - np.eye(k))  # diagonal 1, an eigenvalue of -99
+    W = np.random.default_rng(2).standard_normal((12, k)).astype(np.float32)
+    notes = []
+    Q, _, _ = gptq(W, H, IntFormat(4), granularity, act_order=act_order, notes=notes)
+    assert notes == ["H is not positive definite even with damp 10; rounded to nearest (no GPTQ error feedback)"]
+    np.testing.assert_array_equal(Q, fake_quantize(W, IntFormat(4), granularity))
+
+
+@pytest.mark.parametrize("case", ["zero-column", "duplicate-columns", "fewer-samples-than-inputs"])
+def test_singular_calibration_hessians_need_no_fallback(case):
+    rng = np.random.default_rng(11)
+    k = 48
+    X = rng.standard_normal((256, k)) @ (np.eye(k) + 0.5 * rng.standard_normal((k, k)))  # correlated inputs
+    if case == "zero-column":
+        X[:, [4, 30]] = 0.0
+    elif case == "duplicate-columns":
+        X[:, 10:20] = X[:, :10]
+    else:
+        X = X[:16]
+    W = rng.standard_normal((8, k)).astype(np.float32)
+    notes = []
+    Q, _, _ = gptq(W, X.T @ X, IntFormat(4), PerGroup(16), notes=notes)
+    assert notes == [] and np.isfinite(Q).all()
+    if case == "zero-column":
+        assert np.all(Q[:, [4, 30]] == 0)
+    err = lambda A: np.linalg.norm((W - A) @ X.T)  # noqa: E731
+    assert err(Q) < 0.8 * err(fake_quantize(W, IntFormat(4), PerGroup(16)))

@@ -25,7 +25,8 @@ report measures it. Needs calibration. Leaves alone: targets whose activation is
 DequantizeLinear (idempotent), weights that are not constant initializers, excluded nodes.
 
 ``bias_correction`` (on by default) removes the mean output shift that weight rounding causes, ΔW·E[x] with E[x]
-the per-input-channel calibration mean, from the Conv/Gemm bias (added if absent); MatMul has no bias to absorb it.
+the per-input-channel calibration mean, from the Conv/Gemm bias (added if absent; a Gemm's C moves by alpha / beta
+times the shift, any transA/transB); MatMul has no bias to absorb it.
 
 With ``weights = false`` a Conv/Gemm keeps its float weight between Q/DQ pairs; ONNX Runtime's default session
 would quantize that weight itself (its ``WeightBiasQuantization`` rewrite), which ``bitfold.compile`` disables.
@@ -88,7 +89,7 @@ class QuantizeActivations(BitfoldPass):
         if self.config.outputs:
             names += [_output(node).name for node in targets if not _output(node).is_graph_output()]
         names = list(dict.fromkeys(names))
-        axes = {node.inputs[0].name: 1 for node in targets if node.op_type == "Conv"}
+        axes = {node.inputs[0].name: _channel_axis(node) for node in targets if _channel_axis(node) != -1}
         stats = self.calibration.collect(model, names, channel_axis=axes)
         if self.fp8 and model.opset_imports.get("", 1) < 19:
             onnxscript.version_converter.convert_version(model, 21)
@@ -101,8 +102,9 @@ class QuantizeActivations(BitfoldPass):
                 quantized[x.name] = self._qdq(graph, x, *self.observe(stats[x.name]), node)
             dq, x_scale = quantized[x.name]
             node.replace_input_with(0, dq)
-            x_stats = stats[original.get(x.name, x.name)]
-            w_scale = self._quantize_weight(graph, node, x_stats.mean) if self.config.weights else None
+            x_name = original.get(x.name, x.name)
+            mean = stats[x_name].mean if axes.get(x_name, -1) == _channel_axis(node) else None  # per input channel
+            w_scale = self._quantize_weight(graph, node, mean) if self.config.weights else None
             if self.config.outputs and w_scale is not None and not self.fp8:
                 self._quantize_bias(graph, node, x_scale * w_scale)
             y = _output(node)
@@ -191,8 +193,9 @@ class QuantizeActivations(BitfoldPass):
             graph.insert_before(anchor, [q, dq])
         return dq.outputs[0], np.float32(scale)
 
-    def _quantize_weight(self, graph: ir.Graph, node: ir.Node, input_mean: np.ndarray) -> np.ndarray | None:
-        """Per-output-channel int8 (or fp8) weight behind a DequantizeLinear; returns the scales (None if left alone)."""
+    def _quantize_weight(self, graph: ir.Graph, node: ir.Node, input_mean: np.ndarray | None) -> np.ndarray | None:
+        """Per-output-channel int8 (or fp8) weight behind a DequantizeLinear; returns the scales (None if left alone).
+        ``input_mean`` (per input channel; None when unknown) feeds bias correction."""
         w_value = node.inputs[1]
         if w_value is None or not w_value.is_initializer() or w_value.const_value is None:
             return None
@@ -211,7 +214,7 @@ class QuantizeActivations(BitfoldPass):
             codes = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
         else:
             codes = np.clip(w / scale.reshape(shape), -top, top).astype(fp8)
-        if self.config.bias_correction:
+        if self.config.bias_correction and input_mean is not None:
             self._correct_bias(graph, node, codes.astype(np.float32) * scale.reshape(shape) - w, input_mean)
         q = add_initializer(graph, f"{w_value.name}_{'int8' if fp8 is None else 'fp8'}", codes)
         s = add_initializer(graph, f"{w_value.name}_scale", scale)
@@ -243,13 +246,28 @@ class QuantizeActivations(BitfoldPass):
         drop_if_unused(graph, bias)
 
     def _correct_bias(self, graph: ir.Graph, node: ir.Node, delta: np.ndarray, mean: np.ndarray) -> None:
-        """Bias correction: quantizing W shifts the output mean by ΔW·E[x]; remove that shift from the bias."""
-        if node.op_type == "MatMul" or (node.op_type == "Gemm" and node.attributes.get_int("transA", 0)):
+        """Bias correction: quantizing W shifts the output mean by ΔW·E[x]; remove that shift from the bias.
+
+        Gemm computes alpha · A'·B' + beta · C, so its shift is alpha · ΔW·E[x] and C moves by that over beta; a
+        Gemm with beta = 0 ignores C, so C becomes the correction alone and beta 1.
+        """
+        if node.op_type == "MatMul":
             return
         shift = _mean_shift(node, delta.astype(np.float64), mean.astype(np.float64))
-        if node.op_type == "Gemm":
-            shift = shift / node.attributes.get_float("beta", 1.0)
+        if shift is None:
+            return
         bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if node.op_type == "Gemm":
+            shift = shift * node.attributes.get_float("alpha", 1.0)
+            beta = node.attributes.get_float("beta", 1.0)
+            if beta == 0.0:
+                node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+                if bias is not None:
+                    old, bias = bias, None
+                    node.replace_input_with(2, None)
+                    drop_if_unused(graph, old)
+            else:
+                shift = shift / beta
         if bias is None:
             node.resize_inputs(3)
             node.replace_input_with(2, add_initializer(graph, f"{node.name}_bias", (-shift).astype(np.float32)))
@@ -262,16 +280,29 @@ class QuantizeActivations(BitfoldPass):
 
 
 
-def _mean_shift(node: ir.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """E[Δy] per output channel for weight error Δ and per-input-channel input mean (spatially uniform)."""
+def _channel_axis(node: ir.Node) -> int:
+    """The axis of a target's activation that holds its input channels: 1 for Conv (NCHW), 0 for a Gemm with
+    transA (A is K × M), the last one otherwise."""
+    if node.op_type == "Conv":
+        return 1
+    if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+        return 0
+    return -1
+
+
+def _mean_shift(node: ir.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
+    """E[Δy] per output channel for weight error Δ and per-input-channel input mean (spatially uniform) of the
+    product alone (Gemm's alpha not applied); None when the mean does not have one entry per input channel."""
     if node.op_type == "Conv":
         group = node.attributes.get_int("group", 1)
         per_tap = delta.reshape(delta.shape[0], delta.shape[1], -1).sum(axis=2)  # (O, I/g)
         out, in_g = per_tap.shape
+        if mean.size != group * in_g:
+            return None
         return np.einsum("goi,gi->go", per_tap.reshape(group, out // group, in_g), mean.reshape(group, in_g)).reshape(out)
     if node.attributes.get_int("transB", 0):
-        return delta @ mean
-    return mean @ delta
+        return delta @ mean if mean.size == delta.shape[1] else None
+    return mean @ delta if mean.size == delta.shape[0] else None
 
 
 def _output(node: ir.Node) -> ir.Value:

@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from bitfold.ops import block_csr, csr
+from bitfold.ops import bitplanes, block_csr, csr
 from bitfold.ops import sparse as sparse_op
 from bitfold.passes.multless.base import Encoded, WeightPass
 from bitfold.passes.registry import register
@@ -54,18 +54,25 @@ class PruneConfig:
     format: Literal["masked", "sparse"] = dataclasses.field(default="masked", metadata={"doc": "masked: dense with zeros | sparse: bitfold.SparseMatMul for N:M"})
 
     def __post_init__(self) -> None:
-        sparse.parse_pattern(self.pattern)
+        self._check_packable(f"pattern '{self.pattern}'", sparse.parse_pattern(self.pattern))
         for item in self.overrides:
             glob, sep, pattern = item.partition("=")
             if not sep or not glob:
                 raise ValueError(f"override '{item}' must read '<glob>=<pattern>'")
-            sparse.parse_pattern(pattern)
+            self._check_packable(f"override '{item}'", sparse.parse_pattern(pattern))
         if self.refine_cycles < 0 or self.compensate_rank < 0:
             raise ValueError("refine_cycles and compensate_rank must be >= 0")
         if self.refine_cycles and self.method == "sparsegpt":
             raise ValueError("refine_cycles swaps a magnitude or wanda mask; SparseGPT already updates the kept weights")
         if self.bits and (self.method != "sparsegpt" or self.bits not in (2, 3, 4, 8)):
             raise ValueError("bits (joint quantization) is 2, 3, 4 or 8 and needs method = \"sparsegpt\"")
+
+    def _check_packable(self, field: str, pattern: sparse.Pattern) -> None:
+        """N:M positions are bit-plane codes (``bitfold.ops.bitplanes``): M may not exceed 2^8 in the sparse format."""
+        limit = 1 << bitplanes.MAX_BITS
+        if self.format == "sparse" and isinstance(pattern, sparse.NM) and pattern.m > limit:
+            raise ValueError(f"{field} with format = \"sparse\" needs M <= {limit} (SparseMatMul stores "
+                             f"positions in at most {bitplanes.MAX_BITS} bits); use M <= {limit} or format = \"masked\"")  # fmt: skip
 
 
 @register

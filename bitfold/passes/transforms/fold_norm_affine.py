@@ -26,7 +26,7 @@ import onnx_ir as ir
 from bitfold.passes.initializers import add_initializer, drop_if_unused
 from bitfold.passes.registry import BitfoldPass, register
 from bitfold.passes.transforms.structure import Linear, Norm, Stream, const, find_norms, linear_readers, residual_stream
-from bitfold.passes.transforms.weights import set_bias, set_weight
+from bitfold.passes.transforms.weights import float_dtype, set_bias, set_weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,9 +86,10 @@ class FoldNormAffine(BitfoldPass):
     def _as_rmsnorm(self, graph: ir.Graph, node: ir.Node) -> None:
         x, y = node.inputs[0], node.outputs[0]
         eps = node.attributes.get_float("epsilon", 1e-5)
-        two = add_initializer(graph, f"{node.name}_two", np.array(2.0, np.float32))
+        dtype = float_dtype(x)
+        two = add_initializer(graph, f"{node.name}_two", np.array(2.0, dtype))
         axes = add_initializer(graph, f"{node.name}_axes", np.array([-1], np.int64))
-        epsilon = add_initializer(graph, f"{node.name}_eps", np.array(eps, np.float32))
+        epsilon = add_initializer(graph, f"{node.name}_eps", np.array(eps, dtype))
         square = ir.node("Pow", [x, two])
         mean = ir.node("ReduceMean", [square.outputs[0], axes], attributes={"keepdims": 1})
         shifted = ir.node("Add", [mean.outputs[0], epsilon])

@@ -9,10 +9,34 @@ from bitfold.passes.initializers import add_initializer, copy_type, drop_if_unus
 from bitfold.passes.transforms.structure import Linear, find_norms
 
 
+def float_dtype(value: ir.Value) -> np.dtype:
+    """The floating numpy dtype ``value`` carries: its own type (or its constant's), else the first floating type
+    found walking up through its untyped producers (a ``Cast``'s target counts), else float32."""
+    queue, seen = [value], set()
+    while queue:
+        v = queue.pop(0)
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        dtype = v.dtype if v.dtype is not None or v.const_value is None else v.const_value.dtype
+        if dtype is not None:
+            if dtype.is_floating_point():
+                return np.dtype(dtype.numpy())
+            continue
+        producer = v.producer()
+        if producer is None:
+            continue
+        if producer.op_type == "Cast" and not producer.domain:
+            to = ir.DataType(producer.attributes.get_int("to", ir.DataType.FLOAT))
+            return np.dtype(to.numpy()) if to.is_floating_point() else np.dtype(np.float32)
+        queue.extend(producer.inputs)
+    return np.dtype(np.float32)
+
+
 def set_weight(graph: ir.Graph, lin: Linear, w: np.ndarray, suffix: str) -> None:
     """Give ``lin.matmul`` a private initializer ``w`` ([K, N]); a tied source (``Transpose`` of a table) stays."""
     old = lin.matmul.inputs[1]
-    dtype = old.dtype.numpy() if old.dtype is not None else np.float32
+    dtype = float_dtype(old)
     base = old.name if old.is_initializer() else f"{lin.matmul.name}_weight"
     lin.weight = w.astype(dtype)
     lin.matmul.replace_input_with(1, add_initializer(graph, f"{base}_{suffix}", lin.weight))
@@ -27,8 +51,7 @@ def set_weight(graph: ir.Graph, lin: Linear, w: np.ndarray, suffix: str) -> None
 
 def set_bias(graph: ir.Graph, lin: Linear, b: np.ndarray, suffix: str) -> None:
     """Set ``lin``'s bias to ``b`` ([N]), inserting ``Add`` after the MatMul when it has none."""
-    weight_type = lin.matmul.inputs[1].dtype
-    dtype = weight_type.numpy() if weight_type is not None else np.float32
+    dtype = float_dtype(lin.matmul.inputs[1])
     if lin.bias_add is not None:
         index = next(i for i, v in enumerate(lin.bias_add.inputs) if v is not lin.matmul.outputs[0])
         old = lin.bias_add.inputs[index]
@@ -76,9 +99,9 @@ def absorber(graph: ir.Graph, x: ir.Value, readers: list[Linear], explicit: bool
 
 def insert_scale(graph: ir.Graph, x: ir.Value, factor: np.ndarray, suffix: str, op_type: str = "Mul") -> ir.Node:
     """Insert ``x ← x ⊙ factor`` (a per-channel ``Mul`` on the last axis; ``op_type = "Add"``: ``x ← x + factor``)
-    in front of every reader of ``x``."""
+    in front of every reader of ``x``; ``factor`` takes x's dtype."""
     readers = list(x.uses())
-    value = add_initializer(graph, f"{x.name}_{suffix}_factor", factor.astype(np.float32))
+    value = add_initializer(graph, f"{x.name}_{suffix}_factor", factor.astype(float_dtype(x)))
     mul = ir.node(op_type, [x, value], name=f"{x.name}_{suffix}")
     out = mul.outputs[0]
     out.name = f"{x.name}_{suffix}"
@@ -100,14 +123,16 @@ def add_lowrank_branch(graph: ir.Graph, producer: ir.Node, x: ir.Value, l1: np.n
     """``y ← y + (x·L1)·L2`` after ``producer`` (whose output is y); returns the MatMul, MatMul and Add added.
 
     The branch MatMuls carry ``bitfold.precision = "float32"``, so quantizers and cast-precision leave them alone.
+    L1 and L2 take x's dtype (the MatMuls read x as it is).
     """
     from bitfold.passes.quant.cast_precision import ISLAND_KEY
 
     y = producer.outputs[0]
     readers = list(y.uses())
     name = producer.name or y.name
-    down = ir.node("MatMul", [x, add_initializer(graph, f"{name}_lowrank_l1", l1.astype(np.float32))], name=f"{name}_lowrank_down")
-    up = ir.node("MatMul", [down.outputs[0], add_initializer(graph, f"{name}_lowrank_l2", l2.astype(np.float32))], name=f"{name}_lowrank_up")
+    dtype = float_dtype(x)
+    down = ir.node("MatMul", [x, add_initializer(graph, f"{name}_lowrank_l1", l1.astype(dtype))], name=f"{name}_lowrank_down")
+    up = ir.node("MatMul", [down.outputs[0], add_initializer(graph, f"{name}_lowrank_l2", l2.astype(dtype))], name=f"{name}_lowrank_up")
     add = ir.node("Add", [y, up.outputs[0]], name=f"{name}_lowrank_add")
     down.outputs[0].name, up.outputs[0].name = f"{y.name}_lowrank_down", f"{y.name}_lowrank"
     for node in (down, up, add):

@@ -183,3 +183,64 @@ def test_fp8_after_relu6_loads_in_ort():
     ref = next(iter(bitfold.compile(model, "ort", "cpu").run(feeds).values()))
     out = next(iter(bitfold.compile(fp8, "ort", "cpu").run(feeds).values()))
     assert np.abs(out - ref).max() <= 0.1 * np.abs(ref).max()
+
+
+def _gemm_model(alpha, beta, trans_a, trans_b, *, k=32, n=24, m=8, seed=0):
+    """y = Gemm(x, B, C) with the given attributes; x is (m, k), or (k, m) with transA."""
+    import onnx_ir as ir
+
+    rng = np.random.default_rng(seed)
+    b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)
+    c = rng.standard_normal(n).astype(np.float32)
+    x = ir.val("x", ir.DataType.FLOAT, [k, m] if trans_a else [m, k])
+    weight, bias = (ir.Value(name=name, const_value=ir.tensor(a, name=name)) for name, a in (("B", b), ("C", c)))
+    attributes = {"alpha": float(alpha), "beta": float(beta), "transA": trans_a, "transB": trans_b}
+    gemm = ir.node("Gemm", [x, weight, bias], attributes=attributes, name="gemm")
+    y = gemm.outputs[0]
+    y.name, y.dtype, y.shape = "y", ir.DataType.FLOAT, ir.Shape([m, n])
+    graph = ir.Graph([x], [y], nodes=[gemm], initializers=[weight, bias], opset_imports={"": 17}, name="gemm")
+    return ir.Model(graph, ir_version=10), b, c
+
+
+def _gemm_feeds(trans_a, samples=32, k=32, m=8, seed=1):
+    rng = np.random.default_rng(seed)
+    offset = rng.uniform(1.0, 3.0, k) * rng.choice([-1, 1], k)  # non-zero input means make the weight error's shift visible
+    feeds = [(rng.standard_normal((m, k)) + offset).astype(np.float32) for _ in range(samples)]
+    return [{"x": np.ascontiguousarray(f.T) if trans_a else f} for f in feeds]
+
+
+@pytest.mark.parametrize(
+    ("alpha", "beta", "trans_a", "trans_b"),
+    [(2.0, 0.5, 0, 0), (0.5, 3.0, 0, 1), (2.0, 0.5, 1, 0), (0.5, 3.0, 1, 1), (2.0, 1.0, 0, 1), (1.5, 0.0, 0, 0)],
+)
+def test_gemm_bias_correction_honours_alpha_beta_and_transposes(alpha, beta, trans_a, trans_b):
+    """Gemm computes alpha·A'·B' + beta·C: the corrected C is C - alpha·ΔB·E[x] / beta (C replaced, beta set to 1
+    when beta = 0), so under ONNX Runtime the mean output over the calibration set loses the weight error's shift."""
+    model, b, c = _gemm_model(alpha, beta, trans_a, trans_b)
+    feeds = _gemm_feeds(trans_a)
+    calibration = CalibrationData(feeds)
+    reference = np.stack([_out(model, f) for f in feeds])
+    drift, corrected = {}, None
+    for correct in (False, True):
+        step = {"name": "quantize-activations", "graph_inputs": True, "bias_correction": correct}
+        quantized, _ = bitfold.optimize(bitfold.clone(model), [step], calibration)
+        got = np.stack([_out(quantized, f) for f in feeds])
+        assert np.abs(got - reference).max() <= 0.05 * np.abs(reference).max()  # the int8 grids' error
+        drift[correct] = float(np.abs((got - reference).mean(axis=(0, 1))).mean())
+        corrected = quantized
+    assert drift[True] < 0.1 * drift[False], drift
+    gemm = next(n for n in corrected.graph if n.op_type == "Gemm")
+    assert gemm.attributes.get_float("beta", 1.0) == (beta or 1.0)
+    w_dq = gemm.inputs[1].producer()
+    codes, scale = (v.const_value.numpy().astype(np.float64) for v in w_dq.inputs[:2])
+    delta = codes * np.expand_dims(scale, 1 - w_dq.attributes.get_int("axis")) - b
+    x_mean = np.mean([f["x"].T if trans_a else f["x"] for f in feeds], axis=(0, 1), dtype=np.float64)
+    shift = alpha * (delta @ x_mean if trans_b else x_mean @ delta)
+    expected = (c if beta else 0.0) - shift / (beta or 1.0)
+    bias = gemm.inputs[2]
+    if bias.producer() is None:  # a float C: exactly the corrected bias
+        np.testing.assert_allclose(bias.const_value.numpy(), expected, rtol=1e-5, atol=1e-5)  # float32 ΔB
+    else:  # int32 C (beta = 1): within half a step of its grid
+        dq = bias.producer()
+        step = dq.inputs[1].const_value.numpy()
+        assert np.all(np.abs(dq.inputs[0].const_value.numpy() * step - expected) <= 0.5 * step + 1e-6)

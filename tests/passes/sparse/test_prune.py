@@ -89,6 +89,20 @@ def test_bad_parameters_name_the_fix(params, match):
         bitfold.passes.create("prune", params)
 
 
+@pytest.mark.parametrize(
+    "params,field",
+    [({"pattern": "nm:2:300"}, "pattern 'nm:2:300'"), ({"pattern": "nm:2:4", "overrides": ["*linear*=nm:8:512"]}, "override '[*]linear[*]=nm:8:512'")],
+    ids=["pattern", "override"],
+)
+def test_sparse_format_refuses_groups_wider_than_8_bit_positions(params, field):
+    """SparseMatMul stores each kept weight's position in its group as a bit-plane code of at most 8 bits."""
+    match = field + r" with format = \"sparse\" needs M <= 256 .*; use M <= 256 or format = \"masked\""
+    with pytest.raises(PassParameterError, match=match):
+        bitfold.passes.create("prune", {**params, "format": "sparse"})
+    bitfold.passes.create("prune", {**params, "format": "masked"})  # the masked format holds any M
+    bitfold.passes.create("prune", {"pattern": "nm:2:256", "format": "sparse"})
+
+
 def test_sparse_format_emits_the_compressed_op_for_nm_layers(lm):
     model, feeds, calibration, _ = lm
     step = {"name": "prune", "method": "wanda", "pattern": "nm:2:4", "overrides": ["*node_linear_3*=unstructured:0.5"]}

@@ -25,12 +25,20 @@ def test_dense_and_sparse_weights_and_the_contract(zoo_protos):
     got, want = (next(iter(bitfold.compile(m, "ort", "cpu").run(feeds).values())) for m in (emitted, out))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     before = {n.name: n.inputs[1].const_value.numpy() for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None}
+    checked = 0
     for node in out.graph:
         if node.name in before and node.metadata_props.get("bitfold.pass") == "split-outliers":
-            w = node.inputs[1].const_value.numpy()
-            for g in range(0, w.shape[0], 16):  # per output and 16-group: ≤ 8 grid levels + float16 outliers
-                levels = [len(np.unique(col)) for col in w[g : g + 16].T]
-                assert max(levels) <= 8 + int(np.ceil(0.02 * w.size))
+            w0, w = before[node.name], node.inputs[1].const_value.numpy()
+            outlier = np.zeros(w0.size, bool)  # the round(ratio · size) largest original weights
+            outlier[np.argsort(-np.abs(w0), axis=None, kind="stable")[: round(0.02 * w0.size)]] = True
+            outlier = outlier.reshape(w0.shape)
+            np.testing.assert_array_equal(w[outlier], w[outlier].astype(np.float16).astype(w.dtype), err_msg=node.name)
+            for g in range(0, w.shape[0], 16):  # the rest: per output and 16-group along K, at most 2³ grid levels
+                for col in range(w.shape[1]):
+                    dense = w[g : g + 16, col][~outlier[g : g + 16, col]]
+                    assert len(np.unique(dense)) <= 8, (node.name, g, col)
+            checked += 1
+    assert checked == 14
     _, second = bitfold.optimize(out, [step], calibration)
     assert not second.passes[0].modified
     with pytest.raises(PassParameterError, match="ratio"):

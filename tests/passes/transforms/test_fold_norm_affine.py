@@ -64,3 +64,30 @@ def test_without_centering_a_layernorm_stream_is_not_rotated(zoo_protos):
     assert not report.passes[-1].modified and "mean-centring" in report.passes[-1].notes[0]
     _, rms = bitfold.optimize(fresh(zoo_protos, "tiny-lm"), [*CANONICAL, {"name": "fold-norm-affine", "center": True}], verify=True)
     assert rms.passes[-1].ops_removed == {"Mul": 5}  # an RMSNorm stream needs no centring: γ folds only
+
+
+def test_centering_an_fp16_layernorm_stream_keeps_every_op_in_fp16():
+    """The RMSNorm written for a float16 LayerNorm gets float16 constants: the model passes the checker's full
+    check, loads in ONNX Runtime and matches the original within float16 precision."""
+    import numpy as np
+    import onnx
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from models import TinyLayerNormLM
+
+    torch.manual_seed(0)
+    source = bitfold.from_torch(TinyLayerNormLM().eval().half(), (torch.randint(0, 96, (1, 8)),))
+    assert source.graph.outputs[0].dtype == ir.DataType.FLOAT16
+    model, report = bitfold.optimize(bitfold.clone(source), [*CANONICAL, {"name": "fold-norm-affine", "center": True}])
+    assert report.passes[-1].ops_removed == {"LayerNormalization": 5}
+    proto = ir.to_proto(model)
+    onnx.checker.check_model(proto, full_check=True)
+    written = [n for n in model.graph if n.op_type in ("Add", "Pow") and n.metadata_props.get("bitfold.pass") == "fold-norm-affine"]
+    assert len(written) == 10  # + ε and x² in each of the 5 norms
+    for node in written:
+        assert all(v.const_value is None or v.const_value.dtype == ir.DataType.FLOAT16 for v in node.inputs), node.name
+    feeds = {"input_ids": np.random.default_rng(0).integers(0, 96, (1, 8)).astype(np.int64)}
+    want = ort.InferenceSession(ir.to_proto(source).SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=0, atol=1e-2 * np.abs(want).max())
