@@ -3,8 +3,10 @@
 ``debug(model, steps, feeds)`` runs the steps one at a time through the pass manager's instrumentation (time,
 ops added/removed, parameter bytes). After each it compares the graph outputs with the input model's (cumulative
 error) and with the previous model's (the pass's own error: max abs, relative L2, cosine, SQNR). The first pass
-whose own error exceeds ``tolerance`` is the culprit; inside it, every float tensor of the rewritten graph that
-maps to one of the input graph — by name, else through provenance (a node stamped ``bitfold.from`` with one
+whose own relative error exceeds ``tolerance`` is the culprit (errors are relative to the reference's size, but
+never to less than a floor tied to the model's scale, ``DebugReport.floor``, so an output that is near zero for the
+given input does not turn rounding into a large relative error); inside it, every float tensor of the rewritten
+graph that maps to one of the input graph — by name, else through provenance (a node stamped ``bitfold.from`` with one
 origin, whose output leaves the group of nodes made from that origin, stands for the origin's output) — is
 exposed as an output of both graphs, and the first one in the rewritten graph's order whose error exceeds the
 tolerance names the first node that went wrong (its producer). The worst pass (the culprit, else the largest own
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,27 +34,48 @@ from bitfold.tools.graph_diff import GraphDiff, diff, to_svg
 from bitfold.tools.reduce import Repro, reduce
 
 
+#: How many units in the last place of the model's scale an output may move by when only the order of its
+#: floating-point operations changes (reassociated sums, fused or folded constants): errors up to this size are
+#: rounding, never a culprit.
+ROUNDING_ULPS = 16
+
+
 @dataclasses.dataclass
 class TensorError:
     name: str
     max_abs: float
+    #: ‖got − ref‖₂ / max(‖ref‖₂, √n · floor): relative L2 error, against at least ``floor`` per element.
     rel: float
     cosine: float
     sqnr_db: float
     reference: str = ""  # the input graph's tensor it was compared with, when the pass renamed it
+    floor: float = 0.0  # the smallest per-element magnitude ``rel`` is taken relative to
 
     @classmethod
-    def of(cls, name: str, got: np.ndarray, ref: np.ndarray) -> TensorError:
+    def of(cls, name: str, got: np.ndarray, ref: np.ndarray, floor: float = 0.0) -> TensorError:
         g, r = np.asarray(got, np.float64).ravel(), np.asarray(ref, np.float64).ravel()
         same = g == r  # equal infinities (attention masks) count as no error
         if (~same & ~(np.isfinite(g) & np.isfinite(r))).any():
-            return cls(name, float("inf"), float("inf"), float("nan"), float("-inf"))
+            return cls(name, float("inf"), float("inf"), float("nan"), float("-inf"), floor=floor)
         g, r = g[~same | np.isfinite(r)], r[~same | np.isfinite(r)]
         diff = float(np.linalg.norm(g - r))
         norm = float(np.linalg.norm(r))
         cosine = float(g @ r / (np.linalg.norm(g) * norm)) if norm and np.linalg.norm(g) else float(diff == 0)
         sqnr = float(20 * np.log10(norm / diff)) if diff else float("inf")
-        return cls(name, float(np.abs(g - r).max(initial=0.0)), diff / norm if norm else diff, cosine, sqnr)
+        size = max(norm, float(np.sqrt(r.size)) * floor)
+        return cls(name, float(np.abs(g - r).max(initial=0.0)), diff / size if size else diff, cosine, sqnr, floor=floor)
+
+
+def model_scale(arrays: Iterable[np.ndarray]) -> float:
+    """S: the median, over the floating-point arrays given (every tensor of the input model on the feeds), of each
+    one's root-mean-square over its finite values: the typical size of the values the model computes. A median, so
+    neither masks filled with the float minimum nor outputs that are near zero for this input set it."""
+    sizes = []
+    for a in arrays:
+        if isinstance(a, np.ndarray) and a.dtype.kind == "f" and a.size:
+            finite = a[np.isfinite(a)].astype(np.float64)
+            sizes.append(float(np.sqrt(np.mean(finite**2))) if finite.size else 0.0)
+    return float(np.median(sizes)) if sizes else 0.0
 
 
 @dataclasses.dataclass
@@ -83,6 +106,8 @@ class PassDiagnosis:
 class DebugReport:
     tolerance: float
     passes: list[PassDiagnosis]
+    #: S, the model's scale (``model_scale`` of the input model's tensors on the feeds), which sets the error floor.
+    scale: float = 0.0
     culprit: int | None = None  # index into passes
     first_node: str | None = None
     first_tensor: TensorError | None = None
@@ -93,9 +118,30 @@ class DebugReport:
     repro: Repro | None = None
     reduce_note: str = ""  # why the culprit could not be reduced
 
+    def floor(self, dtype: np.dtype = np.dtype(np.float32)) -> float:
+        """The error floor for a tensor of ``dtype``: ROUNDING_ULPS · ε(dtype) · S / tolerance.
+
+        Errors are relative to max(‖reference‖₂, √n · floor), so a pass is over the tolerance only where its error
+        exceeds both tolerance · ‖reference‖₂ and ROUNDING_ULPS ulps of the model's scale S per element: a tensor
+        that is near zero for this input (a detector's map with nothing to detect) is measured against the scale
+        of the model's values rather than against its own vanishing size. Non-float tensors get no floor.
+        """
+        dtype = np.dtype(dtype)
+        if dtype.kind != "f" or not self.tolerance:
+            return 0.0
+        return ROUNDING_ULPS * float(np.finfo(dtype).eps) * self.scale / self.tolerance
+
+    def floor_note(self) -> str:
+        """One sentence saying how errors are measured, for the report's text."""
+        return (f"Errors are relative to max(‖reference‖₂, √n · floor), floor = {ROUNDING_ULPS}·ε·S / tolerance "
+                f"= {self.floor():.3g} for float32 with S = {self.scale:.3g} (the median RMS of the input model's float "
+                f"tensors on these inputs): a difference within {ROUNDING_ULPS} ulps of the model's scale is "
+                f"rounding, even where an output is near zero.")  # fmt: skip
+
     def to_json(self) -> str:
         data = dataclasses.asdict(dataclasses.replace(self, diff_svg="", repro=None))
         del data["diff_svg"]
+        data["floor"], data["floor_note"] = self.floor(), self.floor_note()
         if self.repro is not None:
             data["repro"] = {"nodes": self.repro.nodes, "depth": self.repro.depth, "error": self.repro.error}
         return json.dumps(data, indent=2)
@@ -122,8 +168,8 @@ def _build(step: str | Mapping[str, Any] | BitfoldPass, calibration: Any) -> Bit
     return p
 
 
-def _errors(got: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], names: Sequence[str]) -> list[TensorError]:
-    return [TensorError.of(n, got[n], ref[n]) for n in names]
+def _errors(got: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], names: Sequence[str], report: DebugReport) -> list[TensorError]:
+    return [TensorError.of(n, got[n], ref[n], report.floor(np.asarray(ref[n]).dtype)) for n in names]
 
 
 def debug(
@@ -137,8 +183,10 @@ def debug(
     """Run ``steps`` on a copy of ``model`` one at a time and locate the first pass and node exceeding ``tolerance``."""
     current = clone(model)
     outputs = [v.name for v in current.graph.outputs]
-    reference = run_exposing(current, feeds)
-    report = DebugReport(tolerance, [])
+    computed = run_exposing(current, feeds, [v.name for n in current.graph for v in n.outputs if v.dtype in _MAYBE_FLOAT])
+    reference = {name: computed[name] for name in outputs}
+    report = DebugReport(tolerance, [], scale=model_scale([*feeds.values(), *computed.values()]))
+    del computed
     previous = reference
     worst: tuple[float, ir.Model, ir.Model] | None = None
     for index, step in enumerate(steps):
@@ -146,7 +194,7 @@ def debug(
         before = clone(current)
         record = run_pass(current, p)
         now = run_exposing(current, feeds)
-        diagnosis = PassDiagnosis(index, p.name, _errors(now, previous, outputs), _errors(now, reference, outputs), record, _unmatched(p, current))
+        diagnosis = PassDiagnosis(index, p.name, _errors(now, previous, outputs, report), _errors(now, reference, outputs, report), record, _unmatched(p, current))
         report.passes.append(diagnosis)
         if report.culprit is None and diagnosis.own_rel > tolerance:
             report.culprit = index
@@ -184,6 +232,9 @@ def _unmatched(p: BitfoldPass, model: ir.Model) -> list[Unmatched]:
     ]  # fmt: skip
 
 
+_MAYBE_FLOAT = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE, None})
+
+
 def _mapping(before: ir.Model, after: ir.Model) -> dict[str, str]:
     """Float tensors of ``after`` → the tensor of ``before`` they stand for: same name, else through provenance."""
     maybe_float = (ir.DataType.FLOAT, None)  # untyped intermediates are checked on their computed arrays
@@ -215,7 +266,7 @@ def _locate(report: DebugReport, before: ir.Model, after: ir.Model, feeds: Mappi
     order = [v.name for n in after.graph for v in n.outputs if v.name in mapping]
     got, ref = run_exposing(after, feeds, order), run_exposing(before, feeds, [mapping[n] for n in order])
     report.tensors = [
-        dataclasses.replace(TensorError.of(n, got[n], ref[mapping[n]]), reference=mapping[n] if mapping[n] != n else "")
+        dataclasses.replace(TensorError.of(n, got[n], ref[mapping[n]], report.floor(np.float32)), reference=mapping[n] if mapping[n] != n else "")
         for n in order
         if got[n].shape == ref[mapping[n]].shape and got[n].dtype == ref[mapping[n]].dtype == np.float32
     ]
@@ -274,6 +325,7 @@ def write_html(report: DebugReport, path, title: str = "bitfold debug") -> None:
         if report.culprit is not None
         else f"No pass exceeds the tolerance {report.tolerance:g}."
     )
+    verdict += f"<br>{html.escape(report.floor_note())}"
     if report.repro is not None:
         verdict += (f"<br>Reduced repro: {report.repro.nodes} nodes ({report.repro.depth} producer layers above the first bad tensor), "
                     f"pass error {report.repro.error:.3g} — repro.onnx, repro_inputs.npz and repro.toml beside this page.")  # fmt: skip

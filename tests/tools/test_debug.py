@@ -206,3 +206,82 @@ def test_pattern_pass_says_why_a_candidate_did_not_match(zoo_protos):
     assert report.passes[0].record.ops_removed["BatchNormalization"] == 3
     folded, _ = bitfold.optimize(fresh(zoo_protos, "cnn-bn"), ["fold-constants"])
     assert not debug(folded, ["fold-batchnorm"], bitfold.sample_feeds(folded)).passes[0].unmatched
+
+
+def _cancelling_model() -> ir.Model:
+    """y = x·W1 − x·W2 with W2 = W1 + δ, δ ~ 1e-6: the output is near zero, while the products are of order 4."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((64, 32)).astype(np.float32)
+    w2 = (w1 + rng.uniform(0.5e-6, 1.5e-6, w1.shape)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["a"], name="mm1"),
+            helper.make_node("MatMul", ["x", "w2"], ["b"], name="mm2"),
+            helper.make_node("Sub", ["a", "b"], ["y"], name="sub"),
+        ],
+        "near_zero",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 32])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    return ir.from_proto(helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)], ir_version=9))
+
+
+class FoldDifference(DoubleScale):
+    """An exact rewrite: x·W1 − x·W2 becomes x·(W1 − W2); only the order of the floating-point operations changes."""
+
+    name = "fold-difference"
+
+    def rewrite(self, model: ir.Model) -> int:
+        sub = next(n for n in model.graph if n.op_type == "Sub")
+        mm1, mm2 = (v.producer() for v in sub.inputs)
+        w = mm1.inputs[1].const_value.numpy() - mm2.inputs[1].const_value.numpy()
+        value = ir.Value(name="w_diff", const_value=ir.tensor(w, name="w_diff"))
+        model.graph.register_initializer(value)
+        mm = ir.node("MatMul", [mm1.inputs[0], value], name="mm_diff")
+        model.graph.insert_before(sub, mm)
+        model.graph.outputs[0] = mm.outputs[0]
+        model.graph.remove([sub, mm1, mm2], safe=True)
+        mm.outputs[0].name = "y"
+        return 1
+
+
+class RoundWeights(DoubleScale):
+    """A lossy rewrite: the target MatMul's weight fake-quantized to symmetric per-tensor int8."""
+
+    name = "round-weights"
+
+    def rewrite(self, model: ir.Model) -> int:
+        value = next(n for n in model.graph if n.name == self.target).inputs[1]
+        w = value.const_value.numpy()
+        step = np.abs(w).max() / 127
+        value.const_value = ir.tensor((np.round(w / step) * step).astype(np.float32), name=value.name)
+        return 1
+
+
+@pytest.mark.parametrize("tolerance", [1e-3, 1e-4])
+def test_exact_rewrite_of_a_near_zero_output_is_not_the_culprit(tolerance):
+    from bitfold.tools.debug import TensorError, run_exposing
+
+    model = _cancelling_model()
+    feeds = {"x": np.random.default_rng(1).uniform(0, 1, (4, 64)).astype(np.float32)}
+    ref = run_exposing(model, feeds)["y"]
+    assert np.abs(ref).max() < 1e-4, "the output is near zero"
+    folded = bitfold.clone(model)
+    FoldDifference("")(folded)
+    got = run_exposing(folded, feeds)["y"]
+    raw = TensorError.of("y", got, ref)
+    assert raw.max_abs < 1e-5 and raw.rel > 10 * tolerance, "relative to the output alone, rounding reads as a large error"
+
+    report = debug(model, [FoldDifference("")], feeds, tolerance=tolerance)
+    assert report.culprit is None and report.passes[0].own_rel < tolerance / 2, report.floor_note()
+    report = debug(model, [RoundWeights("mm1"), FoldDifference("")], feeds, tolerance=tolerance)
+    assert report.culprit == 0 and report.passes[0].own_rel > 100 * tolerance, "the lossy pass is still named"
+    assert report.first_node == "mm1" and report.passes[1].own_rel < tolerance / 2
+    assert 1 < report.scale < 10  # the median RMS of x, x·W1, x·W2 and y
+    assert report.floor() == pytest.approx(16 * np.finfo(np.float32).eps * report.scale / tolerance)
+    assert "ulps of the model's scale" in report.floor_note() and '"floor_note"' in report.to_json()
+

@@ -17,10 +17,12 @@ or ``rotate`` leave them, it becomes that norm's γ again. Guarantees: exact equ
 ``search = true`` picks α per group of linears from an 11-point grid by the quantized output error on sampled
 calibration rows (8-bit per-tensor activations, ``weight_bits`` per-channel weights: the W8A8 of
 ``quantize-activations``); the chosen α is recorded on each MatMul (``bitfold.smoothed``). Needs: calibration
-(per-channel max |X|; rows when searching). Leaves alone, with a note: activations no producer can absorb 1/s for
-(attention outputs before o_proj; in a post-norm encoder every norm output, which the residual reads too) unless
-``explicit = true``, which inserts the per-channel ``Mul`` (one elementwise op per token), and groups already
-smoothed (a rerun is a no-op).
+(per-channel max |X|; rows when searching) and each X's width, read from its shape: where an exporter left shapes
+out, they are inferred first (``structure.infer_shapes``, which only adds annotations). Leaves alone, with a note
+naming the reason (``structure.unabsorbed_reason``): activations no producer can absorb 1/s for (attention outputs
+before o_proj; in a post-norm encoder every norm output, which the residual reads too) unless ``explicit = true``,
+which inserts the per-channel ``Mul`` (one elementwise op per token), and groups already smoothed (a rerun is a
+no-op).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bitfold.passes.registry import BitfoldPass, register
-from bitfold.passes.transforms.structure import Linear, shared_inputs
+from bitfold.passes.transforms.structure import Linear, infer_shapes, shared_inputs, unabsorbed_reason, width
 from bitfold.passes.transforms.weights import absorber, insert_scale, set_bias, set_weight
 
 SMOOTHED_KEY = "bitfold.smoothed"
@@ -64,6 +66,8 @@ class Smooth(BitfoldPass):
     needs_calibration = True
 
     def rewrite(self, model: ir.Model) -> int:
+        if any(width(x) is None for x, _ in shared_inputs(model.graph, self.config.exclude)):
+            infer_shapes(model)  # the absorbers match their per-channel constants to X's width
         groups = self.collect(model.graph)
         if not groups:
             return 0
@@ -92,11 +96,10 @@ class Smooth(BitfoldPass):
                 continue
             absorb = absorber(graph, x, readers)
             if absorb is None and self.config.explicit:
-                self.notes.append(f"'{x.name}' gets an explicit per-channel Mul: no producer absorbs 1/s")
+                self.notes.append(f"'{x.name}' gets an explicit per-channel Mul: {unabsorbed_reason(x)}")
                 absorb = absorber(graph, x, readers, explicit=True)
             if absorb is None:
-                producer = x.producer()
-                self.notes.append(f"'{x.name}' (from {producer.op_type if producer else 'a graph input'}) kept: no producer absorbs 1/s")
+                self.notes.append(f"'{x.name}' kept: {unabsorbed_reason(x)}; explicit = true inserts a per-channel Mul")
                 continue
             groups.append((x, readers, absorb))
         return groups

@@ -10,13 +10,16 @@ Everything is found from the dataflow, on graphs as torch.onnx exports them:
 - the **residual stream**: from an embedding ``Gather`` of a constant table, through the residual ``Add`` nodes whose
   other operand a linear writes, to the norms that read it. Any other reader of the stream makes it unsupported.
 
-Functions return the structure or a sentence saying why it is unsupported; nothing here modifies the graph.
+Widths and ranks come from the values' shapes where they are annotated, else from the weights (an RMSNorm γ's length);
+``infer_shapes`` fills in the shapes many exporters leave out. Functions return the structure or a sentence saying
+why it is unsupported; nothing here modifies the graph except ``infer_shapes``, which only annotates values.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+from collections.abc import Iterator
 
 import numpy as np
 import onnx_ir as ir
@@ -82,6 +85,64 @@ def const(value: ir.Value | None) -> np.ndarray | None:
     return value.const_value.numpy()
 
 
+def width(value: ir.Value) -> int | None:
+    """The static size of ``value``'s last axis, or None when its shape is not annotated or symbolic there."""
+    if value.shape is None or len(value.shape) == 0:
+        return None
+    last = value.shape[-1]
+    return last if isinstance(last, int) else None
+
+
+def _values(graph: ir.Graph) -> Iterator[ir.Value]:
+    yield from graph.inputs
+    yield from graph.initializers.values()
+    for node in graph:
+        yield from node.outputs
+
+
+def infer_shapes(model: ir.Model) -> int:
+    """Annotate the top-level intermediate values that lack a shape or type, by ONNX shape inference; how many
+    values were annotated.
+
+    Only missing annotations are added: the graph's inputs and outputs, subgraph values and every shape or type
+    already stated are kept, so what the model computes does not change (value_info alone does). Values inference
+    cannot reach (behind custom-domain ops, or computed from inputs of unknown rank) stay unannotated.
+    """
+    graph = model.graph
+    outputs = {id(v) for v in graph.outputs}
+    missing = [v for node in graph for v in node.outputs if (v.shape is None or v.dtype is None) and id(v) not in outputs]
+    if not missing:
+        return 0
+    before = [(v, v.shape, v.dtype) for g in model.graphs() for v in _values(g)]
+    fillable = {id(v) for v in missing}
+    ir.passes.common.ShapeInferencePass(strict_mode=False)(model)
+    for v, shape, dtype in before:
+        if id(v) not in fillable or shape is not None:
+            v.shape = shape
+        if id(v) not in fillable or dtype is not None:
+            v.dtype = dtype
+    return sum(1 for v, shape, dtype in before if id(v) in fillable and (v.shape, v.dtype) != (shape, dtype))
+
+
+def unabsorbed_reason(x: ir.Value) -> str:
+    """Why the producer of ``x`` cannot take a per-channel scale x ← x / s (``quant.scale_fold``'s absorbers: a
+    LayerNormalization with constant γ and β, a Mul by a constant per-channel vector, a projection read only by a
+    gating Mul; after a plain RMSNorm, a new γ), as a clause for a note."""
+    producer = x.producer()
+    if producer is None:
+        return "it is a graph input, with no producer to absorb 1/s"
+    op = f"{producer.domain + '::' if producer.domain else ''}{producer.op_type} '{producer.name}'"
+    if producer.domain:
+        return f"its producer {op} is outside the ONNX domain, so bitfold cannot fold a scale into it"
+    if producer.op_type not in ("LayerNormalization", "Mul"):
+        return f"{op} cannot absorb a per-channel scale (absorbers: LayerNormalization, a Mul by a constant γ, a gated MLP's up projection, a plain RMSNorm)"
+    if width(x) is None:
+        return f"its width is unknown (no static last dimension, even after shape inference), so no per-channel constant of {op} can be matched to it"
+    if producer.op_type == "LayerNormalization":
+        return f"{op} has a γ or β that is not a constant initializer"
+    return f"{op} multiplies by neither a constant [{width(x)}] vector nor a projection that nothing else reads"
+
+
 def find_norms(graph: ir.Graph) -> list[Norm]:
     """Every RMSNorm (decomposed) and LayerNormalization in the graph's top level."""
     norms = []
@@ -128,8 +189,10 @@ def _rmsnorm(node: ir.Node) -> Norm | None:
         if len(users) == 1 and users[0].op_type == "Mul" and not users[0].domain and not core.is_graph_output():
             other = next(v for v in users[0].inputs if v is not core)
             g = const(other)
-            width = x.shape[-1] if x.shape is not None else None
-            if g is not None and g.size == width and g.shape[-1:] == (width,):
+            channels = width(x)
+            if channels is None and g is not None and g.ndim > 0 and g.size > 1:
+                channels = g.shape[-1]  # x unannotated: a [.., 1, C] constant scales the last axis of an [.., C] tensor
+            if g is not None and g.size == channels and g.shape[-1:] == (channels,):
                 affine, gamma = users[0], g.reshape(-1)
         output = affine.outputs[0] if affine is not None else core
         return Norm("rms", x, output, core, nodes, affine, gamma, None)

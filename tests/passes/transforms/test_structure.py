@@ -62,3 +62,35 @@ def test_rmsnorm_written_with_div_and_mul_x_x_is_found():
     folded, report = bitfold.optimize(model, ["fold-norm-affine"], verify=True)
     assert report.passes[0].modified and report.passes[0].max_rel <= 1e-5
     assert not find_norms(folded.graph)[0].has_affine
+
+
+def test_norms_found_without_shape_annotations(zoo_protos):
+    """With value_info stripped, an RMSNorm's γ is recognized by its length, and the norm readers are the same."""
+    model = _canonical(zoo_protos, "decoder-rmsnorm-swiglu-rope")
+    outputs = set(model.graph.outputs)
+    for node in model.graph:
+        for v in node.outputs:
+            if v not in outputs:
+                v.shape = None
+    decoder = find_norms(model.graph)
+    assert [n.kind for n in decoder] == ["rms", "rms"] and all(n.has_affine for n in decoder)
+    assert all(n.gamma.shape == (32,) for n in decoder)
+    widths = [sorted(lin.weight.shape[1] for lin in linear_readers(n.output)) for n in decoder]
+    assert widths == [[32, 32, 32], [64, 64]]
+
+
+def test_infer_shapes_fills_only_missing_annotations(zoo_protos):
+    from bitfold.passes.transforms.structure import infer_shapes, width
+
+    model = _canonical(zoo_protos, "decoder-rmsnorm-swiglu-rope")
+    annotated = {v.name: v.shape for node in model.graph for v in node.outputs}
+    stripped = [v for node in model.graph for v in node.outputs if v.shape is not None and v not in set(model.graph.outputs)][::2]
+    for v in stripped:
+        v.shape = None
+    unannotated = sum(1 for node in model.graph for v in node.outputs if v.shape is None and v not in set(model.graph.outputs))
+    assert infer_shapes(model) == unannotated >= len(stripped)
+    assert {name: shape for name, shape in annotated.items() if shape is not None} == {
+        v.name: v.shape for node in model.graph for v in node.outputs if annotated[v.name] is not None
+    }, "the stripped values get their exported shapes back, and no stated shape changes"
+    assert infer_shapes(model) == 0
+    assert all(width(n.output) == 32 for n in find_norms(model.graph))
