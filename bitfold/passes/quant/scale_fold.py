@@ -24,7 +24,7 @@ def scale_fold(graph: ir.Graph, x: ir.Value, consumers: set[ir.Node]):
     if x.is_graph_output() or {user for user, _ in x.uses()} != consumers:
         return None
     producer = x.producer()
-    channels = x.shape[-1] if x.shape is not None and isinstance(x.shape[-1], int) else None
+    channels = _channels(x, consumers)
     if producer is None or channels is None or producer.domain:
         return None
 
@@ -58,6 +58,20 @@ def scale_fold(graph: ir.Graph, x: ir.Value, consumers: set[ir.Node]):
                     replace(add, index, _const(add.inputs[index]) / s.reshape(_const(add.inputs[index]).shape), "awq")
             return fold_projection
     return None
+
+
+def _channels(x: ir.Value, consumers: set[ir.Node]) -> int | None:
+    """x's last-axis width: from its shape, else from the consumers' constant [K, N] MatMul weights (graphs from other
+    exporters often annotate no intermediate shapes)."""
+    if x.shape is not None and len(x.shape) and isinstance(x.shape[-1], int):
+        return x.shape[-1]
+    widths = set()
+    for node in consumers:
+        w = _const(node.inputs[1]) if node.op_type == "MatMul" and len(node.inputs) > 1 and node.inputs[0] is x else None
+        if w is None or w.ndim != 2:
+            return None
+        widths.add(w.shape[0])
+    return widths.pop() if len(widths) == 1 else None
 
 
 def _matmul_source(value: ir.Value) -> ir.Node | None:

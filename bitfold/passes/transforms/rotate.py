@@ -44,7 +44,7 @@ from bitfold.passes.initializers import add_initializer, copy_type, drop_if_unus
 from bitfold.passes.registry import BitfoldPass, register
 from bitfold.passes.transforms.affine import minimise, ste_fake_quant
 from bitfold.passes.transforms.structure import Stream, const, residual_stream
-from bitfold.passes.transforms.weights import set_bias, set_weight
+from bitfold.passes.transforms.weights import float_dtype, set_bias, set_weight
 
 ROTATED_KEY = "bitfold.rotated"
 
@@ -180,7 +180,7 @@ class Rotate(BitfoldPass):
             if id(lin.matmul) in blocks:
                 block = blocks[id(lin.matmul)]
                 if id(block) not in values:
-                    values[id(block)] = add_initializer(graph, f"hadamard_block_{w.shape[0]}", block.astype(np.float32))
+                    values[id(block)] = add_initializer(graph, f"hadamard_block_{w.shape[0]}", block.astype(float_dtype(lin.matmul.inputs[0])))
                 w = hadamard.matrix(block, w.shape[0] // block.shape[0]).T @ w
                 self._online(graph, lin.matmul, values[id(block)])
             set_weight(graph, lin, w @ q, "rot")

@@ -170,3 +170,18 @@ def test_declines_state_the_real_reason():
     ln = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n"], name="ln")]
     note = _declined(ln + readers, w, x_shape=("batch", "seq", "hidden"))  # a symbolic width: inference keeps it symbolic
     assert "width is unknown" in note and "even after shape inference" in note
+
+
+@pytest.mark.parametrize("build", [layernorm_linears, rmsnorm_linears], ids=["layernorm", "rmsnorm"])
+def test_awq_folds_the_same_scales_with_and_without_value_info(build):
+    """AWQ's scale fold reads the channel count from the consumers' weights when the norm output has no shape."""
+    step = {"name": "quantize-weights", "method": "awq", "bits": 3, "group_size": 8, "format": "fake"}
+    results = []
+    for shapes in (True, False):
+        model, _ = bitfold.optimize(ir.from_proto(build(shapes)), [step], _calibration())
+        results.append(_initializers(model))
+    annotated, stripped = results
+    assert any(name.endswith("_awq") for name in stripped), sorted(stripped)  # the norm took the scale
+    assert annotated.keys() == stripped.keys()
+    for name in annotated:
+        np.testing.assert_array_equal(stripped[name], annotated[name], err_msg=name)

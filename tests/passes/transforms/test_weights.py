@@ -68,3 +68,16 @@ def test_float_dtype_of_an_untyped_value_comes_from_its_producers():
     cast = ir.node("Cast", [ids], attributes={"to": ir.DataType.BFLOAT16}).outputs[0]
     assert float_dtype(ir.node("Relu", [cast]).outputs[0]) == np.dtype(ir.DataType.BFLOAT16.numpy())
     assert float_dtype(ir.node("Relu", [ids]).outputs[0]) == np.float32  # no floating source: the default
+
+
+def test_inserted_rotation_takes_the_dtype_of_its_input():
+    from bitfold.passes.transforms.affine import insert_matrix
+
+    model, w = _fp16_linear()
+    q, _ = np.linalg.qr(np.random.default_rng(3).standard_normal((32, 32)))
+    insert_matrix(model.graph, model.graph.inputs[0], q)
+    x = np.random.default_rng(2).standard_normal((4, 32)).astype(np.float16)
+    got = _run(model, x)
+    want = x.astype(np.float32) @ q @ w.astype(np.float32)
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=0, atol=1e-2 * np.abs(want).max())
