@@ -49,6 +49,10 @@ class MultlessConfig:
     sink_weight: float = dataclasses.field(default=1.0, metadata={"doc": "GPTQ: weight in H of each sequence's first token (attention sink)"})
     format: Literal["op", "fake"] = dataclasses.field(default="op", metadata={"doc": "op: the bitfold op | fake: dequantized float weights (also Conv)"})
 
+    def __post_init__(self) -> None:
+        if not 0.0 < self.damp <= 1.0:
+            raise ValueError("damp must be a number in (0, 1]")
+
 
 @dataclasses.dataclass
 class Encoded:
@@ -87,7 +91,8 @@ class WeightPass(BitfoldPass):
     @property
     def loop(self) -> dict[str, float]:
         """GPTQ loop arguments."""
-        return {"damp": self.config.damp, "block_size": self.config.block_size, "act_order": self.config.act_order}
+        return {"damp": self.config.damp, "block_size": self.config.block_size, "act_order": self.config.act_order,
+                "notes": self._solver_notes}
 
     @abstractmethod
     def solve_node(self, node: ir.Node, wt: np.ndarray, hessian: np.ndarray | None) -> Encoded:
@@ -102,6 +107,7 @@ class WeightPass(BitfoldPass):
             return 0
         hessians = self._hessians(model, targets) if self.uses_hessian else {}
         bits = weights = 0
+        self._solver_notes: list[str] = []
         for node in tqdm(targets, desc=self.name, leave=False, disable=len(targets) < 8):
             w = node.inputs[1].const_value.numpy()
             wt = _as_rows(node, w)
@@ -110,6 +116,8 @@ class WeightPass(BitfoldPass):
             else:
                 encoded = self.solve_node(node, wt.astype(np.float64), hessians.get(node.inputs[0].name))
             bits, weights = bits + encoded.bits, weights + wt.size
+            self.notes += [f"{node.name}: {note}" for note in self._solver_notes]
+            self._solver_notes.clear()
             self.fold(model, node, encoded, w)
         self.notes.append(self.summary(len(targets), bits, weights))
         return len(targets)

@@ -32,6 +32,7 @@ class BinarizeConfig(MultlessConfig):
     binarize_input: bool = dataclasses.field(default=False, metadata={"doc": "binarize activations too (XNOR-popcount)"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.planes not in (1, 2):
             raise ValueError("planes must be 1 or 2")
         if not 0.0 <= self.salient_ratio < 0.5:

@@ -26,6 +26,7 @@ class ShiftConfig(MultlessConfig):
     zero: bool = dataclasses.field(default=True, metadata={"doc": "one code means 0 (DeepShift-PS); false: DenseShift"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.bits not in (3, 4):
             raise ValueError("bits must be 3 or 4")
 

@@ -32,6 +32,7 @@ class ShiftAddConfig(MultlessConfig):
     iters: int = dataclasses.field(default=10, metadata={"doc": "alternating least-squares rounds per group"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.q not in (2, 3, 4):
             raise ValueError("q must be 2, 3 or 4")
         if self.group_size != -1 and (self.group_size <= 0 or self.group_size % 8):

@@ -91,6 +91,8 @@ class QuantizeWeightsConfig:
             raise ValueError("compensate_rank must be >= 0")
         if self.group_size < -1:
             raise ValueError("group_size must be -1 (per channel), 0 (per tensor) or a positive size")
+        if not 0.0 < self.damp <= 1.0:
+            raise ValueError("damp must be a number in (0, 1]")
         if self.clip == "output" and self.group_size == 0:
             raise ValueError("clip = \"output\" fits each scale group; use group_size -1 or > 0, or clip = \"weight\"")
         if self.format == "matmulnbits":
@@ -152,14 +154,19 @@ class QuantizeWeights(BitfoldPass):
         weights = list(dict.fromkeys(node.inputs[1] for node in targets))  # the float weights about to be replaced
         if self.config.format == "qdq" and model.opset_imports.get("", 1) < 21:
             onnxscript.version_converter.convert_version(model, 21)
+        self._solver_notes: list[str] = []
         for node in tqdm(targets, desc=f"quantize-weights {self.config.tag}", leave=False, disable=len(targets) < 8):
             w = node.inputs[1].const_value.numpy().astype(np.float32)
             if node.op_type == "Conv":
                 q, scale, zero = self.solve_groups(w.reshape(w.shape[0], -1), patch_grams.get(node.name))
+                self.notes += [f"{node.name}: {note}" for note in self._solver_notes]
+                self._solver_notes.clear()
                 self.fold_conv(model.graph, node, q, scale, zero)
                 continue
             wt, x = w.T, node.inputs[0]
             q, scale, zero = self.solve(wt, hessians.get(x.name))
+            self.notes += [f"{node.name}: {note}" for note in self._solver_notes]
+            self._solver_notes.clear()
             producer = self.fold(model.graph, node, q, scale, zero)
             if self.config.compensate_rank:
                 l1, l2 = eora((wt - q).T, hessians[x.name], self.config.compensate_rank)
@@ -248,7 +255,7 @@ class QuantizeWeights(BitfoldPass):
         fmt, granularity = self.config.number_format, granularity_from(self.config.group_size)
         if self.config.method == "gptq":
             return gptq(wt, hessian, fmt, granularity, block_size=self.config.block_size, damp=self.config.damp,
-                        act_order=self.config.act_order, clip=self.config.clip)  # fmt: skip
+                        act_order=self.config.act_order, clip=self.config.clip, notes=self._solver_notes)  # fmt: skip
         scale, zero = group_params(wt, fmt, granularity, self.config.clip, hessian)
         return fmt.dequantize(fmt.quantize(wt, scale, zero), scale, zero), scale, zero
 

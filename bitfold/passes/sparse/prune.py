@@ -54,6 +54,8 @@ class PruneConfig:
     format: Literal["masked", "sparse"] = dataclasses.field(default="masked", metadata={"doc": "masked: dense with zeros | sparse: bitfold.SparseMatMul for N:M"})
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.damp <= 1.0:
+            raise ValueError("damp must be a number in (0, 1]")
         self._check_packable(f"pattern '{self.pattern}'", sparse.parse_pattern(self.pattern))
         for item in self.overrides:
             glob, sep, pattern = item.partition("=")

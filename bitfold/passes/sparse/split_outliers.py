@@ -44,6 +44,8 @@ class SplitOutliersConfig:
             raise ValueError("ratio must be in (0, 0.5)")
         if self.bits not in (2, 3, 4, 8):
             raise ValueError("bits must be 2, 3, 4 or 8")
+        if not 0.0 < self.damp <= 1.0:
+            raise ValueError("damp must be a number in (0, 1]")
 
 
 @register
@@ -66,7 +68,7 @@ class SplitOutliers(WeightPass):
 
     def solve_node(self, node: ir.Node, wt: np.ndarray, hessian: np.ndarray | None) -> Encoded:
         c = self.config
-        loop = {"damp": c.damp, "block_size": c.block_size, "act_order": c.act_order}
+        loop = self.loop
         fmt = format_from(f"int{c.bits}")
         q, outliers, scale = sparse.dense_and_sparse(wt, hessian, fmt, granularity_from(c.group_size), c.ratio, **loop)
         block = c.group_size if c.group_size > 0 else wt.shape[1]

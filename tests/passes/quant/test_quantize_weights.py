@@ -133,6 +133,8 @@ def test_gptq_needs_calibration_and_beats_rtn(decoder):
         ({"method": "awq-ish"}, "must be one of"),
         ({"symmetric": False, "zero_point": "float"}, "use format = \"matmulnbits\" or \"fake\""),
         ({"zero_point": "float", "format": "matmulnbits"}, "set symmetric = false"),
+        ({"method": "gptq", "damp": 0.0}, r"damp must be a number in \(0, 1\]"),
+        ({"method": "gptq", "damp": float("nan")}, r"damp must be a number in \(0, 1\]"),
     ],
 )
 def test_config_errors_name_the_fix(params, message):
@@ -268,3 +270,24 @@ def test_conv_hessian_methods_beat_rtn_on_correlated_patches(cnn, method):
 def test_conv_config_errors_name_the_fix(params, message):
     with pytest.raises(PassParameterError, match=message):
         bitfold.passes.create("quantize-weights", {"op_types": ["MatMul", "Conv"], **params})
+
+
+@pytest.mark.parametrize("name", ["prune", "split-outliers", "shift", "shiftadd", "binarize", "ternarize"])
+def test_every_gptq_loop_pass_refuses_a_bad_damp(name):
+    with pytest.raises(PassParameterError, match=r"damp must be a number in \(0, 1\]"):
+        bitfold.passes.create(name, {"damp": 2.0})
+
+
+def test_gptq_fallback_is_noted_with_the_node(decoder, monkeypatch):
+    """A Hessian GPTQ cannot factor even after dampening: the layer is rounded to nearest and the report says which."""
+    import bitfold.quant.gptq as gptq_module
+
+    def indefinite(H, damp, scale, notes=None):  # no dampening within the retries makes -10⁶ H positive definite
+        return original(-1e6 * H, damp, scale, notes)
+
+    original = gptq_module.inverse_cholesky
+    monkeypatch.setattr(gptq_module, "inverse_cholesky", indefinite)
+    calib = CalibrationData([bitfold.sample_feeds(decoder, seed=s) for s in range(4)])
+    _, report = _quantize(decoder, calibration=calib, method="gptq", bits=4, group_size=16, format="fake")
+    notes = [n for p in report.passes for n in p.notes if "rounded to nearest" in n]
+    assert notes and all(": H is not positive definite" in n for n in notes), notes
