@@ -4,6 +4,13 @@ A bitfold pass is a plain ``onnx_ir.passes.InPlacePass``: it can run under ``onn
 bitfold machinery around it. What bitfold adds is a registered kebab-case ``name``, a ``family``, a frozen
 dataclass ``Config`` of typed parameters (validated on construction, errors name the field and the fix), and a
 ``rewrite`` method that returns how many rewrites it made, so ``modified`` is counted rather than assumed.
+
+A pass that reads activation statistics (``needs_calibration``) takes its data as the declared constructor argument
+``calibration``: a :class:`~bitfold.quant.calibration.CalibrationData`, or any iterable of feed dicts (graph input
+name → array), which is wrapped in one. Run without it, such a pass raises :class:`~bitfold.errors.BitfoldError`
+naming the argument::
+
+    ir.passes.PassManager([Smooth(alpha=0.5, calibration=[{"input_ids": ids}, ...])])(model)
 """
 
 from __future__ import annotations
@@ -13,12 +20,13 @@ import difflib
 import types
 import typing
 from abc import abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import onnx_ir as ir
 
-from bitfold.errors import PassParameterError, UnknownPassError
+from bitfold.errors import BitfoldError, PassParameterError, UnknownPassError
+from bitfold.quant.calibration import CalibrationData
 
 PASS_KEY = "bitfold.pass"
 FROM_KEY = "bitfold.from"
@@ -35,18 +43,32 @@ class BitfoldPass(ir.passes.InPlacePass):
     name: ClassVar[str]
     family: ClassVar[str]
     Config: ClassVar[type] = NoConfig
-    #: True for passes that read activation statistics; the pipeline then requires calibration data.
+    #: True for passes that read activation statistics: they then need the ``calibration`` constructor argument.
     needs_calibration: ClassVar[bool] = False
 
-    def __init__(self, config: Any = None, /, **params: Any) -> None:
+    def __init__(
+        self,
+        config: Any = None,
+        /,
+        *,
+        calibration: CalibrationData | Iterable[Mapping[str, Any]] | None = None,
+        **params: Any,
+    ) -> None:
         super().__init__()
         if config is not None and params:
             raise TypeError("pass either a Config instance or keyword parameters, not both")
         self.config = config if config is not None else make_config(self.name, self.Config, params)
+        #: The calibration samples and their statistics (``None`` for a pass constructed without them).
+        self.calibration = as_calibration(calibration, f"argument 'calibration' of pass '{self.name}'")
         #: Sentences on what the last run left alone and why (unsupported structure); the pipeline reports them.
         self.notes: list[str] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.needs_calibration and self.calibration is None:
+            raise BitfoldError(
+                f"pass '{self.name}' needs calibration data, but was constructed without the 'calibration' argument; "
+                f"construct it with calibration=CalibrationData(...) or a list of feed dicts."
+            )
         self.notes = []
         count = self.rewrite(model)
         return ir.passes.PassResult(model, modified=count > 0)
@@ -61,6 +83,20 @@ class BitfoldPass(ir.passes.InPlacePass):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
+
+
+def as_calibration(calibration: Any, where: str = "argument 'calibration'") -> CalibrationData | None:
+    """``calibration`` as a :class:`CalibrationData`: kept when it is one, wrapped when it is an iterable of feed
+    dicts (or a callable returning one); ``where`` names the argument in the error for anything else. An object
+    with its own ``collect`` (the statistics interface of :class:`CalibrationData`) is kept as it is."""
+    if calibration is None or isinstance(calibration, CalibrationData) or hasattr(calibration, "collect"):
+        return calibration
+    if isinstance(calibration, str | bytes | Mapping) or not (callable(calibration) or isinstance(calibration, Iterable)):
+        raise BitfoldError(
+            f"{where} must be a CalibrationData or an iterable of feed dicts, "
+            f"got {type(calibration).__name__}; for a built-in source use CalibrationData.from_source(name, model)."
+        )
+    return CalibrationData(list(calibration) if isinstance(calibration, Iterator) else calibration)
 
 
 def stamp(node: ir.Node, pass_name: str, sources: Iterable[ir.Node | str]) -> ir.Node:
@@ -97,10 +133,10 @@ def get_pass(name: str) -> type[BitfoldPass]:
         raise UnknownPassError(f"unknown pass '{name}'; {hint}") from None
 
 
-def create(name: str, params: Mapping[str, Any] | None = None) -> BitfoldPass:
-    """Instantiate the registered pass ``name`` with validated ``params``."""
+def create(name: str, params: Mapping[str, Any] | None = None, *, calibration: Any = None) -> BitfoldPass:
+    """Instantiate the registered pass ``name`` with validated ``params`` (and ``calibration``, see the module doc)."""
     cls = get_pass(name)
-    return cls(make_config(name, cls.Config, dict(params or {})))
+    return cls(make_config(name, cls.Config, dict(params or {})), calibration=calibration)
 
 
 def describe(cls: type[BitfoldPass]) -> dict[str, Any]:

@@ -4,14 +4,13 @@ Per pass it measures wall time, the op histogram delta, parameter bytes before/a
 (``bitfold.pass``) on any node a pass created without it. With ``verify=True`` it also, after every pass:
 runs ``onnx.checker`` and names the pass that broke validity; runs the model under ONNX Runtime on sample inputs
 and records max abs / max rel error of every graph output against the input model; and checks the pass's
-``modified`` claim against a fingerprint of the serialized model.
+``modified`` claim against :func:`bitfold.quant.calibration.model_key` (a digest of the graph and its tensors).
 
 Relative error is ``max|y - y_ref| / max|y_ref|`` per output (elementwise ratios explode near zero).
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -24,9 +23,10 @@ from bitfold.backends.ort import OrtRunnable
 from bitfold.errors import BitfoldError, VerificationError
 from bitfold.frontend.inputs import sample_feeds
 from bitfold.frontend.onnx_io import serialized
-from bitfold.passes.registry import FROM_KEY, PASS_KEY, BitfoldPass
+from bitfold.passes.registry import FROM_KEY, PASS_KEY, BitfoldPass, as_calibration
 from bitfold.pipeline.recipe import Recipe, Step
 from bitfold.pipeline.report import OutputError, PassRecord, PipelineReport
+from bitfold.quant.calibration import model_key
 from bitfold.summary import op_histogram, parameter_stats, summarize
 
 #: Called before each pass with (index, total, pass) and after it with the finished record.
@@ -68,15 +68,15 @@ class Pipeline:
     ) -> tuple[ir.Model, PipelineReport]:
         """Rewrite ``model`` in place and return it with its report.
 
-        ``feeds`` are the verification inputs (default: seeded samples, symbolic dimensions sized by ``shapes``
-        or 1).
+        ``calibration`` (a :class:`~bitfold.quant.calibration.CalibrationData` or an iterable of feed dicts, wrapped
+        once so the passes share its statistics cache) is the constructor argument of every pass. ``feeds`` are the
+        verification inputs (default: seeded samples, symbolic dimensions sized by ``shapes`` or 1).
         """
-        passes = self.recipe.build()
+        calibration = as_calibration(calibration)
+        passes = self.recipe.build(calibration)
         for p in passes:
-            if p.needs_calibration and calibration is None:
+            if p.needs_calibration and p.calibration is None:
                 raise BitfoldError(f"pass '{p.name}' needs calibration data; pass --calibration FILE.npz or a source name.")
-            if p.needs_calibration:
-                p.calibration = calibration
         report = PipelineReport(input=summarize(model), verified=self.verify)
         reference = None
         if self.verify:
@@ -119,7 +119,7 @@ def run_pass(model: ir.Model, p: BitfoldPass, verify: bool = False, feeds=None, 
     hist_before = op_histogram(model)
     nodes_before = set(ir.traversal.RecursiveGraphIterator(model.graph))
     bytes_before = parameter_stats(model)[1]
-    fingerprint = _fingerprint(model) if verify else None
+    fingerprint = model_key(model) if verify else None
     start = time.perf_counter()
     result = p(model)
     seconds = time.perf_counter() - start
@@ -142,7 +142,7 @@ def run_pass(model: ir.Model, p: BitfoldPass, verify: bool = False, feeds=None, 
         notes=list(getattr(p, "notes", [])),
     )
     if verify:
-        changed = _fingerprint(model) != fingerprint
+        changed = model_key(model) != fingerprint
         if changed != result.modified:
             said = "modified" if result.modified else "not modified"
             raise PassContractError(f"pass '{p.name}' reported {said} but the model {'did' if changed else 'did not'} change")
@@ -174,13 +174,6 @@ def _run_within(model: ir.Model, step: Step, calibration: Any, feeds, shapes) ->
 
 def _params(p: BitfoldPass) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(p.config).items()}
-
-
-def _fingerprint(model: ir.Model) -> str:
-    """Hash of everything that defines the computation; inferred shape annotations (value_info) are left out."""
-    proto = ir.to_proto(model)
-    proto.graph.ClearField("value_info")
-    return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
 
 
 def _check(model: ir.Model, who: str) -> None:

@@ -49,8 +49,9 @@ class Step:
         if not any(f.name == "exclude" for f in dataclasses.fields(registry.get_pass(self.name).Config)):
             raise RecipeError(f"pass '{self.name}' takes no exclude globs, so max_error (the exclusion loop) cannot apply to it.")
 
-    def build(self) -> registry.BitfoldPass:
-        return registry.create(self.name, self.params)
+    def build(self, calibration: Any = None) -> registry.BitfoldPass:
+        """The pass, constructed with ``calibration`` (its declared constructor argument)."""
+        return registry.create(self.name, self.params, calibration=calibration)
 
     def to_dict(self) -> dict[str, Any]:
         extra = {"max_error": self.max_error} if self.max_error is not None else {}
@@ -114,8 +115,9 @@ class Recipe:
             raise RecipeError(f"recipe file '{path}' cannot be read: {e}.") from None
         return cls.from_toml(text, source=str(path))
 
-    def build(self) -> list[registry.BitfoldPass]:
-        return [step.build() for step in self.steps]
+    def build(self, calibration: Any = None) -> list[registry.BitfoldPass]:
+        """Every step's pass, each constructed with ``calibration``."""
+        return [step.build(calibration) for step in self.steps]
 
     def to_list(self) -> list[dict[str, Any]]:
         return [step.to_dict() for step in self.steps]

@@ -18,9 +18,13 @@ error into that rare direction.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import os
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -123,31 +127,45 @@ class CalibrationData:
         return cls([{name: a[i] for name, a in arrays.items()} for i in range(n)], name=str(path))
 
     @classmethod
-    def from_source(cls, name: str, model: ir.Model) -> CalibrationData:
-        """A built-in source by name, shaped for ``model``'s inputs."""
+    def from_source(
+        cls,
+        name: str,
+        model: ir.Model,
+        *,
+        shapes: Mapping[str, Sequence[int]] | None = None,
+        tokenizer: Any = None,
+        model_dir: str | os.PathLike | None = None,
+    ) -> CalibrationData:
+        """A built-in source by name, shaped for ``model``'s inputs.
+
+        ``shapes`` sizes inputs whose dimensions are symbolic, as the CLI's ``--shape`` does (e.g.
+        ``{"images": (1, 3, 320, 320)}``); a static dimension must agree with it. ``tokenizer`` (text sources) is a
+        Hugging Face tokenizer or the folder of the model's tokenizer files. Without it, the tokenizer files beside
+        the model are used (in ``model_dir``, the folder it was loaded from, else the folder of its external
+        data); without those, the source's own tokenizer (SmolLM2's for ``lee-text``, all-MiniLM-L6-v2's for
+        ``lee-sentences``), which is refused unless the model's vocabulary (the rows of the table ``input_ids``
+        indexes, else the last axis of ``logits``) has exactly its size.
+        """
         if name == "lee-text":
-            from bitfold.eval.models import smollm2
             from bitfold.eval.tasks import CALIB_WINDOWS, WINDOW, lee_windows, lm_feeds
 
-            seq_len = _static_dim(model, "input_ids", 1, default=WINDOW)
-            _, tokenizer = smollm2()
-            windows = lee_windows(tokenizer, CALIB_WINDOWS, seq_len)
+            seq_len = _input_dims(model, "input_ids", shapes, name, defaults={0: 1, 1: WINDOW})[1]
+            tokenizer = _text_tokenizer(name, model, tokenizer, model_dir)
+            try:
+                windows = lee_windows(tokenizer, CALIB_WINDOWS, seq_len)
+            except ValueError as e:
+                raise BitfoldError(f"built-in calibration '{name}' cannot cut its windows with this tokenizer: {e}.") from None
             return cls(list(lm_feeds(windows, model)), name=name)
         if name == "lee-sentences":
             from bitfold.eval.data import lee_sentences
-            from bitfold.eval.models import minilm
             from bitfold.eval.tasks import sentence_feeds
 
-            _, tokenizer = minilm()
+            seq_len = _input_dims(model, "input_ids", shapes, name, defaults={0: 1})[1]
+            tokenizer = _text_tokenizer(name, model, tokenizer, model_dir)
             sentences = lee_sentences("calibration")[:128]
-            return cls(sentence_feeds(tokenizer, sentences, _static_dim(model, "input_ids", 1)), name=name)
+            return cls(sentence_feeds(tokenizer, sentences, seq_len), name=name)
         if name == "skimage-photos":
-            from bitfold.eval.data import photo_crops
-
-            image_input = model.graph.inputs[0]
-            size = _static_dim(model, image_input.name, -1)
-            crops = photo_crops("calibration", 16, size=size)
-            return cls([{image_input.name: crop[None]} for crop in crops], name=name)
+            return cls(_photo_feeds(model, shapes), name=name)
         if Path(name).suffix == ".npz":
             return cls.from_npz(name)
         raise BitfoldError(
@@ -176,7 +194,7 @@ class CalibrationData:
         axes = dict(channel_axis or {})
         names = list(dict.fromkeys(tensors))
         want_gram, want_rows = set(gram), set(rows)
-        key = (_fingerprint(model), tuple(names), tuple(sorted(want_gram)), tuple(sorted(axes.items())), sink_weight, reservoir,
+        key = (model_key(model), tuple(names), tuple(sorted(want_gram)), tuple(sorted(axes.items())), sink_weight, reservoir,
                tuple(sorted(want_rows)), rows_kept)  # fmt: skip
         if self._memo is not None and self._memo[0] == key:  # same graph, same request: reuse
             return self._memo[1]
@@ -193,7 +211,7 @@ class CalibrationData:
     def conv_grams(self, model: ir.Model, convs: Mapping[str, tuple[str, ConvGeometry]], *, progress: bool = True) -> dict[str, np.ndarray]:
         """Patch Gram matrices (groups, K, K) of 2-D Convs, keyed like ``convs``: key -> (input tensor, geometry).
         Memoised like :meth:`collect`."""
-        memo_key = (_fingerprint(model), tuple(sorted(convs.items())))
+        memo_key = (model_key(model), tuple(sorted(convs.items())))
         if self._conv_memo is not None and self._conv_memo[0] == memo_key:  # same graph, same request: reuse
             return self._conv_memo[1]
         names = sorted({tensor for tensor, _ in convs.values()})
@@ -227,15 +245,236 @@ class CalibrationData:
             yield runnable.run(feeds)
 
 
-def _fingerprint(model: ir.Model) -> str:
-    return hashlib.sha256(ir.to_proto(model).SerializeToString(deterministic=True)).hexdigest()
+def model_key(model: ir.Model) -> str:
+    """A digest of everything that defines ``model``'s computation, without serializing it.
+
+    It covers the opsets, the graph inputs and outputs (names, types, shapes), every node (op, domain, name, input
+    and output names, attributes, metadata) in order, subgraphs and functions, and every initializer and tensor
+    attribute by name, dtype, shape and a SHA-256 of its bytes. Shapes inferred on intermediate values are left
+    out. A tensor's bytes are hashed once per tensor object and remembered while the object lives: a tensor
+    replaced by another (how passes change weights) is hashed anew; one edited in place through its numpy array is
+    caught by a strided sample of its values, read on every call.
+    """
+    h = hashlib.sha256()
+    _feed(h, "model", model.ir_version, sorted(model.opset_imports.items()), sorted(model.metadata_props.items()))
+    _graph_key(h, model.graph)
+    for function in model.functions.values():
+        _feed(h, "function", function.identifier(), sorted(function.opset_imports.items()))
+        _feed(h, [attr.name for attr in function.attributes.values()])
+        _graph_key(h, function)
+    return h.hexdigest()
 
 
-def _static_dim(model: ir.Model, input_name: str, axis: int, default: int | None = None) -> int:
-    """The static size of an input's axis; ``default`` when the axis is symbolic (a KV-cache graph's sequence)."""
-    for value in model.graph.inputs:
-        if value.name == input_name and value.shape is not None and isinstance(value.shape[axis], int):
-            return value.shape[axis]
-        if value.name == input_name and default is not None:
-            return default
-    raise BitfoldError(f"built-in calibration needs a static '{input_name}' input; export it with fixed shapes.")
+def _feed(h, *parts) -> None:
+    data = repr(parts).encode()
+    h.update(len(data).to_bytes(8, "little"))
+    h.update(data)
+
+
+def _graph_key(h, graph: ir.Graph | ir.Function) -> None:
+    _feed(h, "inputs", [_value_key(v) for v in graph.inputs], "outputs", [_value_key(v) for v in graph.outputs])
+    for name, value in getattr(graph, "initializers", {}).items():
+        _feed(h, "initializer", name, _tensor_key(value.const_value))
+    for node in graph:
+        inputs = [v.name if v is not None else None for v in node.inputs]
+        _feed(h, "node", node.domain, node.op_type, node.overload, node.name, inputs, [v.name for v in node.outputs],
+              sorted(node.metadata_props.items()), node.doc_string)  # fmt: skip
+        for attr in node.attributes.values():
+            _attr_key(h, attr)
+
+
+def _attr_key(h, attr: ir.Attr) -> None:
+    if attr.is_ref():
+        _feed(h, "ref", attr.name, attr.ref_attr_name)
+    elif attr.type == ir.AttributeType.GRAPH:
+        _feed(h, "graph", attr.name)
+        _graph_key(h, attr.value)
+    elif attr.type == ir.AttributeType.GRAPHS:
+        _feed(h, "graphs", attr.name, len(attr.value))
+        for graph in attr.value:
+            _graph_key(h, graph)
+    elif attr.type == ir.AttributeType.TENSOR:
+        _feed(h, "tensor", attr.name, _tensor_key(attr.value))
+    elif attr.type == ir.AttributeType.TENSORS:
+        _feed(h, "tensors", attr.name, [_tensor_key(t) for t in attr.value])
+    else:
+        _feed(h, "attr", attr.name, attr.type, attr.value)
+
+
+def _value_key(value: ir.Value) -> tuple:
+    shape = None if value.shape is None else tuple(str(d) if not isinstance(d, int) else d for d in value.shape)
+    return value.name, str(value.type), shape
+
+
+#: id(tensor) -> (weak reference to it, strided sample of its values, SHA-256 of its bytes).
+_DIGESTS: dict[int, tuple[weakref.ref, bytes, str]] = {}
+_SAMPLES = 16
+
+
+def _tensor_key(tensor) -> tuple | None:
+    if tensor is None:
+        return None
+    return str(tensor.dtype), tuple(tensor.shape.numpy()), _digest(tensor)
+
+
+def _digest(tensor) -> str:
+    sample = _sample(tensor)
+    entry = _DIGESTS.get(id(tensor))
+    if entry is not None and entry[0]() is tensor and entry[1] == sample:
+        return entry[2]
+    digest = _content_digest(tensor)
+    try:
+        ref = weakref.ref(tensor, functools.partial(_forget, id(tensor)))
+    except TypeError:  # a tensor type without weak references: hashed on every call
+        return digest
+    _DIGESTS[id(tensor)] = (ref, sample, digest)
+    return digest
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    entry = _DIGESTS.get(key)
+    if entry is not None and entry[0] is ref:
+        del _DIGESTS[key]
+
+
+def _sample(tensor) -> bytes:
+    """Evenly strided values of a tensor backed by a writable numpy array (the only kind editable in place)."""
+    raw = getattr(tensor, "raw", None) if isinstance(tensor, ir.Tensor) else None
+    if not isinstance(raw, np.ndarray) or not raw.flags.writeable or raw.dtype.hasobject or raw.size == 0:
+        return b""
+    return raw.flat[:: max(1, raw.size // _SAMPLES)].tobytes()
+
+
+def _content_digest(tensor) -> str:
+    try:
+        array = np.ascontiguousarray(tensor.numpy())
+        data = array.reshape(-1).view(np.uint8) if not array.dtype.hasobject else tensor.tobytes()
+    except (TypeError, ValueError):
+        data = tensor.tobytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _input_dims(model: ir.Model, input_name: str, shapes, source: str, defaults: Mapping[int, int] | None = None) -> tuple[int, ...]:
+    """The dimensions of a graph input: static ones from the graph, symbolic ones from ``shapes`` (else from
+    ``defaults`` by axis); refuses a symbolic dimension neither gives, or a given shape that contradicts the graph."""
+    value = next((v for v in model.graph.inputs if v.name == input_name), None)
+    if value is None or value.shape is None:
+        raise BitfoldError(f"built-in calibration '{source}' needs a graph input '{input_name}' with a known rank; this model has none.")
+    given = None if shapes is None or input_name not in shapes else tuple(int(d) for d in shapes[input_name])
+    graph_dims = list(value.shape)
+    if given is not None and len(given) != len(graph_dims):
+        raise BitfoldError(f"the shape given for input '{input_name}' has {len(given)} dimensions but the graph input has {len(graph_dims)}; fix the shape.")
+    dims = []
+    for axis, dim in enumerate(graph_dims):
+        if isinstance(dim, int):
+            if given is not None and given[axis] != dim:
+                raise BitfoldError(f"the shape given for input '{input_name}' has {given[axis]} at axis {axis}, where the graph fixes {dim}; fix the shape.")
+            dims.append(dim)
+        elif given is not None:
+            dims.append(given[axis])
+        elif defaults and axis in defaults:
+            dims.append(defaults[axis])
+        else:
+            example = "x".join(str(d) if isinstance(d, int) else str(d).upper() for d in graph_dims)
+            raise BitfoldError(
+                f"built-in calibration '{source}' needs the size of input '{input_name}', whose axis {axis} ('{dim}') is symbolic; "
+                f"give its shape (CLI: --shape {input_name}={example}; Python: shapes={{'{input_name}': (...)}})."
+            )
+    return tuple(dims)
+
+
+def _photo_feeds(model: ir.Model, shapes) -> list[dict[str, np.ndarray]]:
+    """scikit-image calibration crops for the first graph input (NCHW, 3 channels), batched as the input is."""
+    from bitfold.eval.data import photo_crops
+
+    image = model.graph.inputs[0]
+    dims = _input_dims(model, image.name, shapes, "skimage-photos", defaults={0: 1})
+    if len(dims) != 4 or dims[1] != 3:
+        raise BitfoldError(f"built-in calibration 'skimage-photos' feeds 3-channel NCHW images, but input '{image.name}' has shape {list(dims)}; give an .npz instead.")
+    batch, _, height, width = dims
+    crops = photo_crops("calibration", 16, size=max(height, width))
+    if height != width:
+        from skimage.transform import resize
+
+        crops = np.stack([resize(c, (3, height, width), anti_aliasing=True, preserve_range=True) for c in crops]).astype(np.float32)
+    if len(crops) < batch:
+        raise BitfoldError(f"built-in calibration 'skimage-photos' has {len(crops)} crops, fewer than the batch of {batch} input '{image.name}' needs.")
+    return [{image.name: crops[i : i + batch]} for i in range(0, len(crops) - batch + 1, batch)]
+
+
+#: Tokenizer files whose presence beside a model marks its tokenizer folder.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _text_tokenizer(source: str, model: ir.Model, tokenizer: Any, model_dir: str | os.PathLike | None):
+    """The tokenizer a text source uses for ``model`` (see :meth:`CalibrationData.from_source`)."""
+    folder = Path(tokenizer) if isinstance(tokenizer, str | os.PathLike) else None
+    if folder is None and tokenizer is None:
+        beside = Path(model_dir) if model_dir is not None else _model_folder(model)
+        folder = beside if beside is not None and any((beside / f).is_file() for f in _TOKENIZER_FILES) else None
+    vocab = _vocab_size(model)
+    if folder is not None:
+        if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+            raise BitfoldError(f"argument 'tokenizer': '{folder}' holds no tokenizer files ({' or '.join(_TOKENIZER_FILES)}); pass the folder of the model's tokenizer.")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer is not None:
+        if vocab is not None and len(tokenizer) > vocab:
+            raise BitfoldError(
+                f"the tokenizer for calibration '{source}' has {len(tokenizer)} tokens but the model's vocabulary has {vocab}; "
+                f"pass the tokenizer the model was trained with."
+            )
+        return tokenizer
+    own, tokenizer = _source_tokenizer(source)
+    if vocab != len(tokenizer):
+        has = f"has {vocab} entries" if vocab is not None else "cannot be read from the graph (no Gather of 'input_ids' from a constant table, no static 'logits')"
+        raise BitfoldError(
+            f"built-in calibration '{source}' tokenizes with {own}'s tokenizer ({len(tokenizer)} tokens), but the model's vocabulary {has}; "
+            f"pass the model's own tokenizer (tokenizer=<folder of its tokenizer files>, found by itself beside an exported model) or an .npz of token ids."
+        )
+    return tokenizer
+
+
+def _source_tokenizer(source: str) -> tuple[str, Any]:
+    """(model name, tokenizer) of the model a built-in text source was made for."""
+    if source == "lee-text":
+        from transformers import AutoTokenizer
+
+        from bitfold.eval.models import smollm2_folder
+
+        return "SmolLM2", AutoTokenizer.from_pretrained(smollm2_folder())
+    from bitfold.eval.models import minilm
+
+    return "all-MiniLM-L6-v2", minilm()[1]
+
+
+def _model_folder(model: ir.Model) -> Path | None:
+    """The folder of a model loaded from a file with external data (where its tokenizer files would be)."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor) and tensor.base_dir:
+            return Path(tensor.base_dir)
+    return None
+
+
+def _vocab_size(model: ir.Model) -> int | None:
+    """Rows of the constant table ``input_ids`` indexes (through Cast/Identity), else the static last axis of the
+    ``logits`` output; ``None`` when the graph tells neither."""
+    frontier = [v for v in model.graph.inputs if v.name == "input_ids"]
+    while frontier:
+        value = frontier.pop()
+        for use in value.uses():
+            node = use.node
+            if node.op_type in ("Cast", "Identity"):
+                frontier.extend(node.outputs)
+            elif node.op_type == "Gather" and use.idx == 1 and node.inputs[0] is not None:
+                table = node.inputs[0]
+                axis = node.attributes.get_int("axis", 0)
+                shape = table.const_value.shape if table.const_value is not None else table.shape
+                if shape is not None and axis == 0 and isinstance(shape[0], int):
+                    return shape[0]
+    for value in model.graph.outputs:
+        if value.name == "logits" and value.shape is not None and len(value.shape) and isinstance(value.shape[-1], int):
+            return value.shape[-1]
+    return None

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 from conftest import fresh
@@ -9,6 +10,7 @@ from conftest import fresh
 from bitfold.errors import PassParameterError, UnknownPassError
 from bitfold.passes import create, describe, get_pass, registered
 from bitfold.passes.canonical import CANONICAL, FoldBatchNorm, FoldConstants, RemoveDead
+from bitfold.quant.calibration import CalibrationData
 
 
 def test_every_pass_is_registered_with_family_doc_and_typed_defaults():
@@ -46,3 +48,12 @@ def test_passes_run_under_plain_onnx_ir_pass_manager(zoo_protos):
     result = manager(model)
     assert result.modified
     assert "BatchNormalization" not in [n.op_type for n in result.model.graph]
+
+
+def test_create_hands_calibration_to_the_constructor():
+    samples = [{"x": np.ones((2, 4), np.float32)}]
+    smooth = create("smooth", {"alpha": 0.3}, calibration=samples)
+    assert isinstance(smooth.calibration, CalibrationData) and list(smooth.calibration) == samples
+    data = CalibrationData(samples)
+    assert create("smooth", {}, calibration=data).calibration is data
+    assert create("fold-constants").calibration is None

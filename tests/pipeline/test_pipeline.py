@@ -12,6 +12,7 @@ from bitfold.errors import BitfoldError, PassParameterError, RecipeError, Unknow
 from bitfold.passes import registry
 from bitfold.passes.canonical import CANONICAL
 from bitfold.pipeline import PassContractError, Pipeline, Recipe
+from bitfold.quant.calibration import CalibrationData
 
 
 def test_report_records_time_ops_bytes_and_errors(zoo_protos):
@@ -161,8 +162,62 @@ def test_same_input_and_recipe_give_identical_bytes(zoo_protos, tmp_path):
     assert paths[0].read_bytes() == paths[1].read_bytes()
 
 
-def test_user_feeds_are_used_for_verification(zoo_protos):
+def test_user_feeds_are_used_for_verification(zoo_protos, test_passes):
     model = fresh(zoo_protos, "dynamic-batch-cnn")
-    feeds = {"x": np.ones((3, 3, 16, 16), np.float32)}
-    _, report = bitfold.optimize(model, list(CANONICAL), verify=True, feeds=feeds)
-    assert all(r.max_rel <= 1e-5 for r in report.passes)
+    feeds = {"x": 100 * np.random.default_rng(5).standard_normal((3, 3, 16, 16)).astype(np.float32)}
+    (want,) = bitfold.compile(bitfold.clone(model), "ort", "cpu").run(feeds).values()
+    _, report = bitfold.optimize(model, [*CANONICAL, "test-breaks"], verify=True, feeds=feeds)
+    assert all(r.max_rel <= 1e-5 for r in report.passes[:-1])
+    # test-breaks negates the output, so its measured error is 2·max|y| of the output on exactly these feeds
+    assert report.passes[-1].errors[0].max_abs == pytest.approx(2 * np.abs(want).max(), rel=1e-6)
+
+
+class _RecordsData(registry.BitfoldPass):
+    """Test pass recording the calibration it was constructed with."""
+
+    name = "test-records-data"
+    family = "test"
+    needs_calibration = True
+    constructed_with: list = []
+
+    def __init__(self, config=None, /, **params) -> None:
+        super().__init__(config, **params)
+        type(self).constructed_with.append(self.calibration)
+
+    def rewrite(self, model: ir.Model) -> int:
+        return 0
+
+
+class _WeightLiar(registry.BitfoldPass):
+    """Test pass: scales one weight in place (through its numpy array) and reports no change."""
+
+    name = "test-weight-liar"
+    family = "test"
+
+    def rewrite(self, model: ir.Model) -> int:
+        value = model.graph.initializers["net.0.weight"]
+        value.const_value = ir.tensor(value.const_value.numpy().copy())
+        value.const_value.numpy()[...] *= 2.0
+        return 0
+
+
+def test_the_pipeline_gives_passes_calibration_through_their_constructor(zoo_protos):
+    registry.register(_RecordsData)
+    try:
+        samples = [{"x": np.ones((4, 32), np.float32)}]
+        _RecordsData.constructed_with.clear()
+        bitfold.optimize(fresh(zoo_protos, "mlp"), ["test-records-data", "test-records-data"], samples)
+    finally:
+        registry._REGISTRY.pop(_RecordsData.name)
+    first, second = _RecordsData.constructed_with[-2:]  # the recipe's validation built each step once before, without it
+    assert isinstance(first, CalibrationData) and list(first) == samples
+    assert second is first  # wrapped once, so the statistics cache is shared by the passes
+
+
+def test_verify_catches_an_unreported_weight_change(zoo_protos):
+    registry.register(_WeightLiar)
+    try:
+        with pytest.raises(PassContractError, match="test-weight-liar"):
+            bitfold.optimize(fresh(zoo_protos, "mlp"), ["test-weight-liar"], verify=True)
+    finally:
+        registry._REGISTRY.pop(_WeightLiar.name)

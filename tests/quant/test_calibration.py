@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 from conftest import fresh
 
+import bitfold
 from bitfold.errors import BitfoldError
-from bitfold.quant.calibration import CalibrationData
+from bitfold.quant.calibration import CalibrationData, model_key
 
 
 def _samples(n=10, seed=0):
@@ -54,3 +56,127 @@ def test_npz_source_and_errors(zoo_protos, tmp_path):
         data.collect(model, ["nope"], progress=False)
     with pytest.raises(BitfoldError, match="yields no samples"):
         CalibrationData([]).collect(model, ["x"], progress=False)
+
+
+def test_model_key_follows_a_changed_weight_and_the_statistics_are_not_reused(zoo_protos):
+    model = fresh(zoo_protos, "mlp")
+    data = CalibrationData(_samples(4))
+    first = data.collect(model, ["relu"], progress=False)
+    assert data.collect(model, ["relu"], progress=False) is first  # same graph, same request: reused
+    assert data.collect(bitfold.clone(model), ["relu"], progress=False) is first  # an identical copy: reused
+    weight = model.graph.initializers["net.0.weight"]
+    changed = weight.const_value.numpy().copy()
+    changed.flat[7] += 1.0  # one element, off the sampled stride
+    key = model_key(model)
+    weight.const_value = ir.tensor(changed)  # a pass replaces the tensor
+    assert model_key(model) != key
+    second = data.collect(model, ["relu"], progress=False)
+    assert second is not first
+    recomputed = CalibrationData(_samples(4)).collect(model, ["relu"], progress=False)
+    np.testing.assert_array_equal(second["relu"].sum, recomputed["relu"].sum)
+    assert not np.array_equal(second["relu"].sum, first["relu"].sum)
+    key = model_key(model)
+    weight.const_value.numpy()[...] *= 2.0  # edited in place through its numpy array
+    assert model_key(model) != key
+    assert data.collect(model, ["relu"], progress=False) is not second
+
+
+def test_model_key_reads_no_serialized_model_and_hashes_each_tensor_once(zoo_protos, monkeypatch):
+    import bitfold.quant.calibration as calibration
+
+    model = fresh(zoo_protos, "tiny-lm")
+    hashed = []
+    content_digest = calibration._content_digest
+    monkeypatch.setattr(calibration, "_content_digest", lambda t: hashed.append(t) or content_digest(t))
+    monkeypatch.setattr(ir, "to_proto", lambda *a, **k: pytest.fail("model_key serialized the model"))
+    key = model_key(model)
+    tensors = len(hashed)  # initializers and Constant nodes' tensors, once each
+    assert tensors >= len(model.graph.initializers) and len({id(t) for t in hashed}) == tensors
+    assert model_key(model) == key and len(hashed) == tensors  # nothing hashed again
+    model.graph.node(0).name = "renamed"
+    assert model_key(model) != key and len(hashed) == tensors
+
+
+def _dynamic_image_model() -> ir.Model:
+    """images [batch, 3, height, width] -> Conv -> GlobalAveragePool."""
+    images = ir.val("images", ir.DataType.FLOAT, ["batch", 3, "height", "width"])
+    w = ir.Value(name="w", const_value=ir.tensor(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)))
+    conv = ir.node("Conv", [images, w], attributes={"pads": [1, 1, 1, 1]}, name="conv")
+    pool = ir.node("GlobalAveragePool", [conv.outputs[0]], name="pool")
+    pool.outputs[0].name, pool.outputs[0].dtype = "y", ir.DataType.FLOAT
+    graph = ir.Graph([images], [pool.outputs[0]], nodes=[conv, pool], initializers=[w], opset_imports={"": 17})
+    return ir.Model(graph, ir_version=9)
+
+
+def test_photo_source_takes_the_given_shape_for_a_dynamic_image_size():
+    model = _dynamic_image_model()
+    with pytest.raises(BitfoldError, match=r"axis 2 \('height'\) is symbolic; give its shape \(CLI: --shape images=BATCHx3xHEIGHTxWIDTH"):
+        CalibrationData.from_source("skimage-photos", model)
+    data = CalibrationData.from_source("skimage-photos", model, shapes={"images": (1, 3, 32, 32)})
+    samples = list(data)
+    assert len(samples) == 96 and all(s["images"].shape == (1, 3, 32, 32) for s in samples)
+    stats = data.collect(model, ["y"], progress=False)
+    assert stats["y"].rows == 96 * 4 and np.isfinite(stats["y"].absmax).all()
+    wide = list(CalibrationData.from_source("skimage-photos", model, shapes={"images": (2, 3, 24, 40)}))
+    assert len(wide) == 48 and all(s["images"].shape == (2, 3, 24, 40) and s["images"].dtype == np.float32 for s in wide)
+    with pytest.raises(BitfoldError, match="has 4 at axis 1, where the graph fixes 3"):
+        CalibrationData.from_source("skimage-photos", model, shapes={"images": (1, 4, 32, 32)})
+
+
+def _word_tokenizer(folder=None):
+    """A 96-token word-level tokenizer over the commonest words of the Lee corpus (the tiny LMs' vocabulary size)."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from bitfold.eval.data import lee_text
+
+    words = [w for w, _ in Counter(lee_text().split()).most_common(95)]
+    core = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]")
+    if folder is not None:
+        tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def test_lee_text_uses_the_tokenizer_beside_the_model(zoo_protos, tmp_path):
+    from bitfold.eval.data import lee_text
+    from bitfold.eval.tasks import CALIB_WINDOWS
+
+    tokenizer = _word_tokenizer(tmp_path)
+    bitfold.save(fresh(zoo_protos, "tiny-lm"), tmp_path / "model.onnx", external_data=True)
+    model = bitfold.load(tmp_path / "model.onnx")
+    samples = list(CalibrationData.from_source("lee-text", model))
+    ids = np.asarray(tokenizer(lee_text(), add_special_tokens=False)["input_ids"])
+    first = CALIB_WINDOWS.start * 8  # the graph's input_ids are (1, 8)
+    assert len(samples) == len(CALIB_WINDOWS)
+    np.testing.assert_array_equal(samples[0]["input_ids"][0], ids[first : first + 8])
+    in_memory = fresh(zoo_protos, "tiny-lm")  # no external data: the folder is named
+    for given in ({"tokenizer": tmp_path}, {"tokenizer": tokenizer}, {"model_dir": tmp_path}):
+        again = list(CalibrationData.from_source("lee-text", in_memory, **given))
+        np.testing.assert_array_equal(again[0]["input_ids"], samples[0]["input_ids"])
+
+
+class _SizedTokenizer:
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def test_lee_text_refuses_a_tokenizer_whose_vocabulary_does_not_match(zoo_protos, tmp_path, monkeypatch):
+    import bitfold.quant.calibration as calibration
+
+    model = fresh(zoo_protos, "tiny-lm")  # vocabulary 96, no tokenizer files known
+    monkeypatch.setattr(calibration, "_source_tokenizer", lambda source: ("SmolLM2", _SizedTokenizer(49152)))
+    with pytest.raises(BitfoldError, match=r"tokenizes with SmolLM2's tokenizer \(49152 tokens\), but the model's vocabulary has 96 entries; pass the model's own tokenizer"):
+        CalibrationData.from_source("lee-text", model)
+    with pytest.raises(BitfoldError, match="has 200 tokens but the model's vocabulary has 96"):
+        CalibrationData.from_source("lee-text", model, tokenizer=_SizedTokenizer(200))
+    with pytest.raises(BitfoldError, match="argument 'tokenizer': .* holds no tokenizer files"):
+        CalibrationData.from_source("lee-text", model, tokenizer=tmp_path)
+    monkeypatch.setattr(calibration, "_source_tokenizer", lambda source: ("SmolLM2", _word_tokenizer()))
+    assert len(CalibrationData.from_source("lee-text", model)) == 32  # the source's tokenizer fits: accepted

@@ -167,9 +167,19 @@ def test_declines_state_the_real_reason():
     scalar = [helper.make_node("Mul", ["x", "half"], ["n"], name="halve")]
     note = _declined(scalar + readers, no_beta | {"half": np.array(0.5, np.float32)})
     assert f"Mul 'halve' multiplies by neither a constant [{K}] vector" in note
-    ln = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n"], name="ln")]
-    note = _declined(ln + readers, w, x_shape=("batch", "seq", "hidden"))  # a symbolic width: inference keeps it symbolic
-    assert "width is unknown" in note and "even after shape inference" in note
+
+
+def test_a_symbolic_width_is_read_from_the_consumers_weights():
+    """Shape inference keeps a symbolic width symbolic; the consumers' [K, N] weights still give it."""
+    ln = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n"], name="ln"),
+          helper.make_node("MatMul", ["n", "wq"], ["q"], name="q_proj"), helper.make_node("MatMul", ["n", "wk"], ["k"], name="k_proj")]
+    model = ir.from_proto(_model(ln, _weights(), ("batch", "seq", "hidden")))
+    reference = bitfold.clone(model)
+    smoothed, report = bitfold.optimize(model, ["smooth"], _calibration())
+    assert report.passes[0].modified
+    feeds = _samples(1, seed=5)[0]
+    for name, want in _run(reference, feeds).items():
+        np.testing.assert_allclose(_run(smoothed, feeds)[name], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("build", [layernorm_linears, rmsnorm_linears], ids=["layernorm", "rmsnorm"])
