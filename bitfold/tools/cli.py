@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, type=Path)
     p.add_argument("--report", type=Path, help="write the per-pass report as JSON")
     p.add_argument("--verify", action="store_true", help="after every pass: onnx.checker, ORT run, error vs the input model")
-    p.add_argument("--calibration", metavar="FILE.npz|SOURCE", help="calibration data: an .npz (samples on a leading axis), lee-text or skimage-photos")
+    p.add_argument("--calibration", metavar="FILE.npz|SOURCE", help="calibration data: an .npz (samples on a leading axis), lee-text, lee-sentences or skimage-photos")
     p.add_argument("--max-error", type=float, metavar="E", help="leave the last step's most harmful layers float until the output error <= E (recipe key max_error)")
     _add_input_options(p)
     p.set_defaults(func=_optimize)
@@ -181,6 +181,18 @@ def _feeds(args, model) -> dict:
     return sample_feeds(model, dict(parse_shape(s) for s in args.shape))
 
 
+def _calibration(args, model):
+    """``--calibration`` as data: an .npz, or a built-in source sized by ``--shape`` and tokenized with the
+    tokenizer files beside the model."""
+    from bitfold.frontend.inputs import parse_shape
+    from bitfold.quant.calibration import CalibrationData
+
+    if not args.calibration:
+        return None
+    shapes = dict(parse_shape(s) for s in getattr(args, "shape", []))
+    return CalibrationData.from_source(args.calibration, model, shapes=shapes, model_dir=args.model.parent)
+
+
 def _export(args) -> None:
     import numpy as np
     import torch
@@ -270,14 +282,13 @@ def _passes(args) -> None:
 def _optimize(args) -> None:
     from bitfold.frontend import load, save
     from bitfold.pipeline import Pipeline, Recipe, Step
-    from bitfold.quant.calibration import CalibrationData
     from bitfold.tools.files import refuse_overwrite, write_atomic
 
     refuse_overwrite(args.model, args.output)
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe.from_names(args.passes)
     model = load(args.model)
     feeds = _feeds(args, model) if args.verify or args.inputs or args.max_error is not None else None
-    calibration = CalibrationData.from_source(args.calibration, model) if args.calibration else None
+    calibration = _calibration(args, model)
     if args.max_error is not None:  # the exclusion loop on the last step, as its recipe key max_error would
         last = recipe.steps[-1]
         recipe = Recipe((*recipe.steps[:-1], Step(last.name, last.params, args.max_error)))
@@ -305,13 +316,12 @@ def _debug(args) -> None:
 
     from bitfold.frontend import load, save
     from bitfold.pipeline import Recipe
-    from bitfold.quant.calibration import CalibrationData
     from bitfold.tools.debug import debug, write_html
     from bitfold.tools.files import save_arrays, write_atomic
 
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe.from_names(args.passes)
     model = load(args.model)
-    calibration = CalibrationData.from_source(args.calibration, model) if args.calibration else None
+    calibration = _calibration(args, model)
     steps = recipe.to_list()
     report = debug(model, steps, _feeds(args, model), calibration, args.tolerance, reduce_culprit=args.reduce)
     args.output.mkdir(parents=True, exist_ok=True)
@@ -324,6 +334,7 @@ def _debug(args) -> None:
         if report.repro.calibration is not None:
             samples = list(report.repro.calibration)
             save_arrays(args.output / "repro_calibration.npz", {k: np.stack([s[k] for s in samples]) for k in samples[0]})
+    err.print(report.floor_note())
     for p in report.passes:
         err.print(f"{p.index:3d} {p.name:28s} own rel. error {p.own_rel:.3g}")
         for u in p.unmatched:
@@ -343,13 +354,12 @@ def _allocate(args) -> None:
     import json
 
     from bitfold.frontend import load
-    from bitfold.quant.calibration import CalibrationData
     from bitfold.tools.allocate import measure, solve
     from bitfold.tools.files import refuse_overwrite, write_atomic
 
     refuse_overwrite(args.model, args.output)
     model = load(args.model)
-    calibration = CalibrationData.from_source(args.calibration, model)
+    calibration = _calibration(args, model)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     allocation = solve(measure(model, calibration, formats, args.samples, args.exclude, {"method": args.method}), args.bits)
     write_atomic(args.output, allocation.recipe(method=args.method, exclude=args.exclude).to_toml().encode())

@@ -160,11 +160,12 @@ def run_exposing(model: ir.Model, feeds: Mapping[str, np.ndarray], names: Sequen
 
 
 def _build(step: str | Mapping[str, Any] | BitfoldPass, calibration: Any) -> BitfoldPass:
-    p = step if isinstance(step, BitfoldPass) else Recipe.from_list([step]).build()[0]
+    p = step if isinstance(step, BitfoldPass) else Recipe.from_list([step]).build(calibration)[0]
     if p.needs_calibration:
         if calibration is None:
             raise BitfoldError(f"pass '{p.name}' needs calibration data; pass --calibration FILE.npz or a source name.")
-        p.calibration = calibration
+        if p.calibration is None:  # a pass instance the caller built without it
+            p.calibration = calibration
     return p
 
 

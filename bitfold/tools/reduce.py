@@ -106,11 +106,11 @@ def reduce(
         sub_calibration = None
         if samples:
             sub_calibration = CalibrationData([values(sample) for sample in samples])
-        p = step if isinstance(step, BitfoldPass) else Recipe.from_list([step]).build()[0]
+        p = step if isinstance(step, BitfoldPass) else Recipe.from_list([step]).build(sub_calibration)[0]
         if p.needs_calibration:
             if sub_calibration is None:
                 raise BitfoldError(f"pass '{p.name}' needs calibration data to be reduced; pass --calibration.")
-            p.calibration = sub_calibration
+            p.calibration = sub_calibration  # a caller's instance: calibrated on the subgraph's own inputs
         after = clone(sub)
         run_pass(after, p)
         (ref,) = run_exposing(sub, sub_feeds, []).values()

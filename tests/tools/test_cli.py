@@ -203,3 +203,21 @@ def test_multless_recipe_end_to_end_and_calibration_is_required(zoo_protos, tmp_
     assert sum(n.op_type == "BinaryMatMul" for n in bitfold.load(out).graph) == 14
     _, record = json.loads(report.read_text())["passes"]
     assert any("bits per weight" in note for note in record["notes"])
+
+
+def test_builtin_photo_calibration_takes_the_given_shape_of_a_dynamic_image(tmp_path, capsys):
+    """A detector-style model with a dynamic H×W: --shape sizes the built-in photos."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in (("w", (8, 3, 3, 3)), ("w2", (8, 8, 3, 3)))]
+    nodes = [helper.make_node("Conv", ["images", "w"], ["h"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1])]  # fmt: skip
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, "H", "W"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], weights)  # fmt: skip
+    path, out = tmp_path / "det.onnx", tmp_path / "det.q.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), path)
+    argv = ["optimize", path, "-p", "quantize-activations", "--calibration", "skimage-photos", "--shape", "images=1x3x48x64", "-o", out]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    assert "QuantizeLinear" in [n.op_type for n in bitfold.load(out).graph]
