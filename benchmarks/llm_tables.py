@@ -1,6 +1,6 @@
-"""Print the docs' language-model tables (docs/measured.md) (Markdown) from benchmarks/results/llm_{export,passes,decode}.json.
+"""The docs' language-model tables (Markdown) from benchmarks/results/llm_{export,passes,decode}.json.
 
-    python benchmarks/llm_tables.py [--readme]     # --readme: rewrite the block between the llm-tables markers of docs/measured.md
+    python benchmarks/llm_tables.py      # print them; benchmarks/docs_tables.py writes them into docs/measured.md
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ def passes_table() -> str:
     r = json.loads((RESULTS / "llm_passes.json").read_text())
     fixed, cached = "fixed-length (traced, no cache)", "KV-cache (export-llm)"
     lines = [f"`{r['command']}`: {r['protocol']}.", "",
-             "| recipe | perplexity, fixed-length graph | perplexity, KV-cache graph | relative difference |",
-             "|---|---|---|---|"]  # fmt: skip
+             "| recipe | perplexity, fixed-length graph | perplexity, KV-cache graph | relative difference | "
+             "same graph, ORT optimizations off | verdict |", "|---|---|---|---|---|---|"]  # fmt: skip
     for row in r["rows"]:
-        lines.append(f"| {row['variant']} | {row[fixed]['ppl']:.4f} | {row[cached]['ppl']:.4f} | {row['rel_diff']:.1e} |")
+        spread = f"{row['spread']:.1e}" if "spread" in row else "-"
+        lines.append(f"| {row['variant']} | {row[fixed]['ppl']:.4f} | {row[cached]['ppl']:.4f} | {row['rel_diff']:.1e} | "
+                     f"{spread} | {row.get('verdict', '-')} |")
     return "\n".join(lines)
 
 
@@ -69,14 +71,4 @@ def tables() -> str:
 
 
 if __name__ == "__main__":
-    import sys
-
-    text = tables()
-    if "--readme" in sys.argv:
-        readme = Path(__file__).parent.parent / "docs" / "measured.md"
-        start, end = "<!-- llm-tables:start (python benchmarks/llm_tables.py --readme) -->", "<!-- llm-tables:end -->"
-        content = readme.read_text()
-        head, rest = content.split(start, 1)
-        _, tail = rest.split(end, 1)
-        readme.write_text(f"{head}{start}\n{text}\n{end}{tail}")
-    print(text)
+    print(tables())

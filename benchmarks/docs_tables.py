@@ -1,0 +1,439 @@
+"""Write every benchmark table of the docs from benchmarks/results/*.json.
+
+    python benchmarks/docs_tables.py            # rewrite the generated blocks of docs/*.md in place
+    python benchmarks/docs_tables.py --check    # exit 1, naming the pages, when a block differs from the results
+    python benchmarks/docs_tables.py NAME       # print one table
+
+A generated block is the text between ``<!-- table: NAME -->`` and ``<!-- /table: NAME -->`` in a docs page; NAME
+is a key of ``TABLES``. Each table ends with a stamp naming its results file, the command that wrote it, and the
+commit and machine the file records ("not recorded" where it records none). The measuring scripts are never run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+
+import kernels_table
+import llm_tables
+
+ROOT = Path(__file__).parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DOCS = ROOT / "docs"
+
+#: results file → the script that writes it (checked against the scripts' source by tests/test_docs.py).
+WRITERS = {
+    "allocate_formats_minilm.json": "allocate_formats_minilm.py",
+    "allocate_smollm2.json": "allocate_smollm2.py",
+    "canonical_efficientnet_lite0.json": "canonical_efficientnet.py",
+    "cast_bf16.json": "cast_bf16.py",
+    "debug_minilm/report.json": "debug_minilm.py",
+    "exclude_effnet.json": "exclude_effnet.py",
+    "fuzz.json": "fuzz.py",
+    "hawq_smollm2.json": "hawq_smollm2.py",
+    "kernels.json": "kernel_speed.py",
+    "llm_decode.json": "llm_decode.py",
+    "llm_export.json": "llm_export.py",
+    "llm_passes.json": "llm_passes.py",
+    "multless.json": "multless_table.py",
+    "quant_effnet.json": "quant_effnet.py",
+    "quant_minilm.json": "quant_minilm.py",
+    "quant_smollm2.json": "quant_table.py",
+    "sparse.json": "sparse_table.py",
+    "transforms.json": "transforms_table.py",
+    "transforms_layers.json": "transforms_layers.py",
+    "tvm_node_suite.json": "tvm_node_suite.py",
+}
+
+#: script → the docs section that shows its results (page#anchor, title).
+SECTIONS = {
+    "allocate_formats_minilm.py": ("measured.md#mixed-precision-bit-allocation", "Mixed-precision bit allocation"),
+    "allocate_smollm2.py": ("measured.md#mixed-precision-bit-allocation", "Mixed-precision bit allocation"),
+    "canonical_efficientnet.py": ("measured.md#canonical-cleanup", "Canonical cleanup"),
+    "cast_bf16.py": ("measured.md#float16-and-bfloat16", "Float16 and bfloat16"),
+    "debug_minilm.py": ("debugging.md", "Debugging a recipe"),
+    "exclude_effnet.py": ("measured.md#int4-weights-on-a-cnn-and-the-exclusion-loop", "Int4 weights on a CNN"),
+    "fuzz.py": ("measured.md#fuzzing", "Fuzzing"),
+    "hawq_smollm2.py": ("measured.md#mixed-precision-bit-allocation", "Mixed-precision bit allocation"),
+    "kernel_speed.py": ("measured.md#kernels-and-the-tvm-backend", "Kernels and the TVM backend"),
+    "llm_decode.py": ("measured.md#language-models", "Language models"),
+    "llm_export.py": ("measured.md#language-models", "Language models"),
+    "llm_passes.py": ("measured.md#language-models", "Language models"),
+    "multless_table.py": ("measured.md#multiplication-less-matmuls", "Multiplication-less MatMuls"),
+    "quant_effnet.py": ("measured.md#efficientnet-lite0-w8a8", "EfficientNet-Lite0 W8A8"),
+    "quant_minilm.py": ("measured.md#minilm", "MiniLM"),
+    "quant_table.py": ("measured.md#smollm2", "SmolLM2"),
+    "sparse_table.py": ("measured.md#sparsity", "Sparsity"),
+    "transforms_layers.py": ("measured.md#equivalent-transforms", "Equivalent transforms"),
+    "transforms_table.py": ("measured.md#equivalent-transforms", "Equivalent transforms"),
+    "tvm_node_suite.py": ("measured.md#onnx-node-conformance-on-tvm", "ONNX node conformance on TVM"),
+}
+
+#: scripts that print docs tables from the results files (they measure nothing).
+GENERATORS = {"docs_tables.py", "docs_pages.py", "kernels_table.py", "llm_tables.py"}
+
+#: keys of a results file's ``machine`` record that describe the machine; its other string entries are versions.
+MACHINE_KEYS = ("cpu", "processor", "platform", "gpu")
+
+BLOCK = re.compile(r"<!-- table: (?P<name>[\w-]+) -->\n.*?<!-- /table: (?P=name) -->", re.S)
+
+
+@cache
+def load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def stamp(*names: str) -> str:
+    """One line per results file: the file, the command that wrote it, commit, machine and recorded versions."""
+    lines = []
+    for name in names:
+        r = load(name)
+        command = f"`{r['command']}`" if r.get("command") else f"`python benchmarks/{WRITERS[name]}` (arguments not recorded)"
+        commit = f"commit {r['commit']}" if r.get("commit") else "commit not recorded"
+        machine = _machine(r)
+        versions = _versions(r)
+        extra = f"; {versions}" if versions else ""
+        lines.append(f"*Source: `benchmarks/results/{name}`, written by {command}; {commit}; {machine}{extra}.*")
+    return "\n\n".join(lines)
+
+
+def _machine(r: dict) -> str:
+    m = r.get("machine")
+    if isinstance(m, str):
+        return f"machine {m}"
+    if not isinstance(m, dict):
+        return "machine not recorded"
+    parts = [str(m[k]) for k in MACHINE_KEYS if m.get(k)]
+    for key, label in (("cores", "cores"), ("cpus", "CPUs")):
+        if key in m:
+            parts.append(f"{m[key]} {label}")
+    if "copy_gbps" in m:
+        parts.append(f"copy bandwidth {m['copy_gbps']:.1f} GB/s")
+    return "machine " + ", ".join(parts) if parts else "machine not recorded"
+
+
+def _versions(r: dict) -> str:
+    found = dict(r.get("versions") or {})
+    if isinstance(r.get("machine"), dict):
+        found.update({k: v for k, v in r["machine"].items() if isinstance(v, str) and k not in MACHINE_KEYS})
+    for key in ("onnxruntime", "onnx"):
+        if isinstance(r.get(key), str):
+            found.setdefault(key, r[key])
+    return ", ".join(f"{k} {v}" for k, v in found.items())
+
+
+def _ppl(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.2f}" if v < 100 else f"{v:.1f}" if v < 1000 else f"{v:,.0f}"
+
+
+def _cos(v: float | None) -> str:
+    if v is None:
+        return "-"
+    for digits in range(4, 8):
+        if round(v, digits) < 1:
+            return f"{v:.{digits}f}"
+    return "1.0000"
+
+
+def _mb(n: float | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.0f}" if n >= 1e8 else f"{n / 1e6:.3g}"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v * 100:.1f} %"
+
+
+def _kl(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2g}"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _by_model(rows: list[dict], models: list[str]) -> list[tuple[str, dict[str, dict]]]:
+    """Rows keyed by variant, in first-seen order, each with the row of every model that measured it."""
+    joined: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        if row["model"] in models:
+            joined.setdefault(row["variant"], {})[row["model"]] = row
+    return list(joined.items())
+
+
+def canonical_efficientnet() -> str:
+    r = load("canonical_efficientnet_lite0.json")
+    names = {"raw": "raw export (`optimize=False`)", "exporter": "exporter's own optimizer (`optimize=True`)",
+             "bitfold": "raw + bitfold canonical recipe"}  # fmt: skip
+    rows = [[names.get(k, k), g["nodes"], g["ops"].get("BatchNormalization", 0), f"{g['latency_ms']['p50']:.2f}",
+             f"{g['latency_ms']['ratio']:.2f}"] for k, g in r["graphs"].items()]  # fmt: skip
+    passes = [[p["name"], f"{p['seconds'] * 1e3:.0f}", ", ".join(f"{op} {n}" for op, n in p["ops_removed"].items())]
+              for p in r["passes"]]  # fmt: skip
+    return "\n\n".join([
+        f"{r['model']}:", _table(["graph", "nodes", "BatchNormalization", "ORT p50 ms", "p50 vs raw"], rows),
+        f"Max relative error of the bitfold graph against the raw export: {r['max_rel_err']:.1e}.",
+        _table(["pass", "ms", "ops removed"], passes), stamp("canonical_efficientnet_lite0.json")])  # fmt: skip
+
+
+def quant_smollm2() -> str:
+    r = load("quant_smollm2.json")
+    rows = [[row["variant"], row["tool"], row.get("format", "-"), _ppl(row["ppl"]), _mb(row["bytes"]),
+             row.get("casts", "-")] for row in r["rows"]]  # fmt: skip
+    latency = [[k, f"{v['p50']:.0f}", f"{v['ratio']:.3f}"] for k, v in r.get("latency_ms_seq512", {}).items()]
+    parts = [f"{r['model']}; {r['protocol']}.", _table(["variant", "tool", "format", "perplexity", "parameter MB", "Casts"], rows)]
+    if latency:
+        parts += ["ONNX Runtime latency of one 512-token forward pass (MatMulNBits at accuracy level 4):",
+                  _table(["model", "p50 ms", "p50 vs fp32"], latency)]  # fmt: skip
+    if "bitfold_vs_ort_matmulnbits" in r:
+        parts.append(f"bitfold's W4 g128 model / ORT quantizer's, p50: {r['bitfold_vs_ort_matmulnbits']:.3f}.")
+    return "\n\n".join([*parts, stamp("quant_smollm2.json")])
+
+
+def quant_minilm() -> str:
+    r = load("quant_minilm.json")
+    rows = [[row["variant"], row["tool"], _cos(row["cosine"]), _cos(row["min_cosine"]), _mb(row["bytes"])] for row in r["rows"]]
+    return "\n\n".join([f"{r['model']}:", _table(["variant", "tool", "mean cosine", "min cosine", "parameter MB"], rows),
+                        stamp("quant_minilm.json")])  # fmt: skip
+
+
+def quant_effnet() -> str:
+    r = load("quant_effnet.json")
+    rows = []
+    for row in r["rows"]:
+        latency = row.get("latency_ms")
+        kept = row.get("layers_kept_float")
+        rows.append([row["variant"], _pct(row["agreement"]), _kl(row.get("mean_kl")), _mb(row.get("bytes")),
+                     f"{latency['ratio']:.2f}" if latency else "-",
+                     f"{len(kept)} of {r['conv_layers']}" if kept else "-"])  # fmt: skip
+    head = ["variant", "top-1 agreement", "mean KL", "parameter MB", "ORT p50 vs fp32", "Convs kept float"]
+    return "\n\n".join([f"{r['model']}:", _table(head, rows), stamp("quant_effnet.json")])
+
+
+def exclude_effnet() -> str:
+    r = load("exclude_effnet.json")
+    rows = []
+    for row in r["rows"]:
+        kept = row.get("layers_kept_float")
+        rows.append([row["variant"], _pct(row["agreement"]), _kl(row["mean_kl"]), f"{row['logit_error_calibration']:.3f}",
+                     f"{len(kept)} of {r['conv_layers']}" if kept else "-", _mb(row["bytes"]),
+                     f"{row['seconds']:.0f}" if row["seconds"] else "-"])  # fmt: skip
+    head = ["variant", "top-1 agreement", "mean KL", "logit error (calibration)", "Convs kept float", "parameter MB", "loop s"]
+    return "\n\n".join([f"{r['model']}:", _table(head, rows), stamp("exclude_effnet.json")])
+
+
+def cast_bf16() -> str:
+    rows = [[row["task"], row["variant"], f"{row['value']:.4f}" if row["value"] > 2 else _cos(row["value"]),
+             row.get("fp32_islands", "-"), f"{row['seconds']:.0f}" if "seconds" in row else "-"]
+            for row in load("cast_bf16.json")["rows"]]  # fmt: skip
+    return "\n\n".join([_table(["task", "variant", "value", "nodes kept fp32", "pass s"], rows), stamp("cast_bf16.json")])
+
+
+def transforms() -> str:
+    r = load("transforms.json")
+    smol, mini = "SmolLM2 perplexity", "MiniLM cosine"
+    rows = [[variant, _ppl(m[smol]["value"]) if smol in m else "not run", _cos(m[mini]["value"]) if mini in m else "not run"]
+            for variant, m in _by_model(r["rows"], [smol, mini])]  # fmt: skip
+    first = [row for row in rows if row[0] in ("FP32", "fold-norm-affine + rotate (fp32)")]
+    rows = first + [row for row in rows if row not in first]
+    parts = [_table(["variant", smol, mini], rows)]
+    spread = r.get("max_over_mean_abs", {})
+    if spread:
+        summary = [[model, basis, len(v), f"{statistics.median(v):.1f}"] for model, bases in spread.items() for basis, v in bases.items()]
+        parts += ["Linear inputs' max|x| / mean|x| (median over the linear inputs):",
+                  _table(["model", "basis", "linear inputs", "median max\\|x\\|/mean\\|x\\|"], summary)]  # fmt: skip
+    return "\n\n".join([*parts, stamp("transforms.json")])
+
+
+def transforms_layers() -> str:
+    r = load("transforms_layers.json")
+    variants = list(r["by_kind"])
+    kinds = sorted({k for v in r["by_kind"].values() for k in v})
+    rows = [[kind, *(f"{r['by_kind'][v][kind]:.2f}" for v in variants)] for kind in kinds]
+    weights = [[basis, f"{e['readers']:.3f}", f"{e['writers']:.3f}"] for basis, e in r.get("weight_rtn4_error", {}).items()]
+    parts = ["Mean relative output error per linear kind, against the rotated fp32 model:",
+             _table(["linear", *variants], rows)]  # fmt: skip
+    if weights:
+        parts += ["Mean relative RTN W4 weight error of the residual stream's readers and writers:",
+                  _table(["basis", "readers", "writers"], weights)]  # fmt: skip
+    return "\n\n".join([*parts, stamp("transforms_layers.json")])
+
+
+def multless() -> str:
+    r = load("multless.json")
+    smol, mini, eff = "SmolLM2 perplexity", "MiniLM cosine", "EfficientNet-Lite0 top-1 agreement"
+    rows = []
+    for variant, m in _by_model(r["rows"], [smol, mini]):
+        s, n = m.get(smol), m.get(mini)
+        rows.append([variant, f"{s['bits']:.3g}" if s else "-", _ppl(s["value"]) if s else "not run",
+                     f"{n['bits']:.3g}" if n else "-", _cos(n["value"]) if n else "not run"])  # fmt: skip
+    cnn = [[row["variant"], f"{row['bits']:.3g}", _pct(row["value"])] for row in r["rows"] if row["model"] == eff]
+    parts = [f"{r['protocol']}.", _table(["variant", "SmolLM2 bits/weight", smol, "MiniLM bits/weight", mini], rows)]
+    if cnn:
+        parts += ["EfficientNet-Lite0 (BN folded, stem and classifier fp32):", _table(["variant", "bits/weight", "top-1 agreement"], cnn)]
+    return "\n\n".join([*parts, stamp("multless.json")])
+
+
+def sparse() -> str:
+    r = load("sparse.json")
+    smol, mini = "SmolLM2 perplexity", "MiniLM cosine"
+    rows = []
+    for variant, m in _by_model(r["rows"], [smol, mini]):
+        s, n = m.get(smol), m.get(mini)
+        rows.append([variant, _ppl(s["value"]) if s else "not run", f"{s['seconds']:.0f}" if s and "seconds" in s else "-",
+                     _cos(n["value"]) if n else "not run"])  # fmt: skip
+    return "\n\n".join([_table(["variant", smol, "SmolLM2 pass s", mini], rows), stamp("sparse.json")])
+
+
+def _layers(counts: dict | None) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) if counts else "-"
+
+
+def allocate_smollm2() -> str:
+    r = load("allocate_smollm2.json")
+    rows = [[row["variant"], f"{row['bits']:.2f}", _ppl(row["ppl"]), _layers(row.get("layers_per_format"))] for row in r["rows"]]
+    return "\n\n".join([f"{r['model']}; {r['protocol']}.", _table(["variant", "bits/weight", "perplexity", "layers per format"], rows),
+                        stamp("allocate_smollm2.json")])  # fmt: skip
+
+
+def hawq_smollm2() -> str:
+    r = load("hawq_smollm2.json")
+    rows = [[row["variant"], f"{row['bits']:.2f}", _ppl(row["ppl"]), _layers(row.get("layers_per_format"))] for row in r["rows"]]
+    return "\n\n".join([_table(["variant", "bits/weight", "perplexity", "layers per format"], rows),
+                        f"Sensitivities (Hessian traces) computed in {r['sensitivity_seconds']:.1f} s.", stamp("hawq_smollm2.json")])  # fmt: skip
+
+
+def allocate_formats_minilm() -> str:
+    r = load("allocate_formats_minilm.json")
+    rows = [[row["variant"], f"{row['bits']:.3f}", _cos(row["cosine"]), _layers(row.get("layers_per_format"))] for row in r["rows"]]
+    return "\n\n".join([f"{r['model']}; {r['protocol']}.", _table(["variant", "bits/weight", "cosine", "layers per format"], rows),
+                        stamp("allocate_formats_minilm.json")])  # fmt: skip
+
+
+def kernels() -> str:
+    return "\n\n".join([kernels_table.tables(), stamp("kernels.json")])
+
+
+def llm_export() -> str:
+    return "\n\n".join([llm_tables.export_table(), stamp("llm_export.json")])
+
+
+def llm_passes() -> str:
+    return "\n\n".join([llm_tables.passes_table(), stamp("llm_passes.json")])
+
+
+def llm_decode() -> str:
+    return "\n\n".join([llm_tables.decode_table(), stamp("llm_decode.json")])
+
+
+def tvm_node_suite() -> str:
+    r = load("tvm_node_suite.json")
+    counts = _table(["outcome", "cases"], [[k, v] for k, v in r["counts"].items()])
+    reasons = _table(["reason (most frequent 10)", "cases"], [[x["reason"], x["cases"]] for x in r["reasons"][:10]])
+    return "\n\n".join([f"{r['cases']} node tests of ONNX {r['onnx']}:", counts, reasons, stamp("tvm_node_suite.json")])
+
+
+def fuzz() -> str:
+    if not (RESULTS / "fuzz.json").exists():
+        return "(no results yet: `python benchmarks/fuzz.py` writes `benchmarks/results/fuzz.json`)"
+    r = load("fuzz.json")
+    exact = set(r.get("exact_cases", []))
+    rows = [[f"`{case}`", "exact" if case in exact else "lossy", n, r["crashes"].get(case, 0), r["mismatches"].get(case, 0),
+             r["contract_violations"].get(case, 0), r.get("declines", {}).get(case, 0)]
+            for case, n in r["cases_per_pass"].items()]  # fmt: skip
+    head = ["case", "kind", "checks", "crashes", "mismatches", "contract violations", "declines"]
+    return "\n\n".join([f"{r['graphs']} random graphs (seed `{r.get('seed', '?')}`):", _table(head, rows), stamp("fuzz.json")])
+
+
+def scripts() -> str:
+    """Every script under benchmarks/: what it writes, where the docs show it, and whether `make bench` runs it."""
+    in_bench = make_bench_scripts()
+    written = {script: [f for f, s in WRITERS.items() if s == script] for script in WRITERS.values()}
+    rows = []
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        script = path.name
+        if script in GENERATORS:
+            rows.append([f"`{script}`", "prints docs tables (measures nothing)", "-", "-"])
+            continue
+        files = ", ".join(f"`{f}`" for f in written.get(script, [])) or "-"
+        target, title = SECTIONS.get(script, ("", ""))
+        link = f"[{title}]({target})" if target else "-"
+        rows.append([f"`python benchmarks/{script}`", files, link, "yes" if script in in_bench else "no"])
+    return _table(["script", "results file", "docs", "run by `make bench`"], rows)
+
+
+def make_bench_scripts() -> set[str]:
+    """The benchmark scripts the Makefile's `bench` target runs."""
+    text = (ROOT / "Makefile").read_text()
+    match = re.search(r"^bench:.*?\n((?:\t.*\n?)*)", text, re.M)
+    return set(re.findall(r"benchmarks/(\w+\.py)", match.group(1))) if match else set()
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "canonical-efficientnet": canonical_efficientnet,
+    "quant-smollm2": quant_smollm2,
+    "quant-minilm": quant_minilm,
+    "quant-effnet": quant_effnet,
+    "exclude-effnet": exclude_effnet,
+    "cast-bf16": cast_bf16,
+    "transforms": transforms,
+    "transforms-layers": transforms_layers,
+    "multless": multless,
+    "sparse": sparse,
+    "allocate-smollm2": allocate_smollm2,
+    "hawq-smollm2": hawq_smollm2,
+    "allocate-formats-minilm": allocate_formats_minilm,
+    "kernels": kernels,
+    "tvm-node-suite": tvm_node_suite,
+    "fuzz": fuzz,
+    "llm-export": llm_export,
+    "llm-passes": llm_passes,
+    "llm-decode": llm_decode,
+    "scripts": scripts,
+}
+
+
+def render(name: str) -> str:
+    if name not in TABLES:
+        raise KeyError(f"unknown docs table '{name}'; the tables are: {', '.join(TABLES)}")
+    return TABLES[name]().strip()
+
+
+def update(text: str) -> str:
+    """``text`` with every generated block rewritten from the results files."""
+    return BLOCK.sub(lambda m: f"<!-- table: {m['name']} -->\n{render(m['name'])}\n<!-- /table: {m['name']} -->", text)
+
+
+def pages() -> list[Path]:
+    return sorted(DOCS.rglob("*.md"))
+
+
+def main(argv: list[str]) -> int:
+    if argv and not argv[0].startswith("-"):
+        print(render(argv[0]))
+        return 0
+    stale = []
+    for page in pages():
+        text = page.read_text()
+        fresh = update(text)
+        if fresh != text:
+            stale.append(page.relative_to(ROOT))
+            if "--check" not in argv:
+                page.write_text(fresh)
+    if "--check" in argv and stale:
+        print(f"stale generated tables in {', '.join(map(str, stale))}; run `python benchmarks/docs_tables.py`.")
+        return 1
+    for page in stale:
+        print(f"rewrote {page}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
