@@ -29,6 +29,7 @@ from bitfold.eval.tasks import minilm_cos  # noqa: E402
 from bitfold.passes.canonical import CANONICAL  # noqa: E402
 from bitfold.quant.calibration import CalibrationData  # noqa: E402
 from bitfold.tools import allocate  # noqa: E402
+from bitfold.tools.bench import provenance  # noqa: E402
 from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -40,6 +41,7 @@ BUDGET_AT = ["int3", "bcq3", "bcq2"]
 
 
 def main() -> None:
+    stamp = provenance()
     RESULTS.mkdir(exist_ok=True)
     reference = export_minilm()
     fp32, _ = bitfold.optimize(bitfold.clone(reference), list(CANONICAL))
@@ -71,6 +73,7 @@ def main() -> None:
                          "cosine": score(solved.recipe(format="fake", **GPTQ).to_list()), "layers_per_format": counts})  # fmt: skip
             print(rows[-1], flush=True)
     result = {
+        **stamp,
         "model": "all-MiniLM-L6-v2 (seq 128)",
         "protocol": "cosine to fp32 over 151 Lee test sentences; GPTQ and sensitivities on 128 lee-sentences calibration sentences",
         "gptq": GPTQ, "bits_per_weight": {f: float(b) for f, b in bits.items()}, "rows": rows,

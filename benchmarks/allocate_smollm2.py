@@ -27,6 +27,7 @@ from bitfold.eval.tasks import lee_windows, lm_feeds, smollm2_ppl  # noqa: E402
 from bitfold.passes.canonical import CANONICAL  # noqa: E402
 from bitfold.quant.calibration import CalibrationData  # noqa: E402
 from bitfold.tools import allocate  # noqa: E402
+from bitfold.tools.bench import provenance  # noqa: E402
 from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -40,6 +41,7 @@ OUTPUT_SAMPLES = 4
 
 
 def main() -> None:
+    stamp = provenance()
     RESULTS.mkdir(exist_ok=True)
     _, tokenizer = smollm2()
     fp32, _ = bitfold.optimize(export_smollm2(), list(CANONICAL))
@@ -71,6 +73,7 @@ def main() -> None:
                      "predicted_noise": float(solved.sensitivity[np.arange(len(solved.layers)), solved.choice].sum())})  # fmt: skip
         print(rows[-1], flush=True)
     result = {
+        **stamp,
         "model": "SmolLM2-135M-Instruct",
         "protocol": "ppl on Lee windows 0-15 of 512 tokens; GPTQ calibration windows 139-146; sensitivities: GPTQ on 16 x 128 tokens (128-token windows 464-479), logits of the first 4",
         "formats": {f: {**allocate.FORMATS[f].step, "bits_per_weight_k576": allocate.FORMATS[f].bits(576)} for f in FORMATS},

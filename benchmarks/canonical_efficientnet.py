@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import onnxruntime as ort  # noqa: E402
 
 import bitfold  # noqa: E402
 from bitfold.eval.models import efficientnet_lite0  # noqa: E402
 from bitfold.passes.canonical import CANONICAL  # noqa: E402
 from bitfold.summary import summarize  # noqa: E402
-from bitfold.tools.bench import compare  # noqa: E402
+from bitfold.tools.bench import compare, provenance  # noqa: E402
 from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -38,6 +36,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args()
+    stamp = provenance()
 
     module, (x,) = efficientnet_lite0()
     raw = bitfold.from_torch(module, (x,))
@@ -52,9 +51,8 @@ def main() -> None:
         iters=args.iters,
     )
     result = {
+        **stamp,
         "model": "EfficientNet-Lite0 1x3x224x224",
-        "onnxruntime": ort.__version__,
-        "machine": platform.machine(),
         "max_rel_err": max(r.max_rel for r in report.passes),
         "graphs": {
             name: {"nodes": summarize(m)["nodes"], "ops": summarize(m)["ops"], "latency_ms": s}

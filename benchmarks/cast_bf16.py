@@ -19,6 +19,7 @@ from bitfold.eval.tasks import minilm_cos, smollm2_ppl
 from bitfold.passes.canonical import CANONICAL
 from bitfold.passes.quant.cast_precision import ISLAND_KEY
 from bitfold.quant.calibration import CalibrationData
+from bitfold.tools.bench import provenance
 from bitfold.tools.files import write_atomic
 
 RESULTS = Path(__file__).parent / "results"
@@ -29,6 +30,7 @@ STEPS = {
 
 
 def main() -> None:
+    stamp = provenance()
     RESULTS.mkdir(exist_ok=True)
     rows = []
     smollm2 = bitfold.optimize(export_smollm2(), list(CANONICAL))[0]
@@ -49,7 +51,7 @@ def main() -> None:
             rows.append({"task": task, "variant": label, "value": score(model), "fp32_islands": islands,
                          "seconds": round(report.passes[0].seconds, 1)})  # fmt: skip
             print(rows[-1], flush=True)
-    write_atomic(RESULTS / "cast_bf16.json", json.dumps({"rows": rows}, indent=2).encode())
+    write_atomic(RESULTS / "cast_bf16.json", json.dumps({**stamp, "rows": rows}, indent=2).encode())
 
 
 if __name__ == "__main__":

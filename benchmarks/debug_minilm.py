@@ -17,6 +17,7 @@ import bitfold
 from bitfold.eval.data import lee_sentences
 from bitfold.eval.models import export_minilm, minilm
 from bitfold.eval.tasks import sentence_feeds
+from bitfold.tools.bench import provenance
 from bitfold.tools.cli import main as cli
 from bitfold.tools.debug import screenshot
 from bitfold.tools.files import save_arrays, write_atomic
@@ -44,6 +45,7 @@ exclude = ["*layer.[!3]*", "*attention*"]
 
 
 def main() -> None:
+    stamp = provenance()
     OUT.mkdir(parents=True, exist_ok=True)
     _, tokenizer = minilm()
     model_path = bitfold.save(export_minilm(), OUT / "minilm.onnx")
@@ -56,7 +58,8 @@ def main() -> None:
     model_path.unlink()  # 90 MB; the report and the repro are what this run is for
     if not screenshot(OUT / "report.html", OUT / "report.png", (1280, 2000)):
         print("no Chromium: report.png not written")
-    report = json.loads((OUT / "report.json").read_text())
+    report = {**stamp, **json.loads((OUT / "report.json").read_text())}
+    write_atomic(OUT / "report.json", json.dumps(report, indent=2).encode())
     print(json.dumps({k: report[k] for k in ("culprit", "first_node", "repro")}, indent=2))
 
 

@@ -27,6 +27,7 @@ from bitfold.eval.models import efficientnet_lite0  # noqa: E402
 from bitfold.eval.tasks import effnet_agree  # noqa: E402
 from bitfold.passes.canonical import CANONICAL  # noqa: E402
 from bitfold.quant.calibration import CalibrationData  # noqa: E402
+from bitfold.tools.bench import provenance  # noqa: E402
 from bitfold.tools.exclude import keep_within  # noqa: E402
 from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
 
@@ -43,6 +44,7 @@ def _relative_error(model, fp32, feeds) -> float:
 
 
 def main() -> None:
+    stamp = provenance()
     RESULTS.mkdir(exist_ok=True)
     module, example = efficientnet_lite0()
     reference = bitfold.from_torch(module, example)
@@ -78,7 +80,7 @@ def main() -> None:
             "top_contributions": None if kept is None else dict(sorted(kept.contributions.items(), key=lambda kv: -kv[1])[:5]),
         })  # fmt: skip
         print({k: v for k, v in rows[-1].items() if k != "top_contributions"}, flush=True)
-    result = {"model": "EfficientNet-Lite0 1x3x224x224", "conv_layers": layers, "budgets": list(BUDGETS), "rows": rows}
+    result = {**stamp, "model": "EfficientNet-Lite0 1x3x224x224", "conv_layers": layers, "budgets": list(BUDGETS), "rows": rows}
     write_atomic(RESULTS / "exclude_effnet.json", json.dumps(result, indent=2).encode())
 
     fig, ax = plt.subplots(figsize=(8, 3.2))

@@ -24,6 +24,7 @@ from bitfold.eval.tasks import lee_windows, lm_feeds, smollm2_ppl
 from bitfold.passes.canonical import CANONICAL
 from bitfold.quant.calibration import CalibrationData
 from bitfold.tools import allocate
+from bitfold.tools.bench import provenance
 from bitfold.tools.files import write_atomic
 
 RESULTS = Path(__file__).parent / "results"
@@ -35,6 +36,7 @@ WINDOWS = range(464, 468)
 
 
 def main() -> None:
+    stamp = provenance()
     RESULTS.mkdir(exist_ok=True)
     lm, tokenizer = smollm2()
     module = CausalLMLogits(lm).eval()
@@ -56,7 +58,7 @@ def main() -> None:
         rows.append({"variant": f"allocate-bits {budget:g}, HAWQ-V2 sensitivities", "bits": solved.bits_per_weight,
                      "ppl": smollm2_ppl(model).value, "layers_per_format": counts})  # fmt: skip
         print(rows[-1], flush=True)
-    result = {"model": "SmolLM2-135M-Instruct", "gptq": GPTQ, "sensitivity_seconds": round(seconds, 1), "rows": rows,
+    result = {**stamp, "model": "SmolLM2-135M-Instruct", "gptq": GPTQ, "sensitivity_seconds": round(seconds, 1), "rows": rows,
               "sensitivity": {"layers": scored.layers, "formats": FORMATS, "values": scored.sensitivity.tolist()}}  # fmt: skip
     write_atomic(RESULTS / "hawq_smollm2.json", json.dumps(result, indent=2).encode())
 

@@ -66,6 +66,7 @@ from bitfold.kernels import sparse as k_sparse  # noqa: E402
 from bitfold.kernels import ternary as k_ternary  # noqa: E402
 from bitfold.ops import bcq, binary, block_csr, csr, shift, sparse, ternary  # noqa: E402
 from bitfold.quant import matmulnbits  # noqa: E402
+from bitfold.tools.bench import provenance  # noqa: E402
 from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -396,6 +397,7 @@ def main() -> None:
     if args.e2e_worker:
         print(json.dumps(e2e_worker(args.e2e_worker, args.tokens, args.iters)))
         return
+    stamp = provenance()
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "kernels.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
@@ -408,11 +410,15 @@ def main() -> None:
     else:
         rows, copy = kernel_table(args.rounds, args.iters, args.process_rounds, args.only)
         result = {
-            "machine": {"cores": CORES, "copy_gbps": copy / 1e9, "tvm": tvm.__version__, "onnxruntime": ort.__version__, "torch": torch.__version__},
+            "machine": {"cores": CORES, "copy_gbps": copy / 1e9, "torch": torch.__version__},
             "kernels": rows,
             "hadamard": hadamard_rows(args.rounds, copy),
             "smollm2": e2e(args.e2e_iters, args.e2e_rounds) if args.e2e else previous.get("smollm2", []),
         }
+    # The stamp is this run's, also where rows of an earlier run are kept; "machine" keeps the measured cores and copy
+    # bandwidth (kernels_table.py reads them) beside the machine's description.
+    machine = {**result.get("machine", {}), "platform": stamp["machine"]}
+    result = {**result, "command": stamp["command"], "commit": stamp["commit"], "machine": machine}
     write_atomic(path, json.dumps(result, indent=2).encode())
     _plot(result["kernels"], RESULTS / "kernels.png")
 

@@ -300,7 +300,9 @@ def main() -> None:
 
     from bitfold.eval.data import lee_text
     from bitfold.eval.models import smollm2
+    from bitfold.tools.bench import provenance
 
+    stamp = provenance()
     specs = prepare(args.only)
     if args.names:
         wanted = set(args.names.split(","))
@@ -335,7 +337,7 @@ def main() -> None:
         kept = {r["name"]: r for r in previous["rows"]}
         for name, row in rows.items():
             kept[name] = {**kept.get(name, {}), **{k: v for k, v in row.items() if k != "runs"}, "median": kept.get(name, {}).get("median", {})}
-        write_atomic(RESULTS / "llm_decode.json", json.dumps({**previous, "rows": list(kept.values())}, indent=2).encode())
+        write_atomic(RESULTS / "llm_decode.json", json.dumps({**previous, **stamp, "rows": list(kept.values())}, indent=2).encode())
         return
 
     processes = []
@@ -352,14 +354,14 @@ def main() -> None:
                     rows[p.spec["name"]]["runs"][str(length)].append(result)
                     print(f"round {r} prompt {length} {p.spec['name']}: prefill {result['prefill_ms']:.0f} ms, "
                           f"decode {result['decode_tok_s']:.1f} tok/s", flush=True)  # fmt: skip
-            _write(rows, previous, args)  # after every prompt length: a run that stops keeps what it measured
+            _write(rows, previous, args, stamp)  # after every prompt length: a run that stops keeps what it measured
     finally:
         for p in processes:
             p.close()
-    _plot(_write(rows, previous, args))
+    _plot(_write(rows, previous, args, stamp))
 
 
-def _write(rows: dict, previous: dict, args) -> dict:
+def _write(rows: dict, previous: dict, args, stamp: dict) -> dict:
     for row in rows.values():
         row["median"] = {n: {"prefill_ms": float(np.median([x["prefill_ms"] for x in runs])),
                              "decode_tok_s": float(np.median([x["decode_tok_s"] for x in runs]))}
@@ -367,10 +369,10 @@ def _write(rows: dict, previous: dict, args) -> dict:
     merged = {r["name"]: r for r in previous["rows"]} if args.only else {}
     merged.update(rows)
     result = {
+        **stamp,
         "model": "SmolLM2-135M-Instruct (weights from a Q4_1 GGUF: 32-element blocks with offset)",
         "protocol": f"prompt = first N Lee tokens, {args.new} new tokens greedy, {THREADS} threads, each runtime in its own "
         f"process, {args.rounds} interleaved rounds after a warm-up, medians; perplexity: Lee windows 0-15 of 512",
-        "command": "python benchmarks/llm_decode.py",
         "versions": _versions(),
         "rows": list(merged.values()),
     }
@@ -381,9 +383,10 @@ def _write(rows: dict, previous: dict, args) -> dict:
 
 
 def _versions() -> dict:
+    """Versions of the runtimes the stamp's machine description does not name (it names onnxruntime and tvm)."""
     import importlib.metadata as md
 
-    return {p: md.version(p) for p in ("onnxruntime", "onnxruntime-genai", "llama_cpp_python", "apache-tvm", "transformers")}
+    return {p: md.version(p) for p in ("onnxruntime-genai", "llama_cpp_python", "transformers")}
 
 
 def _plot(result: dict) -> None:

@@ -43,8 +43,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     from bitfold.eval.models import smollm2_folder
+    from bitfold.tools.bench import provenance
     from bitfold.tools.files import write_atomic
 
+    stamp = provenance()
     fp32_bytes = (smollm2_folder() / "model.safetensors").stat().st_size
     runs = {name: [] for name in METHODS}
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,7 +62,7 @@ def main() -> None:
         rss = float(np.median([x["peak_rss_bytes"] for x in results]))
         rows.append({"method": name, "seconds": float(np.median([x["seconds"] for x in results])), "peak_rss_bytes": rss,
                      "rss_over_fp32_bytes": rss / fp32_bytes, "file_bytes": results[0]["file_bytes"], "runs": results})  # fmt: skip
-    result = {"model": "SmolLM2-135M-Instruct", "fp32_bytes": fp32_bytes, "command": "python benchmarks/llm_export.py", "rows": rows}
+    result = {**stamp, "model": "SmolLM2-135M-Instruct", "fp32_bytes": fp32_bytes, "rows": rows}
     write_atomic(RESULTS / "llm_export.json", json.dumps(result, indent=2).encode())
 
 

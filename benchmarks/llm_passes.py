@@ -30,7 +30,7 @@ from bitfold.eval.tasks import lee_windows, lm_feeds, perplexity
 from bitfold.llm import export_llm
 from bitfold.passes.canonical import CANONICAL
 from bitfold.quant.calibration import CalibrationData
-from bitfold.tools.bench import merge_rows
+from bitfold.tools.bench import merge_rows, provenance
 from bitfold.tools.files import write_atomic
 
 RESULTS = Path(__file__).parent / "results"
@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", help="run only the recipes whose label contains one of these texts; merge into the JSON")
     parser.add_argument("--skip-done", action="store_true", help="run only the recipes the JSON does not hold yet; merge into it")
     args = parser.parse_args()
+    stamp = provenance()
     path = RESULTS / "llm_passes.json"
     done = {r["variant"] for r in json.loads(path.read_text())["rows"]} if args.skip_done and path.exists() else set()
     _, tokenizer = smollm2()
@@ -105,7 +106,7 @@ def main() -> None:
                           "within reordering noise" if row["rel_diff"] <= 2 * row["spread"] else "differ")  # fmt: skip
         print(json.dumps(row), flush=True)
         rows.append(row)
-        _write(rows, merge=bool(args.only or args.skip_done))  # after every row: a long run that stops keeps what it measured
+        _write(rows, stamp, merge=bool(args.only or args.skip_done))  # after every row: a long run that stops keeps what it measured
 
 
 def _unoptimized(base, steps: list, calib_windows, windows: int | None, scored) -> float:
@@ -122,15 +123,15 @@ def _unoptimized(base, steps: list, calib_windows, windows: int | None, scored) 
             os.environ["BITFOLD_ORT_OPTIMIZATION"] = previous
 
 
-def _write(rows: list[dict], merge: bool) -> None:
+def _write(rows: list[dict], stamp: dict, merge: bool) -> None:
     path = RESULTS / "llm_passes.json"
     if merge and path.exists():
         rows = merge_rows(json.loads(path.read_text())["rows"], rows, order=[label for label, _ in RECIPES])
     result = {
+        **stamp,
         "model": "SmolLM2-135M-Instruct (weights from a Q4_1 GGUF: 32-element blocks with offset)",
         "protocol": f"Lee corpus, windows {EVAL.start}-{EVAL.stop - 1} of 512 tokens scored; calibration windows "
         f"{CALIB.start}-{CALIB.stop - 1}; lm_head fp32",
-        "command": "python benchmarks/llm_passes.py",
         "rows": rows,
     }
     write_atomic(path, json.dumps(result, indent=2).encode())

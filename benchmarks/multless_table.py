@@ -35,7 +35,7 @@ from bitfold.eval.models import efficientnet_lite0, export_minilm, export_smollm
 from bitfold.eval.tasks import effnet_agree, minilm_cos, smollm2_ppl  # noqa: E402
 from bitfold.passes.canonical import CANONICAL  # noqa: E402
 from bitfold.quant.calibration import CalibrationData  # noqa: E402
-from bitfold.tools.bench import merge_rows  # noqa: E402
+from bitfold.tools.bench import merge_rows, provenance  # noqa: E402
 from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["smollm2", "minilm", "effnet"], choices=["smollm2", "minilm", "effnet"])
     parser.add_argument("--only", help="run only the rows whose label contains this text and merge them into the JSON")
     args = parser.parse_args()
+    stamp = provenance()
     RESULTS.mkdir(exist_ok=True)
     rows: list[dict] = []
     if "minilm" in args.models:
@@ -134,9 +135,10 @@ def main() -> None:
         calibration = CalibrationData(list(CalibrationData.from_source("lee-text", fp32))[-8:])
         rows += _table("SmolLM2 perplexity", fp32, calibration, lambda m: smollm2_ppl(m).value, TRANSFORMER_ROWS, args.only)
     path = RESULTS / "multless.json"
-    if path.exists():  # merge: new rows replace same-named ones, the rest of the table stays
+    if path.exists():  # merge: new rows replace same-named ones, the rest of the table stays; the stamp is this run's
         rows = merge_rows(json.loads(path.read_text())["rows"], rows)
     result = {
+        **stamp,
         "protocol": "SmolLM2: Lee windows 0-15 (512 tokens), calibration windows 139-146; MiniLM: Lee test sentences; "
         "EfficientNet-Lite0: 500 photo crops, Conv weights fake-quantized",
         "rows": rows,

@@ -21,7 +21,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import onnxruntime as ort  # noqa: E402
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -32,7 +31,7 @@ from bitfold.eval.models import efficientnet_lite0  # noqa: E402
 from bitfold.eval.tasks import EFFNET_CROPS_PER_PHOTO, effnet_agree  # noqa: E402
 from bitfold.passes.canonical import CANONICAL  # noqa: E402
 from bitfold.quant.calibration import CalibrationData  # noqa: E402
-from bitfold.tools.bench import compare  # noqa: E402
+from bitfold.tools.bench import compare, provenance  # noqa: E402
 from bitfold.tools.exclude import keep_within  # noqa: E402
 from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
 
@@ -61,6 +60,7 @@ def _input_noise_floor(reference) -> dict:
 
 
 def main() -> None:
+    stamp = provenance()
     RESULTS.mkdir(exist_ok=True)
     tmp = RESULTS / ".tmp"
     tmp.mkdir(exist_ok=True)
@@ -106,7 +106,7 @@ def main() -> None:
     for row, s in zip(rows, stats, strict=False):
         row["latency_ms"] = s
         print(f"{row['variant']:28s} p50 {s['p50']:.2f} ms  ratio vs fp32 {s['ratio']:.3f}")
-    result = {"model": "EfficientNet-Lite0 1x3x224x224", "onnxruntime": ort.__version__, "conv_layers": sum(n.op_type == "Conv" for n in fp32.graph),
+    result = {**stamp, "model": "EfficientNet-Lite0 1x3x224x224", "conv_layers": sum(n.op_type == "Conv" for n in fp32.graph),
               "budgets": list(BUDGETS), "rows": rows}  # fmt: skip
     write_atomic(RESULTS / "quant_effnet.json", json.dumps(result, indent=2).encode())
     fig, ax = plt.subplots(figsize=(8, 4.2))

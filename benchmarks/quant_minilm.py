@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 import onnx_ir as ir
-import onnxruntime as ort
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -22,6 +21,7 @@ from bitfold.eval.models import export_minilm
 from bitfold.eval.tasks import minilm_cos
 from bitfold.passes.canonical import CANONICAL
 from bitfold.quant.calibration import CalibrationData
+from bitfold.tools.bench import provenance
 from bitfold.tools.files import write_atomic
 
 RESULTS = Path(__file__).parent / "results"
@@ -41,6 +41,7 @@ ROWS = [
 
 
 def main() -> None:
+    stamp = provenance()
     RESULTS.mkdir(exist_ok=True)
     tmp = RESULTS / ".tmp"
     tmp.mkdir(exist_ok=True)
@@ -65,7 +66,7 @@ def main() -> None:
     bitfold.save(fp32, src)
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
     record("quantize_dynamic int8", "onnxruntime", bitfold.load(dst))
-    result = {"model": "all-MiniLM-L6-v2, seq 128", "onnxruntime": ort.__version__, "rows": rows}
+    result = {**stamp, "model": "all-MiniLM-L6-v2, seq 128", "rows": rows}
     write_atomic(RESULTS / "quant_minilm.json", json.dumps(result, indent=2).encode())
     shutil.rmtree(tmp, ignore_errors=True)
 

@@ -27,7 +27,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import onnx_ir as ir  # noqa: E402
-import onnxruntime as ort  # noqa: E402
 from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: E402
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # noqa: E402
 
@@ -36,7 +35,7 @@ from bitfold.eval.models import export_smollm2  # noqa: E402
 from bitfold.eval.tasks import CALIB_WINDOWS, smollm2_ppl  # noqa: E402
 from bitfold.passes.canonical import CANONICAL  # noqa: E402
 from bitfold.quant.calibration import CalibrationData  # noqa: E402
-from bitfold.tools.bench import compare, merge_rows  # noqa: E402
+from bitfold.tools.bench import compare, merge_rows, provenance  # noqa: E402
 from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -114,6 +113,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only", help="run only the bitfold rows whose label contains this text and merge them into the JSON")
     args = parser.parse_args()
+    stamp = provenance()
     RESULTS.mkdir(exist_ok=True)
     tmp = RESULTS / ".tmp"
     tmp.mkdir(exist_ok=True)
@@ -129,17 +129,17 @@ def main() -> None:
     if selected("fp16 with fp32 islands"):  # every tensor is exposed during calibration: 2 windows keep memory reasonable
         fp16, report = bitfold.optimize(bitfold.clone(fp32), ["cast-precision"], CalibrationData(list(calibration)[-2:]))
         rows.append(_row("fp16 with fp32 islands", fp16, "bitfold", format="float16", casts=report.passes[0].ops_added.get("Cast", 0)))
-    if args.only:  # merge: the new rows replace same-named ones, the rest of the table and the latency stay
-        result = json.loads((RESULTS / "quant_smollm2.json").read_text())
+    if args.only:  # merge: the new rows replace same-named ones, the rest of the table and the latency stay; the stamp is this run's
+        result = {**json.loads((RESULTS / "quant_smollm2.json").read_text()), **stamp}
         result["rows"] = merge_rows([{"model": "SmolLM2", **r} for r in result["rows"]], rows)
     else:
         ort_nbits = _ort_tool(fp32, tmp, "matmulnbits")
         rows.append(_row("MatMulNBitsQuantizer RTN W4 g128 sym", ort_nbits, "onnxruntime"))
         rows.append(_row("quantize_dynamic int8", _ort_tool(fp32, tmp, "dynamic"), "onnxruntime"))
         result = {
+            **stamp,
             "model": "SmolLM2-135M-Instruct (weights from a Q4_1 GGUF: 32-element blocks with offset)",
             "protocol": f"Lee corpus, windows 0-15 of 512 tokens (8,176 scored); calibration windows {CALIB_WINDOWS.start}-{CALIB_WINDOWS.stop - 1}",
-            "onnxruntime": ort.__version__,
             "rows": rows,
             **_latency(fp32, ort_nbits, next(iter(calibration)), args.rounds),
         }

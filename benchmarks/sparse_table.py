@@ -27,7 +27,7 @@ from bitfold.eval.models import export_minilm, export_smollm2  # noqa: E402
 from bitfold.eval.tasks import minilm_cos, smollm2_ppl  # noqa: E402
 from bitfold.passes.canonical import CANONICAL  # noqa: E402
 from bitfold.quant.calibration import CalibrationData  # noqa: E402
-from bitfold.tools.bench import merge_rows  # noqa: E402
+from bitfold.tools.bench import merge_rows, provenance  # noqa: E402
 from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["smollm2", "minilm"], choices=["smollm2", "minilm"])
     parser.add_argument("--only", help="run only the rows whose label contains this text and merge them into the JSON")
     args = parser.parse_args()
+    stamp = provenance()
     RESULTS.mkdir(exist_ok=True)
     rows: list[dict] = []
     if "minilm" in args.models:
@@ -81,7 +82,7 @@ def main() -> None:
     path = RESULTS / "sparse.json"
     previous = json.loads(path.read_text())["rows"] if path.exists() else []  # merge: new rows replace same-named ones
     rows = merge_rows(previous, rows, ["dense FP32"] + [label for label, _ in ROWS])
-    write_atomic(path, json.dumps({"rows": rows}, indent=2).encode())
+    write_atomic(path, json.dumps({**stamp, "rows": rows}, indent=2).encode())  # the stamp is this run's
     _plot(rows, RESULTS / "sparse.png")
 
 

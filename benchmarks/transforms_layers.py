@@ -25,6 +25,7 @@ from bitfold.eval.models import export_smollm2, smollm2  # noqa: E402
 from bitfold.eval.tasks import lee_windows, lm_feeds  # noqa: E402
 from bitfold.passes.canonical import CANONICAL  # noqa: E402
 from bitfold.quant.calibration import CalibrationData  # noqa: E402
+from bitfold.tools.bench import provenance  # noqa: E402
 from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -57,6 +58,7 @@ def _rtn_error(graph) -> dict[str, float]:
 
 
 def main() -> None:
+    stamp = provenance()
     RESULTS.mkdir(exist_ok=True)
     fp32, _ = bitfold.optimize(export_smollm2(), list(CANONICAL))
     rtn_error = {"fp32": _rtn_error(fp32.graph)}
@@ -70,7 +72,7 @@ def main() -> None:
     _, tokenizer = smollm2()
     feeds = next(iter(lm_feeds(lee_windows(tokenizer, range(1)))))
     reference = _linear_outputs(rotated, feeds)
-    result = {"layers": list(reference), "relative_error": {}, "weight_rtn4_error": rtn_error}
+    result = {**stamp, "layers": list(reference), "relative_error": {}, "weight_rtn4_error": rtn_error}
     for label, model in (("W4 (GPTQ) only", weights_only), ("A4 only", acts_only), ("W4A4", both)):
         outputs = _linear_outputs(model, feeds)
         result["relative_error"][label] = [float(np.linalg.norm(outputs[k] - v) / np.linalg.norm(v)) for k, v in reference.items()]

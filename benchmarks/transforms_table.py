@@ -30,7 +30,7 @@ from bitfold.eval.models import export_minilm, export_smollm2  # noqa: E402
 from bitfold.eval.tasks import minilm_cos, smollm2_ppl  # noqa: E402
 from bitfold.passes.canonical import CANONICAL  # noqa: E402
 from bitfold.quant.calibration import CalibrationData  # noqa: E402
-from bitfold.tools.bench import merge_rows  # noqa: E402
+from bitfold.tools.bench import merge_rows, provenance  # noqa: E402
 from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--only", help="run only the rows whose label contains this text and merge them into the JSON")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
-    result = {"rows": [], "max_over_mean_abs": {}}
+    result = {**provenance(), "rows": [], "max_over_mean_abs": {}}
     if "minilm" in args.models:
         reference = export_minilm()
         fp32, _ = bitfold.optimize(bitfold.clone(reference), list(CANONICAL))
@@ -154,7 +154,7 @@ def main() -> None:
                               CalibrationData(list(calibration)[-8:]))  # fmt: skip
         result["rows"] += rows
         result["max_over_mean_abs"]["smollm2"] = ratios
-    if args.only:  # merge: the new rows replace same-named ones, the rest of the table stays
+    if args.only:  # merge: the new rows replace same-named ones, the rest of the table stays; the stamp is this run's
         previous = json.loads((RESULTS / "transforms.json").read_text())
         result["rows"] = merge_rows(previous["rows"], result["rows"])
         result["max_over_mean_abs"] = {**previous["max_over_mean_abs"], **result["max_over_mean_abs"]}

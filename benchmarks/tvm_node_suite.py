@@ -25,6 +25,7 @@ import onnx_ir as ir
 from onnx.backend.test.loader import load_model_tests
 
 import bitfold
+from bitfold.tools.bench import provenance
 from bitfold.tools.files import write_atomic
 
 RESULTS = Path(__file__).parent / "results"
@@ -76,6 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--limit", type=int, default=0, help="only the first N cases (0: all)")
     args = parser.parse_args()
+    stamp = provenance()
     cases = sorted(load_model_tests(kind="node"), key=lambda c: c.name)
     if args.limit:
         cases = cases[: args.limit]
@@ -88,6 +90,7 @@ def main() -> None:
     counts = collections.Counter(s["status"] for s in statuses.values())
     reasons = collections.Counter(s["reason"] for s in statuses.values() if s["status"] in ("failed", "mismatch"))
     result = {
+        **stamp,
         "onnx": onnx.__version__,
         "cases": len(cases),
         "counts": dict(counts),

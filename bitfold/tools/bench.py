@@ -3,11 +3,19 @@
 ONNX Runtime sessions in one process each keep a spinning thread pool; timing them back to back lets one pool's
 spinning steal the cores of another. Sessions compared here are built with spinning off and timed in interleaved
 rounds (A B C A B C ...), and results are reported as medians and as ratios to the first model.
+
+Every results file also records its ``provenance``: the command that wrote it, the commit and the machine.
 """
 
 from __future__ import annotations
 
+import os
+import platform
+import shlex
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -44,3 +52,58 @@ def merge_rows(previous: Sequence[dict], rows: Sequence[dict], order: Sequence[s
         rank = {label: i for i, label in enumerate(order)}
         merged.sort(key=lambda r: (r["model"], rank.get(r["variant"], len(rank))))
     return merged
+
+
+def provenance(argv: Sequence[str] | None = None) -> dict[str, str | None]:
+    """What produced a results file: ``command`` (``python <script relative to its repository> <arguments>``),
+    ``commit`` (short hash of the script's repository, ``+dirty`` when tracked files differ from it; None without
+    git) and ``machine`` (CPU model, CPUs available to the process, memory, OS, onnxruntime and tvm versions).
+
+    ``argv`` defaults to ``sys.argv``."""
+    argv = list(sys.argv if argv is None else argv) or [""]
+    script = Path(argv[0] or "-").resolve()
+    root = _git(script.parent, "rev-parse", "--show-toplevel")
+    shown = script.relative_to(root).as_posix() if root and script.is_relative_to(root) else argv[0]
+    commit = _git(script.parent, "rev-parse", "--short", "HEAD")
+    if commit and _git(script.parent, "status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    return {"command": shlex.join(["python", shown, *argv[1:]]), "commit": commit, "machine": _machine()}
+
+
+def _git(cwd: Path, *args: str) -> str | None:
+    """``git args`` run in ``cwd``: its stripped output, or None where git or the repository is missing."""
+    try:
+        run = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return run.stdout.strip()
+
+
+def _machine() -> str:
+    """``"<CPU model>, <n> CPUs, <m> GB memory, <OS> <release>, onnxruntime <v>, tvm <v>"``."""
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    cpu = cpu or platform.processor() or platform.machine() or "unknown CPU"
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    parts = [cpu, f"{cpus} CPUs"]
+    try:
+        parts.append(f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1e9:.0f} GB memory")
+    except (AttributeError, ValueError, OSError):
+        pass
+    parts.append(f"{platform.system()} {platform.release()}".strip())
+    parts += [f"{name} {version}" for name in ("onnxruntime", "tvm") if (version := _version(name))]
+    return ", ".join(parts)
+
+
+def _version(module: str) -> str | None:
+    """The module's ``__version__``, or None where importing it fails."""
+    try:
+        return str(__import__(module).__version__)
+    except Exception:  # an optional package can fail to import in many ways (missing libraries, ABI mismatches)
+        return None
