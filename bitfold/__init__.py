@@ -10,6 +10,7 @@
 from bitfold import passes
 from bitfold.backends import compile
 from bitfold.errors import BitfoldError
+from bitfold.eval import calibration as _calibration  # noqa: F401  (registers the built-in calibration sources)
 from bitfold.frontend import clone, from_torch, load, save
 from bitfold.frontend.inputs import sample_feeds
 from bitfold.pipeline import Pipeline, PipelineReport, Recipe, optimize

@@ -38,3 +38,7 @@ class ExportError(BitfoldError):
 
 class VerificationError(BitfoldError):
     """A pass broke the model: it no longer passes the ONNX checker or fails to run."""
+
+
+class PassPreconditionError(BitfoldError):
+    """A pass was asked to run on a model that lacks the structure it rewrites (e.g. rotate without a residual stream)."""

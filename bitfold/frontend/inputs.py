@@ -8,8 +8,10 @@ dimensions take the size the user named for them or 1.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -138,3 +140,28 @@ def check_feeds(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> None:
         )):
             got = "x".join(map(str, array.shape)) or "scalar"
             raise InputSpecError(f"input '{name}' has shape {got} but the model expects {spec.describe()}.")
+
+
+def load_arrays(path: str | os.PathLike, what: str = "inputs file") -> dict[str, np.ndarray]:
+    """Arrays of an ``.npz`` file, one per graph input name; object arrays (pickle) are refused. ``what`` names the
+    file in errors."""
+    path = Path(path)
+    if not path.is_file():
+        kind = "is a folder" if path.is_dir() else "does not exist"
+        raise InputSpecError(f"{what} '{path}' {kind}; pass an .npz with one array per model input.")
+    try:
+        with path.open("rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise InputSpecError(f"{what} '{path}' cannot be read ({(e.strerror or str(e)).lower()}); check its permissions.") from None
+    if magic == b"\x93NUMPY":
+        raise InputSpecError(f"{what} '{path}' is a single .npy array, not a readable .npz of plain arrays; save it with numpy.savez(path, NAME=array).")
+    if not magic.startswith(b"PK"):
+        raise InputSpecError(f"{what} '{path}' is not a readable .npz of plain arrays (not a zip archive); save it with numpy.savez.")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except Exception as e:  # numpy's reader raises many unrelated types on corrupt bytes
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        reason = "it holds pickled objects" if "pickle" in str(e) else lines[0].rstrip(".")
+        raise InputSpecError(f"{what} '{path}' is not a readable .npz of plain arrays ({reason}); save it with numpy.savez.") from None

@@ -12,6 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bitfold.errors import BitfoldError
+from bitfold.llm.builtin import cache_dir, smollm2_folder
 from bitfold.llm.config import LLMConfig
 from bitfold.llm.graph import build
 from bitfold.llm.weights import TOKENIZER_FILES, SafetensorsFolder, config_dict, gguf_folder
@@ -22,8 +23,6 @@ DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
 def resolve(source: str | os.PathLike) -> Path:
     """The Hugging Face folder that ``source`` (a folder, a .gguf file, or a built-in name) stands for."""
-    from bitfold.eval.models import cache_dir, smollm2_folder
-
     if str(source) == "smollm2":
         return smollm2_folder()
     path = Path(source)

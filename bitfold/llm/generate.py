@@ -31,7 +31,7 @@ class Decoder:
     """
 
     def __init__(self, model: ir.Model, max_length: int = 2048, threads: int | None = None, device: str = "cpu",
-                 fuse: bool = True) -> None:  # fmt: skip
+                 fuse: bool = True, profile: str | None = None) -> None:  # fmt: skip
         from bitfold.backends.ort import OrtRunnable
         from bitfold.backends.ort_llm import lower_decoder
 
@@ -40,7 +40,7 @@ class Decoder:
             raise BitfoldError("the model has no past_key_values.* inputs; export it with `bitfold export-llm` to get a KV-cache graph.")
         self.fusion = lower_decoder(model, max_length, last_logits=True) if fuse and device == "cpu" else None
         self.shared = self.fusion is not None and self.fusion.attention
-        self.runnable = OrtRunnable(self.fusion.model if self.fusion else model, device=device, threads=threads)
+        self.runnable = OrtRunnable(self.fusion.model if self.fusion else model, device=device, threads=threads, profile=profile)
         self.session = self.runnable.session
         self.max_length = max_length
         outputs = {o.name: o for o in model.graph.outputs}

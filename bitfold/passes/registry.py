@@ -30,6 +30,9 @@ from bitfold.quant.calibration import CalibrationData
 
 PASS_KEY = "bitfold.pass"
 FROM_KEY = "bitfold.from"
+#: Node metadata pinning a node's precision; ``"float32"`` (a low-rank branch, an inserted rotation, a cast-precision
+#: island) makes quantizers and cast-precision leave the node alone.
+ISLAND_KEY = "bitfold.precision"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,13 +167,14 @@ def make_config(pass_name: str, config_cls: type, params: dict[str, Any]) -> Any
     values = {}
     for key, value in params.items():
         if key not in fields:
-            valid = ", ".join(sorted(fields)) or "none"
-            raise PassParameterError(f"pass '{pass_name}' has no parameter '{key}'; its parameters are: {valid}.")
+            if not fields:
+                raise PassParameterError(f"pass '{pass_name}' takes no parameters; remove '{key}'.")
+            raise PassParameterError(f"pass '{pass_name}' has no parameter '{key}'; its parameters are: {', '.join(sorted(fields))}.")
         values[key] = _coerce(pass_name, key, hints[key], value)
     try:
         return config_cls(**values)
     except ValueError as e:
-        raise PassParameterError(f"pass '{pass_name}': {e}") from e
+        raise PassParameterError(f"pass '{pass_name}': {str(e).rstrip('.')}.") from e
 
 
 def _coerce(pass_name: str, key: str, hint: Any, value: Any) -> Any:

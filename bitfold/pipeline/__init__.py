@@ -1,6 +1,7 @@
 """Recipes and the pass manager that runs them."""
 
-from bitfold.pipeline.manager import PassContractError, Pipeline, optimize, run_pass
+from bitfold.pipeline.instrument import PassContractError, run_pass
+from bitfold.pipeline.manager import Pipeline, optimize
 from bitfold.pipeline.recipe import Recipe, Step
 from bitfold.pipeline.report import OutputError, PassRecord, PipelineReport
 

@@ -1,41 +1,35 @@
 """The pass manager: runs a recipe and owns everything cross-cutting.
 
 Per pass it measures wall time, the op histogram delta, parameter bytes before/after, and stamps provenance
-(``bitfold.pass``) on any node a pass created without it. With ``verify=True`` it also, after every pass:
-runs ``onnx.checker`` and names the pass that broke validity; runs the model under ONNX Runtime on sample inputs
-and records max abs / max rel error of every graph output against the input model; and checks the pass's
-``modified`` claim against :func:`bitfold.quant.calibration.model_key` (a digest of the graph and its tensors).
+(``bitfold.pass``) on any node a pass created without it (:mod:`bitfold.pipeline.instrument`). With
+``verify=True`` it also, after every pass: runs ``onnx.checker`` and names the pass that broke validity; runs the
+model under ONNX Runtime on sample inputs and records max abs / max rel error of every graph output against the
+input model; and checks the pass's ``modified`` claim against :func:`bitfold.quant.calibration.model_key` (a
+digest of the graph and its tensors). A step with ``max_error`` runs through the exclusion loop
+(:mod:`bitfold.pipeline.exclude`).
 
 Relative error is ``max|y - y_ref| / max|y_ref|`` per output (elementwise ratios explode near zero).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
-from bitfold.backends.ort import OrtRunnable
-from bitfold.errors import BitfoldError, VerificationError
 from bitfold.frontend.inputs import sample_feeds
-from bitfold.frontend.onnx_io import serialized
-from bitfold.passes.registry import FROM_KEY, PASS_KEY, BitfoldPass, as_calibration
+from bitfold.passes.registry import BitfoldPass, as_calibration
+from bitfold.pipeline.exclude import keep_within
+from bitfold.pipeline.instrument import build_passes, check_valid, output_errors, run_outputs, run_pass
 from bitfold.pipeline.recipe import Recipe, Step
-from bitfold.pipeline.report import OutputError, PassRecord, PipelineReport
-from bitfold.quant.calibration import model_key
-from bitfold.summary import op_histogram, parameter_stats, summarize
+from bitfold.pipeline.report import PassRecord, PipelineReport
+from bitfold.summary import summarize
 
 #: Called before each pass with (index, total, pass) and after it with the finished record.
 PassStarted = Callable[[int, int, BitfoldPass], None]
 PassFinished = Callable[[PassRecord], None]
-
-
-class PassContractError(RuntimeError):
-    """A pass misreported ``modified`` (an internal bug in that pass, not a user error)."""
 
 
 class Pipeline:
@@ -73,24 +67,21 @@ class Pipeline:
         verification inputs (default: seeded samples, symbolic dimensions sized by ``shapes`` or 1).
         """
         calibration = as_calibration(calibration)
-        passes = self.recipe.build(calibration)
-        for p in passes:
-            if p.needs_calibration and p.calibration is None:
-                raise BitfoldError(f"pass '{p.name}' needs calibration data; pass --calibration FILE.npz or a source name.")
+        passes = build_passes(self.recipe, calibration)
         report = PipelineReport(input=summarize(model), verified=self.verify)
         reference = None
         if self.verify:
             feeds = dict(feeds) if feeds is not None else sample_feeds(model, shapes)
-            reference = _run(model, feeds, "the input model")
-            _check(model, "the input model")
+            reference = run_outputs(model, feeds, "the input model")
+            check_valid(model, "the input model")
         for index, (step, p) in enumerate(zip(self.recipe.steps, passes, strict=True)):
             if self.on_pass_start:
                 self.on_pass_start(index, len(passes), p)
             if step.max_error is not None:
                 record = _run_within(model, step, calibration, feeds, shapes)
                 if self.verify:
-                    _check(model, f"the output of pass '{p.name}'")
-                    record.errors = _errors(reference, _run(model, feeds, f"the output of pass '{p.name}'"))
+                    check_valid(model, f"the output of pass '{p.name}'")
+                    record.errors = output_errors(reference, run_outputs(model, feeds, f"the output of pass '{p.name}'"))
             else:
                 record = run_pass(model, p, self.verify, feeds, reference)
             report.passes.append(record)
@@ -113,50 +104,9 @@ def optimize(
     return Pipeline(recipe, verify=verify).run(model, calibration, feeds=feeds, shapes=shapes)
 
 
-def run_pass(model: ir.Model, p: BitfoldPass, verify: bool = False, feeds=None, reference=None) -> PassRecord:
-    """Run one pass in place with the manager's instrumentation (timing, op delta, bytes, provenance stamps; with
-    ``verify``, the checker and the output errors against ``reference`` on ``feeds``)."""
-    hist_before = op_histogram(model)
-    nodes_before = set(ir.traversal.RecursiveGraphIterator(model.graph))
-    bytes_before = parameter_stats(model)[1]
-    fingerprint = model_key(model) if verify else None
-    start = time.perf_counter()
-    result = p(model)
-    seconds = time.perf_counter() - start
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node not in nodes_before and PASS_KEY not in node.metadata_props:
-            node.metadata_props[PASS_KEY] = p.name
-            node.metadata_props.setdefault(FROM_KEY, "")
-    hist_after = op_histogram(model)
-    record = PassRecord(
-        name=p.name,
-        params=_params(p),
-        seconds=seconds,
-        modified=result.modified,
-        nodes_before=sum(hist_before.values()),
-        nodes_after=sum(hist_after.values()),
-        ops_added=dict(sorted((hist_after - hist_before).items())),
-        ops_removed=dict(sorted((hist_before - hist_after).items())),
-        param_bytes_before=bytes_before,
-        param_bytes_after=parameter_stats(model)[1],
-        notes=list(getattr(p, "notes", [])),
-    )
-    if verify:
-        changed = model_key(model) != fingerprint
-        if changed != result.modified:
-            said = "modified" if result.modified else "not modified"
-            raise PassContractError(f"pass '{p.name}' reported {said} but the model {'did' if changed else 'did not'} change")
-        _check(model, f"the output of pass '{p.name}'")
-        outputs = _run(model, feeds, f"the output of pass '{p.name}'")
-        record.errors = _errors(reference, outputs)
-    return record
-
-
 def _run_within(model: ir.Model, step: Step, calibration: Any, feeds, shapes) -> PassRecord:
     """A step with ``max_error``: the exclusion loop on the verification feeds, else the first four calibration
     samples, else seeded sample inputs; the model's graph is replaced by the loop's result."""
-    from bitfold.tools.exclude import keep_within
-
     samples = [dict(feeds)] if feeds is not None else list(calibration)[:4] if calibration is not None else [sample_feeds(model, shapes)]
     plain = {k: v for k, v in step.to_dict().items() if k != "max_error"}
     kept = keep_within(model, plain, step.max_error, samples, calibration)
@@ -170,41 +120,3 @@ def _run_within(model: ir.Model, step: Step, calibration: Any, feeds, shapes) ->
         + (f": {', '.join(kept.kept)}" if kept.kept else "")
     )
     return record
-
-
-def _params(p: BitfoldPass) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(p.config).items()}
-
-
-def _check(model: ir.Model, who: str) -> None:
-    try:
-        with serialized(model) as source:
-            onnx.checker.check_model(onnx.load_from_string(source) if isinstance(source, bytes) else source)
-    except onnx.checker.ValidationError as e:
-        first = str(e).strip().splitlines()[0]
-        raise VerificationError(f"{who} fails onnx.checker: {first}") from e
-
-
-def _run(model: ir.Model, feeds, who: str) -> list[np.ndarray]:
-    try:
-        runnable = OrtRunnable(model, device="cpu")
-        outputs = runnable.session.run(None, dict(feeds))
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise VerificationError(f"{who} does not run under ONNX Runtime: {first}") from e
-    return outputs
-
-
-def _errors(reference: list[np.ndarray], outputs: list[np.ndarray]) -> list[OutputError]:
-    errors = []
-    for index, (ref, out) in enumerate(zip(reference, outputs, strict=True)):
-        ref = np.asarray(ref, dtype=np.float64)
-        out = np.asarray(out, dtype=np.float64)
-        if ref.shape != out.shape:
-            errors.append(OutputError(index, float("inf"), float("inf")))
-            continue
-        diff = np.abs(out - ref)
-        max_abs = float(diff.max()) if diff.size else 0.0
-        scale = float(np.abs(ref).max()) if ref.size else 0.0
-        errors.append(OutputError(index, max_abs, max_abs / scale if scale > 0 else max_abs))
-    return errors

@@ -21,6 +21,7 @@ Every step is validated when the recipe is built: unknown passes and bad paramet
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -42,10 +43,14 @@ class Step:
     max_error: float | None = None
 
     def __post_init__(self) -> None:
+        for key, value in self.params.items():
+            for item in value if isinstance(value, list | tuple) else (value,):
+                if isinstance(item, float) and not math.isfinite(item):
+                    raise RecipeError(f"parameter '{key}' of pass '{self.name}' is {item}; give a finite number.")
         if self.max_error is None:
             return
-        if isinstance(self.max_error, bool) or not isinstance(self.max_error, int | float) or not self.max_error > 0:
-            raise RecipeError(f"pass '{self.name}': max_error must be a positive number, got {self.max_error!r}.")
+        if isinstance(self.max_error, bool) or not isinstance(self.max_error, int | float) or not 0 < self.max_error < math.inf:
+            raise RecipeError(f"pass '{self.name}': max_error must be a positive finite number, got {self.max_error!r}.")
         if not any(f.name == "exclude" for f in dataclasses.fields(registry.get_pass(self.name).Config)):
             raise RecipeError(f"pass '{self.name}' takes no exclude globs, so max_error (the exclusion loop) cannot apply to it.")
 

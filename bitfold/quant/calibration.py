@@ -1,9 +1,13 @@
 """Calibration data and streamed activation statistics.
 
 :class:`CalibrationData` holds a source of feed dicts (an ``.npz`` with samples stacked on a new leading axis, a
-built-in named source, or any Python iterable). :meth:`CalibrationData.collect` runs the *current* graph under ONNX
-Runtime with the requested intermediate tensors exposed as outputs, and folds each batch into running statistics
-as it arrives, so activations are never all held in memory: min/max, per-channel absmax, mean and mean |x|
+named source, or any Python iterable). Named sources are functions registered with :func:`register_source`; the
+built-in ones (``lee-text``, ``lee-sentences``, ``skimage-photos``) live with the data they read, in
+:mod:`bitfold.eval.calibration`, which ``import bitfold`` registers.
+
+:meth:`CalibrationData.collect` runs the *current* graph under ONNX Runtime (:func:`bitfold.runtime.session`) with
+the requested intermediate tensors exposed as outputs, and folds each batch into running statistics as it arrives,
+so activations are never all held in memory: min/max, per-channel absmax, mean and mean |x|
 (channel = last axis unless the caller names another), percentiles of |x| (from a per-tensor reservoir of at most ``reservoir`` values), and, on request, the
 Gram matrix ``H = Σ XᵀX`` (float64, X = the tensor flattened to rows of its last axis) that GPTQ needs.
 :meth:`CalibrationData.conv_grams` streams the same way the Gram matrices of 2-D Convs' input patches
@@ -31,9 +35,32 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from bitfold.errors import BitfoldError
+from bitfold.frontend.inputs import check_feeds
+from bitfold.frontend.onnx_io import clone
 from bitfold.quant.im2col import ConvGeometry, patch_gram
+from bitfold.runtime import session
 
-BUILTIN_SOURCES = ("lee-text", "lee-sentences", "skimage-photos")
+#: A named source: called as ``source(model, shapes=..., tokenizer=..., model_dir=...)`` (see
+#: :meth:`CalibrationData.from_source`), it returns the feed dicts, shaped for ``model``'s inputs.
+Source = Callable[..., Iterable[Mapping[str, np.ndarray]]]
+_SOURCES: dict[str, Source] = {}
+
+
+def register_source(name: str) -> Callable[[Source], Source]:
+    """Decorator naming a calibration source for :meth:`CalibrationData.from_source` (and ``--calibration NAME``)."""
+
+    def add(source: Source) -> Source:
+        if _SOURCES.get(name, source) is not source:
+            raise ValueError(f"calibration source {name!r} is registered twice")
+        _SOURCES[name] = source
+        return source
+
+    return add
+
+
+def sources() -> list[str]:
+    """The names of the registered calibration sources, in registration order."""
+    return list(_SOURCES)
 
 
 @dataclasses.dataclass
@@ -112,17 +139,30 @@ class CalibrationData:
         return sum(1 for _ in self)
 
     @classmethod
-    def from_npz(cls, path: str | Path) -> CalibrationData:
-        """One array per graph input, samples stacked on a new leading axis."""
-        from bitfold.tools.files import load_arrays
+    def from_npz(cls, path: str | Path, model: ir.Model | None = None) -> CalibrationData:
+        """One array per graph input, samples stacked on a new leading axis; every value must be finite.
 
-        arrays = load_arrays(path)
+        With ``model``, the arrays are checked against its graph inputs before any work: one per input, no other,
+        each of the input's dtype, and each sample of the input's shape (symbolic dimensions take any size).
+        """
+        from bitfold.frontend.inputs import load_arrays
+
+        arrays = load_arrays(path, "calibration file")
         counts = {name: a.shape[0] if a.ndim else 0 for name, a in arrays.items()}
         if not arrays or len(set(counts.values())) != 1 or 0 in counts.values():
             raise BitfoldError(
                 f"calibration file '{path}' must hold one array per graph input with the same number of samples "
                 f"on the leading axis; found {counts}."
             )
+        if model is not None:
+            _check_npz_arrays(path, arrays, model)
+        for name, a in arrays.items():
+            if a.dtype.kind in "fc" and not np.isfinite(a).all():
+                sample = int(np.argwhere(~np.isfinite(a))[0][0])
+                raise BitfoldError(
+                    f"calibration file '{path}': array '{name}' holds NaN or infinite values (first in sample {sample}); "
+                    "calibration samples must be finite."
+                )
         n = next(iter(counts.values()))
         return cls([{name: a[i] for name, a in arrays.items()} for i in range(n)], name=str(path))
 
@@ -136,40 +176,18 @@ class CalibrationData:
         tokenizer: Any = None,
         model_dir: str | os.PathLike | None = None,
     ) -> CalibrationData:
-        """A built-in source by name, shaped for ``model``'s inputs.
-
-        ``shapes`` sizes inputs whose dimensions are symbolic, as the CLI's ``--shape`` does (e.g.
-        ``{"images": (1, 3, 320, 320)}``); a static dimension must agree with it. ``tokenizer`` (text sources) is a
-        Hugging Face tokenizer or the folder of the model's tokenizer files. Without it, the tokenizer files beside
-        the model are used (in ``model_dir``, the folder it was loaded from, else the folder of its external
-        data); without those, the source's own tokenizer (SmolLM2's for ``lee-text``, all-MiniLM-L6-v2's for
-        ``lee-sentences``), which is refused unless the model's vocabulary (the rows of the table ``input_ids``
-        indexes, else the last axis of ``logits``) has exactly its size.
+        """A named source (:func:`sources`; the built-in ones are described in :mod:`bitfold.eval.calibration`) or an
+        ``.npz`` path, shaped for ``model``'s inputs. ``shapes`` sizes inputs whose dimensions are symbolic, as the
+        CLI's ``--shape`` does (e.g. ``{"images": (1, 3, 320, 320)}``); ``tokenizer`` (a Hugging Face tokenizer or the
+        folder of the model's tokenizer files) and ``model_dir`` (the folder the model was loaded from) serve the text
+        sources.
         """
-        if name == "lee-text":
-            from bitfold.eval.tasks import CALIB_WINDOWS, WINDOW, lee_windows, lm_feeds
-
-            seq_len = _input_dims(model, "input_ids", shapes, name, defaults={0: 1, 1: WINDOW})[1]
-            tokenizer = _text_tokenizer(name, model, tokenizer, model_dir)
-            try:
-                windows = lee_windows(tokenizer, CALIB_WINDOWS, seq_len)
-            except ValueError as e:
-                raise BitfoldError(f"built-in calibration '{name}' cannot cut its windows with this tokenizer: {e}.") from None
-            return cls(list(lm_feeds(windows, model)), name=name)
-        if name == "lee-sentences":
-            from bitfold.eval.data import lee_sentences
-            from bitfold.eval.tasks import sentence_feeds
-
-            seq_len = _input_dims(model, "input_ids", shapes, name, defaults={0: 1})[1]
-            tokenizer = _text_tokenizer(name, model, tokenizer, model_dir)
-            sentences = lee_sentences("calibration")[:128]
-            return cls(sentence_feeds(tokenizer, sentences, seq_len), name=name)
-        if name == "skimage-photos":
-            return cls(_photo_feeds(model, shapes), name=name)
+        if name in _SOURCES:
+            return cls(_SOURCES[name](model, shapes=shapes, tokenizer=tokenizer, model_dir=model_dir), name=name)
         if Path(name).suffix == ".npz":
-            return cls.from_npz(name)
+            return cls.from_npz(name, model)
         raise BitfoldError(
-            f"unknown calibration source '{name}'; give an .npz file or one of: {', '.join(BUILTIN_SOURCES)}."
+            f"unknown calibration source '{name}'; give an .npz file or one of: {', '.join(_SOURCES)}."
         )
 
     def collect(
@@ -225,9 +243,6 @@ class CalibrationData:
 
     def _run(self, model: ir.Model, names: list[str], progress: bool) -> Iterator[dict[str, np.ndarray]]:
         """Run ``model`` (unchanged) on every sample with the named tensors exposed; yields each sample's outputs."""
-        from bitfold.backends import compile
-        from bitfold.frontend.onnx_io import clone
-
         probe = clone(model)
         values = {out.name: out for node in ir.traversal.RecursiveGraphIterator(probe.graph) for out in node.outputs}
         values.update({v.name: v for v in probe.graph.inputs})
@@ -237,12 +252,14 @@ class CalibrationData:
                 raise BitfoldError(f"calibration asked for tensor '{name}', which the model does not compute.")
             if name not in exposed:
                 probe.graph.outputs.append(values[name])
-        runnable = compile(probe, "ort", "cpu")
+        runner = session(probe)
+        outputs = [o.name for o in runner.get_outputs()]
         samples = list(self)
         if not samples:
             raise BitfoldError(f"calibration source '{self.name}' yields no samples.")
         for feeds in tqdm(samples, desc="calibrate", disable=not progress, leave=False):
-            yield runnable.run(feeds)
+            check_feeds(probe, feeds)
+            yield dict(zip(outputs, runner.run(outputs, dict(feeds)), strict=True))
 
 
 def model_key(model: ir.Model) -> str:
@@ -354,127 +371,33 @@ def _content_digest(tensor) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _input_dims(model: ir.Model, input_name: str, shapes, source: str, defaults: Mapping[int, int] | None = None) -> tuple[int, ...]:
-    """The dimensions of a graph input: static ones from the graph, symbolic ones from ``shapes`` (else from
-    ``defaults`` by axis); refuses a symbolic dimension neither gives, or a given shape that contradicts the graph."""
-    value = next((v for v in model.graph.inputs if v.name == input_name), None)
-    if value is None or value.shape is None:
-        raise BitfoldError(f"built-in calibration '{source}' needs a graph input '{input_name}' with a known rank; this model has none.")
-    given = None if shapes is None or input_name not in shapes else tuple(int(d) for d in shapes[input_name])
-    graph_dims = list(value.shape)
-    if given is not None and len(given) != len(graph_dims):
-        raise BitfoldError(f"the shape given for input '{input_name}' has {len(given)} dimensions but the graph input has {len(graph_dims)}; fix the shape.")
-    dims = []
-    for axis, dim in enumerate(graph_dims):
-        if isinstance(dim, int):
-            if given is not None and given[axis] != dim:
-                raise BitfoldError(f"the shape given for input '{input_name}' has {given[axis]} at axis {axis}, where the graph fixes {dim}; fix the shape.")
-            dims.append(dim)
-        elif given is not None:
-            dims.append(given[axis])
-        elif defaults and axis in defaults:
-            dims.append(defaults[axis])
-        else:
-            example = "x".join(str(d) if isinstance(d, int) else str(d).upper() for d in graph_dims)
+def _check_npz_arrays(path: str | Path, arrays: Mapping[str, np.ndarray], model: ir.Model) -> None:
+    """Refuse calibration arrays that do not match ``model``'s graph inputs (names, dtypes, per-sample shapes)."""
+    from bitfold.frontend.inputs import input_specs
+
+    specs = {spec.name: spec for spec in input_specs(model)}
+    for name, spec in specs.items():
+        if name not in arrays:
             raise BitfoldError(
-                f"built-in calibration '{source}' needs the size of input '{input_name}', whose axis {axis} ('{dim}') is symbolic; "
-                f"give its shape (CLI: --shape {input_name}={example}; Python: shapes={{'{input_name}': (...)}})."
+                f"calibration file '{path}' has no array for graph input '{name}' (it holds: {', '.join(arrays)}); "
+                f"save one array per input, e.g. numpy.savez(path, {name}=samples)."
             )
-    return tuple(dims)
-
-
-def _photo_feeds(model: ir.Model, shapes) -> list[dict[str, np.ndarray]]:
-    """scikit-image calibration crops for the first graph input (NCHW, 3 channels), batched as the input is."""
-    from bitfold.eval.data import photo_crops
-
-    image = model.graph.inputs[0]
-    dims = _input_dims(model, image.name, shapes, "skimage-photos", defaults={0: 1})
-    if len(dims) != 4 or dims[1] != 3:
-        raise BitfoldError(f"built-in calibration 'skimage-photos' feeds 3-channel NCHW images, but input '{image.name}' has shape {list(dims)}; give an .npz instead.")
-    batch, _, height, width = dims
-    crops = photo_crops("calibration", 16, size=max(height, width))
-    if height != width:
-        from skimage.transform import resize
-
-        crops = np.stack([resize(c, (3, height, width), anti_aliasing=True, preserve_range=True) for c in crops]).astype(np.float32)
-    if len(crops) < batch:
-        raise BitfoldError(f"built-in calibration 'skimage-photos' has {len(crops)} crops, fewer than the batch of {batch} input '{image.name}' needs.")
-    return [{image.name: crops[i : i + batch]} for i in range(0, len(crops) - batch + 1, batch)]
-
-
-#: Tokenizer files whose presence beside a model marks its tokenizer folder.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-def _text_tokenizer(source: str, model: ir.Model, tokenizer: Any, model_dir: str | os.PathLike | None):
-    """The tokenizer a text source uses for ``model`` (see :meth:`CalibrationData.from_source`)."""
-    folder = Path(tokenizer) if isinstance(tokenizer, str | os.PathLike) else None
-    if folder is None and tokenizer is None:
-        beside = Path(model_dir) if model_dir is not None else _model_folder(model)
-        folder = beside if beside is not None and any((beside / f).is_file() for f in _TOKENIZER_FILES) else None
-    vocab = _vocab_size(model)
-    if folder is not None:
-        if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
-            raise BitfoldError(f"argument 'tokenizer': '{folder}' holds no tokenizer files ({' or '.join(_TOKENIZER_FILES)}); pass the folder of the model's tokenizer.")
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    if tokenizer is not None:
-        if vocab is not None and len(tokenizer) > vocab:
+    for name, array in arrays.items():
+        spec = specs.get(name)
+        if spec is None:
+            raise BitfoldError(f"calibration file '{path}' holds array '{name}', which is not a graph input; the inputs are: {', '.join(specs)}.")
+        if array.dtype != spec.dtype:
             raise BitfoldError(
-                f"the tokenizer for calibration '{source}' has {len(tokenizer)} tokens but the model's vocabulary has {vocab}; "
-                f"pass the tokenizer the model was trained with."
+                f"calibration file '{path}': array '{name}' has dtype {array.dtype.name} but input '{name}' is "
+                f"{spec.dtype.name}; cast it, e.g. samples.astype(numpy.{spec.dtype.name})."
             )
-        return tokenizer
-    own, tokenizer = _source_tokenizer(source)
-    if vocab != len(tokenizer):
-        has = f"has {vocab} entries" if vocab is not None else "cannot be read from the graph (no Gather of 'input_ids' from a constant table, no static 'logits')"
-        raise BitfoldError(
-            f"built-in calibration '{source}' tokenizes with {own}'s tokenizer ({len(tokenizer)} tokens), but the model's vocabulary {has}; "
-            f"pass the model's own tokenizer (tokenizer=<folder of its tokenizer files>, found by itself beside an exported model) or an .npz of token ids."
-        )
-    return tokenizer
-
-
-def _source_tokenizer(source: str) -> tuple[str, Any]:
-    """(model name, tokenizer) of the model a built-in text source was made for."""
-    if source == "lee-text":
-        from transformers import AutoTokenizer
-
-        from bitfold.eval.models import smollm2_folder
-
-        return "SmolLM2", AutoTokenizer.from_pretrained(smollm2_folder())
-    from bitfold.eval.models import minilm
-
-    return "all-MiniLM-L6-v2", minilm()[1]
-
-
-def _model_folder(model: ir.Model) -> Path | None:
-    """The folder of a model loaded from a file with external data (where its tokenizer files would be)."""
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor) and tensor.base_dir:
-            return Path(tensor.base_dir)
-    return None
-
-
-def _vocab_size(model: ir.Model) -> int | None:
-    """Rows of the constant table ``input_ids`` indexes (through Cast/Identity), else the static last axis of the
-    ``logits`` output; ``None`` when the graph tells neither."""
-    frontier = [v for v in model.graph.inputs if v.name == "input_ids"]
-    while frontier:
-        value = frontier.pop()
-        for use in value.uses():
-            node = use.node
-            if node.op_type in ("Cast", "Identity"):
-                frontier.extend(node.outputs)
-            elif node.op_type == "Gather" and use.idx == 1 and node.inputs[0] is not None:
-                table = node.inputs[0]
-                axis = node.attributes.get_int("axis", 0)
-                shape = table.const_value.shape if table.const_value is not None else table.shape
-                if shape is not None and axis == 0 and isinstance(shape[0], int):
-                    return shape[0]
-    for value in model.graph.outputs:
-        if value.name == "logits" and value.shape is not None and len(value.shape) and isinstance(value.shape[-1], int):
-            return value.shape[-1]
-    return None
+        sample = array.shape[1:]
+        if spec.shape is not None and (len(sample) != len(spec.shape) or any(
+            isinstance(d, int) and d != n for d, n in zip(spec.shape, sample, strict=True)
+        )):
+            dims = ", ".join(str(d) if isinstance(d, int) else repr(d or "?") for d in spec.shape)
+            got = "x".join(map(str, sample)) or "scalar"
+            raise BitfoldError(
+                f"calibration file '{path}': array '{name}' has samples of shape {got} but input {spec.describe()}; "
+                f"stack the samples on a new leading axis, shape (N, {dims})."
+            )

@@ -1,7 +1,8 @@
 """The ``bitfold`` command line.
 
-User mistakes (``BitfoldError``) print one sentence on stderr and exit with code 2; internal bugs exit 1 with a
-traceback. Inputs are never modified; every output is written atomically.
+User mistakes (``BitfoldError``) print one sentence on stderr and exit with code 2; Ctrl-C exits with code 130;
+internal bugs exit 1 with a traceback. Inputs are never modified; every output path is checked before any work and
+written atomically, so a failure or an interruption leaves no partial file.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import traceback
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -34,10 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except BitfoldError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
-        err.print("interrupted")
+        err.print("interrupted (Ctrl-C); files not yet complete were not written.", highlight=False, markup=False)
         return 130
     except Exception:  # an internal bug: show everything
         traceback.print_exc()
@@ -199,7 +201,9 @@ def _export(args) -> None:
 
     from bitfold.frontend import from_torch, save
     from bitfold.frontend.inputs import parse_shape
+    from bitfold.frontend.onnx_io import check_output
 
+    check_output(args.output)
     module = _load_factory(args.factory)()
     if not isinstance(module, torch.nn.Module):
         raise ExportError(f"'{args.factory}' returned {type(module).__name__}, not a torch.nn.Module.")
@@ -281,10 +285,14 @@ def _passes(args) -> None:
 
 def _optimize(args) -> None:
     from bitfold.frontend import load, save
+    from bitfold.frontend.onnx_io import check_output
     from bitfold.pipeline import Pipeline, Recipe, Step
     from bitfold.tools.files import refuse_overwrite, write_atomic
 
     refuse_overwrite(args.model, args.output)
+    for path in (args.output, args.report):
+        if path is not None:
+            check_output(path)
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe.from_names(args.passes)
     model = load(args.model)
     feeds = _feeds(args, model) if args.verify or args.inputs or args.max_error is not None else None
@@ -315,10 +323,12 @@ def _debug(args) -> None:
     import numpy as np
 
     from bitfold.frontend import load, save
+    from bitfold.frontend.onnx_io import check_output
     from bitfold.pipeline import Recipe
     from bitfold.tools.debug import debug, write_html
     from bitfold.tools.files import save_arrays, write_atomic
 
+    check_output(args.output, folder=True)
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe.from_names(args.passes)
     model = load(args.model)
     calibration = _calibration(args, model)
@@ -354,10 +364,14 @@ def _allocate(args) -> None:
     import json
 
     from bitfold.frontend import load
+    from bitfold.frontend.onnx_io import check_output
     from bitfold.tools.allocate import measure, solve
     from bitfold.tools.files import refuse_overwrite, write_atomic
 
     refuse_overwrite(args.model, args.output)
+    for path in (args.output, args.report):
+        if path is not None:
+            check_output(path)
     model = load(args.model)
     calibration = _calibration(args, model)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
@@ -376,8 +390,11 @@ def _allocate(args) -> None:
 def _run(args) -> None:
     from bitfold.backends import compile
     from bitfold.frontend import load
+    from bitfold.frontend.onnx_io import check_output
     from bitfold.tools.files import save_arrays
 
+    if args.output is not None:
+        check_output(args.output)
     model = load(args.model)
     outputs = compile(model, args.backend, args.device).run(_feeds(args, model))
     if args.output:
@@ -417,7 +434,9 @@ def _print_table(title: str, columns: tuple[str, ...], rows) -> None:
 
 def _export_llm(args) -> None:
     from bitfold.frontend import save
+    from bitfold.frontend.onnx_io import check_output
 
+    check_output(args.output)
     if args.seq_len is not None:
         if args.source != "smollm2":
             raise BitfoldError("--seq-len (the fixed-length traced graph) is only for 'smollm2'; drop it to export a KV-cache graph.")

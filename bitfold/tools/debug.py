@@ -26,10 +26,10 @@ import numpy as np
 import onnx_ir as ir
 
 from bitfold.frontend.onnx_io import clone
-from bitfold.backends.ort import OrtRunnable
 from bitfold.errors import BitfoldError
 from bitfold.passes.registry import FROM_KEY, BitfoldPass
 from bitfold.pipeline import PassRecord, Recipe, run_pass
+from bitfold.tools.compare import TensorError, run_exposing
 from bitfold.tools.graph_diff import GraphDiff, diff, to_svg
 from bitfold.tools.reduce import Repro, reduce
 
@@ -38,32 +38,6 @@ from bitfold.tools.reduce import Repro, reduce
 #: floating-point operations changes (reassociated sums, fused or folded constants): errors up to this size are
 #: rounding, never a culprit.
 ROUNDING_ULPS = 16
-
-
-@dataclasses.dataclass
-class TensorError:
-    name: str
-    max_abs: float
-    #: ‖got − ref‖₂ / max(‖ref‖₂, √n · floor): relative L2 error, against at least ``floor`` per element.
-    rel: float
-    cosine: float
-    sqnr_db: float
-    reference: str = ""  # the input graph's tensor it was compared with, when the pass renamed it
-    floor: float = 0.0  # the smallest per-element magnitude ``rel`` is taken relative to
-
-    @classmethod
-    def of(cls, name: str, got: np.ndarray, ref: np.ndarray, floor: float = 0.0) -> TensorError:
-        g, r = np.asarray(got, np.float64).ravel(), np.asarray(ref, np.float64).ravel()
-        same = g == r  # equal infinities (attention masks) count as no error
-        if (~same & ~(np.isfinite(g) & np.isfinite(r))).any():
-            return cls(name, float("inf"), float("inf"), float("nan"), float("-inf"), floor=floor)
-        g, r = g[~same | np.isfinite(r)], r[~same | np.isfinite(r)]
-        diff = float(np.linalg.norm(g - r))
-        norm = float(np.linalg.norm(r))
-        cosine = float(g @ r / (np.linalg.norm(g) * norm)) if norm and np.linalg.norm(g) else float(diff == 0)
-        sqnr = float(20 * np.log10(norm / diff)) if diff else float("inf")
-        size = max(norm, float(np.sqrt(r.size)) * floor)
-        return cls(name, float(np.abs(g - r).max(initial=0.0)), diff / size if size else diff, cosine, sqnr, floor=floor)
 
 
 def model_scale(arrays: Iterable[np.ndarray]) -> float:
@@ -145,18 +119,6 @@ class DebugReport:
         if self.repro is not None:
             data["repro"] = {"nodes": self.repro.nodes, "depth": self.repro.depth, "error": self.repro.error}
         return json.dumps(data, indent=2)
-
-
-def run_exposing(model: ir.Model, feeds: Mapping[str, np.ndarray], names: Sequence[str] = ()) -> dict[str, np.ndarray]:
-    """The graph outputs, plus the named intermediates exposed as extra outputs of a copy (under ONNX Runtime,
-    graph optimizations off so every tensor exists as the graph states it)."""
-    copy = clone(model)
-    values = {v.name: v for node in copy.graph for v in node.outputs}
-    present = {v.name for v in copy.graph.outputs}
-    for name in names:
-        if name not in present:
-            copy.graph.outputs.append(values[name])
-    return OrtRunnable(copy, device="cpu", optimization="none").run(dict(feeds))
 
 
 def _build(step: str | Mapping[str, Any] | BitfoldPass, calibration: Any) -> BitfoldPass:

@@ -24,6 +24,7 @@ from bitfold.passes.analysis import to_networkx
 from bitfold.passes.registry import BitfoldPass
 from bitfold.pipeline import Recipe, run_pass
 from bitfold.quant.calibration import CalibrationData
+from bitfold.tools.compare import TensorError, run_exposing
 
 
 @dataclasses.dataclass
@@ -84,8 +85,6 @@ def reduce(
     tolerance: float = 1e-3,
 ) -> Repro:
     """The smallest backward cone above ``tensor`` on which ``step`` still exceeds ``tolerance``."""
-    from bitfold.tools.debug import TensorError, run_exposing
-
     samples = list(calibration) if calibration is not None else []
     depth = 1
     while True:

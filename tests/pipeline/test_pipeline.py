@@ -54,7 +54,7 @@ def test_recipe_toml_round_trip_and_validation():
         Recipe.from_toml("[[pass]\nname=")
     with pytest.raises(UnknownPassError):
         Recipe.from_toml('[[pass]]\nname = "quantize-everything"\n')
-    with pytest.raises(PassParameterError, match="has no parameter 'bits'"):
+    with pytest.raises(PassParameterError, match="takes no parameters; remove 'bits'"):
         Recipe.from_toml('[[pass]]\nname = "remove-dead"\nbits = 4\n')
     with pytest.raises(RecipeError, match="no 'name'"):
         Recipe.from_toml("[[pass]]\nbits = 4\n")

@@ -168,7 +168,7 @@ class _SizedTokenizer:
 
 
 def test_lee_text_refuses_a_tokenizer_whose_vocabulary_does_not_match(zoo_protos, tmp_path, monkeypatch):
-    import bitfold.quant.calibration as calibration
+    import bitfold.eval.calibration as calibration  # the built-in sources live with the evaluation data
 
     model = fresh(zoo_protos, "tiny-lm")  # vocabulary 96, no tokenizer files known
     monkeypatch.setattr(calibration, "_source_tokenizer", lambda source: ("SmolLM2", _SizedTokenizer(49152)))

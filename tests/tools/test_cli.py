@@ -144,7 +144,7 @@ def test_unknown_parameter(cnn_file, tmp_path, capsys):
     recipe = tmp_path / "r.toml"
     recipe.write_text('[[pass]]\nname = "fold-batchnorm"\nbits = 4\n')
     out = tmp_path / "o.onnx"
-    _fails_cleanly(capsys, ["optimize", cnn_file, "-r", recipe, "-o", out], "pass 'fold-batchnorm' has no parameter 'bits'", unchanged=[cnn_file, recipe], absent=[out])
+    _fails_cleanly(capsys, ["optimize", cnn_file, "-r", recipe, "-o", out], "pass 'fold-batchnorm' takes no parameters; remove 'bits'.", unchanged=[cnn_file, recipe], absent=[out])
 
 
 def test_bad_recipe_toml(cnn_file, tmp_path, capsys):

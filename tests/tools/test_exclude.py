@@ -73,7 +73,7 @@ def test_recipe_key_runs_the_loop_inside_the_pipeline(lm):
     assert err == pytest.approx(direct.error, rel=1e-5) and err <= budget
 
 
-@pytest.mark.parametrize("bad, message", [(0, "positive number"), ("x", "positive number")])
+@pytest.mark.parametrize("bad, message", [(0, "positive finite number"), ("x", "positive finite number"), (float("inf"), "positive finite number")])
 def test_recipe_key_is_validated(bad, message):
     with pytest.raises(bitfold.errors.RecipeError, match=message):
         bitfold.Recipe.from_list([{**STEP, "max_error": bad}])

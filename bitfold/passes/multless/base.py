@@ -29,9 +29,8 @@ from tqdm.auto import tqdm
 
 from bitfold.ops.functions import DOMAIN
 from bitfold.passes.initializers import add_initializer, copy_type, drop_if_unused
-from bitfold.passes.quant.cast_precision import ISLAND_KEY
 from bitfold.passes.quant.quantize_weights import QUANTIZED_KEY
-from bitfold.passes.registry import PASS_KEY, BitfoldPass
+from bitfold.passes.registry import ISLAND_KEY, PASS_KEY, BitfoldPass
 from bitfold.passes.transforms.structure import feeds_graph_output, reads_graph_input
 from bitfold.quant.im2col import ConvGeometry
 
@@ -92,7 +91,7 @@ class WeightPass(BitfoldPass):
     def loop(self) -> dict[str, float]:
         """GPTQ loop arguments."""
         return {"damp": self.config.damp, "block_size": self.config.block_size, "act_order": self.config.act_order,
-                "notes": self._solver_notes}
+                "notes": getattr(self, "_solver_notes", None)}
 
     @abstractmethod
     def solve_node(self, node: ir.Node, wt: np.ndarray, hessian: np.ndarray | None) -> Encoded:

@@ -31,11 +31,10 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from bitfold.passes.initializers import add_initializer, drop_if_unused
-from bitfold.passes.registry import BitfoldPass, register
+from bitfold.passes.registry import ISLAND_KEY, BitfoldPass, register
 
 _TYPES = {"float16": (ir.DataType.FLOAT16, np.float16), "bfloat16": (ir.DataType.BFLOAT16, ml_dtypes.bfloat16)}
 _FP32 = ir.DataType.FLOAT
-ISLAND_KEY = "bitfold.precision"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,8 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bitfold.passes.initializers import add_initializer, copy_type
-from bitfold.passes.quant.cast_precision import ISLAND_KEY
-from bitfold.passes.registry import BitfoldPass, register
+from bitfold.passes.registry import ISLAND_KEY, BitfoldPass, register
 from bitfold.passes.transforms.structure import matches
 
 TOKEN_QUANT_KEY = "bitfold.token_quant"

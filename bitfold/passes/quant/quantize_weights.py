@@ -46,10 +46,9 @@ import onnxscript.version_converter
 from tqdm.auto import tqdm
 
 from bitfold.passes.initializers import add_initializer, drop_if_unused
-from bitfold.passes.quant.cast_precision import ISLAND_KEY
-from bitfold.passes.quant.scale_fold import scale_fold
+from bitfold.passes.registry import ISLAND_KEY, BitfoldPass, register
+from bitfold.passes.scale_fold import scale_fold
 from bitfold.passes.transforms.weights import add_lowrank_branch
-from bitfold.passes.registry import BitfoldPass, register
 from bitfold.quant import matmulnbits
 from bitfold.quant.awq import awq_scale
 from bitfold.quant.calibration import TensorStats
@@ -255,7 +254,7 @@ class QuantizeWeights(BitfoldPass):
         fmt, granularity = self.config.number_format, granularity_from(self.config.group_size)
         if self.config.method == "gptq":
             return gptq(wt, hessian, fmt, granularity, block_size=self.config.block_size, damp=self.config.damp,
-                        act_order=self.config.act_order, clip=self.config.clip, notes=self._solver_notes)  # fmt: skip
+                        act_order=self.config.act_order, clip=self.config.clip, notes=getattr(self, "_solver_notes", None))  # fmt: skip
         scale, zero = group_params(wt, fmt, granularity, self.config.clip, hessian)
         return fmt.dequantize(fmt.quantize(wt, scale, zero), scale, zero), scale, zero
 

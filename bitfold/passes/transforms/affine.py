@@ -31,7 +31,8 @@ import onnx_ir as ir
 import torch
 from tqdm.auto import tqdm
 
-from bitfold.passes.registry import BitfoldPass, register
+from bitfold.passes.initializers import add_initializer, copy_type
+from bitfold.passes.registry import ISLAND_KEY, BitfoldPass, register
 from bitfold.passes.transforms.smooth import Smooth
 from bitfold.passes.transforms.structure import Linear, shared_inputs
 from bitfold.passes.transforms.weights import absorber, float_dtype, set_weight
@@ -111,9 +112,6 @@ class Affine(BitfoldPass):
 
 def insert_matrix(graph: ir.Graph, x: ir.Value, matrix: np.ndarray) -> ir.Node:
     """Insert ``x ← x · matrix`` (a ``MatMul`` in x's type, kept there by cast-precision) in front of every reader of ``x``."""
-    from bitfold.passes.initializers import add_initializer, copy_type
-    from bitfold.passes.quant.cast_precision import ISLAND_KEY
-
     readers = list(x.uses())
     weight = add_initializer(graph, f"{x.name}_affine_rotation", matrix.astype(float_dtype(x)))
     node = ir.node("MatMul", [x, weight], name=f"{x.name}_affine_rotation")

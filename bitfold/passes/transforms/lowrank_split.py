@@ -19,8 +19,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from bitfold.passes.quant.cast_precision import ISLAND_KEY
-from bitfold.passes.registry import BitfoldPass, register
+from bitfold.passes.registry import ISLAND_KEY, BitfoldPass, register
 from bitfold.passes.transforms.structure import Linear, linear, matches
 from bitfold.passes.transforms.weights import LOWRANK_KEY, add_lowrank_branch, set_weight
 

@@ -39,6 +39,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from bitfold.errors import PassPreconditionError
 from bitfold.ops import hadamard
 from bitfold.passes.initializers import add_initializer, copy_type, drop_if_unused
 from bitfold.passes.registry import BitfoldPass, register
@@ -100,8 +101,7 @@ class Rotate(BitfoldPass):
             return None
         stream = residual_stream(graph)
         if isinstance(stream, str):
-            self.notes.append(f"no rotation: {stream}")
-            return None
+            raise PassPreconditionError(f"pass 'rotate' needs a transformer residual stream, and this model has none: {stream}.")
         for norm in stream.norms:
             if norm.kind != "rms":
                 self.notes.append(f"no rotation: LayerNorm on '{norm.x.name}' needs mean-centring (fold-norm-affine center = true)")

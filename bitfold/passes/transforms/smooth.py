@@ -11,7 +11,7 @@ into each reader's bias (an ``Add`` after the MatMul when it has none); the −z
 front of the readers. Outlier channels of LLM activations are mostly one-signed, so centring halves their range;
 but per-tensor asymmetric 8-bit already places its zero point for one dominant one-signed channel, and the
 centred range gets less migration, so a group is centred only where that lowers ``output_error`` on sampled
-calibration rows (SmolLM2: centring every group cost 35.6 → 91.5 perplexity through one late down projection). 1/s is absorbed by X's producer where it can be (``quant.scale_fold``: an RMSNorm γ, a
+calibration rows (SmolLM2: centring every group cost 35.6 → 91.5 perplexity through one late down projection). 1/s is absorbed by X's producer where it can be (``passes.scale_fold``: an RMSNorm γ, a
 LayerNorm's γ and β, the up projection of a gated MLP); after a plain (affine-free) RMSNorm, as ``fold-norm-affine``
 or ``rotate`` leave them, it becomes that norm's γ again. Guarantees: exact equivalence up to fp32 rounding.
 ``search = true`` picks α per group of linears from an 11-point grid by the quantized output error on sampled

@@ -125,7 +125,7 @@ def infer_shapes(model: ir.Model) -> int:
 
 
 def unabsorbed_reason(x: ir.Value) -> str:
-    """Why the producer of ``x`` cannot take a per-channel scale x ← x / s (``quant.scale_fold``'s absorbers: a
+    """Why the producer of ``x`` cannot take a per-channel scale x ← x / s (``passes.scale_fold``'s absorbers: a
     LayerNormalization with constant γ and β, a Mul by a constant per-channel vector, a projection read only by a
     gating Mul; after a plain RMSNorm, a new γ), as a clause for a note."""
     producer = x.producer()

@@ -6,6 +6,8 @@ import numpy as np
 import onnx_ir as ir
 
 from bitfold.passes.initializers import add_initializer, copy_type, drop_if_unused
+from bitfold.passes.registry import ISLAND_KEY
+from bitfold.passes.scale_fold import scale_fold
 from bitfold.passes.transforms.structure import Linear, find_norms
 
 
@@ -82,11 +84,9 @@ def set_bias(graph: ir.Graph, lin: Linear, b: np.ndarray, suffix: str) -> None:
 def absorber(graph: ir.Graph, x: ir.Value, readers: list[Linear], explicit: bool = False):
     """A function folding ``x ← x / s`` into x's producer, or None.
 
-    ``quant.scale_fold`` (norm γ, LayerNorm, gated-MLP up projection) first; after a plain RMSNorm, a new γ
+    ``passes.scale_fold`` (norm γ, LayerNorm, gated-MLP up projection) first; after a plain RMSNorm, a new γ
     ``Mul``; with ``explicit``, a per-channel ``Mul`` anywhere.
     """
-    from bitfold.passes.quant.scale_fold import scale_fold
-
     absorb = scale_fold(graph, x, {lin.matmul for lin in readers})
     if absorb is not None:
         return absorb
@@ -125,8 +125,6 @@ def add_lowrank_branch(graph: ir.Graph, producer: ir.Node, x: ir.Value, l1: np.n
     The branch MatMuls carry ``bitfold.precision = "float32"``, so quantizers and cast-precision leave them alone.
     L1 and L2 take x's dtype (the MatMuls read x as it is).
     """
-    from bitfold.passes.quant.cast_precision import ISLAND_KEY
-
     y = producer.outputs[0]
     readers = list(y.uses())
     name = producer.name or y.name

@@ -1,4 +1,5 @@
-"""Folding a per-input-channel scale into the producer of a MatMul input (AWQ's equivalence step).
+"""Folding a per-input-channel scale into the producer of a MatMul input: AWQ's equivalence step (quantize-weights),
+and where smooth and affine put 1/s first.
 
 x ← x / s is absorbed by: ``Mul`` by a constant per-channel vector (an RMSNorm γ), ``Mul`` whose other operand
 comes from a MatMul with a constant weight read nowhere else (SwiGLU's up projection: its columns are divided),

@@ -1,0 +1,88 @@
+"""ONNX Runtime sessions that compute what the graph says: the ORT backend's, and calibration's statistics
+collection's (``bitfold.quant``, which sits below the backends).
+
+Sessions are built from the serialized model in memory; a model over the protobuf limit is written (with external
+data) to a temporary directory first. ORT's optimizer fuses ``DequantizeLinear → MatMul`` into ``MatMulNBits`` and by
+default gives the fused node ``accuracy_level = 4`` (activations quantized to int8 on the fly): a weight-only QDQ
+graph would then be evaluated with int8 activations it never asked for (SmolLM2's W8 per-channel QDQ logits move by
+about 5 %). The fused nodes keep float activations here; a model that wants int8 activations says so with its own
+``MatMulNBits`` ``accuracy_level``. ``$BITFOLD_ORT_OPTIMIZATION`` (``all``, ``basic``, ``none``) sets the default
+graph-optimization level, to check whether ORT's rewrites move a number.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import onnx_ir as ir
+import onnxruntime as ort
+
+from bitfold.errors import BitfoldError
+from bitfold.frontend.onnx_io import serialized
+
+_LEVELS = {
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
+
+
+def session(
+    model: ir.Model,
+    *,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    threads: int | None = None,
+    spinning: bool = True,
+    optimization: str | None = None,
+    global_pool: bool = False,
+    profile: str | None = None,
+) -> ort.InferenceSession:
+    """An ORT session for ``model`` on ``providers``. ``threads``: intra-op threads (default: ORT's); ``spinning``:
+    whether idle threads spin; ``optimization``: ``all`` | ``basic`` | ``none`` (default:
+    ``$BITFOLD_ORT_OPTIMIZATION``, else ``all``); ``global_pool``: use the process's shared thread pool
+    (``set_global_thread_pool_sizes`` before the first session); ``profile``: a file prefix for ORT's per-node
+    profiler (``session.end_profiling()`` writes the trace and returns its path)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    optimization = optimization or os.environ.get("BITFOLD_ORT_OPTIMIZATION", "all")
+    if optimization not in _LEVELS:
+        raise BitfoldError(f"unknown ONNX Runtime optimization level '{optimization}'; choose one of: {', '.join(_LEVELS)}.")
+    options.graph_optimization_level = _LEVELS[optimization]
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+    if global_pool:
+        options.use_per_session_threads = False
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile
+    # A float weight stays float: ORT's WeightBiasQuantization would quantize the float weight (per tensor) and
+    # bias of every Conv/Gemm that sits between DequantizeLinear and QuantizeLinear, an error the graph never asked for.
+    disabled = ["WeightBiasQuantization"]
+    if _has_fp8_qdq(model):  # ORT's QDQ fusion would build QLinearConv/MatMul on fp8, which have no kernels,
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+        disabled.append("ClipQuantRewrite")  # and its Clip→QuantizeLinear rule rejects fp8 zero points at load
+    return _session(model, options, list(providers), disabled)
+
+
+_FP8 = (ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E4M3FNUZ, ir.DataType.FLOAT8E5M2, ir.DataType.FLOAT8E5M2FNUZ)
+
+
+def _has_fp8_qdq(model: ir.Model) -> bool:
+    return any(
+        node.op_type == "QuantizeLinear" and not node.domain and len(node.inputs) > 2 and node.inputs[2] is not None
+        and node.inputs[2].dtype in _FP8  # the zero point's type is the quantized type
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+    )
+
+
+def _session(model: ir.Model, options: ort.SessionOptions, providers: list[str], disabled: list[str]) -> ort.InferenceSession:
+    with serialized(model) as source:
+        try:
+            return ort.InferenceSession(source, options, providers=providers, disabled_optimizers=disabled)
+        except Exception as e:  # ORT raises its own exception types for invalid graphs
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BitfoldError(f"ONNX Runtime cannot load the model: {first}") from e
