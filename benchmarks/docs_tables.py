@@ -40,6 +40,7 @@ WRITERS = {
     "llm_decode.json": "llm_decode.py",
     "llm_export.json": "llm_export.py",
     "llm_passes.json": "llm_passes.py",
+    "llm_profile.json": "llm_profile.py",
     "multless.json": "multless_table.py",
     "quant_effnet.json": "quant_effnet.py",
     "quant_minilm.json": "quant_minilm.py",
@@ -64,6 +65,7 @@ SECTIONS = {
     "llm_decode.py": ("measured.md#language-models", "Language models"),
     "llm_export.py": ("measured.md#language-models", "Language models"),
     "llm_passes.py": ("measured.md#language-models", "Language models"),
+    "llm_profile.py": ("measured.md#language-models", "Language models"),
     "multless_table.py": ("measured.md#multiplication-less-matmuls", "Multiplication-less MatMuls"),
     "quant_effnet.py": ("measured.md#efficientnet-lite0-w8a8", "EfficientNet-Lite0 W8A8"),
     "quant_minilm.py": ("measured.md#minilm", "MiniLM"),
@@ -333,6 +335,26 @@ def llm_decode() -> str:
     return "\n\n".join([llm_tables.decode_table(), stamp("llm_decode.json")])
 
 
+def llm_profile() -> str:
+    if not (RESULTS / "llm_profile.json").exists():
+        return "(no results yet: `python benchmarks/llm_profile.py` writes `benchmarks/results/llm_profile.json`)"
+    r = load("llm_profile.json")
+    d, p = r["decode"], r["prefill"]
+    ops = list(d["kernel_ms_by_op"])
+    rows = [[op, f"{d['kernel_ms_by_op'][op]:.3f}", f"{100 * d['kernel_ms_by_op'][op] / d['kernel_ms']:.1f}",
+             f"{p['kernel_ms_by_op'].get(op, 0.0):.1f}"] for op in ops]  # fmt: skip
+    rows.append(["all kernels", f"{d['kernel_ms']:.3f}", "100.0", f"{sum(p['kernel_ms_by_op'].values()):.1f}"])
+    rows.append(["ORT run (kernels + session)", f"{d['model_run_ms']:.3f}", "-", f"{p['model_run_ms']:.1f}"])
+    rows.append(["Python call (binding, run, logits)", f"{d['python_wall_ms_median']:.3f}", "-", f"{p['python_wall_ms']:.1f}"])
+    table = _table(["op type", "decode ms per token", "share of decode kernels %", "prefill ms"], rows)
+    read = r["read_per_decode_step"]
+    floor = (f"A decode step reads {read['matmulnbits_mb']:.1f} MB of MatMulNBits weights, {read['other_constants_mb']:.1f} MB of "
+             f"other constants and {read['kv_cache_mb']:.1f} MB of KV cache (at mid-generation)")  # fmt: skip
+    if "floor_ms" in read:
+        floor += f"; at the measured copy bandwidth ({read['copy_gbps']:.1f} GB/s) that alone takes {read['floor_ms']:.2f} ms"
+    return "\n\n".join([f"{r['model']}; {r['protocol']}:", table, floor + ".", stamp("llm_profile.json")])
+
+
 def tvm_node_suite() -> str:
     r = load("tvm_node_suite.json")
     counts = _table(["outcome", "cases"], [[k, v] for k, v in r["counts"].items()])
@@ -396,6 +418,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "llm-export": llm_export,
     "llm-passes": llm_passes,
     "llm-decode": llm_decode,
+    "llm-profile": llm_profile,
     "scripts": scripts,
 }
 
