@@ -95,6 +95,8 @@ class TensorStats:
         self, x: np.ndarray, *, gram: bool, reservoir: int, rng: np.random.Generator, sink_weight: float = 1.0, rows_kept: int = 0
     ) -> None:
         x = np.asarray(x, dtype=np.float32)
+        if x.size == 0:  # e.g. an empty past cache at prefill: no values, no statistics
+            return
         rows = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
         ax = np.abs(rows)
         self.min, self.max = min(self.min, float(rows.min())), max(self.max, float(rows.max()))

@@ -85,3 +85,17 @@ def test_lossy_passes_rewrite_every_linear_of_the_cached_graph(step, tmp_path):
     for a, b in zip(_logits(model, prompt), _logits(quantized, prompt), strict=True):
         assert np.isfinite(b).all()
         assert np.corrcoef(a, b)[0, 1] > 0.5  # lossy, but still the same model
+
+
+def test_cast_precision_calibrates_through_an_empty_past(tmp_path):
+    """Every tensor is observed while calibrating, the empty past caches of a prefill included."""
+    import bitfold
+    from bitfold.llm import export_llm
+
+    make("llama-tied-llama3rope", tmp_path)
+    model, _, _ = export_llm(tmp_path)
+    cast, report = bitfold.optimize(bitfold.clone(model), ["cast-precision"], _calibration(model))
+    assert report.passes[0].modified
+    prompt = np.random.default_rng(2).integers(3, 256, 10)
+    for a, b in zip(_logits(model, prompt), _logits(cast, prompt), strict=True):
+        np.testing.assert_allclose(b, a, rtol=0, atol=2e-2 * np.abs(a).max())
