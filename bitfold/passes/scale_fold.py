@@ -19,7 +19,7 @@ def scale_fold(graph: ir.Graph, x: ir.Value, consumers: set[ir.Node]):
 
     Absorbers: ``Mul`` by a constant per-channel vector (an RMSNorm γ), ``Mul`` whose other operand comes from a
     MatMul with a constant weight read nowhere else, with or without a constant bias ``Add`` (SwiGLU's up
-    projection), ``LayerNormalization`` γ and β.
+    projection; its output read by nothing else and no graph output), ``LayerNormalization`` γ and β.
     x must be read only by ``consumers``.
     """
     if x.is_graph_output() or {user for user, _ in x.uses()} != consumers:
@@ -47,7 +47,7 @@ def scale_fold(graph: ir.Graph, x: ir.Value, consumers: set[ir.Node]):
             return lambda s, i=index: replace(producer, i, _const(producer.inputs[i]) / s.reshape(c.shape), "awq")
     for operand in producer.inputs:
         source = _matmul_source(operand)
-        if source is None or len(operand.uses()) != 1:
+        if source is None or len(operand.uses()) != 1 or operand.is_graph_output() or source.outputs[0].is_graph_output():
             continue
         w = _const(source.inputs[1])
         if w is not None and w.ndim == 2 and w.shape[1] == channels and len(source.inputs[1].uses()) == 1:

@@ -4,9 +4,9 @@ Per pass it measures wall time, the op histogram delta, parameter bytes before/a
 (``bitfold.pass``) on any node a pass created without it (:mod:`bitfold.pipeline.instrument`). With
 ``verify=True`` it also, after every pass: runs ``onnx.checker`` and names the pass that broke validity; runs the
 model under ONNX Runtime on sample inputs and records max abs / max rel error of every graph output against the
-input model; and checks the pass's ``modified`` claim against :func:`bitfold.quant.calibration.model_key` (a
-digest of the graph and its tensors). A step with ``max_error`` runs through the exclusion loop
-(:mod:`bitfold.pipeline.exclude`).
+input model; and checks the pass's ``modified`` claim against :func:`bitfold.pipeline.instrument.change_key` (a
+digest of the graph and its tensors, blind to the order of initializers). A step with ``max_error`` runs through
+the exclusion loop (:mod:`bitfold.pipeline.exclude`).
 
 Relative error is ``max|y - y_ref| / max|y_ref|`` per output (elementwise ratios explode near zero).
 """

@@ -292,7 +292,7 @@ def _feed(h, *parts) -> None:
 
 def _graph_key(h, graph: ir.Graph | ir.Function) -> None:
     _feed(h, "inputs", [_value_key(v) for v in graph.inputs], "outputs", [_value_key(v) for v in graph.outputs])
-    for name, value in getattr(graph, "initializers", {}).items():
+    for name, value in sorted(getattr(graph, "initializers", {}).items()):  # order-free: a reorder is no change
         _feed(h, "initializer", name, _tensor_key(value.const_value))
     for node in graph:
         inputs = [v.name if v is not None else None for v in node.inputs]

@@ -64,7 +64,6 @@ def _assert_ok(graph: fuzz.FuzzGraph, case: fuzz.PassCase) -> None:
 # ---- canonical passes ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="remove_dead.py counts node/initializer sizes only; onnx-ir drops training_mode=0 uncounted")
 def test_remove_dead_counts_the_training_mode_attribute_it_drops() -> None:
     """onnx-ir's unused-node removal deletes an explicit ``training_mode = 0``; remove-dead must count that change
     (else ``verify`` raises PassContractError on a model with nothing dead in it)."""
@@ -77,7 +76,6 @@ def test_remove_dead_counts_the_training_mode_attribute_it_drops() -> None:
     assert report.passes[0].modified
 
 
-@pytest.mark.xfail(strict=True, reason="remove_identity.py: onnx-ir IdentityEliminationPass renames output r to y when both are graph outputs")
 def test_remove_identity_keeps_both_outputs_of_an_identity_between_two_outputs() -> None:
     text = """
         <ir_version: 10, opset_import: ["" : 17]>
@@ -106,14 +104,12 @@ _RMS_NORM_POSITIVE_AXIS = f"""
     }}"""
 
 
-@pytest.mark.xfail(strict=True, reason="structure.py _last_axis_keepdims: rank - 1 with rank None (axes=[1] on a value without shape)")
 def test_rms_norm_with_a_positive_axis_and_no_shapes() -> None:
     """An RMSNorm reducing axis 1 (not -1) of an intermediate value whose shape no value_info states (the same
     helper crashes rotate and affine on larger graphs)."""
     _assert_ok(_graph(_RMS_NORM_POSITIVE_AXIS), fuzz.pass_case("fold-norm-affine", True))
 
 
-@pytest.mark.xfail(strict=True, reason="smooth.py rewrite: an earlier group's shift bias Add lands between MatMul and the next group's explicit Mul")
 def test_smooth_shift_and_explicit_scale_on_two_chained_linears() -> None:
     """x·g → MatMul → MatMul: the first group is centred (its z·W moves into mm1's bias), the second gets an
     explicit Mul on mm1's output; that Mul must scale the biased value, not the value before the bias."""
@@ -140,13 +136,11 @@ _GATED_MLP_UP_IS_OUTPUT = f"""
     }}"""
 
 
-@pytest.mark.xfail(strict=True, reason="scale_fold.py: the gated-MLP up-projection absorber scales u although u is also a graph output")
 @pytest.mark.parametrize("case", [fuzz.pass_case("smooth", True), fuzz.pass_case("affine", True, steps=2, rows=32)], ids=lambda c: c.label)
 def test_up_projection_absorbs_no_scale_when_its_output_is_read_elsewhere(case: fuzz.PassCase) -> None:
     _assert_ok(_graph(_GATED_MLP_UP_IS_OUTPUT, shift={"x": 8.0}), case)
 
 
-@pytest.mark.xfail(strict=True, reason="rotate/structure.residual_stream: a writer whose output is a graph output is rotated (o·Q leaks out)")
 def test_rotate_leaves_a_stream_whose_writer_output_is_a_graph_output() -> None:
     """Embedding → RMSNorm → gated MLP → bias: the MLP output o is a graph output, the residual sum is unused."""
     text = f"""
@@ -179,7 +173,6 @@ _UNANNOTATED_MATMUL = f"""
     }}"""
 
 
-@pytest.mark.xfail(strict=True, reason="onnx-ir ShapeInferencePass re-registers initializers > 1 KB last; smooth reports no change")
 def test_shape_inference_inside_smooth_is_not_a_modification() -> None:
     """smooth infers the missing shapes, finds nothing to smooth (a Relu absorbs no scale) and says "not
     modified"; the initializers come back reordered, which ``verify`` counts as a change (PassContractError)."""
@@ -187,7 +180,6 @@ def test_shape_inference_inside_smooth_is_not_a_modification() -> None:
     bitfold.optimize(bitfold.clone(graph.model), ["smooth"], graph.calibration, verify=True)
 
 
-@pytest.mark.xfail(strict=True, reason="cast_precision.py runs onnx-ir ShapeInferencePass, which reorders initializers > 1 KB")
 def test_shape_inference_inside_cast_precision_is_not_a_modification() -> None:
     """A float16 graph: nothing to convert, "not modified", but the initializers come back reordered."""
     text = f"""
@@ -211,13 +203,11 @@ _SHARED_WEIGHT = f"""
     }}"""
 
 
-@pytest.mark.xfail(strict=True, reason="quantize_weights.py fold / quantize_activations.py: the DQ output is named '<weight>_dq' once per reader")
 @pytest.mark.parametrize("case", [fuzz.pass_case("quantize-weights", False, group_size=-1), fuzz.pass_case("quantize-activations", False)], ids=lambda c: c.label)
 def test_a_weight_shared_by_two_matmuls_is_quantized_with_unique_names(case: fuzz.PassCase) -> None:
     _assert_ok(_graph(_SHARED_WEIGHT), case)
 
 
-@pytest.mark.xfail(strict=True, reason="quantize_weights.py fold names new nodes f'{node.name}_dq': '_dq' twice when nodes are unnamed")
 def test_unnamed_nodes_get_unique_new_node_names() -> None:
     """ONNX files from many exporters have empty node names; ORT refuses two nodes both named '_dq'."""
     text = f"""
@@ -237,7 +227,6 @@ _OPSET17_REDUCE_MEAN = f"""
     }}"""
 
 
-@pytest.mark.xfail(strict=True, reason="onnxscript.version_converter (0.7.2) raises the opset without moving ReduceMean's axes to an input")
 @pytest.mark.parametrize("case", [fuzz.pass_case("quantize-weights", False, group_size=-1), fuzz.pass_case("binarize", False, keep_ends=False)], ids=lambda c: c.label)
 def test_opset_upgrade_keeps_reduce_ops_valid(case: fuzz.PassCase) -> None:
     """quantize-weights (QDQ needs opset 21) and the bitfold ops (18) upgrade an opset-17 model; its ReduceMean
@@ -253,7 +242,6 @@ _OPSET17_DEAD_MATMUL = f"""
     }}"""
 
 
-@pytest.mark.xfail(strict=True, reason="targets are collected before onnxscript's version converter, which deletes dead nodes")
 @pytest.mark.parametrize(
     "case",
     [
@@ -277,7 +265,6 @@ _CHAINED_MATMULS = f"""
     }}"""
 
 
-@pytest.mark.xfail(strict=True, reason="after mm1's low-rank branch, mm2 reads 'h_with_lowrank'; statistics are keyed by the old name")
 @pytest.mark.parametrize(
     "case",
     [
@@ -292,7 +279,6 @@ def test_low_rank_compensation_of_two_chained_linears(case: fuzz.PassCase) -> No
     _assert_ok(_graph(_CHAINED_MATMULS), case)
 
 
-@pytest.mark.xfail(strict=True, reason="prune compensate_rank adds its x·L1·L2 MatMul branch to a Conv, whose input is NCHW")
 def test_prune_low_rank_compensation_of_a_conv() -> None:
     text = f"""
         <ir_version: 10, opset_import: ["" : 21]>
@@ -302,7 +288,6 @@ def test_prune_low_rank_compensation_of_a_conv() -> None:
     _assert_ok(_graph(text), fuzz.pass_case("prune", False, method="wanda", keep_ends=False, compensate_rank=1))
 
 
-@pytest.mark.xfail(strict=True, reason="eora.py: a zero Hessian floors λ at 1e-36, L1 ~ 1e18 overflows float16 (0·inf = NaN)")
 @pytest.mark.parametrize(
     "case",
     [
@@ -323,7 +308,6 @@ def test_low_rank_compensation_of_a_linear_whose_input_is_zero(case: fuzz.PassCa
     _assert_ok(_graph(text), case)
 
 
-@pytest.mark.xfail(strict=True, reason="quantize_tokens.py emits ReduceMax/ReduceMin with an axes input (opset 18) into opset-17 models")
 def test_quantize_tokens_on_an_opset_17_model() -> None:
     text = f"""
         <ir_version: 10, opset_import: ["" : 17]>

@@ -26,9 +26,10 @@ something to learn. The exponential keeps every matrix exactly orthogonal, so th
 summed losses before and after are recorded in the graph metadata ``bitfold.rotated``.
 
 Guarantees: exact equivalence up to fp32 rounding. Needs: a residual stream as ``structure.residual_stream``
-finds it, with affine-free RMSNorms (run ``fold-norm-affine`` first). Leaves alone, with a note: graphs whose stream
-has another reader, LayerNorm streams (``fold-norm-affine`` with ``center = true`` turns them into RMSNorm
-streams), and graphs already rotated.
+finds it, with affine-free RMSNorms (run ``fold-norm-affine`` first). Refuses (PassPreconditionError) a model with
+no embedding Gather to start a stream from. Leaves alone, with a note: streams ``residual_stream`` does not support
+(another reader, a writer's or a norm's value that is also a graph output), LayerNorm streams (``fold-norm-affine``
+with ``center = true`` turns them into RMSNorm streams), and graphs already rotated.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from bitfold.ops import hadamard
 from bitfold.passes.initializers import add_initializer, copy_type, drop_if_unused
 from bitfold.passes.registry import BitfoldPass, register
 from bitfold.passes.transforms.affine import minimise, ste_fake_quant
-from bitfold.passes.transforms.structure import Stream, const, residual_stream
+from bitfold.passes.transforms.structure import Stream, const, find_embedding, residual_stream
 from bitfold.passes.transforms.weights import float_dtype, set_bias, set_weight
 
 ROTATED_KEY = "bitfold.rotated"
@@ -99,9 +100,13 @@ class Rotate(BitfoldPass):
         if graph.metadata_props.get(ROTATED_KEY):
             self.notes.append("the residual stream is already rotated")
             return None
+        embedding = find_embedding(graph)
+        if isinstance(embedding, str):
+            raise PassPreconditionError(f"pass 'rotate' needs a transformer residual stream, and this model has none: {embedding}.")
         stream = residual_stream(graph)
         if isinstance(stream, str):
-            raise PassPreconditionError(f"pass 'rotate' needs a transformer residual stream, and this model has none: {stream}.")
+            self.notes.append(f"no rotation: {stream}")
+            return None
         for norm in stream.norms:
             if norm.kind != "rms":
                 self.notes.append(f"no rotation: LayerNorm on '{norm.x.name}' needs mean-centring (fold-norm-affine center = true)")

@@ -74,10 +74,18 @@ class Smooth(BitfoldPass):
         names = [x.name for x, _, _ in groups]
         sampled = self.config.search or self.config.shift
         stats = self.calibration.collect(model, names, rows=names if sampled else (), rows_kept=self.config.rows)
-        for x, readers, absorb in groups:
+        count = 0
+        for x, readers, explicit in groups:
+            # an earlier group may have put a bias Add after x's producer: fold 1/s where the readers read now
+            current = readers[0].matmul.inputs[0]
+            absorb = absorber(model.graph, current, readers, explicit=explicit)
+            if absorb is None:
+                self.notes.append(f"'{x.name}' kept: {unabsorbed_reason(current)} once an earlier group's bias is in place")
+                continue
             weights = [lin.weight for lin in readers]
             center, alpha, s = self.plan(stats[x.name], weights)
             absorb(s)
+            count += 1
             if center.any():
                 insert_scale(model.graph, readers[0].matmul.inputs[0], -center / s, "shift", op_type="Add")
                 for lin in readers:
@@ -87,21 +95,21 @@ class Smooth(BitfoldPass):
                 set_weight(model.graph, lin, s[:, None].astype(np.float64) * lin.weight, "smooth")
                 lin.matmul.metadata_props[SMOOTHED_KEY] = f"alpha={alpha:.2f}" + (",shift" if center.any() else "")
                 self.stamp(lin.matmul, [lin.matmul])
-        return len(groups)
+        return count
 
-    def collect(self, graph: ir.Graph) -> list[tuple[ir.Value, list[Linear], object]]:
+    def collect(self, graph: ir.Graph) -> list[tuple[ir.Value, list[Linear], bool]]:
+        """Each group to smooth: its activation, its linears and whether 1/s needs an explicit ``Mul``."""
         groups = []
         for x, readers in shared_inputs(graph, self.config.exclude):
             if any(SMOOTHED_KEY in lin.matmul.metadata_props for lin in readers):
                 continue
-            absorb = absorber(graph, x, readers)
-            if absorb is None and self.config.explicit:
-                self.notes.append(f"'{x.name}' gets an explicit per-channel Mul: {unabsorbed_reason(x)}")
-                absorb = absorber(graph, x, readers, explicit=True)
-            if absorb is None:
+            explicit = absorber(graph, x, readers) is None
+            if explicit and not self.config.explicit:
                 self.notes.append(f"'{x.name}' kept: {unabsorbed_reason(x)}; explicit = true inserts a per-channel Mul")
                 continue
-            groups.append((x, readers, absorb))
+            if explicit:
+                self.notes.append(f"'{x.name}' gets an explicit per-channel Mul: {unabsorbed_reason(x)}")
+            groups.append((x, readers, explicit))
         return groups
 
     def plan(self, st, weights: list[np.ndarray]) -> tuple[np.ndarray, float, np.ndarray]:

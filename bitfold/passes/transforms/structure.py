@@ -140,7 +140,7 @@ def unabsorbed_reason(x: ir.Value) -> str:
         return f"its width is unknown (no static last dimension, even after shape inference), so no per-channel constant of {op} can be matched to it"
     if producer.op_type == "LayerNormalization":
         return f"{op} has a γ or β that is not a constant initializer"
-    return f"{op} multiplies by neither a constant [{width(x)}] vector nor a projection that nothing else reads"
+    return f"{op} multiplies by neither a constant [{width(x)}] vector nor a projection that nothing else reads (and that is no graph output)"
 
 
 def find_norms(graph: ir.Graph) -> list[Norm]:
@@ -254,8 +254,33 @@ def _last_axis_keepdims(node: ir.Node, x: ir.Value) -> bool:
     if axes is None:
         attr = node.attributes.get("axes")
         axes = np.array(attr.value) if attr is not None else None
-    rank = len(x.shape) if x.shape is not None else None
-    return axes is not None and axes.size == 1 and (int(axes.reshape(())) == -1 or int(axes.reshape(())) == rank - 1)
+    if axes is None or axes.size != 1:
+        return False
+    axis = int(axes.reshape(()))
+    if axis == -1:
+        return True
+    rank = rank_of(x)
+    return rank is not None and axis == rank - 1
+
+
+_ELEMENTWISE = frozenset({"Abs", "Add", "Cast", "Div", "Erf", "Exp", "Gelu", "Identity", "Mul", "Neg", "Pow", "Relu", "Sigmoid", "Sub", "Tanh"})
+
+
+def rank_of(value: ir.Value, depth: int = 16, _seen: dict[int, int | None] | None = None) -> int | None:
+    """``value``'s rank: from its shape, else through elementwise producers (the broadcast rank of their inputs);
+    None when no annotated shape reaches it that way within ``depth`` producers."""
+    if value.shape is not None:
+        return len(value.shape)
+    seen = {} if _seen is None else _seen
+    if id(value) in seen:
+        return seen[id(value)]
+    producer = value.producer()
+    rank = None
+    if depth > 0 and producer is not None and not producer.domain and producer.op_type in _ELEMENTWISE:
+        ranks = [rank_of(v, depth - 1, seen) if v is not None else None for v in producer.inputs]
+        rank = None if not ranks or None in ranks else max(ranks)
+    seen[id(value)] = rank
+    return rank
 
 
 def linear(node: ir.Node) -> Linear | None:
@@ -348,12 +373,19 @@ def matches(node: ir.Node, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(s, p) for p in patterns for s in scope)
 
 
-def residual_stream(graph: ir.Graph) -> Stream | str:
-    """The residual stream, from the embedding Gather to the norms and linears around it, or why it is unsupported."""
+def find_embedding(graph: ir.Graph) -> ir.Node | str:
+    """The graph's one embedding Gather of a constant 2-D table (where a residual stream starts), or why none."""
     gathers = [n for n in graph if n.op_type == "Gather" and not n.domain and const(n.inputs[0]) is not None and const(n.inputs[0]).ndim == 2]
     if len(gathers) != 1:
         return f"expected one embedding Gather of a constant table, found {len(gathers)}"
-    embedding = gathers[0]
+    return gathers[0]
+
+
+def residual_stream(graph: ir.Graph) -> Stream | str:
+    """The residual stream, from the embedding Gather to the norms and linears around it, or why it is unsupported."""
+    embedding = find_embedding(graph)
+    if isinstance(embedding, str):
+        return embedding
     table = embedding.inputs[0]
     hidden = const(table).shape[1]
     by_input: dict[int, list[Norm]] = {}
@@ -375,6 +407,8 @@ def residual_stream(graph: ir.Graph) -> Stream | str:
                 continue
             if user.op_type == "Add" and not user.domain:
                 other = next((w for w in user.inputs if w is not v), None)
+                if other is not None and other.is_graph_output():
+                    return f"'{other.name}', which residual Add '{user.name}' adds to the stream, is a graph output"
                 writer = _writer_of(other, hidden)
                 if writer is None:
                     return f"residual Add '{user.name}' adds '{getattr(other, 'name', None)}', which no linear writes alone"
@@ -383,6 +417,9 @@ def residual_stream(graph: ir.Graph) -> Stream | str:
                 continue
             return f"{user.op_type} '{user.name}' reads the residual stream value '{v.name}'"
     for norm in norms:
+        square = norm.nodes[0].outputs[0] if norm.kind == "rms" else None
+        if square is not None and (square.is_graph_output() or any(u not in norm.nodes for u, _ in square.uses())):
+            return f"the square '{square.name}' of the stream value '{norm.x.name}' is read outside its norm"
         found = linear_readers(norm.output)
         if isinstance(found, str):
             return found
