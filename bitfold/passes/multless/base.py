@@ -27,11 +27,12 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from bitfold.ops.functions import DOMAIN
+from bitfold.ops.functions import DOMAIN, MIN_OPSET, upgrade_opset
 from bitfold.passes.initializers import add_initializer, copy_type, drop_if_unused
 from bitfold.passes.quant.quantize_weights import QUANTIZED_KEY
 from bitfold.passes.registry import ISLAND_KEY, PASS_KEY, BitfoldPass
 from bitfold.passes.transforms.structure import feeds_graph_output, reads_graph_input
+from bitfold.passes.transforms.weights import fresh_name
 from bitfold.quant.im2col import ConvGeometry
 
 BITS_KEY = "bitfold.bits_per_weight"
@@ -104,7 +105,16 @@ class WeightPass(BitfoldPass):
         targets = self.collect(model)
         if not targets:
             return 0
+        min_opset = max(MIN_OPSET, getattr(self.op, "MIN_OPSET", MIN_OPSET)) if self.emits_op else 0
+        if model.opset_imports.get("", 1) < min_opset:
+            upgrade_opset(model, min_opset)  # before emitting: it drops unused nodes, targets among them
+            kept = len(self.notes)
+            targets = self.collect(model)
+            del self.notes[kept:]
+            if not targets:
+                return 1  # the opset changed
         hessians = self._hessians(model, targets) if self.uses_hessian else {}
+        inputs = {node: node.inputs[0].name for node in targets}  # Hessian keys; a low-rank branch renames inputs
         bits = weights = 0
         self._solver_notes: list[str] = []
         for node in tqdm(targets, desc=self.name, leave=False, disable=len(targets) < 8):
@@ -113,7 +123,7 @@ class WeightPass(BitfoldPass):
             if node.op_type == "Conv" and node.name in hessians:
                 encoded = self._solve_groups(node, wt.astype(np.float64), hessians[node.name])
             else:
-                encoded = self.solve_node(node, wt.astype(np.float64), hessians.get(node.inputs[0].name))
+                encoded = self.solve_node(node, wt.astype(np.float64), hessians.get(inputs[node]))
             bits, weights = bits + encoded.bits, weights + wt.size
             self.notes += [f"{node.name}: {note}" for note in self._solver_notes]
             self._solver_notes.clear()
@@ -188,12 +198,12 @@ class WeightPass(BitfoldPass):
         else:
             inputs = [add_initializer(graph, f"{weight.name}_{suffix}", t) for suffix, t in encoded.tensors.items()]
             op = encoded.op or self.op
-            new = ir.node(op.OP_TYPE, [node.inputs[0], *inputs], domain=DOMAIN, name=f"{node.name}_{self.name}",
+            new = ir.node(op.OP_TYPE, [node.inputs[0], *inputs], domain=DOMAIN, name=fresh_name(graph, f"{node.name or weight.name}_{self.name}", node=True),
                           attributes=encoded.attributes)  # fmt: skip
             new.metadata_props[BITS_KEY] = per_weight
             added = [new]
             if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
-                added.append(ir.node("Add", [new.outputs[0], node.inputs[2]], name=f"{node.name}_bias"))
+                added.append(ir.node("Add", [new.outputs[0], node.inputs[2]], name=fresh_name(graph, f"{node.name or weight.name}_bias", node=True)))
             for n in added:
                 copy_type(n.outputs[0], node.outputs[0])
                 if "namespace" in node.metadata_props:

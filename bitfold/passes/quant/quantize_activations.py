@@ -41,11 +41,12 @@ from typing import Literal
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
-import onnxscript.version_converter
 
+from bitfold.ops.functions import upgrade_opset
 from bitfold.passes.initializers import add_initializer, drop_if_unused
 from bitfold.passes.registry import BitfoldPass, register
 from bitfold.passes.transforms.structure import reads_graph_input
+from bitfold.passes.transforms.weights import fresh_name
 
 _WEIGHT_AXIS = {"Conv": 0, "MatMul": 1}
 ActivationDtype = Literal["uint8", "int8", "fp8-e4m3", "fp8-e5m2"]
@@ -85,15 +86,19 @@ class QuantizeActivations(BitfoldPass):
         targets = self.collect(model)
         if not targets:
             return 0
+        if self.fp8 and model.opset_imports.get("", 1) < 19:
+            upgrade_opset(model, 21)
+            targets = self.collect(model)  # the upgrade drops unused nodes, targets among them
+            if not targets:
+                return 1  # the opset changed
         names = [node.inputs[0].name for node in targets]
         if self.config.outputs:
             names += [_output(node).name for node in targets if not _output(node).is_graph_output()]
         names = list(dict.fromkeys(names))
         axes = {node.inputs[0].name: _channel_axis(node) for node in targets if _channel_axis(node) != -1}
         stats = self.calibration.collect(model, names, channel_axis=axes)
-        if self.fp8 and model.opset_imports.get("", 1) < 19:
-            onnxscript.version_converter.convert_version(model, 21)
         graph = model.graph
+        self._weights: dict[tuple[ir.Value, int], ir.Value] = {}  # (weight, channel axis) → its DequantizeLinear output
         quantized: dict[str, tuple[ir.Value, float]] = {}  # tensor name → (DQ output, scale)
         original: dict[str, str] = {}  # DQ output name → the tensor it stands for
         for node in targets:
@@ -180,9 +185,10 @@ class QuantizeActivations(BitfoldPass):
         s = add_initializer(graph, f"{x.name}_scale", np.array(scale, np.float32))
         z = add_initializer(graph, f"{x.name}_zero_point", np.array(zero, dtype))
         readers = list(x.uses())
-        q = ir.node("QuantizeLinear", [x, s, z], name=f"{x.name}_quantize")
-        dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=f"{x.name}_dequantize")
-        q.outputs[0].name, dq.outputs[0].name = f"{x.name}_q", f"{x.name}_dq"
+        q = ir.node("QuantizeLinear", [x, s, z], name=fresh_name(graph, f"{x.name}_quantize", node=True))
+        dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=fresh_name(graph, f"{x.name}_dequantize", node=True))
+        q.outputs[0].name = fresh_name(graph, f"{x.name}_q")
+        dq.outputs[0].name = fresh_name(graph, f"{x.name}_dq")
         for node in (q, dq):
             self.stamp(node, [anchor])
         if after:
@@ -216,13 +222,17 @@ class QuantizeActivations(BitfoldPass):
             codes = np.clip(w / scale.reshape(shape), -top, top).astype(fp8)
         if self.config.bias_correction and input_mean is not None:
             self._correct_bias(graph, node, codes.astype(np.float32) * scale.reshape(shape) - w, input_mean)
-        q = add_initializer(graph, f"{w_value.name}_{'int8' if fp8 is None else 'fp8'}", codes)
-        s = add_initializer(graph, f"{w_value.name}_scale", scale)
-        dq = ir.node("DequantizeLinear", [q, s], attributes={"axis": axis}, name=f"{node.name}_weight_dequantize")
-        dq.outputs[0].name = f"{w_value.name}_dq"
-        self.stamp(dq, [node])
-        graph.insert_before(node, dq)
-        node.replace_input_with(1, dq.outputs[0])
+        shared = self._weights.get((w_value, axis))  # a weight read by several nodes is quantized once
+        if shared is None:
+            q = add_initializer(graph, f"{w_value.name}_{'int8' if fp8 is None else 'fp8'}", codes)
+            s = add_initializer(graph, f"{w_value.name}_scale", scale)
+            name = fresh_name(graph, f"{node.name or w_value.name}_weight_dequantize", node=True)
+            dq = ir.node("DequantizeLinear", [q, s], attributes={"axis": axis}, name=name)
+            dq.outputs[0].name = fresh_name(graph, f"{w_value.name}_dq")
+            self.stamp(dq, [node])
+            graph.insert_before(node, dq)
+            shared = self._weights[(w_value, axis)] = dq.outputs[0]
+        node.replace_input_with(1, shared)
         drop_if_unused(graph, w_value)
         return scale
 
@@ -238,8 +248,8 @@ class QuantizeActivations(BitfoldPass):
         codes = np.clip(np.round(b / scale), -(2**31), 2**31 - 1).astype(np.int32)
         q = add_initializer(graph, f"{bias.name}_int32", codes)
         s = add_initializer(graph, f"{bias.name}_scale", scale)
-        dq = ir.node("DequantizeLinear", [q, s], attributes={"axis": 0}, name=f"{node.name}_bias_dequantize")
-        dq.outputs[0].name = f"{bias.name}_dq"
+        dq = ir.node("DequantizeLinear", [q, s], attributes={"axis": 0}, name=fresh_name(graph, f"{node.name or bias.name}_bias_dequantize", node=True))
+        dq.outputs[0].name = fresh_name(graph, f"{bias.name}_dq")
         self.stamp(dq, [node])
         graph.insert_before(node, dq)
         node.replace_input_with(2, dq.outputs[0])

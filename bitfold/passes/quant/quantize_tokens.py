@@ -103,22 +103,27 @@ class QuantizeTokens(BitfoldPass):
     def _fake_quant(self, graph: ir.Graph, x: ir.Value, anchor: ir.Node, clip: float) -> ir.Value:
         base = x.name
         const = lambda name, v: add_initializer(graph, f"{base}_{name}", np.array(v, np.float32))  # noqa: E731
-        axes = add_initializer(graph, f"{base}_token_axis", np.array([-1], np.int64))
+        axes_attribute = graph.opset_imports.get("", 1) < 18  # ReduceMax/ReduceMin take axes as an input from 18
+        axes = None if axes_attribute else add_initializer(graph, f"{base}_token_axis", np.array([-1], np.int64))
         nodes: list[ir.Node] = []
 
-        def op(op_type: str, *inputs: ir.Value, **attributes: int) -> ir.Value:
+        def op(op_type: str, *inputs: ir.Value, **attributes: int | list[int]) -> ir.Value:
             nodes.append(ir.node(op_type, list(inputs), attributes=attributes))
             return nodes[-1].outputs[0]
+
+        def reduce(op_type: str, v: ir.Value) -> ir.Value:
+            """``op_type`` over the last axis, keeping it."""
+            return op(op_type, v, axes=[-1], keepdims=1) if axes_attribute else op(op_type, v, axes, keepdims=1)
 
         eps = const("token_eps", 1e-12)
         if self.config.symmetric:
             qmax = float(2 ** (self.config.bits - 1) - 1)
-            scale = op("Max", op("Mul", op("ReduceMax", op("Abs", x), axes, keepdims=1), const("token_step", clip / qmax)), eps)
+            scale = op("Max", op("Mul", reduce("ReduceMax", op("Abs", x)), const("token_step", clip / qmax)), eps)
             codes = op("Clip", op("Round", op("Div", x, scale)), const("token_qmin", -qmax - 1), const("token_qmax", qmax))
         else:
             levels = float(2**self.config.bits - 1)
             kept = const("token_clip", clip)
-            low, high = (op("Mul", op(reduce, x, axes, keepdims=1), kept) for reduce in ("ReduceMin", "ReduceMax"))
+            low, high = (op("Mul", reduce(kind, x), kept) for kind in ("ReduceMin", "ReduceMax"))
             scale = op("Max", op("Div", op("Sub", high, low), const("token_levels", levels)), eps)
             zero = op("Round", op("Div", op("Neg", low), scale))
             shifted = op("Clip", op("Add", op("Round", op("Div", x, scale)), zero), const("token_qmin", 0.0), const("token_qmax", levels))

@@ -29,8 +29,9 @@ then ``Reshape``) or ``fake``. GPTQ and output clipping read the Gram matrix of 
 a Conv's scales into: Conv weights take its clip and grid without rescaling.
 
 Guarantees: the emitted weight equals the solver's dequantized weight exactly in every format (tested). Leaves
-alone: Gemm weights, Conv weights unless asked for (and 1-D/3-D Convs), non-constant or shared weights, nodes
-pinned to float32 (a low-rank branch), and layers it already quantized (idempotent).
+alone: Gemm weights, Conv weights unless asked for (and 1-D/3-D Convs), non-constant weights, shared Conv weights
+and weights read by anything but MatMuls, nodes pinned to float32 (a low-rank branch), and layers it already
+quantized (idempotent). MatMuls sharing a weight whose solved weights agree (RTN) share one emitted weight.
 """
 
 from __future__ import annotations
@@ -42,13 +43,13 @@ from typing import Literal
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
-import onnxscript.version_converter
 from tqdm.auto import tqdm
 
+from bitfold.ops.functions import upgrade_opset
 from bitfold.passes.initializers import add_initializer, drop_if_unused
 from bitfold.passes.registry import ISLAND_KEY, BitfoldPass, register
 from bitfold.passes.scale_fold import scale_fold
-from bitfold.passes.transforms.weights import add_lowrank_branch
+from bitfold.passes.transforms.weights import add_lowrank_branch, fresh_name
 from bitfold.quant import matmulnbits
 from bitfold.quant.awq import awq_scale
 from bitfold.quant.calibration import TensorStats
@@ -143,6 +144,11 @@ class QuantizeWeights(BitfoldPass):
         targets = self.collect(model)
         if not targets:
             return 0
+        if self.config.format == "qdq" and model.opset_imports.get("", 1) < 21:
+            upgrade_opset(model, 21)
+            targets = self._recollect(model)  # the upgrade drops unused nodes, targets among them
+            if not targets:
+                return 1  # the opset changed
         matmuls = [node for node in targets if node.op_type == "MatMul"]
         convs = [node for node in targets if node.op_type == "Conv"]
         patch_grams = self._conv_grams(model, convs) if self.needs_calibration and convs else {}
@@ -151,9 +157,9 @@ class QuantizeWeights(BitfoldPass):
         if self.config.method == "awq":
             hessians.update(self._awq(model, matmuls, stats))
         weights = list(dict.fromkeys(node.inputs[1] for node in targets))  # the float weights about to be replaced
-        if self.config.format == "qdq" and model.opset_imports.get("", 1) < 21:
-            onnxscript.version_converter.convert_version(model, 21)
+        inputs = {node: node.inputs[0].name for node in targets}  # statistics keys; a low-rank branch renames inputs
         self._solver_notes: list[str] = []
+        self._emitted: dict[ir.Value, tuple[np.ndarray, ir.Value]] = {}  # weight → (dequantized Wᵀ, its value)
         for node in tqdm(targets, desc=f"quantize-weights {self.config.tag}", leave=False, disable=len(targets) < 8):
             w = node.inputs[1].const_value.numpy().astype(np.float32)
             if node.op_type == "Conv":
@@ -163,12 +169,12 @@ class QuantizeWeights(BitfoldPass):
                 self.fold_conv(model.graph, node, q, scale, zero)
                 continue
             wt, x = w.T, node.inputs[0]
-            q, scale, zero = self.solve(wt, hessians.get(x.name))
+            q, scale, zero = self.solve(wt, hessians.get(inputs[node]))
             self.notes += [f"{node.name}: {note}" for note in self._solver_notes]
             self._solver_notes.clear()
             producer = self.fold(model.graph, node, q, scale, zero)
             if self.config.compensate_rank:
-                l1, l2 = eora((wt - q).T, hessians[x.name], self.config.compensate_rank)
+                l1, l2 = eora((wt - q).T, hessians[inputs[node]], self.config.compensate_rank)
                 for added in add_lowrank_branch(model.graph, producer, x, l1, l2):
                     self.stamp(added, [node])
         for weight in weights:
@@ -203,6 +209,13 @@ class QuantizeWeights(BitfoldPass):
             found.append(node)
         if other_convs:
             self.notes.append(f"{other_convs} Conv weights left alone: only 2-D Convs are quantized")
+        return found
+
+    def _recollect(self, model: ir.Model) -> list[ir.Node]:
+        """``collect`` again, without repeating its notes."""
+        kept = len(self.notes)
+        found = self.collect(model)
+        del self.notes[kept:]
         return found
 
     def _stats(self, model: ir.Model, targets: list[ir.Node]) -> dict[str, TensorStats]:
@@ -272,8 +285,15 @@ class QuantizeWeights(BitfoldPass):
         weight = node.inputs[1]
         base = weight.name
         fmt, granularity = self.config.number_format, granularity_from(self.config.group_size)
+        emitted = getattr(self, "_emitted", {})
+        if self.config.format != "matmulnbits" and weight in emitted and np.array_equal(emitted[weight][0], q):
+            node.replace_input_with(1, emitted[weight][1])  # a weight shared by readers is quantized once
+            node.metadata_props[QUANTIZED_KEY] = self.config.tag
+            self.stamp(node, [node])
+            return node
         if self.config.format == "fake":
             node.replace_input_with(1, add_initializer(graph, f"{base}_fq", q.T.astype(weight.const_value.dtype.numpy())))
+            emitted[weight] = (q, node.inputs[1])
             node.metadata_props[QUANTIZED_KEY] = self.config.tag
             self.stamp(node, [node])
             return node
@@ -291,7 +311,7 @@ class QuantizeWeights(BitfoldPass):
             if zp is not None:
                 inputs.append(add_initializer(graph, f"{base}_zp", zp))
             new = ir.node(
-                "MatMulNBits", inputs, domain="com.microsoft", name=f"{node.name}_nbits",
+                "MatMulNBits", inputs, domain="com.microsoft", name=fresh_name(graph, f"{node.name or base}_nbits", node=True),
                 attributes={"K": k, "N": n, "bits": storage, "block_size": g, "accuracy_level": self.config.accuracy_level},
             )  # fmt: skip
             graph.opset_imports.setdefault("com.microsoft", 1)
@@ -300,11 +320,12 @@ class QuantizeWeights(BitfoldPass):
             ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
             return new
         dq_inputs, attrs = self._qdq_tensors(graph, base, codes.T, scale, zero, fmt, granularity, channel_axis=1)
-        dq = ir.node("DequantizeLinear", dq_inputs, attributes=attrs, name=f"{node.name}_dq")
-        dq.outputs[0].name = f"{base}_dq"
+        dq = ir.node("DequantizeLinear", dq_inputs, attributes=attrs, name=fresh_name(graph, f"{node.name or base}_dq", node=True))
+        dq.outputs[0].name = fresh_name(graph, f"{base}_dq")
         self.stamp(dq, [node])
         graph.insert_before(node, dq)
         node.replace_input_with(1, dq.outputs[0])
+        emitted[weight] = (q, dq.outputs[0])
         node.metadata_props[QUANTIZED_KEY] = self.config.tag
         return node
 
@@ -323,12 +344,12 @@ class QuantizeWeights(BitfoldPass):
         per_channel = isinstance(granularity, PerChannel)
         stored = codes.reshape(shape) if per_channel else codes
         dq_inputs, attrs = self._qdq_tensors(graph, base, stored, scale, zero, fmt, granularity, channel_axis=0)
-        added = [ir.node("DequantizeLinear", dq_inputs, attributes=attrs, name=f"{node.name}_dq")]
-        added[0].outputs[0].name = f"{base}_dq"
+        added = [ir.node("DequantizeLinear", dq_inputs, attributes=attrs, name=fresh_name(graph, f"{node.name or base}_dq", node=True))]
+        added[0].outputs[0].name = fresh_name(graph, f"{base}_dq")
         if not per_channel:
             target = add_initializer(graph, f"{base}_shape", np.asarray(shape, np.int64))
-            added.append(ir.node("Reshape", [added[0].outputs[0], target], name=f"{node.name}_dq_reshape"))
-            added[1].outputs[0].name = f"{base}_dq_4d"
+            added.append(ir.node("Reshape", [added[0].outputs[0], target], name=fresh_name(graph, f"{node.name or base}_dq_reshape", node=True)))
+            added[1].outputs[0].name = fresh_name(graph, f"{base}_dq_4d")
         for new in added:
             self.stamp(new, [node])
         graph.insert_before(node, added)

@@ -10,7 +10,8 @@ loop; needs calibration), which can quantize the kept weights in the same pass (
 ``group_size`` per scale, written back dequantized). ``refine_cycles`` swaps magnitude/Wanda mask entries, training-free
 like DSnoT but scored by the exact layer error dᵀHd (unstructured layers; it needs the dense weights, so it lives
 here rather than in a later pass);
-``compensate_rank`` adds a float EoRA branch fitted to the pruning error (``bitfold.quant.eora``). ``format = "masked"`` keeps the weights dense float with
+``compensate_rank`` adds a float EoRA branch fitted to the pruning error (``bitfold.quant.eora``; MatMul and Gemm
+layers only: a Conv gets no branch and a note). ``format = "masked"`` keeps the weights dense float with
 zeros, which any runtime runs; ``format = "sparse"`` emits ``bitfold.SparseMatMul`` (compressed N:M layout:
 values plus b-bit positions) for N:M layers, ``bitfold.CSRMatMul`` for unstructured ones and
 ``bitfold.BlockCSRMatMul`` for block patterns. Guarantees: the pattern holds exactly (every N:M group, the exact count of weights or tiles).
@@ -95,7 +96,7 @@ class Prune(WeightPass):
     def __init__(self, config: PruneConfig | None = None, /, **params) -> None:
         super().__init__(config, **params)
         self._zeros = self._total = 0
-        self._branches: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._branches: dict[ir.Node, tuple[np.ndarray, np.ndarray]] = {}
 
     @property
     def emits_op(self) -> bool:
@@ -103,7 +104,7 @@ class Prune(WeightPass):
 
     def rewrite(self, model: ir.Model) -> int:
         self._zeros = self._total = 0
-        self._branches: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._branches: dict[ir.Node, tuple[np.ndarray, np.ndarray]] = {}
         return super().rewrite(model)
 
     def pattern_for(self, node: ir.Node) -> sparse.Pattern:
@@ -125,8 +126,11 @@ class Prune(WeightPass):
             if c.refine_cycles and isinstance(pattern, sparse.Unstructured):
                 mask = sparse.refine(wt, mask, hessian, c.refine_cycles)
             pruned = wt * mask
-        if c.compensate_rank:
-            self._branches[node.name] = eora((wt - pruned).T, hessian, c.compensate_rank)
+        if c.compensate_rank and node.op_type == "Conv":
+            note = f"{node.name}: no low-rank compensation (its x·L1·L2 branch is a MatMul; a Conv reads NCHW)"
+            self.notes += [] if note in self.notes else [note]
+        elif c.compensate_rank:
+            self._branches[node] = eora((wt - pruned).T, hessian, c.compensate_rank)
         self._zeros += int((~mask).sum())
         self._total += mask.size
         if self.emits_op and isinstance(pattern, sparse.NM):
@@ -141,11 +145,11 @@ class Prune(WeightPass):
         return Encoded(pruned, {})
 
     def fold(self, model: ir.Model, node: ir.Node, encoded: Encoded, w: np.ndarray) -> ir.Node:
-        x, name = node.inputs[0], node.name
+        x = node.inputs[0]
         producer = super().fold(model, node, encoded, w)
-        if name in self._branches:
-            for added in add_lowrank_branch(model.graph, producer, x, *self._branches.pop(name)):
-                self.stamp(added, [name])
+        if node in self._branches:
+            for added in add_lowrank_branch(model.graph, producer, x, *self._branches.pop(node)):
+                self.stamp(added, [node])
         return producer
 
     def summary(self, count: int, bits: int, weights: int) -> str:

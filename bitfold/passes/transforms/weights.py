@@ -35,6 +35,18 @@ def float_dtype(value: ir.Value) -> np.dtype:
     return np.dtype(np.float32)
 
 
+def fresh_name(graph: ir.Graph, base: str, node: bool = False) -> str:
+    """``base`` (or ``base_1``, ``base_2``...) unused by any value of ``graph`` (by any node, with ``node``)."""
+    if node:
+        taken = {n.name for n in graph}
+    else:
+        taken = {v.name for v in graph.inputs} | set(graph.initializers) | {v.name for n in graph for v in n.outputs}
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
 def set_weight(graph: ir.Graph, lin: Linear, w: np.ndarray, suffix: str) -> None:
     """Give ``lin.matmul`` a private initializer ``w`` ([K, N]); a tied source (``Transpose`` of a table) stays."""
     old = lin.matmul.inputs[1]
@@ -64,7 +76,7 @@ def set_bias(graph: ir.Graph, lin: Linear, b: np.ndarray, suffix: str) -> None:
     out = lin.matmul.outputs[0]
     readers = list(out.uses())
     bias = add_initializer(graph, f"{lin.matmul.name}_bias_{suffix}", b.astype(dtype))
-    add = ir.node("Add", [out, bias], name=f"{lin.matmul.name}_bias")
+    add = ir.node("Add", [out, bias], name=fresh_name(graph, f"{lin.matmul.name or out.name}_bias", node=True))
     result = add.outputs[0]
     copy_type(result, out)
     graph.insert_after(lin.matmul, add)
@@ -73,11 +85,11 @@ def set_bias(graph: ir.Graph, lin: Linear, b: np.ndarray, suffix: str) -> None:
     if out.is_graph_output():
         position = next(i for i, v in enumerate(graph.outputs) if v is out)
         name = out.name
-        out.name = f"{name}_no_bias"
+        out.name = fresh_name(graph, f"{name}_no_bias")
         result.name = name
         graph.outputs[position] = result
     else:
-        result.name = f"{out.name}_biased"
+        result.name = fresh_name(graph, f"{out.name}_biased")
     lin.bias_add, lin.bias = add, b.astype(dtype)
 
 
@@ -129,10 +141,11 @@ def add_lowrank_branch(graph: ir.Graph, producer: ir.Node, x: ir.Value, l1: np.n
     readers = list(y.uses())
     name = producer.name or y.name
     dtype = float_dtype(x)
-    down = ir.node("MatMul", [x, add_initializer(graph, f"{name}_lowrank_l1", l1.astype(dtype))], name=f"{name}_lowrank_down")
-    up = ir.node("MatMul", [down.outputs[0], add_initializer(graph, f"{name}_lowrank_l2", l2.astype(dtype))], name=f"{name}_lowrank_up")
-    add = ir.node("Add", [y, up.outputs[0]], name=f"{name}_lowrank_add")
-    down.outputs[0].name, up.outputs[0].name = f"{y.name}_lowrank_down", f"{y.name}_lowrank"
+    down = ir.node("MatMul", [x, add_initializer(graph, f"{name}_lowrank_l1", l1.astype(dtype))], name=fresh_name(graph, f"{name}_lowrank_down", node=True))
+    up = ir.node("MatMul", [down.outputs[0], add_initializer(graph, f"{name}_lowrank_l2", l2.astype(dtype))], name=fresh_name(graph, f"{name}_lowrank_up", node=True))
+    add = ir.node("Add", [y, up.outputs[0]], name=fresh_name(graph, f"{name}_lowrank_add", node=True))
+    down.outputs[0].name = fresh_name(graph, f"{y.name}_lowrank_down")
+    up.outputs[0].name = fresh_name(graph, f"{y.name}_lowrank")
     for node in (down, up, add):
         node.metadata_props[LOWRANK_KEY] = str(l1.shape[1])
     for node in (down, up):
@@ -145,8 +158,8 @@ def add_lowrank_branch(graph: ir.Graph, producer: ir.Node, x: ir.Value, l1: np.n
     if y.is_graph_output():
         position = next(i for i, v in enumerate(graph.outputs) if v is y)
         original = y.name
-        y.name, result.name = f"{original}_main", original
+        y.name, result.name = fresh_name(graph, f"{original}_main"), original
         graph.outputs[position] = result
     else:
-        result.name = f"{y.name}_with_lowrank"
+        result.name = fresh_name(graph, f"{y.name}_with_lowrank")
     return [down, up, add]
