@@ -23,27 +23,10 @@ from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 SEEDED = dict(derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck), print_blob=False)
 CASES = fuzz.pass_cases()
 
-_FLOAT16 = "float32 constants or functions on a float16 graph (test_lossy_pass_on_a_float16_mlp)"
-
 #: Cases that fail on the seeded graphs today, with the regression test (tests/tools/test_fuzz_regressions.py)
 #: holding the minimal graph of the failure. They run without shrinking, to keep the suite fast; each mark goes
 #: when its defect is fixed (the test then passes, which strict xfail reports).
-KNOWN_FAILURES: dict[str, str] = {
-    "quantize-weights(group_size=-1)": _FLOAT16,
-    "quantize-weights(method=gptq, group_size=16, symmetric=False, op_types=['MatMul', 'Conv'])": _FLOAT16,
-    "quantize-weights(method=awq, group_size=-1, awq_grid=4)": _FLOAT16,
-    "quantize-weights(format=matmulnbits, group_size=16, bits=8)": _FLOAT16,
-    "quantize-activations": _FLOAT16,
-    "quantize-activations(activation_dtype=fp8-e4m3, observer=percentile, graph_inputs=True)": _FLOAT16,
-    "quantize-tokens": _FLOAT16,
-    "quantize-tokens(bits=4, symmetric=False, search_clip=True)": _FLOAT16,
-    "binarize(keep_ends=False)": _FLOAT16,
-    "ternarize(keep_ends=False)": _FLOAT16,
-    "shift(keep_ends=False)": _FLOAT16,
-    "shiftadd(group_size=8, keep_ends=False)": _FLOAT16,
-    "prune(method=magnitude, pattern=nm:2:4, format=sparse, keep_ends=False)": _FLOAT16,
-    "split-outliers(ratio=0.05, group_size=8, keep_ends=False)": _FLOAT16,
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def _unoptimized_shapes(graph: fuzz.FuzzGraph) -> dict[str, tuple[int, ...]]:

@@ -15,6 +15,7 @@ import onnx_ir as ir
 import pytest
 
 import bitfold
+from bitfold.errors import PassPreconditionError
 from bitfold.tools import fuzz
 
 
@@ -327,45 +328,75 @@ _FLOAT16_MLP = f"""
         [mm2] y = MatMul (a, w2)
     }}"""
 
-_FLOAT16_CASES = {
-    "quantize-weights": ("quantize_weights.py QDQ scales are float32: DequantizeLinear gives float32 into a float16 MatMul", {"group_size": -1}),
-    "quantize-weights matmulnbits": ("quantize_weights.py MatMulNBits scales are float32 while A is float16 (T1 mismatch)", {"format": "matmulnbits", "group_size": 16, "bits": 8}),
-    "quantize-activations": ("quantize_activations.py QuantizeLinear scale is float32 for a float16 input", {}),
-    "quantize-tokens": ("quantize_tokens.py builds its per-token scale from float32 constants (Mul float16 x float32)", {}),
-    "binarize": ("ops/binary.py ONNX function is typed FLOAT; multless/base.py emits it for float16 weights", {"keep_ends": False}),
-    "ternarize": ("ops/ternary.py ONNX function is typed FLOAT; emitted for float16 weights", {"keep_ends": False}),
-    "shift": ("ops/shift.py ONNX function is typed FLOAT; emitted for float16 weights", {"keep_ends": False}),
-    "shiftadd": ("ops/bcq.py ONNX function is typed FLOAT; emitted for float16 weights", {"keep_ends": False, "group_size": 8}),
-    "prune": ("ops/sparse.py ONNX function is typed FLOAT; prune format=sparse emits it for float16 weights", {"keep_ends": False, "method": "magnitude", "pattern": "nm:2:4", "format": "sparse"}),
-    "split-outliers": ("ops/dense_sparse.py ONNX function is typed FLOAT; emitted for float16 weights", {"keep_ends": False, "group_size": 8}),
+#: Lossy passes that keep a float16 graph float16 (scales and constants in the activation's type).
+_FLOAT16_PASSES = {
+    "quantize-weights": {"group_size": -1},
+    "quantize-weights blockwise asymmetric": {"group_size": 8, "symmetric": False},
+    "quantize-weights fake": {"format": "fake", "group_size": 8},
+    "quantize-weights matmulnbits": {"format": "matmulnbits", "group_size": 16, "bits": 8},
+    "quantize-weights matmulnbits float zero": {"format": "matmulnbits", "group_size": 16, "symmetric": False, "zero_point": "float"},
+    "quantize-activations": {},
+    "quantize-activations int8 outputs": {"activation_dtype": "int8", "outputs": True, "graph_inputs": True},
+    "quantize-activations fp8": {"activation_dtype": "fp8-e4m3", "observer": "percentile", "graph_inputs": True},
+    "quantize-tokens": {},
+    "quantize-tokens asymmetric": {"bits": 4, "symmetric": False, "search_clip": True},
 }
 
 
-@pytest.mark.parametrize(
-    ("label", "name", "params"),
-    [
-        pytest.param(label, label.split()[0], params, marks=pytest.mark.xfail(strict=True, reason=reason), id=label)
-        for label, (reason, params) in _FLOAT16_CASES.items()
-    ],
-)
-def test_lossy_pass_on_a_float16_mlp(label: str, name: str, params: dict) -> None:
-    """The rewritten float16 model must load in ONNX Runtime (or the pass must refuse float16 weights)."""
-    _assert_ok(_graph(_FLOAT16_MLP), fuzz.pass_case(name, False, **params))
+@pytest.mark.parametrize(("label", "params"), list(_FLOAT16_PASSES.items()), ids=list(_FLOAT16_PASSES))
+def test_lossy_pass_keeps_a_float16_mlp_float16(label: str, params: dict) -> None:
+    """The rewritten float16 model loads and runs in ONNX Runtime with no float32 value in it."""
+    graph, case = _graph(_FLOAT16_MLP), fuzz.pass_case(label.split()[0], False, **params)
+    _assert_ok(graph, case)
+    result, _ = bitfold.optimize(bitfold.clone(graph.model), list(case.steps), graph.calibration)
+    g = result.graph
+    values = [*g.inputs, *g.initializers.values(), *(v for node in g for v in node.outputs)]
+    wide = {v.name: v.dtype for v in values if v.dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE)}
+    assert not wide, f"float32 values in a float16 graph: {wide}"
 
 
-@pytest.mark.xfail(strict=True, reason="quantize_weights.py fold_conv: float32 DequantizeLinear output feeds a float16 Conv")
-def test_quantize_weights_on_a_float16_conv() -> None:
+#: Passes that emit a bitfold op (whose ONNX function is typed float32) refuse a float16 graph up front.
+_FLOAT16_REFUSED = {
+    "binarize": {"keep_ends": False},
+    "ternarize": {"keep_ends": False},
+    "shift": {"keep_ends": False},
+    "shiftadd": {"keep_ends": False, "group_size": 8},
+    "prune": {"keep_ends": False, "method": "magnitude", "pattern": "nm:2:4", "format": "sparse"},
+    "split-outliers": {"keep_ends": False, "group_size": 8},
+}
+
+
+@pytest.mark.parametrize(("name", "params"), list(_FLOAT16_REFUSED.items()), ids=list(_FLOAT16_REFUSED))
+def test_bitfold_op_pass_refuses_a_float16_mlp(name: str, params: dict) -> None:
+    graph, case = _graph(_FLOAT16_MLP), fuzz.pass_case(name, False, **params)
+    outcome = fuzz.check(graph, case)
+    assert (outcome.kind, outcome.reason) == ("decline", "PassPreconditionError"), outcome.detail
+    model = bitfold.clone(graph.model)
+    said = (f"^pass '{name}' emits a bitfold op for node 'mm1', whose weight is float16, and works on float32 graphs: "
+            r"run it before cast-precision, or on the float32 model\.$")
+    with pytest.raises(PassPreconditionError, match=said):
+        bitfold.optimize(model, list(case.steps), graph.calibration)
+
+
+def test_binarize_fake_keeps_a_float16_mlp_float16() -> None:
+    """``format = "fake"`` emits no bitfold op, so it is not refused."""
+    _assert_ok(_graph(_FLOAT16_MLP), fuzz.pass_case("binarize", False, keep_ends=False, format="fake"))
+
+
+@pytest.mark.parametrize("group_size", [-1, 2])
+def test_quantize_weights_on_a_float16_conv(group_size: int) -> None:
     text = f"""
         <ir_version: 10, opset_import: ["" : 21]>
         conv (float16[1,4,5,5] x) => (float16[1,8,5,5] y) <float16[8,4,1,1] w = {_weights((8, 4, 1, 1), 27, half=True)}> {{
             [conv] y = Conv (x, w)
         }}"""
-    _assert_ok(_graph(text), fuzz.pass_case("quantize-weights", False, group_size=-1, op_types=["Conv"]))
+    _assert_ok(_graph(text), fuzz.pass_case("quantize-weights", False, group_size=group_size, op_types=["Conv"]))
 
 
-@pytest.mark.xfail(strict=True, reason="ops/hadamard.py ONNX function is typed FLOAT; rotate inserts it into a float16 stream")
-def test_rotate_online_hadamard_on_a_float16_stream() -> None:
-    """Embedding → RMSNorm → MLP → residual → RMSNorm → head, all float16."""
+def test_rotate_online_hadamard_refuses_a_float16_stream() -> None:
+    """Embedding → RMSNorm → MLP → residual → RMSNorm → head, all float16: the online Hadamard op's function is
+    typed float32, so rotate refuses; with ``online = false`` it rotates the float16 stream (a model ONNX Runtime
+    runs)."""
     text = f"""
         <ir_version: 10, opset_import: ["" : 18]>
         lm (int64[1,3] ids) => (float16[1,3,8] logits) <float16[8,4] emb = {_weights((8, 4), 28, half=True)}, int64[1] axes = {{-1}}, float16 eps = {_halves([1e-5])}, float16[4,8] wu = {_weights((4, 8), 29, half=True)}, float16[8,4] wd = {_weights((8, 4), 30, half=True)}, float16[4,8] head = {_weights((4, 8), 31, half=True)}> {{
@@ -386,4 +417,11 @@ def test_rotate_online_hadamard_on_a_float16_stream() -> None:
             [norm2] n2 = Div (y, rms2)
             [lm_head] logits = MatMul (n2, head)
         }}"""
-    _assert_ok(_graph(text), fuzz.pass_case("rotate", True))
+    graph = _graph(text)
+    outcome = fuzz.check(graph, fuzz.pass_case("rotate", True))
+    assert (outcome.kind, outcome.reason) == ("decline", "PassPreconditionError"), outcome.detail
+    said = (r"^pass 'rotate' with online = true inserts a bitfold Hadamard op before node 'down', whose input is float16, "
+            r"and works on float32 graphs: run it before cast-precision, or on the float32 model \(or set online = false\)\.$")
+    with pytest.raises(PassPreconditionError, match=said):
+        bitfold.optimize(bitfold.clone(graph.model), ["rotate"])
+    _assert_ok(graph, fuzz.pass_case("rotate", False, online=False))  # runs; equal to float16 rounding

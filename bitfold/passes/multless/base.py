@@ -13,6 +13,10 @@ Embedding tables are Gathers and never touched.
 Bits per weight count every tensor the op reads besides the activation (codes, scales, means, salient masks and
 values) at its stored width, divided by K · N; the pipeline report shows the total and each rewritten node
 carries its own in ``bitfold.bits_per_weight``.
+
+The bitfold ops' ONNX functions are typed float32: a pass that would emit one for a float16 or bfloat16 weight
+refuses the model (PassPreconditionError) before changing anything; ``format = "fake"`` (or prune's ``masked``)
+keeps any float type.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
+from bitfold.errors import PassPreconditionError
 from bitfold.ops.functions import DOMAIN, MIN_OPSET, upgrade_opset
 from bitfold.passes.initializers import add_initializer, copy_type, drop_if_unused
 from bitfold.passes.quant.quantize_weights import QUANTIZED_KEY
@@ -105,6 +110,8 @@ class WeightPass(BitfoldPass):
         targets = self.collect(model)
         if not targets:
             return 0
+        if self.emits_op:
+            self.refuse_low_precision(targets)
         min_opset = max(MIN_OPSET, getattr(self.op, "MIN_OPSET", MIN_OPSET)) if self.emits_op else 0
         if model.opset_imports.get("", 1) < min_opset:
             upgrade_opset(model, min_opset)  # before emitting: it drops unused nodes, targets among them
@@ -130,6 +137,16 @@ class WeightPass(BitfoldPass):
             self.fold(model, node, encoded, w)
         self.notes.append(self.summary(len(targets), bits, weights))
         return len(targets)
+
+    def refuse_low_precision(self, targets: list[ir.Node]) -> None:
+        """Raise PassPreconditionError if a target's weight is not float32 (the emitted op's function is)."""
+        for node in targets:
+            dtype = node.inputs[1].const_value.dtype
+            if dtype != ir.DataType.FLOAT:
+                raise PassPreconditionError(
+                    f"pass '{self.name}' emits a bitfold op for node '{node.name}', whose weight is {dtype.name.lower()}, "
+                    f"and works on float32 graphs: run it before cast-precision, or on the float32 model."
+                )
 
     # -- collect ------------------------------------------------------------------------------------------------
 

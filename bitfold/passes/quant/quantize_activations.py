@@ -22,7 +22,8 @@ QuantizeLinear with saturation); their weights take the same fp8 format per outp
 (there is no fp8 kernel to fuse them into: ONNX Runtime dequantizes and computes in fp32), and the model's opset
 is raised to 21 if lower (fp8 Q/DQ needs 19). Guarantees: an error bound, the one of the chosen grid; the
 report measures it. Needs calibration. Leaves alone: targets whose activation is a constant or already comes from
-DequantizeLinear (idempotent), weights that are not constant initializers, excluded nodes.
+DequantizeLinear (idempotent), weights that are not constant initializers, excluded nodes. Scales and biases take
+the float type of the tensor they belong to, so a float16 graph stays float16.
 
 ``bias_correction`` (on by default) removes the mean output shift that weight rounding causes, ΔW·E[x] with E[x]
 the per-input-channel calibration mean, from the Conv/Gemm bias (added if absent; a Gemm's C moves by alpha / beta
@@ -46,7 +47,7 @@ from bitfold.ops.functions import upgrade_opset
 from bitfold.passes.initializers import add_initializer, drop_if_unused
 from bitfold.passes.registry import BitfoldPass, register
 from bitfold.passes.transforms.structure import reads_graph_input
-from bitfold.passes.transforms.weights import fresh_name
+from bitfold.passes.transforms.weights import float_dtype, fresh_name
 
 _WEIGHT_AXIS = {"Conv": 0, "MatMul": 1}
 ActivationDtype = Literal["uint8", "int8", "fp8-e4m3", "fp8-e5m2"]
@@ -182,7 +183,7 @@ class QuantizeActivations(BitfoldPass):
         """
         scale, zero, _, _ = self._params(lo, hi)
         dtype = _FP8.get(self.config.activation_dtype, np.uint8 if self.config.activation_dtype == "uint8" else np.int8)
-        s = add_initializer(graph, f"{x.name}_scale", np.array(scale, np.float32))
+        s = add_initializer(graph, f"{x.name}_scale", np.array(scale, float_dtype(x)))  # DQ's output takes its type
         z = add_initializer(graph, f"{x.name}_zero_point", np.array(zero, dtype))
         readers = list(x.uses())
         q = ir.node("QuantizeLinear", [x, s, z], name=fresh_name(graph, f"{x.name}_quantize", node=True))
@@ -197,7 +198,7 @@ class QuantizeActivations(BitfoldPass):
                 user.replace_input_with(index, dq.outputs[0])
         else:
             graph.insert_before(anchor, [q, dq])
-        return dq.outputs[0], np.float32(scale)
+        return dq.outputs[0], np.float32(s.const_value.numpy())
 
     def _quantize_weight(self, graph: ir.Graph, node: ir.Node, input_mean: np.ndarray | None) -> np.ndarray | None:
         """Per-output-channel int8 (or fp8) weight behind a DequantizeLinear; returns the scales (None if left alone).
@@ -213,7 +214,7 @@ class QuantizeActivations(BitfoldPass):
         fp8 = _FP8.get(self.config.activation_dtype)
         top = 127.0 if fp8 is None else float(ml_dtypes.finfo(fp8).max)
         scale = np.abs(w).max(axis=reduce) / top
-        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        scale = np.where(scale > 0, scale, 1.0).astype(float_dtype(w_value)).astype(np.float32)  # as stored
         shape = [1] * w.ndim
         shape[axis] = -1
         if fp8 is None:
@@ -225,7 +226,7 @@ class QuantizeActivations(BitfoldPass):
         shared = self._weights.get((w_value, axis))  # a weight read by several nodes is quantized once
         if shared is None:
             q = add_initializer(graph, f"{w_value.name}_{'int8' if fp8 is None else 'fp8'}", codes)
-            s = add_initializer(graph, f"{w_value.name}_scale", scale)
+            s = add_initializer(graph, f"{w_value.name}_scale", scale.astype(float_dtype(w_value)))
             name = fresh_name(graph, f"{node.name or w_value.name}_weight_dequantize", node=True)
             dq = ir.node("DequantizeLinear", [q, s], attributes={"axis": axis}, name=name)
             dq.outputs[0].name = fresh_name(graph, f"{w_value.name}_dq")
@@ -244,8 +245,8 @@ class QuantizeActivations(BitfoldPass):
         b = bias.const_value.numpy().astype(np.float64)
         if b.ndim != 1 or b.size != scale.size or (node.op_type == "Gemm" and node.attributes.get_float("beta", 1.0) != 1.0):
             return
-        scale = scale.astype(np.float32)
-        codes = np.clip(np.round(b / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        scale = scale.astype(float_dtype(bias))
+        codes = np.clip(np.round(b / scale.astype(np.float64)), -(2**31), 2**31 - 1).astype(np.int32)
         q = add_initializer(graph, f"{bias.name}_int32", codes)
         s = add_initializer(graph, f"{bias.name}_scale", scale)
         dq = ir.node("DequantizeLinear", [q, s], attributes={"axis": 0}, name=fresh_name(graph, f"{node.name or bias.name}_bias_dequantize", node=True))
@@ -280,11 +281,11 @@ class QuantizeActivations(BitfoldPass):
                 shift = shift / beta
         if bias is None:
             node.resize_inputs(3)
-            node.replace_input_with(2, add_initializer(graph, f"{node.name}_bias", (-shift).astype(np.float32)))
+            node.replace_input_with(2, add_initializer(graph, f"{node.name}_bias", (-shift).astype(float_dtype(node.inputs[1]))))
             return
         if not bias.is_initializer() or bias.const_value is None or bias.const_value.size != shift.size:
             return
-        corrected = (bias.const_value.numpy().reshape(-1) - shift).reshape(bias.const_value.shape).astype(np.float32)
+        corrected = (bias.const_value.numpy().reshape(-1) - shift).reshape(bias.const_value.shape).astype(float_dtype(bias))
         node.replace_input_with(2, add_initializer(graph, f"{bias.name}_corrected", corrected))
         drop_if_unused(graph, bias)
 

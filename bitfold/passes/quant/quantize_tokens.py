@@ -16,19 +16,22 @@ ONNX ops (ReduceMax/ReduceMin, Div, Round, Clip, Mul...): an accuracy simulation
 integer kernel. A tensor read by several MatMuls is quantized once. Leaves alone:
 MatMuls whose weight is not a constant (attention's QKᵀ and PV), nodes marked ``bitfold.precision = float32``
 (a low-rank branch), excluded ones (globs on node name or torch module scope), inputs already quantized by this
-pass (a rerun is a no-op). Needs calibration only with ``search_clip``.
+pass (a rerun is a no-op). Needs calibration only with ``search_clip``. The constants take x's float type, so a
+float16 graph stays float16 (the floor on s is then float16's smallest subnormal instead of 1e-12).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
 from bitfold.passes.initializers import add_initializer, copy_type
 from bitfold.passes.registry import ISLAND_KEY, BitfoldPass, register
 from bitfold.passes.transforms.structure import matches
+from bitfold.passes.transforms.weights import float_dtype
 
 TOKEN_QUANT_KEY = "bitfold.token_quant"
 TOKEN_CLIP_KEY = "bitfold.token_clip"
@@ -101,8 +104,8 @@ class QuantizeTokens(BitfoldPass):
         return clips
 
     def _fake_quant(self, graph: ir.Graph, x: ir.Value, anchor: ir.Node, clip: float) -> ir.Value:
-        base = x.name
-        const = lambda name, v: add_initializer(graph, f"{base}_{name}", np.array(v, np.float32))  # noqa: E731
+        base, dtype = x.name, float_dtype(x)
+        const = lambda name, v: add_initializer(graph, f"{base}_{name}", np.array(v, dtype))  # noqa: E731
         axes_attribute = graph.opset_imports.get("", 1) < 18  # ReduceMax/ReduceMin take axes as an input from 18
         axes = None if axes_attribute else add_initializer(graph, f"{base}_token_axis", np.array([-1], np.int64))
         nodes: list[ir.Node] = []
@@ -115,7 +118,7 @@ class QuantizeTokens(BitfoldPass):
             """``op_type`` over the last axis, keeping it."""
             return op(op_type, v, axes=[-1], keepdims=1) if axes_attribute else op(op_type, v, axes, keepdims=1)
 
-        eps = const("token_eps", 1e-12)
+        eps = const("token_eps", max(1e-12, float(ml_dtypes.finfo(dtype).smallest_subnormal)))  # nonzero in x's type
         if self.config.symmetric:
             qmax = float(2 ** (self.config.bits - 1) - 1)
             scale = op("Max", op("Mul", reduce("ReduceMax", op("Abs", x)), const("token_step", clip / qmax)), eps)

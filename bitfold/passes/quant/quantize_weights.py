@@ -28,10 +28,13 @@ then ``Reshape``) or ``fake``. GPTQ and output clipping read the Gram matrix of 
 (``bitfold.quant.im2col``), so a depthwise Conv gets one kh·kw Hessian per channel. AWQ has no producer to fold
 a Conv's scales into: Conv weights take its clip and grid without rescaling.
 
-Guarantees: the emitted weight equals the solver's dequantized weight exactly in every format (tested). Leaves
-alone: Gemm weights, Conv weights unless asked for (and 1-D/3-D Convs), non-constant weights, shared Conv weights
-and weights read by anything but MatMuls, nodes pinned to float32 (a low-rank branch), and layers it already
-quantized (idempotent). MatMuls sharing a weight whose solved weights agree (RTN) share one emitted weight.
+Scales (and float zero points) are stored in the weight's float type, so a float16 graph stays float16.
+
+Guarantees: the emitted weight equals the solver's dequantized weight exactly in every format (tested; in a
+float16 graph, to the rounding of the scales to float16). Leaves alone: Gemm weights, Conv weights unless asked for
+(and 1-D/3-D Convs), non-constant weights, shared Conv weights and weights read by anything but MatMuls, nodes
+pinned to float32 (a low-rank branch), and layers it already quantized (idempotent). MatMuls sharing a weight
+whose solved weights agree (RTN) share one emitted weight.
 """
 
 from __future__ import annotations
@@ -307,6 +310,10 @@ class QuantizeWeights(BitfoldPass):
                 (codes + offset).astype(np.uint8), scale[:, ::g], None if self.config.symmetric else zero[:, ::g], storage, g,
                 float_zero=self.config.zero_point == "float",
             )
+            dtype = weight.const_value.dtype.numpy()  # MatMulNBits types A, scales and float zero points alike (T1)
+            s = s.astype(dtype)
+            if zp is not None and zp.dtype != np.uint8:
+                zp = zp.astype(dtype)
             inputs = [node.inputs[0], add_initializer(graph, f"{base}_q", b), add_initializer(graph, f"{base}_scales", s)]
             if zp is not None:
                 inputs.append(add_initializer(graph, f"{base}_zp", zp))
@@ -319,7 +326,8 @@ class QuantizeWeights(BitfoldPass):
             self.stamp(new, [node])
             ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
             return new
-        dq_inputs, attrs = self._qdq_tensors(graph, base, codes.T, scale, zero, fmt, granularity, channel_axis=1)
+        dtype = weight.const_value.dtype.numpy()
+        dq_inputs, attrs = self._qdq_tensors(graph, base, codes.T, scale, zero, fmt, granularity, channel_axis=1, dtype=dtype)
         dq = ir.node("DequantizeLinear", dq_inputs, attributes=attrs, name=fresh_name(graph, f"{node.name or base}_dq", node=True))
         dq.outputs[0].name = fresh_name(graph, f"{base}_dq")
         self.stamp(dq, [node])
@@ -343,7 +351,8 @@ class QuantizeWeights(BitfoldPass):
         codes = fmt.quantize(q, scale, zero)
         per_channel = isinstance(granularity, PerChannel)
         stored = codes.reshape(shape) if per_channel else codes
-        dq_inputs, attrs = self._qdq_tensors(graph, base, stored, scale, zero, fmt, granularity, channel_axis=0)
+        dtype = weight.const_value.dtype.numpy()
+        dq_inputs, attrs = self._qdq_tensors(graph, base, stored, scale, zero, fmt, granularity, channel_axis=0, dtype=dtype)
         added = [ir.node("DequantizeLinear", dq_inputs, attributes=attrs, name=fresh_name(graph, f"{node.name or base}_dq", node=True))]
         added[0].outputs[0].name = fresh_name(graph, f"{base}_dq")
         if not per_channel:
@@ -355,9 +364,10 @@ class QuantizeWeights(BitfoldPass):
         graph.insert_before(node, added)
         node.replace_input_with(1, added[-1].outputs[0])
 
-    def _qdq_tensors(self, graph, base, stored, scale, zero, fmt, granularity, channel_axis: int):
+    def _qdq_tensors(self, graph, base, stored, scale, zero, fmt, granularity, channel_axis: int, dtype: np.dtype):
         """DequantizeLinear inputs for codes ``stored`` in the emitted layout, whose output channels lie on
-        ``channel_axis`` (MatMul (K, N): 1; Conv: 0); scale groups run along axis 1 - channel_axis."""
+        ``channel_axis`` (MatMul (K, N): 1; Conv: 0); scale groups run along axis 1 - channel_axis. The scale is
+        stored as ``dtype``, the float type of the weight it replaces (DequantizeLinear's output takes its type)."""
         if fmt.name.startswith("fp8"):
             container = stored
         elif self.config.symmetric:
@@ -374,7 +384,7 @@ class QuantizeWeights(BitfoldPass):
             if channel_axis == 1:
                 s, z = s.T, z.T
             attrs = {"axis": 1 - channel_axis, "block_size": g}
-        inputs = [add_initializer(graph, f"{base}_q", container), add_initializer(graph, f"{base}_scale", np.asarray(s, np.float32))]
+        inputs = [add_initializer(graph, f"{base}_q", container), add_initializer(graph, f"{base}_scale", np.asarray(s, dtype))]
         if not self.config.symmetric:
             inputs.append(add_initializer(graph, f"{base}_zero", np.asarray(z).astype(container.dtype)))
         return inputs, attrs

@@ -27,7 +27,8 @@ summed losses before and after are recorded in the graph metadata ``bitfold.rota
 
 Guarantees: exact equivalence up to fp32 rounding. Needs: a residual stream as ``structure.residual_stream``
 finds it, with affine-free RMSNorms (run ``fold-norm-affine`` first). Refuses (PassPreconditionError) a model with
-no embedding Gather to start a stream from. Leaves alone, with a note: streams ``residual_stream`` does not support
+no embedding Gather to start a stream from, and online Hadamards on a float16/bfloat16 stream (the op's ONNX
+function is typed float32). Leaves alone, with a note: streams ``residual_stream`` does not support
 (another reader, a writer's or a norm's value that is also a graph output), LayerNorm streams (``fold-norm-affine``
 with ``center = true`` turns them into RMSNorm streams), and graphs already rotated.
 """
@@ -85,6 +86,15 @@ class Rotate(BitfoldPass):
         stream = self.collect(model.graph)
         if stream is None:
             return 0
+        if self.config.online:
+            for lin in stream.writers:
+                dtype = float_dtype(lin.matmul.inputs[0])
+                if dtype != np.float32:
+                    raise PassPreconditionError(
+                        f"pass 'rotate' with online = true inserts a bitfold Hadamard op before node '{lin.matmul.name}', "
+                        f"whose input is {dtype.name}, and works on float32 graphs: run it before cast-precision, or on "
+                        f"the float32 model (or set online = false)."
+                    )
         rng = np.random.default_rng(self.config.seed)
         q = self.solve(stream.hidden, rng)
         blocks = self.online_blocks(stream, rng) if self.config.online else {}
