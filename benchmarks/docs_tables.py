@@ -348,8 +348,9 @@ def llm_profile() -> str:
     rows.append(["Python call (binding, run, logits)", f"{d['python_wall_ms_median']:.3f}", "-", f"{p['python_wall_ms']:.1f}"])
     table = _table(["op type", "decode ms per token", "share of decode kernels %", "prefill ms"], rows)
     read = r["read_per_decode_step"]
-    floor = (f"A decode step reads {read['matmulnbits_mb']:.1f} MB of MatMulNBits weights, {read['other_constants_mb']:.1f} MB of "
-             f"other constants and {read['kv_cache_mb']:.1f} MB of KV cache (at mid-generation)")  # fmt: skip
+    floor = (f"A decode step reads {read['matmulnbits_mb']:.1f} MB of MatMulNBits weights and scales, "
+             f"{read['other_constants_mb'] + read.get('gathered_rows_mb', 0.0):.2f} MB of other constants and embedding rows, and "
+             f"{read['kv_cache_mb']:.1f} MB of KV cache (at mid-generation)")  # fmt: skip
     if "floor_ms" in read:
         floor += f"; at the measured copy bandwidth ({read['copy_gbps']:.1f} GB/s) that alone takes {read['floor_ms']:.2f} ms"
     return "\n\n".join([f"{r['model']}; {r['protocol']}:", table, floor + ".", stamp("llm_profile.json")])

@@ -55,11 +55,17 @@ def _by_op(runs: list[dict], nodes: list[dict]) -> dict[str, float]:
 
 
 def _bytes_read(model) -> dict[str, float]:
-    """Bytes of constant tensors read per decode step, by kind (MatMulNBits weights and side tensors, other)."""
+    """Bytes of constant tensors read per decode step, by kind: MatMulNBits weights and side tensors, tables a
+    Gather indexes (one row per token), other constants."""
     sizes = {name: v.const_value.nbytes for name, v in model.graph.initializers.items() if v.const_value is not None}
     nbits = {v.name for node in model.graph if node.op_type == "MatMulNBits" for v in node.inputs[1:] if v is not None}
+    rows = {}
+    for name, v in model.graph.initializers.items():
+        if v.const_value is not None and v.uses() and all(user.op_type == "Gather" and i == 0 for user, i in v.uses()):
+            rows[name] = v.const_value.nbytes / v.const_value.shape[0]  # a decode step gathers one row
     packed = sum(n for name, n in sizes.items() if name in nbits)
-    return {"matmulnbits_mb": packed / 1e6, "other_constants_mb": (sum(sizes.values()) - packed) / 1e6}
+    other = sum(n for name, n in sizes.items() if name not in nbits and name not in rows)
+    return {"matmulnbits_mb": packed / 1e6, "gathered_rows_mb": sum(rows.values()) / 1e6, "other_constants_mb": other / 1e6}
 
 
 def main() -> None:
