@@ -17,6 +17,10 @@ Gram matrix ``H = Σ XᵀX`` (float64, X = the tensor flattened to rows of its l
 decoder LMs the first position is an attention sink: every query reads its value vector, so an error there
 reaches every token, yet it is one row in a sequence-length of them. Plain H (weight 1) lets GPTQ move rounding
 error into that rare direction.
+
+One run exposes at most :data:`EXPOSED_PER_RUN` tensors: a request for more (cast-precision asks for every tensor of
+the graph) runs over the data once per slice of that many, so a 512-token prefill of a language model never holds all
+its intermediate tensors at once.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ from bitfold.runtime import session
 #: :meth:`CalibrationData.from_source`), it returns the feed dicts, shaped for ``model``'s inputs.
 Source = Callable[..., Iterable[Mapping[str, np.ndarray]]]
 _SOURCES: dict[str, Source] = {}
+
+#: The most intermediate tensors one calibration run exposes; larger requests run over the data once per slice.
+EXPOSED_PER_RUN = 192
 
 
 def register_source(name: str) -> Callable[[Source], Source]:
@@ -220,8 +227,8 @@ class CalibrationData:
             return self._memo[1]
         stats = {name: TensorStats() for name in names}
         rng = np.random.default_rng(0)
-        for outputs in self._run(model, names, progress):
-            for name in names:
+        for chunk, outputs in self._runs(model, names, progress):
+            for name in chunk:
                 value = outputs[name] if name not in axes else np.moveaxis(outputs[name], axes[name], -1)
                 stats[name].update(value, gram=name in want_gram, reservoir=reservoir, rng=rng, sink_weight=sink_weight,
                                    rows_kept=rows_kept if name in want_rows else 0)  # fmt: skip
@@ -236,32 +243,56 @@ class CalibrationData:
             return self._conv_memo[1]
         names = sorted({tensor for tensor, _ in convs.values()})
         grams: dict[str, np.ndarray] = {}
-        for outputs in self._run(model, names, progress):
+        for chunk, outputs in self._runs(model, names, progress):
             for key, (tensor, geometry) in convs.items():
+                if tensor not in chunk:  # another slice's tensor
+                    continue
                 g = patch_gram(outputs[tensor], geometry)
                 grams[key] = g if key not in grams else grams[key] + g
         self._conv_memo = (memo_key, grams)
         return grams
 
-    def _run(self, model: ir.Model, names: list[str], progress: bool) -> Iterator[dict[str, np.ndarray]]:
-        """Run ``model`` (unchanged) on every sample with the named tensors exposed; yields each sample's outputs."""
-        probe = clone(model)
-        values = {out.name: out for node in ir.traversal.RecursiveGraphIterator(probe.graph) for out in node.outputs}
-        values.update({v.name: v for v in probe.graph.inputs})
-        exposed = {v.name for v in probe.graph.outputs}
-        for name in names:
-            if name not in values:
-                raise BitfoldError(f"calibration asked for tensor '{name}', which the model does not compute.")
-            if name not in exposed:
-                probe.graph.outputs.append(values[name])
-        runner = session(probe)
-        outputs = [o.name for o in runner.get_outputs()]
+    def _runs(self, model: ir.Model, names: list[str], progress: bool) -> Iterator[tuple[list[str], dict[str, np.ndarray]]]:
+        """Run ``model`` (unchanged) on every sample with the named tensors exposed, at most
+        :data:`EXPOSED_PER_RUN` per pass over the data; yields (the pass's names, one sample's outputs)."""
         samples = list(self)
         if not samples:
             raise BitfoldError(f"calibration source '{self.name}' yields no samples.")
-        for feeds in tqdm(samples, desc="calibrate", disable=not progress, leave=False):
-            check_feeds(probe, feeds)
-            yield dict(zip(outputs, runner.run(outputs, dict(feeds)), strict=True))
+        chunks = exposed_slices(names)
+        bar = tqdm(total=len(samples) * len(chunks), desc="calibrate", disable=not progress, leave=False)
+        for chunk in chunks:
+            probe = expose(model, chunk)
+            runner = session(probe)
+            outputs = [o.name for o in runner.get_outputs()]
+            for feeds in samples:
+                check_feeds(probe, feeds)
+                yield chunk, dict(zip(outputs, runner.run(outputs, dict(feeds)), strict=True))
+                bar.update()
+            del runner, probe
+        bar.close()
+
+
+def exposed_slices(names: Sequence[str], per_run: int | None = None) -> list[list[str]]:
+    """``names`` cut into the slices one calibration run exposes (:data:`EXPOSED_PER_RUN` each by default)."""
+    per_run = per_run or EXPOSED_PER_RUN
+    names = list(names)
+    return [names[i : i + per_run] for i in range(0, len(names), per_run)] or [[]]
+
+
+def expose(model: ir.Model, names: Iterable[str]) -> ir.Model:
+    """A copy of ``model`` whose graph also outputs the named tensors (graph inputs included); refuses a name the
+    model does not compute."""
+    probe = clone(model)
+    values = {out.name: out for node in ir.traversal.RecursiveGraphIterator(probe.graph) for out in node.outputs}
+    values.update({v.name: v for v in probe.graph.inputs})
+    exposed = {v.name for v in probe.graph.outputs}
+    for name in names:
+        if name not in values:
+            raise BitfoldError(f"calibration asked for tensor '{name}', which the model does not compute.")
+        if name not in exposed:
+            probe.graph.outputs.append(values[name])
+            exposed.add(name)
+    return probe
 
 
 def model_key(model: ir.Model) -> str:

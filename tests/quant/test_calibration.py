@@ -180,3 +180,27 @@ def test_lee_text_refuses_a_tokenizer_whose_vocabulary_does_not_match(zoo_protos
         CalibrationData.from_source("lee-text", model, tokenizer=tmp_path)
     monkeypatch.setattr(calibration, "_source_tokenizer", lambda source: ("SmolLM2", _word_tokenizer()))
     assert len(CalibrationData.from_source("lee-text", model)) == 32  # the source's tokenizer fits: accepted
+
+
+def test_a_request_larger_than_one_run_exposes_is_sliced_with_identical_statistics(zoo_protos, monkeypatch):
+    """Every float tensor of a decoder, collected in one run and in slices of 3 (several passes over the data)."""
+    from bitfold.quant import calibration
+
+    model = fresh(zoo_protos, "decoder-rmsnorm-swiglu-rope")
+    names = [v.name for n in model.graph for v in n.outputs if v.dtype == ir.DataType.FLOAT]
+    rng = np.random.default_rng(2)
+    samples = [{"x": rng.standard_normal((1, 8, 32)).astype(np.float32)} for _ in range(3)]
+    whole = CalibrationData(samples).collect(model, names, gram=names[:4], progress=False)
+    runs = []
+    original = calibration.session
+    monkeypatch.setattr(calibration, "session", lambda probe: runs.append(len(probe.graph.outputs)) or original(probe))
+    monkeypatch.setattr(calibration, "EXPOSED_PER_RUN", 3)
+    sliced = CalibrationData(samples).collect(model, names, gram=names[:4], progress=False)
+    assert len(runs) == -(-len(names) // 3) and max(runs) <= 3 + len(model.graph.outputs)
+    for name in names:  # exposing other tensors changes ORT's fusions: fp32 reordering, not different statistics
+        a, b = whole[name], sliced[name]
+        assert a.rows == b.rows
+        np.testing.assert_allclose([a.min, a.max], [b.min, b.max], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.absmax, b.absmax, rtol=1e-5, atol=1e-6)
+        if a.gram is not None:
+            np.testing.assert_allclose(a.gram, b.gram, rtol=1e-5, atol=1e-6)

@@ -30,8 +30,10 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
+from bitfold.frontend.onnx_io import clone
 from bitfold.passes.initializers import add_initializer, drop_if_unused
 from bitfold.passes.registry import ISLAND_KEY, BitfoldPass, register
+from bitfold.quant.calibration import expose, exposed_slices
 
 _TYPES = {"float16": (ir.DataType.FLOAT16, np.float16), "bfloat16": (ir.DataType.BFLOAT16, ml_dtypes.bfloat16)}
 _FP32 = ir.DataType.FLOAT
@@ -94,26 +96,23 @@ class CastPrecision(BitfoldPass):
 
     def _precision_islands(self, model: ir.Model, candidates: list[ir.Node], islands: set[str]) -> set[str]:
         from bitfold.backends import compile
-        from bitfold.frontend.onnx_io import clone
 
         names = [v.name for n in candidates for v in n.outputs if _is_float(v)]
-        reference_probe, trial = clone(model), clone(model)
+        trial = clone(model)
         trial_nodes = [n for n in trial.graph if _convertible(n) and n.name not in islands]
         if self.config.dtype == "bfloat16":
             self.emulate(trial.graph, trial_nodes)
         else:
             self.fold(trial.graph, trial_nodes)
+        in_trial = {v.name for n in trial.graph for v in n.outputs}
         errors: dict[str, float] = {}
-        for probe in (reference_probe, trial):
-            produced = {v.name: v for n in probe.graph for v in n.outputs}
-            exposed = {v.name for v in probe.graph.outputs}
-            probe.graph.outputs.extend(produced[name] for name in names if name in produced and name not in exposed)
-        runs = [compile(p, "ort", "cpu") for p in (reference_probe, trial)]
-        for feeds in self.calibration:
-            ref, got = (r.run(feeds) for r in runs)
-            for name in names:
-                if name in ref and name in got:
+        for chunk in exposed_slices([name for name in names if name in in_trial]):  # a slice of the tensors per run: bounded memory
+            runs = [compile(expose(m, chunk), "ort", "cpu") for m in (model, trial)]
+            for feeds in self.calibration:
+                ref, got = (r.run(feeds) for r in runs)
+                for name in chunk:
                     errors[name] = max(errors.get(name, 0.0), _relative_error(ref[name], got[name]))
+            del runs, ref, got
         tol = self.config.tolerance
         new = set()
         for node in candidates:

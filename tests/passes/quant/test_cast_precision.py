@@ -7,6 +7,7 @@ from conftest import fresh
 
 import bitfold
 from bitfold.passes.canonical import CANONICAL
+from bitfold.passes.registry import ISLAND_KEY
 from bitfold.quant.calibration import CalibrationData
 
 
@@ -85,3 +86,19 @@ def test_bfloat16_islands_come_from_an_emulation_and_the_emitted_model_computes_
     assert not again.passes[0].modified
     _, again = bitfold.optimize(converted, [{"name": "cast-precision", "dtype": "bfloat16"}], calibration)
     assert not again.passes[0].modified
+
+
+def test_islands_chosen_in_slices_of_exposed_tensors_are_the_same(zoo_protos, monkeypatch):
+    """Bounded memory on large graphs: the precision search exposes a slice of the tensors per run, same result."""
+    from bitfold.quant import calibration
+
+    model, _ = bitfold.optimize(fresh(zoo_protos, "decoder-rmsnorm-swiglu-rope"), list(CANONICAL))
+    options = [{"name": "cast-precision", "tolerance": 2e-4}]
+    whole, _ = bitfold.optimize(bitfold.clone(model), options, _calibration((1, 8, 32)))
+    monkeypatch.setattr(calibration, "EXPOSED_PER_RUN", 2)
+    sliced, _ = bitfold.optimize(bitfold.clone(model), options, _calibration((1, 8, 32)))
+
+    def islands(m):
+        return sorted(n.name for n in m.graph if n.metadata_props.get(ISLAND_KEY) == "float32")
+
+    assert islands(whole) == islands(sliced) and islands(whole)  # some node is kept fp32 at this tolerance
