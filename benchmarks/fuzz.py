@@ -8,9 +8,12 @@ finite outputs finite. The first failure of each kind (case, kind, reason) is th
 that still fails the same way, and written in ``onnx.printer`` syntax (``onnx.parser.parse_model`` reads it back)
 with the choice list that rebuilds it (``fuzz.replay``).
 
-Writes benchmarks/results/fuzz.json.
+A run checks graphs ``start`` .. ``start + graphs - 1`` and writes them as one shard,
+benchmarks/results/fuzz/<seed>-<start>-<stop>.json, so a long campaign can run in pieces (on several machines or
+days); every shard of the seed is then merged into benchmarks/results/fuzz.json (counts summed, worst errors kept,
+the first failure of each signature kept). Shards of one seed must not overlap.
 
-    python benchmarks/fuzz.py [--graphs 10000] [--seed 0] [--jobs 1] [--shrink-budget 200]
+    python benchmarks/fuzz.py [--graphs 10000] [--start 0] [--seed 0] [--jobs 1] [--shrink-budget 200]
 """
 
 from __future__ import annotations
@@ -43,11 +46,14 @@ def _commit() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--graphs", type=int, default=10_000, help="random graphs to check every case on")
+    parser.add_argument("--start", type=int, default=0, help="index of the first graph of this shard")
     parser.add_argument("--seed", default="0", help="graph i is built from the seed '<seed>:<i>'")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes")
     parser.add_argument("--shrink-budget", type=int, default=200, help="checks spent shrinking each distinct failure")
-    parser.add_argument("--out", type=Path, default=RESULTS / "fuzz.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "fuzz.json", help="the merged report")
     args = parser.parse_args()
+    if args.graphs < 1 or args.start < 0:
+        parser.error("--graphs must be positive and --start non-negative")
 
     cases = fuzz.pass_cases()
     start = time.perf_counter()
@@ -57,7 +63,7 @@ def main() -> None:
             bar.update(1)
             bar.set_postfix(failures=len(result.failures), crashes=sum(result.by_kind("crash").values()))
 
-        result = fuzz.sweep(args.graphs, args.seed, cases, jobs=args.jobs, on_graph=progress)
+        result = fuzz.sweep(args.graphs, args.seed, cases, jobs=args.jobs, start=args.start, on_graph=progress)
     sweep_seconds = time.perf_counter() - start
     with tqdm(total=len(result.failures), desc="shrink", unit="failure", file=sys.stderr, disable=False) as bar:
         fuzz.minimize_failures(result, cases, jobs=args.jobs, budget=args.shrink_budget, on_failure=lambda _: bar.update(1))
@@ -67,17 +73,23 @@ def main() -> None:
         "commit": _commit(),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
         "seed": args.seed,
+        "start": args.start,
         "seconds": {"sweep": round(sweep_seconds, 1), "total": round(time.perf_counter() - start, 1)},
         "tolerance": {"float32": fuzz.FLOAT32_TOLERANCE, "float16": fuzz.FLOAT16_TOLERANCE},
         "exact_cases": [c.label for c in cases if c.exact],
         "lossy_cases": [c.label for c in cases if not c.exact],
         **result.to_dict(),
     }
-    write_atomic(args.out, (json.dumps(report, indent=1) + "\n").encode())
-    failed = {kind: sum(result.by_kind(kind).values()) for kind in ("crash", "contract", "mismatch")}
-    print(f"{result.graphs} graphs, {sum(report['cases_per_pass'].values())} cases: {failed['crash']} crashes, "
-          f"{failed['contract']} contract violations, {failed['mismatch']} mismatches "
-          f"({len(result.failures)} distinct); wrote {args.out}")  # fmt: skip
+    shard = args.out.parent / "fuzz" / f"{args.seed}-{args.start}-{args.start + args.graphs}.json"
+    shard.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(shard, (json.dumps(report, indent=1) + "\n").encode())
+    merged = fuzz.merge_reports([json.loads(p.read_text()) for p in sorted(shard.parent.glob(f"{args.seed}-*.json"))])
+    write_atomic(args.out, (json.dumps(merged, indent=1) + "\n").encode())
+    failed = {kind: sum(merged[key].values()) for kind, key in (("crash", "crashes"), ("contract", "contract_violations"), ("mismatch", "mismatches"))}
+    print(f"this shard: {result.graphs} graphs, {len(result.failures)} distinct failures; all {len(merged['shards'])} shards: "
+          f"{merged['graphs']} graphs, {sum(merged['cases_per_pass'].values())} cases: {failed['crash']} crashes, "
+          f"{failed['contract']} contract violations, {failed['mismatch']} mismatches ({len(merged['failures'])} distinct); "
+          f"wrote {shard} and {args.out}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ Protocol: the prompt is the first N tokens of the Lee corpus (N = 512, 128, 1024
 greedily (no stop on end-of-text), 2 threads everywhere. Every runtime runs in its own long-lived process; rounds
 are interleaved (each round asks every process for one generation, in turn) after one untimed warm-up generation
 per prompt length (TVM builds its prefill bucket and decode module then); the table holds medians over rounds.
-Perplexity is the Lee protocol of ``bitfold eval --task smollm2-ppl`` (windows 0-15 of 512 tokens, 8,176 scored),
-computed through ONNX Runtime for ONNX models and through llama.cpp's own logits for GGUF files.
+Perplexity is the Lee protocol of ``bitfold eval --task smollm2-ppl`` (windows 0-15 of 512 tokens, 8,176 scored)
+and, held out, every 512-token window of the Lee test corpus (``lee.cor``, 9 windows, 4,599 scored; calibration
+uses background windows 139-146), computed through ONNX Runtime for ONNX models and through llama.cpp's own logits
+for GGUF files.
 
 SmolLM2's weights already lie on a Q4_1 grid of 32-element blocks (the GGUF bitfold calls fp32): llama.cpp Q4_1 is
 that grid itself; bitfold's 4-bit rows use 128-element groups; ORT GenAI's default block is 32.
@@ -142,11 +144,13 @@ def prepare(only: str | None) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------- perplexity
-def perplexity(spec: dict) -> float:
+def perplexity(spec: dict, text: str = "lee") -> float:
+    """The model's perplexity on the Lee protocol (``text="lee"``) or on the held-out text (``"heldout"``)."""
     from bitfold.eval.models import smollm2
-    from bitfold.eval.tasks import EVAL_WINDOWS, lee_windows
+    from bitfold.eval.tasks import EVAL_WINDOWS, heldout_windows, lee_windows
 
-    windows = lee_windows(smollm2()[1], EVAL_WINDOWS)
+    tokenizer = smollm2()[1]
+    windows = lee_windows(tokenizer, EVAL_WINDOWS) if text == "lee" else heldout_windows(tokenizer)
     if spec["kind"] == "llamacpp":
         from llama_cpp import Llama
 
@@ -314,22 +318,27 @@ def main() -> None:
 
     previous = json.loads((RESULTS / "llm_decode.json").read_text()) if (RESULTS / "llm_decode.json").exists() else {"rows": []}
     known_ppl = {r["name"]: r["ppl"] for r in previous["rows"]}
+    known_ppl.update({f"{r['name']}:heldout": r["ppl_heldout"] for r in previous["rows"] if "ppl_heldout" in r})
     cache = WORK / "ppl.json"  # perplexities as they are computed: a stopped run does not recompute them
     known_ppl.update(json.loads(cache.read_text()) if cache.exists() else {})
     rows = {}
     for spec in specs:
         twin = spec["name"].removesuffix("-tvm").removesuffix("-ort-standard").removesuffix("-ort-slow")
         twin = twin if twin == spec["name"] else twin + "-ort"
-        ppl = known_ppl.get(spec["name"]) if twin == spec["name"] else None
-        if ppl is None:  # TVM and standard-graph rows run the ORT rows' files: the same model, the same perplexity
-            ppl = rows[twin]["ppl"] if twin in rows else known_ppl.get(twin) or perplexity(spec)
-            known_ppl[spec["name"]] = ppl
-            cache.write_text(json.dumps(known_ppl, indent=1))
+        ppl = {}
+        for text, suffix in (("lee", ""), ("heldout", ":heldout")):
+            value = known_ppl.get(spec["name"] + suffix) if twin == spec["name"] else None
+            if value is None:  # TVM and standard-graph rows run the ORT rows' files: the same model, the same perplexity
+                value = known_ppl.get(twin + suffix) or perplexity(spec, text)
+                known_ppl[spec["name"] + suffix] = value
+                cache.write_text(json.dumps(known_ppl, indent=1))
+            ppl[text] = value
         size = sum(f.stat().st_size for f in Path(spec["path"]).parent.iterdir() if f.suffix in (".onnx", ".data", ".gguf")) \
             if spec["kind"] != "llamacpp" else Path(spec["path"]).stat().st_size  # fmt: skip
         prompts = [n for n in args.prompts if n in spec.get("prompts", args.prompts)]
-        rows[spec["name"]] = {**spec, "ppl": ppl, "file_bytes": size, "runs": {str(n): [] for n in prompts}}
-        print(f"{spec['label']}: perplexity {ppl:.2f}", flush=True)
+        rows[spec["name"]] = {**spec, "ppl": ppl["lee"], "ppl_heldout": ppl["heldout"], "file_bytes": size,
+                              "runs": {str(n): [] for n in prompts}}  # fmt: skip
+        print(f"{spec['label']}: perplexity {ppl['lee']:.2f} (Lee), {ppl['heldout']:.2f} (held out)", flush=True)
 
     if args.ppl_only:
         from bitfold.tools.files import write_atomic
@@ -372,7 +381,8 @@ def _write(rows: dict, previous: dict, args, stamp: dict) -> dict:
         **stamp,
         "model": "SmolLM2-135M-Instruct (weights from a Q4_1 GGUF: 32-element blocks with offset)",
         "protocol": f"prompt = first N Lee tokens, {args.new} new tokens greedy, {THREADS} threads, each runtime in its own "
-        f"process, {args.rounds} interleaved rounds after a warm-up, medians; perplexity: Lee windows 0-15 of 512",
+        f"process, {args.rounds} interleaved rounds after a warm-up, medians; perplexity: Lee windows 0-15 of 512 "
+        "(ppl) and the 9 windows of 512 of the held-out Lee test corpus (ppl_heldout)",
         "versions": _versions(),
         "rows": list(merged.values()),
     }

@@ -38,14 +38,15 @@ def decode_table(prompt: str = "512") -> str:
     anchor = next((row for row in r["rows"] if row["name"] == "llamacpp-Q4_0"), None)
     genai = next((row for row in r["rows"] if row["name"] == "genai-int4-b32"), None)
     lengths = sorted({n for row in r["rows"] for n in row["median"]}, key=int)
-    head = "| runtime / format | Lee perplexity | file MB | " + " | ".join(f"prefill {n} ms | decode tok/s @{n}" for n in lengths) + " |"
-    lines = [f"`{r['command']}`: {r['protocol']}.", "", head, "|---|---|---|" + "---|---|" * len(lengths)]
+    head = "| runtime / format | Lee perplexity | held-out perplexity | file MB | " + " | ".join(f"prefill {n} ms | decode tok/s @{n}" for n in lengths) + " |"
+    lines = [f"`{r['command']}`: {r['protocol']}.", "", head, "|---|---|---|---|" + "---|---|" * len(lengths)]
     for row in sorted(r["rows"], key=lambda x: -x["median"].get(prompt, {"decode_tok_s": 0})["decode_tok_s"]):
         cells = []
         for n in lengths:
             m = row["median"].get(n)
             cells += [f"{m['prefill_ms']:.0f}", f"{m['decode_tok_s']:.1f}"] if m else ["-", "-"]
-        lines.append(f"| {row['label']} | {row['ppl']:.2f} | {row['file_bytes'] / 1e6:.0f} | " + " | ".join(cells) + " |")
+        heldout = f"{row['ppl_heldout']:.2f}" if "ppl_heldout" in row else "not measured"
+        lines.append(f"| {row['label']} | {row['ppl']:.2f} | {heldout} | {row['file_bytes'] / 1e6:.0f} | " + " | ".join(cells) + " |")
     if anchor is not None and prompt in anchor["median"]:
         a = anchor["median"][prompt]
         g = genai["median"].get(prompt) if genai is not None else None

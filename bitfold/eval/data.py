@@ -1,7 +1,8 @@
 """Offline evaluation and calibration data, located inside installed packages (never downloaded at run time).
 
 - text: gensim's Lee background corpus (``test/test_data/lee_background.cor``, 300 news paragraphs), found via
-  ``importlib.util.find_spec`` without importing gensim;
+  ``importlib.util.find_spec`` without importing gensim, and its test corpus (``lee.cor``, 50 other documents),
+  the held-out text;
 - images: scikit-image's bundled photos (``skimage.data``), split into evaluation and calibration photos.
 """
 
@@ -27,6 +28,12 @@ def lee_corpus_path() -> Path:
 
 def lee_text() -> str:
     return lee_corpus_path().read_text(encoding="utf-8")
+
+
+def lee_test_text() -> str:
+    """The Lee test corpus (``lee.cor``: 50 news documents, none of them in the background corpus), the held-out
+    text language models are also scored on. The file is Latin-1."""
+    return lee_corpus_path().with_name("lee.cor").read_bytes().decode("latin-1")
 
 
 def lee_sentences(split: str) -> list[str]:

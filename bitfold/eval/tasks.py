@@ -3,7 +3,9 @@
 ``smollm2-ppl``: SmolLM2-135M perplexity on the Lee background corpus. The whole corpus is tokenized with the
 model's own tokenizer (``add_special_tokens=False``, 75,680 tokens) and cut into non-overlapping 512-token windows;
 windows 0–15 are scored (each predicts its tokens 1..511: 16 × 511 = 8,176 tokens), and calibration draws only
-from the last 32 windows, 115–146 (16,384 tokens), so evaluation and calibration text never overlap.
+from the last 32 windows, 115–146 (16,384 tokens), so evaluation and calibration text never overlap. The held-out
+text is the Lee test corpus (``lee.cor``, 50 other news documents): every window of it (:func:`heldout_windows`;
+9 windows of 512 with SmolLM2's tokenizer), never used for calibration or for choosing defaults.
 
 ``effnet-agree``: EfficientNet-Lite0 top-1 agreement and mean KL divergence against the fp32 export, over 500
 deterministic crops/flips of 10 scikit-image photos; calibration uses 6 other photos.
@@ -44,6 +46,13 @@ def lee_windows(tokenizer, windows: range, seq_len: int = WINDOW) -> np.ndarray:
     if windows.stop > usable:
         raise ValueError(f"the corpus has {usable} windows of {seq_len} tokens; asked for up to {windows.stop}")
     return ids[: usable * seq_len].reshape(usable, seq_len)[windows.start : windows.stop]
+
+
+def heldout_windows(tokenizer, seq_len: int = WINDOW) -> np.ndarray:
+    """Token ids of every non-overlapping window of the held-out text (the Lee test corpus), (windows, seq_len)."""
+    from bitfold.eval.data import lee_test_text
+
+    return text_windows(tokenizer, lee_test_text(), seq_len)
 
 
 def lm_feeds(windows: np.ndarray, model: ir.Model | None = None) -> Iterator[dict[str, np.ndarray]]:

@@ -1143,6 +1143,42 @@ class Sweep:
         }
 
 
+def merge_reports(shards: list[dict]) -> dict:
+    """One report from the reports of shards of one seed (``benchmarks/fuzz.py``): counts summed, the worst error of each case kept, the first failure
+    of each (pass, kind, reason) kept (shards in graph order). Refuses overlapping shards."""
+    shards = sorted(shards, key=lambda r: r.get("start", 0))
+    for a, b in zip(shards, shards[1:]):
+        if a.get("start", 0) + a["graphs"] > b.get("start", 0):
+            raise BitfoldError(f"fuzz shards overlap: graphs from {a.get('start', 0)} ({a['graphs']}) and from {b.get('start', 0)}; remove one")
+    last = shards[-1]
+    merged = {key: last[key] for key in ("command", "commit", "machine", "seed", "tolerance", "exact_cases", "lossy_cases")}
+    merged["command"] = "python benchmarks/fuzz.py --start S --graphs N (one shard per range; see shards)"
+    merged["shards"] = [{"start": r.get("start", 0), "graphs": r["graphs"], "commit": r["commit"], "command": r["command"],
+                         "seconds": r["seconds"]} for r in shards]  # fmt: skip
+    merged["graphs"] = sum(r["graphs"] for r in shards)
+    merged["graphs_skipped"] = sum(r["graphs_skipped"] for r in shards)
+    merged["seconds"] = {key: round(sum(r["seconds"][key] for r in shards), 1) for key in ("sweep", "total")}
+    for key in ("cases_per_pass", "crashes", "mismatches", "contract_violations", "declines"):
+        merged[key] = {}
+        for r in shards:
+            for case, n in r[key].items():
+                merged[key][case] = merged[key].get(case, 0) + n
+    merged["max_relative_error"] = {}
+    for r in shards:
+        for case, by_dtype in r["max_relative_error"].items():
+            worst = merged["max_relative_error"].setdefault(case, {})
+            for dtype, error in by_dtype.items():
+                worst[dtype] = max(worst.get(dtype, 0.0), error)
+    seen, merged["failures"] = set(), []
+    for r in shards:
+        for failure in r["failures"]:
+            signature = (failure["pass"], failure["kind"], failure["reason"])
+            if signature not in seen:
+                seen.add(signature)
+                merged["failures"].append(failure)
+    return merged
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence what passes write to ``sys.stderr`` (calibration progress bars) while they run."""
@@ -1185,14 +1221,16 @@ def sweep(
     cases: Sequence[PassCase] | None = None,
     *,
     jobs: int = 1,
+    start: int = 0,
     on_graph: Callable[[Sweep], None] | None = None,
 ) -> Sweep:
-    """Check every case on ``graphs`` random graphs (graph i built from the seed ``f"{seed}:{i}"``), keeping the
-    first failure of each signature (not yet shrunk: see :func:`minimize_failures`)."""
+    """Check every case on ``graphs`` random graphs, graphs ``start`` .. ``start + graphs - 1`` (graph i built from the
+    seed ``f"{seed}:{i}"``), keeping the first failure of each signature (not yet shrunk: see
+    :func:`minimize_failures`)."""
     cases = tuple(pass_cases() if cases is None else cases)
     result = Sweep()
     with _mapper(jobs) as mapper:
-        for choices, outcomes in mapper(check_graph, [(seed, i, cases) for i in range(graphs)]):
+        for choices, outcomes in mapper(check_graph, [(seed, i, cases) for i in range(start, start + graphs)]):
             for outcome in outcomes:
                 result.add(outcome, choices)
             result.graphs += 1

@@ -281,3 +281,19 @@ def test_pass_keeps_its_contract_on_random_graphs(case: fuzz.PassCase) -> None:
 
     holds()
 
+
+
+def test_shards_merge_into_the_report_of_one_run():
+    """Graphs 0-3 checked as one sweep and as shards 0-1 and 2-3: the merged report counts the same checks."""
+    cases = [c for c in CASES if c.label in ("fold-constants", "quantize-weights")] or CASES[:2]
+    whole = fuzz.sweep(4, "shards", cases).to_dict()
+    parts = [{**fuzz.sweep(2, "shards", cases, start=s).to_dict(), "start": s, "commit": "c", "command": "x",
+              "machine": {}, "seed": "shards", "tolerance": {}, "exact_cases": [], "lossy_cases": [],
+              "seconds": {"sweep": 1.0, "total": 2.0}} for s in (2, 0)]  # fmt: skip
+    merged = fuzz.merge_reports(parts)
+    assert merged["graphs"] == whole["graphs"] == 4 and merged["seconds"] == {"sweep": 2.0, "total": 4.0}
+    for key in ("cases_per_pass", "crashes", "mismatches", "contract_violations", "declines", "max_relative_error"):
+        assert merged[key] == whole[key], key
+    assert [s["start"] for s in merged["shards"]] == [0, 2]
+    with pytest.raises(BitfoldError, match="overlap"):
+        fuzz.merge_reports([parts[1], {**parts[1], "start": 1}])
