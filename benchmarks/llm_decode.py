@@ -346,7 +346,11 @@ def main() -> None:
         kept = {r["name"]: r for r in previous["rows"]}
         for name, row in rows.items():
             kept[name] = {**kept.get(name, {}), **{k: v for k, v in row.items() if k != "runs"}, "median": kept.get(name, {}).get("median", {})}
-        write_atomic(RESULTS / "llm_decode.json", json.dumps({**previous, **stamp, "rows": list(kept.values())}, indent=2).encode())
+        protocol = previous.get("protocol", "")  # the timings keep the provenance of the run that measured them
+        if "ppl_heldout" not in protocol:
+            protocol += " and the 9 windows of 512 of the held-out Lee test corpus (ppl_heldout)"
+        result = {**previous, "protocol": protocol, "perplexity_provenance": stamp, "rows": list(kept.values())}
+        write_atomic(RESULTS / "llm_decode.json", json.dumps(result, indent=2).encode())
         return
 
     processes = []
