@@ -40,7 +40,8 @@ def upgrade_opset(model: ir.Model, version: int) -> None:
 
     onnxscript's version converter raises the opset (and, as a side effect, inlines local functions and drops
     unused nodes); from below 18 the reduce ops listed in ``_AXES_INPUT_AT_18`` get their ``axes`` attribute
-    moved to an int64 initializer input here, which that converter leaves undone. Models older than
+    moved to an int64 initializer input, and an equal ``Split`` (no ``split`` input) its ``num_outputs`` attribute,
+    here, which that converter leaves undone. Models older than
     ``OLDEST_UPGRADABLE`` are refused with a :class:`BitfoldError`.
     """
     current = model.opset_imports.get("", 1)
@@ -53,8 +54,13 @@ def upgrade_opset(model: ir.Model, version: int) -> None:
         )
     if current < 18 <= version:
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
-            if node.domain in ("", "ai.onnx") and node.op_type in _AXES_INPUT_AT_18 and "axes" in node.attributes:
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            if node.op_type in _AXES_INPUT_AT_18 and "axes" in node.attributes:
                 _axes_to_input(node)
+            elif node.op_type == "Split" and (len(node.inputs) < 2 or node.inputs[1] is None) and "num_outputs" not in node.attributes:
+                # an equal split into as many parts as outputs: opset 18 says so with num_outputs
+                node.attributes["num_outputs"] = ir.AttrInt64("num_outputs", len(node.outputs))
     onnxscript.version_converter.convert_version(model, version)
 
 

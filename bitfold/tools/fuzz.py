@@ -890,9 +890,13 @@ class Outcome:
 
 
 def fingerprint(model: ir.Model) -> str:
-    """Hash of the computation (inferred value_info left out), as the pipeline's ``modified`` check uses."""
+    """Hash of the computation (inferred value_info left out, initializers in name order: their order carries no
+    meaning), as the pipeline's ``modified`` check (:func:`bitfold.pipeline.instrument.change_key`) sees it."""
     proto = ir.to_proto(model)
     proto.graph.ClearField("value_info")
+    initializers = sorted(proto.graph.initializer, key=lambda t: t.name)
+    proto.graph.ClearField("initializer")
+    proto.graph.initializer.extend(initializers)
     return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
 
 

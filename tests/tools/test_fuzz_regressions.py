@@ -425,3 +425,59 @@ def test_rotate_online_hadamard_refuses_a_float16_stream() -> None:
     with pytest.raises(PassPreconditionError, match=said):
         bitfold.optimize(bitfold.clone(graph.model), ["rotate"])
     _assert_ok(graph, fuzz.pass_case("rotate", False, online=False))  # runs; equal to float16 rounding
+
+
+# ---- opset upgrades, float16 scales, initializer order (the 1,000-graph shard 0-1000 of seed 0) -------------------
+
+_EQUAL_SPLIT = f"""
+    <ir_version: 10, opset_import: ["" : 17]>
+    split (float[2,8] x) => (float[2,4] a, float[2,3] y) <float[4,3] w = {_weights((4, 3), 2)}> {{
+        [split] a, b = Split <axis = 1> (x)
+        [linear] y = MatMul (b, w)
+    }}"""
+
+
+@pytest.mark.parametrize("case", [fuzz.pass_case("quantize-weights", False, group_size=-1),
+                                  fuzz.pass_case("binarize", False, keep_ends=False)], ids=lambda c: c.label)  # fmt: skip
+def test_an_equal_split_survives_the_upgrade_to_opset_18(case) -> None:
+    """Below opset 18 a Split with neither ``split`` input nor attribute cuts equal parts; from 18 it must say
+    ``num_outputs``. Passes that raise the opset (QDQ at 21, bitfold ops at 18) left it unloadable."""
+    _assert_ok(_graph(_EQUAL_SPLIT), case)
+    model, _ = bitfold.optimize(_graph(_EQUAL_SPLIT).model, [case.steps[0]])
+    split = next(n for n in model.graph if n.op_type == "Split")
+    assert model.opset_imports[""] >= 18 and split.attributes["num_outputs"].as_int() == 2
+
+
+def test_float16_activations_quantize_at_an_opset_that_has_float16_scales() -> None:
+    """QuantizeLinear/DequantizeLinear take float16 scales from opset 19; a float16 graph at opset 17 is raised."""
+    text = f"""
+        <ir_version: 10, opset_import: ["" : 17]>
+        half (float16[2,4] x) => (float16[2,3] y) <float16[4,3] w = {_weights((4, 3), 3, half=True)}> {{
+            [linear] y = MatMul (x, w)
+        }}"""
+    _assert_ok(_graph(text), fuzz.pass_case("quantize-activations", False))
+
+
+def test_a_float16_constant_node_gets_float16_scales() -> None:
+    """A weight produced by a ``Constant`` node (not an initializer) carries its type in the attribute only."""
+    text = f"""
+        <ir_version: 10, opset_import: ["" : 19]>
+        half (float16[1,1,3] x) => (float16[1,1,3] y) {{
+            [constant] w = Constant <value = float16[1,1] w {_halves([0.3])}> ()
+            [linear] y = MatMul (w, x)
+        }}"""
+    for case in (fuzz.pass_case("quantize-activations", False),
+                 fuzz.pass_case("quantize-activations", False, activation_dtype="fp8-e4m3", observer="percentile", graph_inputs=True)):  # fmt: skip
+        _assert_ok(_graph(text), case)
+
+
+def test_reordered_initializers_are_no_change() -> None:
+    """The pipeline's ``modified`` check ignores initializer order (it carries no meaning); so does the fuzzer's."""
+    model, reordered = _graph(_EQUAL_SPLIT).model, _graph(_EQUAL_SPLIT).model
+    extra = np.ones(2, np.float32)
+    model.graph.initializers["b0"] = ir.Value(name="b0", const_value=ir.tensor(extra, name="b0"))
+    reordered.graph.initializers.data = {"b0": ir.Value(name="b0", const_value=ir.tensor(extra, name="b0")), **reordered.graph.initializers.data}
+    assert list(model.graph.initializers) != list(reordered.graph.initializers)
+    assert fuzz.fingerprint(model) == fuzz.fingerprint(reordered)
+    reordered.graph.initializers["b0"].const_value = ir.tensor(2 * extra, name="b0")
+    assert fuzz.fingerprint(model) != fuzz.fingerprint(reordered)

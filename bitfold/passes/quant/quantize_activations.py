@@ -87,7 +87,8 @@ class QuantizeActivations(BitfoldPass):
         targets = self.collect(model)
         if not targets:
             return 0
-        if self.fp8 and model.opset_imports.get("", 1) < 19:
+        low = any(float_dtype(node.inputs[0]) != np.float32 for node in targets)  # float16 scales need opset 19
+        if (self.fp8 or low) and model.opset_imports.get("", 1) < 19:
             upgrade_opset(model, 21)
             targets = self.collect(model)  # the upgrade drops unused nodes, targets among them
             if not targets:

@@ -13,7 +13,8 @@ from bitfold.passes.transforms.structure import Linear, find_norms
 
 def float_dtype(value: ir.Value) -> np.dtype:
     """The floating numpy dtype ``value`` carries: its own type (or its constant's), else the first floating type
-    found walking up through its untyped producers (a ``Cast``'s target counts), else float32."""
+    found walking up through its untyped producers (a ``Cast``'s target and a ``Constant``'s tensor count), else
+    float32."""
     queue, seen = [value], set()
     while queue:
         v = queue.pop(0)
@@ -31,6 +32,9 @@ def float_dtype(value: ir.Value) -> np.dtype:
         if producer.op_type == "Cast" and not producer.domain:
             to = ir.DataType(producer.attributes.get_int("to", ir.DataType.FLOAT))
             return np.dtype(to.numpy()) if to.is_floating_point() else np.dtype(np.float32)
+        if producer.op_type == "Constant" and not producer.domain and "value" in producer.attributes:
+            constant = producer.attributes["value"].as_tensor().dtype
+            return np.dtype(constant.numpy()) if constant.is_floating_point() else np.dtype(np.float32)
         queue.extend(producer.inputs)
     return np.dtype(np.float32)
 
