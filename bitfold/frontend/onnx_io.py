@@ -2,8 +2,8 @@
 
 ``load`` memory-maps external data (tensors stay on disk until read), so models far over the 2 GB protobuf limit
 load in constant memory. ``save`` writes atomically: the model (and its external data, written next to it) go to a
-temporary directory beside the destination and are renamed into place only once complete, so a failure never
-leaves a partial output and saving over the file a model was loaded from is safe. Missing folders of the
+temporary directory beside the destination and are renamed into place only once complete (a Ctrl-C between the
+two renames is held until both are done), so a failure never leaves a partial output or a mismatched pair and saving over the file a model was loaded from is safe. Missing folders of the
 destination are created, and removed again when the save fails or is interrupted.
 
 ``load`` refuses, with one sentence, files that parse but are not a usable graph (a truncated tail that lost the
@@ -17,7 +17,9 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,13 +78,32 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
             tmp_model = tmp_dir / path.name
             if external_data:
                 ir.save(model, tmp_model, external_data=data_name)
-                os.replace(tmp_dir / data_name, path.parent / data_name)
+                with _interrupts_deferred():  # the pair changes together: never a new data file beside an old model
+                    os.replace(tmp_dir / data_name, path.parent / data_name)
+                    os.replace(tmp_model, path)
             else:
                 ir.save(model, tmp_model)
-            os.replace(tmp_model, path)
+                os.replace(tmp_model, path)
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until it ends, then raise ``KeyboardInterrupt``. Outside
+    the main thread (where no handler can be installed) the block runs as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def check_output(path: str | os.PathLike, *, folder: bool = False) -> None:

@@ -109,3 +109,32 @@ def test_missing_external_data_is_named(zoo_protos, tmp_path):
     (tmp_path / "m.onnx.data").unlink()
     with pytest.raises(ModelFileError, match="external data file 'm.onnx.data' which is missing"):
         bitfold.load(path)
+
+
+def test_ctrl_c_between_the_renames_of_model_and_data_leaves_a_matching_pair(zoo_protos, tmp_path, monkeypatch):
+    """Saving over an earlier model with external data: a SIGINT that arrives after the data file is in place is held
+    until the model file is too, then raised; the files on disk are the new pair and load with the new weights."""
+    import os
+    import signal
+    from pathlib import Path
+
+    from bitfold.frontend import onnx_io
+
+    path = bitfold.save(fresh(zoo_protos, "mlp"), tmp_path / "m.onnx", external_data=True)
+    new = fresh(zoo_protos, "mlp")
+    for value in new.graph.initializers.values():
+        value.const_value = ir.tensor(value.const_value.numpy() * 2, name=value.name)
+    real = os.replace
+
+    def replace(src, dst):
+        real(src, dst)
+        if Path(dst) == tmp_path / "m.onnx.data":
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C right after the data file moved into place
+
+    monkeypatch.setattr(onnx_io.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        bitfold.save(new, path, external_data=True)
+    loaded = bitfold.load(path)
+    for name, value in new.graph.initializers.items():
+        np.testing.assert_array_equal(loaded.graph.initializers[name].const_value.numpy(), value.const_value.numpy())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
