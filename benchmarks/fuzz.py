@@ -63,7 +63,7 @@ def main() -> None:
             bar.update(1)
             bar.set_postfix(failures=len(result.failures), crashes=sum(result.by_kind("crash").values()))
 
-        result = fuzz.sweep(args.graphs, args.seed, cases, jobs=args.jobs, start=args.start, on_graph=progress)
+        result = fuzz.sweep(args.graphs, args.seed, cases, jobs=args.jobs, start=args.start, isolate=True, on_graph=progress)
     sweep_seconds = time.perf_counter() - start
     with tqdm(total=len(result.failures), desc="shrink", unit="failure", file=sys.stderr, disable=False) as bar:
         fuzz.minimize_failures(result, cases, jobs=args.jobs, budget=args.shrink_budget, on_failure=lambda _: bar.update(1))

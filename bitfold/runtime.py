@@ -7,7 +7,8 @@ default gives the fused node ``accuracy_level = 4`` (activations quantized to in
 graph would then be evaluated with int8 activations it never asked for (SmolLM2's W8 per-channel QDQ logits move by
 about 5 %). The fused nodes keep float activations here; a model that wants int8 activations says so with its own
 ``MatMulNBits`` ``accuracy_level``. ``$BITFOLD_ORT_OPTIMIZATION`` (``all``, ``basic``, ``none``) sets the default
-graph-optimization level, to check whether ORT's rewrites move a number.
+graph-optimization level, to check whether ORT's rewrites move a number. ORT 1.31's ``MatmulTransposeFusion``
+crashes the process while loading a float16 ``Transpose → MatMul``; such graphs load without that fusion.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def session(
     if _has_fp8_qdq(model):  # ORT's QDQ fusion would build QLinearConv/MatMul on fp8, which have no kernels,
         options.add_session_config_entry("session.disable_quant_qdq", "1")
         disabled.append("ClipQuantRewrite")  # and its Clip→QuantizeLinear rule rejects fp8 zero points at load
+    if _has_fp16_transposed_matmul(model):  # ORT 1.31's MatmulTransposeFusion segfaults at load on float16 Transpose → MatMul
+        disabled.append("MatmulTransposeFusion")
     return _session(model, options, list(providers), disabled)
 
 
@@ -77,6 +80,24 @@ def _has_fp8_qdq(model: ir.Model) -> bool:
         and node.inputs[2].dtype in _FP8  # the zero point's type is the quantized type
         for node in ir.traversal.RecursiveGraphIterator(model.graph)
     )
+
+
+def _has_fp16_transposed_matmul(model: ir.Model) -> bool:
+    """Whether a MatMul/Gemm reads a Transpose and any tensor at either node is float16 or bfloat16 (types of
+    intermediate values may be missing; weights and graph inputs carry theirs)."""
+    low = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+    def typed_low(node: ir.Node) -> bool:
+        values = [v for v in (*node.inputs, *node.outputs) if v is not None]
+        return any((v.dtype or (v.const_value.dtype if v.const_value is not None else None)) in low for v in values)
+
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type in ("MatMul", "Gemm") and not node.domain:
+            for value in node.inputs[:2]:
+                producer = value.producer() if value is not None else None
+                if producer is not None and producer.op_type == "Transpose" and (typed_low(node) or typed_low(producer)):
+                    return True
+    return False
 
 
 def _session(model: ir.Model, options: ort.SessionOptions, providers: list[str], disabled: list[str]) -> ort.InferenceSession:

@@ -1203,6 +1203,10 @@ def check_graph(task: tuple[str | int, int, Sequence[PassCase]]) -> tuple[tuple[
 
 def _minimize_task(task: tuple[Failure, PassCase, int]) -> Failure:
     failure, case, budget = task
+    if failure.outcome.reason == DIED:  # checking it again here would kill this process too: keep the whole graph
+        graph = replay(failure.choices)
+        failure.reproducer, failure.reproducer_choices = graph.text(), graph.choices
+        return failure
     with _quiet():
         return minimize(failure, case, budget=budget)
 
@@ -1226,15 +1230,22 @@ def sweep(
     *,
     jobs: int = 1,
     start: int = 0,
+    isolate: bool = False,
     on_graph: Callable[[Sweep], None] | None = None,
 ) -> Sweep:
     """Check every case on ``graphs`` random graphs, graphs ``start`` .. ``start + graphs - 1`` (graph i built from the
     seed ``f"{seed}:{i}"``), keeping the first failure of each signature (not yet shrunk: see
-    :func:`minimize_failures`)."""
+    :func:`minimize_failures`).
+
+    ``isolate`` runs the checks in ``jobs`` worker processes that may die: a case that kills its process (a
+    segfault in a runtime) is found by rerunning that graph one case per process, and counts as a crash with the
+    reason :data:`DIED`; the sweep goes on."""
     cases = tuple(pass_cases() if cases is None else cases)
     result = Sweep()
-    with _mapper(jobs) as mapper:
-        for choices, outcomes in mapper(check_graph, [(seed, i, cases) for i in range(start, start + graphs)]):
+    tasks = [(seed, i, cases) for i in range(start, start + graphs)]
+    with contextlib.ExitStack() as stack:
+        checked = _isolated_checks(tasks, jobs) if isolate else stack.enter_context(_mapper(jobs))(check_graph, tasks)
+        for choices, outcomes in checked:
             for outcome in outcomes:
                 result.add(outcome, choices)
             result.graphs += 1
@@ -1242,6 +1253,70 @@ def sweep(
             if on_graph:
                 on_graph(result)
     return result
+
+
+#: The reason of a crash that killed the checking process (a segfault or abort inside a runtime).
+DIED = "the process died (a signal, e.g. a segfault in ONNX Runtime)"
+
+
+def _isolated_checks(tasks: list[tuple], jobs: int, check: Callable = check_graph) -> Iterator[tuple[tuple[int, ...], list[Outcome]]]:
+    """``check`` (:func:`check_graph`) of every task, in order, in ``jobs`` spawned processes. When a process dies, the graphs
+    it may have held are rerun alone (:func:`_check_alone`) and the pool is replaced."""
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(max(jobs, 1), mp_context=context)
+    window: deque = deque()
+    queue = iter(tasks)
+    try:
+        while True:
+            while len(window) < 2 * max(jobs, 1) and (task := next(queue, None)) is not None:
+                window.append((task, pool.submit(check, task)))
+            if not window:
+                return
+            task, future = window.popleft()
+            try:
+                yield future.result()
+            except BrokenProcessPool:
+                pool.shutdown(wait=True, cancel_futures=True)
+                redo = [task, *(t for t, _ in window)]
+                window.clear()
+                for again in redo:
+                    yield _check_alone(again, context, check)
+                pool = ProcessPoolExecutor(max(jobs, 1), mp_context=context)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _check_alone(task: tuple, context, check: Callable = check_graph) -> tuple[tuple[int, ...], list[Outcome]]:
+    """``check(task)`` in a fresh process; if that process dies, each case again in its own, so the case that
+    kills it is reported as a crash (:data:`DIED`) and the others keep their outcomes."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
+        try:
+            return pool.submit(check, task).result()
+        except BrokenProcessPool:
+            pass
+    seed, index, cases = task
+    outcomes, choices = [], ()
+    for case in cases:
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
+            try:
+                choices, found = pool.submit(check, (seed, index, (case,))).result()
+                outcomes.extend(found)
+            except BrokenProcessPool:
+                dtype = replay(choices).dtype if choices else ""
+                outcomes.append(Outcome(case.label, "crash", DIED, f"{case.label} killed the process checking graph {seed}:{index}", dtype))
+    if not choices:  # every case died: the choices come from building the graph here (building never runs a pass)
+        source = RandomChoices(f"{seed}:{index}")
+        build_graph(source)
+        choices = tuple(source.record)
+    return choices, outcomes
 
 
 def minimize_failures(

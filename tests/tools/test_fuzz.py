@@ -297,3 +297,26 @@ def test_shards_merge_into_the_report_of_one_run():
     assert [s["start"] for s in merged["shards"]] == [0, 2]
     with pytest.raises(BitfoldError, match="overlap"):
         fuzz.merge_reports([parts[1], {**parts[1], "start": 1}])
+
+
+def _killer_check(task):
+    """A stand-in for ``fuzz.check_graph`` whose case labelled "killer" kills its process on odd graphs."""
+    import os
+    import signal
+
+    seed, index, cases = task
+    if index % 2 and any(case.label == "killer" for case in cases):
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return (index,), [fuzz.Outcome(case.label, "ok", dtype="float32") for case in cases]
+
+
+def test_a_case_that_kills_its_process_is_a_crash_and_the_sweep_goes_on():
+    """Isolated checks: graphs 0-3 with a case that segfaults on graphs 1 and 3; each graph still reports every case,
+    the killer as a crash with the reason ``DIED``, the other case as it was."""
+    cases = (fuzz.PassCase("killer", ("fold-constants",), True), fuzz.PassCase("calm", ("fold-constants",), True))
+    results = list(fuzz._isolated_checks([("kill", i, cases) for i in range(4)], 2, check=_killer_check))
+    assert [choices for choices, _ in results][::2] == [(0,), (2,)]  # in order
+    for index, (_, outcomes) in enumerate(results):
+        kinds = {o.case: (o.kind, o.reason) for o in outcomes}
+        assert kinds["calm"] == ("ok", "")
+        assert kinds["killer"] == (("crash", fuzz.DIED) if index % 2 else ("ok", ""))

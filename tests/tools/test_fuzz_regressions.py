@@ -481,3 +481,26 @@ def test_reordered_initializers_are_no_change() -> None:
     assert fuzz.fingerprint(model) == fuzz.fingerprint(reordered)
     reordered.graph.initializers["b0"].const_value = ir.tensor(2 * extra, name="b0")
     assert fuzz.fingerprint(model) != fuzz.fingerprint(reordered)
+
+
+def test_float16_transpose_into_matmul_loads_in_onnx_runtime() -> None:
+    """ONNX Runtime 1.31's MatmulTransposeFusion segfaults while loading a float16 ``Transpose → MatMul`` (what
+    cast-precision makes of a float32 one); bitfold's sessions leave that fusion out. In a child process, so a
+    regression fails this test instead of killing the run."""
+    import subprocess
+    import sys
+
+    code = """
+import numpy as np, onnx.parser, onnx_ir as ir, bitfold
+model = ir.from_proto(onnx.parser.parse_model('''
+    <ir_version: 10, opset_import: ["" : 17]>
+    half (float16[2,1,3] x) => (float16[1,3,1] y) <float16[2,1] w = {15360, 15360}> {
+        [turn] t = Transpose <perm = [1, 2, 0]> (x)
+        [linear] y = MatMul (t, w)
+    }'''))
+x = np.arange(6, dtype=np.float16).reshape(2, 1, 3)
+y = bitfold.compile(model, "ort", "cpu").run({"x": x})["y"]
+np.testing.assert_array_equal(y, x.transpose(1, 2, 0) @ np.ones((2, 1), np.float16))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
