@@ -52,6 +52,8 @@ RECIPES: list[tuple[str, list]] = [
     ("smooth α 0.5 + W8A8 per-token", [{"name": "smooth", "alpha": 0.5, "exclude": HEAD}, TOKENS8, W8]),
     ("affine W4A8 + RTN W4 + A8", [{"name": "affine", "weight_bits": 4, "activation_bits": 8, "exclude": HEAD}, W4_FAKE,
                                    {**TOKENS8}]),
+    ("affine W4A8 + RTN W4, activations float", [{"name": "affine", "weight_bits": 4, "activation_bits": 8, "exclude": HEAD},
+                                                 W4_FAKE]),
     ("RTN W4 g128 (MatMulNBits)", [{"name": "quantize-weights", "method": "rtn", "bits": 4, "group_size": 128, "exclude": HEAD, **NBITS}]),
     ("GPTQ W4 g128 (MatMulNBits)", [{"name": "quantize-weights", **GPTQ, "bits": 4, "group_size": 128, "exclude": HEAD, **NBITS}]),
     ("AWQ W4 g128 (QDQ)", [{"name": "quantize-weights", "method": "awq", "symmetric": False, "clip": "output", "bits": 4,

@@ -504,3 +504,19 @@ np.testing.assert_array_equal(y, x.transpose(1, 2, 0) @ np.ones((2, 1), np.float
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_an_integer_constant_on_the_way_up_does_not_make_a_float16_value_float32() -> None:
+    """The float type of an untyped value is searched up its producers; the int64 split sizes of a ``Split`` are no
+    answer (they made the scales of a float16 activation float32)."""
+    text = f"""
+        <ir_version: 10, opset_import: ["" : 17]>
+        half (float16[1,2,1] x) => (float16[1,1,1] y) {{
+            [constant_w] w = Constant <value = float16[1,4] w {_halves([0.5, -0.3, 0.2, 0.1])}> ()
+            [linear] h = MatMul (x, w)
+            [constant_sizes] sizes = Constant <value = int64[3] sizes {{2, 1, 1}}> ()
+            [split] a, b, c = Split <axis = 2> (h, sizes)
+            [constant_k] k = Constant <value = float16[1,2,1] k {_halves([0.7, -0.4])}> ()
+            [conv] y = Conv (c, k)
+        }}"""
+    _assert_ok(_graph(text), fuzz.pass_case("quantize-activations", False))

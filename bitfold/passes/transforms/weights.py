@@ -34,7 +34,9 @@ def float_dtype(value: ir.Value) -> np.dtype:
             return np.dtype(to.numpy()) if to.is_floating_point() else np.dtype(np.float32)
         if producer.op_type == "Constant" and not producer.domain and "value" in producer.attributes:
             constant = producer.attributes["value"].as_tensor().dtype
-            return np.dtype(constant.numpy()) if constant.is_floating_point() else np.dtype(np.float32)
+            if constant.is_floating_point():
+                return np.dtype(constant.numpy())
+            continue  # an integer constant (a shape, split sizes, indices) says nothing about the float type
         queue.extend(producer.inputs)
     return np.dtype(np.float32)
 
