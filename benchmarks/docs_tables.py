@@ -372,7 +372,14 @@ def fuzz() -> str:
              r["contract_violations"].get(case, 0), r.get("declines", {}).get(case, 0)]
             for case, n in r["cases_per_pass"].items()]  # fmt: skip
     head = ["case", "kind", "checks", "crashes", "mismatches", "contract violations", "declines"]
-    return "\n\n".join([f"{r['graphs']} random graphs (seed `{r.get('seed', '?')}`):", _table(head, rows), stamp("fuzz.json")])
+    shards = r.get("shards") or [{"start": r.get("start", 0), "graphs": r["graphs"], "commit": r.get("commit"), "seconds": r["seconds"]}]
+    shard_rows = [[f"{s['start']}-{s['start'] + s['graphs'] - 1}", s["graphs"], (s.get("commit") or "-")[:12], f"{s['seconds']['total']:.0f}"] for s in shards]
+    failures = [[f"`{f['pass']}`", f["kind"], f["reason"]] for f in r["failures"]] or [["-", "none", "-"]]
+    return "\n\n".join([f"{r['graphs']} random graphs (seed `{r.get('seed', '?')}`), {r.get('graphs_skipped', 0)} of them skipped "
+                        "(ONNX Runtime refuses the generated graph itself):", _table(head, rows),
+                        "Shards:", _table(["graphs", "count", "commit", "seconds"], shard_rows),
+                        "Distinct failures (reproducers in the results file):", _table(["case", "kind", "reason"], failures),
+                        stamp("fuzz.json")])  # fmt: skip
 
 
 def scripts() -> str:
