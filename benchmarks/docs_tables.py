@@ -50,6 +50,8 @@ WRITERS = {
     "transforms_layers.json": "transforms_layers.py",
     "tvm_node_suite.json": "tvm_node_suite.py",
 }
+#: the shards of a fuzz campaign, merged into fuzz.json
+WRITERS.update({f"fuzz/{p.name}": "fuzz.py" for p in sorted((RESULTS / "fuzz").glob("*.json"))})
 
 #: script → the docs section that shows its results (page#anchor, title).
 SECTIONS = {
