@@ -85,6 +85,8 @@ class TensorStats:
     gram: np.ndarray | None = None
     reservoir: np.ndarray | None = None  # a uniform sample of the tensor's values (signed)
     sample: np.ndarray | None = None  # a uniform sample of whole rows (last axis), when asked for
+    reservoir_keys: np.ndarray | None = None  # the sample keys of ``reservoir`` (see ``_keep``)
+    sample_keys: np.ndarray | None = None  # the sample keys of ``sample``
 
     @property
     def mean_abs(self) -> np.ndarray:
@@ -122,13 +124,26 @@ class TensorStats:
                 weights.reshape(-1, x.shape[-2])[:, 0] = sink_weight
             g = (rows.astype(np.float64) * weights[:, None]).T @ rows.astype(np.float64)
             self.gram = g if self.gram is None else self.gram + g
-        flat = rows.ravel()  # the reservoir keeps signed values: observers need both tails
-        take = flat if flat.size <= reservoir else flat[rng.choice(flat.size, reservoir, replace=False)]
-        pool = take if self.reservoir is None else np.concatenate([self.reservoir, take])
-        self.reservoir = pool if pool.size <= reservoir else pool[rng.choice(pool.size, reservoir, replace=False)]
+        # the reservoir keeps signed values: observers need both tails
+        self.reservoir, self.reservoir_keys = _keep(self.reservoir, self.reservoir_keys, rows.ravel(), reservoir, rng)
         if rows_kept:
-            pool = rows if self.sample is None else np.concatenate([self.sample, rows])
-            self.sample = pool if len(pool) <= rows_kept else pool[np.sort(rng.choice(len(pool), rows_kept, replace=False))]
+            self.sample, self.sample_keys = _keep(self.sample, self.sample_keys, rows, rows_kept, rng)
+
+
+def _keep(kept: np.ndarray | None, keys: np.ndarray | None, new: np.ndarray, size: int, rng: np.random.Generator):
+    """Merge ``new`` items (along axis 0) into a uniform sample without replacement of at most ``size`` items.
+
+    Every item ever offered draws a uniform key and the sample is the ``size`` smallest keys (bottom-k sampling):
+    uniform over everything seen, whatever the number and sizes of the updates, and, with a generator per tensor,
+    the same items for the same stream of values whatever the tensor is called or which tensors share its run.
+    Items keep their arrival order.
+    """
+    fresh = rng.random(len(new))
+    pool, pool_keys = (new, fresh) if kept is None else (np.concatenate([kept, new]), np.concatenate([keys, fresh]))
+    if len(pool) <= size:
+        return pool, pool_keys
+    chosen = np.sort(np.argpartition(pool_keys, size - 1)[:size])
+    return pool[chosen], pool_keys[chosen]
 
 
 class CalibrationData:
@@ -226,11 +241,11 @@ class CalibrationData:
         if self._memo is not None and self._memo[0] == key:  # same graph, same request: reuse
             return self._memo[1]
         stats = {name: TensorStats() for name in names}
-        rng = np.random.default_rng(0)
+        rngs = {name: np.random.default_rng(0) for name in names}  # one stream per tensor: samples do not depend on names
         for chunk, outputs in self._runs(model, names, progress):
             for name in chunk:
                 value = outputs[name] if name not in axes else np.moveaxis(outputs[name], axes[name], -1)
-                stats[name].update(value, gram=name in want_gram, reservoir=reservoir, rng=rng, sink_weight=sink_weight,
+                stats[name].update(value, gram=name in want_gram, reservoir=reservoir, rng=rngs[name], sink_weight=sink_weight,
                                    rows_kept=rows_kept if name in want_rows else 0)  # fmt: skip
         self._memo = (key, stats)
         return stats

@@ -204,3 +204,33 @@ def test_a_request_larger_than_one_run_exposes_is_sliced_with_identical_statisti
         np.testing.assert_allclose(a.absmax, b.absmax, rtol=1e-5, atol=1e-6)
         if a.gram is not None:
             np.testing.assert_allclose(a.gram, b.gram, rtol=1e-5, atol=1e-6)
+
+
+def test_samples_are_uniform_over_every_update():
+    """Ten updates of 100 rows into a 100-row sample: each update's rows are kept with probability 1/10. Merging by
+    resampling the pooled sample instead keeps the last update's rows with probability 1/2 and the first's ~0."""
+    from bitfold.quant.calibration import TensorStats
+
+    kept = np.zeros(10)
+    for seed in range(300):
+        stats, rng = TensorStats(), np.random.default_rng(seed)
+        for update in range(10):
+            rows = np.full((100, 2), update, np.float32)
+            stats.update(rows, gram=False, reservoir=50, rng=rng, rows_kept=100)
+        kept += np.bincount(stats.sample[:, 0].astype(int), minlength=10) / 100
+    np.testing.assert_allclose(kept / 300, 0.1, atol=0.01)
+
+
+def test_samples_do_not_depend_on_names_or_on_the_other_tensors_of_the_run(zoo_protos):
+    """A graph's samples of one tensor are the same whether it is collected alone or with others; two graphs that
+    compute the same values under different names (a KV-cache export and a traced one) sample the same rows."""
+    model = fresh(zoo_protos, "decoder-rmsnorm-swiglu-rope")
+    names = [v.name for n in model.graph for v in n.outputs if v.dtype == ir.DataType.FLOAT]
+    rng = np.random.default_rng(3)
+    samples = [{"x": rng.standard_normal((1, 8, 32)).astype(np.float32)} for _ in range(40)]
+    target = names[len(names) // 2]
+    alone = CalibrationData(samples).collect(model, [target], rows=[target], rows_kept=100, reservoir=1000, progress=False)
+    crowd = CalibrationData(samples).collect(model, names[::-1], rows=names, rows_kept=100, reservoir=1000, progress=False)
+    np.testing.assert_array_equal(alone[target].sample, crowd[target].sample)
+    np.testing.assert_array_equal(alone[target].reservoir, crowd[target].reservoir)
+    assert len(alone[target].sample) == 100 and len(alone[target].reservoir) == 1000
