@@ -8,7 +8,10 @@ graph would then be evaluated with int8 activations it never asked for (SmolLM2'
 about 5 %). The fused nodes keep float activations here; a model that wants int8 activations says so with its own
 ``MatMulNBits`` ``accuracy_level``. ``$BITFOLD_ORT_OPTIMIZATION`` (``all``, ``basic``, ``none``) sets the default
 graph-optimization level, to check whether ORT's rewrites move a number. ORT 1.31's ``MatmulTransposeFusion``
-crashes the process while loading a float16 ``Transpose → MatMul``; such graphs load without that fusion.
+crashes the process while loading a float16 ``Transpose → MatMul``, and its ``SimplifiedLayerNormFusion`` drops a
+value that is still read when it fuses an RMS norm over a 1-D tensor (the model then fails to load); a model that
+fails to load that way is loaded again without that fusion. Its QDQ fusion builds ``QLinearConcat`` (and other QLinear ops) with float16 scales, which
+fail to load; graphs whose QuantizeLinear takes float16 scales load without QDQ fusion.
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ def session(
     if _has_fp8_qdq(model):  # ORT's QDQ fusion would build QLinearConv/MatMul on fp8, which have no kernels,
         options.add_session_config_entry("session.disable_quant_qdq", "1")
         disabled.append("ClipQuantRewrite")  # and its Clip→QuantizeLinear rule rejects fp8 zero points at load
+    elif _has_low_float_qdq_scale(model):  # and QLinearConcat etc. with float16 scales, which fail to load
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     if _has_fp16_transposed_matmul(model):  # ORT 1.31's MatmulTransposeFusion segfaults at load on float16 Transpose → MatMul
         disabled.append("MatmulTransposeFusion")
     return _session(model, options, list(providers), disabled)
@@ -100,10 +105,29 @@ def _has_fp16_transposed_matmul(model: ir.Model) -> bool:
     return False
 
 
+def _has_low_float_qdq_scale(model: ir.Model) -> bool:
+    """Whether a QuantizeLinear takes a float16 or bfloat16 scale."""
+    low = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+    return any(
+        node.op_type == "QuantizeLinear" and not node.domain and len(node.inputs) > 1 and node.inputs[1] is not None
+        and (node.inputs[1].dtype or getattr(node.inputs[1].const_value, "dtype", None)) in low
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+    )
+
+
+#: How ORT reports a graph whose node reads a value nothing produces (after a faulty fusion, or in the input).
+_DROPPED_VALUE = "is not a graph input, initializer, or output of a previous node"
+
+
 def _session(model: ir.Model, options: ort.SessionOptions, providers: list[str], disabled: list[str]) -> ort.InferenceSession:
     with serialized(model) as source:
         try:
-            return ort.InferenceSession(source, options, providers=providers, disabled_optimizers=disabled)
+            try:
+                return ort.InferenceSession(source, options, providers=providers, disabled_optimizers=disabled)
+            except Exception as e:  # SimplifiedLayerNormFusion on a 1-D RMS norm: the graph it leaves reads a dropped value
+                if _DROPPED_VALUE not in str(e):
+                    raise
+                return ort.InferenceSession(source, options, providers=providers, disabled_optimizers=[*disabled, "SimplifiedLayerNormFusion"])
         except Exception as e:  # ORT raises its own exception types for invalid graphs
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BitfoldError(f"ONNX Runtime cannot load the model: {first}") from e

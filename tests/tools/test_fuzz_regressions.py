@@ -520,3 +520,46 @@ def test_an_integer_constant_on_the_way_up_does_not_make_a_float16_value_float32
             [conv] y = Conv (c, k)
         }}"""
     _assert_ok(_graph(text), fuzz.pass_case("quantize-activations", False))
+
+
+def test_an_rms_norm_over_a_1d_tensor_loads_after_its_dead_consumer_goes() -> None:
+    """ONNX Runtime 1.31's SimplifiedLayerNormFusion fuses ``x / sqrt(mean(x²) + ε) · c`` over a 1-D tensor into a
+    node that drops a value still read; while a second (dead) consumer of the division kept the fusion off, the
+    graph loaded, and removing the dead node made it fail to load. bitfold's sessions leave that fusion out there."""
+    graph = _graph("""
+        <ir_version: 10, opset_import: ["" : 21]>
+        rms (float[4] x) => (float[4] y) {
+            [relu] h = Relu (x)
+            [two] two = Constant <value = float two {2}> ()
+            [square] p = Pow (h, two)
+            [axis] axis = Constant <value = int64[1] axis {-1}> ()
+            [mean] m = ReduceMean <keepdims = 1> (p, axis)
+            [eps] eps = Constant <value = float eps {1e-6}> ()
+            [add] a = Add (m, eps)
+            [root] s = Sqrt (a)
+            [normed] d = Div (h, s)
+            [gain] c = Constant <value = float[1] c {0.6}> ()
+            [dead] unused = Mul (c, d)
+            [scale] k = Constant <value = float k {1.2}> ()
+            [out] y = Mul (d, k)
+        }""")
+    _assert_ok(graph, fuzz.pass_case("remove-dead", True))
+    _assert_ok(graph, next(case for case in fuzz.pass_cases() if case.label == "canonical"))
+
+
+def test_float16_activation_scales_around_a_concat_load() -> None:
+    """ONNX Runtime's QDQ fusion turns ``DequantizeLinear → Concat → QuantizeLinear`` with float16 scales into a
+    QLinearConcat that fails its own type check at load; graphs with float16 activation scales load without QDQ
+    fusion."""
+    graph = _graph(f"""
+        <ir_version: 10, opset_import: ["" : 19]>
+        half (float16[8,4] x) => (float16[8,1] y) {{
+            [relu] r = Relu (x)
+            [constant_w] w = Constant <value = float16[3,8] w {_weights((3, 8), 1, half=True)}> ()
+            [constant_b] b = Constant <value = float16[1,3] b {_weights((1, 3), 2, half=True)}> ()
+            [gemm] h = Gemm <transA = 1, transB = 1> (r, w, b)
+            [concat] c = Concat <axis = 0> (h, h)
+            [constant_v] v = Constant <value = float16[3,1] v {_weights((3, 1), 3, half=True)}> ()
+            [head] y = Gemm (c, v)
+        }}""")
+    _assert_ok(graph, fuzz.pass_case("quantize-activations", False))

@@ -1,4 +1,4 @@
-"""quantize-weights: weight-only quantization of MatMul (and Conv) weights by RTN, GPTQ or AWQ.
+"""quantize-weights: weight-only quantization of MatMul (and Conv) weights by RTN, GPTQ, AWQ or QuantEase.
 
 Rewrites every ``MatMul(A, W)`` whose W is a constant 2-D float initializer (and whose node, weight or torch
 module scope matches no ``exclude`` glob). The weight is quantized as the (N, K) matrix Wᵀ with scale groups of
@@ -14,7 +14,10 @@ Methods: ``rtn`` rounds each weight to the nearest grid point; ``gptq`` corrects
 input's Hessian (needs calibration; H is collected once on the input graph, not layer by layer on the partially
 quantized one); ``awq`` rescales input channels by searched activation-aware scales folded into the producer
 (RMSNorm/LayerNorm γ, or the MatMul feeding a gating Mul), so the graph is equivalent before rounding, then rounds;
-groups whose producer cannot absorb a scale fall back to RTN. ``clip`` shrinks each scale group's range before
+groups whose producer cannot absorb a scale fall back to RTN; ``quantease`` (``bitfold.quant.quantease``; needs
+calibration) starts from GPTQ's solution (or RTN's, ``start = "rtn"``) and lowers the same layer objective by
+cyclic coordinate descent over the weights on the fixed grid, at most ``sweeps`` sweeps, never ending above GPTQ's.
+``clip`` shrinks each scale group's range before
 rounding (``bitfold.quant.clip``): ``weight`` to the least weight MSE, ``output`` to the least output error
 δᵀ H_gg δ through the group's block of the input Gram matrix (needs calibration; with AWQ, H of the rescaled
 input). With GPTQ the clipped ranges are fitted on the weights as the loop reaches each group.
@@ -60,6 +63,7 @@ from bitfold.quant.clip import Clip, group_params
 from bitfold.quant.eora import eora
 from bitfold.quant.formats import Format, PerChannel, PerTensor, format_from, granularity_from, rtn
 from bitfold.quant.gptq import gptq
+from bitfold.quant.quantease import quantease
 from bitfold.quant.im2col import ConvGeometry
 
 QUANTIZED_KEY = "bitfold.quantized"
@@ -69,7 +73,7 @@ OpType = Literal["MatMul", "Conv"]
 
 @dataclasses.dataclass(frozen=True)
 class QuantizeWeightsConfig:
-    method: Literal["rtn", "gptq", "awq"] = dataclasses.field(default="rtn", metadata={"doc": "rtn | gptq | awq"})
+    method: Literal["rtn", "gptq", "awq", "quantease"] = dataclasses.field(default="rtn", metadata={"doc": "rtn | gptq | awq | quantease"})
     bits: int = dataclasses.field(default=4, metadata={"doc": "2, 3, 4 or 8 (integer dtype only)"})
     group_size: int = dataclasses.field(default=128, metadata={"doc": "elements per scale along K; -1 per channel, 0 per tensor"})
     symmetric: bool = dataclasses.field(default=True, metadata={"doc": "signed codes, zero point 0; false: unsigned with zero point"})
@@ -81,6 +85,8 @@ class QuantizeWeightsConfig:
     damp: float = dataclasses.field(default=0.01, metadata={"doc": "GPTQ: Hessian dampening, fraction of mean diag"})
     block_size: int = dataclasses.field(default=128, metadata={"doc": "GPTQ: columns per lazy-update block"})
     act_order: bool = dataclasses.field(default=False, metadata={"doc": "GPTQ: visit columns by decreasing Hessian diagonal"})
+    sweeps: int = dataclasses.field(default=20, metadata={"doc": "QuantEase: most coordinate-descent sweeps over the columns"})
+    start: Literal["gptq", "rtn"] = dataclasses.field(default="gptq", metadata={"doc": "QuantEase: the solution the descent starts from (and whose grid it keeps)"})
     sink_weight: float = dataclasses.field(default=1.0, metadata={"doc": "GPTQ, AWQ, output clip: weight in H of each sequence's first token (attention sink)"})
     awq_grid: int = dataclasses.field(default=20, metadata={"doc": "AWQ: number of alpha steps searched in [0, 1]"})
     accuracy_level: int = dataclasses.field(default=4, metadata={"doc": "matmulnbits: ORT compute type (4 = int8, fastest)"})
@@ -90,6 +96,8 @@ class QuantizeWeightsConfig:
     def __post_init__(self) -> None:
         if self.dtype == "int" and self.bits not in (2, 3, 4, 8):
             raise ValueError("bits must be 2, 3, 4 or 8")
+        if self.sweeps < 0:
+            raise ValueError("sweeps must be >= 0")
         if self.compensate_rank < 0:
             raise ValueError("compensate_rank must be >= 0")
         if self.group_size < -1:
@@ -133,7 +141,7 @@ class QuantizeWeightsConfig:
 
 @register
 class QuantizeWeights(BitfoldPass):
-    """Weight-only quantization of MatMul and Conv weights (RTN, GPTQ or AWQ) emitted as QDQ, MatMulNBits or fake-quant."""
+    """Weight-only quantization of MatMul and Conv weights (RTN, GPTQ, AWQ or QuantEase) emitted as QDQ, MatMulNBits or fake-quant."""
 
     name = "quantize-weights"
     family = "quant"
@@ -141,7 +149,7 @@ class QuantizeWeights(BitfoldPass):
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
-        return self.config.method in ("gptq", "awq") or self.config.compensate_rank > 0 or self.config.clip == "output"
+        return self.config.method in ("gptq", "awq", "quantease") or self.config.compensate_rank > 0 or self.config.clip == "output"
 
     def rewrite(self, model: ir.Model) -> int:
         targets = self.collect(model)
@@ -271,6 +279,10 @@ class QuantizeWeights(BitfoldPass):
         if self.config.method == "gptq":
             return gptq(wt, hessian, fmt, granularity, block_size=self.config.block_size, damp=self.config.damp,
                         act_order=self.config.act_order, clip=self.config.clip, notes=getattr(self, "_solver_notes", None))  # fmt: skip
+        if self.config.method == "quantease":
+            return quantease(wt, hessian, fmt, granularity, sweeps=self.config.sweeps, start=self.config.start,
+                             block_size=self.config.block_size, damp=self.config.damp, act_order=self.config.act_order,
+                             clip=self.config.clip, notes=getattr(self, "_solver_notes", None))  # fmt: skip
         scale, zero = group_params(wt, fmt, granularity, self.config.clip, hessian)
         return fmt.dequantize(fmt.quantize(wt, scale, zero), scale, zero), scale, zero
 
