@@ -19,6 +19,10 @@ updates. No matrix is inverted or factorised. Sweeps stop after ``sweeps`` or wh
 The grid (scale and zero point of every element) is fixed before the descent: by default the GPTQ solution's
 (``start = "gptq"``), so the result is never worse than GPTQ's on the damped layer objective; ``start = "rtn"``
 starts from round-to-nearest on the same grid. Dead inputs (diag H = 0) get weight 0, as in GPTQ.
+
+The outlier-aware variant (``free``): weights kept in full precision beside the grid (split-outliers' float16 side
+matrix) are coordinates too, whose exact minimiser is the vertex itself (rounded to float16), so the descent moves
+the outliers to absorb the grid's error instead of keeping them at their original values.
 """
 
 from __future__ import annotations
@@ -43,10 +47,12 @@ def objective(W: np.ndarray, Q: np.ndarray, H: np.ndarray) -> float:
 
 def coordinate_descent(
     W: np.ndarray, H: np.ndarray, Q: np.ndarray, fmt: Format, scale: np.ndarray, zero: np.ndarray, *,
-    sweeps: int = 20, tol: float = 1e-4, block_size: int = 128,
+    sweeps: int = 20, tol: float = 1e-4, block_size: int = 128, free: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[float]]:  # fmt: skip
     """Improve grid values Q (N, K) of W by cyclic coordinate descent on f with H (already damped); the grid is
-    ``fmt`` with per-element ``scale`` and ``zero``. Returns (Q, f after each sweep, f(Q) first)."""
+    ``fmt`` with per-element ``scale`` and ``zero``. Elements marked in ``free`` (N, K) are not on the grid: they
+    take their vertex rounded to float16 (the outlier-aware variant's full-precision weights). Returns (Q, f after
+    each sweep, f(Q) first)."""
     W64, Q64 = np.asarray(W, np.float64), np.asarray(Q, np.float64).copy()
     k = W64.shape[1]
     diag = np.diag(H).copy()
@@ -68,6 +74,8 @@ def coordinate_descent(
                 target = (old + Rb[:, i] / diag[j]).astype(np.float32)
                 s, z = scale[:, j], zero[:, j]
                 new = fmt.dequantize(fmt.quantize(target, s, z), s, z).astype(np.float64)
+                if free is not None and free[:, j].any():
+                    new = np.where(free[:, j], target.astype(np.float16), new).astype(np.float64)
                 d = new - old
                 if not d.any():
                     continue
