@@ -25,9 +25,10 @@ def passes_table() -> str:
     fixed, cached = "fixed-length (traced, no cache)", "KV-cache (export-llm)"
     lines = [f"`{r['command']}`: {r['protocol']}.", "",
              "| recipe | perplexity, fixed-length graph | perplexity, KV-cache graph | relative difference | "
-             "same graph, ORT optimizations off | verdict |", "|---|---|---|---|---|---|"]  # fmt: skip
+             "same graph reordered: ORT optimizations off / basic | verdict |", "|---|---|---|---|---|---|"]  # fmt: skip
     for row in r["rows"]:
-        spread = f"{row['spread']:.1e}" if "spread" in row else "-"
+        draws = row.get("spread_draws", {"none": row["spread"]} if "spread" in row else {})
+        spread = " / ".join(f"{draws[level]:.1e}" if level in draws else "not measured" for level in ("none", "basic")) if draws else "-"
         lines.append(f"| {row['variant']} | {row[fixed]['ppl']:.4f} | {row[cached]['ppl']:.4f} | {row['rel_diff']:.1e} | "
                      f"{spread} | {row.get('verdict') or ('agree' if row['rel_diff'] <= 1e-3 else 'differ (spread not measured)')} |")
     return "\n".join(lines)
