@@ -563,3 +563,23 @@ def test_float16_activation_scales_around_a_concat_load() -> None:
             [head] y = Gemm (c, v)
         }}""")
     _assert_ok(graph, fuzz.pass_case("quantize-activations", False))
+
+
+def test_centering_a_layernorm_at_opset_17_gives_reduce_mean_its_axes_as_an_attribute() -> None:
+    """fold-norm-affine with ``center = true`` turns a LayerNorm into an RMS norm; below opset 18 ReduceMean takes
+    its axes as an attribute, not an input (the input form failed the ONNX checker). The residual stream here ends in
+    a dead value, so nothing reads it but the norm and nothing keeps it from being centred."""
+    graph = _graph(f"""
+        <ir_version: 10, opset_import: ["" : 17]>
+        stream (int64[2,1] ids) => (float[2,1,5] y)
+            <float[8,16] table = {_weights((8, 16), 1)}, float[16] g = {_weights((16,), 2)}, float[16] b = {_weights((16,), 3)},
+             float[16,5] w1 = {_weights((16, 5), 4)}, float[5,16] w2 = {_weights((5, 16), 5)}> {{
+            [embed] h = Gather (table, ids)
+            [norm] n = LayerNormalization (h, g, b)
+            [up] a = MatMul (n, w1)
+            [down] o = MatMul (a, w2)
+            [residual] r = Add (o, h)
+            [out] y = Relu (a)
+        }}""")
+    case = next(case for case in fuzz.pass_cases() if case.label == "fold-norm-affine(center=True)")
+    _assert_ok(graph, case)

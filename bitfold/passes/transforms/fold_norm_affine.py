@@ -88,10 +88,13 @@ class FoldNormAffine(BitfoldPass):
         eps = node.attributes.get_float("epsilon", 1e-5)
         dtype = float_dtype(x)
         two = add_initializer(graph, f"{node.name}_two", np.array(2.0, dtype))
-        axes = add_initializer(graph, f"{node.name}_axes", np.array([-1], np.int64))
         epsilon = add_initializer(graph, f"{node.name}_eps", np.array(eps, dtype))
         square = ir.node("Pow", [x, two])
-        mean = ir.node("ReduceMean", [square.outputs[0], axes], attributes={"keepdims": 1})
+        if graph.opset_imports.get("", 1) < 18:  # ReduceMean takes its axes as an attribute before opset 18
+            mean = ir.node("ReduceMean", [square.outputs[0]], attributes={"axes": [-1], "keepdims": 1})
+        else:
+            axes = add_initializer(graph, f"{node.name}_axes", np.array([-1], np.int64))
+            mean = ir.node("ReduceMean", [square.outputs[0], axes], attributes={"keepdims": 1})
         shifted = ir.node("Add", [mean.outputs[0], epsilon])
         root = ir.node("Sqrt", [shifted.outputs[0]])
         inverse = ir.node("Reciprocal", [root.outputs[0]])
