@@ -204,6 +204,8 @@ def quant_smollm2() -> str:
 
 
 def quantease_smollm2() -> str:
+    if not (RESULTS / "quantease_smollm2.json").exists():
+        return "(no results yet: `python benchmarks/quantease_smollm2.py` writes `benchmarks/results/quantease_smollm2.json`)"
     r = load("quantease_smollm2.json")
     rows = [[row["variant"], _ppl(row["ppl"]), _ppl(row["ppl_heldout"]), f"{row['optimize_s']:.0f}" if "optimize_s" in row else "-"]
             for row in r["rows"]]  # fmt: skip
