@@ -28,6 +28,7 @@ from bitfold.tools.files import write_atomic
 
 RESULTS = Path(__file__).parent / "results"
 GPTQ = {"act_order": True, "sink_weight": 64.0, "clip": "output", "damp": 0.003}
+ORDER = ["FP32"] + [f"{name} W{bits} g128" for bits in (4, 3, 2) for name in ("GPTQ", "QuantEase")]
 
 
 def main() -> None:
@@ -41,6 +42,7 @@ def main() -> None:
     calibration = CalibrationData.from_source("lee-text", fp32)  # statistics collected once, reused by every row
     rows = [{"model": "SmolLM2", "variant": "FP32", "method": "-", "bits": 32, "ppl": smollm2_ppl(fp32).value, "ppl_heldout": perplexity(fp32, heldout)[0]}]
     print(rows[-1], flush=True)
+    _write(rows, stamp)
     for bits in args.bits:
         for method in ("gptq", "quantease"):
             step = {"name": "quantize-weights", "method": method, "bits": bits, "group_size": 128, "format": "fake",
@@ -53,9 +55,14 @@ def main() -> None:
                          "optimize_s": round(seconds, 1)})  # fmt: skip
             print(rows[-1], flush=True)
             del model
+            _write(rows, stamp)  # after every row: a long run that stops keeps what it measured
+
+
+def _write(rows: list[dict], stamp: dict) -> None:
+    """The rows merged into the JSON (a rerun replaces its own rows, the others stay), stamped with this run."""
     path = RESULTS / "quantease_smollm2.json"
-    if path.exists() and args.bits != [4, 3, 2]:  # a partial run replaces its own rows only
-        rows = merge_rows(json.loads(path.read_text())["rows"], rows)
+    if path.exists():
+        rows = merge_rows(json.loads(path.read_text())["rows"], rows, order=ORDER)
     result = {
         **stamp,
         "model": "SmolLM2-135M-Instruct (weights from a Q4_1 GGUF: 32-element blocks with offset)",
