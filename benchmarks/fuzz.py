@@ -14,6 +14,7 @@ days); every shard of the seed is then merged into benchmarks/results/fuzz.json 
 the first failure of each signature kept). Shards of one seed must not overlap.
 
     python benchmarks/fuzz.py [--graphs 10000] [--start 0] [--seed 0] [--jobs 1] [--shrink-budget 200]
+    python benchmarks/fuzz.py --merge-only [--seed 0]
 """
 
 from __future__ import annotations
@@ -51,9 +52,13 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="worker processes")
     parser.add_argument("--shrink-budget", type=int, default=200, help="checks spent shrinking each distinct failure")
     parser.add_argument("--out", type=Path, default=RESULTS / "fuzz.json", help="the merged report")
+    parser.add_argument("--merge-only", action="store_true", help="run nothing: merge the seed's shard files into --out")
     args = parser.parse_args()
     if args.graphs < 1 or args.start < 0:
         parser.error("--graphs must be positive and --start non-negative")
+    if args.merge_only:
+        _merge(args.out, args.seed)
+        return
 
     cases = fuzz.pass_cases()
     start = time.perf_counter()
@@ -83,13 +88,21 @@ def main() -> None:
     shard = args.out.parent / "fuzz" / f"{args.seed}-{args.start}-{args.start + args.graphs}.json"
     shard.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(shard, (json.dumps(report, indent=1) + "\n").encode())
-    merged = fuzz.merge_reports([json.loads(p.read_text()) for p in sorted(shard.parent.glob(f"{args.seed}-*.json"))])
-    write_atomic(args.out, (json.dumps(merged, indent=1) + "\n").encode())
+    print(f"this shard: {result.graphs} graphs, {len(result.failures)} distinct failures; wrote {shard}")
+    _merge(args.out, args.seed)
+
+
+def _merge(out: Path, seed: str) -> None:
+    """Merge every shard file of ``seed`` (beside ``out``, under fuzz/) into ``out``."""
+    shards = sorted((out.parent / "fuzz").glob(f"{seed}-*.json"))
+    if not shards:
+        sys.exit(f"no shard files of seed {seed!r} under {out.parent / 'fuzz'}: run a shard first.")
+    merged = fuzz.merge_reports([json.loads(p.read_text()) for p in shards])
+    write_atomic(out, (json.dumps(merged, indent=1) + "\n").encode())
     failed = {kind: sum(merged[key].values()) for kind, key in (("crash", "crashes"), ("contract", "contract_violations"), ("mismatch", "mismatches"))}
-    print(f"this shard: {result.graphs} graphs, {len(result.failures)} distinct failures; all {len(merged['shards'])} shards: "
-          f"{merged['graphs']} graphs, {sum(merged['cases_per_pass'].values())} cases: {failed['crash']} crashes, "
-          f"{failed['contract']} contract violations, {failed['mismatch']} mismatches ({len(merged['failures'])} distinct); "
-          f"wrote {shard} and {args.out}")  # fmt: skip
+    print(f"all {len(merged['shards'])} shards: {merged['graphs']} graphs, {sum(merged['cases_per_pass'].values())} cases: "
+          f"{failed['crash']} crashes, {failed['contract']} contract violations, {failed['mismatch']} mismatches "
+          f"({len(merged['failures'])} distinct); wrote {out}")  # fmt: skip
 
 
 if __name__ == "__main__":
