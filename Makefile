@@ -40,7 +40,7 @@ bench: $(STAMP)
 	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -c constraints.txt llama-cpp-python
 	$(PY) benchmarks/canonical_efficientnet.py
 	$(PY) benchmarks/quant_table.py
-	$(PY) benchmarks/quantease_smollm2.py
+	$(PY) benchmarks/lowbit_smollm2.py
 	$(PY) benchmarks/quant_minilm.py
 	$(PY) benchmarks/quant_effnet.py
 	$(PY) benchmarks/transforms_table.py

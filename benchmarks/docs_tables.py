@@ -45,7 +45,7 @@ WRITERS = {
     "quant_effnet.json": "quant_effnet.py",
     "quant_minilm.json": "quant_minilm.py",
     "quant_smollm2.json": "quant_table.py",
-    "quantease_smollm2.json": "quantease_smollm2.py",
+    "lowbit_smollm2.json": "lowbit_smollm2.py",
     "sparse.json": "sparse_table.py",
     "transforms.json": "transforms_table.py",
     "transforms_layers.json": "transforms_layers.py",
@@ -73,7 +73,7 @@ SECTIONS = {
     "quant_effnet.py": ("measured.md#efficientnet-lite0-w8a8", "EfficientNet-Lite0 W8A8"),
     "quant_minilm.py": ("measured.md#minilm", "MiniLM"),
     "quant_table.py": ("measured.md#smollm2", "SmolLM2"),
-    "quantease_smollm2.py": ("measured.md#quantease-against-gptq", "QuantEase against GPTQ"),
+    "lowbit_smollm2.py": ("measured.md#low-bit-weight-solvers", "Low-bit weight solvers"),
     "sparse_table.py": ("measured.md#sparsity", "Sparsity"),
     "transforms_layers.py": ("measured.md#equivalent-transforms", "Equivalent transforms"),
     "transforms_table.py": ("measured.md#equivalent-transforms", "Equivalent transforms"),
@@ -203,14 +203,14 @@ def quant_smollm2() -> str:
     return "\n\n".join([*parts, stamp("quant_smollm2.json")])
 
 
-def quantease_smollm2() -> str:
-    if not (RESULTS / "quantease_smollm2.json").exists():
-        return "(no results yet: `python benchmarks/quantease_smollm2.py` writes `benchmarks/results/quantease_smollm2.json`)"
-    r = load("quantease_smollm2.json")
+def lowbit_smollm2() -> str:
+    if not (RESULTS / "lowbit_smollm2.json").exists():
+        return "(no results yet: `python benchmarks/lowbit_smollm2.py` writes `benchmarks/results/lowbit_smollm2.json`)"
+    r = load("lowbit_smollm2.json")
     rows = [[row["variant"], _ppl(row["ppl"]), _ppl(row["ppl_heldout"]), f"{row['optimize_s']:.0f}" if "optimize_s" in row else "-"]
             for row in r["rows"]]  # fmt: skip
     head = ["variant", "perplexity, Lee 0-15", "perplexity, held-out Lee test", "optimize s"]
-    return "\n\n".join([f"{r['model']}; {r['protocol']}.", _table(head, rows), stamp("quantease_smollm2.json")])
+    return "\n\n".join([f"{r['model']}; {r['protocol']}.", _table(head, rows), stamp("lowbit_smollm2.json")])
 
 
 def quant_minilm() -> str:
@@ -423,7 +423,7 @@ def make_bench_scripts() -> set[str]:
 TABLES: dict[str, Callable[[], str]] = {
     "canonical-efficientnet": canonical_efficientnet,
     "quant-smollm2": quant_smollm2,
-    "quantease-smollm2": quantease_smollm2,
+    "lowbit-smollm2": lowbit_smollm2,
     "quant-minilm": quant_minilm,
     "quant-effnet": quant_effnet,
     "exclude-effnet": exclude_effnet,

@@ -32,7 +32,7 @@ LAYERS: list[list[str]] = [
     ["bitfold.pipeline", "bitfold.llm"],  # recipes, the pass manager and the exclusion loop | decoder LLM graphs
     ["bitfold.summary"],
     ["bitfold.passes"],
-    ["bitfold.passes.sparse"],  # prune and split-outliers build on multless's weight pass
+    ["bitfold.passes.sparse", "bitfold.passes.learned"],  # build on multless's weight pass | learned: on quant's and multless's emission
     ["bitfold.passes.multless"],
     ["bitfold.passes.quant"],
     ["bitfold.passes.transforms", "bitfold.passes.canonical"],

@@ -8,7 +8,7 @@ Importing this package registers every pass. Each one also works outside bitfold
     ir.passes.PassManager([FoldBatchNorm(), RemoveDead()])(model)
 """
 
-from bitfold.passes import canonical, multless, quant, sparse, transforms
+from bitfold.passes import canonical, learned, multless, quant, sparse, transforms
 from bitfold.passes.registry import BitfoldPass, create, describe, get_pass, register, registered
 
-__all__ = ["BitfoldPass", "canonical", "multless", "quant", "sparse", "transforms", "create", "describe", "get_pass", "register", "registered"]
+__all__ = ["BitfoldPass", "canonical", "learned", "multless", "quant", "sparse", "transforms", "create", "describe", "get_pass", "register", "registered"]

@@ -33,6 +33,9 @@ FROM_KEY = "bitfold.from"
 #: Node metadata pinning a node's precision; ``"float32"`` (a low-rank branch, an inserted rotation, a cast-precision
 #: island) makes quantizers and cast-precision leave the node alone.
 ISLAND_KEY = "bitfold.precision"
+#: Node metadata marking a layer whose weight a quantizer already rewrote (the value names the format); every
+#: weight pass leaves such a node alone.
+QUANTIZED_KEY = "bitfold.quantized"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -267,6 +267,14 @@ class CalibrationData:
         self._conv_memo = (memo_key, grams)
         return grams
 
+    def activations(self, model: ir.Model, names: Iterable[str], *, progress: bool = True) -> list[dict[str, np.ndarray]]:
+        """The named tensors of ``model`` (unchanged) on every calibration sample, one dict per sample (not
+        memoised)."""
+        names = list(dict.fromkeys(names))
+        parts = [{name: outputs[name] for name in chunk} for chunk, outputs in self._runs(model, names, progress)]
+        n = len(list(self))  # _runs visits every sample once per slice of names, in order
+        return [{k: v for part in parts[i::n] for k, v in part.items()} for i in range(n)]
+
     def _runs(self, model: ir.Model, names: list[str], progress: bool) -> Iterator[tuple[list[str], dict[str, np.ndarray]]]:
         """Run ``model`` (unchanged) on every sample with the named tensors exposed, at most
         :data:`EXPOSED_PER_RUN` per pass over the data; yields (the pass's names, one sample's outputs)."""

@@ -451,6 +451,31 @@ def _cast_op(node: ir.Node, xs: Tensors) -> list[torch.Tensor]:
     return [_cast(xs[0], ir.DataType(node.attributes.get_int("to")), node)]
 
 
+@register("IsNaN")
+def _isnan(node: ir.Node, xs: Tensors) -> list[torch.Tensor]:
+    return [torch.isnan(xs[0])]
+
+
+@register("IsInf")
+def _isinf(node: ir.Node, xs: Tensors) -> list[torch.Tensor]:
+    x = xs[0]
+    negative, positive = node.attributes.get_int("detect_negative", 1), node.attributes.get_int("detect_positive", 1)
+    return [(torch.isneginf(x) if negative else torch.zeros_like(x, dtype=torch.bool)) | (torch.isposinf(x) if positive else False)]
+
+
+@register("GatherND")
+def _gather_nd(node: ir.Node, xs: Tensors) -> list[torch.Tensor]:
+    data, indices = xs[0], xs[1]
+    b = node.attributes.get_int("batch_dims", 0)
+    k = indices.shape[-1]
+    batches = math.prod(data.shape[:b])
+    flat = data.reshape(batches, *data.shape[b:])
+    idx = indices.reshape(batches, -1, k)
+    idx = torch.where(idx < 0, idx + torch.tensor(data.shape[b : b + k]), idx)
+    rows = torch.arange(batches)[:, None].expand(-1, idx.shape[1])
+    return [flat[(rows, *idx.unbind(-1))].reshape(*indices.shape[:-1], *data.shape[b + k :])]
+
+
 @register("Trilu")
 def _trilu(node: ir.Node, xs: Tensors) -> list[torch.Tensor]:
     k = int(xs[1]) if len(xs) > 1 and xs[1] is not None else 0

@@ -891,6 +891,8 @@ def pass_cases() -> tuple[PassCase, ...]:
         pass_case("prune", False, method="magnitude", pattern="nm:2:4", format="sparse", **open_ends),
         pass_case("prune", False, method="wanda", pattern="block:2x2:0.5", compensate_rank=1, **open_ends),
         pass_case("split-outliers", False, ratio=0.05, group_size=8, **open_ends),
+        pass_case("reconstruct", False, group_size=8, clip_steps=2, round_steps=2),
+        pass_case("reconstruct", False, grid="binary", format="fake", clip_steps=2, round_steps=2),
     )
 
 

@@ -30,6 +30,7 @@ CASES: dict[str, tuple[str, dict]] = {
     "quantize-activations": ("cnn", {}),
     "quantize-tokens": ("decoder-folded", {"bits": 4, "search_clip": True}),
     "quantize-weights": ("lm", {"method": "gptq", "bits": 4, "group_size": 16, "format": "fake"}),
+    "reconstruct": ("lm", {"bits": 4, "group_size": 16, "format": "fake", "clip_steps": 2, "round_steps": 2}),
     "prune": ("lm", {"method": "wanda", "pattern": "unstructured:0.5"}),
     "split-outliers": ("lm", {"group_size": 16, "format": "fake"}),
     "affine": ("lm", {"steps": 3, "rows": 32}),

@@ -136,6 +136,11 @@ CASES: dict[str, tuple[str, str, int]] = {
     "compare-logic": ("(float[3,4] x, float[4] y) => (float w, bool e, bool l, bool le, bool g, bool n, bool a)",
                       "l = Less(x, y)\n le = LessOrEqual(x, y)\n g = Greater(x, y)\n xi = Cast <to = 7> (x)\n"
                       " yi = Cast <to = 7> (y)\n e = Equal(xi, yi)\n n = Not(l)\n a = And(g, e)\n w = Where(g, x, y)", 18),
+    "isnan-isinf": ("() => (bool n, bool i, bool p, bool m) <float[5] x = {1.0, -inf, inf, nan, 0.0}>",
+                    "n = IsNaN(x)\n i = IsInf(x)\n p = IsInf <detect_negative = 0> (x)\n m = IsInf <detect_positive = 0> (x)", 18),
+    "gather-nd": ("(float[2,3,4] x) => (float y, float z, float w) <int64[2,2] i = {0, -1, 1, 2}, int64[2,1,1] j = {2, 0}, "
+                  "int64[2,3] k = {0, 1, 3, 1, 2, -1}>",
+                  "y = GatherND(x, i)\n z = GatherND <batch_dims = 1> (x, j)\n w = GatherND(x, k)", 18),
     "trilu": ("(float[2,4,5] x) => (float u, float l) <int64 k = {1}>", "u = Trilu(x, k)\n l = Trilu <upper = 0> (x)", 18),
     "clip": ("(float[3,4] x, float lo, float hi) => (float y, float z)", "y = Clip(x, lo, hi)\n z = Clip(x, , hi)", 18),
     "constant": ("(float[2] x) => (float y, int64 s)",

@@ -34,8 +34,7 @@ from tqdm.auto import tqdm
 from bitfold.errors import PassPreconditionError
 from bitfold.ops.functions import DOMAIN, MIN_OPSET, upgrade_opset
 from bitfold.passes.initializers import add_initializer, copy_type, drop_if_unused
-from bitfold.passes.quant.quantize_weights import QUANTIZED_KEY
-from bitfold.passes.registry import ISLAND_KEY, PASS_KEY, BitfoldPass
+from bitfold.passes.registry import ISLAND_KEY, PASS_KEY, QUANTIZED_KEY, BitfoldPass
 from bitfold.passes.transforms.structure import feeds_graph_output, reads_graph_input
 from bitfold.passes.transforms.weights import fresh_name
 from bitfold.quant.im2col import ConvGeometry

@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from bitfold.ops.functions import upgrade_opset
 from bitfold.passes.initializers import add_initializer, drop_if_unused
-from bitfold.passes.registry import ISLAND_KEY, BitfoldPass, register
+from bitfold.passes.registry import ISLAND_KEY, QUANTIZED_KEY, BitfoldPass, register
 from bitfold.passes.scale_fold import scale_fold
 from bitfold.passes.transforms.weights import add_lowrank_branch, fresh_name
 from bitfold.quant import matmulnbits
@@ -66,7 +66,6 @@ from bitfold.quant.gptq import gptq
 from bitfold.quant.quantease import quantease
 from bitfold.quant.im2col import ConvGeometry
 
-QUANTIZED_KEY = "bitfold.quantized"
 Dtype = Literal["int", "fp8-e4m3", "fp8-e5m2", "fp4-e2m1", "nf4"]
 OpType = Literal["MatMul", "Conv"]
 

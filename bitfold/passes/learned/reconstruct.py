@@ -1,0 +1,361 @@
+"""reconstruct: weight quantization learned block by block against the full-precision block's output.
+
+The graph is cut into blocks along its transformer residual stream (``span`` residual Adds per block: 2 is one
+decoder layer, attention then MLP). For each block in order, every MatMul weight inside it that
+``quantize-weights`` (``grid = "int"``), ``shift`` (``grid = "shift"``) or ``binarize`` (``grid = "binary"``)
+would quantize gets a learnable quantizer (:mod:`bitfold.quant.reconstruct`): first the clipping ratios of every
+scale group (OmniQuant's learnable weight clipping), each output's power-of-two scale, or the sign planes' α; then
+the rounding of every weight (AdaRound, annealed to hard; for powers of two, between the two exponents around the
+weight's; for sign planes, latent weights under a straight-through sign). The loss is the block's output error against the full-precision block on the
+calibration samples. The block is run by :class:`~bitfold.quant.torch_graph.TorchGraph`, a torch translation of its
+ONNX nodes, so any architecture whose layers use the interpreter's ops works without a model definition.
+
+Sequential: block *i*'s inputs are what the already-quantized blocks before it compute, and its target is what
+the full-precision blocks compute, so each block also corrects the error it inherits. Values the blocks read from
+outside the stream (masks, rotary tables, graph inputs) come from one ONNX Runtime run of the input graph.
+
+Emits what ``quantize-weights`` emits for the same integer grid (``qdq``, ``matmulnbits`` or ``fake``), or what
+``shift`` and ``binarize`` emit (``op``: ``bitfold.ShiftMatMul`` / ``bitfold.BinaryMatMul``, or ``fake``), tagged
+``bitfold.quantized = reconstruct-…``; a rerun is a no-op. MatMuls outside every block (the LM head) are left float
+with a note: quantize them with ``quantize-weights``. Each block's losses (round to nearest, after clipping, after
+rounding) are in the pass notes.
+
+Guarantees: the emitted weight equals the learned weight exactly in every format; on the calibration samples no
+block's output error ends above what the format's one-shot rounding (to nearest; the binarize solver's signs) on
+the same grid gives it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from tqdm.auto import tqdm
+
+from bitfold.errors import BitfoldError
+from bitfold.ops import binary as binary_op
+from bitfold.ops import shift as shift_op
+from bitfold.ops.functions import MIN_OPSET, upgrade_opset
+from bitfold.passes.initializers import drop_if_unused
+from bitfold.passes.multless.base import Encoded
+from bitfold.passes.multless.binarize import Binarize, BinarizeConfig
+from bitfold.passes.multless.shift import Shift, ShiftConfig
+from bitfold.passes.quant.quantize_weights import QUANTIZED_KEY, QuantizeWeights
+from bitfold.passes.registry import register
+from bitfold.passes.transforms.structure import residual_stream
+from bitfold.quant.formats import Format, IntFormat, format_from, granularity_from
+from bitfold.quant.gptq import gptq
+from bitfold.quant.reconstruct import BinaryQuantizer, BlockResult, IntQuantizer, Schedule, ShiftQuantizer, train_block
+from bitfold.quant.torch_graph import TorchGraph
+
+
+@dataclasses.dataclass(frozen=True)
+class ReconstructConfig:
+    grid: Literal["int", "shift", "binary"] = dataclasses.field(default="int", metadata={"doc": "int: integer codes, a scale per group (quantize-weights) | shift: signed powers of two, a scale per output (the shift pass) | binary: sign planes with α per output (the binarize pass)"})
+    bits: int = dataclasses.field(default=4, metadata={"doc": "int: 2, 3, 4 or 8; shift: 3 or 4"})
+    group_size: int = dataclasses.field(default=128, metadata={"doc": "elements per scale along K; -1 per channel"})
+    symmetric: bool = dataclasses.field(default=True, metadata={"doc": "signed codes, zero point 0; false: unsigned with zero point"})
+    zero_point: Literal["int", "float"] = dataclasses.field(default="int", metadata={"doc": "asymmetric: int (ONNX QDQ) | float (min-max grid; matmulnbits and fake only)"})
+    format: Literal["qdq", "matmulnbits", "fake", "op"] = dataclasses.field(default="qdq", metadata={"doc": "int: qdq | matmulnbits | fake, as quantize-weights; shift, binary: op (bitfold.ShiftMatMul, bitfold.BinaryMatMul) | fake"})
+    zero: bool = dataclasses.field(default=True, metadata={"doc": "shift: one code means 0 (DeepShift-PS); false: DenseShift"})
+    planes: int = dataclasses.field(default=1, metadata={"doc": "binary: 1 sign plane, or 2 (residual binary)"})
+    center: bool = dataclasses.field(default=False, metadata={"doc": "binary: subtract a learned mean per output first"})
+    exclude: tuple[str, ...] = dataclasses.field(default=(), metadata={"doc": "globs on node name, weight name or torch module scope"})
+    span: int = dataclasses.field(default=2, metadata={"doc": "residual Adds per block (2: one decoder layer)"})
+    clip_steps: int = dataclasses.field(default=100, metadata={"doc": "Adam steps learning the clipping ratios, per block"})
+    round_steps: int = dataclasses.field(default=200, metadata={"doc": "Adam steps learning the rounding, per block (0: round to nearest)"})
+    clip_lr: float = dataclasses.field(default=5e-3, metadata={"doc": "learning rate of the clipping ratios"})
+    round_lr: float = dataclasses.field(default=5e-2, metadata={"doc": "learning rate of the rounding logits"})
+    min_ratio: float = dataclasses.field(default=0.5, metadata={"doc": "smallest clipping ratio of a group's range"})
+    reg: float = dataclasses.field(default=1.0, metadata={"doc": "weight of the rounding regulariser (the loss is relative, the regulariser a mean)"})
+    seed: int = dataclasses.field(default=0, metadata={"doc": "order in which calibration samples are visited"})
+    start: Literal["rtn", "gptq"] = dataclasses.field(default="rtn", metadata={"doc": "int: where the learning starts: round to nearest | GPTQ's solution (its scales kept, each rounding chosen between GPTQ's code and its neighbour)"})
+    damp: float = dataclasses.field(default=0.003, metadata={"doc": "start = gptq: Hessian dampening, fraction of mean diag"})
+    act_order: bool = dataclasses.field(default=True, metadata={"doc": "start = gptq: visit columns by decreasing Hessian diagonal"})
+    sink_weight: float = dataclasses.field(default=64.0, metadata={"doc": "start = gptq: weight in H of each sequence's first token"})
+    clip: Literal["none", "weight", "output"] = dataclasses.field(default="output", metadata={"doc": "start = gptq: range shrink per group (as quantize-weights)"})
+    loss: Literal["tensor", "channel", "token"] = dataclasses.field(default="tensor", metadata={"doc": "block output error relative to the target's mean square over: the tensor | each channel | each token"})
+    accuracy_level: int = dataclasses.field(default=4, metadata={"doc": "matmulnbits: ORT compute type (4 = int8)"})
+
+    # quantize-weights' emission reads these; reconstruct learns integer grids of MatMul weights only
+    dtype = "int"
+    op_types = ("MatMul",)
+
+    def __post_init__(self) -> None:
+        if self.span < 1:
+            raise ValueError("span must be >= 1")
+        if min(self.clip_steps, self.round_steps) < 0:
+            raise ValueError("clip_steps and round_steps must be >= 0")
+        if not 0.0 < self.min_ratio <= 1.0:
+            raise ValueError("min_ratio must be in (0, 1]")
+        if self.grid == "binary":
+            if self.planes not in (1, 2):
+                raise ValueError("planes must be 1 or 2")
+            if self.format not in ("op", "fake"):
+                raise ValueError("grid \"binary\" is emitted as format = \"op\" (bitfold.BinaryMatMul) or \"fake\"")
+            return
+        if self.grid == "shift":
+            if self.bits not in (3, 4):
+                raise ValueError("grid \"shift\" takes bits 3 or 4")
+            if self.format not in ("op", "fake"):
+                raise ValueError("grid \"shift\" is emitted as format = \"op\" (bitfold.ShiftMatMul) or \"fake\"")
+            return
+        if self.format == "op":
+            raise ValueError("format \"op\" belongs to the shift and binary grids; integer grids take qdq, matmulnbits or fake")
+        if self.bits not in (2, 3, 4, 8):
+            raise ValueError("bits must be 2, 3, 4 or 8")
+        if self.group_size == 0 or self.group_size < -1:
+            raise ValueError("group_size must be -1 (per channel) or a positive size")
+        if self.format == "matmulnbits" and (self.group_size < 16 or self.group_size & (self.group_size - 1)):
+            raise ValueError("format 'matmulnbits' needs group_size a power of two >= 16 (e.g. 32, 64, 128)")
+        if self.zero_point == "float":
+            if self.symmetric:
+                raise ValueError("zero_point = \"float\" is an asymmetric grid; set symmetric = false")
+            if self.format == "qdq":
+                raise ValueError("zero_point = \"float\" cannot be stored by DequantizeLinear; use format = \"matmulnbits\" or \"fake\"")
+
+    @property
+    def number_format(self) -> Format:
+        return format_from(f"int{self.bits}", symmetric=self.symmetric, float_zero=self.zero_point == "float")
+
+    @property
+    def tag(self) -> str:
+        if self.grid == "binary":
+            return f"reconstruct-binary{self.planes}{'-centred' if self.center else ''}"
+        if self.grid == "shift":
+            return f"reconstruct-shift{self.bits}{'' if self.zero else '-dense'}"
+        return f"reconstruct-{self.number_format.name}-{granularity_from(self.group_size)}"
+
+
+@dataclasses.dataclass
+class Block:
+    nodes: list[ir.Node]
+    output: ir.Value  # the stream value the block ends at (its loss)
+    targets: list[ir.Node]  # the MatMuls it quantizes
+
+
+@register
+class Reconstruct(QuantizeWeights):
+    """Weights on integer, power-of-two or sign grids whose scales and rounding are learned per block against the float block's output."""
+
+    name = "reconstruct"
+    family = "learned"
+    Config = ReconstructConfig
+    needs_calibration = True
+
+    def rewrite(self, model: ir.Model) -> int:
+        if any(n.metadata_props.get(QUANTIZED_KEY, "").startswith("reconstruct-") for n in model.graph):
+            return 0  # reconstructed already: its blocks' linears are quantized, what is left lies outside them
+        targets = self.collect(model)
+        if not targets:
+            return 0
+        if self.config.format == "op":
+            self._emitter.refuse_low_precision(targets)  # the bitfold ops are typed float32
+        op = shift_op if self.config.grid == "shift" else binary_op
+        opset = 21 if self.config.format == "qdq" else max(MIN_OPSET, getattr(op, "MIN_OPSET", MIN_OPSET)) if self.config.format == "op" else 0
+        if model.opset_imports.get("", 1) < opset:
+            upgrade_opset(model, opset)
+            targets = self._recollect(model)
+            if not targets:
+                return 1
+        blocks = self.blocks(model.graph, targets)
+        outside = len(targets) - sum(len(b.targets) for b in blocks)
+        if outside:
+            self.notes.append(f"{outside} MatMul weights lie outside every block and stay float; quantize them with quantize-weights")
+        blocks = [b for b in blocks if b.targets]
+        if not blocks:
+            return 0
+        solved = self.learn(model, blocks)
+        weights = list(dict.fromkeys(node.inputs[1] for b in blocks for node in b.targets))
+        self._emitted = {}
+        for block in blocks:
+            for node in block.targets:
+                if self.config.grid == "int":
+                    self.fold(model.graph, node, *solved[node.inputs[1].name])
+                    continue
+                producer = self._emitter.fold(model, node, self._encode(solved[node.inputs[1].name]), node.inputs[1].const_value.numpy())
+                producer.metadata_props[QUANTIZED_KEY] = self.config.tag
+        for weight in weights:
+            drop_if_unused(model.graph, weight)
+        return sum(len(b.targets) for b in blocks)
+
+    def collect(self, model: ir.Model) -> list[ir.Node]:
+        c = self.config
+        if c.grid == "int":
+            return super().collect(model)
+        common = {"format": c.format, "exclude": c.exclude, "keep_ends": False}
+        if c.grid == "shift":
+            self._emitter = _ShiftEmitter(ShiftConfig(bits=c.bits, zero=c.zero, **common))
+        else:
+            self._emitter = _BinaryEmitter(BinarizeConfig(planes=c.planes, center=c.center, **common))
+        found = [node for node in self._emitter.collect(model) if node.op_type == "MatMul"]
+        self.notes += self._emitter.notes
+        return found
+
+    def _encode(self, solved: tuple[np.ndarray, ...]) -> Encoded:
+        """The shift or binarize pass's encoding of a learned weight."""
+        if self.config.grid == "shift":
+            units, scale = solved
+            packed, s = shift_op.pack(units.T, scale, self.config.bits, self.config.zero)
+            return Encoded(units * s.astype(np.float64)[:, None], {"shift": packed, "scale": s}, {"zero": int(self.config.zero)})
+        signs, alpha, mean = solved
+        tensors = binary_op.pack(signs.transpose(0, 2, 1), alpha, mean)
+        dense = binary_op.unpack(*tensors, signs.shape[2]).T
+        names = ("signs", "alpha", "mean", "salient", "salient_codes", "salient_scale")
+        return Encoded(dense.astype(np.float64), dict(zip(names, tensors, strict=True)), {"binarize_input": 0})
+
+    # -- blocks -------------------------------------------------------------------------------------------------
+
+    def blocks(self, graph: ir.Graph, targets: list[ir.Node]) -> list[Block]:
+        """The graph cut along its residual stream: block i runs from stream value span·i to span·(i+1)."""
+        stream = residual_stream(graph)
+        if isinstance(stream, str):
+            raise BitfoldError(f"reconstruct cuts the graph into blocks along its residual stream, and this graph has none it can follow: {stream}.")
+        bounds = stream.values[:: self.config.span]
+        if bounds[-1] is not stream.values[-1]:
+            bounds.append(stream.values[-1])
+        order = {node: i for i, node in enumerate(graph)}
+        wanted = set(targets)
+        found = []
+        for start, end in zip(bounds, bounds[1:]):
+            nodes = sorted(_descendants(start) & _ancestors(end), key=order.__getitem__)
+            found.append(Block(nodes, end, [n for n in nodes if n in wanted]))
+        return found
+
+    # -- learn --------------------------------------------------------------------------------------------------
+
+    def _gptq(self, model: ir.Model, blocks: list[Block]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """GPTQ's solution of every target weight, on the input graph's Hessians (as quantize-weights computes it)."""
+        targets = [node for b in blocks for node in b.targets]
+        hessians = {name: s.gram for name, s in self._stats(model, targets).items()}
+        fmt, granularity = self.config.number_format, granularity_from(self.config.group_size)
+        found = {}
+        for node in tqdm(targets, desc="reconstruct: GPTQ start", leave=False):
+            if node.inputs[1].name not in found:
+                wt = node.inputs[1].const_value.numpy().astype(np.float32).T
+                found[node.inputs[1].name] = gptq(wt, hessians[node.inputs[0].name], fmt, granularity, damp=self.config.damp,
+                                                  act_order=self.config.act_order, clip=self.config.clip)  # fmt: skip
+        return found
+
+    def quantizer(self, wt: np.ndarray, start: tuple[np.ndarray, ...] | None = None) -> IntQuantizer | ShiftQuantizer | BinaryQuantizer:
+        if self.config.grid == "binary":
+            return BinaryQuantizer(wt, self.config.planes, self.config.center)
+        if self.config.grid == "shift":
+            return ShiftQuantizer(wt, self.config.bits, self.config.zero)
+        fmt = self.config.number_format
+        assert isinstance(fmt, IntFormat)
+        return IntQuantizer(wt, fmt, granularity_from(self.config.group_size), min_ratio=self.config.min_ratio, start=start)
+
+    def learn(self, model: ir.Model, blocks: list[Block]) -> dict[str, tuple[np.ndarray, ...]]:
+        """Train every block in order; returns weight name → the quantizer's export: (dequantized Wᵀ, scale, zero
+        point) per element for integer grids, (units, scale per output) for powers of two."""
+        graph = model.graph
+        inputs, made = [], []
+        for block in blocks:
+            weights = {v.name for v in _weights(block)}
+            inputs.append([n for n in _reads(block.nodes) if n not in weights])
+            made.append({v.name: v for node in block.nodes for v in node.outputs})
+        produced = {name for names in made for name in names}
+        outside = list(dict.fromkeys(n for names in inputs for n in names if n not in produced))
+        modules = []
+        for b, block in enumerate(blocks):  # each block computes its stream output and what later blocks read of it
+            passed = [made[b][n] for names in inputs[b + 1 :] for n in names if n in made[b]]
+            outputs = list(dict.fromkeys([block.output, *passed]))
+            values = {v.name: v for node in block.nodes for v in node.inputs if v is not None}
+            modules.append(TorchGraph(graph, nodes=block.nodes, inputs=[values[n] for n in inputs[b]] + _weights(block), outputs=outputs))
+        samples = self.calibration.activations(model, outside)
+        later = {name: max(i for i, names in enumerate(inputs) if name in names) for names in inputs for name in names}
+        shared = [{k: torch.from_numpy(np.asarray(v)) for k, v in s.items()} for s in samples]
+        quant = [dict(s) for s in shared]  # value name → tensor on the quantized path, per sample
+        full = [dict(s) for s in shared]  # the same on the full-precision path
+        schedule = Schedule(self.config.clip_steps, self.config.round_steps, self.config.clip_lr, self.config.round_lr,
+                            self.config.reg, seed=self.config.seed, loss=self.config.loss)  # fmt: skip
+        starts = self._gptq(model, blocks) if self.config.grid == "int" and self.config.start == "gptq" else {}
+        solved = {}
+        self.results: list[BlockResult] = []  # per block, for callers and tests
+        bar = tqdm(total=len(blocks), desc=f"reconstruct {self.config.tag}", leave=False)
+        for b, (block, module, names) in enumerate(zip(blocks, modules, inputs, strict=True)):
+            float_weights = {v.name: torch.from_numpy(v.const_value.numpy().astype(np.float32)) for v in _weights(block)}
+            quantizers = {v.name: self.quantizer(float_weights[v.name].numpy().T, starts.get(v.name)) for v in _weights(block)}
+            out = block.output.name
+            with torch.no_grad():
+                computed = [module(**{n: s[n] for n in names}, **float_weights) for s in full]
+            targets = [c[out] for c in computed]
+
+            def run(i: int, weights: dict[str, torch.Tensor], names=names, module=module, out=out) -> torch.Tensor:
+                return module(**{n: quant[i][n] for n in names}, **weights)[out]
+
+            def show(phase: str, loss: float) -> None:
+                bar.set_postfix_str(f"block {b}: {phase} loss {loss:.3g}", refresh=False)
+
+            result = train_block(run, quantizers, targets, schedule, progress=show)
+            self.results.append(result)
+            self.notes.append(f"block {b} ({len(quantizers)} weights): output error {result.loss_start:.4g} (round to nearest) → "
+                              f"{result.loss_clip:.4g} (clipping) → {result.loss_end:.4g} (rounding)")  # fmt: skip
+            with torch.no_grad():
+                hard = {name: q().T for name, q in quantizers.items()}
+                for i in range(len(samples)):
+                    quant[i].update(module(**{n: quant[i][n] for n in names}, **hard))
+                    full[i].update(computed[i])
+            for name, q in quantizers.items():
+                solved[name] = q.export()
+            for env in (*quant, *full):  # drop what no later block reads
+                for name in [n for n in env if later.get(n, -1) <= b]:
+                    del env[name]
+            bar.update()
+        bar.close()
+        return solved
+
+
+class _ShiftEmitter(Shift):
+    """The shift pass's collection and emission, stamping what it writes as reconstruct's."""
+
+    name = "reconstruct"
+
+
+class _BinaryEmitter(Binarize):
+    """The binarize pass's collection and emission, stamping what it writes as reconstruct's."""
+
+    name = "reconstruct"
+
+
+def _weights(block: Block) -> list[ir.Value]:
+    return list(dict.fromkeys(node.inputs[1] for node in block.targets))
+
+
+def _reads(nodes: list[ir.Node]) -> list[str]:
+    """Names of the non-constant values ``nodes`` read that none of them computes, in order of first use."""
+    inside = {v.name for node in nodes for v in node.outputs}
+    found: dict[str, None] = {}
+    for node in nodes:
+        for v in node.inputs:
+            if v is not None and v.name not in inside and ir.convenience.get_const_tensor(v) is None:
+                found[v.name] = None
+    return list(found)
+
+
+def _descendants(value: ir.Value) -> set[ir.Node]:
+    seen: set[ir.Node] = set()
+    todo = [user for user, _ in value.uses()]
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        todo.extend(user for v in node.outputs for user, _ in v.uses())
+    return seen
+
+
+def _ancestors(value: ir.Value) -> set[ir.Node]:
+    seen: set[ir.Node] = set()
+    todo = [value.producer()]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo.extend(v.producer() for v in node.inputs if v is not None)
+    return seen

@@ -1,0 +1,405 @@
+"""Learned block reconstruction of quantized weights (integer grids, powers of two, sign planes), in torch.
+
+A block of a graph (a :class:`~bitfold.quant.torch_graph.TorchGraph` whose target weights are fed as inputs) is
+trained so that its output with quantized weights matches the full-precision block's output on calibration data.
+Each weight gets a quantizer (:class:`IntQuantizer`, :class:`ShiftQuantizer`, :class:`BinaryQuantizer`) whose free
+parameters are learned in two phases; for integer grids:
+
+1. **Clipping** (OmniQuant's learnable weight clipping): a ratio per scale group shrinks the group's range,
+   ``lo' = r_lo·lo``, ``hi' = r_hi·hi`` (one ratio for symmetric grids), and the scale and zero point follow the
+   format's own rule (:meth:`bitfold.quant.formats.IntFormat.params`). Rounding is to nearest, its gradient passed
+   straight through; ratios are kept in [``min_ratio``, 1].
+2. **Rounding** (AdaRound): with the scale and zero point fixed, each weight's code is ``floor(w/s + z) + h``
+   with ``h = clamp(1.2·σ(v) − 0.1, 0, 1)`` relaxed between rounding down and up; ``v`` starts where ``h`` equals
+   the fractional part (the soft weight is then the weight itself) and a regulariser ``1 − |2h − 1|^β``, β annealed
+   from 20 to 2, pushes every ``h`` to 0 or 1. The result is the hard rounding ``h = [v ≥ 0]``.
+
+The loss is the block output's mean squared error relative to the target's mean square. A phase that ends with a
+larger loss on the calibration samples than it started with is undone, so a block never ends worse than round to
+nearest on its own grid. Everything is seeded:
+the order in which samples are visited comes from ``seed`` and torch's CPU kernels are deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from bitfold.quant.formats import Granularity, IntFormat, from_groups, to_groups
+
+ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid: h reaches 0 and 1 exactly
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+class _Rounding(torch.nn.Module):
+    """AdaRound's relaxed rounding ``h = clamp(1.2·σ(v) − 0.1, 0, 1)`` over logits ``v`` (hard: ``[v ≥ 0]``), shared by
+    the quantizers that choose between two neighbouring levels."""
+
+    v: torch.nn.Parameter | None
+    hard: bool
+
+    @staticmethod
+    def logits(frac: torch.Tensor) -> torch.nn.Parameter:
+        """Logits whose soft ``h`` equals ``frac`` (the soft weight starts at the weight itself)."""
+        frac = frac.clamp(1e-4, 1 - 1e-4)
+        return torch.nn.Parameter(-torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1))
+
+    def _h(self) -> torch.Tensor:
+        assert self.v is not None
+        if self.hard:
+            return (self.v >= 0).to(self.v.dtype)
+        return (torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+    def regulariser(self, beta: float) -> torch.Tensor:
+        """Mean of ``1 − |2h − 1|^β`` over the weights: 0 when every rounding is decided."""
+        return (1 - (2 * self._h() - 1).abs().pow(beta)).mean()
+
+    def undecided(self) -> float:
+        """Fraction of soft roundings still more than 0.1 away from 0 or 1."""
+        h = self._h()
+        return float(((h > 0.1) & (h < 0.9)).float().mean())
+
+
+class IntQuantizer(_Rounding):
+    """Learnable quantizer of one weight Wᵀ (N, K) on ``fmt``'s grid with ``granularity``'s scale groups."""
+
+    def __init__(
+        self, wt: np.ndarray, fmt: IntFormat, granularity: Granularity, *, min_ratio: float = 0.5,
+        start: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    ) -> None:  # fmt: skip
+        """``start``: a solver's (dequantized Wᵀ, scale, zero point) per element, e.g. GPTQ's. Its scales are kept
+        (no clipping phase) and the rounding phase chooses, per weight, between the solver's code and its neighbour
+        toward w/s + z, starting from the solver's."""
+        super().__init__()
+        self.fmt, self.shape, self.min_ratio = fmt, tuple(wt.shape), min_ratio
+        group = lambda a: torch.from_numpy(to_groups(np.asarray(a, np.float32), granularity).copy())  # noqa: E731
+        blocks = group(wt)
+        self.register_buffer("w", blocks)
+        self.register_buffer("lo", blocks.amin(-1, keepdim=True))
+        self.register_buffer("hi", blocks.amax(-1, keepdim=True))
+        self.v: torch.nn.Parameter | None = None  # rounding logits, from :meth:`start_rounding` on
+        self.fixed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.hard = False
+        self.start: torch.Tensor | None = None  # the solver's codes
+        if start is not None:
+            q, scale, zero = (group(a) for a in start)
+            scale, zero = scale[..., :1], zero[..., :1]
+            scale = torch.where(scale != 0, scale, torch.ones_like(scale))
+            self.fixed = (scale, zero)
+            self.start = torch.round(q / scale + zero).clamp(fmt.qmin, fmt.qmax)
+        self.r_hi = torch.nn.Parameter(torch.ones_like(self.hi)) if start is None else None
+        self.r_lo = torch.nn.Parameter(torch.ones_like(self.lo)) if start is None and not fmt.symmetric else None
+
+    def clip_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in (self.r_hi, self.r_lo) if p is not None]
+
+    def scale_zero(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point per group, differentiable in the clipping ratios (as ``IntFormat.params``)."""
+        if self.fixed is not None:
+            return self.fixed
+        fmt = self.fmt
+        r_hi = self.r_hi.clamp(self.min_ratio, 1.0)
+        r_lo = r_hi if self.r_lo is None else self.r_lo.clamp(self.min_ratio, 1.0)
+        lo, hi = self.lo * r_lo, self.hi * r_hi
+        if fmt.float_zero and not fmt.symmetric:
+            scale = (hi - lo) / fmt.qmax
+            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+            return safe, -lo / safe
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+        if fmt.symmetric:
+            scale = torch.where(-lo >= hi, lo, hi) / fmt.qmin
+            zero = torch.zeros_like(scale)
+        else:
+            scale = (hi - lo) / fmt.qmax
+            zero = _round_ste(-lo / torch.where(scale > 0, scale, torch.ones_like(scale))).clamp(0, fmt.qmax)
+        return torch.where(scale != 0, scale, torch.ones_like(scale)), zero
+
+    def start_rounding(self) -> None:
+        """Fix the scale and zero point where the clipping left them; learn the rounding from here."""
+        with torch.no_grad():
+            scale, zero = (t.detach().clone() for t in self.scale_zero())
+            self.fixed = (scale, zero)
+            x = self.w / scale + zero
+            if self.start is not None:  # h = 1 picks the solver's code where the neighbour lies below it
+                up = (self.start > x).to(x.dtype)
+                self.register_buffer("base", self.start - up)
+                self.v = torch.nn.Parameter(torch.where(up > 0, 1.5, -1.5) * torch.ones_like(x))
+                return
+            self.v = self.logits(x - torch.floor(x))
+
+    def codes(self) -> torch.Tensor:
+        scale, zero = self.scale_zero()
+        x = self.w / scale + zero
+        if self.v is None:
+            return _round_ste(x).clamp(self.fmt.qmin, self.fmt.qmax) if self.start is None else self.start
+        base = torch.floor(x) if self.start is None else self.base
+        return (base + self._h()).clamp(self.fmt.qmin, self.fmt.qmax)
+
+    def forward(self) -> torch.Tensor:
+        """The dequantized weight Wᵀ (N, K)."""
+        scale, zero = self.scale_zero()
+        n, k = self.shape
+        return ((self.codes() - zero) * scale).reshape(n, -1)[:, :k]
+
+    def export(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(dequantized Wᵀ, per-element scale, per-element zero point), hard rounding, float32 numpy."""
+        with torch.no_grad():
+            scale, zero = self.scale_zero()
+            codes = self.codes()
+            expand = lambda t: from_groups(np.broadcast_to(t.numpy(), codes.shape), self.shape).astype(np.float32)  # noqa: E731
+            q = self.fmt.dequantize(from_groups(codes.numpy(), self.shape), expand(scale), expand(zero))
+            return q, expand(scale), expand(zero)
+
+
+class ShiftQuantizer(_Rounding):
+    """Learnable power-of-two quantizer of one weight Wᵀ (N, K) (``bitfold.quant.shift``'s grid): each weight is
+    s_n · ±2^(−e), e ∈ [0, e_max], or 0 when ``zero`` and |w| / s_n is below half the smallest level.
+
+    The scale phase learns log s_n per output (starting at the shift solver's least-squares scale; exponents rounded
+    to nearest in the log domain, gradient passed straight through). The rounding phase fixes s and the zeros and
+    learns, per weight, the choice between the two exponents around −log2(|w| / s): a soft exponent ``floor + h``
+    with AdaRound's ``h``, so the soft weight moves along the log scale between the two levels.
+    """
+
+    def __init__(self, wt: np.ndarray, bits: int, zero: bool) -> None:
+        super().__init__()
+        from bitfold.quant.shift import exponent_range, row_scales
+
+        self.bits, self.zero, self.shape = bits, zero, tuple(wt.shape)
+        self.e_max = exponent_range(bits, zero)
+        w = np.asarray(wt, np.float64)
+        self.register_buffer("sign", torch.from_numpy(np.where(w < 0, -1.0, 1.0).astype(np.float32)))
+        self.register_buffer("a", torch.from_numpy(np.abs(w).astype(np.float32)))
+        self.log_s = torch.nn.Parameter(torch.from_numpy(np.log(row_scales(w, bits, zero)).astype(np.float32))[:, None])
+        self.v: torch.nn.Parameter | None = None
+        self.fixed: tuple[torch.Tensor, torch.Tensor] | None = None  # (scale, kept) once the rounding phase starts
+        self.hard = False
+
+    def clip_parameters(self) -> list[torch.nn.Parameter]:
+        return [self.log_s]
+
+    def _scale_kept(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fixed is not None:
+            return self.fixed
+        s = self.log_s.exp()
+        kept = (self.a / s.detach() >= 2.0 ** (-self.e_max - 1)) if self.zero else torch.ones_like(self.a, dtype=torch.bool)
+        return s, kept
+
+    def _exponent(self, s: torch.Tensor) -> torch.Tensor:
+        return -torch.log2((self.a / s).clamp_min(1e-30))
+
+    def start_rounding(self) -> None:
+        with torch.no_grad():
+            s, kept = (t.detach().clone() for t in self._scale_kept())
+            self.fixed = (s, kept)
+            e = self._exponent(s).clamp(0, self.e_max)
+            self.v = self.logits(e - torch.floor(e))
+
+    def units(self) -> torch.Tensor:
+        """The signed powers of two (or 0) U, (N, K)."""
+        s, kept = self._scale_kept()
+        e = self._exponent(s).clamp(0, self.e_max)
+        if self.v is None:
+            e = _round_ste(e)
+        else:
+            e = (torch.floor(e.detach()) + self._h()).clamp(0, self.e_max)
+        return self.sign * torch.exp2(-e) * kept
+
+    def forward(self) -> torch.Tensor:
+        return self._scale_kept()[0] * self.units()
+
+    def export(self) -> tuple[np.ndarray, np.ndarray]:
+        """(U (N, K) signed powers of two or 0, s (N,)), hard rounding, float64 numpy."""
+        with torch.no_grad():
+            return self.units().double().numpy(), self._scale_kept()[0][:, 0].double().numpy()
+
+
+def _sign_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.where(x >= 0, 1.0, -1.0) - x).detach()
+
+
+class BinaryQuantizer(torch.nn.Module):
+    """Learnable binary quantizer of one weight Wᵀ (N, K) (``bitfold.quant.binary``'s grid): W ≈ μ + Σ_i α_i ⊙ B_i
+    per output, ``planes`` sign planes (the second binarizes the first's residual), μ the row mean with ``center``.
+
+    The scale phase learns log α (and μ, in units of the row's first α, with ``center``) from the solver's
+    least-squares values, the signs fixed by the weights. The rounding phase learns latent weights W + δ·ᾱ (ᾱ the
+    row's first α, δ from 0) whose signs are taken with a straight-through gradient, α and μ still learning: the sign
+    flips that lower the block's error.
+    """
+
+    scale_with_rounding = True
+
+    def __init__(self, wt: np.ndarray, planes: int, center: bool) -> None:
+        super().__init__()
+        from bitfold.quant import bcq
+
+        w = np.asarray(wt, np.float64)
+        self.planes, self.center, self.shape = planes, center, tuple(w.shape)
+        mean = w.mean(axis=1) if center else np.zeros(len(w))
+        alpha = np.maximum(bcq.fit(w - mean[:, None], planes), 1e-12)  # (N, r)
+        self.register_buffer("w", torch.from_numpy(w.astype(np.float32)))
+        self.register_buffer("mean0", torch.from_numpy(mean.astype(np.float32))[:, None])
+        self.register_buffer("unit", torch.from_numpy(alpha[:, :1].astype(np.float32)))
+        self.log_alpha = torch.nn.Parameter(torch.from_numpy(np.log(alpha).astype(np.float32)))
+        self.shift = torch.nn.Parameter(torch.zeros_like(self.mean0)) if center else None
+        self.v: torch.nn.Parameter | None = None  # δ, the latent weights' offset in units of ᾱ
+        self.hard = False
+
+    def clip_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in (self.log_alpha, self.shift) if p is not None]
+
+    def start_rounding(self) -> None:
+        self.v = torch.nn.Parameter(torch.zeros_like(self.w))
+
+    def _mean(self) -> torch.Tensor:
+        return self.mean0 if self.shift is None else self.mean0 + self.shift * self.unit
+
+    def signs(self) -> list[torch.Tensor]:
+        latent = self.w if self.v is None else self.w + self.v * self.unit
+        r, alpha = latent - self._mean(), self.log_alpha.exp()
+        out = []
+        for i in range(self.planes):
+            b = _sign_ste(r)
+            out.append(b)
+            r = r - alpha[:, i : i + 1] * b
+        return out
+
+    def regulariser(self, beta: float) -> torch.Tensor:
+        return torch.zeros(())  # signs are hard throughout
+
+    def undecided(self) -> float:
+        return 0.0
+
+    def forward(self) -> torch.Tensor:
+        alpha = self.log_alpha.exp()
+        return self._mean() + sum(alpha[:, i : i + 1] * b for i, b in enumerate(self.signs()))
+
+    def export(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(signs (r, N, K) in ±1, α (r, N), μ (N,)), float64 numpy."""
+        with torch.no_grad():
+            signs = torch.stack(self.signs()).double().numpy()
+            return signs, self.log_alpha.exp().T.double().numpy(), self._mean()[:, 0].double().numpy()
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Steps and learning rates of the two phases, and the rounding regulariser."""
+
+    clip_steps: int = 100
+    round_steps: int = 200
+    clip_lr: float = 5e-3
+    round_lr: float = 5e-2
+    reg: float = 1.0
+    warmup: float = 0.2  # fraction of the rounding steps without the regulariser
+    seed: int = 0
+    loss: str = "tensor"  # the squared error relative to the target's mean square over the tensor | each channel | each token
+
+
+@dataclasses.dataclass
+class BlockResult:
+    loss_start: float  # relative output error with round-to-nearest weights
+    loss_clip: float  # after learning the clipping
+    loss_end: float  # with the final hard rounding
+    undecided: float  # fraction of soft roundings not yet at 0 or 1 before hardening
+
+
+def train_block(
+    run: Callable[[int, dict[str, torch.Tensor]], torch.Tensor],
+    quantizers: dict[str, IntQuantizer | ShiftQuantizer | BinaryQuantizer],
+    targets: Sequence[torch.Tensor],
+    schedule: Schedule,
+    *,
+    progress: Callable[[str, float], None] | None = None,
+) -> BlockResult:
+    """Learn ``quantizers`` so that ``run(sample, weights)`` (the block's output on calibration sample ``sample``,
+    the target weights fed as (K, N) tensors) matches ``targets[sample]``."""
+    rng = np.random.default_rng(schedule.seed)
+    power = [_power(t, schedule.loss) for t in targets]
+
+    def loss_of(i: int) -> torch.Tensor:
+        weights = {name: q().T for name, q in quantizers.items()}
+        return (((run(i, weights) - targets[i]) ** 2) / power[i]).mean()
+
+    def evaluate() -> float:
+        with torch.no_grad():
+            return float(np.mean([float(loss_of(i)) for i in range(len(targets))]))
+
+    def order(steps: int) -> list[int]:
+        per_epoch = len(targets)
+        picks = [rng.permutation(per_epoch) for _ in range(-(-steps // per_epoch))]
+        return [int(i) for i in np.concatenate(picks)[:steps]] if picks else []
+
+    start = evaluate()
+    clip_params = [p for q in quantizers.values() for p in q.clip_parameters()]
+    initial = [p.detach().clone() for p in clip_params]
+    if schedule.clip_steps and clip_params:
+        opt = torch.optim.Adam(clip_params, lr=schedule.clip_lr)
+        for step, i in enumerate(order(schedule.clip_steps)):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_of(i)
+            loss.backward()
+            opt.step()
+            if progress:
+                progress("clip", loss.item())
+    clipped = evaluate()
+    if clipped > start:  # learned clipping that ends worse than none is undone
+        with torch.no_grad():
+            for p, value in zip(clip_params, initial, strict=True):
+                p.copy_(value)
+        clipped = start
+    for q in quantizers.values():
+        q.start_rounding()
+    rounding = [q.v for q in quantizers.values()]
+    scales = [p for q in quantizers.values() if getattr(q, "scale_with_rounding", False) for p in q.clip_parameters()]
+    round_params = rounding + scales
+    nearest = [p.detach().clone() for p in round_params]
+    undecided = 0.0
+    if schedule.round_steps:
+        groups = [{"params": rounding, "lr": schedule.round_lr}] + ([{"params": scales, "lr": schedule.clip_lr}] if scales else [])
+        opt = torch.optim.Adam(groups)
+        warm = int(schedule.warmup * schedule.round_steps)
+        for step, i in enumerate(order(schedule.round_steps)):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_of(i)
+            rec = loss.item()
+            if step >= warm:
+                t = (step - warm) / max(1, schedule.round_steps - warm - 1)
+                beta = 2 + (20 - 2) * (1 + math.cos(math.pi * t)) / 2  # 20 → 2
+                loss = loss + schedule.reg * sum(q.regulariser(beta) for q in quantizers.values()) / len(quantizers)
+            loss.backward()
+            opt.step()
+            if progress:
+                progress("round", rec)
+        with torch.no_grad():
+            undecided = float(np.mean([q.undecided() for q in quantizers.values()]))
+    for q in quantizers.values():
+        q.hard = True
+    end = evaluate()
+    if end > clipped:  # learned rounding that ends worse than rounding to nearest is undone
+        with torch.no_grad():
+            for p, value in zip(round_params, nearest, strict=True):
+                p.copy_(value)
+        end = evaluate()
+    return BlockResult(start, clipped, end, undecided)
+
+
+
+def _power(target: torch.Tensor, over: str) -> torch.Tensor:
+    """The target's mean square that the squared error is divided by: one value, one per channel (last axis), or one
+    per token (every position but the last axis)."""
+    t2 = target.double() ** 2
+    if over == "channel":
+        p = t2.reshape(-1, t2.shape[-1]).mean(0)
+    elif over == "token":
+        p = t2.mean(-1, keepdim=True)
+    else:
+        p = t2.mean()
+    return torch.where(p > 0, p, torch.ones_like(p)).to(target.dtype)
