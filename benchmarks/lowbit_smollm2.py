@@ -3,31 +3,39 @@ GPTQ, QuantEase and learned block reconstruction (the ``reconstruct`` pass), all
 
 GPTQ and QuantEase run with the quantization table's GPTQ settings (act-order, sink weight 64, output clip, damp
 0.003; the strongest GPTQ there): QuantEase starts from GPTQ's solution and keeps its scales, so any difference is
-the coordinate descent's. ``reconstruct`` runs with its defaults (learned clipping, then learned rounding, per
-decoder layer). Sign-plane rows: the binarize pass with GPTQ rounding against reconstruct's binary grid (bits in
+the coordinate descent's. ``reconstruct`` runs with its defaults (GPTQ with the same settings on what each decoder
+layer reads in the quantized model, then learned rounding). Sign-plane rows: the binarize pass with GPTQ rounding against reconstruct's binary grid (bits in
 the JSON: the number of planes). Calibration: the built-in ``lee-text`` source (Lee background windows
 115-146). Scored: Lee windows 0-15 (8,176 tokens) and the held-out Lee test corpus (9 windows of 512, never used
 for calibration or for choosing a default). lm_head stays fp32. Weights are emitted as ``fake`` (the dequantized
 values in float): the rows measure the weights alone.
-Writes benchmarks/results/lowbit_smollm2.json, one row at a time (a rerun replaces its own rows).
+Writes benchmarks/results/lowbit_smollm2.json, one row at a time (a rerun replaces its own rows), and
+lowbit_smollm2.png: each reconstruct row's per-block error at its start and learned.
 
-    python benchmarks/lowbit_smollm2.py [--bits 4 3 2] [--methods gptq quantease reconstruct] [--binary 1 2]
+    python benchmarks/lowbit_smollm2.py [--bits 4 3 2] [--methods gptq quantease reconstruct] [--asymmetric] [--binary 1 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
-import bitfold
-from bitfold.eval.models import export_smollm2, smollm2
-from bitfold.eval.tasks import CALIB_WINDOWS, heldout_windows, perplexity, smollm2_ppl
-from bitfold.passes.canonical import CANONICAL
-from bitfold.quant.calibration import CalibrationData
-from bitfold.tools.bench import merge_rows, provenance
-from bitfold.tools.files import write_atomic
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+import bitfold  # noqa: E402
+from bitfold.eval.models import export_smollm2, smollm2  # noqa: E402
+from bitfold.eval.tasks import CALIB_WINDOWS, heldout_windows, perplexity, smollm2_ppl  # noqa: E402
+from bitfold.passes.canonical import CANONICAL  # noqa: E402
+from bitfold.quant.calibration import CalibrationData  # noqa: E402
+from bitfold.tools.bench import merge_rows, provenance  # noqa: E402
+from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 GPTQ = {"act_order": True, "sink_weight": 64.0, "clip": "output", "damp": 0.003}
@@ -40,13 +48,16 @@ BINARY = {
     "binarize (GPTQ), 2 planes": {"name": "binarize", "planes": 2, "keep_ends": False, "gptq": True, "act_order": True, "sink_weight": 64.0, "damp": 0.003},
     "reconstruct binary, 2 planes": {"name": "reconstruct", "grid": "binary", "planes": 2},
 }
-ORDER = ["FP32"] + [f"{name} W{bits} g128" for bits in (4, 3, 2) for name in NAMES.values()] + list(BINARY)
+#: reconstruct's note per block: relative output error at the start → after the scale phase → after rounding
+BLOCK_NOTE = re.compile(r"output error ([\d.e+-]+) \(start\) → ([\d.e+-]+) \(clipping\) → ([\d.e+-]+) \(rounding\)")
+ORDER = ["FP32"] + [f"{name} W{bits} g128{grid}" for bits in (4, 3, 2) for grid in ("", " asym") for name in NAMES.values()] + list(BINARY)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--methods", nargs="+", choices=list(NAMES), default=list(NAMES))
+    parser.add_argument("--asymmetric", action="store_true", help="the integer rows on the asymmetric grid (a zero point per group)")
     parser.add_argument("--binary", nargs="*", choices=[1, 2], type=int, default=[1, 2], help="sign-plane rows to run (none: --binary)")
     args = parser.parse_args()
     stamp = provenance()
@@ -61,7 +72,8 @@ def main() -> None:
     for bits in args.bits:
         for method in args.methods:
             step = {"name": "quantize-weights", "method": method, **GPTQ} if method != "reconstruct" else {"name": "reconstruct"}
-            runs.append((f"{NAMES[method]} W{bits} g128", method, bits, {**step, "bits": bits, "group_size": 128}))
+            grid = {"symmetric": False} if args.asymmetric else {}
+            runs.append((f"{NAMES[method]} W{bits} g128{' asym' if args.asymmetric else ''}", method, bits, {**step, "bits": bits, "group_size": 128, **grid}))
     for variant, step in BINARY.items():
         planes = step.get("planes", 1)
         if planes in args.binary:
@@ -69,11 +81,14 @@ def main() -> None:
     for variant, method, bits, step in runs:
         step = {**step, "format": "fake", "exclude": ["*lm_head*"]}
         start = time.perf_counter()
-        model, _ = bitfold.optimize(bitfold.clone(fp32), [step], calibration)
+        model, report = bitfold.optimize(bitfold.clone(fp32), [step], calibration)
         seconds = time.perf_counter() - start
         rows.append({"model": "SmolLM2", "variant": variant, "method": method, "bits": bits,
                      "ppl": smollm2_ppl(model).value, "ppl_heldout": perplexity(model, heldout)[0],
                      "optimize_s": round(seconds, 1)})  # fmt: skip
+        blocks = [[float(x) for x in m.groups()] for note in report.passes[0].notes if (m := BLOCK_NOTE.search(note))]
+        if blocks:  # reconstruct: each block's calibration error at its start, after the first phase, at the end
+            rows[-1]["block_losses"] = blocks
         print(rows[-1], flush=True)
         del model
         _write(rows, stamp)  # after every row: a long run that stops keeps what it measured
@@ -93,6 +108,27 @@ def _write(rows: list[dict], stamp: dict) -> None:
         "rows": rows,
     }
     write_atomic(path, json.dumps(result, indent=2).encode())
+    _plot(rows, RESULTS / "lowbit_smollm2.png")
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    """Each reconstruct row's per-block calibration error: at its start and at the end."""
+    learned = [r for r in rows if r.get("block_losses")]
+    if not learned:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, row in enumerate(learned):
+        losses = np.asarray(row["block_losses"])
+        color = f"C{i}"
+        ax.plot(losses[:, 0], "--", color=color, lw=1, label=f"{row['variant']}: start")
+        ax.plot(losses[:, 2], "-", color=color, label=f"{row['variant']}: learned")
+    ax.set_xlabel("block (decoder layer)")
+    ax.set_ylabel("output error / target mean square")
+    ax.set_yscale("log")
+    ax.set_title("SmolLM2-135M: per-block error on the calibration windows")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -8,16 +8,18 @@ parameters are learned in two phases; for integer grids:
 1. **Clipping** (OmniQuant's learnable weight clipping): a ratio per scale group shrinks the group's range,
    ``lo' = r_lo·lo``, ``hi' = r_hi·hi`` (one ratio for symmetric grids), and the scale and zero point follow the
    format's own rule (:meth:`bitfold.quant.formats.IntFormat.params`). Rounding is to nearest, its gradient passed
-   straight through; ratios are kept in [``min_ratio``, 1].
+   straight through; ratios are kept in [``min_ratio``, 1]. Started from a solver's solution (GPTQ's), the codes
+   stay the solver's and the phase learns a gain on each group's scale instead.
 2. **Rounding** (AdaRound): with the scale and zero point fixed, each weight's code is ``floor(w/s + z) + h``
    with ``h = clamp(1.2·σ(v) − 0.1, 0, 1)`` relaxed between rounding down and up; ``v`` starts where ``h`` equals
-   the fractional part (the soft weight is then the weight itself) and a regulariser ``1 − |2h − 1|^β``, β annealed
-   from 20 to 2, pushes every ``h`` to 0 or 1. The result is the hard rounding ``h = [v ≥ 0]``.
+   the fractional part (the soft weight is then the weight itself), or leaning toward the solver's code, and a
+   regulariser ``1 − |2h − 1|^β``, β annealed from 20 to 2 and weighed in units of the loss the phase starts
+   from, pushes every ``h`` to 0 or 1. The result is the hard rounding ``h = [v ≥ 0]``.
 
 The loss is the block output's mean squared error relative to the target's mean square. A phase that ends with a
-larger loss on the calibration samples than it started with is undone, so a block never ends worse than round to
-nearest on its own grid. Everything is seeded:
-the order in which samples are visited comes from ``seed`` and torch's CPU kernels are deterministic.
+larger loss on the calibration samples than it started with is undone, so a block never ends worse than its start
+(round to nearest, or the solver's solution). Everything is seeded: the order in which samples are visited comes
+from ``seed`` and torch's CPU kernels are deterministic.
 """
 
 from __future__ import annotations
@@ -70,13 +72,16 @@ class _Rounding(torch.nn.Module):
 class IntQuantizer(_Rounding):
     """Learnable quantizer of one weight Wᵀ (N, K) on ``fmt``'s grid with ``granularity``'s scale groups."""
 
+    start_logit = 1.5  # |v| where rounding starts from a solver's codes (h = 0.88 toward its code)
+
     def __init__(
         self, wt: np.ndarray, fmt: IntFormat, granularity: Granularity, *, min_ratio: float = 0.5,
         start: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     ) -> None:  # fmt: skip
-        """``start``: a solver's (dequantized Wᵀ, scale, zero point) per element, e.g. GPTQ's. Its scales are kept
-        (no clipping phase) and the rounding phase chooses, per weight, between the solver's code and its neighbour
-        toward w/s + z, starting from the solver's."""
+        """``start``: a solver's (dequantized Wᵀ, scale, zero point) per element, e.g. GPTQ's. Its codes are kept
+        while the first phase learns a gain on each group's scale (no clipping: the solver chose its range); the
+        rounding phase then chooses, per weight, between the solver's code and its neighbour toward w/s + z,
+        starting from the solver's."""
         super().__init__()
         self.fmt, self.shape, self.min_ratio = fmt, tuple(wt.shape), min_ratio
         group = lambda a: torch.from_numpy(to_groups(np.asarray(a, np.float32), granularity).copy())  # noqa: E731
@@ -88,22 +93,28 @@ class IntQuantizer(_Rounding):
         self.fixed: tuple[torch.Tensor, torch.Tensor] | None = None
         self.hard = False
         self.start: torch.Tensor | None = None  # the solver's codes
+        self.gain: torch.nn.Parameter | None = None  # log of the learned factor on the solver's scales
         if start is not None:
             q, scale, zero = (group(a) for a in start)
             scale, zero = scale[..., :1], zero[..., :1]
             scale = torch.where(scale != 0, scale, torch.ones_like(scale))
-            self.fixed = (scale, zero)
+            self.register_buffer("start_scale", scale)
+            self.register_buffer("start_zero", zero)
             self.start = torch.round(q / scale + zero).clamp(fmt.qmin, fmt.qmax)
+            self.gain = torch.nn.Parameter(torch.zeros_like(scale))
         self.r_hi = torch.nn.Parameter(torch.ones_like(self.hi)) if start is None else None
         self.r_lo = torch.nn.Parameter(torch.ones_like(self.lo)) if start is None and not fmt.symmetric else None
 
     def clip_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in (self.r_hi, self.r_lo) if p is not None]
+        return [p for p in (self.r_hi, self.r_lo, self.gain) if p is not None]
 
     def scale_zero(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scale and zero point per group, differentiable in the clipping ratios (as ``IntFormat.params``)."""
+        """Scale and zero point per group, differentiable in the clipping ratios (as ``IntFormat.params``) or, from
+        a solver's start, in the gain on its scales."""
         if self.fixed is not None:
             return self.fixed
+        if self.gain is not None:
+            return self.start_scale * self.gain.exp(), self.start_zero
         fmt = self.fmt
         r_hi = self.r_hi.clamp(self.min_ratio, 1.0)
         r_lo = r_hi if self.r_lo is None else self.r_lo.clamp(self.min_ratio, 1.0)
@@ -130,7 +141,7 @@ class IntQuantizer(_Rounding):
             if self.start is not None:  # h = 1 picks the solver's code where the neighbour lies below it
                 up = (self.start > x).to(x.dtype)
                 self.register_buffer("base", self.start - up)
-                self.v = torch.nn.Parameter(torch.where(up > 0, 1.5, -1.5) * torch.ones_like(x))
+                self.v = torch.nn.Parameter(torch.where(up > 0, self.start_logit, -self.start_logit) * torch.ones_like(x))
                 return
             self.v = self.logits(x - torch.floor(x))
 
@@ -297,7 +308,7 @@ class Schedule:
     round_steps: int = 200
     clip_lr: float = 5e-3
     round_lr: float = 5e-2
-    reg: float = 1.0
+    reg: float = 30.0  # in units of the block's error where the rounding phase starts
     warmup: float = 0.2  # fraction of the rounding steps without the regulariser
     seed: int = 0
     loss: str = "tensor"  # the squared error relative to the target's mean square over the tensor | each channel | each token
@@ -366,6 +377,7 @@ def train_block(
         groups = [{"params": rounding, "lr": schedule.round_lr}] + ([{"params": scales, "lr": schedule.clip_lr}] if scales else [])
         opt = torch.optim.Adam(groups)
         warm = int(schedule.warmup * schedule.round_steps)
+        reg = schedule.reg * max(clipped, 1e-12)  # the regulariser is weighed against the error the rounding starts from
         for step, i in enumerate(order(schedule.round_steps)):
             opt.zero_grad(set_to_none=True)
             loss = loss_of(i)
@@ -373,7 +385,7 @@ def train_block(
             if step >= warm:
                 t = (step - warm) / max(1, schedule.round_steps - warm - 1)
                 beta = 2 + (20 - 2) * (1 + math.cos(math.pi * t)) / 2  # 20 → 2
-                loss = loss + schedule.reg * sum(q.regulariser(beta) for q in quantizers.values()) / len(quantizers)
+                loss = loss + reg * sum(q.regulariser(beta) for q in quantizers.values()) / len(quantizers)
             loss.backward()
             opt.step()
             if progress:

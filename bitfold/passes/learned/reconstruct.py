@@ -3,12 +3,15 @@
 The graph is cut into blocks along its transformer residual stream (``span`` residual Adds per block: 2 is one
 decoder layer, attention then MLP). For each block in order, every MatMul weight inside it that
 ``quantize-weights`` (``grid = "int"``), ``shift`` (``grid = "shift"``) or ``binarize`` (``grid = "binary"``)
-would quantize gets a learnable quantizer (:mod:`bitfold.quant.reconstruct`): first the clipping ratios of every
-scale group (OmniQuant's learnable weight clipping), each output's power-of-two scale, or the sign planes' α; then
-the rounding of every weight (AdaRound, annealed to hard; for powers of two, between the two exponents around the
-weight's; for sign planes, latent weights under a straight-through sign). The loss is the block's output error against the full-precision block on the
-calibration samples. The block is run by :class:`~bitfold.quant.torch_graph.TorchGraph`, a torch translation of its
-ONNX nodes, so any architecture whose layers use the interpreter's ops works without a model definition.
+would quantize gets a learnable quantizer (:mod:`bitfold.quant.reconstruct`). On integer grids the default start is
+GPTQ's solution on the Hessians of what the block reads in the quantized model (the blocks before it already
+quantized), after which each group's scale learns a gain and each weight the choice between GPTQ's code and its
+neighbour (AdaRound, annealed to hard); ``start = "rtn"`` learns the clipping ratio of every scale group first (OmniQuant's learnable weight
+clipping), then the rounding. For powers of two: each output's scale, then the choice between the two exponents
+around the weight's; for sign planes: α, then latent weights under a straight-through sign. The loss is the block's
+output error against the full-precision block on the calibration samples. The block is run by
+:class:`~bitfold.quant.torch_graph.TorchGraph`, a torch translation of its ONNX nodes, so any architecture whose
+layers use the interpreter's ops works without a model definition.
 
 Sequential: block *i*'s inputs are what the already-quantized blocks before it compute, and its target is what
 the full-precision blocks compute, so each block also corrects the error it inherits. Values the blocks read from
@@ -17,12 +20,12 @@ outside the stream (masks, rotary tables, graph inputs) come from one ONNX Runti
 Emits what ``quantize-weights`` emits for the same integer grid (``qdq``, ``matmulnbits`` or ``fake``), or what
 ``shift`` and ``binarize`` emit (``op``: ``bitfold.ShiftMatMul`` / ``bitfold.BinaryMatMul``, or ``fake``), tagged
 ``bitfold.quantized = reconstruct-…``; a rerun is a no-op. MatMuls outside every block (the LM head) are left float
-with a note: quantize them with ``quantize-weights``. Each block's losses (round to nearest, after clipping, after
+with a note: quantize them with ``quantize-weights``. Each block's losses (at the start, after clipping, after
 rounding) are in the pass notes.
 
 Guarantees: the emitted weight equals the learned weight exactly in every format; on the calibration samples no
-block's output error ends above what the format's one-shot rounding (to nearest; the binarize solver's signs) on
-the same grid gives it.
+block's output error ends above what its start (GPTQ's solution, round to nearest, or the shift and binarize
+solvers') gives it.
 """
 
 from __future__ import annotations
@@ -65,14 +68,14 @@ class ReconstructConfig:
     center: bool = dataclasses.field(default=False, metadata={"doc": "binary: subtract a learned mean per output first"})
     exclude: tuple[str, ...] = dataclasses.field(default=(), metadata={"doc": "globs on node name, weight name or torch module scope"})
     span: int = dataclasses.field(default=2, metadata={"doc": "residual Adds per block (2: one decoder layer)"})
-    clip_steps: int = dataclasses.field(default=100, metadata={"doc": "Adam steps learning the clipping ratios, per block"})
+    clip_steps: int = dataclasses.field(default=100, metadata={"doc": "Adam steps learning the clipping ratios (start = rtn) or the gains on GPTQ's scales, per block"})
     round_steps: int = dataclasses.field(default=200, metadata={"doc": "Adam steps learning the rounding, per block (0: round to nearest)"})
     clip_lr: float = dataclasses.field(default=5e-3, metadata={"doc": "learning rate of the clipping ratios"})
     round_lr: float = dataclasses.field(default=5e-2, metadata={"doc": "learning rate of the rounding logits"})
     min_ratio: float = dataclasses.field(default=0.5, metadata={"doc": "smallest clipping ratio of a group's range"})
-    reg: float = dataclasses.field(default=1.0, metadata={"doc": "weight of the rounding regulariser (the loss is relative, the regulariser a mean)"})
+    reg: float = dataclasses.field(default=30.0, metadata={"doc": "weight of the rounding regulariser, in units of the block's error where rounding starts"})
     seed: int = dataclasses.field(default=0, metadata={"doc": "order in which calibration samples are visited"})
-    start: Literal["rtn", "gptq"] = dataclasses.field(default="rtn", metadata={"doc": "int: where the learning starts: round to nearest | GPTQ's solution (its scales kept, each rounding chosen between GPTQ's code and its neighbour)"})
+    start: Literal["rtn", "gptq"] = dataclasses.field(default="gptq", metadata={"doc": "int: where the learning starts: round to nearest (then learned clipping) | GPTQ's solution on the quantized model's inputs to the block (a gain learned on its scales, each rounding chosen between GPTQ's code and its neighbour)"})
     damp: float = dataclasses.field(default=0.003, metadata={"doc": "start = gptq: Hessian dampening, fraction of mean diag"})
     act_order: bool = dataclasses.field(default=True, metadata={"doc": "start = gptq: visit columns by decreasing Hessian diagonal"})
     sink_weight: float = dataclasses.field(default=64.0, metadata={"doc": "start = gptq: weight in H of each sequence's first token"})
@@ -227,17 +230,27 @@ class Reconstruct(QuantizeWeights):
 
     # -- learn --------------------------------------------------------------------------------------------------
 
-    def _gptq(self, model: ir.Model, blocks: list[Block]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """GPTQ's solution of every target weight, on the input graph's Hessians (as quantize-weights computes it)."""
-        targets = [node for b in blocks for node in b.targets]
-        hessians = {name: s.gram for name, s in self._stats(model, targets).items()}
+    def _gptq(self, block: Block, probe: TorchGraph, names: list[str], samples: list[dict[str, torch.Tensor]],
+              weights: dict[str, torch.Tensor]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:  # fmt: skip
+        """GPTQ's solution of the block's weights on Hessians of what the block reads in the quantized model (the
+        earlier blocks already quantized), each sequence's first token weighted ``sink_weight``."""
+        grams: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for env in samples:
+                for name, x in probe(**{n: env[n] for n in names}, **weights).items():
+                    rows = x.double().reshape(-1, x.shape[-1])
+                    w = torch.ones(rows.shape[0], dtype=torch.float64)
+                    if x.dim() >= 3:
+                        w.view(-1, x.shape[-2])[:, 0] = self.config.sink_weight
+                    g = (rows * w[:, None]).T @ rows
+                    grams[name] = grams[name] + g if name in grams else g
         fmt, granularity = self.config.number_format, granularity_from(self.config.group_size)
         found = {}
-        for node in tqdm(targets, desc="reconstruct: GPTQ start", leave=False):
+        for node in block.targets:
             if node.inputs[1].name not in found:
-                wt = node.inputs[1].const_value.numpy().astype(np.float32).T
-                found[node.inputs[1].name] = gptq(wt, hessians[node.inputs[0].name], fmt, granularity, damp=self.config.damp,
-                                                  act_order=self.config.act_order, clip=self.config.clip)  # fmt: skip
+                wt = weights[node.inputs[1].name].numpy().T
+                found[node.inputs[1].name] = gptq(wt, grams[node.inputs[0].name].numpy(), fmt, granularity, damp=self.config.damp,
+                                                  act_order=self.config.act_order, clip=self.config.clip, notes=self.notes)  # fmt: skip
         return found
 
     def quantizer(self, wt: np.ndarray, start: tuple[np.ndarray, ...] | None = None) -> IntQuantizer | ShiftQuantizer | BinaryQuantizer:
@@ -260,12 +273,14 @@ class Reconstruct(QuantizeWeights):
             made.append({v.name: v for node in block.nodes for v in node.outputs})
         produced = {name for names in made for name in names}
         outside = list(dict.fromkeys(n for names in inputs for n in names if n not in produced))
-        modules = []
+        modules, probes = [], []
         for b, block in enumerate(blocks):  # each block computes its stream output and what later blocks read of it
             passed = [made[b][n] for names in inputs[b + 1 :] for n in names if n in made[b]]
             outputs = list(dict.fromkeys([block.output, *passed]))
             values = {v.name: v for node in block.nodes for v in node.inputs if v is not None}
-            modules.append(TorchGraph(graph, nodes=block.nodes, inputs=[values[n] for n in inputs[b]] + _weights(block), outputs=outputs))
+            fed = [values[n] for n in inputs[b]] + _weights(block)
+            modules.append(TorchGraph(graph, nodes=block.nodes, inputs=fed, outputs=outputs))
+            probes.append(TorchGraph(graph, nodes=block.nodes, inputs=fed, outputs=list(dict.fromkeys(n.inputs[0] for n in block.targets))))
         samples = self.calibration.activations(model, outside)
         later = {name: max(i for i, names in enumerate(inputs) if name in names) for names in inputs for name in names}
         shared = [{k: torch.from_numpy(np.asarray(v)) for k, v in s.items()} for s in samples]
@@ -273,12 +288,12 @@ class Reconstruct(QuantizeWeights):
         full = [dict(s) for s in shared]  # the same on the full-precision path
         schedule = Schedule(self.config.clip_steps, self.config.round_steps, self.config.clip_lr, self.config.round_lr,
                             self.config.reg, seed=self.config.seed, loss=self.config.loss)  # fmt: skip
-        starts = self._gptq(model, blocks) if self.config.grid == "int" and self.config.start == "gptq" else {}
         solved = {}
         self.results: list[BlockResult] = []  # per block, for callers and tests
         bar = tqdm(total=len(blocks), desc=f"reconstruct {self.config.tag}", leave=False)
-        for b, (block, module, names) in enumerate(zip(blocks, modules, inputs, strict=True)):
+        for b, (block, module, probe, names) in enumerate(zip(blocks, modules, probes, inputs, strict=True)):
             float_weights = {v.name: torch.from_numpy(v.const_value.numpy().astype(np.float32)) for v in _weights(block)}
+            starts = self._gptq(block, probe, names, quant, float_weights) if self.config.grid == "int" and self.config.start == "gptq" else {}
             quantizers = {v.name: self.quantizer(float_weights[v.name].numpy().T, starts.get(v.name)) for v in _weights(block)}
             out = block.output.name
             with torch.no_grad():
@@ -293,7 +308,7 @@ class Reconstruct(QuantizeWeights):
 
             result = train_block(run, quantizers, targets, schedule, progress=show)
             self.results.append(result)
-            self.notes.append(f"block {b} ({len(quantizers)} weights): output error {result.loss_start:.4g} (round to nearest) → "
+            self.notes.append(f"block {b} ({len(quantizers)} weights): output error {result.loss_start:.4g} (start) → "
                               f"{result.loss_clip:.4g} (clipping) → {result.loss_end:.4g} (rounding)")  # fmt: skip
             with torch.no_grad():
                 hard = {name: q().T for name, q in quantizers.items()}
