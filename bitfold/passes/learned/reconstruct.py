@@ -70,7 +70,7 @@ class ReconstructConfig:
     span: int = dataclasses.field(default=2, metadata={"doc": "residual Adds per block (2: one decoder layer)"})
     clip_steps: int = dataclasses.field(default=100, metadata={"doc": "Adam steps learning the clipping ratios (start = rtn) or the gains on GPTQ's scales, per block"})
     round_steps: int = dataclasses.field(default=200, metadata={"doc": "Adam steps learning the rounding, per block (0: round to nearest)"})
-    clip_lr: float = dataclasses.field(default=5e-3, metadata={"doc": "learning rate of the clipping ratios"})
+    clip_lr: float = dataclasses.field(default=5e-3, metadata={"doc": "learning rate of the clipping ratios or the gains on GPTQ's scales"})
     round_lr: float = dataclasses.field(default=5e-2, metadata={"doc": "learning rate of the rounding logits"})
     min_ratio: float = dataclasses.field(default=0.5, metadata={"doc": "smallest clipping ratio of a group's range"})
     reg: float = dataclasses.field(default=30.0, metadata={"doc": "weight of the rounding regulariser, in units of the block's error where rounding starts"})
