@@ -4,7 +4,8 @@ GPTQ, QuantEase and learned block reconstruction (the ``reconstruct`` pass), all
 GPTQ and QuantEase run with the quantization table's GPTQ settings (act-order, sink weight 64, output clip, damp
 0.003; the strongest GPTQ there): QuantEase starts from GPTQ's solution and keeps its scales, so any difference is
 the coordinate descent's. ``reconstruct`` runs with its defaults (GPTQ with the same settings on what each decoder
-layer reads in the quantized model, then learned rounding). Sign-plane rows: the binarize pass with GPTQ rounding against reconstruct's binary grid (bits in
+layer reads in the quantized model, then learned rounding); ``--tune STEPS`` rows ("+ end to end") add that many
+end-to-end steps on every scale against the float model's logits. Sign-plane rows: the binarize pass with GPTQ rounding against reconstruct's binary grid (bits in
 the JSON: the number of planes). Calibration: the built-in ``lee-text`` source (Lee background windows
 115-146). Scored: Lee windows 0-15 (8,176 tokens) and the held-out Lee test corpus (9 windows of 512, never used
 for calibration or for choosing a default). lm_head stays fp32. Weights are emitted as ``fake`` (the dequantized
@@ -12,7 +13,7 @@ values in float): the rows measure the weights alone.
 Writes benchmarks/results/lowbit_smollm2.json, one row at a time (a rerun replaces its own rows), and
 lowbit_smollm2.png: each reconstruct row's per-block error at its start and learned.
 
-    python benchmarks/lowbit_smollm2.py [--bits 4 3 2] [--methods gptq quantease reconstruct] [--asymmetric] [--binary 1 2]
+    python benchmarks/lowbit_smollm2.py [--bits 4 3 2] [--methods gptq quantease reconstruct] [--asymmetric] [--binary 1 2] [--tune STEPS]
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ BINARY = {
 }
 #: reconstruct's note per block: relative output error at the start → after the scale phase → after rounding
 BLOCK_NOTE = re.compile(r"output error ([\d.e+-]+) \(start\) → ([\d.e+-]+) \(clipping\) → ([\d.e+-]+) \(rounding\)")
-ORDER = ["FP32"] + [f"{name} W{bits} g128{grid}" for bits in (4, 3, 2) for grid in ("", " asym") for name in NAMES.values()] + list(BINARY)
+TUNE_NOTE = re.compile(r"end to end \((\d+) steps\): kl ([\d.e+-]+) → ([\d.e+-]+)")
+ORDER = ["FP32"] + [f"{name} W{bits} g128{grid}" for bits in (4, 3, 2) for grid in ("", " asym")
+                    for name in [*NAMES.values(), "reconstruct + end to end"]] + list(BINARY)  # fmt: skip
 
 
 def main() -> None:
@@ -59,6 +62,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=list(NAMES), default=list(NAMES))
     parser.add_argument("--asymmetric", action="store_true", help="the integer rows on the asymmetric grid (a zero point per group)")
     parser.add_argument("--binary", nargs="*", choices=[1, 2], type=int, default=[1, 2], help="sign-plane rows to run (none: --binary)")
+    parser.add_argument("--tune", type=int, default=0, metavar="STEPS",
+                        help="reconstruct rows: also this many end-to-end steps on the scales (variant '+ end to end')")  # fmt: skip
     args = parser.parse_args()
     stamp = provenance()
     _, tokenizer = smollm2()
@@ -71,9 +76,10 @@ def main() -> None:
     runs = []
     for bits in args.bits:
         for method in args.methods:
-            step = {"name": "quantize-weights", "method": method, **GPTQ} if method != "reconstruct" else {"name": "reconstruct"}
+            step = {"name": "quantize-weights", "method": method, **GPTQ} if method != "reconstruct" else {"name": "reconstruct", "tune_steps": args.tune}
             grid = {"symmetric": False} if args.asymmetric else {}
-            runs.append((f"{NAMES[method]} W{bits} g128{' asym' if args.asymmetric else ''}", method, bits, {**step, "bits": bits, "group_size": 128, **grid}))
+            name = f"{NAMES[method]}{' + end to end' if method == 'reconstruct' and args.tune else ''}"
+            runs.append((f"{name} W{bits} g128{' asym' if args.asymmetric else ''}", method, bits, {**step, "bits": bits, "group_size": 128, **grid}))
     for variant, step in BINARY.items():
         planes = step.get("planes", 1)
         if planes in args.binary:
@@ -89,6 +95,9 @@ def main() -> None:
         blocks = [[float(x) for x in m.groups()] for note in report.passes[0].notes if (m := BLOCK_NOTE.search(note))]
         if blocks:  # reconstruct: each block's calibration error at its start, after the first phase, at the end
             rows[-1]["block_losses"] = blocks
+        for note in report.passes[0].notes:
+            if m := TUNE_NOTE.search(note):  # reconstruct's end-to-end phase: the KL on the calibration windows
+                rows[-1]["end_to_end"] = {"steps": int(m[1]), "kl_start": float(m[2]), "kl_end": float(m[3])}
         print(rows[-1], flush=True)
         del model
         _write(rows, stamp)  # after every row: a long run that stops keeps what it measured
@@ -104,7 +113,8 @@ def _write(rows: list[dict], stamp: dict) -> None:
         "model": "SmolLM2-135M-Instruct (weights from a Q4_1 GGUF: 32-element blocks with offset)",
         "protocol": f"calibration: Lee windows {CALIB_WINDOWS.start}-{CALIB_WINDOWS.stop - 1}; scored: Lee windows 0-15 of 512 tokens "
         "(8,176 tokens) and the held-out Lee test corpus (9 windows of 512); lm_head fp32; GPTQ settings as the quantization table's; "
-        "reconstruct with its defaults",
+        "reconstruct with its defaults; '+ end to end' rows then learn every scale against the float logits on the same "
+        "calibration windows (steps and KL before and after in the row's end_to_end record)",
         "rows": rows,
     }
     write_atomic(path, json.dumps(result, indent=2).encode())

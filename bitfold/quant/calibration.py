@@ -119,16 +119,22 @@ class TensorStats:
         self.sum = signed if self.sum is None else self.sum + signed
         self.rows += rows.shape[0]
         if gram:
-            weights = np.ones(rows.shape[0])
-            if x.ndim >= 3 and sink_weight != 1.0:  # (..., sequence, channels): weight each sequence's first row
-                weights.reshape(-1, x.shape[-2])[:, 0] = sink_weight
-            g = (rows.astype(np.float64) * weights[:, None]).T @ rows.astype(np.float64)
+            g = sink_gram(x, sink_weight)
             self.gram = g if self.gram is None else self.gram + g
         # the reservoir keeps signed values: observers need both tails
         self.reservoir, self.reservoir_keys = _keep(self.reservoir, self.reservoir_keys, rows.ravel(), reservoir, rng)
         if rows_kept:
             self.sample, self.sample_keys = _keep(self.sample, self.sample_keys, rows, rows_kept, rng)
 
+
+def sink_gram(x: np.ndarray, sink_weight: float = 1.0) -> np.ndarray:
+    """``Σ w_r x_r x_rᵀ`` over the rows of ``x`` (its last axis the channels), float64: every row weighs 1 but each
+    sequence's first one (x shaped (..., sequence, channels)), which weighs ``sink_weight``."""
+    rows = np.asarray(x).reshape(-1, x.shape[-1]).astype(np.float64)
+    weights = np.ones(rows.shape[0])
+    if x.ndim >= 3 and sink_weight != 1.0:
+        weights.reshape(-1, x.shape[-2])[:, 0] = sink_weight
+    return (rows * weights[:, None]).T @ rows
 
 def _keep(kept: np.ndarray | None, keys: np.ndarray | None, new: np.ndarray, size: int, rng: np.random.Generator):
     """Merge ``new`` items (along axis 0) into a uniform sample without replacement of at most ``size`` items.

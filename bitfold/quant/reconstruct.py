@@ -16,7 +16,12 @@ parameters are learned in two phases; for integer grids:
    regulariser ``1 − |2h − 1|^β``, β annealed from 20 to 2 and weighed in units of the loss the phase starts
    from, pushes every ``h`` to 0 or 1. The result is the hard rounding ``h = [v ≥ 0]``.
 
-The loss is the block output's mean squared error relative to the target's mean square. A phase that ends with a
+3. **End to end** (optional, EfficientQAT's end-to-end training of the quantization parameters): with every
+   block's codes frozen, a factor on each scale group's scale learns against the full-precision model's output
+   over all blocks at once (:func:`tune_scales`; KL divergence of the next-token distributions for a language
+   model), which corrects what no block sees alone: errors that compound across blocks.
+
+The loss of phases 1 and 2 is the block output's mean squared error relative to the target's mean square. A phase that ends with a
 larger loss on the calibration samples than it started with is undone, so a block never ends worse than its start
 (round to nearest, or the solver's solution). Everything is seeded: the order in which samples are visited comes
 from ``seed`` and torch's CPU kernels are deterministic.
@@ -94,6 +99,8 @@ class IntQuantizer(_Rounding):
         self.hard = False
         self.start: torch.Tensor | None = None  # the solver's codes
         self.gain: torch.nn.Parameter | None = None  # log of the learned factor on the solver's scales
+        self.frozen: torch.Tensor | None = None  # the hard codes, from :meth:`start_tuning` on
+        self.tune: torch.nn.Parameter | None = None  # log of the end-to-end factor on the fixed scales
         if start is not None:
             q, scale, zero = (group(a) for a in start)
             scale, zero = scale[..., :1], zero[..., :1]
@@ -112,7 +119,7 @@ class IntQuantizer(_Rounding):
         """Scale and zero point per group, differentiable in the clipping ratios (as ``IntFormat.params``) or, from
         a solver's start, in the gain on its scales."""
         if self.fixed is not None:
-            return self.fixed
+            return self.fixed if self.tune is None else (self.fixed[0] * self.tune.exp(), self.fixed[1])
         if self.gain is not None:
             return self.start_scale * self.gain.exp(), self.start_zero
         fmt = self.fmt
@@ -145,7 +152,18 @@ class IntQuantizer(_Rounding):
                 return
             self.v = self.logits(x - torch.floor(x))
 
+    def start_tuning(self) -> list[torch.nn.Parameter]:
+        """Freeze the hard codes; from here on only a factor on each group's scale learns. Returns it."""
+        self.hard = True
+        with torch.no_grad():
+            frozen = self.codes().detach().clone()
+        self.frozen = frozen
+        self.tune = torch.nn.Parameter(torch.zeros_like(self.fixed[0]))
+        return [self.tune]
+
     def codes(self) -> torch.Tensor:
+        if self.frozen is not None:
+            return self.frozen
         scale, zero = self.scale_zero()
         x = self.w / scale + zero
         if self.v is None:
@@ -192,13 +210,24 @@ class ShiftQuantizer(_Rounding):
         self.v: torch.nn.Parameter | None = None
         self.fixed: tuple[torch.Tensor, torch.Tensor] | None = None  # (scale, kept) once the rounding phase starts
         self.hard = False
+        self.frozen: torch.Tensor | None = None  # the hard powers of two, from :meth:`start_tuning` on
+        self.tune: torch.nn.Parameter | None = None  # log of the end-to-end factor on the fixed scales
 
     def clip_parameters(self) -> list[torch.nn.Parameter]:
         return [self.log_s]
 
+    def start_tuning(self) -> list[torch.nn.Parameter]:
+        """Freeze the hard powers of two; from here on only a factor on each output's scale learns. Returns it."""
+        self.hard = True
+        with torch.no_grad():
+            frozen = self.units().detach().clone()
+        self.frozen = frozen
+        self.tune = torch.nn.Parameter(torch.zeros_like(self.fixed[0]))
+        return [self.tune]
+
     def _scale_kept(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fixed is not None:
-            return self.fixed
+            return self.fixed if self.tune is None else (self.fixed[0] * self.tune.exp(), self.fixed[1])
         s = self.log_s.exp()
         kept = (self.a / s.detach() >= 2.0 ** (-self.e_max - 1)) if self.zero else torch.ones_like(self.a, dtype=torch.bool)
         return s, kept
@@ -215,6 +244,8 @@ class ShiftQuantizer(_Rounding):
 
     def units(self) -> torch.Tensor:
         """The signed powers of two (or 0) U, (N, K)."""
+        if self.frozen is not None:
+            return self.frozen
         s, kept = self._scale_kept()
         e = self._exponent(s).clamp(0, self.e_max)
         if self.v is None:
@@ -263,9 +294,17 @@ class BinaryQuantizer(torch.nn.Module):
         self.shift = torch.nn.Parameter(torch.zeros_like(self.mean0)) if center else None
         self.v: torch.nn.Parameter | None = None  # δ, the latent weights' offset in units of ᾱ
         self.hard = False
+        self.frozen: list[torch.Tensor] | None = None  # the sign planes, from :meth:`start_tuning` on
 
     def clip_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in (self.log_alpha, self.shift) if p is not None]
+
+    def start_tuning(self) -> list[torch.nn.Parameter]:
+        """Freeze the sign planes; from here on α (and μ) learn. Returns them."""
+        with torch.no_grad():
+            frozen = [b.detach().clone() for b in self.signs()]
+        self.frozen = frozen
+        return self.clip_parameters()
 
     def start_rounding(self) -> None:
         self.v = torch.nn.Parameter(torch.zeros_like(self.w))
@@ -274,6 +313,8 @@ class BinaryQuantizer(torch.nn.Module):
         return self.mean0 if self.shift is None else self.mean0 + self.shift * self.unit
 
     def signs(self) -> list[torch.Tensor]:
+        if self.frozen is not None:
+            return list(self.frozen)
         latent = self.w if self.v is None else self.w + self.v * self.unit
         r, alpha = latent - self._mean(), self.log_alpha.exp()
         out = []
@@ -402,6 +443,61 @@ def train_block(
         end = evaluate()
     return BlockResult(start, clipped, end, undecided)
 
+
+
+@dataclasses.dataclass
+class TuneResult:
+    loss_start: float  # mean loss on the calibration samples before the end-to-end phase
+    loss_end: float  # after it (the start's when it did not help: the phase is then undone)
+
+
+def tune_scales(
+    run: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    parameters: Sequence[torch.nn.Parameter],
+    samples: int,
+    *,
+    steps: int,
+    lr: float,
+    loss: str = "kl",
+    seed: int = 0,
+    progress: Callable[[float], None] | None = None,
+) -> TuneResult:
+    """Learn ``parameters`` (the quantizers' factors on their scales, codes frozen) so that the model's output
+    ``run(sample)[0]`` matches its target ``run(sample)[1]``: the KL divergence from the target's softmax over the
+    last axis (``loss = "kl"``, per position) or the squared error relative to the target's mean square
+    (``"mse"``). Adam, one sample per step in a seeded order; ends undone when the mean loss over all samples did
+    not drop."""
+    rng = np.random.default_rng(seed)
+
+    def loss_of(i: int) -> torch.Tensor:
+        out, target = run(i)
+        if loss == "kl":
+            logp = torch.log_softmax(target.double(), -1)
+            return (logp.exp() * (logp - torch.log_softmax(out.double(), -1))).sum(-1).mean()
+        return ((out - target) ** 2).mean() / (target**2).mean().clamp_min(1e-30)
+
+    def evaluate() -> float:
+        with torch.no_grad():
+            return float(np.mean([float(loss_of(i)) for i in range(samples)]))
+
+    start = evaluate()
+    initial = [p.detach().clone() for p in parameters]
+    opt = torch.optim.Adam(parameters, lr=lr)
+    picks = np.concatenate([rng.permutation(samples) for _ in range(-(-steps // samples))])[:steps] if steps else []
+    for i in picks:
+        opt.zero_grad(set_to_none=True)
+        value = loss_of(int(i))
+        value.backward()
+        opt.step()
+        if progress:
+            progress(value.item())
+    end = evaluate() if steps else start
+    if end > start:
+        with torch.no_grad():
+            for p, value in zip(parameters, initial, strict=True):
+                p.copy_(value)
+        end = start
+    return TuneResult(start, end)
 
 
 def _power(target: torch.Tensor, over: str) -> torch.Tensor:

@@ -49,9 +49,10 @@ from bitfold.passes.multless.shift import Shift, ShiftConfig
 from bitfold.passes.quant.quantize_weights import QUANTIZED_KEY, QuantizeWeights
 from bitfold.passes.registry import register
 from bitfold.passes.transforms.structure import residual_stream
+from bitfold.quant.calibration import sink_gram
 from bitfold.quant.formats import Format, IntFormat, format_from, granularity_from
 from bitfold.quant.gptq import gptq
-from bitfold.quant.reconstruct import BinaryQuantizer, BlockResult, IntQuantizer, Schedule, ShiftQuantizer, train_block
+from bitfold.quant.reconstruct import BinaryQuantizer, BlockResult, IntQuantizer, Schedule, ShiftQuantizer, train_block, tune_scales
 from bitfold.quant.torch_graph import TorchGraph
 
 
@@ -81,6 +82,9 @@ class ReconstructConfig:
     sink_weight: float = dataclasses.field(default=64.0, metadata={"doc": "start = gptq: weight in H of each sequence's first token"})
     clip: Literal["none", "weight", "output"] = dataclasses.field(default="output", metadata={"doc": "start = gptq: range shrink per group (as quantize-weights)"})
     loss: Literal["tensor", "channel", "token"] = dataclasses.field(default="tensor", metadata={"doc": "block output error relative to the target's mean square over: the tensor | each channel | each token"})
+    tune_steps: int = dataclasses.field(default=0, metadata={"doc": "Adam steps (one calibration sample each) learning a factor on every scale end to end, all blocks at once, codes frozen (0: none)"})
+    tune_lr: float = dataclasses.field(default=1e-3, metadata={"doc": "learning rate of the end-to-end scale factors (their logarithms)"})
+    tune_loss: Literal["kl", "mse"] = dataclasses.field(default="kl", metadata={"doc": "end to end: KL divergence of the first graph output's softmax (logits) | its error relative to its mean square"})
     accuracy_level: int = dataclasses.field(default=4, metadata={"doc": "matmulnbits: ORT compute type (4 = int8)"})
 
     # quantize-weights' emission reads these; reconstruct learns integer grids of MatMul weights only
@@ -90,8 +94,8 @@ class ReconstructConfig:
     def __post_init__(self) -> None:
         if self.span < 1:
             raise ValueError("span must be >= 1")
-        if min(self.clip_steps, self.round_steps) < 0:
-            raise ValueError("clip_steps and round_steps must be >= 0")
+        if min(self.clip_steps, self.round_steps, self.tune_steps) < 0:
+            raise ValueError("clip_steps, round_steps and tune_steps must be >= 0")
         if not 0.0 < self.min_ratio <= 1.0:
             raise ValueError("min_ratio must be in (0, 1]")
         if self.grid == "binary":
@@ -234,22 +238,18 @@ class Reconstruct(QuantizeWeights):
               weights: dict[str, torch.Tensor]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:  # fmt: skip
         """GPTQ's solution of the block's weights on Hessians of what the block reads in the quantized model (the
         earlier blocks already quantized), each sequence's first token weighted ``sink_weight``."""
-        grams: dict[str, torch.Tensor] = {}
+        grams: dict[str, np.ndarray] = {}
         with torch.no_grad():
             for env in samples:
                 for name, x in probe(**{n: env[n] for n in names}, **weights).items():
-                    rows = x.double().reshape(-1, x.shape[-1])
-                    w = torch.ones(rows.shape[0], dtype=torch.float64)
-                    if x.dim() >= 3:
-                        w.view(-1, x.shape[-2])[:, 0] = self.config.sink_weight
-                    g = (rows * w[:, None]).T @ rows
+                    g = sink_gram(x.numpy(), self.config.sink_weight)
                     grams[name] = grams[name] + g if name in grams else g
         fmt, granularity = self.config.number_format, granularity_from(self.config.group_size)
         found = {}
         for node in block.targets:
             if node.inputs[1].name not in found:
                 wt = weights[node.inputs[1].name].numpy().T
-                found[node.inputs[1].name] = gptq(wt, grams[node.inputs[0].name].numpy(), fmt, granularity, damp=self.config.damp,
+                found[node.inputs[1].name] = gptq(wt, grams[node.inputs[0].name], fmt, granularity, damp=self.config.damp,
                                                   act_order=self.config.act_order, clip=self.config.clip, notes=self.notes)  # fmt: skip
         return found
 
@@ -272,10 +272,13 @@ class Reconstruct(QuantizeWeights):
             inputs.append([n for n in _reads(block.nodes) if n not in weights])
             made.append({v.name: v for node in block.nodes for v in node.outputs})
         produced = {name for names in made for name in names}
-        outside = list(dict.fromkeys(n for names in inputs for n in names if n not in produced))
+        tail = self.tail(graph, blocks[-1].output) if self.config.tune_steps else None
+        tail_reads = [] if tail is None else [n for n in tail.input_names if n != blocks[-1].output.name]
+        readers = [*inputs, tail_reads]
+        outside = list(dict.fromkeys(n for names in readers for n in names if n not in produced))
         modules, probes = [], []
         for b, block in enumerate(blocks):  # each block computes its stream output and what later blocks read of it
-            passed = [made[b][n] for names in inputs[b + 1 :] for n in names if n in made[b]]
+            passed = [made[b][n] for names in readers[b + 1 :] for n in names if n in made[b]]
             outputs = list(dict.fromkeys([block.output, *passed]))
             values = {v.name: v for node in block.nodes for v in node.inputs if v is not None}
             fed = [values[n] for n in inputs[b]] + _weights(block)
@@ -288,7 +291,7 @@ class Reconstruct(QuantizeWeights):
         full = [dict(s) for s in shared]  # the same on the full-precision path
         schedule = Schedule(self.config.clip_steps, self.config.round_steps, self.config.clip_lr, self.config.round_lr,
                             self.config.reg, seed=self.config.seed, loss=self.config.loss)  # fmt: skip
-        solved = {}
+        solved, learned = {}, []
         self.results: list[BlockResult] = []  # per block, for callers and tests
         bar = tqdm(total=len(blocks), desc=f"reconstruct {self.config.tag}", leave=False)
         for b, (block, module, probe, names) in enumerate(zip(blocks, modules, probes, inputs, strict=True)):
@@ -317,12 +320,64 @@ class Reconstruct(QuantizeWeights):
                     full[i].update(computed[i])
             for name, q in quantizers.items():
                 solved[name] = q.export()
+            if self.config.tune_steps:  # kept for the end-to-end phase
+                learned.append(quantizers)
+                final = targets  # at the last block: the full-precision model's stream where the blocks end
             for env in (*quant, *full):  # drop what no later block reads
                 for name in [n for n in env if later.get(n, -1) <= b]:
                     del env[name]
             bar.update()
         bar.close()
+        if self.config.tune_steps:
+            chain = list(zip(blocks, modules, inputs, learned, strict=True))
+            self._tune(chain, tail, shared, final)
+            for quantizers in learned:
+                for name, q in quantizers.items():
+                    solved[name] = q.export()
         return solved
+
+    def tail(self, graph: ir.Graph, end: ir.Value) -> TorchGraph | None:
+        """The nodes from the blocks' end to the graph's first output (final norm and LM head), as a module; None
+        when the blocks end at it."""
+        if not graph.outputs or graph.outputs[0] is end:
+            return None
+        order = {node: i for i, node in enumerate(graph)}
+        nodes = sorted(_descendants(end) & _ancestors(graph.outputs[0]), key=order.__getitem__)
+        if not nodes:
+            raise BitfoldError(f"tune_steps trains against the graph's first output '{graph.outputs[0].name}', which does not depend on where the blocks end ('{end.name}').")
+        return TorchGraph(graph, nodes=nodes, outputs=[graph.outputs[0]])
+
+    def _tune(self, chain: list[tuple[Block, TorchGraph, list[str], dict]], tail: TorchGraph | None,
+              shared: list[dict[str, torch.Tensor]], final: list[torch.Tensor]) -> None:  # fmt: skip
+        """Every quantizer's scale factors learned at once against the full-precision model's output: the
+        calibration sample run through all blocks with their quantized weights, then the tail."""
+        parameters = [p for _, _, _, quantizers in chain for q in quantizers.values() for p in q.start_tuning()]
+        end = chain[-1][0].output.name
+
+        def run(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            env = dict(shared[i])
+            for _, module, names, quantizers in chain:
+                env.update(module(**{n: env[n] for n in names}, **{name: q().T for name, q in quantizers.items()}))
+            if tail is None:
+                return env[end], final[i]
+            out = tail.output_names[0]
+            reads = {n: env[n] for n in tail.input_names}
+            with torch.no_grad():
+                target = tail(**{**reads, end: final[i]})[out]
+            return tail(**reads)[out], target
+
+        bar = tqdm(total=self.config.tune_steps, desc=f"reconstruct {self.config.tag}: end to end", leave=False)
+
+        def show(loss: float) -> None:
+            bar.set_postfix_str(f"{self.config.tune_loss} {loss:.3g}", refresh=False)
+            bar.update()
+
+        result = tune_scales(run, parameters, len(shared), steps=self.config.tune_steps, lr=self.config.tune_lr,
+                             loss=self.config.tune_loss, seed=self.config.seed, progress=show)  # fmt: skip
+        bar.close()
+        self.tuned = result
+        kept = "" if result.loss_end < result.loss_start else " (no gain: undone)"
+        self.notes.append(f"end to end ({self.config.tune_steps} steps): {self.config.tune_loss} {result.loss_start:.4g} → {result.loss_end:.4g}{kept}")
 
 
 class _ShiftEmitter(Shift):

@@ -251,3 +251,46 @@ def test_a_gptq_start_never_ends_above_gptq_on_the_calibration_blocks(zoo_protos
     assert len(p.results) == 2
     assert all(r.loss_clip <= r.loss_start for r in p.results)  # GPTQ's codes kept, a gain learned on its scales
     assert all(r.loss_end <= r.loss_start for r in p.results) and any(r.loss_end < r.loss_start for r in p.results)
+
+
+# α per output is already learned with the signs block by block, so end to end it gains little on held-out tokens
+@pytest.mark.parametrize(("grid", "factor"), [({"bits": 2, "group_size": 16, "start": "rtn"}, 0.97), ({"grid": "shift", "bits": 3}, 0.97),
+                                              ({"grid": "binary"}, 1.0)])  # fmt: skip
+def test_end_to_end_scales_lower_the_model_output_error_on_held_out_tokens(zoo_protos, grid, factor):
+    calibration, held_out = token_calibration(16), list(token_calibration(8, seed=1))
+    reference = _logits(_lm(zoo_protos, "tiny-lm"), held_out)
+    errors, passes = [], []
+    for steps in (0, 64):
+        model = _lm(zoo_protos, "tiny-lm")
+        p = Reconstruct(**{"format": "fake", **grid}, **STEPS, tune_steps=steps, tune_lr=1e-2, tune_loss="mse", calibration=calibration)
+        p(model)
+        errors.append(_error(model, reference, held_out))
+        passes.append(p)
+    assert [r.loss_end for r in passes[0].results] == [r.loss_end for r in passes[1].results]  # same blocks before it
+    assert passes[1].tuned.loss_end < passes[1].tuned.loss_start
+    assert errors[1] < factor * errors[0], errors
+
+
+def test_end_to_end_kl_on_a_kv_cache_graph_trains_against_the_logits(tmp_path):
+    pytest.importorskip("transformers")
+    from tests.llm.families import make
+
+    from bitfold.llm import export_llm
+    from bitfold.llm.feeds import prefill
+
+    make("llama-tied-llama3rope", tmp_path)
+    model, _, _ = export_llm(tmp_path)
+    rng = np.random.default_rng(0)
+    calibration = [prefill(model, rng.integers(3, 256, (1, 16))) for _ in range(4)]
+    reference = bitfold.clone(model)
+    p = Reconstruct(bits=2, group_size=16, format="fake", start="rtn", clip_steps=2, round_steps=2, tune_steps=16, tune_lr=1e-2,
+                    calibration=calibration)  # fmt: skip
+    p(model)
+    assert p.tuned.loss_end < p.tuned.loss_start
+    # the loss it reports is the KL divergence of the model's next-token distributions from the float model's
+    runs = [bitfold.compile(m, "ort", "cpu") for m in (reference, model)]
+    kl = []
+    for feeds in calibration:
+        lf, lq = (torch.log_softmax(torch.from_numpy(r.run(feeds)["logits"]).double(), -1) for r in runs)
+        kl.append(float((lf.exp() * (lf - lq)).sum(-1).mean()))
+    assert np.mean(kl) == pytest.approx(p.tuned.loss_end, rel=1e-3)
