@@ -449,6 +449,7 @@ def train_block(
 class TuneResult:
     loss_start: float  # mean loss on the calibration samples before the end-to-end phase
     loss_end: float  # after it (the start's when it did not help: the phase is then undone)
+    loss_reached: float  # where the training ended, kept or not
 
 
 def tune_scales(
@@ -491,13 +492,13 @@ def tune_scales(
         opt.step()
         if progress:
             progress(value.item())
-    end = evaluate() if steps else start
+    reached = end = evaluate() if steps else start
     if end > start:
         with torch.no_grad():
             for p, value in zip(parameters, initial, strict=True):
                 p.copy_(value)
         end = start
-    return TuneResult(start, end)
+    return TuneResult(start, end, reached)
 
 
 def _power(target: torch.Tensor, over: str) -> torch.Tensor:

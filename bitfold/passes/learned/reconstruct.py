@@ -83,7 +83,7 @@ class ReconstructConfig:
     clip: Literal["none", "weight", "output"] = dataclasses.field(default="output", metadata={"doc": "start = gptq: range shrink per group (as quantize-weights)"})
     loss: Literal["tensor", "channel", "token"] = dataclasses.field(default="tensor", metadata={"doc": "block output error relative to the target's mean square over: the tensor | each channel | each token"})
     tune_steps: int = dataclasses.field(default=0, metadata={"doc": "Adam steps (one calibration sample each) learning a factor on every scale end to end, all blocks at once, codes frozen (0: none)"})
-    tune_lr: float = dataclasses.field(default=1e-3, metadata={"doc": "learning rate of the end-to-end scale factors (their logarithms)"})
+    tune_lr: float = dataclasses.field(default=3e-3, metadata={"doc": "learning rate of the end-to-end scale factors (their logarithms)"})
     tune_loss: Literal["kl", "mse"] = dataclasses.field(default="kl", metadata={"doc": "end to end: KL divergence of the first graph output's softmax (logits) | its error relative to its mean square"})
     accuracy_level: int = dataclasses.field(default=4, metadata={"doc": "matmulnbits: ORT compute type (4 = int8)"})
 
@@ -376,7 +376,7 @@ class Reconstruct(QuantizeWeights):
                              loss=self.config.tune_loss, seed=self.config.seed, progress=show)  # fmt: skip
         bar.close()
         self.tuned = result
-        kept = "" if result.loss_end < result.loss_start else " (no gain: undone)"
+        kept = "" if result.loss_end < result.loss_start else f" (reached {result.loss_reached:.4g}: undone)"
         self.notes.append(f"end to end ({self.config.tune_steps} steps): {self.config.tune_loss} {result.loss_start:.4g} → {result.loss_end:.4g}{kept}")
 
 
