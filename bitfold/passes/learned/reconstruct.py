@@ -36,6 +36,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 import torch
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from bitfold.errors import BitfoldError
@@ -354,10 +355,19 @@ class Reconstruct(QuantizeWeights):
         parameters = [p for _, _, _, quantizers in chain for q in quantizers.values() for p in q.start_tuning()]
         end = chain[-1][0].output.name
 
+        def block(module: TorchGraph, names: list[str], quantizers: dict, *feeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            found = module(**dict(zip(names, feeds, strict=True)), **{name: q().T for name, q in quantizers.items()})
+            return tuple(found[n] for n in module.output_names)
+
         def run(i: int) -> tuple[torch.Tensor, torch.Tensor]:
             env = dict(shared[i])
             for _, module, names, quantizers in chain:
-                env.update(module(**{n: env[n] for n in names}, **{name: q().T for name, q in quantizers.items()}))
+                feeds = [env[n] for n in names]
+                if torch.is_grad_enabled():  # each block's activations recomputed in the backward pass, not all held
+                    found = checkpoint(block, module, names, quantizers, *feeds, use_reentrant=False)
+                else:
+                    found = block(module, names, quantizers, *feeds)
+                env.update(zip(module.output_names, found, strict=True))
             if tail is None:
                 return env[end], final[i]
             out = tail.output_names[0]
@@ -369,6 +379,8 @@ class Reconstruct(QuantizeWeights):
         bar = tqdm(total=self.config.tune_steps, desc=f"reconstruct {self.config.tag}: end to end", leave=False)
 
         def show(loss: float) -> None:
+            if bar.n == 0:
+                bar.reset()  # the rate counts training steps, not the evaluation before them
             bar.set_postfix_str(f"{self.config.tune_loss} {loss:.3g}", refresh=False)
             bar.update()
 
