@@ -136,6 +136,7 @@ def sink_gram(x: np.ndarray, sink_weight: float = 1.0) -> np.ndarray:
         weights.reshape(-1, x.shape[-2])[:, 0] = sink_weight
     return (rows * weights[:, None]).T @ rows
 
+
 def _keep(kept: np.ndarray | None, keys: np.ndarray | None, new: np.ndarray, size: int, rng: np.random.Generator):
     """Merge ``new`` items (along axis 0) into a uniform sample without replacement of at most ``size`` items.
 

@@ -21,9 +21,9 @@ parameters are learned in two phases; for integer grids:
    over all blocks at once (:func:`tune_scales`; KL divergence of the next-token distributions for a language
    model), which corrects what no block sees alone: errors that compound across blocks.
 
-The loss of phases 1 and 2 is the block output's mean squared error relative to the target's mean square. A phase that ends with a
-larger loss on the calibration samples than it started with is undone, so a block never ends worse than its start
-(round to nearest, or the solver's solution). Everything is seeded: the order in which samples are visited comes
+The loss of phases 1 and 2 is the block output's mean squared error relative to the target's mean square. A phase
+that ends with a larger loss on the calibration samples than it started with is undone, so a block never ends worse
+than its start (round to nearest, or the solver's solution). Everything is seeded: the order in which samples are visited comes
 from ``seed`` and torch's CPU kernels are deterministic.
 """
 
@@ -442,7 +442,6 @@ def train_block(
                 p.copy_(value)
         end = evaluate()
     return BlockResult(start, clipped, end, undecided)
-
 
 
 @dataclasses.dataclass
