@@ -51,6 +51,9 @@ class _Rounding(torch.nn.Module):
 
     v: torch.nn.Parameter | None
     hard: bool
+    fixed: tuple[torch.Tensor, torch.Tensor] | None  # (scale, zero point or kept mask) once the rounding phase starts
+    frozen: torch.Tensor | None
+    tune: torch.nn.Parameter | None
 
     @staticmethod
     def logits(frac: torch.Tensor) -> torch.nn.Parameter:
@@ -72,6 +75,20 @@ class _Rounding(torch.nn.Module):
         """Fraction of soft roundings still more than 0.1 away from 0 or 1."""
         h = self._h()
         return float(((h > 0.1) & (h < 0.9)).float().mean())
+
+    def grid_values(self) -> torch.Tensor:
+        """The values on the grid that the scales multiply (integer codes, powers of two)."""
+        raise NotImplementedError
+
+    def start_tuning(self) -> list[torch.nn.Parameter]:
+        """Freeze the hard grid values; from here on only a factor on each scale (group or output) learns. Returns
+        the factors' logarithms."""
+        self.hard = True
+        with torch.no_grad():
+            frozen = self.grid_values().detach().clone()
+        self.frozen = frozen
+        self.tune = torch.nn.Parameter(torch.zeros_like(self.fixed[0]))
+        return [self.tune]
 
 
 class IntQuantizer(_Rounding):
@@ -152,14 +169,8 @@ class IntQuantizer(_Rounding):
                 return
             self.v = self.logits(x - torch.floor(x))
 
-    def start_tuning(self) -> list[torch.nn.Parameter]:
-        """Freeze the hard codes; from here on only a factor on each group's scale learns. Returns it."""
-        self.hard = True
-        with torch.no_grad():
-            frozen = self.codes().detach().clone()
-        self.frozen = frozen
-        self.tune = torch.nn.Parameter(torch.zeros_like(self.fixed[0]))
-        return [self.tune]
+    def grid_values(self) -> torch.Tensor:
+        return self.codes()
 
     def codes(self) -> torch.Tensor:
         if self.frozen is not None:
@@ -216,15 +227,6 @@ class ShiftQuantizer(_Rounding):
     def clip_parameters(self) -> list[torch.nn.Parameter]:
         return [self.log_s]
 
-    def start_tuning(self) -> list[torch.nn.Parameter]:
-        """Freeze the hard powers of two; from here on only a factor on each output's scale learns. Returns it."""
-        self.hard = True
-        with torch.no_grad():
-            frozen = self.units().detach().clone()
-        self.frozen = frozen
-        self.tune = torch.nn.Parameter(torch.zeros_like(self.fixed[0]))
-        return [self.tune]
-
     def _scale_kept(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fixed is not None:
             return self.fixed if self.tune is None else (self.fixed[0] * self.tune.exp(), self.fixed[1])
@@ -241,6 +243,9 @@ class ShiftQuantizer(_Rounding):
             self.fixed = (s, kept)
             e = self._exponent(s).clamp(0, self.e_max)
             self.v = self.logits(e - torch.floor(e))
+
+    def grid_values(self) -> torch.Tensor:
+        return self.units()
 
     def units(self) -> torch.Tensor:
         """The signed powers of two (or 0) U, (N, K)."""
