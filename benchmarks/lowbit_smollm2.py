@@ -5,15 +5,18 @@ GPTQ and QuantEase run with the quantization table's GPTQ settings (act-order, s
 0.003; the strongest GPTQ there): QuantEase starts from GPTQ's solution and keeps its scales, so any difference is
 the coordinate descent's. ``reconstruct`` runs with its defaults (GPTQ with the same settings on what each decoder
 layer reads in the quantized model, then learned rounding); ``--tune STEPS`` rows ("+ end to end") add that many
-end-to-end steps on every scale against the float model's logits. Sign-plane rows: the binarize pass with GPTQ rounding against reconstruct's binary grid (bits in
-the JSON: the number of planes). Calibration: the built-in ``lee-text`` source (Lee background windows
-115-146). Scored: Lee windows 0-15 (8,176 tokens) and the held-out Lee test corpus (9 windows of 512, never used
-for calibration or for choosing a default). lm_head stays fp32. Weights are emitted as ``fake`` (the dequantized
-values in float): the rows measure the weights alone.
+end-to-end steps on every scale against the float model's logits. Sign-plane rows: the binarize pass with GPTQ
+rounding against reconstruct's binary grid (bits in the JSON: the number of planes). Binary-code rows
+(``--shiftadd Q``): ShiftAddLLM's format (α a sum of two powers of two) through the shiftadd pass with the same
+GPTQ settings against reconstruct's ``bcq`` grid (bits: the number of planes). Calibration: the built-in
+``lee-text`` source (Lee background windows 115-146). Scored: Lee windows 0-15 (8,176 tokens) and the held-out Lee
+test corpus (9 windows of 512, never used for calibration or for choosing a default). lm_head stays fp32. Weights
+are emitted as ``fake`` (the dequantized values in float): the rows measure the weights alone.
 Writes benchmarks/results/lowbit_smollm2.json, one row at a time (a rerun replaces its own rows), and
 lowbit_smollm2.png: each reconstruct row's per-block error at its start and learned.
 
-    python benchmarks/lowbit_smollm2.py [--bits 4 3 2] [--methods gptq quantease reconstruct] [--asymmetric] [--binary 1 2] [--tune STEPS]
+    python benchmarks/lowbit_smollm2.py [--bits 4 3 2] [--methods gptq quantease reconstruct] [--asymmetric] [--binary 1 2]
+                                        [--shiftadd 3 2] [--tune STEPS]
 """
 
 from __future__ import annotations
@@ -52,16 +55,21 @@ BINARY = {
 #: reconstruct's note per block: relative output error at the start → after the scale phase → after rounding
 BLOCK_NOTE = re.compile(r"output error ([\d.e+-]+) \(start\) → ([\d.e+-]+) \(clipping\) → ([\d.e+-]+) \(rounding\)")
 TUNE_NOTE = re.compile(r"end to end \((\d+) steps\): kl ([\d.e+-]+) → ([\d.e+-]+)")
-ORDER = ["FP32"] + [f"{name} W{bits} g128{grid}" for bits in (4, 3, 2) for grid in ("", " asym")
-                    for name in [*NAMES.values(), "reconstruct + end to end"]] + list(BINARY)  # fmt: skip
+#: ShiftAddLLM binary codes (q sign planes, α per plane and 128 inputs, α a sum of two powers of two): the shiftadd
+#: pass with the GPTQ settings above against reconstruct's learned α and codes.
+SHIFTADD = {"name": "shiftadd", "group_size": 128, "keep_ends": False, "act_order": True, "sink_weight": 64.0, "damp": 0.003}
+ORDER = (["FP32"] + [f"{name} W{bits} g128{grid}" for bits in (4, 3, 2) for grid in ("", " asym")
+                     for name in [*NAMES.values(), "reconstruct + end to end"]] + list(BINARY)
+         + [f"{name} q{q} g128" for q in (4, 3, 2) for name in ("ShiftAddLLM (GPTQ)", "reconstruct bcq", "reconstruct bcq + end to end")])  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
-    parser.add_argument("--methods", nargs="+", choices=list(NAMES), default=list(NAMES))
+    parser.add_argument("--methods", nargs="*", choices=list(NAMES), default=list(NAMES), help="integer-grid rows (none: --methods)")
     parser.add_argument("--asymmetric", action="store_true", help="the integer rows on the asymmetric grid (a zero point per group)")
     parser.add_argument("--binary", nargs="*", choices=[1, 2], type=int, default=[1, 2], help="sign-plane rows to run (none: --binary)")
+    parser.add_argument("--shiftadd", nargs="*", choices=[2, 3, 4], type=int, default=[], help="binary-code rows (sign planes q) to run")
     parser.add_argument("--tune", type=int, default=0, metavar="STEPS",
                         help="reconstruct rows: also this many end-to-end steps on the scales (variant '+ end to end')")  # fmt: skip
     args = parser.parse_args()
@@ -84,6 +92,10 @@ def main() -> None:
         planes = step.get("planes", 1)
         if planes in args.binary:
             runs.append((variant, step["name"], planes, step))
+    for q in args.shiftadd:
+        runs.append((f"ShiftAddLLM (GPTQ) q{q} g128", "shiftadd", q, {**SHIFTADD, "q": q}))
+        learned = {"name": "reconstruct", "grid": "bcq", "bits": q, "group_size": 128, "tune_steps": args.tune}
+        runs.append((f"reconstruct bcq{' + end to end' if args.tune else ''} q{q} g128", "reconstruct", q, learned))
     for variant, method, bits, step in runs:
         step = {**step, "format": "fake", "exclude": ["*lm_head*"]}
         start = time.perf_counter()

@@ -1,9 +1,9 @@
-"""Learned block reconstruction of quantized weights (integer grids, powers of two, sign planes), in torch.
+"""Learned block reconstruction of quantized weights (integer grids, powers of two, sign planes, binary codes), in torch.
 
 A block of a graph (a :class:`~bitfold.quant.torch_graph.TorchGraph` whose target weights are fed as inputs) is
 trained so that its output with quantized weights matches the full-precision block's output on calibration data.
-Each weight gets a quantizer (:class:`IntQuantizer`, :class:`ShiftQuantizer`, :class:`BinaryQuantizer`) whose free
-parameters are learned in two phases; for integer grids:
+Each weight gets a quantizer (:class:`IntQuantizer`, :class:`ShiftQuantizer`, :class:`BinaryQuantizer`,
+:class:`BCQQuantizer`) whose free parameters are learned in two phases; for integer grids:
 
 1. **Clipping** (OmniQuant's learnable weight clipping): a ratio per scale group shrinks the group's range,
    ``lo' = r_lo·lo``, ``hi' = r_hi·hi`` (one ratio for symmetric grids), and the scale and zero point follow the
@@ -346,6 +346,112 @@ class BinaryQuantizer(torch.nn.Module):
             return signs, self.log_alpha.exp().T.double().numpy(), self._mean()[:, 0].double().numpy()
 
 
+def _pow2_sum(a: torch.Tensor, terms: int) -> torch.Tensor:
+    """``a`` (> 0) as ``bitfold.quant.bcq.pow2_sum`` rounds it, then stored as float16 (what ``bitfold.BCQMatMul``
+    keeps); the gradient passes straight through."""
+    out = torch.zeros_like(a)
+    for _ in range(terms):
+        r = a.detach() - out
+        p = torch.sign(r) * torch.exp2(torch.round(torch.log2(r.abs().clamp_min(1e-30))).clamp(-24, 15))
+        out = out + torch.where(r != 0, p, torch.zeros_like(p))
+    rounded = (out if terms else a.detach()).half().float()
+    return a + (rounded - a).detach()
+
+
+class BCQQuantizer(_Rounding):
+    """Learnable binary-coding quantizer of one weight Wᵀ (N, K) (ShiftAddLLM's grid, ``bitfold.quant.bcq``): each
+    weight is Σ_i α_i·b_i over ``q`` sign planes, α one value per plane, output and group of ``group`` inputs,
+    rounded to a sum of ``alpha_terms`` powers of two and stored as float16 (0: float16 alone).
+
+    Starts from a solver's signs and α (``start``: the ``shiftadd`` solver's, GPTQ rounding on the block's
+    Hessians), or the solver without a Hessian. The scale phase learns log α with the signs fixed (rounded as
+    stored in the forward pass, the gradient passed straight through). The rounding phase chooses, per weight,
+    between its code and the neighbouring level (of the 2^q levels Σ ±α_i of its group) on the side of the
+    float weight, relaxed with AdaRound's ``h`` and starting toward the solver's code; α keeps learning.
+    """
+
+    scale_with_rounding = True
+    start_logit = 1.5  # |v| where rounding starts (h = 0.88 toward the solver's code)
+
+    def __init__(self, wt: np.ndarray, q: int, group: int, alpha_terms: int,
+                 start: tuple[np.ndarray, np.ndarray] | None = None) -> None:  # fmt: skip
+        """``start``: (signs (q, N, K) in ±1, α (q, N, G)), G = ceil(K / group)."""
+        super().__init__()
+        from bitfold.quant import bcq
+
+        w = np.asarray(wt, np.float64)
+        self.q, self.group, self.terms, self.shape = q, group, alpha_terms, tuple(w.shape)
+        signs, alpha = start if start is not None else bcq.bcq(w, None, q, group, alpha_terms=alpha_terms)
+        signs, alpha = np.array(signs, np.float64), np.array(alpha, np.float64)
+        flip = np.repeat(alpha < 0, group, axis=2)[:, :, : w.shape[1]]  # −α·b = α·(−b): every α positive
+        signs[flip] *= -1
+        alpha = np.maximum(np.abs(alpha), 2.0**-24)
+        self.register_buffer("w", torch.from_numpy(w.astype(np.float32)))
+        self.register_buffer("signs0", torch.from_numpy(signs.astype(np.float32)))
+        self.log_alpha = torch.nn.Parameter(torch.from_numpy(np.log(alpha).astype(np.float32)))
+        self.v: torch.nn.Parameter | None = None
+        self.hard = False
+        self.frozen: torch.Tensor | None = None  # the hard sign planes, from :meth:`start_tuning` on
+        self.tune: torch.nn.Parameter | None = None  # log of the end-to-end factor on α
+
+    def clip_parameters(self) -> list[torch.nn.Parameter]:
+        return [self.log_alpha]
+
+    def alpha(self) -> torch.Tensor:
+        """α (q, N, G) as stored."""
+        log = self.log_alpha if self.tune is None else self.log_alpha.detach() + self.tune
+        return _pow2_sum(log.exp(), self.terms)
+
+    def _expand(self, alpha: torch.Tensor) -> torch.Tensor:
+        return alpha.repeat_interleave(self.group, dim=-1)[..., : self.shape[1]]
+
+    def start_rounding(self) -> None:
+        """Pair every weight's code with the neighbouring level on the float weight's side."""
+        from bitfold.quant.bcq import combinations
+
+        with torch.no_grad():
+            a = self._expand(self.alpha())  # (q, N, K)
+            combos = torch.from_numpy(combinations(self.q).astype(np.float32))  # (C, q)
+            levels = torch.einsum("cq,qnk->cnk", combos, a)
+            code = (self.signs0 * a).sum(0)
+            up = self.w > code
+            gap = torch.where(up, levels - code, code - levels)  # > 0 on the weight's side
+            gap = torch.where(gap > 1e-7 * a.sum(0), gap, torch.full_like(gap, torch.inf))
+            best = gap.argmin(0)
+            found = torch.isfinite(gap.amin(0))
+            other = torch.where(found, combos[best].permute(2, 0, 1), self.signs0)
+            self.register_buffer("low", torch.where(up, self.signs0, other))
+            self.register_buffer("high", torch.where(up, other, self.signs0))
+            self.v = torch.nn.Parameter(torch.where(up, -self.start_logit, self.start_logit) * torch.ones_like(code))
+
+    def signs(self) -> torch.Tensor:
+        """The sign planes (q, N, K); between two codes while the rounding is soft."""
+        if self.frozen is not None:
+            return self.frozen
+        if self.v is None:
+            return self.signs0
+        return self.low + self._h() * (self.high - self.low)
+
+    def grid_values(self) -> torch.Tensor:
+        return self.signs()
+
+    def start_tuning(self) -> list[torch.nn.Parameter]:
+        """Freeze the sign planes; from here on a factor on every α learns. Returns its logarithm."""
+        self.hard = True
+        with torch.no_grad():
+            self.frozen = self.signs().detach().clone()
+        self.tune = torch.nn.Parameter(torch.zeros_like(self.log_alpha))
+        return [self.tune]
+
+    def forward(self) -> torch.Tensor:
+        return (self._expand(self.alpha()) * self.signs()).sum(0)
+
+    def export(self) -> tuple[np.ndarray, np.ndarray]:
+        """(signs (q, N, K) in ±1, α (q, N, G)), hard rounding, float64 numpy."""
+        with torch.no_grad():
+            return self.signs().double().numpy(), self.alpha().double().numpy()
+
+
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """Steps and learning rates of the two phases, and the rounding regulariser."""
@@ -370,7 +476,7 @@ class BlockResult:
 
 def train_block(
     run: Callable[[int, dict[str, torch.Tensor]], torch.Tensor],
-    quantizers: dict[str, IntQuantizer | ShiftQuantizer | BinaryQuantizer],
+    quantizers: dict[str, IntQuantizer | ShiftQuantizer | BinaryQuantizer | BCQQuantizer],
     targets: Sequence[torch.Tensor],
     schedule: Schedule,
     *,

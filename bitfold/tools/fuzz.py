@@ -893,6 +893,7 @@ def pass_cases() -> tuple[PassCase, ...]:
         pass_case("split-outliers", False, ratio=0.05, group_size=8, **open_ends),
         pass_case("reconstruct", False, group_size=8, clip_steps=2, round_steps=2),
         pass_case("reconstruct", False, grid="binary", format="fake", clip_steps=2, round_steps=2),
+        pass_case("reconstruct", False, grid="bcq", bits=2, group_size=8, format="fake", clip_steps=2, round_steps=2),
     )
 
 

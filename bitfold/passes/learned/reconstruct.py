@@ -2,14 +2,16 @@
 
 The graph is cut into blocks along its transformer residual stream (``span`` residual Adds per block: 2 is one
 decoder layer, attention then MLP). For each block in order, every MatMul weight inside it that
-``quantize-weights`` (``grid = "int"``), ``shift`` (``grid = "shift"``) or ``binarize`` (``grid = "binary"``)
-would quantize gets a learnable quantizer (:mod:`bitfold.quant.reconstruct`). On integer grids the default start is
-GPTQ's solution on the Hessians of what the block reads in the quantized model (the blocks before it already
-quantized), after which each group's scale learns a gain and each weight the choice between GPTQ's code and its
-neighbour (AdaRound, annealed to hard); ``start = "rtn"`` learns the clipping ratio of every scale group first (OmniQuant's learnable weight
-clipping), then the rounding. For powers of two: each output's scale, then the choice between the two exponents
-around the weight's; for sign planes: α, then latent weights under a straight-through sign. The loss is the block's
-output error against the full-precision block on the calibration samples. The block is run by
+``quantize-weights`` (``grid = "int"``), ``shift`` (``grid = "shift"``), ``binarize`` (``grid = "binary"``) or
+``shiftadd`` (``grid = "bcq"``) would quantize gets a learnable quantizer (:mod:`bitfold.quant.reconstruct`). On
+integer grids the default start is GPTQ's solution on the Hessians of what the block reads in the quantized model
+(the blocks before it already quantized), after which each group's scale learns a gain and each weight the choice
+between GPTQ's code and its neighbour (AdaRound, annealed to hard); ``start = "rtn"`` learns the clipping ratio of
+every scale group first (OmniQuant's learnable weight clipping), then the rounding. Binary codes (ShiftAddLLM) start
+the same way from the shiftadd solver's GPTQ solution: α per plane and group learns, then each weight the choice
+between its code and the neighbouring level. For powers of two: each output's scale, then the choice between the
+two exponents around the weight's; for sign planes: α, then latent weights under a straight-through sign. The loss
+is the block's output error against the full-precision block on the calibration samples. The block is run by
 :class:`~bitfold.quant.torch_graph.TorchGraph`, a torch translation of its ONNX nodes, so any architecture whose
 layers use the interpreter's ops works without a model definition.
 
@@ -18,14 +20,15 @@ the full-precision blocks compute, so each block also corrects the error it inhe
 outside the stream (masks, rotary tables, graph inputs) come from one ONNX Runtime run of the input graph.
 
 Emits what ``quantize-weights`` emits for the same integer grid (``qdq``, ``matmulnbits`` or ``fake``), or what
-``shift`` and ``binarize`` emit (``op``: ``bitfold.ShiftMatMul`` / ``bitfold.BinaryMatMul``, or ``fake``), tagged
+``shift``, ``binarize`` and ``shiftadd`` emit (``op``: ``bitfold.ShiftMatMul`` / ``bitfold.BinaryMatMul`` /
+``bitfold.BCQMatMul``, or ``fake``), tagged
 ``bitfold.quantized = reconstruct-…``; a rerun is a no-op. MatMuls outside every block (the LM head) are left float
 with a note: quantize them with ``quantize-weights``. Each block's losses (at the start, after clipping, after
 rounding) are in the pass notes.
 
 Guarantees: the emitted weight equals the learned weight exactly in every format; on the calibration samples no
-block's output error ends above what its start (GPTQ's solution, round to nearest, or the shift and binarize
-solvers') gives it.
+block's output error ends above what its start (GPTQ's solution, round to nearest, or the shift, binarize and
+shiftadd solvers') gives it.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from bitfold.errors import BitfoldError
+from bitfold.ops import bcq as bcq_op
 from bitfold.ops import binary as binary_op
 from bitfold.ops import shift as shift_op
 from bitfold.ops.functions import MIN_OPSET, upgrade_opset
@@ -47,27 +51,30 @@ from bitfold.passes.initializers import drop_if_unused
 from bitfold.passes.multless.base import Encoded
 from bitfold.passes.multless.binarize import Binarize, BinarizeConfig
 from bitfold.passes.multless.shift import Shift, ShiftConfig
+from bitfold.passes.multless.shiftadd import ShiftAdd, ShiftAddConfig
 from bitfold.passes.quant.quantize_weights import QUANTIZED_KEY, QuantizeWeights
 from bitfold.passes.registry import register
 from bitfold.passes.transforms.structure import residual_stream
 from bitfold.quant.calibration import sink_gram
 from bitfold.quant.formats import Format, IntFormat, format_from, granularity_from
+from bitfold.quant.bcq import bcq
 from bitfold.quant.gptq import gptq
-from bitfold.quant.reconstruct import BinaryQuantizer, BlockResult, IntQuantizer, Schedule, ShiftQuantizer, train_block, tune_scales
+from bitfold.quant.reconstruct import BCQQuantizer, BinaryQuantizer, BlockResult, IntQuantizer, Schedule, ShiftQuantizer, train_block, tune_scales
 from bitfold.quant.torch_graph import TorchGraph
 
 
 @dataclasses.dataclass(frozen=True)
 class ReconstructConfig:
-    grid: Literal["int", "shift", "binary"] = dataclasses.field(default="int", metadata={"doc": "int: integer codes, a scale per group (quantize-weights) | shift: signed powers of two, a scale per output (the shift pass) | binary: sign planes with α per output (the binarize pass)"})
-    bits: int = dataclasses.field(default=4, metadata={"doc": "int: 2, 3, 4 or 8; shift: 3 or 4"})
-    group_size: int = dataclasses.field(default=128, metadata={"doc": "elements per scale along K; -1 per channel"})
+    grid: Literal["int", "shift", "binary", "bcq"] = dataclasses.field(default="int", metadata={"doc": "int: integer codes, a scale per group (quantize-weights) | shift: signed powers of two, a scale per output (the shift pass) | binary: sign planes with α per output (the binarize pass) | bcq: ShiftAddLLM's binary codes, α per plane and group (the shiftadd pass)"})
+    bits: int = dataclasses.field(default=4, metadata={"doc": "int: 2, 3, 4 or 8; shift: 3 or 4; bcq: sign planes q, 2 to 4"})
+    group_size: int = dataclasses.field(default=128, metadata={"doc": "elements per scale along K; -1 per channel (bcq: a multiple of 8)"})
     symmetric: bool = dataclasses.field(default=True, metadata={"doc": "signed codes, zero point 0; false: unsigned with zero point"})
     zero_point: Literal["int", "float"] = dataclasses.field(default="int", metadata={"doc": "asymmetric: int (ONNX QDQ) | float (min-max grid; matmulnbits and fake only)"})
-    format: Literal["qdq", "matmulnbits", "fake", "op"] = dataclasses.field(default="qdq", metadata={"doc": "int: qdq | matmulnbits | fake, as quantize-weights; shift, binary: op (bitfold.ShiftMatMul, bitfold.BinaryMatMul) | fake"})
+    format: Literal["qdq", "matmulnbits", "fake", "op"] = dataclasses.field(default="qdq", metadata={"doc": "int: qdq | matmulnbits | fake, as quantize-weights; shift, binary, bcq: op (bitfold.ShiftMatMul, bitfold.BinaryMatMul, bitfold.BCQMatMul) | fake"})
     zero: bool = dataclasses.field(default=True, metadata={"doc": "shift: one code means 0 (DeepShift-PS); false: DenseShift"})
     planes: int = dataclasses.field(default=1, metadata={"doc": "binary: 1 sign plane, or 2 (residual binary)"})
     center: bool = dataclasses.field(default=False, metadata={"doc": "binary: subtract a learned mean per output first"})
+    alpha_terms: int = dataclasses.field(default=2, metadata={"doc": "bcq: powers of two summed per α (0: float16), as shiftadd"})
     exclude: tuple[str, ...] = dataclasses.field(default=(), metadata={"doc": "globs on node name, weight name or torch module scope"})
     span: int = dataclasses.field(default=2, metadata={"doc": "residual Adds per block (2: one decoder layer)"})
     clip_steps: int = dataclasses.field(default=100, metadata={"doc": "Adam steps learning the clipping ratios (start = rtn) or the gains on GPTQ's scales, per block"})
@@ -77,7 +84,7 @@ class ReconstructConfig:
     min_ratio: float = dataclasses.field(default=0.5, metadata={"doc": "smallest clipping ratio of a group's range"})
     reg: float = dataclasses.field(default=30.0, metadata={"doc": "weight of the rounding regulariser, in units of the block's error where rounding starts"})
     seed: int = dataclasses.field(default=0, metadata={"doc": "order in which calibration samples are visited"})
-    start: Literal["rtn", "gptq"] = dataclasses.field(default="gptq", metadata={"doc": "int: where the learning starts: round to nearest (then learned clipping) | GPTQ's solution on the quantized model's inputs to the block (a gain learned on its scales, each rounding chosen between GPTQ's code and its neighbour)"})
+    start: Literal["rtn", "gptq"] = dataclasses.field(default="gptq", metadata={"doc": "int, bcq: where the learning starts: round to nearest (int: then learned clipping) | GPTQ's solution on the quantized model's inputs to the block (a gain learned on its scales, each rounding chosen between GPTQ's code and its neighbour)"})
     damp: float = dataclasses.field(default=0.003, metadata={"doc": "start = gptq: Hessian dampening, fraction of mean diag"})
     act_order: bool = dataclasses.field(default=True, metadata={"doc": "start = gptq: visit columns by decreasing Hessian diagonal"})
     sink_weight: float = dataclasses.field(default=64.0, metadata={"doc": "start = gptq: weight in H of each sequence's first token"})
@@ -104,6 +111,16 @@ class ReconstructConfig:
                 raise ValueError("planes must be 1 or 2")
             if self.format not in ("op", "fake"):
                 raise ValueError("grid \"binary\" is emitted as format = \"op\" (bitfold.BinaryMatMul) or \"fake\"")
+            return
+        if self.grid == "bcq":
+            if self.bits not in (2, 3, 4):
+                raise ValueError("grid \"bcq\" takes bits (sign planes) 2, 3 or 4")
+            if self.group_size != -1 and (self.group_size <= 0 or self.group_size % 8):
+                raise ValueError("grid \"bcq\" needs group_size a positive multiple of 8 (or -1 for one group per output)")
+            if not 0 <= self.alpha_terms <= 4:
+                raise ValueError("alpha_terms must be 0 (float16) to 4")
+            if self.format not in ("op", "fake"):
+                raise ValueError("grid \"bcq\" is emitted as format = \"op\" (bitfold.BCQMatMul) or \"fake\"")
             return
         if self.grid == "shift":
             if self.bits not in (3, 4):
@@ -135,6 +152,8 @@ class ReconstructConfig:
             return f"reconstruct-binary{self.planes}{'-centred' if self.center else ''}"
         if self.grid == "shift":
             return f"reconstruct-shift{self.bits}{'' if self.zero else '-dense'}"
+        if self.grid == "bcq":
+            return f"reconstruct-bcq{self.bits}-{granularity_from(self.group_size)}"
         return f"reconstruct-{self.number_format.name}-{granularity_from(self.group_size)}"
 
 
@@ -162,7 +181,7 @@ class Reconstruct(QuantizeWeights):
             return 0
         if self.config.format == "op":
             self._emitter.refuse_low_precision(targets)  # the bitfold ops are typed float32
-        op = shift_op if self.config.grid == "shift" else binary_op
+        op = {"shift": shift_op, "binary": binary_op, "bcq": bcq_op}.get(self.config.grid, binary_op)
         opset = 21 if self.config.format == "qdq" else max(MIN_OPSET, getattr(op, "MIN_OPSET", MIN_OPSET)) if self.config.format == "op" else 0
         if model.opset_imports.get("", 1) < opset:
             upgrade_opset(model, opset)
@@ -197,6 +216,8 @@ class Reconstruct(QuantizeWeights):
         common = {"format": c.format, "exclude": c.exclude, "keep_ends": False}
         if c.grid == "shift":
             self._emitter = _ShiftEmitter(ShiftConfig(bits=c.bits, zero=c.zero, **common))
+        elif c.grid == "bcq":
+            self._emitter = _BCQEmitter(ShiftAddConfig(q=c.bits, group_size=c.group_size, alpha_terms=c.alpha_terms, **common))
         else:
             self._emitter = _BinaryEmitter(BinarizeConfig(planes=c.planes, center=c.center, **common))
         found = [node for node in self._emitter.collect(model) if node.op_type == "MatMul"]
@@ -204,7 +225,12 @@ class Reconstruct(QuantizeWeights):
         return found
 
     def _encode(self, solved: tuple[np.ndarray, ...]) -> Encoded:
-        """The shift or binarize pass's encoding of a learned weight."""
+        """The shift, binarize or shiftadd pass's encoding of a learned weight."""
+        if self.config.grid == "bcq":
+            signs, alpha = solved
+            k, group = signs.shape[2], self._bcq_group(signs.shape[2])
+            packed, a = bcq_op.pack(signs.transpose(0, 2, 1), alpha.transpose(0, 2, 1))
+            return Encoded(bcq_op.unpack(packed, a, k, group).T.astype(np.float64), {"bcq": packed, "alpha": a}, {"group_size": group})
         if self.config.grid == "shift":
             units, scale = solved
             packed, s = shift_op.pack(units.T, scale, self.config.bits, self.config.zero)
@@ -235,10 +261,15 @@ class Reconstruct(QuantizeWeights):
 
     # -- learn --------------------------------------------------------------------------------------------------
 
+    def _bcq_group(self, k: int) -> int:
+        """Inputs per α for a weight with ``k`` inputs (``group_size = -1``: all, rounded up to a multiple of 8)."""
+        return self.config.group_size if self.config.group_size > 0 else -(-k // 8) * 8
+
     def _gptq(self, block: Block, probe: TorchGraph, names: list[str], samples: list[dict[str, torch.Tensor]],
-              weights: dict[str, torch.Tensor]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:  # fmt: skip
-        """GPTQ's solution of the block's weights on Hessians of what the block reads in the quantized model (the
-        earlier blocks already quantized), each sequence's first token weighted ``sink_weight``."""
+              weights: dict[str, torch.Tensor]) -> dict[str, tuple[np.ndarray, ...]]:  # fmt: skip
+        """GPTQ's solution of the block's weights (integer grid; binary codes: the shiftadd solver's) on Hessians of
+        what the block reads in the quantized model (the earlier blocks already quantized), each sequence's first
+        token weighted ``sink_weight``."""
         grams: dict[str, np.ndarray] = {}
         with torch.no_grad():
             for env in samples:
@@ -248,13 +279,21 @@ class Reconstruct(QuantizeWeights):
         fmt, granularity = self.config.number_format, granularity_from(self.config.group_size)
         found = {}
         for node in block.targets:
-            if node.inputs[1].name not in found:
-                wt = weights[node.inputs[1].name].numpy().T
+            if node.inputs[1].name in found:
+                continue
+            wt = weights[node.inputs[1].name].numpy().T
+            if self.config.grid == "bcq":
+                found[node.inputs[1].name] = bcq(wt.astype(np.float64), grams[node.inputs[0].name], self.config.bits, self._bcq_group(wt.shape[1]),
+                                                 alpha_terms=self.config.alpha_terms, act_order=self.config.act_order,
+                                                 damp=self.config.damp, notes=self.notes)  # fmt: skip
+            else:
                 found[node.inputs[1].name] = gptq(wt, grams[node.inputs[0].name], fmt, granularity, damp=self.config.damp,
                                                   act_order=self.config.act_order, clip=self.config.clip, notes=self.notes)  # fmt: skip
         return found
 
-    def quantizer(self, wt: np.ndarray, start: tuple[np.ndarray, ...] | None = None) -> IntQuantizer | ShiftQuantizer | BinaryQuantizer:
+    def quantizer(self, wt: np.ndarray, start: tuple[np.ndarray, ...] | None = None) -> IntQuantizer | ShiftQuantizer | BinaryQuantizer | BCQQuantizer:
+        if self.config.grid == "bcq":
+            return BCQQuantizer(wt, self.config.bits, self._bcq_group(wt.shape[1]), self.config.alpha_terms, start=start)
         if self.config.grid == "binary":
             return BinaryQuantizer(wt, self.config.planes, self.config.center)
         if self.config.grid == "shift":
@@ -265,7 +304,8 @@ class Reconstruct(QuantizeWeights):
 
     def learn(self, model: ir.Model, blocks: list[Block]) -> dict[str, tuple[np.ndarray, ...]]:
         """Train every block in order; returns weight name → the quantizer's export: (dequantized Wᵀ, scale, zero
-        point) per element for integer grids, (units, scale per output) for powers of two."""
+        point) per element for integer grids, (units, scale per output) for powers of two, (signs, α, mean) for sign
+        planes, (signs, α per group) for binary codes."""
         graph = model.graph
         inputs, made = [], []
         for block in blocks:
@@ -297,7 +337,7 @@ class Reconstruct(QuantizeWeights):
         bar = tqdm(total=len(blocks), desc=f"reconstruct {self.config.tag}", leave=False)
         for b, (block, module, probe, names) in enumerate(zip(blocks, modules, probes, inputs, strict=True)):
             float_weights = {v.name: torch.from_numpy(v.const_value.numpy().astype(np.float32)) for v in _weights(block)}
-            starts = self._gptq(block, probe, names, quant, float_weights) if self.config.grid == "int" and self.config.start == "gptq" else {}
+            starts = self._gptq(block, probe, names, quant, float_weights) if self.config.grid in ("int", "bcq") and self.config.start == "gptq" else {}
             quantizers = {v.name: self.quantizer(float_weights[v.name].numpy().T, starts.get(v.name)) for v in _weights(block)}
             out = block.output.name
             with torch.no_grad():
@@ -394,6 +434,12 @@ class Reconstruct(QuantizeWeights):
 
 class _ShiftEmitter(Shift):
     """The shift pass's collection and emission, stamping what it writes as reconstruct's."""
+
+    name = "reconstruct"
+
+
+class _BCQEmitter(ShiftAdd):
+    """The shiftadd pass's collection and emission, stamping what it writes as reconstruct's."""
 
     name = "reconstruct"
 
