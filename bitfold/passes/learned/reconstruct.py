@@ -1,7 +1,9 @@
 """reconstruct: weight quantization learned block by block against the full-precision block's output.
 
 The graph is cut into blocks along its transformer residual stream (``span`` residual Adds per block: 2 is one
-decoder layer, attention then MLP). For each block in order, every MatMul weight inside it that
+decoder layer, attention then MLP): at the residual Adds that every path from the token embeddings to the first
+output passes through, so pre-norm decoders, sandwich norms (Gemma) and post-norm encoders (BERT) all cut into
+their layers. For each block in order, every MatMul weight inside it that
 ``quantize-weights`` (``grid = "int"``), ``shift`` (``grid = "shift"``), ``binarize`` (``grid = "binary"``) or
 ``shiftadd`` (``grid = "bcq"``) would quantize gets a learnable quantizer (:mod:`bitfold.quant.reconstruct`). On
 integer grids the default start is GPTQ's solution on the Hessians of what the block reads in the quantized model
@@ -54,7 +56,7 @@ from bitfold.passes.multless.shift import Shift, ShiftConfig
 from bitfold.passes.multless.shiftadd import ShiftAdd, ShiftAddConfig
 from bitfold.passes.quant.quantize_weights import QUANTIZED_KEY, QuantizeWeights
 from bitfold.passes.registry import register
-from bitfold.passes.transforms.structure import residual_stream
+from bitfold.passes.transforms.structure import residual_cuts
 from bitfold.quant.calibration import sink_gram
 from bitfold.quant.formats import Format, IntFormat, format_from, granularity_from
 from bitfold.quant.bcq import bcq
@@ -244,13 +246,15 @@ class Reconstruct(QuantizeWeights):
     # -- blocks -------------------------------------------------------------------------------------------------
 
     def blocks(self, graph: ir.Graph, targets: list[ir.Node]) -> list[Block]:
-        """The graph cut along its residual stream: block i runs from stream value span·i to span·(i+1)."""
-        stream = residual_stream(graph)
-        if isinstance(stream, str):
-            raise BitfoldError(f"reconstruct cuts the graph into blocks along its residual stream, and this graph has none it can follow: {stream}.")
-        bounds = stream.values[:: self.config.span]
-        if bounds[-1] is not stream.values[-1]:
-            bounds.append(stream.values[-1])
+        """The graph cut along its residual stream: block i runs from cut span·i to span·(i+1)
+        (:func:`~bitfold.passes.transforms.structure.residual_cuts`: the embeddings' output, then every residual
+        Add on all paths to the output)."""
+        cuts = residual_cuts(graph)
+        if isinstance(cuts, str):
+            raise BitfoldError(f"reconstruct cuts the graph into blocks along its residual stream, and this graph has none it can follow: {cuts}.")
+        bounds = cuts[:: self.config.span]
+        if bounds[-1] is not cuts[-1]:
+            bounds.append(cuts[-1])
         order = {node: i for i, node in enumerate(graph)}
         wanted = set(targets)
         found = []

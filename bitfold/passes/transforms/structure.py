@@ -447,3 +447,45 @@ def _writer_of(value: ir.Value | None, hidden: int) -> Linear | None:
     if lin is None or lin.output is not value or lin.weight.shape[1] != hidden:
         return None
     return lin
+
+
+def residual_cuts(graph: ir.Graph) -> list[ir.Value] | str:
+    """Where a layered model can be cut into blocks: the token embeddings' output (the embedding Gather's, or the
+    graph's first input when there is no table), then, in order, every residual Add that all paths from there to
+    the graph's first output pass through (an Add of two computed values that dominates the output in the
+    dataflow graph). Pre-norm decoders give their residual stream; post-norm encoders (BERT) the Adds before each
+    LayerNorm, the embedding sums first. Paths that do not reach the first output (a KV cache's ``present``
+    outputs) do not count. Returns why not when there is no such Add."""
+    from bitfold.passes.analysis import to_networkx
+
+    if not graph.outputs or graph.outputs[0].producer() is None:
+        return "the graph's first output is not computed by a node"
+    tables = [n for n in graph if n.op_type == "Gather" and not n.domain and const(n.inputs[0]) is not None and const(n.inputs[0]).ndim == 2]
+    view = to_networkx(graph)
+    source = object()
+    view.add_node(source)
+    if tables:
+        starts = tables
+    elif graph.inputs:
+        starts = [user for user, _ in graph.inputs[0].uses()]
+    else:
+        return "the graph has no inputs"
+    view.add_edges_from((source, node) for node in starts)
+    dominators = nx_dominators(view, source, graph.outputs[0].producer())
+    adds = [n for n in dominators if n.op_type == "Add" and not n.domain and all(v is not None and const(v) is None for v in n.inputs)]
+    if not adds:
+        return "no residual Add lies on every path from the token embeddings to the output"
+    first = tables[0].outputs[0] if len(tables) == 1 else graph.inputs[0] if not tables else None
+    return ([first] if first is not None else []) + [n.outputs[0] for n in adds]
+
+
+def nx_dominators(view, source: object, end: ir.Node) -> list[ir.Node]:
+    """The nodes every path from ``source`` to ``end`` in ``view`` passes through (``end`` included), in path order."""
+    import networkx as nx
+
+    idom = nx.immediate_dominators(view, source)
+    chain, node = [], end
+    while node is not source:
+        chain.append(node)
+        node = idom[node]
+    return chain[::-1]

@@ -124,7 +124,7 @@ def test_learned_clipping_and_rounding_beat_gptq_on_a_correlated_layer(bits):
     assert output_error(w, q.export()[0], x) < solved
 
 
-@pytest.mark.parametrize("name", ["llama-tied-llama3rope", "qwen2-bias", "qwen3-qknorm", "phi3-fused-partial"])
+@pytest.mark.parametrize("name", ["llama-tied-llama3rope", "qwen2-bias", "qwen3-qknorm", "phi3-fused-partial", "gemma2-softcap"])
 def test_kv_cache_graphs_are_reconstructed_and_decode_as_they_prefill(name, tmp_path):
     pytest.importorskip("transformers")
     from tests.llm.families import make

