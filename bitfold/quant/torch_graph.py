@@ -331,7 +331,10 @@ def _reduce(fn: Callable[..., torch.Tensor]) -> Op:
 
 
 OPS.update({("", "ReduceMean"): _reduce(torch.mean), ("", "ReduceSum"): _reduce(torch.sum),
-            ("", "ReduceMax"): _reduce(torch.amax), ("", "ReduceMin"): _reduce(torch.amin)})  # fmt: skip
+            ("", "ReduceMax"): _reduce(torch.amax), ("", "ReduceMin"): _reduce(torch.amin),
+            ("", "ReduceL2"): _reduce(lambda x, dim, keepdim: torch.linalg.vector_norm(x, 2, dim, keepdim)),
+            ("", "ReduceL1"): _reduce(lambda x, dim, keepdim: torch.linalg.vector_norm(x, 1, dim, keepdim)),
+            ("", "ReduceSumSquare"): _reduce(lambda x, dim, keepdim: (x * x).sum(dim, keepdim))})  # fmt: skip
 
 
 @register("Reshape")

@@ -102,6 +102,8 @@ CASES: dict[str, tuple[str, str, int]] = {
                              "y = ReduceMean(x, ax)\n z = ReduceMean <keepdims = 0> (x, a0)\n a = ReduceMean <keepdims = 0> (x)", 18),
     "reduce-sum-max-min": ("(float[2,3,4] x) => (float s, float m, float n) <int64[1] ax = {-2}>",
                            "s = ReduceSum(x, ax)\n m = ReduceMax <keepdims = 0> (x, ax)\n n = ReduceMin(x)", 18),
+    "reduce-norms": ("(float[2,3,4] x) => (float a, float b, float c) <int64[1] ax = {-1}>",
+                     "a = ReduceL2(x, ax)\n b = ReduceL1 <keepdims = 0> (x, ax)\n c = ReduceSumSquare(x)", 18),
     "reduce-sum-attr-11": ("(float[2,3,4] x) => (float s)", "s = ReduceSum <axes = [2], keepdims = 0> (x)", 11),
     "reshape": ("(float[2,3,4] x) => (float y, float z) <int64[2] s = {0, -1}, int64[3] t = {-1, 2, 3}>",
                 "y = Reshape(x, s)\n z = Reshape(x, t)", 18),

@@ -453,9 +453,10 @@ def residual_cuts(graph: ir.Graph) -> list[ir.Value] | str:
     """Where a layered model can be cut into blocks: the token embeddings' output (the embedding Gather's, or the
     graph's first input when there is no table), then, in order, every residual Add that all paths from there to
     the graph's first output pass through (an Add of two computed values that dominates the output in the
-    dataflow graph). Pre-norm decoders give their residual stream; post-norm encoders (BERT) the Adds before each
-    LayerNorm, the embedding sums first. Paths that do not reach the first output (a KV cache's ``present``
-    outputs) do not count. Returns why not when there is no such Add."""
+    dataflow graph). Pre-norm decoders give their residual stream. Where a norm alone reads the Add (post-norm
+    encoders such as BERT; not the last Add, whose norm is the model's final one) the cut is the norm's output,
+    what the next layer reads. Paths that do not reach the first output (a KV cache's ``present`` outputs) do not
+    count. Returns why not when there is no such Add."""
     from bitfold.passes.analysis import to_networkx
 
     if not graph.outputs or graph.outputs[0].producer() is None:
@@ -476,7 +477,13 @@ def residual_cuts(graph: ir.Graph) -> list[ir.Value] | str:
     if not adds:
         return "no residual Add lies on every path from the token embeddings to the output"
     first = tables[0].outputs[0] if len(tables) == 1 else graph.inputs[0] if not tables else None
-    return ([first] if first is not None else []) + [n.outputs[0] for n in adds]
+    cuts = [n.outputs[0] for n in adds]
+    read_by = {id(norm.x): norm for norm in find_norms(graph)}
+    for i, value in enumerate(cuts[:-1]):  # post-norm: what the next layer reads is the norm's output
+        norm = read_by.get(id(value))
+        if norm is not None and not value.is_graph_output() and all(user in norm.nodes for user, _ in value.uses()):
+            cuts[i] = norm.output
+    return ([first] if first is not None else []) + cuts
 
 
 def nx_dominators(view, source: object, end: ir.Node) -> list[ir.Node]:

