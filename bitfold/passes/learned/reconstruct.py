@@ -131,7 +131,7 @@ class ReconstructConfig:
                 raise ValueError("grid \"shift\" is emitted as format = \"op\" (bitfold.ShiftMatMul) or \"fake\"")
             return
         if self.format == "op":
-            raise ValueError("format \"op\" belongs to the shift and binary grids; integer grids take qdq, matmulnbits or fake")
+            raise ValueError("format \"op\" belongs to the shift, binary and bcq grids; integer grids take qdq, matmulnbits or fake")
         if self.bits not in (2, 3, 4, 8):
             raise ValueError("bits must be 2, 3, 4 or 8")
         if self.group_size == 0 or self.group_size < -1:

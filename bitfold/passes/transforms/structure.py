@@ -473,6 +473,8 @@ def residual_cuts(graph: ir.Graph) -> list[ir.Value] | str:
         return "the graph has no inputs"
     view.add_edges_from((source, node) for node in starts)
     dominators = nx_dominators(view, source, graph.outputs[0].producer())
+    if dominators is None:
+        return "the graph's first output does not depend on the token embeddings"
     adds = [n for n in dominators if n.op_type == "Add" and not n.domain and all(v is not None and const(v) is None for v in n.inputs)]
     if not adds:
         return "no residual Add lies on every path from the token embeddings to the output"
@@ -486,11 +488,14 @@ def residual_cuts(graph: ir.Graph) -> list[ir.Value] | str:
     return ([first] if first is not None else []) + cuts
 
 
-def nx_dominators(view, source: object, end: ir.Node) -> list[ir.Node]:
-    """The nodes every path from ``source`` to ``end`` in ``view`` passes through (``end`` included), in path order."""
+def nx_dominators(view, source: object, end: ir.Node) -> list[ir.Node] | None:
+    """The nodes every path from ``source`` to ``end`` in ``view`` passes through (``end`` included), in path order;
+    None when no path reaches ``end``."""
     import networkx as nx
 
     idom = nx.immediate_dominators(view, source)
+    if end not in idom:
+        return None
     chain, node = [], end
     while node is not source:
         chain.append(node)

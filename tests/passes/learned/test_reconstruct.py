@@ -154,9 +154,10 @@ def test_bad_parameters_and_graphs_without_a_stream_get_one_sentence(zoo_protos)
         create("reconstruct", {"format": "matmulnbits", "group_size": 24})
     with pytest.raises(PassParameterError, match="span must be >= 1"):
         create("reconstruct", {"grid": "binary", "format": "fake", "span": 0})
-    with pytest.raises(PassParameterError, match="shift and binary grids"):
+    with pytest.raises(PassParameterError, match="shift, binary and bcq grids"):
         create("reconstruct", {"format": "op"})
-    model = _lm(zoo_protos, "encoder-layernorm")
+    layers = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)).eval()
+    model = bitfold.optimize(bitfold.from_torch(layers, (torch.randn(2, 4, 16),)), list(CANONICAL))[0]  # no residual Add
     with pytest.raises(BitfoldError, match="residual stream"):
         Reconstruct(calibration=[{}])(model)
 

@@ -137,3 +137,15 @@ def test_residual_cuts_of_gemma_and_of_a_kv_cache_graph(tmp_path):
         stream = residual_stream(graph)
         if not isinstance(stream, str):  # Gemma scales its embeddings: no pre-norm stream the rotations could use
             assert [v.name for v in cuts] == [v.name for v in stream.values]
+
+
+def test_residual_cuts_of_an_output_that_does_not_read_the_first_input():
+    import onnx
+    import onnx_ir as ir
+
+    from bitfold.passes.transforms.structure import residual_cuts
+
+    text = """<ir_version: 10, opset_import: ["" : 17]>
+    g (float[1,1] x0, float[1] x1) => (float[1] y) <float[1,1] w = {0.5}> { y = MatMul(x1, w) }"""
+    graph = ir.from_proto(onnx.parser.parse_model(text)).graph
+    assert "does not depend on the token embeddings" in residual_cuts(graph)
