@@ -46,6 +46,7 @@ WRITERS = {
     "quant_minilm.json": "quant_minilm.py",
     "quant_smollm2.json": "quant_table.py",
     "lowbit_smollm2.json": "lowbit_smollm2.py",
+    "lowbit_minilm.json": "lowbit_minilm.py",
     "sparse.json": "sparse_table.py",
     "transforms.json": "transforms_table.py",
     "transforms_layers.json": "transforms_layers.py",
@@ -74,6 +75,7 @@ SECTIONS = {
     "quant_minilm.py": ("measured.md#minilm", "MiniLM"),
     "quant_table.py": ("measured.md#smollm2", "SmolLM2"),
     "lowbit_smollm2.py": ("measured.md#low-bit-weight-solvers", "Low-bit weight solvers"),
+    "lowbit_minilm.py": ("measured.md#low-bit-weight-solvers", "Low-bit weight solvers"),
     "sparse_table.py": ("measured.md#sparsity", "Sparsity"),
     "transforms_layers.py": ("measured.md#equivalent-transforms", "Equivalent transforms"),
     "transforms_table.py": ("measured.md#equivalent-transforms", "Equivalent transforms"),
@@ -201,6 +203,15 @@ def quant_smollm2() -> str:
     if "bitfold_vs_ort_matmulnbits" in r:
         parts.append(f"bitfold's W4 g128 model / ORT quantizer's, p50: {r['bitfold_vs_ort_matmulnbits']:.3f}.")
     return "\n\n".join([*parts, stamp("quant_smollm2.json")])
+
+
+def lowbit_minilm() -> str:
+    if not (RESULTS / "lowbit_minilm.json").exists():
+        return "(no results yet: `python benchmarks/lowbit_minilm.py` writes `benchmarks/results/lowbit_minilm.json`)"
+    r = load("lowbit_minilm.json")
+    rows = [[row["variant"], f"{row['cosine']:.4f}", f"{row['min_cosine']:.4f}", f"{row['optimize_s']:.0f}"] for row in r["rows"]]
+    head = ["variant", "mean cosine", "min cosine", "optimize s"]
+    return "\n\n".join([f"{r['model']}; {r['protocol']}.", _table(head, rows), stamp("lowbit_minilm.json")])
 
 
 def lowbit_smollm2() -> str:
@@ -424,6 +435,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "canonical-efficientnet": canonical_efficientnet,
     "quant-smollm2": quant_smollm2,
     "lowbit-smollm2": lowbit_smollm2,
+    "lowbit-minilm": lowbit_minilm,
     "quant-minilm": quant_minilm,
     "quant-effnet": quant_effnet,
     "exclude-effnet": exclude_effnet,
