@@ -115,12 +115,10 @@ class ReconstructConfig:
                 raise ValueError("grid \"binary\" is emitted as format = \"op\" (bitfold.BinaryMatMul) or \"fake\"")
             return
         if self.grid == "bcq":
-            if self.bits not in (2, 3, 4):
-                raise ValueError("grid \"bcq\" takes bits (sign planes) 2, 3 or 4")
-            if self.group_size != -1 and (self.group_size <= 0 or self.group_size % 8):
-                raise ValueError("grid \"bcq\" needs group_size a positive multiple of 8 (or -1 for one group per output)")
-            if not 0 <= self.alpha_terms <= 4:
-                raise ValueError("alpha_terms must be 0 (float16) to 4")
+            try:  # the shiftadd pass's own rules for q (here bits), group_size and alpha_terms
+                ShiftAddConfig(q=self.bits, group_size=self.group_size, alpha_terms=self.alpha_terms)
+            except ValueError as e:
+                raise ValueError(f"grid \"bcq\": {str(e).replace('q must', 'bits (sign planes) must')}") from None
             if self.format not in ("op", "fake"):
                 raise ValueError("grid \"bcq\" is emitted as format = \"op\" (bitfold.BCQMatMul) or \"fake\"")
             return

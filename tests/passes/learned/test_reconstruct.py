@@ -154,6 +154,10 @@ def test_bad_parameters_and_graphs_without_a_stream_get_one_sentence(zoo_protos)
         create("reconstruct", {"format": "matmulnbits", "group_size": 24})
     with pytest.raises(PassParameterError, match="span must be >= 1"):
         create("reconstruct", {"grid": "binary", "format": "fake", "span": 0})
+    with pytest.raises(PassParameterError, match="bits \\(sign planes\\) must be 2, 3 or 4"):
+        create("reconstruct", {"grid": "bcq", "bits": 5, "format": "fake"})
+    with pytest.raises(PassParameterError, match="multiple of 8"):
+        create("reconstruct", {"grid": "bcq", "group_size": 12, "format": "fake"})
     with pytest.raises(PassParameterError, match="shift, binary and bcq grids"):
         create("reconstruct", {"format": "op"})
     layers = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)).eval()
