@@ -12,6 +12,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import bitfold
@@ -186,6 +187,35 @@ class TinyLayerNormLM(nn.Module):
         return self.head(self.norm(x))
 
 
+class InvertedResidual(nn.Module):
+    """MobileNet/EfficientNet-Lite's block: 1x1 expand, ReLU6, 3x3 depthwise, ReLU6, 1x1 project, + x."""
+
+    def __init__(self, channels: int, expand: int) -> None:
+        super().__init__()
+        hidden = channels * expand
+        self.expand, self.dw = nn.Conv2d(channels, hidden, 1), nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.project = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x):
+        return x + self.project(F.relu6(self.dw(F.relu6(self.expand(x)))))
+
+
+class ResidualCNN(nn.Module):
+    """A small EfficientNet-Lite: stem, a stride-2 depthwise stage padded on one side (an ONNX Pad), two inverted
+    residual blocks, a 1x1 head Conv, global average pool and a classifier."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem, self.down = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, groups=8)
+        self.blocks = nn.Sequential(InvertedResidual(8, 4), InvertedResidual(8, 4))
+        self.head, self.fc = nn.Conv2d(8, 32, 1), nn.Linear(32, classes)
+
+    def forward(self, x):
+        x = F.relu6(self.down(F.pad(F.relu6(self.stem(x)), (0, 1, 0, 1))))
+        x = F.relu6(self.head(self.blocks(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
 def zoo() -> dict[str, ir.Model]:
     """name → exported onnx-ir model (seeded)."""
     torch.manual_seed(0)
@@ -198,6 +228,7 @@ def zoo() -> dict[str, ir.Model]:
         "decoder-rmsnorm-swiglu-rope": (DecoderBlock(), (torch.randn(1, 8, 32),), None),
         "tiny-lm": (TinyLM(), (torch.randint(0, 96, (1, 8)),), None),
         "tiny-lm-layernorm": (TinyLayerNormLM(), (torch.randint(0, 96, (1, 8)),), None),
+        "residual-cnn": (ResidualCNN(), (torch.randn(1, 3, 16, 16),), None),
         "dynamic-batch-cnn": (_randomize_bn(CNNWithBN()), (torch.randn(2, 3, 16, 16),), {"x": {0: batch}}),
     }
     return {name: bitfold.from_torch(m.eval(), inputs, dynamic) for name, (m, inputs, dynamic) in specs.items()}
@@ -271,3 +302,14 @@ def token_calibration(samples: int, vocab: int = 96, seq: int = 8, seed: int = 0
 
     rng = np.random.default_rng(seed)
     return CalibrationData([{"input_ids": rng.integers(0, vocab, (1, seq)).astype(np.int64)} for _ in range(samples)])
+
+
+def image_calibration(samples: int, size: int = 16, seed: int = 0):
+    """Calibration data of smooth random images (1, 3, size, size) for the CNNs: neighbouring pixels and channels
+    correlated, so input-patch Hessians are far from isotropic."""
+    from bitfold.quant.calibration import CalibrationData
+
+    rng = np.random.default_rng(seed)
+    low = rng.standard_normal((samples, 1, 3, size // 4, size // 4)).repeat(4, axis=3).repeat(4, axis=4)
+    mixed = low + 0.3 * low[:, :, ::-1] + 0.1 * rng.standard_normal(low.shape)
+    return CalibrationData([{"x": m.astype(np.float32)} for m in mixed])

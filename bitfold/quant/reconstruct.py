@@ -483,12 +483,12 @@ def train_block(
     progress: Callable[[str, float], None] | None = None,
 ) -> BlockResult:
     """Learn ``quantizers`` so that ``run(sample, weights)`` (the block's output on calibration sample ``sample``,
-    the target weights fed as (K, N) tensors) matches ``targets[sample]``."""
+    the target weights fed as the quantizers' (N, K) rows) matches ``targets[sample]``."""
     rng = np.random.default_rng(schedule.seed)
     power = [_power(t, schedule.loss) for t in targets]
 
     def loss_of(i: int) -> torch.Tensor:
-        weights = {name: q().T for name, q in quantizers.items()}
+        weights = {name: q() for name, q in quantizers.items()}
         return (((run(i, weights) - targets[i]) ** 2) / power[i]).mean()
 
     def evaluate() -> float:

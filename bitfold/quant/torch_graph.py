@@ -493,6 +493,38 @@ def _clip(node: ir.Node, xs: Tensors) -> list[torch.Tensor]:
     return [x if low is None and high is None else torch.clamp(x, low, high)]
 
 
+@register("Pad")
+def _pad(node: ir.Node, xs: Tensors) -> list[torch.Tensor]:
+    x = xs[0]
+    pads = _ints(node, xs, 1, "pads")
+    value = xs[2] if len(xs) > 2 and xs[2] is not None else None
+    if value is None and len(xs) < 2:  # opset < 11: the fill value is an attribute
+        value = node.attributes.get_float("value", 0.0)
+    axes = _ints(node, xs, 3, "axes") or list(range(x.dim()))
+    axes = [a % x.dim() for a in axes]
+    begin, end = [0] * x.dim(), [0] * x.dim()
+    for i, axis in enumerate(axes):
+        begin[axis], end[axis] = pads[i], pads[i + len(axes)]
+    mode = node.attributes.get_string("mode", "constant")
+    if mode == "constant":
+        fill = 0.0 if value is None else float(value)
+        return [F.pad(x, _pad_arg(begin, end), value=fill)]
+    modes = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+    if mode not in modes:
+        raise BitfoldError(f"Pad node '{node.name}' uses mode '{mode}', which TorchGraph does not support.")
+    padded = [a for a in range(x.dim()) if begin[a] or end[a]]
+    if not padded:
+        return [x]
+    # torch pads the trailing axes of a (batch, channel, *spatial) tensor: move the padded axes last
+    keep = [a for a in range(x.dim()) if a not in padded]
+    y = x.permute(keep + padded)
+    lead = y.shape[: len(keep)]
+    y = y.reshape(1, -1, *y.shape[len(keep) :]) if len(padded) < 3 else y.reshape(-1, *y.shape[len(keep) :])
+    y = F.pad(y, _pad_arg([begin[a] for a in padded], [end[a] for a in padded]), mode=modes[mode])
+    y = y.reshape(*lead, *y.shape[-len(padded) :])
+    return [y.permute(*[(keep + padded).index(a) for a in range(x.dim())])]
+
+
 @register("Dropout")
 def _dropout(node: ir.Node, xs: Tensors) -> list[torch.Tensor]:
     if len(xs) > 2 and xs[2] is not None and bool(xs[2]):

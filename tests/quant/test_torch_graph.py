@@ -145,6 +145,10 @@ CASES: dict[str, tuple[str, str, int]] = {
                   "y = GatherND(x, i)\n z = GatherND <batch_dims = 1> (x, j)\n w = GatherND(x, k)", 18),
     "trilu": ("(float[2,4,5] x) => (float u, float l) <int64 k = {1}>", "u = Trilu(x, k)\n l = Trilu <upper = 0> (x)", 18),
     "clip": ("(float[3,4] x, float lo, float hi) => (float y, float z)", "y = Clip(x, lo, hi)\n z = Clip(x, , hi)", 18),
+    "pad": ("(float[2,3,4,5] x) => (float c, float v, float a, float r, float e) <int64[8] p = {0, 0, 1, 2, 0, 0, 2, -1}, "
+            "float f = {1.5}, int64[4] q = {1, 2, 2, 1}, int64[2] ax = {-1, 1}>",
+            "c = Pad(x, p)\n v = Pad(x, p, f)\n a = Pad(x, q, f, ax)\n r = Pad <mode = \"reflect\"> (x, q, , ax)\n"
+            " e = Pad <mode = \"edge\"> (x, p)", 18),
     "constant": ("(float[2] x) => (float y, int64 s)",
                  "c = Constant <value = float[2] {1.5, -2}> ()\n y = Mul(x, c)\n s = Constant <value_ints = [3, 4]> ()", 18),
 }  # fmt: skip
@@ -168,7 +172,7 @@ def test_the_op_table_covers_what_block_reconstruction_needs() -> None:
     required = ("Add Sub Mul Div Pow Neg Sqrt Reciprocal Exp Log Abs Relu Sigmoid Tanh Erf Gelu Softmax LogSoftmax "
                 "MatMul Gemm Conv BatchNormalization LayerNormalization ReduceMean ReduceSum ReduceMax Reshape Transpose "
                 "Concat Split Slice Gather Unsqueeze Squeeze Expand Shape ConstantOfShape Range Cast Where Equal Less "
-                "LessOrEqual Greater Not And Cos Sin Trilu Clip Identity Constant")  # fmt: skip
+                "LessOrEqual Greater Not And Cos Sin Trilu Clip Identity Constant Pad")  # fmt: skip
     assert {("", op) for op in required.split()} <= set(OPS)
 
 

@@ -61,6 +61,7 @@ from bitfold.quant.calibration import sink_gram
 from bitfold.quant.formats import Format, IntFormat, format_from, granularity_from
 from bitfold.quant.bcq import bcq
 from bitfold.quant.gptq import gptq
+from bitfold.quant.im2col import ConvGeometry, patch_gram
 from bitfold.quant.reconstruct import BCQQuantizer, BinaryQuantizer, BlockResult, IntQuantizer, Schedule, ShiftQuantizer, train_block, tune_scales
 from bitfold.quant.torch_graph import TorchGraph
 
@@ -77,8 +78,10 @@ class ReconstructConfig:
     planes: int = dataclasses.field(default=1, metadata={"doc": "binary: 1 sign plane, or 2 (residual binary)"})
     center: bool = dataclasses.field(default=False, metadata={"doc": "binary: subtract a learned mean per output first"})
     alpha_terms: int = dataclasses.field(default=2, metadata={"doc": "bcq: powers of two summed per α (0: float16), as shiftadd"})
+    op_types: tuple[Literal["MatMul", "Conv"], ...] = dataclasses.field(default=("MatMul",), metadata={"doc": "ops whose weights are learned: MatMul, Conv (2-D; int grid only)"})
     exclude: tuple[str, ...] = dataclasses.field(default=(), metadata={"doc": "globs on node name, weight name or torch module scope"})
     span: int = dataclasses.field(default=2, metadata={"doc": "residual Adds per block (2: one decoder layer)"})
+    head: bool = dataclasses.field(default=False, metadata={"doc": "also learn the weights between the last residual Add and the first output (a CNN's head) as one last block, against that output"})
     clip_steps: int = dataclasses.field(default=100, metadata={"doc": "Adam steps learning the clipping ratios (start = rtn) or the gains on GPTQ's scales, per block"})
     round_steps: int = dataclasses.field(default=200, metadata={"doc": "Adam steps learning the rounding, per block (0: round to nearest)"})
     clip_lr: float = dataclasses.field(default=5e-3, metadata={"doc": "learning rate of the clipping ratios or the gains on GPTQ's scales"})
@@ -97,9 +100,8 @@ class ReconstructConfig:
     tune_loss: Literal["kl", "mse"] = dataclasses.field(default="kl", metadata={"doc": "end to end: KL divergence of the first graph output's softmax (logits) | its error relative to its mean square"})
     accuracy_level: int = dataclasses.field(default=4, metadata={"doc": "matmulnbits: ORT compute type (4 = int8)"})
 
-    # quantize-weights' emission reads these; reconstruct learns integer grids of MatMul weights only
+    # quantize-weights' emission reads this; reconstruct learns integer grids only
     dtype = "int"
-    op_types = ("MatMul",)
 
     def __post_init__(self) -> None:
         if self.span < 1:
@@ -108,6 +110,12 @@ class ReconstructConfig:
             raise ValueError("clip_steps, round_steps and tune_steps must be >= 0")
         if not 0.0 < self.min_ratio <= 1.0:
             raise ValueError("min_ratio must be in (0, 1]")
+        if not self.op_types or set(self.op_types) - {"MatMul", "Conv"}:
+            raise ValueError("op_types must name MatMul and/or Conv")
+        if "Conv" in self.op_types and self.grid != "int":
+            raise ValueError(f"grid \"{self.grid}\" learns MatMul weights only (its op is a MatMul); Conv weights take grid = \"int\"")
+        if "Conv" in self.op_types and self.format == "matmulnbits":
+            raise ValueError("format 'matmulnbits' is a MatMul kernel; Conv weights need format = \"qdq\" or \"fake\"")
         if self.grid == "binary":
             if self.planes not in (1, 2):
                 raise ValueError("planes must be 1 or 2")
@@ -189,9 +197,12 @@ class Reconstruct(QuantizeWeights):
             if not targets:
                 return 1
         blocks = self.blocks(model.graph, targets)
-        outside = len(targets) - sum(len(b.targets) for b in blocks)
+        inside = {node for b in blocks for node in b.targets}
+        outside = [node for node in targets if node not in inside]
         if outside:
-            self.notes.append(f"{outside} MatMul weights lie outside every block and stay float; quantize them with quantize-weights")
+            kinds = " and ".join(sorted({node.op_type for node in outside}))
+            self.notes.append(f"{len(outside)} {kinds} weight{'s' if len(outside) > 1 else ''} after the last residual Add stay{'' if len(outside) > 1 else 's'} float "
+                              "(head = true learns them as a last block; or quantize them with quantize-weights)")
         blocks = [b for b in blocks if b.targets]
         if not blocks:
             return 0
@@ -200,6 +211,9 @@ class Reconstruct(QuantizeWeights):
         self._emitted = {}
         for block in blocks:
             for node in block.targets:
+                if node.op_type == "Conv":
+                    self.fold_conv(model.graph, node, *solved[node.inputs[1].name])
+                    continue
                 if self.config.grid == "int":
                     self.fold(model.graph, node, *solved[node.inputs[1].name])
                     continue
@@ -253,6 +267,8 @@ class Reconstruct(QuantizeWeights):
         bounds = cuts[:: self.config.span]
         if bounds[-1] is not cuts[-1]:
             bounds.append(cuts[-1])
+        if self.config.head and graph.outputs and graph.outputs[0] is not bounds[-1]:
+            bounds.append(graph.outputs[0])
         order = {node: i for i, node in enumerate(graph)}
         wanted = set(targets)
         found = []
@@ -273,18 +289,29 @@ class Reconstruct(QuantizeWeights):
         what the block reads in the quantized model (the earlier blocks already quantized), each sequence's first
         token weighted ``sink_weight``."""
         grams: dict[str, np.ndarray] = {}
+        conv_inputs = {node.inputs[0].name for node in block.targets if node.op_type == "Conv"}
+        convs: dict[str, list[np.ndarray]] = {name: [] for name in conv_inputs}  # a Conv's inputs, for its patch Grams
         with torch.no_grad():
             for env in samples:
                 for name, x in probe(**{n: env[n] for n in names}, **weights).items():
-                    g = sink_gram(x.numpy(), self.config.sink_weight)
-                    grams[name] = grams[name] + g if name in grams else g
+                    if name in conv_inputs:
+                        convs[name].append(x.numpy())
+                    if any(node.inputs[0].name == name and node.op_type == "MatMul" for node in block.targets):
+                        g = sink_gram(x.numpy(), self.config.sink_weight)
+                        grams[name] = grams[name] + g if name in grams else g
         fmt, granularity = self.config.number_format, granularity_from(self.config.group_size)
         found = {}
         for node in block.targets:
             if node.inputs[1].name in found:
                 continue
-            wt = weights[node.inputs[1].name].numpy().T
-            if self.config.grid == "bcq":
+            wt = _rows(weights[node.inputs[1].name]).numpy()
+            if node.op_type == "Conv":  # group by group, each on its own input-patch Gram matrix
+                geometry, x = ConvGeometry.of(node), convs[node.inputs[0].name]
+                grams = sum(patch_gram(batch, geometry) for batch in x)
+                parts = [gptq(rows, h, fmt, granularity, damp=self.config.damp, act_order=self.config.act_order, clip=self.config.clip,
+                              notes=self.notes) for rows, h in zip(np.split(wt, len(grams)), grams, strict=True)]  # fmt: skip
+                found[node.inputs[1].name] = tuple(np.concatenate(p) for p in zip(*parts, strict=True))
+            elif self.config.grid == "bcq":
                 found[node.inputs[1].name] = bcq(wt.astype(np.float64), grams[node.inputs[0].name], self.config.bits, self._bcq_group(wt.shape[1]),
                                                  alpha_terms=self.config.alpha_terms, act_order=self.config.act_order,
                                                  damp=self.config.damp, notes=self.notes)  # fmt: skip
@@ -340,14 +367,15 @@ class Reconstruct(QuantizeWeights):
         for b, (block, module, probe, names) in enumerate(zip(blocks, modules, probes, inputs, strict=True)):
             float_weights = {v.name: torch.from_numpy(v.const_value.numpy().astype(np.float32)) for v in _weights(block)}
             starts = self._gptq(block, probe, names, quant, float_weights) if self.config.grid in ("int", "bcq") and self.config.start == "gptq" else {}
-            quantizers = {v.name: self.quantizer(float_weights[v.name].numpy().T, starts.get(v.name)) for v in _weights(block)}
+            quantizers = {v.name: self.quantizer(_rows(float_weights[v.name]).numpy(), starts.get(v.name)) for v in _weights(block)}
+            shapes = {name: tuple(w.shape) for name, w in float_weights.items()}
             out = block.output.name
             with torch.no_grad():
                 computed = [module(**{n: s[n] for n in names}, **float_weights) for s in full]
             targets = [c[out] for c in computed]
 
-            def run(i: int, weights: dict[str, torch.Tensor], names=names, module=module, out=out) -> torch.Tensor:
-                return module(**{n: quant[i][n] for n in names}, **weights)[out]
+            def run(i: int, weights: dict[str, torch.Tensor], names=names, module=module, out=out, shapes=shapes) -> torch.Tensor:
+                return module(**{n: quant[i][n] for n in names}, **{k: _layout(w, shapes[k]) for k, w in weights.items()})[out]
 
             def show(phase: str, loss: float) -> None:
                 bar.set_postfix_str(f"block {b}: {phase} loss {loss:.3g}", refresh=False)
@@ -357,14 +385,14 @@ class Reconstruct(QuantizeWeights):
             self.notes.append(f"block {b} ({len(quantizers)} weights): output error {result.loss_start:.4g} (start) → "
                               f"{result.loss_clip:.4g} (clipping) → {result.loss_end:.4g} (rounding)")  # fmt: skip
             with torch.no_grad():
-                hard = {name: q().T for name, q in quantizers.items()}
+                hard = {name: _layout(q(), shapes[name]) for name, q in quantizers.items()}
                 for i in range(len(samples)):
                     quant[i].update(module(**{n: quant[i][n] for n in names}, **hard))
                     full[i].update(computed[i])
             for name, q in quantizers.items():
                 solved[name] = q.export()
             if self.config.tune_steps:  # kept for the end-to-end phase
-                learned.append(quantizers)
+                learned.append((quantizers, shapes))
                 final = targets  # at the last block: the full-precision model's stream where the blocks end
             for env in (*quant, *full):  # drop what no later block reads
                 for name in [n for n in env if later.get(n, -1) <= b]:
@@ -374,7 +402,7 @@ class Reconstruct(QuantizeWeights):
         if self.config.tune_steps:
             chain = list(zip(blocks, modules, inputs, learned, strict=True))
             self._tune(chain, tail, shared, final)
-            for quantizers in learned:
+            for quantizers, _ in learned:
                 for name, q in quantizers.items():
                     solved[name] = q.export()
         return solved
@@ -394,11 +422,12 @@ class Reconstruct(QuantizeWeights):
               shared: list[dict[str, torch.Tensor]], final: list[torch.Tensor]) -> None:  # fmt: skip
         """Every quantizer's scale factors learned at once against the full-precision model's output: the
         calibration sample run through all blocks with their quantized weights, then the tail."""
-        parameters = [p for _, _, _, quantizers in chain for q in quantizers.values() for p in q.start_tuning()]
+        parameters = [p for _, _, _, (quantizers, _) in chain for q in quantizers.values() for p in q.start_tuning()]
         end = chain[-1][0].output.name
 
-        def block(module: TorchGraph, names: list[str], quantizers: dict, *feeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            found = module(**dict(zip(names, feeds, strict=True)), **{name: q().T for name, q in quantizers.items()})
+        def block(module: TorchGraph, names: list[str], learned: tuple[dict, dict], *feeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            quantizers, shapes = learned
+            found = module(**dict(zip(names, feeds, strict=True)), **{name: _layout(q(), shapes[name]) for name, q in quantizers.items()})
             return tuple(found[n] for n in module.output_names)
 
         def run(i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -450,6 +479,16 @@ class _BinaryEmitter(Binarize):
     """The binarize pass's collection and emission, stamping what it writes as reconstruct's."""
 
     name = "reconstruct"
+
+
+def _rows(w: torch.Tensor) -> torch.Tensor:
+    """A weight as the quantizers' (N, K) rows: a MatMul's (K, N) transposed, a Conv's (N, C/groups, kh, kw) flattened."""
+    return w.T if w.dim() == 2 else w.reshape(w.shape[0], -1)
+
+
+def _layout(rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """(N, K) rows back in the graph's layout of a weight of ``shape``."""
+    return rows.T if len(shape) == 2 else rows.reshape(shape)
 
 
 def _weights(block: Block) -> list[ir.Value]:
