@@ -14,8 +14,13 @@ Constants (initializers, ``const_value``\\ s, Constant nodes' outputs) become bu
 :class:`torch.nn.Parameter`\\ s where ``trainable(value)`` is true; :attr:`TorchGraph.parameters_by_name` maps ONNX
 names to those parameters. A graph input that is also an initializer is fed, as ONNX Runtime would let it be.
 
+QuantizeLinear / DequantizeLinear (integer types, per tensor, per axis or per block) are fake quantization: the
+codes stay a float tensor and rounding passes gradients straight through (zero outside the clamp), so a pass can
+learn weights under the activation quantization of a QDQ graph; with :attr:`TorchGraph.fake_quantize` off, every
+Q/DQ pair on a float tensor passes it through: the same module computes the float model.
+
 What it refuses, at construction and with a :class:`~bitfold.errors.BitfoldError`: ops outside :data:`OPS` (control
-flow, contrib and quantized ops), non-numeric constants, trainable integer constants. At run time: Conv
+flow, contrib ops), non-numeric constants, trainable integer constants. At run time: fp8 QuantizeLinear, Conv
 ``auto_pad`` SAME_*, ConvTranspose ``output_shape``, training-mode BatchNormalization. It infers no shapes: they
 come from the tensors fed.
 """
@@ -62,6 +67,9 @@ class TorchGraph(torch.nn.Module):
     ) -> None:  # fmt: skip
         super().__init__()
         self.dtype = dtype
+        #: False: each QuantizeLinear of a float tensor, and the DequantizeLinear that reads its codes, pass the
+        #: tensor through unchanged: the float model the Q/DQ pairs were inserted into
+        self.fake_quantize = True
         block = _block(graph, nodes)
         if nodes is None:
             inputs = graph.inputs if inputs is None else inputs
@@ -97,8 +105,15 @@ class TorchGraph(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         env = {name: getattr(self, attr) for name, attr in self._attrs.items()}
         env.update(self._feeds(args, kwargs))
+        passed: set[str] = set()  # Q outputs that carry a float tensor through (fake_quantize off)
         for node, op in zip(self._nodes, self._ops, strict=True):
-            results = op(node, [None if v is None else env[v.name] for v in node.inputs])
+            xs = [None if v is None else env[v.name] for v in node.inputs]
+            if not self.fake_quantize and not node.domain and node.op_type in ("QuantizeLinear", "DequantizeLinear") and (
+                    node.op_type == "QuantizeLinear" or node.inputs[0].name in passed):  # fmt: skip
+                passed.add(node.outputs[0].name)
+                env[node.outputs[0].name] = xs[0]
+                continue
+            results = op(node, xs)
             for value, tensor in zip(node.outputs, results):
                 env[value.name] = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
             for value in node.outputs[len(results) :]:
@@ -523,6 +538,56 @@ def _pad(node: ir.Node, xs: Tensors) -> list[torch.Tensor]:
     y = F.pad(y, _pad_arg([begin[a] for a in padded], [end[a] for a in padded]), mode=modes[mode])
     y = y.reshape(*lead, *y.shape[-len(padded) :])
     return [y.permute(*[(keep + padded).index(a) for a in range(x.dim())])]
+
+
+_INT_RANGES = {ir.DataType.UINT8: (0, 255), ir.DataType.INT8: (-128, 127), ir.DataType.UINT16: (0, 65535),
+               ir.DataType.INT16: (-32768, 32767), ir.DataType.UINT4: (0, 15), ir.DataType.INT4: (-8, 7)}  # fmt: skip
+
+
+def _per_axis(node: ir.Node, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A Q/DQ scale or zero point broadcast against ``x``: per tensor, per ``axis``, or per block along it."""
+    if p.dim() == 0 or p.numel() == 1 and x.dim() == 0:
+        return p.reshape(())
+    axis = node.attributes.get_int("axis", 1) % x.dim()
+    block = node.attributes.get_int("block_size", 0)
+    if block:
+        p = p.repeat_interleave(block, dim=axis).narrow(axis, 0, x.shape[axis])
+        return p
+    return p.reshape([-1 if a == axis else 1 for a in range(x.dim())])
+
+
+def _code_range(node: ir.Node) -> tuple[int, int]:
+    """The integer range of a QuantizeLinear's output type (its zero point's, else ``output_dtype``, else uint8)."""
+    zero = node.inputs[2] if len(node.inputs) > 2 else None
+    kind = zero.dtype if zero is not None and zero.dtype is not None else None
+    if kind is None:
+        out = node.attributes.get_int("output_dtype", 0)
+        kind = ir.DataType(out) if out else ir.DataType.UINT8
+    if kind not in _INT_RANGES:
+        raise BitfoldError(f"QuantizeLinear node '{node.name}' quantizes to {kind.name}; TorchGraph fake-quantizes integer types only.")
+    return _INT_RANGES[kind]
+
+
+@register("QuantizeLinear")
+def _quantize_linear(node: ir.Node, xs: Tensors) -> list[torch.Tensor]:
+    """Fake quantization: the integer codes as a float tensor, rounding with a straight-through gradient (zero
+    outside the clamp), so gradients reach what feeds the Q/DQ pair."""
+    x, scale, zero = (*xs, None)[:3]
+    low, high = _code_range(node)
+    code = x / _per_axis(node, scale, x)
+    code = code + (torch.round(code) - code).detach()  # round half to even, as ONNX, straight through
+    if zero is not None:
+        code = code + _per_axis(node, zero.to(x.dtype), x)
+    return [torch.clamp(code, low, high)]
+
+
+@register("DequantizeLinear")
+def _dequantize_linear(node: ir.Node, xs: Tensors) -> list[torch.Tensor]:
+    x, scale, zero = (*xs, None)[:3]
+    x = x if x.is_floating_point() else x.to(scale.dtype)
+    if zero is not None:
+        x = x - _per_axis(node, zero.to(x.dtype), x)
+    return [x * _per_axis(node, scale, x)]
 
 
 @register("Dropout")

@@ -149,6 +149,13 @@ CASES: dict[str, tuple[str, str, int]] = {
             "float f = {1.5}, int64[4] q = {1, 2, 2, 1}, int64[2] ax = {-1, 1}>",
             "c = Pad(x, p)\n v = Pad(x, p, f)\n a = Pad(x, q, f, ax)\n r = Pad <mode = \"reflect\"> (x, q, , ax)\n"
             " e = Pad <mode = \"edge\"> (x, p)", 18),
+    "qdq-tensor-axis": ("(float[2,3,4] x) => (float y, float z, float u) <float s = {0.05}, uint8 zp = {120}, "
+                        "float[3] sa = {0.02, 0.04, 0.1}, int8[3] za = {0, -3, 5}>",
+                        "q = QuantizeLinear(x, s, zp)\n y = DequantizeLinear(q, s, zp)\n qa = QuantizeLinear <axis = 1> (x, sa, za)\n"
+                        " z = DequantizeLinear <axis = 1> (qa, sa, za)\n qs = QuantizeLinear(x, s)\n u = DequantizeLinear(qs, s)", 18),
+    "dq-blocked": ("(float[2,4] x) => (float y) <int8[4,4] w = {-8, -1, 0, 7, 3, 2, 1, 0, 5, -5, 6, -6, 1, 1, 1, 1}, "
+                        "float[2,4] s = {0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8}>",
+                        "d = DequantizeLinear <axis = 0, block_size = 2> (w, s)\n y = MatMul(x, d)", 21),
     "constant": ("(float[2] x) => (float y, int64 s)",
                  "c = Constant <value = float[2] {1.5, -2}> ()\n y = Mul(x, c)\n s = Constant <value_ints = [3, 4]> ()", 18),
 }  # fmt: skip
@@ -172,7 +179,7 @@ def test_the_op_table_covers_what_block_reconstruction_needs() -> None:
     required = ("Add Sub Mul Div Pow Neg Sqrt Reciprocal Exp Log Abs Relu Sigmoid Tanh Erf Gelu Softmax LogSoftmax "
                 "MatMul Gemm Conv BatchNormalization LayerNormalization ReduceMean ReduceSum ReduceMax Reshape Transpose "
                 "Concat Split Slice Gather Unsqueeze Squeeze Expand Shape ConstantOfShape Range Cast Where Equal Less "
-                "LessOrEqual Greater Not And Cos Sin Trilu Clip Identity Constant Pad")  # fmt: skip
+                "LessOrEqual Greater Not And Cos Sin Trilu Clip Identity Constant Pad QuantizeLinear DequantizeLinear")  # fmt: skip
     assert {("", op) for op in required.split()} <= set(OPS)
 
 
@@ -297,3 +304,18 @@ def test_integer_constants_cannot_be_trained() -> None:
     graph = ir.from_proto(_model("(float[2,3] x) => (float y) <int64[2] s = {3, 2}>", "y = Reshape(x, s)")).graph
     with pytest.raises(BitfoldError, match="'s' is not a float tensor"):
         TorchGraph(graph, trainable=lambda v: True)
+
+
+def test_fake_quantization_passes_gradients_straight_through_and_can_be_switched_off() -> None:
+    proto = _model("(float[64] x) => (float y) <float s = {0.05}, uint8 zp = {128}>",
+                   "q = QuantizeLinear(x, s, zp)\n d = DequantizeLinear(q, s, zp)\n y = Mul(d, d)", 18)
+    module = TorchGraph(ir.from_proto(proto).graph)
+    x = torch.linspace(-8.0, 8.0, 64, requires_grad=True)  # the grid covers (-6.4, 6.35): the ends saturate
+    y = module(x)["y"]
+    fq = torch.clamp(torch.round(x.detach() / 0.05) + 128, 0, 255) * 0.05 - 6.4
+    torch.testing.assert_close(y, fq * fq)
+    y.sum().backward()
+    inside = (x.detach() > -6.4) & (x.detach() < 6.35)
+    torch.testing.assert_close(x.grad, torch.where(inside, 2 * fq, torch.zeros(())))  # d(round)/dx taken as 1 inside
+    module.fake_quantize = False
+    torch.testing.assert_close(module(x)["y"], x.detach() ** 2)

@@ -35,7 +35,9 @@ shiftadd solvers') gives it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
@@ -370,7 +372,7 @@ class Reconstruct(QuantizeWeights):
             quantizers = {v.name: self.quantizer(_rows(float_weights[v.name]).numpy(), starts.get(v.name)) for v in _weights(block)}
             shapes = {name: tuple(w.shape) for name, w in float_weights.items()}
             out = block.output.name
-            with torch.no_grad():
+            with torch.no_grad(), _float(module):
                 computed = [module(**{n: s[n] for n in names}, **float_weights) for s in full]
             targets = [c[out] for c in computed]
 
@@ -443,7 +445,7 @@ class Reconstruct(QuantizeWeights):
                 return env[end], final[i]
             out = tail.output_names[0]
             reads = {n: env[n] for n in tail.input_names}
-            with torch.no_grad():
+            with torch.no_grad(), _float(tail):
                 target = tail(**{**reads, end: final[i]})[out]
             return tail(**reads)[out], target
 
@@ -479,6 +481,16 @@ class _BinaryEmitter(Binarize):
     """The binarize pass's collection and emission, stamping what it writes as reconstruct's."""
 
     name = "reconstruct"
+
+
+@contextlib.contextmanager
+def _float(module: TorchGraph) -> Iterator[None]:
+    """``module`` computing the float model: the activations' Q/DQ pairs of a QDQ graph passed through."""
+    module.fake_quantize = False
+    try:
+        yield
+    finally:
+        module.fake_quantize = True
 
 
 def _rows(w: torch.Tensor) -> torch.Tensor:
