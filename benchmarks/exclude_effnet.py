@@ -1,10 +1,15 @@
-"""EfficientNet-Lite0 W4A8 with and without the exclusion loop: top-1 agreement, KL, layers kept float, bytes.
+"""EfficientNet-Lite0 W4A8: GPTQ, learned block reconstruction, the exclusion loop: top-1 agreement, KL, layers kept
+float, bytes.
 
 Weights: every 2-D Conv (and MatMul) int4 symmetric per output channel, GPTQ on input-patch Hessians from the
 built-in ``skimage-photos`` calibration (96 crops of 6 photos); the classifier Gemm stays fp32. Activations:
 ``quantize-activations`` uint8 minmax (the int4 weights stay as they are). The exclusion loop
 (``bitfold.tools.exclude.keep_within``, the recipe key ``max_error``) runs on the weight step with the relative
-L2 error of the logits on the first 4 calibration crops as its metric, for each budget in ``BUDGETS``. Evaluation:
+L2 error of the logits on the first 4 calibration crops as its metric, for each budget in ``BUDGETS``. Reconstruct
+rows: the ``reconstruct`` pass with its defaults on the same grid (GPTQ's solution on what each block between the
+residual Adds reads in the quantized model, then learned scales and rounding; ``head = true`` also learns the head
+Conv against the logits), either before the uint8 activations are added, or after them (``quantize-activations``
+with ``weights = false`` first: the blocks learn under the activations' Q/DQ pairs against the float model). Evaluation:
 500 crops/flips of 10 other photos (``effnet-agree``). Writes benchmarks/results/exclude_effnet.{json,png}.
 
     python benchmarks/exclude_effnet.py
@@ -34,6 +39,7 @@ from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 WEIGHTS = {"name": "quantize-weights", "op_types": ["MatMul", "Conv"], "bits": 4, "group_size": -1, "method": "gptq"}
 ACTIVATIONS = {"name": "quantize-activations"}
+RECONSTRUCT = {"name": "reconstruct", "op_types": ["MatMul", "Conv"], "bits": 4, "group_size": -1, "head": True}
 BUDGETS = (0.3, 0.2, 0.1)
 
 
@@ -60,6 +66,13 @@ def main() -> None:
     weights, _ = bitfold.optimize(bitfold.clone(fp32), [WEIGHTS], calibration)
     variants["W4 GPTQ (weights only)"] = (weights, None, time.perf_counter() - start)
     variants["W4A8 (GPTQ W4, uint8 activations)"] = (bitfold.optimize(bitfold.clone(weights), [ACTIVATIONS], calibration)[0], None, 0.0)
+    start = time.perf_counter()
+    learned, _ = bitfold.optimize(bitfold.clone(fp32), [RECONSTRUCT], calibration)
+    variants["W4 reconstruct (weights only)"] = (learned, None, time.perf_counter() - start)
+    variants["W4A8 (reconstruct W4, uint8 activations)"] = (bitfold.optimize(bitfold.clone(learned), [ACTIVATIONS], calibration)[0], None, 0.0)
+    start = time.perf_counter()
+    under, _ = bitfold.optimize(bitfold.clone(fp32), [{**ACTIVATIONS, "weights": False}, RECONSTRUCT], calibration)
+    variants["W4A8, reconstruct under the uint8 activations"] = (under, None, time.perf_counter() - start)
     contributions = None  # measured once, reused for the other budgets
     for budget in BUDGETS:
         start = time.perf_counter()

@@ -480,10 +480,12 @@ def train_block(
     targets: Sequence[torch.Tensor],
     schedule: Schedule,
     *,
+    biases: Sequence[torch.nn.Parameter] = (),
     progress: Callable[[str, float], None] | None = None,
 ) -> BlockResult:
     """Learn ``quantizers`` so that ``run(sample, weights)`` (the block's output on calibration sample ``sample``,
-    the target weights fed as the quantizers' (N, K) rows) matches ``targets[sample]``."""
+    the target weights fed as the quantizers' (N, K) rows) matches ``targets[sample]``. ``biases`` (float
+    parameters that ``run`` reads) learn in both phases at the scales' rate, and are undone with them."""
     rng = np.random.default_rng(schedule.seed)
     power = [_power(t, schedule.loss) for t in targets]
 
@@ -501,7 +503,7 @@ def train_block(
         return [int(i) for i in np.concatenate(picks)[:steps]] if picks else []
 
     start = evaluate()
-    clip_params = [p for q in quantizers.values() for p in q.clip_parameters()]
+    clip_params = [p for q in quantizers.values() for p in q.clip_parameters()] + list(biases)
     initial = [p.detach().clone() for p in clip_params]
     if schedule.clip_steps and clip_params:
         opt = torch.optim.Adam(clip_params, lr=schedule.clip_lr)
@@ -522,6 +524,7 @@ def train_block(
         q.start_rounding()
     rounding = [q.v for q in quantizers.values()]
     scales = [p for q in quantizers.values() if getattr(q, "scale_with_rounding", False) for p in q.clip_parameters()]
+    scales += list(biases)
     round_params = rounding + scales
     nearest = [p.detach().clone() for p in round_params]
     undecided = 0.0

@@ -21,6 +21,14 @@ Sequential: block *i*'s inputs are what the already-quantized blocks before it c
 the full-precision blocks compute, so each block also corrects the error it inherits. Values the blocks read from
 outside the stream (masks, rotary tables, graph inputs) come from one ONNX Runtime run of the input graph.
 
+CNNs: with ``"Conv"`` in ``op_types`` the 2-D Conv weights learn on the integer grid too (as (C_out, C_in/groups ·
+kh · kw) rows, GPTQ's start on each group's input-patch Hessian, as ``quantize-weights`` does); the graph cuts at
+its residual Adds (paths from the image input), and ``head = true`` adds the layers after the last Add (head Conv,
+pooling, classifier) as a last block whose loss is the first output. ``bias = true`` also learns each Conv's
+float bias with the scales. On a graph that already carries activation Q/DQ pairs (``quantize-activations``
+first, ``weights = false``), the blocks learn under the activations' quantization, straight through its rounding,
+against the float model (the same blocks with the pairs passed through).
+
 Emits what ``quantize-weights`` emits for the same integer grid (``qdq``, ``matmulnbits`` or ``fake``), or what
 ``shift``, ``binarize`` and ``shiftadd`` emit (``op``: ``bitfold.ShiftMatMul`` / ``bitfold.BinaryMatMul`` /
 ``bitfold.BCQMatMul``, or ``fake``), tagged
@@ -51,7 +59,7 @@ from bitfold.ops import bcq as bcq_op
 from bitfold.ops import binary as binary_op
 from bitfold.ops import shift as shift_op
 from bitfold.ops.functions import MIN_OPSET, upgrade_opset
-from bitfold.passes.initializers import drop_if_unused
+from bitfold.passes.initializers import add_initializer, drop_if_unused
 from bitfold.passes.multless.base import Encoded
 from bitfold.passes.multless.binarize import Binarize, BinarizeConfig
 from bitfold.passes.multless.shift import Shift, ShiftConfig
@@ -83,6 +91,7 @@ class ReconstructConfig:
     op_types: tuple[Literal["MatMul", "Conv"], ...] = dataclasses.field(default=("MatMul",), metadata={"doc": "ops whose weights are learned: MatMul, Conv (2-D; int grid only)"})
     exclude: tuple[str, ...] = dataclasses.field(default=(), metadata={"doc": "globs on node name, weight name or torch module scope"})
     span: int = dataclasses.field(default=2, metadata={"doc": "residual Adds per block (2: one decoder layer)"})
+    bias: bool = dataclasses.field(default=False, metadata={"doc": "also learn each learned Conv's float bias (with the scales, against the block's output): the mean shift rounding leaves"})
     head: bool = dataclasses.field(default=False, metadata={"doc": "also learn the weights between the last residual Add and the first output (a CNN's head) as one last block, against that output"})
     clip_steps: int = dataclasses.field(default=100, metadata={"doc": "Adam steps learning the clipping ratios (start = rtn) or the gains on GPTQ's scales, per block"})
     round_steps: int = dataclasses.field(default=200, metadata={"doc": "Adam steps learning the rounding, per block (0: round to nearest)"})
@@ -221,6 +230,12 @@ class Reconstruct(QuantizeWeights):
                     continue
                 producer = self._emitter.fold(model, node, self._encode(solved[node.inputs[1].name]), node.inputs[1].const_value.numpy())
                 producer.metadata_props[QUANTIZED_KEY] = self.config.tag
+        for block in blocks:
+            for value in self._biases(block):
+                node = next(user for user, _ in value.uses())
+                learned = self.learned_biases[value.name].astype(value.const_value.dtype.numpy())
+                node.replace_input_with(2, add_initializer(model.graph, f"{value.name}_learned", learned))
+                drop_if_unused(model.graph, value)
         for weight in weights:
             drop_if_unused(model.graph, weight)
         return sum(len(b.targets) for b in blocks)
@@ -280,6 +295,18 @@ class Reconstruct(QuantizeWeights):
         return found
 
     # -- learn --------------------------------------------------------------------------------------------------
+
+    def _biases(self, block: Block) -> list[ir.Value]:
+        """The float biases the block learns (``bias = true``): each learned Conv's constant third input that no
+        other node reads."""
+        if not self.config.bias:
+            return []
+        found = []
+        for node in block.targets:
+            b = node.inputs[2] if node.op_type == "Conv" and len(node.inputs) > 2 else None
+            if b is not None and b.is_initializer() and b.const_value is not None and b.const_value.dtype.is_floating_point() and len(b.uses()) == 1:
+                found.append(b)
+        return found
 
     def _bcq_group(self, k: int) -> int:
         """Inputs per α for a weight with ``k`` inputs (``group_size = -1``: all, rounded up to a multiple of 8)."""
@@ -353,7 +380,7 @@ class Reconstruct(QuantizeWeights):
             passed = [made[b][n] for names in readers[b + 1 :] for n in names if n in made[b]]
             outputs = list(dict.fromkeys([block.output, *passed]))
             values = {v.name: v for node in block.nodes for v in node.inputs if v is not None}
-            fed = [values[n] for n in inputs[b]] + _weights(block)
+            fed = [values[n] for n in inputs[b]] + _weights(block) + self._biases(block)
             modules.append(TorchGraph(graph, nodes=block.nodes, inputs=fed, outputs=outputs))
             probes.append(TorchGraph(graph, nodes=block.nodes, inputs=fed, outputs=list(dict.fromkeys(n.inputs[0] for n in block.targets))))
         samples = self.calibration.activations(model, outside)
@@ -364,37 +391,41 @@ class Reconstruct(QuantizeWeights):
         schedule = Schedule(self.config.clip_steps, self.config.round_steps, self.config.clip_lr, self.config.round_lr,
                             self.config.reg, seed=self.config.seed, loss=self.config.loss)  # fmt: skip
         solved, learned = {}, []
+        self.learned_biases: dict[str, np.ndarray] = {}  # bias name → its learned value (bias = true)
         self.results: list[BlockResult] = []  # per block, for callers and tests
         bar = tqdm(total=len(blocks), desc=f"reconstruct {self.config.tag}", leave=False)
         for b, (block, module, probe, names) in enumerate(zip(blocks, modules, probes, inputs, strict=True)):
-            float_weights = {v.name: torch.from_numpy(v.const_value.numpy().astype(np.float32)) for v in _weights(block)}
-            starts = self._gptq(block, probe, names, quant, float_weights) if self.config.grid in ("int", "bcq") and self.config.start == "gptq" else {}
+            float_weights = {v.name: torch.from_numpy(v.const_value.numpy().astype(np.float32)) for v in _weights(block) + self._biases(block)}
+            biases = {v.name: torch.nn.Parameter(float_weights.pop(v.name).clone()) for v in self._biases(block)}
+            starts = self._gptq(block, probe, names, quant, {**float_weights, **biases}) if self.config.grid in ("int", "bcq") and self.config.start == "gptq" else {}
             quantizers = {v.name: self.quantizer(_rows(float_weights[v.name]).numpy(), starts.get(v.name)) for v in _weights(block)}
             shapes = {name: tuple(w.shape) for name, w in float_weights.items()}
             out = block.output.name
             with torch.no_grad(), _float(module):
-                computed = [module(**{n: s[n] for n in names}, **float_weights) for s in full]
+                computed = [module(**{n: s[n] for n in names}, **float_weights, **biases) for s in full]
             targets = [c[out] for c in computed]
 
-            def run(i: int, weights: dict[str, torch.Tensor], names=names, module=module, out=out, shapes=shapes) -> torch.Tensor:
-                return module(**{n: quant[i][n] for n in names}, **{k: _layout(w, shapes[k]) for k, w in weights.items()})[out]
+            def run(i: int, weights: dict[str, torch.Tensor], names=names, module=module, out=out, shapes=shapes, biases=biases) -> torch.Tensor:
+                return module(**{n: quant[i][n] for n in names}, **{k: _layout(w, shapes[k]) for k, w in weights.items()}, **biases)[out]
 
             def show(phase: str, loss: float) -> None:
                 bar.set_postfix_str(f"block {b}: {phase} loss {loss:.3g}", refresh=False)
 
-            result = train_block(run, quantizers, targets, schedule, progress=show)
+            result = train_block(run, quantizers, targets, schedule, biases=list(biases.values()), progress=show)
             self.results.append(result)
             self.notes.append(f"block {b} ({len(quantizers)} weights): output error {result.loss_start:.4g} (start) → "
                               f"{result.loss_clip:.4g} (clipping) → {result.loss_end:.4g} (rounding)")  # fmt: skip
             with torch.no_grad():
                 hard = {name: _layout(q(), shapes[name]) for name, q in quantizers.items()}
+                hard.update({name: b.detach().clone() for name, b in biases.items()})
                 for i in range(len(samples)):
                     quant[i].update(module(**{n: quant[i][n] for n in names}, **hard))
                     full[i].update(computed[i])
             for name, q in quantizers.items():
                 solved[name] = q.export()
-            if self.config.tune_steps:  # kept for the end-to-end phase
-                learned.append((quantizers, shapes))
+            self.learned_biases.update({name: b.detach().numpy().copy() for name, b in biases.items()})
+            if self.config.tune_steps:  # kept for the end-to-end phase, the biases fixed
+                learned.append((quantizers, shapes, {name: b.detach().clone() for name, b in biases.items()}))
                 final = targets  # at the last block: the full-precision model's stream where the blocks end
             for env in (*quant, *full):  # drop what no later block reads
                 for name in [n for n in env if later.get(n, -1) <= b]:
@@ -404,7 +435,7 @@ class Reconstruct(QuantizeWeights):
         if self.config.tune_steps:
             chain = list(zip(blocks, modules, inputs, learned, strict=True))
             self._tune(chain, tail, shared, final)
-            for quantizers, _ in learned:
+            for quantizers, _, _ in learned:
                 for name, q in quantizers.items():
                     solved[name] = q.export()
         return solved
@@ -424,12 +455,12 @@ class Reconstruct(QuantizeWeights):
               shared: list[dict[str, torch.Tensor]], final: list[torch.Tensor]) -> None:  # fmt: skip
         """Every quantizer's scale factors learned at once against the full-precision model's output: the
         calibration sample run through all blocks with their quantized weights, then the tail."""
-        parameters = [p for _, _, _, (quantizers, _) in chain for q in quantizers.values() for p in q.start_tuning()]
+        parameters = [p for _, _, _, (quantizers, _, _) in chain for q in quantizers.values() for p in q.start_tuning()]
         end = chain[-1][0].output.name
 
-        def block(module: TorchGraph, names: list[str], learned: tuple[dict, dict], *feeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            quantizers, shapes = learned
-            found = module(**dict(zip(names, feeds, strict=True)), **{name: _layout(q(), shapes[name]) for name, q in quantizers.items()})
+        def block(module: TorchGraph, names: list[str], learned: tuple[dict, dict, dict], *feeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            quantizers, shapes, biases = learned
+            found = module(**dict(zip(names, feeds, strict=True)), **{name: _layout(q(), shapes[name]) for name, q in quantizers.items()}, **biases)
             return tuple(found[n] for n in module.output_names)
 
         def run(i: int) -> tuple[torch.Tensor, torch.Tensor]:

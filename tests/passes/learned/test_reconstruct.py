@@ -411,3 +411,20 @@ def test_learning_under_the_activations_q_dq_beats_adding_them_after(zoo_protos)
     assert ops.count("QuantizeLinear") == ops.count("DequantizeLinear") - 9 > 0  # the activations' pairs, 9 weights' DQ
     errors = {name: _error(m, reference, held_out) for name, m in (("after", after), ("under", under))}
     assert errors["under"] < 0.9 * errors["after"], errors  # 0.0045 against 0.0057
+
+
+def test_learned_biases_are_the_emitted_biases(zoo_protos):
+    calibration = image_calibration(8)
+    model = _lm(zoo_protos, "residual-cnn")
+    before = {n.name: n.inputs[2].const_value.numpy().copy() for n in model.graph if n.op_type == "Conv"}
+    p = Reconstruct(**CNN, format="qdq", bias=True, clip_steps=10, round_steps=10, calibration=calibration)
+    p(model)
+    assert all(r.loss_end <= r.loss_start for r in p.results)
+    convs = [n for n in model.graph if n.op_type == "Conv" and "bitfold.quantized" in n.metadata_props]
+    assert len(convs) == len(p.learned_biases) == 8  # every learned Conv has a bias; the head is not learned
+    moved = 0
+    for node in convs:
+        bias = node.inputs[2].const_value.numpy()
+        np.testing.assert_array_equal(bias, p.learned_biases[node.inputs[2].name.removesuffix("_learned")])
+        moved += not np.array_equal(bias, before[node.name])
+    assert moved == 8
