@@ -304,7 +304,7 @@ def token_calibration(samples: int, vocab: int = 96, seq: int = 8, seed: int = 0
     return CalibrationData([{"input_ids": rng.integers(0, vocab, (1, seq)).astype(np.int64)} for _ in range(samples)])
 
 
-def image_calibration(samples: int, size: int = 16, seed: int = 0):
+def image_calibration(samples: int, size: int = 16, seed: int = 0, name: str = "x"):
     """Calibration data of smooth random images (1, 3, size, size) for the CNNs: neighbouring pixels and channels
     correlated, so input-patch Hessians are far from isotropic."""
     from bitfold.quant.calibration import CalibrationData
@@ -312,4 +312,4 @@ def image_calibration(samples: int, size: int = 16, seed: int = 0):
     rng = np.random.default_rng(seed)
     low = rng.standard_normal((samples, 1, 3, size // 4, size // 4)).repeat(4, axis=3).repeat(4, axis=4)
     mixed = low + 0.3 * low[:, :, ::-1] + 0.1 * rng.standard_normal(low.shape)
-    return CalibrationData([{"x": m.astype(np.float32)} for m in mixed])
+    return CalibrationData([{name: m.astype(np.float32)} for m in mixed])

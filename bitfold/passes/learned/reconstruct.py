@@ -202,7 +202,8 @@ class Reconstruct(QuantizeWeights):
             self._emitter.refuse_low_precision(targets)  # the bitfold ops are typed float32
         op = {"shift": shift_op, "binary": binary_op, "bcq": bcq_op}.get(self.config.grid, binary_op)
         opset = 21 if self.config.format == "qdq" else max(MIN_OPSET, getattr(op, "MIN_OPSET", MIN_OPSET)) if self.config.format == "op" else 0
-        if model.opset_imports.get("", 1) < opset:
+        upgraded = model.opset_imports.get("", 1) < opset
+        if upgraded:
             upgrade_opset(model, opset)
             targets = self._recollect(model)
             if not targets:
@@ -212,11 +213,12 @@ class Reconstruct(QuantizeWeights):
         outside = [node for node in targets if node not in inside]
         if outside:
             kinds = " and ".join(sorted({node.op_type for node in outside}))
-            self.notes.append(f"{len(outside)} {kinds} weight{'s' if len(outside) > 1 else ''} after the last residual Add stay{'' if len(outside) > 1 else 's'} float "
-                              "(head = true learns them as a last block; or quantize them with quantize-weights)")
+            where = "outside every block (off the paths to the first output)" if self.config.head else "after the last residual Add"
+            self.notes.append(f"{len(outside)} {kinds} weight{'s' if len(outside) > 1 else ''} {where} stay{'' if len(outside) > 1 else 's'} float "
+                              f"({'' if self.config.head else 'head = true learns them as a last block; or '}quantize them with quantize-weights)")
         blocks = [b for b in blocks if b.targets]
         if not blocks:
-            return 0
+            return int(upgraded)  # the opset changed
         solved = self.learn(model, blocks)
         weights = list(dict.fromkeys(node.inputs[1] for b in blocks for node in b.targets))
         self._emitted = {}

@@ -428,3 +428,19 @@ def test_learned_biases_are_the_emitted_biases(zoo_protos):
         np.testing.assert_array_equal(bias, p.learned_biases[node.inputs[2].name.removesuffix("_learned")])
         moved += not np.array_equal(bias, before[node.name])
     assert moved == 8
+
+
+def test_a_run_that_only_raises_the_opset_says_it_modified_the_model():
+    import onnx.parser
+
+    w = ", ".join(["0.5"] * 64)
+    proto = onnx.parser.parse_model(f"""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,8] x) => (float y, float z) <float[8,8] w = {{{w}}}> {{
+            r = Relu(x)
+            s = Sigmoid(r)
+            y = Add(r, s)
+            z = MatMul(x, w)
+        }}""")
+    model, report = bitfold.optimize(ir.from_proto(proto), [{"name": "reconstruct", "head": True}], [{"x": np.ones((2, 8), np.float32)}])
+    assert report.passes[0].modified and model.opset_imports[""] == 21  # qdq's opset, nothing else learned
+    assert "1 MatMul weight outside every block" in report.passes[0].notes[0]
