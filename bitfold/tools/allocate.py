@@ -18,6 +18,13 @@ groups of 128), ``binary`` (one sign plane, α per output) and ``2:4-int4`` (Spa
 weights; costed as a packed 2:4 int4 layout stores it, 2 × (4-bit code + 2-bit position) per 4 weights plus one
 fp32 scale per 128 inputs, although the recipe writes the weight back dense). The recipe's method carries over:
 ``gptq`` turns on each pass's GPTQ rounding, ``rtn`` turns it off (SparseGPT always uses the Hessian).
+
+``method = "reconstruct"`` measures each layer with the weight that block reconstruction learns for it (every
+format's grid learned once over the whole model: the same blocks, the same calibration), and writes one
+``reconstruct`` step per format used, each excluding the layers assigned elsewhere, run in the order of the
+formats (fake-quantized: a later step's blocks hold the earlier steps' layers as float weights). A later step learns
+with the earlier steps' layers already quantized in both its inputs and its targets, so the deployed weights
+approximate, not repeat, the measured ones. ``2:4-int4`` has no reconstruct grid.
 """
 
 from __future__ import annotations
@@ -52,17 +59,22 @@ class Candidate:
 
     step: Mapping[str, Any]
     bits: Callable[[int], float] | None = None
+    learned: Mapping[str, Any] | None = None  # the reconstruct pass's grid for this format (None: it has none)
 
 
 FORMATS = {
-    "int8": Candidate({"name": "quantize-weights", "bits": 8, "group_size": -1, "symmetric": True}, lambda k: 8 + 32 / k),
-    "int4": Candidate({"name": "quantize-weights", "bits": 4, "group_size": 128, "symmetric": True}, lambda k: 4 + 32 / 128),
-    "int3": Candidate({"name": "quantize-weights", "bits": 3, "group_size": 128, "symmetric": True}, lambda k: 3 + 32 / 128),
-    "int2": Candidate({"name": "quantize-weights", "bits": 2, "group_size": 128, "symmetric": False}, lambda k: 2 + 34 / 128),
-    "shift4": Candidate({"name": "shift", "bits": 4}),
-    "bcq3": Candidate({"name": "shiftadd", "q": 3, "group_size": 128}),
-    "bcq2": Candidate({"name": "shiftadd", "q": 2, "group_size": 128}),
-    "binary": Candidate({"name": "binarize"}),
+    "int8": Candidate({"name": "quantize-weights", "bits": 8, "group_size": -1, "symmetric": True}, lambda k: 8 + 32 / k,
+                      {"grid": "int", "bits": 8, "group_size": -1, "symmetric": True}),
+    "int4": Candidate({"name": "quantize-weights", "bits": 4, "group_size": 128, "symmetric": True}, lambda k: 4 + 32 / 128,
+                      {"grid": "int", "bits": 4, "group_size": 128, "symmetric": True}),
+    "int3": Candidate({"name": "quantize-weights", "bits": 3, "group_size": 128, "symmetric": True}, lambda k: 3 + 32 / 128,
+                      {"grid": "int", "bits": 3, "group_size": 128, "symmetric": True}),
+    "int2": Candidate({"name": "quantize-weights", "bits": 2, "group_size": 128, "symmetric": False}, lambda k: 2 + 34 / 128,
+                      {"grid": "int", "bits": 2, "group_size": 128, "symmetric": False}),
+    "shift4": Candidate({"name": "shift", "bits": 4}, None, {"grid": "shift", "bits": 4}),
+    "bcq3": Candidate({"name": "shiftadd", "q": 3, "group_size": 128}, None, {"grid": "bcq", "bits": 3, "group_size": 128}),
+    "bcq2": Candidate({"name": "shiftadd", "q": 2, "group_size": 128}, None, {"grid": "bcq", "bits": 2, "group_size": 128}),
+    "binary": Candidate({"name": "binarize"}, None, {"grid": "binary"}),
     "2:4-int4": Candidate({"name": "prune", "method": "sparsegpt", "pattern": "nm:2:4", "bits": 4, "group_size": 128},
                           lambda k: (4 + 2) / 2 + 32 / 128),
 }
@@ -71,7 +83,13 @@ FORMATS = {
 def step_for(candidate: Candidate, settings: Mapping[str, Any]) -> dict[str, Any]:
     """The candidate's step with the recipe's settings that its pass takes: ``method`` becomes the ``gptq`` switch
     of passes that have one, ``format`` applies to quantize-weights only; weight passes keep no layers back by
-    position (``keep_ends`` off)."""
+    position (``keep_ends`` off). ``method = "reconstruct"``: the ``reconstruct`` pass on the candidate's grid, with
+    the settings it takes (its schedule, ``format``)."""
+    if settings.get("method") == "reconstruct":
+        if candidate.learned is None:
+            raise BitfoldError(f"format '{_name_of(candidate)}' has no reconstruct grid; leave it out or measure with rtn or gptq.")
+        fields = {f.name for f in dataclasses.fields(get_pass("reconstruct").Config)}
+        return {"name": "reconstruct", **candidate.learned, **{k: v for k, v in settings.items() if k in fields and k not in candidate.learned}}
     fields = {f.name for f in dataclasses.fields(get_pass(candidate.step["name"]).Config)}
     own_format = candidate.step["name"] == "quantize-weights"  # the other passes name their emissions differently
     step = {k: v for k, v in settings.items() if k in fields and k not in candidate.step and (k != "format" or own_format)}
@@ -130,8 +148,22 @@ def measure(
     """Sensitivity and cost of every (layer, format) pair over the first ``samples`` calibration feeds; layers
     matching ``exclude`` (globs, as quantize-weights takes them) stay out. ``params`` are the quantize-weights
     settings the recipe will use (default RTN): a layer is quantized for its sensitivity as that method would do
-    it, GPTQ and output clipping on the Gram matrices of all calibration samples. The choice is left empty."""
+    it, GPTQ and output clipping on the Gram matrices of all calibration samples. With ``method = "reconstruct"``
+    each format's candidate weights are those the ``reconstruct`` pass learns with the whole model on that format
+    (one run per format, ``params`` its schedule), so the allocation weighs the formats at their best; layers outside
+    every block (an LM head) join ``outside``. The choice is left empty."""
     nodes, outside = _layers(model, formats, exclude)
+    settings = {"method": "rtn", **{k: v for k, v in (params or {}).items() if k not in ("name", "exclude", "format")}}
+    learned = {}
+    if settings["method"] == "reconstruct":
+        for name in formats:
+            step_for(FORMATS[name], settings)  # refuses a format without a grid before anything runs
+        learned = _reconstructed(model, calibration, formats, nodes, {**settings, "exclude": tuple(exclude)})
+        kept = set.intersection(*(set(w) for w in learned.values()))
+        outside += [n.name for n in nodes if n.name not in kept]  # outside every block: reconstruct leaves it float
+        nodes = [n for n in nodes if n.name in kept]
+        if not nodes:
+            raise BitfoldError("reconstruct learned no layer of this model (no residual blocks with weights); measure with rtn or gptq.")
     probe = clone(model)
     position = {id(node): i for i, node in enumerate(model.graph)}
     targets = [list(probe.graph)[position[id(n)]] for n in nodes]
@@ -147,10 +179,9 @@ def measure(
     layers = [n.name for n in nodes]
     weights = np.array([np.prod(n.inputs[1].const_value.shape) for n in nodes], np.float64)
     sensitivity, cost = np.zeros((len(layers), len(formats))), np.zeros((len(layers), len(formats)))
-    settings = {"method": "rtn", **{k: v for k, v in (params or {}).items() if k not in ("name", "exclude", "format")}}
     if settings["method"] == "awq":
         raise BitfoldError("allocate-bits measures layers one at a time; AWQ rescales shared inputs, so measure with rtn or gptq.")
-    solvers = _solvers(formats, settings)
+    solvers = _solvers(formats, {**settings, "method": "rtn"} if learned else settings)  # reconstruct: the costs only
     hessians = {}
     if any(s.needs_calibration for s in solvers):
         inputs = sorted({n.inputs[0].name for n in nodes})
@@ -161,6 +192,8 @@ def measure(
             w = node.inputs[1].const_value.numpy()
             for j, (name, solver) in enumerate(zip(formats, solvers, strict=True)):
                 q, bits = _solve(solver, FORMATS[name], node, w.astype(np.float32).T, hessians.get(node.inputs[0].name))
+                if learned:
+                    q = learned[name][node.name].T
                 sensitivity[i, j] = _power(outputs({node.inputs[1].name: np.ascontiguousarray(q.T.astype(w.dtype))}), reference)
                 cost[i, j] = bits * w.size
                 bar.update()
@@ -231,6 +264,25 @@ def _layers(model: ir.Model, formats: list[str], exclude: Sequence[str]) -> tupl
 def _solvers(formats: list[str], settings: Mapping[str, Any]) -> list[BitfoldPass]:
     steps = [step_for(FORMATS[f], {**settings, "format": "fake"}) for f in formats]
     return [create(step["name"], {k: v for k, v in step.items() if k != "name"}) for step in steps]
+
+
+def _name_of(candidate: Candidate) -> str:
+    return next(name for name, c in FORMATS.items() if c is candidate)
+
+
+def _reconstructed(model: ir.Model, calibration: CalibrationData, formats: list[str], nodes: list[ir.Node],
+                   settings: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:  # fmt: skip
+    """Per format, every layer's weight as ``reconstruct`` learns it with the whole model on that format (fake
+    quantized, in the graph's layout), keyed by node name; layers outside every block are absent."""
+    names = {node.name for node in nodes}
+    found = {}
+    for name in formats:
+        step = step_for(FORMATS[name], {**settings, "format": "fake"})
+        work = clone(model)
+        create("reconstruct", {k: v for k, v in step.items() if k != "name"}, calibration=calibration)(work)
+        found[name] = {node.name: node.inputs[1].const_value.numpy() for node in work.graph
+                       if node.name in names and node.metadata_props.get("bitfold.quantized", "").startswith("reconstruct-")}  # fmt: skip
+    return found
 
 
 def _digest(array: np.ndarray) -> str:

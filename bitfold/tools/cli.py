@@ -98,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", default="int8,int4,int3", help="candidate formats, comma-separated, of: int8,int4,int3,int2,shift4,bcq3,bcq2,binary,2:4-int4")
     p.add_argument("--calibration", metavar="FILE.npz|SOURCE", required=True, help="samples the sensitivities are measured on")
     p.add_argument("-o", "--output", required=True, type=Path, help="the recipe TOML to write")
-    p.add_argument("--method", choices=("rtn", "gptq"), default="rtn", help="quantizer measured and written into the recipe: rtn (default) or gptq")
+    p.add_argument("--method", choices=("rtn", "gptq", "reconstruct"), default="rtn",
+                   help="quantizer measured and written into the recipe: rtn (default), gptq, or reconstruct (learned per block; one run per format)")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="layers left float (repeatable), e.g. '*lm_head*'")
     p.add_argument("--samples", type=int, default=4, help="calibration samples the sensitivities are measured on (default 4)")
     p.add_argument("--report", type=Path, help="write the sensitivities, costs and choice as JSON")

@@ -7,6 +7,7 @@ import glob
 import json
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 from conftest import fresh
 
@@ -159,3 +160,37 @@ def test_hawq_sensitivities_from_the_torch_module_the_model_came_from():
         allocate.hawq(model, TinyLM(), next_token, batches, ["int4"])
     with pytest.raises(BitfoldError, match="leave it out"):
         allocate.hawq(model, lm, lambda module, ids: module(ids), batches, ["2:4-int4"])
+
+
+def test_reconstructed_candidates_are_the_learned_weights_and_their_recipe_runs(measured):
+    """method = "reconstruct": each sensitivity is the model's error with the one layer's weight as reconstruct
+    learns it over the whole model on that format (lower than round to nearest's in total at int2); the LM head,
+    outside every block, stays out; the recipe's reconstruct steps learn every assigned layer on its grid."""
+    model, calibration, rtn = measured
+    settings = {"method": "reconstruct", "clip_steps": 10, "round_steps": 20}
+    learned = allocate.measure(model, calibration, ["int8", "int2"], params=settings)
+    assert len(learned.layers) == 14 and learned.layers == rtn.layers[:14] and len(learned.outside) == len(rtn.outside) + 1
+    assert np.array_equal(learned.cost, rtn.cost[:14])
+    assert learned.sensitivity[:, 1].sum() < rtn.sensitivity[:14, 1].sum()
+    step = allocate.step_for(allocate.FORMATS["int2"], {**settings, "format": "fake"})
+    alone, _ = bitfold.optimize(bitfold.clone(model), [step], calibration)
+    weight = {n.name: n.inputs[1].const_value.numpy() for n in alone.graph if n.name == learned.layers[3]}
+    single = bitfold.clone(model)
+    node = next(n for n in single.graph if n.name == learned.layers[3])
+    node.inputs[1].const_value = ir.tensor(weight[learned.layers[3]])
+
+    def outputs(m):
+        runner = bitfold.compile(m, "ort", "cpu")
+        return [np.concatenate([v.ravel() for v in runner.run(f).values()]).astype(np.float64) for f in calibration]
+
+    assert learned.sensitivity[3, 1] == pytest.approx(allocate._power(outputs(single), outputs(model)), rel=1e-3)
+    high, low = learned.cost.sum(axis=0) / learned.weights.sum()
+    solved = allocate.solve(learned, (low + high) / 2)
+    recipe = solved.recipe(**settings).to_list()
+    assert [s["name"] for s in recipe] == ["reconstruct", "reconstruct"] and [s["bits"] for s in recipe] == [8, 2]
+    mixed, report = bitfold.optimize(bitfold.clone(model), recipe, calibration)
+    assert all(p.modified for p in report.passes)
+    tags = {n.name: n.metadata_props.get("bitfold.quantized") for n in mixed.graph if n.name in learned.layers}
+    assert tags == {layer: ("reconstruct-int8-per-channel" if c == 0 else "reconstruct-int2-asym-g128") for layer, c in zip(learned.layers, solved.choice, strict=True)}
+    with pytest.raises(BitfoldError, match="format '2:4-int4' has no reconstruct grid"):
+        allocate.measure(model, calibration, ["int4", "2:4-int4"], params=settings)

@@ -193,9 +193,7 @@ class Reconstruct(QuantizeWeights):
     needs_calibration = True
 
     def rewrite(self, model: ir.Model) -> int:
-        if any(n.metadata_props.get(QUANTIZED_KEY, "").startswith("reconstruct-") for n in model.graph):
-            return 0  # reconstructed already: its blocks' linears are quantized, what is left lies outside them
-        targets = self.collect(model)
+        targets = self.collect(model)  # a rerun finds the blocks' weights quantized: what it collects lies outside them
         if not targets:
             return 0
         if self.config.format == "op":
