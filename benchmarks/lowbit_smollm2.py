@@ -16,7 +16,7 @@ Writes benchmarks/results/lowbit_smollm2.json, one row at a time (a rerun replac
 lowbit_smollm2.png: each reconstruct row's per-block error at its start and learned.
 
     python benchmarks/lowbit_smollm2.py [--bits 4 3 2] [--methods gptq quantease reconstruct] [--asymmetric] [--binary 1 2]
-                                        [--shiftadd 3 2] [--tune STEPS]
+                                        [--shiftadd 3 2] [--tune STEPS] [--learned-only]
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ TUNE_NOTE = re.compile(r"end to end \((\d+) steps\): kl ([\d.e+-]+) → ([\d.e+-
 #: pass with the GPTQ settings above against reconstruct's learned α and codes.
 SHIFTADD = {"name": "shiftadd", "group_size": 128, "keep_ends": False, "act_order": True, "sink_weight": 64.0, "damp": 0.003}
 ORDER = (["FP32"] + [f"{name} W{bits} g128{grid}" for bits in (4, 3, 2) for grid in ("", " asym")
-                     for name in [*NAMES.values(), "reconstruct + end to end"]] + list(BINARY)
+                     for name in [*NAMES.values(), "reconstruct + end to end"]]
+         + [v for variant in BINARY for v in (variant, variant.replace("binary,", "binary + end to end,")) if v == variant or "reconstruct" in v]
          + [f"{name} q{q} g128" for q in (4, 3, 2) for name in ("ShiftAddLLM (GPTQ)", "reconstruct bcq", "reconstruct bcq + end to end")])  # fmt: skip
 
 
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--asymmetric", action="store_true", help="the integer rows on the asymmetric grid (a zero point per group)")
     parser.add_argument("--binary", nargs="*", choices=[1, 2], type=int, default=[1, 2], help="sign-plane rows to run (none: --binary)")
     parser.add_argument("--shiftadd", nargs="*", choices=[2, 3, 4], type=int, default=[], help="binary-code rows (sign planes q) to run")
+    parser.add_argument("--learned-only", action="store_true", help="sign-plane and binary-code rows: reconstruct's only (the solvers' rows kept)")
     parser.add_argument("--tune", type=int, default=0, metavar="STEPS",
                         help="reconstruct rows: also this many end-to-end steps on the scales (variant '+ end to end')")  # fmt: skip
     args = parser.parse_args()
@@ -90,10 +92,13 @@ def main() -> None:
             runs.append((f"{name} W{bits} g128{' asym' if args.asymmetric else ''}", method, bits, {**step, "bits": bits, "group_size": 128, **grid}))
     for variant, step in BINARY.items():
         planes = step.get("planes", 1)
-        if planes in args.binary:
+        if planes in args.binary and (step["name"] == "reconstruct" or not args.learned_only):
+            if step["name"] == "reconstruct" and args.tune:
+                variant, step = variant.replace("binary,", "binary + end to end,"), {**step, "tune_steps": args.tune}
             runs.append((variant, step["name"], planes, step))
     for q in args.shiftadd:
-        runs.append((f"ShiftAddLLM (GPTQ) q{q} g128", "shiftadd", q, {**SHIFTADD, "q": q}))
+        if not args.learned_only:
+            runs.append((f"ShiftAddLLM (GPTQ) q{q} g128", "shiftadd", q, {**SHIFTADD, "q": q}))
         learned = {"name": "reconstruct", "grid": "bcq", "bits": q, "group_size": 128, "tune_steps": args.tune}
         runs.append((f"reconstruct bcq{' + end to end' if args.tune else ''} q{q} g128", "reconstruct", q, learned))
     for variant, method, bits, step in runs:
