@@ -216,6 +216,21 @@ class ResidualCNN(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
+class ConvMixer(nn.Module):
+    """A depthwise Conv and a pointwise Linear (a MatMul on channels-last activations) in one residual block,
+    ConvNeXt's pattern; the classifier is a MatMul too."""
+
+    def __init__(self, channels: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        self.stem, self.dw = nn.Conv2d(3, channels, 3, padding=1), nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+        self.pw, self.head = nn.Linear(channels, channels), nn.Parameter(torch.randn(channels, classes) / channels**0.5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.pw(F.gelu(self.dw(x)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return x.mean(dim=(2, 3)) @ self.head
+
+
 def zoo() -> dict[str, ir.Model]:
     """name → exported onnx-ir model (seeded)."""
     torch.manual_seed(0)
@@ -229,6 +244,7 @@ def zoo() -> dict[str, ir.Model]:
         "tiny-lm": (TinyLM(), (torch.randint(0, 96, (1, 8)),), None),
         "tiny-lm-layernorm": (TinyLayerNormLM(), (torch.randint(0, 96, (1, 8)),), None),
         "residual-cnn": (ResidualCNN(), (torch.randn(1, 3, 16, 16),), None),
+        "conv-mixer": (ConvMixer(), (torch.randn(1, 3, 16, 16),), None),
         "dynamic-batch-cnn": (_randomize_bn(CNNWithBN()), (torch.randn(2, 3, 16, 16),), {"x": {0: batch}}),
     }
     return {name: bitfold.from_torch(m.eval(), inputs, dynamic) for name, (m, inputs, dynamic) in specs.items()}

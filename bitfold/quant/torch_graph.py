@@ -540,6 +540,50 @@ def _pad(node: ir.Node, xs: Tensors) -> list[torch.Tensor]:
     return [y.permute(*[(keep + padded).index(a) for a in range(x.dim())])]
 
 
+@register("GlobalAveragePool", "GlobalMaxPool")
+def _global_pool(node: ir.Node, xs: Tensors) -> list[torch.Tensor]:
+    dims = tuple(range(2, xs[0].dim()))
+    return [xs[0].mean(dims, keepdim=True) if node.op_type == "GlobalAveragePool" else xs[0].amax(dims, keepdim=True)]
+
+
+@register("Flatten")
+def _flatten(node: ir.Node, xs: Tensors) -> list[torch.Tensor]:
+    x = xs[0]
+    axis = node.attributes.get_int("axis", 1) % (x.dim() + 1)
+    return [x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))]
+
+
+@register("HardSigmoid", "HardSwish")
+def _hard(node: ir.Node, xs: Tensors) -> list[torch.Tensor]:
+    alpha = node.attributes.get_float("alpha", 0.2 if node.op_type == "HardSigmoid" else 1 / 6)
+    gate = torch.clamp(alpha * xs[0] + node.attributes.get_float("beta", 0.5), 0.0, 1.0)
+    return [gate if node.op_type == "HardSigmoid" else xs[0] * gate]
+
+
+@register("MaxPool", "AveragePool")
+def _pool(node: ir.Node, xs: Tensors) -> list[torch.Tensor]:
+    x = xs[0]
+    rank = x.dim() - 2
+    kernel = list(node.attributes.get_ints("kernel_shape"))
+    strides, dilations, begin, end = _conv_geometry(node, rank)
+    ceil = bool(node.attributes.get_int("ceil_mode", 0))
+    if node.op_type == "MaxPool":
+        if begin != end:
+            x, begin = F.pad(x, _pad_arg(begin, end), value=-math.inf), [0] * rank
+        fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[rank - 1]
+        return [fn(x, kernel, strides, begin, dilations, ceil_mode=ceil)]
+    if any(d != 1 for d in dilations):
+        raise BitfoldError(f"AveragePool node '{node.name}' is dilated, which TorchGraph does not support.")
+    include = bool(node.attributes.get_int("count_include_pad", 0))
+    if begin != end or ceil and not include:  # pad explicitly; count only the real elements unless asked otherwise
+        ones = torch.ones_like(x[:1, :1])
+        x, ones = F.pad(x, _pad_arg(begin, end)), F.pad(ones, _pad_arg(begin, end), value=float(include))
+        fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[rank - 1]
+        return [fn(x, kernel, strides, 0, ceil, True) / fn(ones, kernel, strides, 0, ceil, True)]
+    fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[rank - 1]
+    return [fn(x, kernel, strides, begin, ceil, include)]
+
+
 _INT_RANGES = {ir.DataType.UINT8: (0, 255), ir.DataType.INT8: (-128, 127), ir.DataType.UINT16: (0, 65535),
                ir.DataType.INT16: (-32768, 32767), ir.DataType.UINT4: (0, 15), ir.DataType.INT4: (-8, 7)}  # fmt: skip
 
@@ -559,7 +603,10 @@ def _per_axis(node: ir.Node, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def _code_range(node: ir.Node) -> tuple[int, int]:
     """The integer range of a QuantizeLinear's output type (its zero point's, else ``output_dtype``, else uint8)."""
     zero = node.inputs[2] if len(node.inputs) > 2 else None
-    kind = zero.dtype if zero is not None and zero.dtype is not None else None
+    kind = None
+    if zero is not None:
+        const = ir.convenience.get_const_tensor(zero)
+        kind = const.dtype if const is not None else zero.dtype
     if kind is None:
         out = node.attributes.get_int("output_dtype", 0)
         kind = ir.DataType(out) if out else ir.DataType.UINT8

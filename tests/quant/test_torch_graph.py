@@ -156,6 +156,12 @@ CASES: dict[str, tuple[str, str, int]] = {
     "dq-blocked": ("(float[2,4] x) => (float y) <int8[4,4] w = {-8, -1, 0, 7, 3, 2, 1, 0, 5, -5, 6, -6, 1, 1, 1, 1}, "
                         "float[2,4] s = {0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8}>",
                         "d = DequantizeLinear <axis = 0, block_size = 2> (w, s)\n y = MatMul(x, d)", 21),
+    "cnn-pools": ("(float[2,3,7,6] x) => (float g, float m, float f, float hs, float hw, float mp, float ap, float ai, float ac)",
+                  "g = GlobalAveragePool(x)\n m = GlobalMaxPool(x)\n f = Flatten <axis = 2> (x)\n hs = HardSigmoid <alpha = 0.3> (x)\n"
+                  " hw = HardSwish(x)\n mp = MaxPool <kernel_shape = [3, 3], strides = [2, 2], pads = [1, 0, 1, 1]> (x)\n"
+                  " ap = AveragePool <kernel_shape = [3, 2], pads = [1, 1, 0, 1]> (x)\n"
+                  " ai = AveragePool <kernel_shape = [3, 3], strides = [2, 2], pads = [1, 1, 1, 1], count_include_pad = 1> (x)\n"
+                  " ac = AveragePool <kernel_shape = [2, 2], strides = [2, 2], ceil_mode = 1> (x)", 18),
     "constant": ("(float[2] x) => (float y, int64 s)",
                  "c = Constant <value = float[2] {1.5, -2}> ()\n y = Mul(x, c)\n s = Constant <value_ints = [3, 4]> ()", 18),
 }  # fmt: skip

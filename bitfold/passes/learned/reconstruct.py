@@ -125,6 +125,8 @@ class ReconstructConfig:
             raise ValueError("op_types must name MatMul and/or Conv")
         if "Conv" in self.op_types and self.grid != "int":
             raise ValueError(f"grid \"{self.grid}\" learns MatMul weights only (its op is a MatMul); Conv weights take grid = \"int\"")
+        if "Conv" in self.op_types and self.loss != "tensor":
+            raise ValueError("loss \"channel\" and \"token\" take the last axis as channels; a Conv block's NCHW output needs loss = \"tensor\"")
         if "Conv" in self.op_types and self.format == "matmulnbits":
             raise ValueError("format 'matmulnbits' is a MatMul kernel; Conv weights need format = \"qdq\" or \"fake\"")
         if self.grid == "binary":
@@ -214,9 +216,13 @@ class Reconstruct(QuantizeWeights):
             where = "outside every block (off the paths to the first output)" if self.config.head else "after the last residual Add"
             self.notes.append(f"{len(outside)} {kinds} weight{'s' if len(outside) > 1 else ''} {where} stay{'' if len(outside) > 1 else 's'} float "
                               f"({'' if self.config.head else 'head = true learns them as a last block; or '}quantize them with quantize-weights)")
-        blocks = [b for b in blocks if b.targets]
-        if not blocks:
+        last = max((i for i, b in enumerate(blocks) if b.targets), default=-1)
+        if last < 0:
             return int(upgraded)  # the opset changed
+        blocks = blocks[: last + 1]  # a block with nothing to learn before it still runs: later blocks read what it computes
+        for b, block in enumerate(blocks):
+            if not block.targets:
+                self.notes.append(f"block {b}: no weights to learn (every one excluded or quantized already); run as it is")
         solved = self.learn(model, blocks)
         weights = list(dict.fromkeys(node.inputs[1] for b in blocks for node in b.targets))
         self._emitted = {}
@@ -336,9 +342,9 @@ class Reconstruct(QuantizeWeights):
             wt = _rows(weights[node.inputs[1].name]).numpy()
             if node.op_type == "Conv":  # group by group, each on its own input-patch Gram matrix
                 geometry, x = ConvGeometry.of(node), convs[node.inputs[0].name]
-                grams = sum(patch_gram(batch, geometry) for batch in x)
+                patch = sum(patch_gram(batch, geometry) for batch in x)
                 parts = [gptq(rows, h, fmt, granularity, damp=self.config.damp, act_order=self.config.act_order, clip=self.config.clip,
-                              notes=self.notes) for rows, h in zip(np.split(wt, len(grams)), grams, strict=True)]  # fmt: skip
+                              notes=self.notes) for rows, h in zip(np.split(wt, len(patch)), patch, strict=True)]  # fmt: skip
                 found[node.inputs[1].name] = tuple(np.concatenate(p) for p in zip(*parts, strict=True))
             elif self.config.grid == "bcq":
                 found[node.inputs[1].name] = bcq(wt.astype(np.float64), grams[node.inputs[0].name], self.config.bits, self._bcq_group(wt.shape[1]),
@@ -397,7 +403,7 @@ class Reconstruct(QuantizeWeights):
         for b, (block, module, probe, names) in enumerate(zip(blocks, modules, probes, inputs, strict=True)):
             float_weights = {v.name: torch.from_numpy(v.const_value.numpy().astype(np.float32)) for v in _weights(block) + self._biases(block)}
             biases = {v.name: torch.nn.Parameter(float_weights.pop(v.name).clone()) for v in self._biases(block)}
-            starts = self._gptq(block, probe, names, quant, {**float_weights, **biases}) if self.config.grid in ("int", "bcq") and self.config.start == "gptq" else {}
+            starts = self._gptq(block, probe, names, quant, {**float_weights, **biases}) if block.targets and self.config.grid in ("int", "bcq") and self.config.start == "gptq" else {}
             quantizers = {v.name: self.quantizer(_rows(float_weights[v.name]).numpy(), starts.get(v.name)) for v in _weights(block)}
             shapes = {name: tuple(w.shape) for name, w in float_weights.items()}
             out = block.output.name
@@ -411,10 +417,11 @@ class Reconstruct(QuantizeWeights):
             def show(phase: str, loss: float) -> None:
                 bar.set_postfix_str(f"block {b}: {phase} loss {loss:.3g}", refresh=False)
 
-            result = train_block(run, quantizers, targets, schedule, biases=list(biases.values()), progress=show)
-            self.results.append(result)
-            self.notes.append(f"block {b} ({len(quantizers)} weights): output error {result.loss_start:.4g} (start) → "
-                              f"{result.loss_clip:.4g} (clipping) → {result.loss_end:.4g} (rounding)")  # fmt: skip
+            if quantizers:
+                result = train_block(run, quantizers, targets, schedule, biases=list(biases.values()), progress=show)
+                self.results.append(result)
+                self.notes.append(f"block {b} ({len(quantizers)} weights): output error {result.loss_start:.4g} (start) → "
+                                  f"{result.loss_clip:.4g} (clipping) → {result.loss_end:.4g} (rounding)")  # fmt: skip
             with torch.no_grad():
                 hard = {name: _layout(q(), shapes[name]) for name, q in quantizers.items()}
                 hard.update({name: b.detach().clone() for name, b in biases.items()})

@@ -444,3 +444,23 @@ def test_a_run_that_only_raises_the_opset_says_it_modified_the_model():
     model, report = bitfold.optimize(ir.from_proto(proto), [{"name": "reconstruct", "head": True}], [{"x": np.ones((2, 8), np.float32)}])
     assert report.passes[0].modified and model.opset_imports[""] == 21  # qdq's opset, nothing else learned
     assert "1 MatMul weight outside every block" in report.passes[0].notes[0]
+
+
+def test_a_block_with_convs_and_matmuls_learns_both_and_the_head_matmul_too(zoo_protos):
+    calibration = image_calibration(8)
+    model = _lm(zoo_protos, "conv-mixer")
+    p = Reconstruct(**CNN, format="fake", head=True, span=1, clip_steps=5, round_steps=5, calibration=calibration)
+    p(model)
+    tags = {n.op_type: n.metadata_props.get("bitfold.quantized") for n in model.graph if n.op_type in ("Conv", "MatMul")}
+    assert tags == {"Conv": "reconstruct-int3-per-channel", "MatMul": "reconstruct-int3-per-channel"}
+    assert len(p.results) == 2  # the residual block (stem, depthwise Conv, pointwise MatMul), then the head
+
+
+def test_a_block_whose_weights_are_all_excluded_still_runs_for_the_blocks_after_it(zoo_protos):
+    calibration = token_calibration(8)
+    model = _lm(zoo_protos, "tiny-lm")
+    p = Reconstruct(bits=3, group_size=16, format="fake", exclude=("*blocks.0.*",), **STEPS, calibration=calibration)
+    p(model)
+    assert p.notes[1].startswith("block 0: no weights to learn") and len(p.results) == 1
+    learned = [n.name for n in model.graph if n.metadata_props.get("bitfold.quantized", "").startswith("reconstruct-")]
+    assert len(learned) == 7 and all("blocks.1" in next(m for m in model.graph if m.name == name).metadata_props["namespace"] for name in learned)
