@@ -366,7 +366,7 @@ CNN = {"op_types": ["MatMul", "Conv"], "bits": 3, "group_size": -1, "damp": 0.00
 
 
 def test_conv_blocks_beat_gptq_on_held_out_images(zoo_protos):
-    calibration, held_out = image_calibration(32), list(image_calibration(8, seed=1))
+    calibration, held_out = image_calibration(16), list(image_calibration(8, seed=1))
     reference = _logits(_lm(zoo_protos, "residual-cnn"), held_out)
     one_shot = _lm(zoo_protos, "residual-cnn")
     create("quantize-weights", {"method": "gptq", "format": "fake", **CNN}, calibration=calibration)(one_shot)
