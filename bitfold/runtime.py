@@ -37,13 +37,14 @@ def session(
     *,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     threads: int | None = None,
-    spinning: bool = True,
+    spinning: bool | None = None,
     optimization: str | None = None,
     global_pool: bool = False,
     profile: str | None = None,
 ) -> ort.InferenceSession:
-    """An ORT session for ``model`` on ``providers``. ``threads``: intra-op threads (default: ORT's); ``spinning``:
-    whether idle threads spin; ``optimization``: ``all`` | ``basic`` | ``none`` (default:
+    """An ORT session for ``model`` on ``providers``. ``threads``: intra-op threads (default:
+    ``$BITFOLD_ORT_THREADS``, else ORT's); ``spinning``: whether idle threads spin (default: not when
+    ``$BITFOLD_ORT_SPINNING`` is 0, else yes); ``optimization``: ``all`` | ``basic`` | ``none`` (default:
     ``$BITFOLD_ORT_OPTIMIZATION``, else ``all``); ``global_pool``: use the process's shared thread pool
     (``set_global_thread_pool_sizes`` before the first session); ``profile``: a file prefix for ORT's per-node
     profiler (``session.end_profiling()`` writes the trace and returns its path)."""
@@ -54,6 +55,9 @@ def session(
         raise BitfoldError(f"unknown ONNX Runtime optimization level '{optimization}'; choose one of: {', '.join(_LEVELS)}.")
     options.graph_optimization_level = _LEVELS[optimization]
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    threads = threads or int(os.environ.get("BITFOLD_ORT_THREADS") or 0)
+    if spinning is None:
+        spinning = os.environ.get("BITFOLD_ORT_SPINNING", "1") != "0"
     if threads:
         options.intra_op_num_threads = threads
     if global_pool:

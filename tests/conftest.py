@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import models  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker takes its share of the cores: no oversubscribed, spinning pools
+    _share = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    for _name, _value in (("BITFOLD_ORT_THREADS", _share), ("BITFOLD_ORT_SPINNING", "0"), ("TVM_NUM_THREADS", _share)):
+        os.environ.setdefault(_name, _value)
+    import torch
+
+    torch.set_num_threads(int(_share))
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,7 @@ class OrtRunnable(Timed):
         *,
         device: str = "auto",
         threads: int | None = None,
-        spinning: bool = True,
+        spinning: bool | None = None,
         optimization: str | None = None,
         global_pool: bool = False,
         profile: str | None = None,

@@ -4,6 +4,7 @@
 |---|---|
 | ``lee-text`` | windows of the Lee corpus for causal LMs (``eval.tasks.CALIB_WINDOWS``), disjoint from the windows the perplexity evaluation scores |
 | ``lee-sentences`` | sentences of the Lee corpus's background set, for sentence encoders |
+| ``wiki-sentences`` | 1,024 sentences spread over gensim's Wikipedia sample, for sentence encoders: a larger training set for distillation (``reconstruct`` with ``tune_weights``) |
 | ``skimage-photos`` | crops of scikit-image photos, disjoint from the photos the image evaluation uses |
 
 Each is shaped for the model's inputs: ``shapes`` sizes inputs whose dimensions are symbolic, as the CLI's
@@ -11,7 +12,7 @@ Each is shaped for the model's inputs: ``shapes`` sizes inputs whose dimensions 
 take ``tokenizer``, a Hugging Face tokenizer or the folder of the model's tokenizer files. Without it, the tokenizer
 files beside the model are used (in ``model_dir``, the folder it was loaded from, else the folder of its external
 data); without those, the source's own tokenizer (SmolLM2's for ``lee-text``, all-MiniLM-L6-v2's for
-``lee-sentences``), which is refused unless the model's vocabulary (the rows of the table ``input_ids`` indexes,
+``lee-sentences`` and ``wiki-sentences``), which is refused unless the model's vocabulary (the rows of the table ``input_ids`` indexes,
 else the last axis of ``logits``) has exactly its size.
 
 The sources register themselves with :func:`bitfold.quant.calibration.register_source` when this module is
@@ -29,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bitfold.errors import BitfoldError
-from bitfold.eval.data import lee_sentences, photo_crops
+from bitfold.eval.data import lee_sentences, photo_crops, wiki_sentences
 from bitfold.eval.tasks import CALIB_WINDOWS, WINDOW, lee_windows, lm_feeds, sentence_feeds
 from bitfold.llm.builtin import smollm2_folder
 from bitfold.quant.calibration import register_source
@@ -53,6 +54,15 @@ def lee_sentences_source(model: ir.Model, *, shapes=None, tokenizer: Any = None,
     seq_len = _input_dims(model, "input_ids", shapes, "lee-sentences", defaults={0: 1})[1]
     tokenizer = _text_tokenizer("lee-sentences", model, tokenizer, model_dir)
     return sentence_feeds(tokenizer, lee_sentences("calibration")[:128], seq_len)
+
+
+@register_source("wiki-sentences")
+def wiki_sentences_source(model: ir.Model, *, shapes=None, tokenizer: Any = None, model_dir=None) -> list[dict[str, np.ndarray]]:
+    """1,024 sentences of gensim's Wikipedia sample, evenly spaced over it, padded or cut to the model's sequence length."""
+    seq_len = _input_dims(model, "input_ids", shapes, "wiki-sentences", defaults={0: 1})[1]
+    tokenizer = _text_tokenizer("wiki-sentences", model, tokenizer, model_dir)
+    sentences = wiki_sentences()
+    return sentence_feeds(tokenizer, sentences[:: max(1, len(sentences) // 1024)][:1024], seq_len)
 
 
 @register_source("skimage-photos")

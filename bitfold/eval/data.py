@@ -2,13 +2,17 @@
 
 - text: gensim's Lee background corpus (``test/test_data/lee_background.cor``, 300 news paragraphs), found via
   ``importlib.util.find_spec`` without importing gensim, and its test corpus (``lee.cor``, 50 other documents),
-  the held-out text;
+  the held-out text; gensim's Wikipedia sample (the first ~200 articles of an English dump, shortened), a training
+  set for distillation that no evaluation reads;
 - images: scikit-image's bundled photos (``skimage.data``), split into evaluation and calibration photos.
 """
 
 from __future__ import annotations
 
+import bz2
 import importlib.util
+import re
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +46,50 @@ def lee_sentences(split: str) -> list[str]:
     text = path.read_text(encoding="utf-8", errors="replace")
     sentences = [s.strip() for line in text.splitlines() for s in line.replace("? ", ". ").split(". ")]
     return [s for s in sentences if len(s.split()) >= 4]
+
+
+WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+_MARKUP = [  # wiki markup, removed in this order: templates and tables, references, files, links, formatting
+    (re.compile(r"\{\{[^{}]*\}\}"), ""),
+    (re.compile(r"\{\|.*?\|\}", re.S), ""),
+    (re.compile(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>", re.S), ""),
+    (re.compile(r"<[^>]+>"), ""),
+    (re.compile(r"\[\[(?:File|Image|Category|[a-z]{2,3}(?:-[a-z]+)?):[^\]]*(?:\[\[[^\]]*\]\][^\]]*)*\]\]"), ""),
+    (re.compile(r"\[\[(?:[^|\]]*\|)?([^\]]*)\]\]"), r"\1"),
+    (re.compile(r"\[https?://\S+ ?([^\]]*)\]"), r"\1"),
+    (re.compile(r"'{2,}"), ""),
+    (re.compile(r"&[a-z]+;"), " "),
+]
+
+
+def wiki_sentences(limit: int | None = None) -> list[str]:
+    """Sentences of gensim's Wikipedia sample (``test/test_data/{WIKI_FILE}``), markup stripped: prose lines only
+    (no headings, lists or tables), sentences of 6 to 60 words, in article order."""
+    path = lee_corpus_path().with_name(WIKI_FILE)
+    if not path.is_file():
+        raise BitfoldError(f"gensim is installed but '{path}' is missing; reinstall gensim.")
+    out: list[str] = []
+    with bz2.open(path) as f:
+        for _, element in ET.iterparse(f):
+            if not element.tag.endswith("}text") or not element.text:
+                element.clear() if element.tag.endswith("}page") else None
+                continue
+            text = element.text
+            for _ in range(3):  # nested templates, innermost first
+                text = _MARKUP[0][0].sub("", text)
+            for pattern, repl in _MARKUP[1:]:
+                text = pattern.sub(repl, text)
+            for line in text.splitlines():
+                line = line.strip()
+                if not line or line[0] in "=*#:;|!{}[" or line.startswith(("Category:", "thumb")):
+                    continue
+                for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", line):
+                    if 6 <= len(sentence.split()) <= 60 and sentence[-1] in ".!?":
+                        out.append(sentence)
+                        if limit is not None and len(out) >= limit:
+                            return out
+            element.clear()
+    return out
 
 
 #: scikit-image photos by role. Evaluation and calibration never share a photo.

@@ -2,7 +2,7 @@
 
 :class:`CalibrationData` holds a source of feed dicts (an ``.npz`` with samples stacked on a new leading axis, a
 named source, or any Python iterable). Named sources are functions registered with :func:`register_source`; the
-built-in ones (``lee-text``, ``lee-sentences``, ``skimage-photos``) live with the data they read, in
+built-in ones (``lee-text``, ``lee-sentences``, ``wiki-sentences``, ``skimage-photos``) live with the data they read, in
 :mod:`bitfold.eval.calibration`, which ``import bitfold`` registers.
 
 :meth:`CalibrationData.collect` runs the *current* graph under ONNX Runtime (:func:`bitfold.runtime.session`) with

@@ -20,6 +20,10 @@ Each weight gets a quantizer (:class:`IntQuantizer`, :class:`ShiftQuantizer`, :c
    block's codes frozen, a factor on each scale group's scale learns against the full-precision model's output
    over all blocks at once (:func:`tune_scales`; KL divergence of the next-token distributions for a language
    model), which corrects what no block sees alone: errors that compound across blocks.
+4. **Distillation** (optional, with phase 3): the codes themselves learn too, as latent values whose grid value is
+   taken with a straight-through gradient (the sign of a latent weight for sign planes, the rounded latent code for
+   integer grids: BinaryBERT's and BitNet's training of the quantized weights), and each block's output can be
+   matched in direction to the full-precision model's (BiBERT's direction matching, per token).
 
 The loss of phases 1 and 2 is the block output's mean squared error relative to the target's mean square. A phase
 that ends with a larger loss on the calibration samples than it started with is undone, so a block never ends worse
@@ -54,6 +58,7 @@ class _Rounding(torch.nn.Module):
     fixed: tuple[torch.Tensor, torch.Tensor] | None  # (scale, zero point or kept mask) once the rounding phase starts
     frozen: torch.Tensor | None
     tune: torch.nn.Parameter | None
+    latent: torch.nn.Parameter | None  # offsets on the frozen grid values, from :meth:`start_latent` on
 
     @staticmethod
     def logits(frac: torch.Tensor) -> torch.nn.Parameter:
@@ -90,6 +95,11 @@ class _Rounding(torch.nn.Module):
         self.tune = torch.nn.Parameter(torch.zeros_like(self.fixed[0]))
         return [self.tune]
 
+    def start_latent(self) -> list[torch.nn.Parameter]:
+        """After :meth:`start_tuning`: learn an offset on every frozen grid value too, the grid taken from the offset
+        value with a straight-through gradient (distillation of the codes themselves). Returns the offsets."""
+        raise NotImplementedError(f"{type(self).__name__} has no latent weights")
+
 
 class IntQuantizer(_Rounding):
     """Learnable quantizer of one weight Wᵀ (N, K) on ``fmt``'s grid with ``granularity``'s scale groups."""
@@ -118,6 +128,7 @@ class IntQuantizer(_Rounding):
         self.gain: torch.nn.Parameter | None = None  # log of the learned factor on the solver's scales
         self.frozen: torch.Tensor | None = None  # the hard codes, from :meth:`start_tuning` on
         self.tune: torch.nn.Parameter | None = None  # log of the end-to-end factor on the fixed scales
+        self.latent: torch.nn.Parameter | None = None
         if start is not None:
             q, scale, zero = (group(a) for a in start)
             scale, zero = scale[..., :1], zero[..., :1]
@@ -172,9 +183,16 @@ class IntQuantizer(_Rounding):
     def grid_values(self) -> torch.Tensor:
         return self.codes()
 
+    def start_latent(self) -> list[torch.nn.Parameter]:
+        assert self.frozen is not None, "start_tuning first"
+        self.latent = torch.nn.Parameter(torch.zeros_like(self.frozen))
+        return [self.latent]
+
     def codes(self) -> torch.Tensor:
         if self.frozen is not None:
-            return self.frozen
+            if self.latent is None:
+                return self.frozen
+            return _round_ste(self.frozen + self.latent).clamp(self.fmt.qmin, self.fmt.qmax)
         scale, zero = self.scale_zero()
         x = self.w / scale + zero
         if self.v is None:
@@ -223,6 +241,7 @@ class ShiftQuantizer(_Rounding):
         self.hard = False
         self.frozen: torch.Tensor | None = None  # the hard powers of two, from :meth:`start_tuning` on
         self.tune: torch.nn.Parameter | None = None  # log of the end-to-end factor on the fixed scales
+        self.latent: torch.nn.Parameter | None = None
 
     def clip_parameters(self) -> list[torch.nn.Parameter]:
         return [self.log_s]
@@ -311,6 +330,14 @@ class BinaryQuantizer(torch.nn.Module):
         self.frozen = frozen
         return self.clip_parameters()
 
+    def start_latent(self) -> list[torch.nn.Parameter]:
+        """After :meth:`start_tuning`: the signs follow the latent weights again (straight-through), which learn
+        from where the rounding phase left them. Returns their offset δ."""
+        self.frozen = None
+        if self.v is None:
+            self.v = torch.nn.Parameter(torch.zeros_like(self.w))
+        return [self.v]
+
     def start_rounding(self) -> None:
         self.v = torch.nn.Parameter(torch.zeros_like(self.w))
 
@@ -393,6 +420,7 @@ class BCQQuantizer(_Rounding):
         self.hard = False
         self.frozen: torch.Tensor | None = None  # the hard sign planes, from :meth:`start_tuning` on
         self.tune: torch.nn.Parameter | None = None  # log of the end-to-end factor on α
+        self.latent: torch.nn.Parameter | None = None
 
     def clip_parameters(self) -> list[torch.nn.Parameter]:
         return [self.log_alpha]
@@ -427,7 +455,7 @@ class BCQQuantizer(_Rounding):
     def signs(self) -> torch.Tensor:
         """The sign planes (q, N, K); between two codes while the rounding is soft."""
         if self.frozen is not None:
-            return self.frozen
+            return self.frozen if self.latent is None else _sign_ste(self.frozen + self.latent)
         if self.v is None:
             return self.signs0
         return self.low + self._h() * (self.high - self.low)
@@ -442,6 +470,13 @@ class BCQQuantizer(_Rounding):
             self.frozen = self.signs().detach().clone()
         self.tune = torch.nn.Parameter(torch.zeros_like(self.log_alpha))
         return [self.tune]
+
+    def start_latent(self) -> list[torch.nn.Parameter]:
+        """After :meth:`start_tuning`: a latent value on every frozen sign (±1 plus an offset from 0), its sign
+        taken straight-through. Returns the offsets."""
+        assert self.frozen is not None, "start_tuning first"
+        self.latent = torch.nn.Parameter(torch.zeros_like(self.frozen))
+        return [self.latent]
 
     def forward(self) -> torch.Tensor:
         return (self._expand(self.alpha()) * self.signs()).sum(0)
@@ -566,7 +601,7 @@ class TuneResult:
 
 
 def tune_scales(
-    run: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    run: Callable[[int], tuple[torch.Tensor, ...]],
     parameters: Sequence[torch.nn.Parameter],
     samples: int,
     *,
@@ -575,40 +610,48 @@ def tune_scales(
     loss: str = "kl",
     seed: int = 0,
     progress: Callable[[float], None] | None = None,
+    latent: Sequence[torch.nn.Parameter] = (),
+    latent_lr: float = 0.0,
 ) -> TuneResult:
-    """Learn ``parameters`` (the quantizers' factors on their scales, codes frozen) so that the model's output
-    ``run(sample)[0]`` matches its target ``run(sample)[1]``: the KL divergence from the target's softmax over the
-    last axis (``loss = "kl"``, per position) or the squared error relative to the target's mean square
-    (``"mse"``). Adam, one sample per step in a seeded order; ends undone when the mean loss over all samples did
-    not drop."""
+    """Learn ``parameters`` (the quantizers' factors on their scales) and ``latent`` (offsets on their grid values,
+    learning rate ``latent_lr``; empty: codes frozen) so that the model's output ``run(sample)[0]`` matches its
+    target ``run(sample)[1]``: the KL divergence from the target's softmax over the last axis (``loss = "kl"``, per
+    position) or the squared error relative to the target's mean square (``"mse"``). A third value that ``run``
+    returns while gradients are on (e.g. intermediate matching) is added to the training loss; the scores before
+    and after are the output loss alone. Adam, one sample per step in a seeded order; ends undone when the mean loss
+    over all samples did not drop."""
     rng = np.random.default_rng(seed)
 
-    def loss_of(i: int) -> torch.Tensor:
-        out, target = run(i)
+    def loss_of(i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out, target, *extra = run(i)
         if loss == "kl":
             logp = torch.log_softmax(target.double(), -1)
-            return (logp.exp() * (logp - torch.log_softmax(out.double(), -1))).sum(-1).mean()
-        return ((out - target) ** 2).mean() / (target**2).mean().clamp_min(1e-30)
+            value = (logp.exp() * (logp - torch.log_softmax(out.double(), -1))).sum(-1).mean()
+        else:
+            value = ((out - target) ** 2).mean() / (target**2).mean().clamp_min(1e-30)
+        return value, (extra[0] if extra else None)
 
     def evaluate() -> float:
         with torch.no_grad():
-            return float(np.mean([float(loss_of(i)) for i in range(samples)]))
+            return float(np.mean([float(loss_of(i)[0]) for i in range(samples)]))
 
     start = evaluate()
-    initial = [p.detach().clone() for p in parameters]
-    opt = torch.optim.Adam(parameters, lr=lr)
+    learned = [*parameters, *latent]
+    initial = [p.detach().clone() for p in learned]
+    groups = [{"params": list(parameters), "lr": lr}] + ([{"params": list(latent), "lr": latent_lr}] if latent else [])
+    opt = torch.optim.Adam(groups)
     picks = np.concatenate([rng.permutation(samples) for _ in range(-(-steps // samples))])[:steps] if steps else []
     for i in picks:
         opt.zero_grad(set_to_none=True)
-        value = loss_of(int(i))
-        value.backward()
+        value, extra = loss_of(int(i))
+        (value if extra is None else value + extra).backward()
         opt.step()
         if progress:
             progress(value.item())
     reached = end = evaluate() if steps else start
     if end > start:
         with torch.no_grad():
-            for p, value in zip(parameters, initial, strict=True):
+            for p, value in zip(learned, initial, strict=True):
                 p.copy_(value)
         end = start
     return TuneResult(start, end, reached)

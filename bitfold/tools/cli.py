@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, type=Path)
     p.add_argument("--report", type=Path, help="write the per-pass report as JSON")
     p.add_argument("--verify", action="store_true", help="after every pass: onnx.checker, ORT run, error vs the input model")
-    p.add_argument("--calibration", metavar="FILE.npz|SOURCE", help="calibration data: an .npz (samples on a leading axis), lee-text, lee-sentences or skimage-photos")
+    p.add_argument("--calibration", metavar="FILE.npz|SOURCE", help="calibration data: an .npz (samples on a leading axis), lee-text, lee-sentences, wiki-sentences or skimage-photos")
     p.add_argument("--max-error", type=float, metavar="E", help="leave the last step's most harmful layers float until the output error <= E (recipe key max_error)")
     _add_input_options(p)
     p.set_defaults(func=_optimize)

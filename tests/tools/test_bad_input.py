@@ -256,7 +256,7 @@ CASES = _rows([
     ("calibration samples with NaN", lambda ws: _npz(ws, ws.npz(x=np.where(np.arange(3)[:, None, None, None, None] == 2, np.nan, _x()).astype(np.float32))),
      "array 'x' holds NaN or infinite values (first in sample 2); calibration samples must be finite.", BitfoldError),
     ("unknown calibration source", lambda ws: _source(ws, "photos", ws.cnn),
-     "unknown calibration source 'photos'; give an .npz file or one of: lee-text, lee-sentences, skimage-photos.", BitfoldError),
+     "unknown calibration source 'photos'; give an .npz file or one of: lee-text, lee-sentences, wiki-sentences, skimage-photos.", BitfoldError),
     ("text calibration for an image model", lambda ws: _source(ws, "lee-text", ws.cnn),
      "built-in calibration 'lee-text' needs a graph input 'input_ids' with a known rank; this model has none.", BitfoldError),
     ("photo calibration for a language model", lambda ws: _source(ws, "skimage-photos", ws.lm),

@@ -109,6 +109,9 @@ class ReconstructConfig:
     tune_steps: int = dataclasses.field(default=0, metadata={"doc": "Adam steps (one calibration sample each) learning a factor on every scale end to end, all blocks at once, codes frozen (0: none)"})
     tune_lr: float = dataclasses.field(default=3e-3, metadata={"doc": "learning rate of the end-to-end scale factors (their logarithms)"})
     tune_loss: Literal["kl", "mse"] = dataclasses.field(default="kl", metadata={"doc": "end to end: KL divergence of the first graph output's softmax (logits) | its error relative to its mean square"})
+    tune_weights: bool = dataclasses.field(default=False, metadata={"doc": "end to end: the codes learn too (distillation): latent weights whose sign (binary, bcq) or rounded code (int) is taken straight-through"})
+    tune_weight_lr: float = dataclasses.field(default=2e-3, metadata={"doc": "learning rate of the latent weights, in units of the grid step (int), of the row's α (binary) or of a sign (bcq)"})
+    tune_match: float = dataclasses.field(default=0.0, metadata={"doc": "end to end: weight of each block output's direction matching to the full-precision model's (1 − cosine per token, or per pixel over channels), added to the output loss"})
     accuracy_level: int = dataclasses.field(default=4, metadata={"doc": "matmulnbits: ORT compute type (4 = int8)"})
 
     # quantize-weights' emission reads this; reconstruct learns integer grids only
@@ -119,6 +122,12 @@ class ReconstructConfig:
             raise ValueError("span must be >= 1")
         if min(self.clip_steps, self.round_steps, self.tune_steps) < 0:
             raise ValueError("clip_steps, round_steps and tune_steps must be >= 0")
+        if (self.tune_weights or self.tune_match) and not self.tune_steps:
+            raise ValueError("tune_weights and tune_match belong to the end-to-end phase; set tune_steps > 0")
+        if self.tune_match < 0 or self.tune_weight_lr <= 0:
+            raise ValueError("tune_match must be >= 0 and tune_weight_lr > 0")
+        if self.tune_weights and self.grid == "shift":
+            raise ValueError("grid \"shift\" has no latent weights to learn end to end; tune_weights takes grid int, binary or bcq")
         if not 0.0 < self.min_ratio <= 1.0:
             raise ValueError("min_ratio must be in (0, 1]")
         if not self.op_types or set(self.op_types) - {"MatMul", "Conv"}:
@@ -431,8 +440,9 @@ class Reconstruct(QuantizeWeights):
             for name, q in quantizers.items():
                 solved[name] = q.export()
             self.learned_biases.update({name: b.detach().numpy().copy() for name, b in biases.items()})
-            if self.config.tune_steps:  # kept for the end-to-end phase, the biases fixed
-                learned.append((quantizers, shapes, {name: b.detach().clone() for name, b in biases.items()}))
+            if self.config.tune_steps:  # kept for the end-to-end phase, the biases fixed; the float block for matching
+                teacher = {**float_weights, **{v.name: torch.from_numpy(v.const_value.numpy().astype(np.float32)) for v in self._biases(block)}}
+                learned.append((quantizers, shapes, {name: b.detach().clone() for name, b in biases.items()}, teacher if self.config.tune_match else {}))
                 final = targets  # at the last block: the full-precision model's stream where the blocks end
             for env in (*quant, *full):  # drop what no later block reads
                 for name in [n for n in env if later.get(n, -1) <= b]:
@@ -442,7 +452,7 @@ class Reconstruct(QuantizeWeights):
         if self.config.tune_steps:
             chain = list(zip(blocks, modules, inputs, learned, strict=True))
             self._tune(chain, tail, shared, final)
-            for quantizers, _, _ in learned:
+            for quantizers, *_ in learned:
                 for name, q in quantizers.items():
                     solved[name] = q.export()
         return solved
@@ -458,49 +468,60 @@ class Reconstruct(QuantizeWeights):
             raise BitfoldError(f"tune_steps trains against the graph's first output '{graph.outputs[0].name}', which does not depend on where the blocks end ('{end.name}').")
         return TorchGraph(graph, nodes=nodes, outputs=[graph.outputs[0]])
 
-    def _tune(self, chain: list[tuple[Block, TorchGraph, list[str], dict]], tail: TorchGraph | None,
+    def _tune(self, chain: list[tuple[Block, TorchGraph, list[str], tuple]], tail: TorchGraph | None,
               shared: list[dict[str, torch.Tensor]], final: list[torch.Tensor]) -> None:  # fmt: skip
-        """Every quantizer's scale factors learned at once against the full-precision model's output: the
-        calibration sample run through all blocks with their quantized weights, then the tail."""
-        parameters = [p for _, _, _, (quantizers, _, _) in chain for q in quantizers.values() for p in q.start_tuning()]
+        """Every quantizer's scale factors (and with ``tune_weights`` its latent weights) learned at once against the
+        full-precision model's output: the calibration sample run through all blocks with their quantized weights,
+        then the tail; with ``tune_match`` each block's output also against the float model's there."""
+        config = self.config
+        parameters = [p for _, _, _, (quantizers, *_) in chain for q in quantizers.values() for p in q.start_tuning()]
+        latent = [p for _, _, _, (quantizers, *_) in chain for q in quantizers.values() for p in q.start_latent()] if config.tune_weights else []
         end = chain[-1][0].output.name
 
-        def block(module: TorchGraph, names: list[str], learned: tuple[dict, dict, dict], *feeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            quantizers, shapes, biases = learned
+        def block(module: TorchGraph, names: list[str], learned: tuple, *feeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            quantizers, shapes, biases, _ = learned
             found = module(**dict(zip(names, feeds, strict=True)), **{name: _layout(q(), shapes[name]) for name, q in quantizers.items()}, **biases)
             return tuple(found[n] for n in module.output_names)
 
-        def run(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def run(i: int) -> tuple[torch.Tensor, ...]:
             env = dict(shared[i])
-            for _, module, names, quantizers in chain:
+            teach = dict(shared[i]) if config.tune_match and torch.is_grad_enabled() else None
+            terms = []
+            for blk, module, names, learned in chain:
                 feeds = [env[n] for n in names]
                 if torch.is_grad_enabled():  # each block's activations recomputed in the backward pass, not all held
-                    found = checkpoint(block, module, names, quantizers, *feeds, use_reentrant=False)
+                    found = checkpoint(block, module, names, learned, *feeds, use_reentrant=False)
                 else:
-                    found = block(module, names, quantizers, *feeds)
+                    found = block(module, names, learned, *feeds)
                 env.update(zip(module.output_names, found, strict=True))
+                if teach is not None:
+                    with torch.no_grad(), _float(module):
+                        teach.update(module(**{n: teach[n] for n in names}, **learned[3]))
+                    terms.append(_direction_error(env[blk.output.name], teach[blk.output.name]))
+            extra = (config.tune_match * torch.stack(terms).mean(),) if terms else ()
             if tail is None:
-                return env[end], final[i]
+                return env[end], final[i], *extra
             out = tail.output_names[0]
             reads = {n: env[n] for n in tail.input_names}
             with torch.no_grad(), _float(tail):
                 target = tail(**{**reads, end: final[i]})[out]
-            return tail(**reads)[out], target
+            return tail(**reads)[out], target, *extra
 
-        bar = tqdm(total=self.config.tune_steps, desc=f"reconstruct {self.config.tag}: end to end", leave=False)
+        bar = tqdm(total=config.tune_steps, desc=f"reconstruct {config.tag}: end to end", leave=False)
 
         def show(loss: float) -> None:
             if bar.n == 0:
                 bar.reset()  # the rate counts training steps, not the evaluation before them
-            bar.set_postfix_str(f"{self.config.tune_loss} {loss:.3g}", refresh=False)
+            bar.set_postfix_str(f"{config.tune_loss} {loss:.3g}", refresh=False)
             bar.update()
 
-        result = tune_scales(run, parameters, len(shared), steps=self.config.tune_steps, lr=self.config.tune_lr,
-                             loss=self.config.tune_loss, seed=self.config.seed, progress=show)  # fmt: skip
+        result = tune_scales(run, parameters, len(shared), steps=config.tune_steps, lr=config.tune_lr, loss=config.tune_loss,
+                             seed=config.seed, progress=show, latent=latent, latent_lr=config.tune_weight_lr)  # fmt: skip
         bar.close()
         self.tuned = result
         kept = "" if result.loss_end < result.loss_start else f" (reached {result.loss_reached:.4g}: undone)"
-        self.notes.append(f"end to end ({self.config.tune_steps} steps): {self.config.tune_loss} {result.loss_start:.4g} → {result.loss_end:.4g}{kept}")
+        what = ", weights learned" if config.tune_weights else ""
+        self.notes.append(f"end to end ({config.tune_steps} steps{what}): {config.tune_loss} {result.loss_start:.4g} → {result.loss_end:.4g}{kept}")
 
 
 class _ShiftEmitter(Shift):
@@ -529,6 +550,12 @@ def _float(module: TorchGraph) -> Iterator[None]:
         yield
     finally:
         module.fake_quantize = True
+
+
+def _direction_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """1 − cosine between the two hidden states per token (last axis), or per pixel over the channels (NCHW)."""
+    axis = 1 if student.dim() == 4 else -1
+    return 1 - torch.nn.functional.cosine_similarity(student, teacher, dim=axis, eps=1e-12).mean()
 
 
 def _rows(w: torch.Tensor) -> torch.Tensor:

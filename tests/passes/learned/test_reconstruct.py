@@ -164,6 +164,10 @@ def test_bad_parameters_and_graphs_without_a_stream_get_one_sentence(zoo_protos)
         create("reconstruct", {"grid": "binary", "format": "fake", "op_types": ["MatMul", "Conv"]})
     with pytest.raises(PassParameterError, match="Conv weights need format"):
         create("reconstruct", {"format": "matmulnbits", "group_size": 32, "op_types": ["Conv"]})
+    with pytest.raises(PassParameterError, match="set tune_steps > 0"):
+        create("reconstruct", {"tune_weights": True})
+    with pytest.raises(PassParameterError, match="no latent weights"):
+        create("reconstruct", {"grid": "shift", "bits": 3, "format": "fake", "tune_steps": 4, "tune_weights": True})
     layers = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)).eval()
     model = bitfold.optimize(bitfold.from_torch(layers, (torch.randn(2, 4, 16),)), list(CANONICAL))[0]  # no residual Add
     with pytest.raises(BitfoldError, match="residual stream"):
@@ -333,6 +337,48 @@ def test_end_to_end_scales_lower_the_model_output_error_on_held_out_tokens(zoo_p
     assert [r.loss_end for r in passes[0].results] == [r.loss_end for r in passes[1].results]  # same blocks before it
     assert passes[1].tuned.loss_end < passes[1].tuned.loss_start
     assert errors[1] < factor * errors[0], errors
+
+
+def test_latent_weights_start_at_the_frozen_grid_and_learn_through_it():
+    wt = np.random.default_rng(4).standard_normal((8, 32)).astype(np.float32)
+    quantizers = {
+        "int": IntQuantizer(wt, IntFormat(3, True), PerGroup(16)),
+        "binary": BinaryQuantizer(wt, 2, True),
+        "bcq": BCQQuantizer(wt, 2, 16, 0),
+    }
+    for name, q in quantizers.items():
+        q.start_rounding()
+        q.start_tuning()
+        frozen = q().detach().clone()
+        latent = q.start_latent()
+        np.testing.assert_array_equal(q().detach().numpy(), frozen.numpy(), err_msg=name)  # the offsets start at 0
+        (q() * torch.from_numpy(wt)).sum().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in latent), name  # straight through to them
+        with torch.no_grad():
+            latent[0].copy_(-2 * torch.sign(latent[0].grad))  # a step against the gradient moves the grid values
+        assert not torch.equal(q().detach(), frozen), name
+        assert (q() * torch.from_numpy(wt)).sum() < (frozen * torch.from_numpy(wt)).sum(), name  # the loss went down
+    codes = quantizers["int"].codes().detach()
+    assert codes.min() >= -4 and codes.max() <= 3 and torch.equal(codes, codes.round())  # still on the int3 grid
+    shift = ShiftQuantizer(wt, 3, True)
+    shift.start_rounding()
+    shift.start_tuning()
+    with pytest.raises(NotImplementedError, match="no latent weights"):
+        shift.start_latent()
+
+
+def test_distillation_learns_the_signs_end_to_end_below_the_scales_alone(zoo_protos):
+    calibration, held_out = token_calibration(32), list(token_calibration(8, seed=1))
+    reference = _logits(_lm(zoo_protos, "tiny-lm"), held_out)
+    errors, passes = {}, {}
+    for label, extra in (("scales", {}), ("weights", {"tune_weights": True, "tune_weight_lr": 1e-2, "tune_match": 1.0})):
+        model = _lm(zoo_protos, "tiny-lm")
+        p = Reconstruct(grid="binary", format="fake", **STEPS, tune_steps=128, tune_lr=1e-2, tune_loss="mse", **extra, calibration=calibration)
+        p(model)
+        errors[label], passes[label] = _error(model, reference, held_out), p
+    assert errors["weights"] < 0.95 * errors["scales"], errors  # measured: 0.135 against 0.143
+    assert passes["weights"].tuned.loss_end < passes["scales"].tuned.loss_end
+    assert "weights learned" in passes["weights"].notes[-1]
 
 
 def test_end_to_end_kl_on_a_kv_cache_graph_trains_against_the_logits(tmp_path):
