@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/bitfold demo --llm
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -p no:cacheprovider
+	$(PY) -m pytest -n 2 -p no:cacheprovider --durations=25
 
 # The newest versions pyproject.toml allows, in a venv of their own (constraints.txt is what `make test` pins):
 # run it before moving a pin, to see what a fresh unconstrained install would break.

@@ -151,15 +151,16 @@ def sentence_feeds(tokenizer, sentences: list[str], seq_len: int = MINILM_SEQ) -
     return feeds
 
 
-def minilm_cos(model: ir.Model, reference: ir.Model | None = None) -> TaskResult:
+def minilm_cos(model: ir.Model, reference: ir.Model | None = None, sentences: list[str] | None = None) -> TaskResult:
     """all-MiniLM-L6-v2: cosine between the model's and the fp32 export's embeddings over the Lee test corpus
-    (``lee.cor``, 50 short news documents, split into sentences); calibration uses ``lee_background.cor``."""
+    (``lee.cor``, 50 short news documents, split into sentences; calibration uses ``lee_background.cor``), or over
+    ``sentences``."""
     from bitfold.eval.data import lee_sentences
     from bitfold.eval.models import export_minilm, minilm
 
     _, tokenizer = minilm()
     reference = reference if reference is not None else export_minilm()
-    feeds = sentence_feeds(tokenizer, lee_sentences("test"))
+    feeds = sentence_feeds(tokenizer, lee_sentences("test") if sentences is None else sentences)
     candidate, base = compile(model, "ort", "cpu"), compile(reference, "ort", "cpu")
     cosines = []
     for feed in feeds:
