@@ -84,7 +84,7 @@ def wiki_sentences(limit: int | None = None) -> list[str]:
                 if not line or line[0] in "=*#:;|!{}[" or line.startswith(("Category:", "thumb")):
                     continue
                 for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", line):
-                    if 6 <= len(sentence.split()) <= 60 and sentence[-1] in ".!?":
+                    if 6 <= len(sentence.split()) <= 60 and sentence[-1] in ".!?" and not any(m in sentence for m in ("]]", "|", "File:", "Image:")):
                         out.append(sentence)
                         if limit is not None and len(out) >= limit:
                             return out

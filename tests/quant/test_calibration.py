@@ -159,6 +159,21 @@ def test_lee_text_uses_the_tokenizer_beside_the_model(zoo_protos, tmp_path):
         np.testing.assert_array_equal(again[0]["input_ids"], samples[0]["input_ids"])
 
 
+def test_wiki_sentences_are_prose_and_the_source_spreads_1024_of_them(zoo_protos):
+    from bitfold.eval.data import lee_sentences, wiki_sentences
+
+    sentences = wiki_sentences()
+    assert len(sentences) > 10_000
+    assert all(6 <= len(s.split()) <= 60 and s[-1] in ".!?" for s in sentences)
+    assert not [s for s in sentences if any(m in s for m in ("[[", "]]", "{{", "}}", "<ref", "|", "''", "File:"))]
+    assert not set(sentences) & set(lee_sentences("test"))  # the evaluation sentences are not in the training text
+    tokenizer = _word_tokenizer()
+    tokenizer.pad_token = "[UNK]"
+    samples = list(CalibrationData.from_source("wiki-sentences", fresh(zoo_protos, "tiny-lm"), tokenizer=tokenizer))
+    assert len(samples) == 1024 and samples[0]["input_ids"].shape == (1, 8)
+    assert len({s["input_ids"].tobytes() for s in samples}) > 900  # 8 tokens of a 96-word vocabulary: a few coincide
+
+
 class _SizedTokenizer:
     def __init__(self, size: int) -> None:
         self.size = size
