@@ -22,7 +22,10 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 import bitfold
+from bitfold.eval.calibration import wiki_training_indices
 from bitfold.eval.data import lee_sentences, wiki_sentences
 from bitfold.eval.models import export_minilm
 from bitfold.eval.tasks import minilm_cos
@@ -38,8 +41,9 @@ BINARY = {"name": "reconstruct", "grid": "binary", "format": "fake"}
 def validation_sentences() -> list[str]:
     """256 sentences of the Wikipedia sample that ``wiki-sentences`` does not hold: the choice of settings."""
     sentences = wiki_sentences()
-    stride = max(1, len(sentences) // 1024)
-    return sentences[stride // 2 :: stride][:256]
+    training = set(wiki_training_indices(len(sentences)))
+    others = [s for i, s in enumerate(sentences) if i not in training]
+    return [others[i] for i in np.linspace(0, len(others) - 1, 256).round().astype(int)]
 
 
 def main() -> None:

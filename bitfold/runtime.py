@@ -55,9 +55,13 @@ def session(
         raise BitfoldError(f"unknown ONNX Runtime optimization level '{optimization}'; choose one of: {', '.join(_LEVELS)}.")
     options.graph_optimization_level = _LEVELS[optimization]
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    threads = threads or int(os.environ.get("BITFOLD_ORT_THREADS") or 0)
+    if threads is None and os.environ.get("BITFOLD_ORT_THREADS"):
+        value = os.environ["BITFOLD_ORT_THREADS"]
+        if not value.isdigit():
+            raise BitfoldError(f"BITFOLD_ORT_THREADS must be a count of threads (0: ONNX Runtime's default), not '{value}'.")
+        threads = int(value)
     if spinning is None:
-        spinning = os.environ.get("BITFOLD_ORT_SPINNING", "1") != "0"
+        spinning = os.environ.get("BITFOLD_ORT_SPINNING", "1").lower() not in ("0", "false", "no", "off")
     if threads:
         options.intra_op_num_threads = threads
     if global_pool:

@@ -62,7 +62,12 @@ def wiki_sentences_source(model: ir.Model, *, shapes=None, tokenizer: Any = None
     seq_len = _input_dims(model, "input_ids", shapes, "wiki-sentences", defaults={0: 1})[1]
     tokenizer = _text_tokenizer("wiki-sentences", model, tokenizer, model_dir)
     sentences = wiki_sentences()
-    return sentence_feeds(tokenizer, sentences[:: max(1, len(sentences) // 1024)][:1024], seq_len)
+    return sentence_feeds(tokenizer, [sentences[i] for i in wiki_training_indices(len(sentences))], seq_len)
+
+
+def wiki_training_indices(count: int) -> list[int]:
+    """The ``wiki-sentences`` picks among ``count`` sentences: 1,024 evenly spaced (all of them when fewer)."""
+    return sorted(set(np.linspace(0, count - 1, min(count, 1024)).round().astype(int).tolist()))
 
 
 @register_source("skimage-photos")

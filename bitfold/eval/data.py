@@ -52,8 +52,9 @@ WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz
 _MARKUP = [  # wiki markup, removed in this order: templates and tables, references, files, links, formatting
     (re.compile(r"\{\{[^{}]*\}\}"), ""),
     (re.compile(r"\{\|.*?\|\}", re.S), ""),
-    (re.compile(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>", re.S), ""),
-    (re.compile(r"<[^>]+>"), ""),
+    (re.compile(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", re.S), ""),
+    (re.compile(r"<!--.*?-->", re.S), ""),
+    (re.compile(r"</?[A-Za-z][^<>\n]*>"), ""),
     (re.compile(r"\[\[(?:File|Image|Category|[a-z]{2,3}(?:-[a-z]+)?):[^\]]*(?:\[\[[^\]]*\]\][^\]]*)*\]\]"), ""),
     (re.compile(r"\[\[(?:[^|\]]*\|)?([^\]]*)\]\]"), r"\1"),
     (re.compile(r"\[https?://\S+ ?([^\]]*)\]"), r"\1"),

@@ -100,6 +100,9 @@ class _Rounding(torch.nn.Module):
         value with a straight-through gradient (distillation of the codes themselves). Returns the offsets."""
         raise NotImplementedError(f"{type(self).__name__} has no latent weights")
 
+    def bound_latent(self) -> None:
+        """Called after every step on the latent values (a no-op unless the grid has ends to stay within)."""
+
 
 class IntQuantizer(_Rounding):
     """Learnable quantizer of one weight Wᵀ (N, K) on ``fmt``'s grid with ``granularity``'s scale groups."""
@@ -187,6 +190,14 @@ class IntQuantizer(_Rounding):
         assert self.frozen is not None, "start_tuning first"
         self.latent = torch.nn.Parameter(torch.zeros_like(self.frozen))
         return [self.latent]
+
+    def bound_latent(self) -> None:
+        """Keep each latent code within half a step of the grid: a code clamped at the grid's end gets no gradient,
+        so momentum alone would carry it further out, where it could never come back."""
+        if self.latent is not None:
+            with torch.no_grad():
+                code = (self.frozen + self.latent).clamp(self.fmt.qmin - 0.5, self.fmt.qmax + 0.5)
+                self.latent.copy_(code - self.frozen)
 
     def codes(self) -> torch.Tensor:
         if self.frozen is not None:
@@ -337,6 +348,9 @@ class BinaryQuantizer(torch.nn.Module):
         if self.v is None:
             self.v = torch.nn.Parameter(torch.zeros_like(self.w))
         return [self.v]
+
+    def bound_latent(self) -> None:
+        """Nothing to keep in range: any latent value has a sign."""
 
     def start_rounding(self) -> None:
         self.v = torch.nn.Parameter(torch.zeros_like(self.w))
@@ -612,6 +626,7 @@ def tune_scales(
     progress: Callable[[float], None] | None = None,
     latent: Sequence[torch.nn.Parameter] = (),
     latent_lr: float = 0.0,
+    after_step: Callable[[], None] | None = None,
 ) -> TuneResult:
     """Learn ``parameters`` (the quantizers' factors on their scales) and ``latent`` (offsets on their grid values,
     learning rate ``latent_lr``; empty: codes frozen) so that the model's output ``run(sample)[0]`` matches its
@@ -619,7 +634,9 @@ def tune_scales(
     position) or the squared error relative to the target's mean square (``"mse"``). A third value that ``run``
     returns while gradients are on (e.g. intermediate matching) is added to the training loss; the scores before
     and after are the output loss alone. Adam, one sample per step in a seeded order; ends undone when the mean loss
-    over all samples did not drop."""
+    over all samples did not drop. ``after_step`` runs after every step (e.g. to keep latent values in range)."""
+    if latent and latent_lr <= 0:
+        raise ValueError("latent values need latent_lr > 0")
     rng = np.random.default_rng(seed)
 
     def loss_of(i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -646,6 +663,8 @@ def tune_scales(
         value, extra = loss_of(int(i))
         (value if extra is None else value + extra).backward()
         opt.step()
+        if after_step:
+            after_step()
         if progress:
             progress(value.item())
     reached = end = evaluate() if steps else start

@@ -474,6 +474,8 @@ class Reconstruct(QuantizeWeights):
         full-precision model's output: the calibration sample run through all blocks with their quantized weights,
         then the tail; with ``tune_match`` each block's output also against the float model's there."""
         config = self.config
+        # the tokens each sample holds (padding carries no meaning to match), where the samples say
+        masks = [torch.from_numpy(np.asarray(s["attention_mask"])) if "attention_mask" in s else None for s in self.calibration] if config.tune_match else []
         parameters = [p for _, _, _, (quantizers, *_) in chain for q in quantizers.values() for p in q.start_tuning()]
         latent = [p for _, _, _, (quantizers, *_) in chain for q in quantizers.values() for p in q.start_latent()] if config.tune_weights else []
         end = chain[-1][0].output.name
@@ -497,7 +499,7 @@ class Reconstruct(QuantizeWeights):
                 if teach is not None:
                     with torch.no_grad(), _float(module):
                         teach.update(module(**{n: teach[n] for n in names}, **learned[3]))
-                    terms.append(_direction_error(env[blk.output.name], teach[blk.output.name]))
+                    terms.append(_direction_error(env[blk.output.name], teach[blk.output.name], masks[i]))
             extra = (config.tune_match * torch.stack(terms).mean(),) if terms else ()
             if tail is None:
                 return env[end], final[i], *extra
@@ -506,6 +508,11 @@ class Reconstruct(QuantizeWeights):
             with torch.no_grad(), _float(tail):
                 target = tail(**{**reads, end: final[i]})[out]
             return tail(**reads)[out], target, *extra
+
+        def bound() -> None:
+            for _, _, _, (quantizers, *_) in chain:
+                for q in quantizers.values():
+                    q.bound_latent()
 
         bar = tqdm(total=config.tune_steps, desc=f"reconstruct {config.tag}: end to end", leave=False)
 
@@ -516,7 +523,8 @@ class Reconstruct(QuantizeWeights):
             bar.update()
 
         result = tune_scales(run, parameters, len(shared), steps=config.tune_steps, lr=config.tune_lr, loss=config.tune_loss,
-                             seed=config.seed, progress=show, latent=latent, latent_lr=config.tune_weight_lr)  # fmt: skip
+                             seed=config.seed, progress=show, latent=latent, latent_lr=config.tune_weight_lr,
+                             after_step=bound if latent else None)  # fmt: skip
         bar.close()
         self.tuned = result
         kept = "" if result.loss_end < result.loss_start else f" (reached {result.loss_reached:.4g}: undone)"
@@ -552,10 +560,15 @@ def _float(module: TorchGraph) -> Iterator[None]:
         module.fake_quantize = True
 
 
-def _direction_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """1 − cosine between the two hidden states per token (last axis), or per pixel over the channels (NCHW)."""
+def _direction_error(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """1 − cosine between the two hidden states per token (last axis), or per pixel over the channels (NCHW),
+    averaged over the tokens ``mask`` keeps when it has the tokens' shape."""
     axis = 1 if student.dim() == 4 else -1
-    return 1 - torch.nn.functional.cosine_similarity(student, teacher, dim=axis, eps=1e-12).mean()
+    error = 1 - torch.nn.functional.cosine_similarity(student, teacher, dim=axis, eps=1e-12)
+    if mask is not None and tuple(mask.shape) == tuple(error.shape) and mask.any():
+        weights = mask.to(error.dtype)
+        return (error * weights).sum() / weights.sum()
+    return error.mean()
 
 
 def _rows(w: torch.Tensor) -> torch.Tensor:

@@ -360,6 +360,11 @@ def test_latent_weights_start_at_the_frozen_grid_and_learn_through_it():
         assert (q() * torch.from_numpy(wt)).sum() < (frozen * torch.from_numpy(wt)).sum(), name  # the loss went down
     codes = quantizers["int"].codes().detach()
     assert codes.min() >= -4 and codes.max() <= 3 and torch.equal(codes, codes.round())  # still on the int3 grid
+    q = quantizers["int"]
+    with torch.no_grad():
+        q.latent.fill_(100.0)
+    q.bound_latent()  # a code pushed past the grid's end stays within half a step of it, where a gradient can return it
+    assert torch.all(q.frozen + q.latent <= 3.5 + 1e-6) and torch.equal(q.codes().detach(), torch.full_like(codes, 3.0))
     shift = ShiftQuantizer(wt, 3, True)
     shift.start_rounding()
     shift.start_tuning()
@@ -377,7 +382,7 @@ def test_distillation_learns_the_signs_end_to_end_below_the_scales_alone(zoo_pro
         p(model)
         errors[label], passes[label] = _error(model, reference, held_out), p
     assert errors["weights"] < 0.95 * errors["scales"], errors  # measured: 0.135 against 0.143
-    assert passes["weights"].tuned.loss_end < passes["scales"].tuned.loss_end
+    assert passes["weights"].tuned.loss_end < passes["weights"].tuned.loss_start  # the calibration loss: matching trades some of it
     assert "weights learned" in passes["weights"].notes[-1]
 
 
