@@ -7,8 +7,8 @@ defaults; reconstruct with ``--tune`` end-to-end steps on every α (relative squ
 embedding, the pass's default learning rate); and the distillation rows, ``--distill`` end-to-end steps on every α
 and latent weight, with and without direction matching of every block's output (``tune_match``). Every row
 quantizes all 36 linears of the six layers. Calibration and training set: ``wiki-sentences`` (1,024 sentences of
-gensim's Wikipedia sample). The distillation settings were chosen on 256 other sentences of that sample
-(``--validate`` scores them too). Scored: mean and minimum cosine between the model's and the fp32 export's sentence
+gensim's Wikipedia sample). The distillation settings are the first ones tried; ``--validate`` also scores 256
+other sentences of that sample, where settings are to be compared. Scored: mean and minimum cosine between the model's and the fp32 export's sentence
 embeddings over the 151 sentences of the Lee test corpus (``minilm_cos``) and over the first 256 sentences of the
 Lee background corpus; neither corpus is read by any row. Writes benchmarks/results/lowbit_minilm.json.
 
