@@ -441,8 +441,8 @@ class Reconstruct(QuantizeWeights):
                 solved[name] = q.export()
             self.learned_biases.update({name: b.detach().numpy().copy() for name, b in biases.items()})
             if self.config.tune_steps:  # kept for the end-to-end phase, the biases fixed; the float block for matching
-                teacher = {**float_weights, **{v.name: torch.from_numpy(v.const_value.numpy().astype(np.float32)) for v in self._biases(block)}}
-                learned.append((quantizers, shapes, {name: b.detach().clone() for name, b in biases.items()}, teacher if self.config.tune_match else {}))
+                teacher = {**float_weights, **{v.name: torch.from_numpy(v.const_value.numpy().astype(np.float32)) for v in self._biases(block)}} if self.config.tune_match else {}
+                learned.append((quantizers, shapes, {name: b.detach().clone() for name, b in biases.items()}, teacher))
                 final = targets  # at the last block: the full-precision model's stream where the blocks end
             for env in (*quant, *full):  # drop what no later block reads
                 for name in [n for n in env if later.get(n, -1) <= b]:
