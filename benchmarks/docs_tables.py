@@ -250,10 +250,10 @@ def exclude_effnet() -> str:
     rows = []
     for row in r["rows"]:
         kept = row.get("layers_kept_float")
-        rows.append([row["variant"], _pct(row["agreement"]), _kl(row["mean_kl"]), f"{row['logit_error_calibration']:.3f}",
-                     f"{len(kept)} of {r['conv_layers']}" if kept else "-", _mb(row["bytes"]),
+        rows.append([row["variant"], _pct(row["agreement"]), _kl(row["mean_kl"]), _pct(row["agreement_validation"]) if "agreement_validation" in row else "-",
+                     f"{row['logit_error_calibration']:.3f}", f"{len(kept)} of {r['conv_layers']}" if kept else "-", _mb(row["bytes"]),
                      f"{row['seconds']:.0f}" if row["seconds"] else "-"])  # fmt: skip
-    head = ["variant", "top-1 agreement", "mean KL", "logit error (calibration)", "Convs kept float", "parameter MB", "optimize s"]
+    head = ["variant", "top-1 agreement", "mean KL", "agreement (validation photo)", "logit error (calibration)", "Convs kept float", "parameter MB", "optimize s"]
     return "\n\n".join([f"{r['model']}:", _table(head, rows), stamp("exclude_effnet.json")])
 
 

@@ -98,6 +98,8 @@ EVAL_PHOTOS = (
     "astronaut", "chelsea", "hubble_deep_field", "retina", "camera", "coins", "moon", "clock", "brick", "page",
 )  # fmt: skip
 CALIB_PHOTOS = ("coffee", "rocket", "immunohistochemistry", "stereo_motorcycle", "grass", "gravel")
+#: matplotlib's sample photo, read by neither: where settings of the image benchmarks are chosen
+VALID_PHOTOS = ("grace_hopper",)
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -105,7 +107,13 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 def _photo(name: str) -> np.ndarray:
     import skimage.data
 
-    image = getattr(skimage.data, name)()
+    if name == "grace_hopper":
+        import matplotlib.cbook
+        import skimage.io
+
+        image = skimage.io.imread(matplotlib.cbook.get_sample_data("grace_hopper.jpg"))
+    else:
+        image = getattr(skimage.data, name)()
     image = image[0] if isinstance(image, tuple) else image  # stereo pairs: the left view
     image = np.asarray(image, dtype=np.float32) / (255.0 if image.dtype == np.uint8 else 1.0)
     return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
@@ -116,7 +124,7 @@ def photo_crops(split: str, per_photo: int, size: int = 224, seed: int = 0) -> n
     resized to size×size, ImageNet-normalized, NCHW float32: (photos · per_photo, 3, size, size)."""
     from skimage.transform import resize
 
-    names = {"eval": EVAL_PHOTOS, "calibration": CALIB_PHOTOS}[split]
+    names = {"eval": EVAL_PHOTOS, "calibration": CALIB_PHOTOS, "validation": VALID_PHOTOS}[split]
     rng = np.random.default_rng(seed)
     batch = []
     for name in names:

@@ -116,8 +116,9 @@ def text_ppl(model: ir.Model, tokenizer, text: str, window: int = WINDOW, window
 EFFNET_CROPS_PER_PHOTO = 50  # 10 evaluation photos: 500 inputs
 
 
-def effnet_agree(model: ir.Model, reference: ir.Model | None = None) -> TaskResult:
-    """Top-1 agreement and mean KL(fp32 ‖ model) of EfficientNet-Lite0 logits over 500 deterministic crops."""
+def effnet_agree(model: ir.Model, reference: ir.Model | None = None, split: str = "eval") -> TaskResult:
+    """Top-1 agreement and mean KL(fp32 ‖ model) of EfficientNet-Lite0 logits over deterministic crops: 500 of the
+    evaluation photos, or ``split = "validation"``: 100 of the photo kept for choosing settings."""
     from bitfold.eval.data import photo_crops
     from bitfold.eval.models import efficientnet_lite0
     from bitfold.frontend import from_torch
@@ -125,7 +126,9 @@ def effnet_agree(model: ir.Model, reference: ir.Model | None = None) -> TaskResu
     if reference is None:
         module, example = efficientnet_lite0()
         reference = from_torch(module, example)
-    images = photo_crops("eval", EFFNET_CROPS_PER_PHOTO)
+    if split not in ("eval", "validation"):
+        raise ValueError(f"split must be 'eval' or 'validation', not {split!r}")
+    images = photo_crops(split, EFFNET_CROPS_PER_PHOTO if split == "eval" else 100)
     agree, kl = 0, 0.0
     candidate, base = compile(model, "ort", "cpu"), compile(reference, "ort", "cpu")
     name_c, name_b = model.graph.inputs[0].name, reference.graph.inputs[0].name

@@ -627,16 +627,20 @@ def tune_scales(
     latent: Sequence[torch.nn.Parameter] = (),
     latent_lr: float = 0.0,
     after_step: Callable[[], None] | None = None,
+    batch: int = 1,
 ) -> TuneResult:
     """Learn ``parameters`` (the quantizers' factors on their scales) and ``latent`` (offsets on their grid values,
     learning rate ``latent_lr``; empty: codes frozen) so that the model's output ``run(sample)[0]`` matches its
     target ``run(sample)[1]``: the KL divergence from the target's softmax over the last axis (``loss = "kl"``, per
     position) or the squared error relative to the target's mean square (``"mse"``). A third value that ``run``
     returns while gradients are on (e.g. intermediate matching) is added to the training loss; the scores before
-    and after are the output loss alone. Adam, one sample per step in a seeded order; ends undone when the mean loss
-    over all samples did not drop. ``after_step`` runs after every step (e.g. to keep latent values in range)."""
+    and after are the output loss alone. Adam, ``batch`` samples per step (their gradients averaged) in a seeded order;
+    ends undone when the mean loss over all samples did not drop. ``after_step`` runs after every step (e.g. to keep
+    latent values in range)."""
     if latent and latent_lr <= 0:
         raise ValueError("latent values need latent_lr > 0")
+    if batch < 1:
+        raise ValueError("batch must be >= 1")
     rng = np.random.default_rng(seed)
 
     def loss_of(i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -657,16 +661,20 @@ def tune_scales(
     initial = [p.detach().clone() for p in learned]
     groups = [{"params": list(parameters), "lr": lr}] + ([{"params": list(latent), "lr": latent_lr}] if latent else [])
     opt = torch.optim.Adam(groups)
-    picks = np.concatenate([rng.permutation(samples) for _ in range(-(-steps // samples))])[:steps] if steps else []
-    for i in picks:
+    visits = steps * batch
+    picks = np.concatenate([rng.permutation(samples) for _ in range(-(-visits // samples))])[:visits] if steps else []
+    for step in range(steps):
         opt.zero_grad(set_to_none=True)
-        value, extra = loss_of(int(i))
-        (value if extra is None else value + extra).backward()
+        total = 0.0
+        for i in picks[step * batch : (step + 1) * batch]:
+            value, extra = loss_of(int(i))
+            ((value if extra is None else value + extra) / batch).backward()
+            total += value.item() / batch
         opt.step()
         if after_step:
             after_step()
         if progress:
-            progress(value.item())
+            progress(total)
     reached = end = evaluate() if steps else start
     if end > start:
         with torch.no_grad():

@@ -249,3 +249,15 @@ def test_samples_do_not_depend_on_names_or_on_the_other_tensors_of_the_run(zoo_p
     np.testing.assert_array_equal(alone[target].sample, crowd[target].sample)
     np.testing.assert_array_equal(alone[target].reservoir, crowd[target].reservoir)
     assert len(alone[target].sample) == 100 and len(alone[target].reservoir) == 1000
+
+
+def test_photo_splits_share_no_photo_and_the_validation_photo_loads():
+    pytest.importorskip("skimage")
+    from bitfold.eval.data import CALIB_PHOTOS, EVAL_PHOTOS, VALID_PHOTOS, photo_crops
+
+    assert not (set(EVAL_PHOTOS) & set(CALIB_PHOTOS) or set(VALID_PHOTOS) & (set(EVAL_PHOTOS) | set(CALIB_PHOTOS)))
+    crops = photo_crops("validation", 3, size=32)
+    assert crops.shape == (3, 3, 32, 32) and crops.dtype == np.float32
+    assert len({c.tobytes() for c in crops}) == 3 and 0.3 < crops.std() < 3  # distinct crops, ImageNet-normalized
+    with pytest.raises(KeyError):
+        photo_crops("test", 1)

@@ -106,12 +106,14 @@ class ReconstructConfig:
     sink_weight: float = dataclasses.field(default=64.0, metadata={"doc": "start = gptq: weight in H of each sequence's first token"})
     clip: Literal["none", "weight", "output"] = dataclasses.field(default="output", metadata={"doc": "start = gptq: range shrink per group (as quantize-weights)"})
     loss: Literal["tensor", "channel", "token"] = dataclasses.field(default="tensor", metadata={"doc": "block output error relative to the target's mean square over: the tensor | each channel | each token"})
-    tune_steps: int = dataclasses.field(default=0, metadata={"doc": "Adam steps (one calibration sample each) learning a factor on every scale end to end, all blocks at once, codes frozen (0: none)"})
+    tune_steps: int = dataclasses.field(default=0, metadata={"doc": "Adam steps (tune_batch calibration samples each) learning a factor on every scale end to end, all blocks at once, codes frozen (0: none)"})
+    tune_batch: int = dataclasses.field(default=1, metadata={"doc": "calibration samples per end-to-end step, their gradients averaged"})
     tune_lr: float = dataclasses.field(default=3e-3, metadata={"doc": "learning rate of the end-to-end scale factors (their logarithms)"})
     tune_loss: Literal["kl", "mse"] = dataclasses.field(default="kl", metadata={"doc": "end to end: KL divergence of the first graph output's softmax (logits) | its error relative to its mean square"})
     tune_weights: bool = dataclasses.field(default=False, metadata={"doc": "end to end: the codes learn too (distillation): latent weights whose sign (binary, bcq) or rounded code (int) is taken straight-through"})
     tune_weight_lr: float = dataclasses.field(default=2e-3, metadata={"doc": "learning rate of the latent weights, in units of the grid step (int), of the row's α (binary) or of a sign (bcq)"})
     tune_match: float = dataclasses.field(default=0.0, metadata={"doc": "end to end: weight of each block output's direction matching to the full-precision model's (1 − cosine per token, or per pixel over channels), added to the output loss"})
+    tune_augment: bool = dataclasses.field(default=False, metadata={"doc": "end to end, NCHW image input: each training step reads a random crop of its sample (a random 50–100 % of each side, flipped half the time, resized back) against the full-precision model's output on that crop; the scores before and after read one fixed crop per sample"})
     accuracy_level: int = dataclasses.field(default=4, metadata={"doc": "matmulnbits: ORT compute type (4 = int8)"})
 
     # quantize-weights' emission reads this; reconstruct learns integer grids only
@@ -122,8 +124,10 @@ class ReconstructConfig:
             raise ValueError("span must be >= 1")
         if min(self.clip_steps, self.round_steps, self.tune_steps) < 0:
             raise ValueError("clip_steps, round_steps and tune_steps must be >= 0")
-        if (self.tune_weights or self.tune_match) and not self.tune_steps:
-            raise ValueError("tune_weights and tune_match belong to the end-to-end phase; set tune_steps > 0")
+        if self.tune_batch < 1:
+            raise ValueError("tune_batch must be >= 1")
+        if (self.tune_weights or self.tune_match or self.tune_augment) and not self.tune_steps:
+            raise ValueError("tune_weights, tune_match and tune_augment belong to the end-to-end phase; set tune_steps > 0")
         if self.tune_match < 0 or self.tune_weight_lr <= 0:
             raise ValueError("tune_match must be >= 0 and tune_weight_lr > 0")
         if self.tune_weights and self.grid == "shift":
@@ -401,6 +405,8 @@ class Reconstruct(QuantizeWeights):
         samples = self.calibration.activations(model, outside)
         later = {name: max(i for i, names in enumerate(inputs) if name in names) for names in inputs for name in names}
         shared = [{k: torch.from_numpy(np.asarray(v)) for k, v in s.items()} for s in samples]
+        if self.config.tune_steps and self.config.tune_augment:
+            _image_input(shared[0])  # refused before the blocks' work, not after
         quant = [dict(s) for s in shared]  # value name → tensor on the quantized path, per sample
         full = [dict(s) for s in shared]  # the same on the full-precision path
         schedule = Schedule(self.config.clip_steps, self.config.round_steps, self.config.clip_lr, self.config.round_lr,
@@ -440,8 +446,8 @@ class Reconstruct(QuantizeWeights):
             for name, q in quantizers.items():
                 solved[name] = q.export()
             self.learned_biases.update({name: b.detach().numpy().copy() for name, b in biases.items()})
-            if self.config.tune_steps:  # kept for the end-to-end phase, the biases fixed; the float block for matching
-                teacher = {**float_weights, **{v.name: torch.from_numpy(v.const_value.numpy().astype(np.float32)) for v in self._biases(block)}} if self.config.tune_match else {}
+            if self.config.tune_steps:  # kept for the end-to-end phase, the biases fixed; the float block for matching or crops
+                teacher = {**float_weights, **{v.name: torch.from_numpy(v.const_value.numpy().astype(np.float32)) for v in self._biases(block)}} if self.config.tune_match or self.config.tune_augment else {}
                 learned.append((quantizers, shapes, {name: b.detach().clone() for name, b in biases.items()}, teacher))
                 final = targets  # at the last block: the full-precision model's stream where the blocks end
             for env in (*quant, *full):  # drop what no later block reads
@@ -485,9 +491,16 @@ class Reconstruct(QuantizeWeights):
             found = module(**dict(zip(names, feeds, strict=True)), **{name: _layout(q(), shapes[name]) for name, q in quantizers.items()}, **biases)
             return tuple(found[n] for n in module.output_names)
 
+        image = _image_input(shared[0]) if config.tune_augment else None
+        generator = torch.Generator().manual_seed(config.seed)
+
         def run(i: int) -> tuple[torch.Tensor, ...]:
             env = dict(shared[i])
-            teach = dict(shared[i]) if config.tune_match and torch.is_grad_enabled() else None
+            cropped = image is not None
+            if cropped:  # a fresh crop per training step; the scores before and after read one fixed crop per sample
+                fixed = None if torch.is_grad_enabled() else torch.Generator().manual_seed(config.seed + 7919 * (i + 1))
+                env[image] = _random_crop(env[image], fixed or generator)
+            teach = dict(env) if cropped or (config.tune_match and torch.is_grad_enabled()) else None
             terms = []
             for blk, module, names, learned in chain:
                 feeds = [env[n] for n in names]
@@ -499,15 +512,16 @@ class Reconstruct(QuantizeWeights):
                 if teach is not None:
                     with torch.no_grad(), _float(module):
                         teach.update(module(**{n: teach[n] for n in names}, **learned[3]))
-                    terms.append(_direction_error(env[blk.output.name], teach[blk.output.name], masks[i]))
+                    if config.tune_match and torch.is_grad_enabled():
+                        terms.append(_direction_error(env[blk.output.name], teach[blk.output.name], masks[i]))
             extra = (config.tune_match * torch.stack(terms).mean(),) if terms else ()
+            reference = teach if cropped else {**env, end: final[i]}  # the full-precision stream where the blocks end
             if tail is None:
-                return env[end], final[i], *extra
+                return env[end], reference[end], *extra
             out = tail.output_names[0]
-            reads = {n: env[n] for n in tail.input_names}
             with torch.no_grad(), _float(tail):
-                target = tail(**{**reads, end: final[i]})[out]
-            return tail(**reads)[out], target, *extra
+                target = tail(**{n: reference[n] for n in tail.input_names})[out]
+            return tail(**{n: env[n] for n in tail.input_names})[out], target, *extra
 
         def bound() -> None:
             for _, _, _, (quantizers, *_) in chain:
@@ -524,7 +538,7 @@ class Reconstruct(QuantizeWeights):
 
         result = tune_scales(run, parameters, len(shared), steps=config.tune_steps, lr=config.tune_lr, loss=config.tune_loss,
                              seed=config.seed, progress=show, latent=latent, latent_lr=config.tune_weight_lr,
-                             after_step=bound if latent else None)  # fmt: skip
+                             after_step=bound if latent else None, batch=config.tune_batch)  # fmt: skip
         bar.close()
         self.tuned = result
         kept = "" if result.loss_end < result.loss_start else f" (reached {result.loss_reached:.4g}: undone)"
@@ -558,6 +572,28 @@ def _float(module: TorchGraph) -> Iterator[None]:
         yield
     finally:
         module.fake_quantize = True
+
+
+def _image_input(sample: dict[str, torch.Tensor]) -> str:
+    """The one NCHW float input among the values the blocks read from outside, which ``tune_augment`` crops."""
+    images = [name for name, value in sample.items() if value.ndim == 4 and value.is_floating_point()]
+    if len(images) != 1:
+        raise BitfoldError(f"tune_augment crops the one NCHW image the blocks read, but they read {len(images)} 4-D float inputs ({', '.join(images) or 'none'}); set tune_augment = false.")
+    return images[0]
+
+
+def _random_crop(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One random crop of each side's 50–100 % (the same for the whole batch), flipped half the time, resized back
+    bilinearly to the input's height and width."""
+    height, width = images.shape[-2:]
+    scale = 0.5 + 0.5 * torch.rand(2, generator=generator)
+    h, w = max(1, round(float(scale[0]) * height)), max(1, round(float(scale[1]) * width))
+    top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+    left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+    crop = images[..., top : top + h, left : left + w]
+    if float(torch.rand(1, generator=generator)) < 0.5:
+        crop = crop.flip(-1)
+    return torch.nn.functional.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False)
 
 
 def _direction_error(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

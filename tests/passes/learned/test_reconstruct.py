@@ -13,7 +13,7 @@ import bitfold
 from bitfold.ops.functions import upgrade_opset
 from bitfold.passes.canonical import CANONICAL
 from bitfold.errors import BitfoldError, PassParameterError
-from bitfold.passes.learned.reconstruct import Reconstruct
+from bitfold.passes.learned.reconstruct import Reconstruct, _random_crop
 from bitfold.passes.registry import create
 from bitfold.quant.formats import IntFormat, PerGroup, rtn
 from bitfold.quant.gptq import gptq
@@ -168,6 +168,11 @@ def test_bad_parameters_and_graphs_without_a_stream_get_one_sentence(zoo_protos)
         create("reconstruct", {"tune_weights": True})
     with pytest.raises(PassParameterError, match="no latent weights"):
         create("reconstruct", {"grid": "shift", "bits": 3, "format": "fake", "tune_steps": 4, "tune_weights": True})
+    with pytest.raises(PassParameterError, match="set tune_steps > 0"):
+        create("reconstruct", {"tune_augment": True})
+    with pytest.raises(BitfoldError, match="read 0 4-D float inputs \\(none\\); set tune_augment = false"):
+        Reconstruct(bits=3, group_size=16, format="fake", clip_steps=1, round_steps=1, tune_steps=1, tune_augment=True,
+                    calibration=token_calibration(2))(_lm(zoo_protos, "tiny-lm"))  # fmt: skip
     layers = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)).eval()
     model = bitfold.optimize(bitfold.from_torch(layers, (torch.randn(2, 4, 16),)), list(CANONICAL))[0]  # no residual Add
     with pytest.raises(BitfoldError, match="residual stream"):
@@ -515,3 +520,28 @@ def test_a_block_whose_weights_are_all_excluded_still_runs_for_the_blocks_after_
     assert p.notes[1].startswith("block 0: no weights to learn") and len(p.results) == 1
     learned = [n.name for n in model.graph if n.metadata_props.get("bitfold.quantized", "").startswith("reconstruct-")]
     assert len(learned) == 7 and all("blocks.1" in next(m for m in model.graph if m.name == name).metadata_props["namespace"] for name in learned)
+
+
+def test_random_crops_keep_the_shape_and_stay_within_the_image_values():
+    images = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 20, 24)).astype(np.float32))
+    crops = [_random_crop(images, torch.Generator().manual_seed(seed)) for seed in (0, 0, 1)]
+    assert all(c.shape == images.shape for c in crops)
+    torch.testing.assert_close(crops[0], crops[1], rtol=0, atol=0)  # seeded
+    assert not torch.equal(crops[0], crops[2])
+    for c in crops:  # bilinear resizing mixes each image's own pixels: a convex combination within each image
+        assert torch.all(c.amin((1, 2, 3)) >= images.amin((1, 2, 3)) - 1e-6) and torch.all(c.amax((1, 2, 3)) <= images.amax((1, 2, 3)) + 1e-6)
+
+
+def test_random_crop_training_is_seeded_and_never_ends_above_its_start_on_the_fixed_crops(zoo_protos):
+    calibration, feeds = image_calibration(4), list(image_calibration(4, seed=1))
+    outputs, tuned = [], []
+    for augment in (True, True, False):
+        model = _lm(zoo_protos, "residual-cnn")
+        p = Reconstruct(**CNN, format="fake", head=True, span=1, clip_steps=10, round_steps=10, tune_steps=32, tune_weights=True,
+                        tune_lr=1e-3, tune_weight_lr=1e-3, tune_loss="mse", tune_augment=augment, calibration=calibration)  # fmt: skip
+        p(model)
+        outputs.append(_logits(model, feeds))
+        tuned.append(p.tuned)
+    np.testing.assert_array_equal(outputs[0], outputs[1])  # the crops come from the pass's seed
+    assert tuned[0].loss_end <= tuned[0].loss_start
+    assert tuned[0].loss_start != tuned[2].loss_start  # scored on one fixed crop per sample, not on the samples
