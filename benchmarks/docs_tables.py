@@ -254,7 +254,9 @@ def exclude_effnet() -> str:
                      f"{row['logit_error_calibration']:.3f}", f"{len(kept)} of {r['conv_layers']}" if kept else "-", _mb(row["bytes"]),
                      f"{row['seconds']:.0f}" if row["seconds"] else "-"])  # fmt: skip
     head = ["variant", "top-1 agreement", "mean KL", "agreement (validation photo)", "logit error (calibration)", "Convs kept float", "parameter MB", "optimize s"]
-    return "\n\n".join([f"{r['model']}:", _table(head, rows), stamp("exclude_effnet.json")])
+    older = sorted({row["commit"] for row in r["rows"] if row.get("commit") not in (None, r["commit"])})
+    kept = [f"*Rows measured at an earlier commit and kept (`--keep-loop`): the exclusion loop's, commit {', '.join(older)}.*"] if older else []
+    return "\n\n".join([f"{r['model']}:", _table(head, rows), stamp("exclude_effnet.json"), *kept])
 
 
 def cast_bf16() -> str:

@@ -12,7 +12,7 @@ other sentences of that sample, where settings are to be compared. Scored: mean 
 embeddings over the 151 sentences of the Lee test corpus (``minilm_cos``) and over the first 256 sentences of the
 Lee background corpus; neither corpus is read by any row. Writes benchmarks/results/lowbit_minilm.json.
 
-    python benchmarks/lowbit_minilm.py [--tune STEPS] [--distill STEPS] [--lr LR] [--match W] [--validate]
+    python benchmarks/lowbit_minilm.py [--tune STEPS] [--distill STEPS [STEPS ...]] [--lr LR] [--match W] [--validate]
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def validation_sentences() -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tune", type=int, default=64, metavar="STEPS", help="end-to-end steps of the scales-only row")
-    parser.add_argument("--distill", type=int, default=2048, metavar="STEPS", help="end-to-end steps of the distillation rows")
+    parser.add_argument("--distill", type=int, nargs="+", default=[2048], metavar="STEPS", help="end-to-end steps of the distillation rows: one row per value, the matched row at the first")
     parser.add_argument("--lr", type=float, default=1e-2, help="tune_weight_lr of the distillation rows")
     parser.add_argument("--match", type=float, default=1.0, help="tune_match of the matched distillation row")
     parser.add_argument("--rows", nargs="*", type=int, help="run only these rows (0-based), keeping the others' results")
@@ -60,16 +60,17 @@ def main() -> None:
     fp32, _ = bitfold.optimize(bitfold.clone(reference), list(CANONICAL))
     calibration = CalibrationData.from_source("wiki-sentences", fp32)
     background = lee_sentences("calibration")[:256]
-    distill = {**BINARY, "tune_steps": args.distill, "tune_loss": "mse", "tune_weights": True, "tune_weight_lr": args.lr}
+    distill = {**BINARY, "tune_loss": "mse", "tune_weights": True, "tune_weight_lr": args.lr}
     runs = [
         ("binarize (GPTQ), 1 plane", {"name": "binarize", "keep_ends": False, "gptq": True, "act_order": True, "damp": 0.003}),
         ("reconstruct binary, 1 plane", BINARY),
         (f"reconstruct binary + end to end ({args.tune} steps), 1 plane", {**BINARY, "tune_steps": args.tune, "tune_loss": "mse"}),
-        (f"reconstruct binary + distillation ({args.distill} steps), 1 plane", distill),
-        (f"reconstruct binary + distillation ({args.distill} steps, direction matching), 1 plane", {**distill, "tune_match": args.match}),
+        *[(f"reconstruct binary + distillation ({steps} steps), 1 plane", {**distill, "tune_steps": steps}) for steps in args.distill],
+        (f"reconstruct binary + distillation ({args.distill[0]} steps, direction matching), 1 plane", {**distill, "tune_steps": args.distill[0], "tune_match": args.match}),
     ]  # fmt: skip
     path = RESULTS / "lowbit_minilm.json"
-    kept = {row["variant"]: row for row in json.loads(path.read_text())["rows"]} if args.rows and path.exists() else {}
+    previous = json.loads(path.read_text()) if args.rows and path.exists() else {"rows": []}
+    kept = {row["variant"]: {**row, "commit": row.get("commit", previous.get("commit"))} for row in previous["rows"]}  # who measured it
     rows = []
     for i, (variant, step) in enumerate(runs):
         if args.rows and i not in args.rows:
