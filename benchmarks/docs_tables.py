@@ -210,9 +210,13 @@ def lowbit_minilm() -> str:
         return "(no results yet: `python benchmarks/lowbit_minilm.py` writes `benchmarks/results/lowbit_minilm.json`)"
     r = load("lowbit_minilm.json")
     rows = [[row["variant"], f"{row['cosine']:.4f}", f"{row['min_cosine']:.4f}", f"{row['cosine_background']:.4f}",
-             f"{row['min_cosine_background']:.4f}", f"{row['optimize_s']:.0f}"] for row in r["rows"]]  # fmt: skip
-    head = ["variant", "mean cosine, Lee test", "min cosine, Lee test", "mean cosine, Lee background", "min cosine, Lee background", "optimize s"]
-    return "\n\n".join([f"{r['model']}; {r['protocol']}.", _table(head, rows), stamp("lowbit_minilm.json")])
+             f"{row['min_cosine_background']:.4f}", f"{row['cosine_validation']:.4f}" if "cosine_validation" in row else "-",
+             f"{row['optimize_s']:.0f}"] for row in r["rows"]]  # fmt: skip
+    head = ["variant", "mean cosine, Lee test", "min cosine, Lee test", "mean cosine, Lee background", "min cosine, Lee background",
+            "mean cosine, validation (Wikipedia)", "optimize s"]  # fmt: skip
+    older = sorted({row["commit"] for row in r["rows"] if row.get("commit") not in (None, r["commit"])})
+    kept = [f"*Rows measured at an earlier commit and kept (`--rows`): commit {', '.join(older)}.*"] if older else []
+    return "\n\n".join([f"{r['model']}; {r['protocol']}.", _table(head, rows), stamp("lowbit_minilm.json"), *kept])
 
 
 def lowbit_smollm2() -> str:

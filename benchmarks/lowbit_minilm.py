@@ -87,11 +87,16 @@ def main() -> None:
         if args.validate:
             rows[-1]["cosine_validation"] = minilm_cos(model, reference, validation_sentences()).value
         print({k: v for k, v in rows[-1].items() if k != "notes"}, flush=True)
-        result = {**stamp, "model": "all-MiniLM-L6-v2, seq 128",
-                  "protocol": "calibration and training: wiki-sentences (1,024 sentences of gensim's Wikipedia sample); scored: cosine to "
-                  "the fp32 export's sentence embedding over the 151 sentences of lee.cor and the first 256 sentences of lee_background.cor "
-                  "(mean and minimum); every linear of the six layers on one sign plane, α per output", "rows": rows}  # fmt: skip
-        write_atomic(path, json.dumps(result, indent=2).encode())
+        _write(path, stamp, rows)  # after each measured row: a long run keeps what it has
+    _write(path, stamp, rows)  # with the kept rows after the last measured one
+
+
+def _write(path: Path, stamp: dict, rows: list[dict]) -> None:
+    result = {**stamp, "model": "all-MiniLM-L6-v2, seq 128",
+              "protocol": "calibration and training: wiki-sentences (1,024 sentences of gensim's Wikipedia sample); scored: cosine to "
+              "the fp32 export's sentence embedding over the 151 sentences of lee.cor and the first 256 sentences of lee_background.cor "
+              "(mean and minimum); every linear of the six layers on one sign plane, α per output", "rows": rows}  # fmt: skip
+    write_atomic(path, json.dumps(result, indent=2).encode())
 
 
 if __name__ == "__main__":
