@@ -82,11 +82,28 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
                     os.replace(tmp_dir / data_name, path.parent / data_name)
                     os.replace(tmp_model, path)
             else:
-                ir.save(model, tmp_model)
+                with _external_embedded(model):
+                    ir.save(model, tmp_model)
                 os.replace(tmp_model, path)
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
+
+
+@contextlib.contextmanager
+def _external_embedded(model: ir.Model) -> Iterator[None]:
+    """Within the block, initializers still in an external data file (the one the model was loaded from) hold
+    their values in memory, so a file written without external data embeds them instead of pointing at a file that
+    is not beside it. The model is as it was afterwards."""
+    swapped = [(value, value.const_value) for graph in model.graphs() for value in graph.initializers.values()
+               if isinstance(value.const_value, ir.ExternalTensor)]  # fmt: skip
+    try:
+        for value, tensor in swapped:
+            value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
+        yield
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
 
 
 @contextlib.contextmanager

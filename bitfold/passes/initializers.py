@@ -5,13 +5,18 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from bitfold.frontend.stream import current_store
+
 
 def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` as a new initializer named ``base`` (or ``base_1``, ``base_2``... if taken)."""
+    """Register ``array`` as a new initializer named ``base`` (or ``base_1``, ``base_2``... if taken). While a
+    :class:`~bitfold.frontend.stream.WeightStore` is active (streamed optimize), a large array goes to its file and
+    the initializer reads it from there when used."""
     name, i = base, 1
     while name in graph.initializers:
         name, i = f"{base}_{i}", i + 1
-    tensor = ir.tensor(array, name=name)
+    store = current_store()
+    tensor = store.put(name, array) if store is not None else ir.tensor(array, name=name)
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value

@@ -8,6 +8,7 @@ written atomically, so a failure or an interruption leaves no partial file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -76,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="after every pass: onnx.checker, ORT run, error vs the input model")
     p.add_argument("--calibration", metavar="FILE.npz|SOURCE", help="calibration data: an .npz (samples on a leading axis), lee-text, lee-sentences, wiki-sentences or skimage-photos")
     p.add_argument("--max-error", type=float, metavar="E", help="leave the last step's most harmful layers float until the output error <= E (recipe key max_error)")
+    p.add_argument("--stream", action="store_true", help="keep weights on disk: read each when a pass uses it, write each "
+                   "rewritten one to a scratch file beside the output (memory follows the largest weight, not the model)")
     _add_input_options(p)
     p.set_defaults(func=_optimize)
 
@@ -113,6 +116,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help="instead: trace transformers into the fixed-length graph input_ids[1, N] -> "
                    "logits without a cache (smollm2 only; the graph earlier benchmarks use)")
     p.set_defaults(func=_export_llm)
+
+    p = sub.add_parser("synth-llm", help="write a seeded random-weight causal LM of a given shape (for memory and time at scale)")
+    p.add_argument("shape", metavar="SHAPE", help="one of: smollm2-135m, tinyllama-1.1b, llama2-7b; or a .json file of "
+                   "config keys (model_type, hidden_size, ...; transformers' defaults fill the rest)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="a new folder (config.json + sharded safetensors)")
+    p.add_argument("--layers", type=int, help="number of decoder layers instead of the shape's")
+    p.add_argument("--vocab-size", type=int, help="vocabulary size instead of the shape's (e.g. to fit --tokenizer)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weights on disk (default bf16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", help="copy this folder's tokenizer files (or 'smollm2': the built-in model's) beside the weights")
+    p.set_defaults(func=_synth_llm)
 
     p = sub.add_parser("generate", help="generate text with a KV-cache model from export-llm")
     p.add_argument("model", type=Path, help="model.onnx with its tokenizer files beside it")
@@ -285,9 +299,9 @@ def _passes(args) -> None:
 
 
 def _optimize(args) -> None:
-    from bitfold.frontend import load, save
+    from bitfold.frontend import load
     from bitfold.frontend.onnx_io import check_output
-    from bitfold.pipeline import Pipeline, Recipe, Step
+    from bitfold.pipeline import Recipe
     from bitfold.tools.files import refuse_overwrite, write_atomic
 
     refuse_overwrite(args.model, args.output)
@@ -296,6 +310,40 @@ def _optimize(args) -> None:
             check_output(path)
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe.from_names(args.passes)
     model = load(args.model)
+    with _streamed(model, args.output) if args.stream else contextlib.nullcontext():
+        report = _run_recipe(args, recipe, model)
+    if args.report:
+        write_atomic(args.report, report.to_json().encode())
+    err.print(report.table())
+    err.print(f"wrote {args.output}")
+
+
+@contextlib.contextmanager
+def _streamed(model, output: Path):
+    """Weights read from disk when used and rewritten ones stored in a scratch folder beside ``output`` (removed
+    at the end, whatever happens)."""
+    import shutil
+    import tempfile
+
+    from bitfold.frontend.stream import WeightStore, read_on_demand, storing
+
+    read_on_demand(model)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.stream.", dir=output.parent))
+    store = WeightStore(scratch)
+    try:
+        with storing(store):
+            yield store
+    finally:
+        store.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_recipe(args, recipe, model):
+    """Run ``recipe`` on ``model`` with a progress bar, save the result; returns the pipeline's report."""
+    from bitfold.frontend import save
+    from bitfold.pipeline import Pipeline, Recipe, Step
+
     feeds = _feeds(args, model) if args.verify or args.inputs or args.max_error is not None else None
     calibration = _calibration(args, model)
     if args.max_error is not None:  # the exclusion loop on the last step, as its recipe key max_error would
@@ -314,10 +362,7 @@ def _optimize(args) -> None:
         for note in record.notes if "max_error" in record.params else ():
             err.print(f"{record.name}: {note}")
     save(model, args.output)
-    if args.report:
-        write_atomic(args.report, report.to_json().encode())
-    err.print(report.table())
-    err.print(f"wrote {args.output}")
+    return report
 
 
 def _debug(args) -> None:
@@ -456,6 +501,57 @@ def _export_llm(args) -> None:
         model, cfg, folder = export_llm(args.source, args.dtype)
         write_llm(model, args.output, folder, cfg, args.max_length)
     err.print(f"wrote {args.output} ({cfg.model_type}, {cfg.num_layers} layers, {args.dtype}) with genai_config.json and the tokenizer files")
+
+
+def _synth_llm(args) -> None:
+    from bitfold.frontend.onnx_io import check_output
+    from bitfold.llm.synthetic import parameter_count, shape_config, write_synthetic
+
+    check_output(args.output, folder=True)
+    if args.output.exists():
+        raise BitfoldError(f"'{args.output}' exists; give a new folder for the synthetic model.")
+    for flag, value in (("--layers", args.layers), ("--vocab-size", args.vocab_size)):
+        if value is not None and value < 1:
+            raise BitfoldError(f"{flag} must be positive, got {value}.")
+    shape = args.shape
+    if shape.endswith(".json"):
+        if not Path(shape).is_file():
+            raise BitfoldError(f"shape file '{shape}' does not exist; give a shape name or a .json file of config keys.")
+        try:
+            shape = json.loads(Path(shape).read_text())
+        except json.JSONDecodeError as e:
+            raise BitfoldError(f"'{args.shape}' is not valid JSON ({e.msg} at line {e.lineno}).") from None
+        if not isinstance(shape, dict):
+            raise BitfoldError(f"'{args.shape}' must hold one JSON object of config keys.")
+    cfg = shape_config(shape, num_hidden_layers=args.layers, vocab_size=args.vocab_size)
+    tokenizer = None
+    if args.tokenizer is not None:
+        tokenizer = _tokenizer_folder(args.tokenizer, cfg["vocab_size"])
+    params = parameter_count(cfg)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err, transient=True) as bar:
+        task = bar.add_task(f"writing {params / 1e9:.2f}B parameters", total=1.0)
+        write_synthetic(args.output, cfg, dtype=args.dtype, seed=args.seed, tokenizer=tokenizer,
+                        progress=lambda done, total: bar.update(task, completed=done / total))  # fmt: skip
+    err.print(f"wrote {args.output} ({cfg['model_type']}, {cfg['num_hidden_layers']} layers, {params:,} parameters, {args.dtype})")
+
+
+def _tokenizer_folder(source: str, vocab_size: int) -> Path:
+    """The folder whose tokenizer files a synthetic model gets; refused when its vocabulary exceeds the model's."""
+    if source == "smollm2":
+        from bitfold.llm.builtin import smollm2_folder
+
+        folder = smollm2_folder()
+    else:
+        folder = Path(source)
+    if not (folder / "tokenizer.json").is_file():
+        raise BitfoldError(f"'{folder}' has no tokenizer.json; give a Hugging Face model folder or 'smollm2'.")
+    from tokenizers import Tokenizer
+
+    size = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size()
+    if size > vocab_size:
+        raise BitfoldError(f"the tokenizer in '{folder}' has {size} tokens but the model's vocabulary is {vocab_size}; "
+                           "use a tokenizer that fits or a shape with a larger vocabulary.")  # fmt: skip
+    return folder
 
 
 def _generate(args) -> None:

@@ -40,6 +40,21 @@ def test_saving_over_the_memory_mapped_source_is_safe(zoo_protos, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"], "no temp files left behind"
 
 
+def test_model_loaded_from_external_data_saves_self_contained(zoo_protos, tmp_path):
+    """A model read from a file with external data, saved elsewhere without it, carries its weights (not a
+    reference to a data file that is not beside it); the model in memory still reads from its file."""
+    source = bitfold.save(fresh(zoo_protos, "mlp"), tmp_path / "a" / "m.onnx", external_data=True)
+    loaded = bitfold.load(source)
+    expected = {k: v.const_value.numpy().copy() for k, v in loaded.graph.initializers.items()}
+    path = bitfold.save(loaded, tmp_path / "b" / "m.onnx", external_data=False)
+    assert [p.name for p in path.parent.iterdir()] == ["m.onnx"]
+    again = bitfold.load(path)
+    assert not any(isinstance(v.const_value, ir.ExternalTensor) for v in again.graph.initializers.values())
+    for name, value in expected.items():
+        np.testing.assert_array_equal(again.graph.initializers[name].const_value.numpy(), value)
+    assert all(isinstance(v.const_value, ir.ExternalTensor) for v in loaded.graph.initializers.values() if v.const_value.nbytes > 1024)
+
+
 def test_failed_save_leaves_no_partial_output(zoo_protos, tmp_path, monkeypatch):
     target = tmp_path / "m.onnx"
     target.write_bytes(b"previous")

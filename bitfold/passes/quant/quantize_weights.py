@@ -307,7 +307,8 @@ class QuantizeWeights(BitfoldPass):
             return node
         if self.config.format == "fake":
             node.replace_input_with(1, add_initializer(graph, f"{base}_fq", q.T.astype(weight.const_value.dtype.numpy())))
-            emitted[weight] = (q, node.inputs[1])
+            if weight.uses():  # still read by another MatMul: it may take the same codes (a weight read once is not kept)
+                emitted[weight] = (q, node.inputs[1])
             node.metadata_props[QUANTIZED_KEY] = self.config.tag
             self.stamp(node, [node])
             return node
@@ -344,7 +345,8 @@ class QuantizeWeights(BitfoldPass):
         self.stamp(dq, [node])
         graph.insert_before(node, dq)
         node.replace_input_with(1, dq.outputs[0])
-        emitted[weight] = (q, dq.outputs[0])
+        if weight.uses():  # still read by another MatMul: it may take the same codes
+            emitted[weight] = (q, dq.outputs[0])
         node.metadata_props[QUANTIZED_KEY] = self.config.tag
         return node
 

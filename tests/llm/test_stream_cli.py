@@ -1,0 +1,80 @@
+"""``bitfold synth-llm`` then ``export-llm`` then ``optimize --stream``: the streamed run writes the model the
+in-memory run writes, while holding about one weight instead of the model."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tracemalloc
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+
+SHAPE = dict(model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=512)  # fmt: skip
+RECIPE = '[[pass]]\nname = "quantize-weights"\nmethod = "rtn"\nbits = 4\ngroup_size = 32\nformat = "fake"\nexclude = ["*lm_head*"]\n'
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from bitfold.tools.cli import main
+
+    root = tmp_path_factory.mktemp("synth")
+    (root / "shape.json").write_text(json.dumps(SHAPE))
+    assert main(["synth-llm", str(root / "shape.json"), "-o", str(root / "hf"), "--dtype", "fp32"]) == 0
+    assert main(["export-llm", str(root / "hf"), "-o", str(root / "onnx" / "model.onnx")]) == 0
+    (root / "rtn.toml").write_text(RECIPE)
+    return root
+
+
+def test_streamed_optimize_writes_the_in_memory_output(exported, tmp_path):
+    import bitfold
+    from bitfold.tools.cli import main
+
+    source = exported / "onnx" / "model.onnx"
+    before = source.read_bytes()
+    for name, extra in (("memory", []), ("stream", ["--stream"])):
+        assert main(["optimize", str(source), "-r", str(exported / "rtn.toml"), "-o", str(tmp_path / name / "model.onnx"), *extra]) == 0
+    assert source.read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "stream").iterdir()) == ["model.onnx"]  # the scratch folder is gone
+    a, b = bitfold.load(tmp_path / "memory" / "model.onnx"), bitfold.load(tmp_path / "stream" / "model.onnx")
+    assert sorted(a.graph.initializers) == sorted(b.graph.initializers)
+    for name, value in a.graph.initializers.items():
+        np.testing.assert_array_equal(value.const_value.numpy(), b.graph.initializers[name].const_value.numpy())
+
+
+def test_streamed_peak_memory_does_not_grow_with_layers(exported, tmp_path):
+    """Peak Python-heap bytes (numpy reports its arrays to tracemalloc) while quantizing every layer: in memory it
+    grows with the layer count (the rewritten weights pile up until saved); streamed it stays that of one weight's
+    working copies, whatever the depth."""
+    import tempfile
+
+    import bitfold
+    from bitfold.frontend.stream import WeightStore, read_on_demand, storing
+    from bitfold.pipeline import Recipe
+    from bitfold.tools.cli import main
+
+    deep = tmp_path / "deep"
+    assert main(["synth-llm", str(exported / "shape.json"), "-o", str(deep / "hf"), "--layers", "18", "--dtype", "fp32"]) == 0
+    assert main(["export-llm", str(deep / "hf"), "-o", str(deep / "onnx" / "model.onnx")]) == 0
+
+    def peak(path, stream: bool) -> int:
+        model = bitfold.load(path)
+        with tempfile.TemporaryDirectory() as scratch:
+            store = WeightStore(scratch)
+            if stream:
+                read_on_demand(model)
+            tracemalloc.start()
+            try:
+                with storing(store) if stream else contextlib.nullcontext():
+                    bitfold.optimize(model, Recipe.from_toml(RECIPE))
+                return tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+                store.close()
+
+    shallow, deep = exported / "onnx" / "model.onnx", deep / "onnx" / "model.onnx"
+    assert peak(deep, False) > 2 * peak(shallow, False)  # 18 layers against 6
+    assert peak(deep, True) < 1.2 * peak(shallow, True)
