@@ -47,6 +47,7 @@ WRITERS = {
     "quant_smollm2.json": "quant_table.py",
     "lowbit_smollm2.json": "lowbit_smollm2.py",
     "lowbit_minilm.json": "lowbit_minilm.py",
+    "scale.json": "scale.py",
     "sparse.json": "sparse_table.py",
     "transforms.json": "transforms_table.py",
     "transforms_layers.json": "transforms_layers.py",
@@ -76,6 +77,7 @@ SECTIONS = {
     "quant_table.py": ("measured.md#smollm2", "SmolLM2"),
     "lowbit_smollm2.py": ("measured.md#low-bit-weight-solvers", "Low-bit weight solvers"),
     "lowbit_minilm.py": ("measured.md#low-bit-weight-solvers", "Low-bit weight solvers"),
+    "scale.py": ("language-models.md#models-larger-than-memory", "Models larger than memory"),
     "sparse_table.py": ("measured.md#sparsity", "Sparsity"),
     "transforms_layers.py": ("measured.md#equivalent-transforms", "Equivalent transforms"),
     "transforms_table.py": ("measured.md#equivalent-transforms", "Equivalent transforms"),
@@ -326,6 +328,35 @@ def sparse() -> str:
     return "\n\n".join([_table(["variant", smol, "SmolLM2 pass s", mini], rows), stamp("sparse.json")])
 
 
+def scale() -> str:
+    if not (RESULTS / "scale.json").exists():
+        return "(no results yet: `python benchmarks/scale.py` writes `benchmarks/results/scale.json`)"
+    r = load("scale.json")
+    rows = sorted(r["rows"], key=lambda row: (row["params"], row["step"] != "synth-llm", row["step"]))
+    table = [[row["shape"], str(row["layers"]), f"{row['params'] / 1e9:.3f} B", row["step"], f"{row['wall_s']:.1f}",
+              f"{row['peak_rss_gb']:.2f}", f"{row['written_gb']:.2f}"] for row in rows]  # fmt: skip
+    head = ["shape", "layers", "parameters", "step", "wall s", "peak memory GB", "written GB"]
+    fits = []
+    for step in ("optimize rtn w4 streamed", "optimize rtn w4 in memory"):
+        sweep = [row for row in r["rows"] if row["step"] == step and row["shape"] == "tinyllama-1.1b"]
+        for key, what in (("wall_s", "time"), ("peak_rss_gb", "peak memory")):
+            fitted = _log_slope(sweep, "layers", key)
+            if fitted is not None:
+                fits.append(f"{step}, {what} against layers at TinyLlama's block shape: slope {fitted:.2f}")
+    text = [f"{r['protocol']}.", _table(head, table)]
+    if fits:
+        text.append("Fitted log-log slopes: " + "; ".join(fits) + ".")
+    return "\n\n".join([*text, stamp("scale.json")])
+
+
+def _log_slope(rows: list[dict], x: str, y: str) -> float | None:
+    import numpy as np
+
+    if len({row[x] for row in rows}) < 2:
+        return None
+    return float(np.polyfit(np.log([row[x] for row in rows]), np.log([row[y] for row in rows]), 1)[0])
+
+
 def _layers(counts: dict | None) -> str:
     return ", ".join(f"{k} {v}" for k, v in counts.items()) if counts else "-"
 
@@ -461,6 +492,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "llm-passes": llm_passes,
     "llm-decode": llm_decode,
     "llm-profile": llm_profile,
+    "scale": scale,
     "scripts": scripts,
 }
 

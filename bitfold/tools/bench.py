@@ -107,3 +107,35 @@ def _version(module: str) -> str | None:
         return str(__import__(module).__version__)
     except Exception:  # an optional package can fail to import in many ways (missing libraries, ABI mismatches)
         return None
+
+
+def run_measured(command: Sequence[str], *, poll: float = 0.25, env: Mapping[str, str] | None = None) -> dict:
+    """Run ``command`` in its own process; return its wall time, exit code, peak resident memory (the kernel's
+    count for that process, ``ru_maxrss``, so a peak between two polls is not missed) and the resident memory
+    sampled every ``poll`` seconds (``trace``: [seconds, bytes] pairs) for plots."""
+    import time
+
+    start = time.perf_counter()
+    process = subprocess.Popen(list(command), env=None if env is None else {**os.environ, **env},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    trace: list[list[float]] = []
+    status = pid = 0
+    usage = None
+    while not pid:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if not pid:
+            trace.append([round(time.perf_counter() - start, 2), _rss(process.pid)])
+            time.sleep(poll)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
+    return {"wall_s": round(time.perf_counter() - start, 2), "returncode": process.returncode,
+            "peak_rss_bytes": usage.ru_maxrss * 1024, "trace": trace, "stderr_tail": stderr[-2000:]}  # fmt: skip
+
+
+def _rss(pid: int) -> int:
+    """Resident bytes of process ``pid`` now (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return 0

@@ -68,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_passes)
 
     p = sub.add_parser("optimize", help="run a recipe (or a list of passes) over a model")
-    p.add_argument("model", type=Path)
+    p.add_argument("model", type=Path, help="an .onnx file, or a causal LM's Hugging Face folder, .gguf file or 'smollm2' "
+                   "(exported as export-llm does, with genai_config.json and the tokenizer files written beside the output)")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("-r", "--recipe", type=Path, help="recipe TOML file")
     group.add_argument("-p", "--passes", metavar="PASS[,PASS]", help="comma-separated pass names, default parameters")
@@ -309,9 +310,17 @@ def _optimize(args) -> None:
         if path is not None:
             check_output(path)
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe.from_names(args.passes)
-    model = load(args.model)
+    llm = str(args.model) == "smollm2" or args.model.is_dir() or args.model.suffix.lower() == ".gguf"
+    if llm:  # a language model's own files: exported on the fly, weights read from them as passes need them
+        from bitfold.llm.export import export_llm, write_sidecar
+
+        model, cfg, folder = export_llm(args.model)
+    else:
+        model = load(args.model)
     with _streamed(model, args.output) if args.stream else contextlib.nullcontext():
         report = _run_recipe(args, recipe, model)
+    if llm:
+        write_sidecar(args.output, folder, cfg, max_length=2048)
     if args.report:
         write_atomic(args.report, report.to_json().encode())
     err.print(report.table())
@@ -320,16 +329,16 @@ def _optimize(args) -> None:
 
 @contextlib.contextmanager
 def _streamed(model, output: Path):
-    """Weights read from disk when used and rewritten ones stored in a scratch folder beside ``output`` (removed
-    at the end, whatever happens)."""
+    """Weights read from disk when used and rewritten ones stored in a scratch folder beside ``output`` (in its
+    nearest existing folder; removed at the end, whatever happens)."""
     import shutil
     import tempfile
 
     from bitfold.frontend.stream import WeightStore, read_on_demand, storing
 
     read_on_demand(model)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.stream.", dir=output.parent))
+    beside = next(p for p in (output.parent, *output.parent.parents) if p.exists())  # create no folder ourselves
+    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.stream.", dir=beside))
     store = WeightStore(scratch)
     try:
         with storing(store):
@@ -361,7 +370,7 @@ def _run_recipe(args, recipe, model):
     for record in report.passes:
         for note in record.notes if "max_error" in record.params else ():
             err.print(f"{record.name}: {note}")
-    save(model, args.output)
+    save(model, args.output, external_data=True if args.stream else None)  # streamed: tensor by tensor, never one proto
     return report
 
 

@@ -45,6 +45,21 @@ def test_streamed_optimize_writes_the_in_memory_output(exported, tmp_path):
         np.testing.assert_array_equal(value.const_value.numpy(), b.graph.initializers[name].const_value.numpy())
 
 
+def test_optimize_reads_a_model_folder_directly(exported, tmp_path):
+    """optimize on the Hugging Face folder (exported on the fly, streamed) writes what export-llm then optimize
+    writes, with genai_config.json and the tokenizer files beside it."""
+    import bitfold
+    from bitfold.tools.cli import main
+
+    out = tmp_path / "direct" / "model.onnx"
+    assert main(["optimize", str(exported / "hf"), "-r", str(exported / "rtn.toml"), "-o", str(out), "--stream"]) == 0
+    assert (out.parent / "genai_config.json").is_file()
+    assert main(["optimize", str(exported / "onnx" / "model.onnx"), "-r", str(exported / "rtn.toml"), "-o", str(tmp_path / "two" / "model.onnx")]) == 0
+    a, b = bitfold.load(out), bitfold.load(tmp_path / "two" / "model.onnx")
+    for name, value in b.graph.initializers.items():
+        np.testing.assert_array_equal(a.graph.initializers[name].const_value.numpy(), value.const_value.numpy())
+
+
 def test_streamed_peak_memory_does_not_grow_with_layers(exported, tmp_path):
     """Peak Python-heap bytes (numpy reports its arrays to tracemalloc) while quantizing every layer: in memory it
     grows with the layer count (the rewritten weights pile up until saved); streamed it stays that of one weight's

@@ -50,3 +50,16 @@ def test_provenance_without_a_repository_has_no_commit(tmp_path):
     stamp = provenance([str(tmp_path / "run.py")])
     assert stamp["commit"] is None
     assert stamp["command"] == f"python {tmp_path / 'run.py'}"
+
+
+def test_run_measured_reports_the_child_peak_memory_and_exit_code():
+    """The kernel's peak for the child: a 300 MB array held for an instant is seen even between samples."""
+    import sys
+
+    from bitfold.tools.bench import run_measured
+
+    code = "import numpy as np, time; a = np.ones(300_000_000 // 8); time.sleep(0.05); del a; time.sleep(0.3); raise SystemExit(3)"
+    result = run_measured([sys.executable, "-c", code], poll=1.0)
+    assert result["returncode"] == 3
+    assert 300e6 < result["peak_rss_bytes"] < 1e9
+    assert result["trace"] and result["wall_s"] > 0.3

@@ -1,0 +1,133 @@
+"""Memory and time at scale: seeded random-weight models of SmolLM2-135M's, TinyLlama-1.1B's and Llama-2-7B's
+shapes, written by ``bitfold synth-llm`` (bf16 safetensors), then int4 round-to-nearest weights (group 128, lm_head
+kept float, QDQ) by ``bitfold optimize`` straight from the model folder, streamed (``--stream``) and, where the
+machine can hold it, in memory. A depth sweep repeats the streamed run at TinyLlama's block shape with fewer layers.
+
+Every step is one ``bitfold`` command in its own process: wall time, and peak resident memory as the kernel counts
+it for that process (``ru_maxrss``, so a peak between two samples is not missed); the resident memory sampled every
+quarter second is kept for the plot. Writes benchmarks/results/scale.json (one row per step, a rerun replaces its
+own rows) and scale.png (peak memory and time against parameters, log-log, with the fitted slopes).
+
+    python benchmarks/scale.py [--shapes smollm2-135m tinyllama-1.1b llama2-7b] [--layers 2 4 8] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bitfold.llm.synthetic import parameter_count, shape_config  # noqa: E402
+from bitfold.tools.bench import merge_rows, provenance, run_measured  # noqa: E402
+from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+RECIPE = '[[pass]]\nname = "quantize-weights"\nmethod = "rtn"\nbits = 4\ngroup_size = 128\nexclude = ["*lm_head*"]\n'
+#: the in-memory run holds the float model and its rewrite: only below this many parameters on a 24 GB machine
+IN_MEMORY_MAX_PARAMS = 2e9
+SWEEP_SHAPE = "tinyllama-1.1b"
+ORDER = [f"{shape} L{layers} {step}" for shape in ("smollm2-135m", "tinyllama-1.1b", "llama2-7b") for layers in (2, 4, 8, 16, 22, 30, 32)
+         for step in ("synth-llm", "optimize rtn w4 streamed", "optimize rtn w4 in memory")]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", nargs="*", default=["smollm2-135m", "tinyllama-1.1b", "llama2-7b"])
+    parser.add_argument("--layers", nargs="*", type=int, default=[2, 4, 8], help=f"depth sweep at {SWEEP_SHAPE}'s block shape")
+    parser.add_argument("--work", type=Path, help="scratch folder for the models (default: a temporary folder, removed)")
+    args = parser.parse_args()
+    stamp = provenance()
+    work = Path(tempfile.mkdtemp(prefix="bitfold-scale-", dir=args.work))
+    recipe = work / "rtn.toml"
+    recipe.write_text(RECIPE)
+    runs = [(shape, None) for shape in args.shapes] + [(SWEEP_SHAPE, n) for n in args.layers]
+    rows = []
+    try:
+        for shape, layers in runs:
+            cfg = shape_config(shape, num_hidden_layers=layers)
+            params, depth = parameter_count(cfg), cfg["num_hidden_layers"]
+            folder = work / f"{shape}-L{depth}"
+            steps = [("synth-llm", ["synth-llm", shape, "-o", str(folder / "hf"), "--layers", str(depth)]),
+                     ("optimize rtn w4 streamed", ["optimize", str(folder / "hf"), "-r", str(recipe), "-o", str(folder / "s" / "model.onnx"), "--stream"])]  # fmt: skip
+            if params < IN_MEMORY_MAX_PARAMS:
+                steps.append(("optimize rtn w4 in memory", ["optimize", str(folder / "hf"), "-r", str(recipe), "-o", str(folder / "m" / "model.onnx")]))
+            for step, command in steps:
+                result = run_measured([sys.executable, "-m", "bitfold", *command])
+                if result["returncode"] != 0:
+                    raise SystemExit(f"{shape} L{depth} {step} failed:\n{result['stderr_tail']}")
+                out = folder / ("hf" if step == "synth-llm" else "s" if "streamed" in step else "m")
+                rows.append({"model": "synthetic", "variant": f"{shape} L{depth} {step}", "shape": shape, "layers": depth, "params": params,
+                             "step": step, "wall_s": result["wall_s"], "peak_rss_gb": round(result["peak_rss_bytes"] / 1e9, 3),
+                             "written_gb": round(sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e9, 3),
+                             "trace": result["trace"][:: max(1, len(result["trace"]) // 200)]})  # fmt: skip
+                print({k: v for k, v in rows[-1].items() if k != "trace"}, flush=True)
+                if step != "synth-llm":
+                    shutil.rmtree(out)
+                _write(rows, stamp)
+            shutil.rmtree(folder)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _write(rows: list[dict], stamp: dict) -> None:
+    path = RESULTS / "scale.json"
+    if path.exists():
+        rows = merge_rows(json.loads(path.read_text())["rows"], rows, order=ORDER)
+    result = {
+        **stamp,
+        "protocol": "seeded random weights (bitfold synth-llm, bf16 safetensors, 1 GiB shards); int4 RTN, group 128, QDQ, "
+        "lm_head float; bitfold optimize on the model folder (exported on the fly); each step its own process: wall time "
+        "and peak resident memory (ru_maxrss)",
+        "rows": rows,
+    }
+    write_atomic(path, json.dumps(result, indent=1).encode())
+    _plot(rows, RESULTS / "scale.png")
+
+
+def slope(rows: list[dict], x: str, y: str) -> float | None:
+    """Least-squares slope of log(y) on log(x) over ``rows`` (None below two distinct x)."""
+    xs = np.log([r[x] for r in rows])
+    if len(set(xs.round(6))) < 2:
+        return None
+    return float(np.polyfit(xs, np.log([r[y] for r in rows]), 1)[0])
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for step, color in (("synth-llm", "tab:gray"), ("optimize rtn w4 streamed", "tab:blue"), ("optimize rtn w4 in memory", "tab:red")):
+        full = sorted((r for r in rows if r["step"] == step and r["shape"] != SWEEP_SHAPE or r["step"] == step and r["layers"] == 22),
+                      key=lambda r: r["params"])  # fmt: skip
+        sweep = sorted((r for r in rows if r["step"] == step and r["shape"] == SWEEP_SHAPE), key=lambda r: r["layers"])
+        for ax, key in ((axes[0], "peak_rss_gb"), (axes[1], "wall_s")):
+            if full:
+                s = slope(full, "params", key)
+                ax.loglog([r["params"] for r in full], [r[key] for r in full], "o-", color=color,
+                          label=f"{step}" + (f" (slope {s:.2f})" if s is not None else ""))  # fmt: skip
+        if sweep:
+            s = slope(sweep, "layers", "wall_s")
+            axes[2].loglog([r["layers"] for r in sweep], [r["wall_s"] for r in sweep], "o-", color=color,
+                           label=f"{step} time" + (f" (slope {s:.2f})" if s is not None else ""))  # fmt: skip
+            axes[2].loglog([r["layers"] for r in sweep], [r["peak_rss_gb"] * 100 for r in sweep], "s--", color=color, alpha=0.6,
+                           label=f"{step} peak GB × 100")  # fmt: skip
+    axes[0].set(xlabel="parameters", ylabel="peak resident memory, GB", title="memory against model size")
+    axes[1].set(xlabel="parameters", ylabel="wall time, s", title="time against model size")
+    axes[2].set(xlabel=f"layers ({SWEEP_SHAPE} block shape)", ylabel="s (time), GB × 100 (memory)", title="against depth")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
