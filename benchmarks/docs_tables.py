@@ -48,6 +48,7 @@ WRITERS = {
     "lowbit_smollm2.json": "lowbit_smollm2.py",
     "lowbit_minilm.json": "lowbit_minilm.py",
     "scale.json": "scale.py",
+    "scale_passes.json": "scale.py",
     "sparse.json": "sparse_table.py",
     "transforms.json": "transforms_table.py",
     "transforms_layers.json": "transforms_layers.py",
@@ -349,6 +350,19 @@ def scale() -> str:
     return "\n\n".join([*text, stamp("scale.json")])
 
 
+def scale_passes() -> str:
+    if not (RESULTS / "scale_passes.json").exists():
+        return "(no results yet: `python benchmarks/scale.py --nodes ...` writes `benchmarks/results/scale_passes.json`)"
+    r = load("scale_passes.json")
+    passes = list(dict.fromkeys(row["pass"] for row in r["rows"]))
+    sizes = sorted({row["nodes"] for row in r["rows"]})
+    seconds = {(row["pass"], row["nodes"]): row["seconds"] for row in r["rows"]}
+    table = [[name, *(f"{seconds[name, n]:.3f}" for n in sizes),
+              f"{_log_slope([row for row in r['rows'] if row['pass'] == name], 'nodes', 'seconds'):.2f}"] for name in passes]  # fmt: skip
+    head = ["pass", *(f"{n:,} nodes, s" for n in sizes), "log-log slope"]
+    return "\n\n".join([f"{r['protocol']}.", _table(head, table), stamp("scale_passes.json")])
+
+
 def _log_slope(rows: list[dict], x: str, y: str) -> float | None:
     import numpy as np
 
@@ -493,6 +507,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "llm-decode": llm_decode,
     "llm-profile": llm_profile,
     "scale": scale,
+    "scale-passes": scale_passes,
     "scripts": scripts,
 }
 

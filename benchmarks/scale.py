@@ -8,7 +8,12 @@ it for that process (``ru_maxrss``, so a peak between two samples is not missed)
 quarter second is kept for the plot. Writes benchmarks/results/scale.json (one row per step, a rerun replaces its
 own rows) and scale.png (peak memory and time against parameters, log-log, with the fitted slopes).
 
+With ``--nodes L [L ...]`` it measures instead each canonical pass's time against graph size: a narrow Llama
+(hidden 32) of L layers, exported in process, each pass run alone through the pipeline (pass time as the report
+records it, and the whole call with the pipeline's instrumentation). Writes scale_passes.json and scale_passes.png.
+
     python benchmarks/scale.py [--shapes smollm2-135m tinyllama-1.1b llama2-7b] [--layers 2 4 8] [--work DIR]
+    python benchmarks/scale.py --nodes 20 60 200 600 1800
 """
 
 from __future__ import annotations
@@ -44,8 +49,11 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", default=["smollm2-135m", "tinyllama-1.1b", "llama2-7b"])
     parser.add_argument("--layers", nargs="*", type=int, default=[2, 4, 8], help=f"depth sweep at {SWEEP_SHAPE}'s block shape")
     parser.add_argument("--work", type=Path, help="scratch folder for the models (default: a temporary folder, removed)")
+    parser.add_argument("--nodes", nargs="*", type=int, help="instead: canonical pass time against graph size, at these layer counts")
     args = parser.parse_args()
     stamp = provenance()
+    if args.nodes:
+        return pass_scaling(args.nodes, stamp)
     work = Path(tempfile.mkdtemp(prefix="bitfold-scale-", dir=args.work))
     recipe = work / "rtn.toml"
     recipe.write_text(RECIPE)
@@ -76,6 +84,50 @@ def main() -> None:
             shutil.rmtree(folder)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+NARROW = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
+
+
+def pass_scaling(depths: list[int], stamp: dict) -> None:
+    import time
+
+    import bitfold
+    from bitfold.llm.export import export_llm
+    from bitfold.llm.synthetic import write_synthetic
+    from bitfold.passes.canonical import CANONICAL
+
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        for depth in depths:
+            folder = write_synthetic(Path(work) / f"L{depth}", shape_config(NARROW, num_hidden_layers=depth), dtype="fp32")
+            start = time.perf_counter()
+            model, _, _ = export_llm(folder)
+            export_s = time.perf_counter() - start
+            nodes = sum(1 for _ in model.graph)
+            rows.append({"model": "synthetic", "variant": f"L{depth} export-llm graph", "layers": depth, "nodes": nodes,
+                         "pass": "export-llm graph", "seconds": round(export_s, 4), "with_pipeline_s": round(export_s, 4)})  # fmt: skip
+            for name in CANONICAL:  # each alone, on the exported graph (they change nothing here but still visit it)
+                start = time.perf_counter()
+                _, report = bitfold.optimize(model, [name])
+                total = time.perf_counter() - start
+                rows.append({"model": "synthetic", "variant": f"L{depth} {name}", "layers": depth, "nodes": nodes, "pass": name,
+                             "seconds": round(report.passes[0].seconds, 4), "with_pipeline_s": round(total, 4)})  # fmt: skip
+                print(rows[-1], flush=True)
+    result = {**stamp, "protocol": f"narrow Llama {NARROW}, fp32, exported in process; each canonical pass alone through the "
+              "pipeline: seconds inside the pass (report) and of the whole call", "rows": rows}  # fmt: skip
+    write_atomic(RESULTS / "scale_passes.json", json.dumps(result, indent=1).encode())
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(r["pass"] for r in rows):
+        mine = [r for r in rows if r["pass"] == name]
+        fitted = slope(mine, "nodes", "seconds")
+        ax.loglog([r["nodes"] for r in mine], [r["seconds"] for r in mine], "o-", label=f"{name} (slope {fitted:.2f})")
+    ax.set(xlabel="nodes", ylabel="seconds", title="pass time against graph size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, RESULTS / "scale_passes.png")
+    plt.close(fig)
 
 
 def _write(rows: list[dict], stamp: dict) -> None:
