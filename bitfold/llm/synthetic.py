@@ -12,9 +12,11 @@ Quality is not the point of these models.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import tempfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -97,9 +99,10 @@ def write_synthetic(
     total = sum(n for _, _, n in tensors) * itemsize
     gamma = FAMILIES[config.model_type].gamma_offset
     std = float(getattr(config, "initializer_range", 0.02))
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    existing = next(p for p in (folder.parent, *folder.parent.parents) if p.exists())
+    created = [p for p in (folder.parent, *folder.parent.parents) if not p.exists()]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         weight_map, done = {}, 0
         for i, shard in enumerate(shards):
@@ -126,6 +129,10 @@ def write_synthetic(
         tmp.rename(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for p in created:  # the folders made for it, innermost first, up to the one that was there
+            if p != existing:
+                with contextlib.suppress(OSError):
+                    p.rmdir()
         raise
     return folder
 
@@ -135,9 +142,11 @@ def _hf_config(cfg: dict):
 
     cfg = shape_config(cfg)
     try:
-        return transformers.AutoConfig.for_model(**cfg)
-    except (TypeError, ValueError) as e:
-        raise BitfoldError(f"the config keys do not make a {cfg['model_type']} config: {e}") from None
+        config = transformers.AutoConfig.for_model(**cfg)
+        next(_tensors(config))  # the model builds from it
+    except Exception as e:  # transformers' validators raise their own types  # noqa: BLE001
+        raise BitfoldError(f"the config keys do not make a {cfg['model_type']} model: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return config
 
 
 def _architecture(config) -> str:

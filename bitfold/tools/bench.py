@@ -112,24 +112,34 @@ def _version(module: str) -> str | None:
 def run_measured(command: Sequence[str], *, poll: float = 0.25, env: Mapping[str, str] | None = None) -> dict:
     """Run ``command`` in its own process; return its wall time, exit code, peak resident memory (the kernel's
     count for that process, ``ru_maxrss``, so a peak between two polls is not missed) and the resident memory
-    sampled every ``poll`` seconds (``trace``: [seconds, bytes] pairs) for plots."""
+    sampled every ``poll`` seconds (``trace``: [seconds, bytes] pairs) for plots. Its stderr goes to a temporary
+    file (a pipe nobody reads would block a chatty child); the last 2,000 characters come back."""
+    import tempfile
     import time
 
-    start = time.perf_counter()
-    process = subprocess.Popen(list(command), env=None if env is None else {**os.environ, **env},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    trace: list[list[float]] = []
-    status = pid = 0
-    usage = None
-    while not pid:
-        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-        if not pid:
-            trace.append([round(time.perf_counter() - start, 2), _rss(process.pid)])
-            time.sleep(poll)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
-    return {"wall_s": round(time.perf_counter() - start, 2), "returncode": process.returncode,
-            "peak_rss_bytes": usage.ru_maxrss * 1024, "trace": trace, "stderr_tail": stderr[-2000:]}  # fmt: skip
+    with tempfile.TemporaryFile() as stderr:
+        start = time.perf_counter()
+        process = subprocess.Popen(list(command), env=None if env is None else {**os.environ, **env},
+                                   stdout=subprocess.DEVNULL, stderr=stderr)  # fmt: skip
+        trace: list[list[float]] = []
+        pid = status = 0
+        usage = None
+        try:
+            while not pid:
+                pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+                if not pid:
+                    trace.append([round(time.perf_counter() - start, 2), _rss(process.pid)])
+                    time.sleep(poll)
+        finally:
+            if not pid:  # interrupted: the child does not outlive us
+                process.kill()
+                process.wait()
+        process.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - start
+        stderr.seek(0)
+        tail = stderr.read().decode(errors="replace")[-2000:]
+    return {"wall_s": round(wall, 2), "returncode": process.returncode, "peak_rss_bytes": usage.ru_maxrss * 1024,
+            "trace": trace, "stderr_tail": tail}  # fmt: skip
 
 
 def _rss(pid: int) -> int:

@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", metavar="FILE.npz|SOURCE", help="calibration data: an .npz (samples on a leading axis), lee-text, lee-sentences, wiki-sentences or skimage-photos")
     p.add_argument("--max-error", type=float, metavar="E", help="leave the last step's most harmful layers float until the output error <= E (recipe key max_error)")
     p.add_argument("--stream", action="store_true", help="keep weights on disk: read each when a pass uses it, write each "
-                   "rewritten one to a scratch file beside the output (memory follows the largest weight, not the model)")
+                   "rewritten one to a scratch file beside the output (memory follows the largest weight, not the model; "
+                   "calibration and --verify still run the whole model)")
     _add_input_options(p)
     p.set_defaults(func=_optimize)
 
@@ -339,12 +340,14 @@ def _streamed(model, output: Path):
     read_on_demand(model)
     beside = next(p for p in (output.parent, *output.parent.parents) if p.exists())  # create no folder ourselves
     scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.stream.", dir=beside))
-    store = WeightStore(scratch)
+    store = None
     try:
+        store = WeightStore(scratch)
         with storing(store):
             yield store
     finally:
-        store.close()
+        if store is not None:
+            store.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -527,9 +530,11 @@ def _synth_llm(args) -> None:
         if not Path(shape).is_file():
             raise BitfoldError(f"shape file '{shape}' does not exist; give a shape name or a .json file of config keys.")
         try:
-            shape = json.loads(Path(shape).read_text())
+            shape = json.loads(Path(shape).read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise BitfoldError(f"'{args.shape}' is not valid JSON ({e.msg} at line {e.lineno}).") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise BitfoldError(f"'{args.shape}' could not be read as UTF-8 JSON ({type(e).__name__}).") from None
         if not isinstance(shape, dict):
             raise BitfoldError(f"'{args.shape}' must hold one JSON object of config keys.")
     cfg = shape_config(shape, num_hidden_layers=args.layers, vocab_size=args.vocab_size)
@@ -556,7 +561,10 @@ def _tokenizer_folder(source: str, vocab_size: int) -> Path:
         raise BitfoldError(f"'{folder}' has no tokenizer.json; give a Hugging Face model folder or 'smollm2'.")
     from tokenizers import Tokenizer
 
-    size = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size()
+    try:
+        size = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size()
+    except Exception as e:  # the tokenizers library raises its own exception type  # noqa: BLE001
+        raise BitfoldError(f"'{folder / 'tokenizer.json'}' could not be read as a tokenizer: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if size > vocab_size:
         raise BitfoldError(f"the tokenizer in '{folder}' has {size} tokens but the model's vocabulary is {vocab_size}; "
                            "use a tokenizer that fits or a shape with a larger vocabulary.")  # fmt: skip

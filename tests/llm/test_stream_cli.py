@@ -38,7 +38,7 @@ def test_streamed_optimize_writes_the_in_memory_output(exported, tmp_path):
     for name, extra in (("memory", []), ("stream", ["--stream"])):
         assert main(["optimize", str(source), "-r", str(exported / "rtn.toml"), "-o", str(tmp_path / name / "model.onnx"), *extra]) == 0
     assert source.read_bytes() == before
-    assert sorted(p.name for p in (tmp_path / "stream").iterdir()) == ["model.onnx"]  # the scratch folder is gone
+    assert sorted(p.name for p in (tmp_path / "stream").iterdir()) == ["model.onnx", "model.onnx.data"]  # no scratch folder left
     a, b = bitfold.load(tmp_path / "memory" / "model.onnx"), bitfold.load(tmp_path / "stream" / "model.onnx")
     assert sorted(a.graph.initializers) == sorted(b.graph.initializers)
     for name, value in a.graph.initializers.items():
@@ -93,3 +93,40 @@ def test_streamed_peak_memory_does_not_grow_with_layers(exported, tmp_path):
     shallow, deep = exported / "onnx" / "model.onnx", deep / "onnx" / "model.onnx"
     assert peak(deep, False) > 2 * peak(shallow, False)  # 18 layers against 6
     assert peak(deep, True) < 1.2 * peak(shallow, True)
+
+
+def test_synth_llm_refusals_exit_2_and_write_nothing(tmp_path, capsys):
+    from bitfold.tools.cli import main
+
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "bert.json").write_text(json.dumps({"model_type": "bert"}))
+    (tmp_path / "taken").mkdir()
+    cases = [
+        (["synth-llm", "llama9", "-o", str(tmp_path / "a")], "unknown model shape 'llama9'"),
+        (["synth-llm", str(tmp_path / "missing.json"), "-o", str(tmp_path / "a")], "does not exist"),
+        (["synth-llm", str(tmp_path / "bad.json"), "-o", str(tmp_path / "a")], "is not valid JSON"),
+        (["synth-llm", str(tmp_path / "list.json"), "-o", str(tmp_path / "a")], "one JSON object"),
+        (["synth-llm", str(tmp_path / "bert.json"), "-o", str(tmp_path / "a")], "model_type 'bert' is not supported"),
+        (["synth-llm", "tinyllama-1.1b", "-o", str(tmp_path / "taken")], "exists"),
+        (["synth-llm", "tinyllama-1.1b", "-o", str(tmp_path / "a"), "--layers", "0"], "--layers must be positive"),
+        (["synth-llm", "tinyllama-1.1b", "-o", str(tmp_path / "a"), "--tokenizer", str(tmp_path)], "has no tokenizer.json"),
+    ]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for argv, sentence in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert sentence in err and "Traceback" not in err, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_synth_llm_leaves_no_folder_when_the_config_is_refused(tmp_path, capsys):
+    from bitfold.tools.cli import main
+
+    (tmp_path / "neg.json").write_text(json.dumps({"model_type": "llama", "hidden_size": -4}))
+    (tmp_path / "latin1.json").write_bytes(b'{"model_type": "llama\xe9"}')
+    for shape, sentence in (("neg.json", "do not make a llama model"), ("latin1.json", "could not be read as UTF-8 JSON")):
+        assert main(["synth-llm", str(tmp_path / shape), "-o", str(tmp_path / "deep" / "er" / "m")]) == 2
+        err = capsys.readouterr().err
+        assert sentence in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latin1.json", "neg.json"]

@@ -63,3 +63,5 @@ def test_run_measured_reports_the_child_peak_memory_and_exit_code():
     assert result["returncode"] == 3
     assert 300e6 < result["peak_rss_bytes"] < 1e9
     assert result["trace"] and result["wall_s"] > 0.3
+    chatty = run_measured([sys.executable, "-c", "import sys; sys.stderr.write('x' * 500_000 + 'end')"], poll=0.05)
+    assert chatty["returncode"] == 0 and chatty["stderr_tail"].endswith("end")  # a full pipe would have blocked it

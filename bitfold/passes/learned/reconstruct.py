@@ -257,6 +257,7 @@ class Reconstruct(QuantizeWeights):
                 drop_if_unused(model.graph, value)
         for weight in weights:
             drop_if_unused(model.graph, weight)
+        self._emitted.clear()
         return sum(len(b.targets) for b in blocks)
 
     def collect(self, model: ir.Model) -> list[ir.Node]:

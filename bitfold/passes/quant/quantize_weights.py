@@ -189,6 +189,7 @@ class QuantizeWeights(BitfoldPass):
                     self.stamp(added, [node])
         for weight in weights:
             drop_if_unused(model.graph, weight)
+        self._emitted.clear()  # the shared weights' dequantized copies are not kept past the pass
         return len(targets)
 
     # -- collect ------------------------------------------------------------------------------------------------
