@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -175,6 +176,8 @@ def _plot(rows: list[dict], path: Path) -> None:
     axes[2].set(xlabel=f"layers ({SWEEP_SHAPE} block shape)", ylabel="s (time), GB × 100 (memory)", title="against depth")
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
