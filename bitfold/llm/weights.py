@@ -26,12 +26,19 @@ TOKENIZER_FILES = (
 )  # fmt: skip
 
 
+#: safetensors dtype names → numpy dtypes (bf16 and the fp8s through ml_dtypes)
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+           "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}  # fmt: skip
+
+
 class SafetensorsFolder:
-    """The tensors of a Hugging Face model folder, by name; nothing is read until ``get``."""
+    """The tensors of a Hugging Face model folder, by name; nothing is read until ``get``.
+
+    Each file's header is parsed once; ``get`` then reads one tensor's bytes with a plain seek and read (no memory
+    map, so nothing stays resident once the caller drops the array, and no header parse per tensor).
+    """
 
     def __init__(self, folder: str | os.PathLike) -> None:
-        from safetensors import safe_open
-
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
@@ -41,30 +48,63 @@ class SafetensorsFolder:
             files = sorted(p.name for p in self.folder.glob("*.safetensors"))
         if not files:
             raise BitfoldError(f"'{self.folder}' has no .safetensors weights; export the model with safetensors first.")
-        self._file_of: dict[str, str] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}
+        #: name → (file, dtype, shape, first byte, end byte)
+        self._where: dict[str, tuple[str, str, tuple[int, ...], int, int]] = {}
         for name in files:
             path = self.folder / name
             if not path.is_file():
                 raise BitfoldError(f"'{path}' is listed in the index but missing; the download is incomplete.")
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():
-                    self._file_of[key] = name
-                    self._shapes[key] = tuple(f.get_slice(key).get_shape())
+            for key, entry in _header(path).items():
+                self._where[key] = entry
 
     def __contains__(self, name: str) -> bool:
-        return name in self._file_of
+        return name in self._where
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._shapes[name]
+        return self._where[name][2]
 
     def get(self, name: str) -> np.ndarray:
         """One tensor as a float32 numpy array (bf16 and fp16 widened)."""
-        import torch
-        from safetensors import safe_open
+        file, dtype, shape, begin, end = self._where[name]
+        with open(self.folder / file, "rb") as f:
+            f.seek(begin)
+            data = f.read(end - begin)
+        if len(data) != end - begin:
+            raise BitfoldError(f"'{self.folder / file}' ends inside tensor '{name}'; the file is truncated.")
+        return np.frombuffer(data, dtype=_numpy_dtype(dtype)).reshape(shape).astype(np.float32)
 
-        with safe_open(self.folder / self._file_of[name], framework="pt") as f:
-            return f.get_tensor(name).to(torch.float32).numpy()
+
+def _header(path: Path) -> dict[str, tuple[str, str, tuple[int, ...], int, int]]:
+    """A safetensors file's tensors: name → (file name, dtype, shape, first byte, end byte) in the file."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        text = f.read(size) if 0 < size < 100 << 20 else b""
+    try:
+        header = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise BitfoldError(f"'{path}' is not a safetensors file (its header does not parse); the file may be truncated.")
+    start = 8 + size
+    entries = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if info.get("dtype") not in _DTYPES:
+            raise BitfoldError(f"'{path}': tensor '{key}' has dtype {info.get('dtype')}, which bitfold cannot read.")
+        begin, end = info["data_offsets"]
+        entries[key] = (path.name, info["dtype"], tuple(info["shape"]), start + begin, start + end)
+    return entries
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    import ml_dtypes
+
+    kind = _DTYPES[name]
+    return np.dtype(getattr(ml_dtypes, kind)) if hasattr(ml_dtypes, kind) and not hasattr(np, kind) else np.dtype(kind)
 
 
 def config_dict(folder: Path) -> dict:

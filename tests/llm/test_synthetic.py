@@ -71,3 +71,39 @@ def test_refusals(tmp_path):
     with pytest.raises(BitfoldError, match="exists"):
         write_synthetic(tmp_path / "exists", cfg)
     assert not (tmp_path / "x").exists() and list((tmp_path / "exists").iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_folder_reader_gives_what_safetensors_reads(tmp_path, dtype):
+    """bitfold's own header parse and seek-and-read return, for every tensor, safetensors' values widened to fp32."""
+    from safetensors import safe_open
+
+    from bitfold.llm.weights import SafetensorsFolder
+
+    folder = write_synthetic(tmp_path / "m", shape_config("tinyllama-1.1b", **TINY), dtype=dtype, shard_bytes=40_000)
+    reader = SafetensorsFolder(folder)
+    seen = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                want = f.get_tensor(name).to(torch.float32).numpy()
+                got = reader.get(name)
+                assert got.dtype == np.float32 and reader.shape(name) == want.shape
+                np.testing.assert_array_equal(got, want)
+                seen += 1
+    assert seen == len(reader._where) > 10
+
+
+def test_truncated_weights_are_named(tmp_path):
+    from bitfold.llm.weights import SafetensorsFolder
+
+    folder = write_synthetic(tmp_path / "m", shape_config("tinyllama-1.1b", **TINY), dtype="fp32")
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(BitfoldError, match="is truncated"):
+        reader = SafetensorsFolder(folder)
+        for name in reader._where:
+            reader.get(name)
+    path.write_bytes(b"\x05")
+    with pytest.raises(BitfoldError, match="is not a safetensors file"):
+        SafetensorsFolder(folder)
