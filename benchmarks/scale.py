@@ -4,8 +4,9 @@ kept float, QDQ) by ``bitfold optimize`` straight from the model folder, streame
 machine can hold it, in memory. A depth sweep repeats the streamed run at TinyLlama's block shape with fewer layers.
 
 Every step is one ``bitfold`` command in its own process: wall time, and peak resident memory as the kernel counts
-it for that process (``ru_maxrss``, so a peak between two samples is not missed); the resident memory sampled every
-quarter second is kept for the plot. Writes benchmarks/results/scale.json (one row per step, a rerun replaces its
+it for that process's own program (``VmHWM``, read every 50 ms, so a peak between two samples is not missed); the
+resident memory samples are kept for the plot. (Rows written before the switch to ``VmHWM`` say ``ru_maxrss`` in
+their protocol: that figure is the larger of the child's peak and this script's memory when it started the child.) Writes benchmarks/results/scale.json (one row per step, a rerun replaces its
 own rows) and scale.png (peak memory and time against parameters, log-log, with the fitted slopes).
 
 With ``--nodes L [L ...]`` it measures instead each canonical pass's time against graph size: a narrow Llama
@@ -139,7 +140,7 @@ def _write(rows: list[dict], stamp: dict) -> None:
         **stamp,
         "protocol": "seeded random weights (bitfold synth-llm, bf16 safetensors, 1 GiB shards); int4 RTN, group 128, QDQ, "
         "lm_head float; bitfold optimize on the model folder (exported on the fly); each step its own process: wall time "
-        "and peak resident memory (ru_maxrss)",
+        "and peak resident memory (VmHWM, the process's own high-water mark)",
         "rows": rows,
     }
     write_atomic(path, json.dumps(result, indent=1).encode())

@@ -109,11 +109,15 @@ def _version(module: str) -> str | None:
         return None
 
 
-def run_measured(command: Sequence[str], *, poll: float = 0.25, env: Mapping[str, str] | None = None) -> dict:
-    """Run ``command`` in its own process; return its wall time, exit code, peak resident memory (the kernel's
-    count for that process, ``ru_maxrss``, so a peak between two polls is not missed) and the resident memory
-    sampled every ``poll`` seconds (``trace``: [seconds, bytes] pairs) for plots. Its stderr goes to a temporary
-    file (a pipe nobody reads would block a chatty child); the last 2,000 characters come back."""
+def run_measured(command: Sequence[str], *, poll: float = 0.05, env: Mapping[str, str] | None = None) -> dict:
+    """Run ``command`` in its own process; return its wall time, exit code, peak resident memory and the resident
+    memory sampled every ``poll`` seconds (``trace``: [seconds, bytes] pairs) for plots.
+
+    The peak is the kernel's high-water mark of the process's own memory since it started its program (``VmHWM``),
+    read at every sample: a peak between two samples is still counted, only one in the last ``poll`` seconds before
+    exit could be missed. (``ru_maxrss`` from ``wait4`` is not used: it also counts the memory of this process at
+    the fork.) Its stderr goes to a temporary file (a pipe nobody reads would block a chatty child); the last 2,000
+    characters come back."""
     import tempfile
     import time
 
@@ -122,30 +126,30 @@ def run_measured(command: Sequence[str], *, poll: float = 0.25, env: Mapping[str
         process = subprocess.Popen(list(command), env=None if env is None else {**os.environ, **env},
                                    stdout=subprocess.DEVNULL, stderr=stderr)  # fmt: skip
         trace: list[list[float]] = []
-        pid = status = 0
-        usage = None
+        peak = 0
         try:
-            while not pid:
-                pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-                if not pid:
-                    trace.append([round(time.perf_counter() - start, 2), _rss(process.pid)])
-                    time.sleep(poll)
+            while process.poll() is None:
+                rss, hwm = _memory(process.pid)
+                peak = max(peak, hwm)
+                trace.append([round(time.perf_counter() - start, 2), rss])
+                time.sleep(poll)
         finally:
-            if not pid:  # interrupted: the child does not outlive us
+            if process.returncode is None:  # interrupted: the child does not outlive us
                 process.kill()
                 process.wait()
-        process.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - start
         stderr.seek(0)
         tail = stderr.read().decode(errors="replace")[-2000:]
-    return {"wall_s": round(wall, 2), "returncode": process.returncode, "peak_rss_bytes": usage.ru_maxrss * 1024,
-            "trace": trace, "stderr_tail": tail}  # fmt: skip
+    return {"wall_s": round(wall, 2), "returncode": process.returncode, "peak_rss_bytes": peak, "trace": trace,
+            "stderr_tail": tail}  # fmt: skip
 
 
-def _rss(pid: int) -> int:
-    """Resident bytes of process ``pid`` now (0 once it is gone)."""
+def _memory(pid: int) -> tuple[int, int]:
+    """(resident bytes now, high-water mark of resident bytes) of process ``pid``; zeros once it is gone."""
     try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return 0
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "VmHWM")))
+    except (FileNotFoundError, ProcessLookupError):
+        return 0, 0
+    kb = {k: int(v.split()[0]) * 1024 for k, v in fields.items()}
+    return kb.get("VmRSS", 0), kb.get("VmHWM", 0)

@@ -311,7 +311,7 @@ def _optimize(args) -> None:
         if path is not None:
             check_output(path)
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe.from_names(args.passes)
-    llm = str(args.model) == "smollm2" or args.model.is_dir() or args.model.suffix.lower() == ".gguf"
+    llm = str(args.model) == "smollm2" or (args.model / "config.json").is_file() or args.model.suffix.lower() == ".gguf"
     if llm:  # a language model's own files: exported on the fly, weights read from them as passes need them
         from bitfold.llm.export import export_llm, write_sidecar
 

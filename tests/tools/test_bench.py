@@ -53,13 +53,18 @@ def test_provenance_without_a_repository_has_no_commit(tmp_path):
 
 
 def test_run_measured_reports_the_child_peak_memory_and_exit_code():
-    """The kernel's peak for the child: a 300 MB array held for an instant is seen even between samples."""
+    """The kernel's high-water mark for the child: a 300 MB array held for an instant is seen even between samples,
+    and the parent's own memory is not counted."""
     import sys
 
     from bitfold.tools.bench import run_measured
 
-    code = "import numpy as np, time; a = np.ones(300_000_000 // 8); time.sleep(0.05); del a; time.sleep(0.3); raise SystemExit(3)"
-    result = run_measured([sys.executable, "-c", code], poll=1.0)
+    import numpy as np
+
+    ballast = np.ones(800_000_000 // 8)  # this process is large: the child's figure must not include it
+    code = "import numpy as np, time; a = np.ones(300_000_000 // 8); time.sleep(0.01); del a; time.sleep(0.5); raise SystemExit(3)"
+    result = run_measured([sys.executable, "-c", code], poll=0.2)
+    del ballast
     assert result["returncode"] == 3
     assert 300e6 < result["peak_rss_bytes"] < 1e9
     assert result["trace"] and result["wall_s"] > 0.3
