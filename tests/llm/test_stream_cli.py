@@ -91,8 +91,10 @@ def test_streamed_peak_memory_does_not_grow_with_layers(exported, tmp_path):
                 store.close()
 
     shallow, deep = exported / "onnx" / "model.onnx", deep / "onnx" / "model.onnx"
-    assert peak(deep, False) > 2 * peak(shallow, False)  # 18 layers against 6
-    assert peak(deep, True) < 1.2 * peak(shallow, True)
+    in_memory = peak(deep, False) - peak(shallow, False)  # 12 more layers: their rewritten weights pile up
+    streamed = peak(deep, True) - peak(shallow, True)  # only the graph's new nodes and names for them
+    assert in_memory > 12 * 7 * SHAPE["hidden_size"] * SHAPE["intermediate_size"] * 4 / 4
+    assert streamed < in_memory / 10
 
 
 def test_synth_llm_refusals_exit_2_and_write_nothing(tmp_path, capsys):
