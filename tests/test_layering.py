@@ -41,7 +41,7 @@ LAYERS: list[list[str]] = [
     ["bitfold.kernels"],
     ["bitfold.quant"],  # formats, calibration statistics (run through bitfold.runtime), solvers (GPTQ, AWQ, ...)
     ["bitfold.ops", "bitfold.runtime"],  # op specs (layouts, references, ONNX functions) | ONNX Runtime sessions
-    ["bitfold.frontend"],
+    ["bitfold.frontend", "bitfold.parallel"],  # | where independent work runs: here or on Ray
     ["bitfold.errors"],
 ]
 

@@ -36,12 +36,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import torch
 from tqdm.auto import tqdm
 
+from bitfold import parallel, runtime
 from bitfold.frontend.onnx_io import clone
-from bitfold.backends.ort import OrtRunnable
 from bitfold.errors import BitfoldError
 from bitfold.passes.quant.quantize_weights import QuantizeWeights
 from bitfold.passes.registry import BitfoldPass, create, get_pass
@@ -169,13 +170,7 @@ def measure(
     targets = [list(probe.graph)[position[id(n)]] for n in nodes]
     for weight in dict.fromkeys(node.inputs[1] for node in targets):
         probe.graph.inputs.append(weight)  # overridable: an initializer that is also a graph input
-    session = OrtRunnable(probe, device="cpu", optimization="basic").session
     feeds = [dict(f) for f in list(calibration)[:samples]]
-
-    def outputs(override: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return [np.concatenate([v.ravel() for v in session.run(None, {**f, **override})]).astype(np.float64) for f in feeds]
-
-    reference = outputs({})
     layers = [n.name for n in nodes]
     weights = np.array([np.prod(n.inputs[1].const_value.shape) for n in nodes], np.float64)
     sensitivity, cost = np.zeros((len(layers), len(formats))), np.zeros((len(layers), len(formats)))
@@ -187,17 +182,42 @@ def measure(
         inputs = sorted({n.inputs[0].name for n in nodes})
         stats = calibration.collect(model, inputs, gram=inputs, sink_weight=settings.get("sink_weight", 1.0))
         hessians = {name: s.gram for name, s in stats.items()}
-    with tqdm(total=len(layers) * len(formats), desc="sensitivity", leave=False) as bar:
+
+    def candidates():  # drawn as the executor asks for them: the solves overlap the workers' runs
         for i, node in enumerate(nodes):
             w = node.inputs[1].const_value.numpy()
+            found = []
             for j, (name, solver) in enumerate(zip(formats, solvers, strict=True)):
                 q, bits = _solve(solver, FORMATS[name], node, w.astype(np.float32).T, hessians.get(node.inputs[0].name))
                 if learned:
                     q = learned[name][node.name].T
-                sensitivity[i, j] = _power(outputs({node.inputs[1].name: np.ascontiguousarray(q.T.astype(w.dtype))}), reference)
+                found.append(np.ascontiguousarray(q.T.astype(w.dtype)))
                 cost[i, j] = bits * w.size
-                bar.update()
+            yield node.inputs[1].name, found
+
+    shared = (ir.to_proto(probe).SerializeToString(), feeds)
+    rows = parallel.current().map(_sensitivities, candidates(), setup=_probe_session, shared=shared)
+    for i, row in enumerate(tqdm(rows, total=len(layers), desc="sensitivity", leave=False)):
+        sensitivity[i] = row
     return Allocation(layers, list(formats), sensitivity, cost, weights, np.zeros(len(layers), int), outside)
+
+
+def _probe_session(shared: tuple[bytes, list[dict[str, np.ndarray]]]) -> tuple[Any, list, list[np.ndarray]]:
+    """A worker's state: the probe model's session, the feeds and the reference outputs (every weight float)."""
+    proto, feeds = shared
+    session = runtime.session(ir.from_proto(onnx.load_from_string(proto)), threads=parallel.worker_threads(), optimization="basic")
+    return session, feeds, _outputs(session, feeds, {})
+
+
+def _outputs(session, feeds: list[dict[str, np.ndarray]], override: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return [np.concatenate([v.ravel() for v in session.run(None, {**f, **override})]).astype(np.float64) for f in feeds]
+
+
+def _sensitivities(state, item: tuple[str, list[np.ndarray]]) -> np.ndarray:
+    """One layer's row: the output noise power with its weight replaced by each format's candidate."""
+    session, feeds, reference = state
+    name, candidates = item
+    return np.array([_power(_outputs(session, feeds, {name: q}), reference) for q in candidates])
 
 
 def hawq(

@@ -81,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="keep weights on disk: read each when a pass uses it, write each "
                    "rewritten one to a scratch file beside the output (memory follows the largest weight, not the model; "
                    "calibration and --verify still run the whole model)")
+    _add_ray_options(p, "GPTQ's per-layer solves")
     _add_input_options(p)
     p.set_defaults(func=_optimize)
 
@@ -108,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="layers left float (repeatable), e.g. '*lm_head*'")
     p.add_argument("--samples", type=int, default=4, help="calibration samples the sensitivities are measured on (default 4)")
     p.add_argument("--report", type=Path, help="write the sensitivities, costs and choice as JSON")
+    _add_ray_options(p, "the per-layer sensitivity runs")
     p.set_defaults(func=_allocate)
 
     p = sub.add_parser("export-llm", help="export a causal LM (HF folder, .gguf, or smollm2) to a KV-cache ONNX graph")
@@ -182,6 +184,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="threads for the LLM part (default 2)")
     p.set_defaults(func=_demo)
     return parser
+
+
+def _add_ray_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help=f"spread {what} over a Ray cluster at ADDRESS "
+                   "(e.g. auto, ray://head:10001); without one, a local cluster of this machine's cores. Same result as without")
+    p.add_argument("--workers", type=int, help="with --ray: worker processes (default: the cluster's CPUs / --worker-threads)")
+    p.add_argument("--worker-threads", type=int, default=1, help="with --ray: threads per worker (default 1)")
+
+
+def _executor(args):
+    """The executor --ray asks for (a context manager), or a null context."""
+    if getattr(args, "ray", None) is None:
+        if getattr(args, "workers", None) is not None:
+            raise BitfoldError("--workers needs --ray.")
+        return contextlib.nullcontext()
+    from bitfold.parallel import RayExecutor, executing
+
+    return executing(RayExecutor(args.ray or None, workers=args.workers, threads=args.worker_threads))
 
 
 def _add_input_options(p: argparse.ArgumentParser) -> None:
@@ -318,7 +338,7 @@ def _optimize(args) -> None:
         model, cfg, folder = export_llm(args.model)
     else:
         model = load(args.model)
-    with _streamed(model, args.output) if args.stream else contextlib.nullcontext():
+    with _streamed(model, args.output) if args.stream else contextlib.nullcontext(), _executor(args):
         report = _run_recipe(args, recipe, model)
     if llm:
         write_sidecar(args.output, folder, cfg, max_length=2048)
@@ -433,7 +453,9 @@ def _allocate(args) -> None:
     model = load(args.model)
     calibration = _calibration(args, model)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    allocation = solve(measure(model, calibration, formats, args.samples, args.exclude, {"method": args.method}), args.bits)
+    with _executor(args):
+        measured = measure(model, calibration, formats, args.samples, args.exclude, {"method": args.method})
+    allocation = solve(measured, args.bits)
     write_atomic(args.output, allocation.recipe(method=args.method, exclude=args.exclude).to_toml().encode())
     if args.report:
         data = {"layers": allocation.layers, "formats": allocation.formats, "sensitivity": allocation.sensitivity.tolist(),

@@ -51,6 +51,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
+from bitfold import parallel
 from bitfold.ops.functions import upgrade_opset
 from bitfold.passes.initializers import add_initializer, drop_if_unused
 from bitfold.passes.registry import ISLAND_KEY, QUANTIZED_KEY, BitfoldPass, register
@@ -170,20 +171,24 @@ class QuantizeWeights(BitfoldPass):
         inputs = {node: node.inputs[0].name for node in targets}  # statistics keys; a low-rank branch renames inputs
         self._solver_notes: list[str] = []
         self._emitted: dict[ir.Value, tuple[np.ndarray, ir.Value]] = {}  # weight → (dequantized Wᵀ, its value)
+        problems = ((node.inputs[1].const_value.numpy().astype(np.float32).T, hessians.get(inputs[node])) for node in matmuls)
+        # the Hessian methods' solves are independent per layer and heavy enough to send to workers (bitfold.parallel)
+        executor = parallel.current() if self.config.method in ("gptq", "quantease") else parallel.Serial()
+        solved = executor.map(_solve, problems, setup=_solver, shared=(type(self), self.config))
         for node in tqdm(targets, desc=f"quantize-weights {self.config.tag}", leave=False, disable=len(targets) < 8):
-            w = node.inputs[1].const_value.numpy().astype(np.float32)
             if node.op_type == "Conv":
+                w = node.inputs[1].const_value.numpy().astype(np.float32)
                 q, scale, zero = self.solve_groups(w.reshape(w.shape[0], -1), patch_grams.get(node.name))
                 self.notes += [f"{node.name}: {note}" for note in self._solver_notes]
                 self._solver_notes.clear()
                 self.fold_conv(model.graph, node, q, scale, zero)
                 continue
-            wt, x = w.T, node.inputs[0]
-            q, scale, zero = self.solve(wt, hessians.get(inputs[node]))
-            self.notes += [f"{node.name}: {note}" for note in self._solver_notes]
-            self._solver_notes.clear()
+            x, w = node.inputs[0], node.inputs[1]
+            q, scale, zero, notes = next(solved)
+            self.notes += [f"{node.name}: {note}" for note in notes]
             producer = self.fold(model.graph, node, q, scale, zero)
             if self.config.compensate_rank:
+                wt = w.const_value.numpy().astype(np.float32).T
                 l1, l2 = eora((wt - q).T, hessians[inputs[node]], self.config.compensate_rank)
                 for added in add_lowrank_branch(model.graph, producer, x, l1, l2):
                     self.stamp(added, [node])
@@ -404,4 +409,17 @@ class QuantizeWeights(BitfoldPass):
         return inputs, attrs
 
 
+def _solver(shared: tuple[type[QuantizeWeights], QuantizeWeightsConfig]) -> QuantizeWeights:
+    """A worker's solver: the pass, rebuilt from its class and configuration."""
+    cls, config = shared
+    solver = cls(config)
+    solver._solver_notes = []
+    return solver
 
+
+def _solve(solver: QuantizeWeights, problem: tuple[np.ndarray, np.ndarray | None]):
+    """One layer's dequantized Wᵀ, scale and zero point, and the solver's notes."""
+    wt, hessian = problem
+    q, scale, zero = solver.solve(wt, hessian)
+    notes, solver._solver_notes = solver._solver_notes, []
+    return q, scale, zero, notes
