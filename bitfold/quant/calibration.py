@@ -278,20 +278,21 @@ class CalibrationData:
         """The named tensors of ``model`` (unchanged) on every calibration sample, one dict per sample (not
         memoised)."""
         names = list(dict.fromkeys(names))
-        parts = [{name: outputs[name] for name in chunk} for chunk, outputs in self._runs(model, names, progress)]
+        parts = [{name: outputs[name] for name in chunk} for chunk, outputs in self._runs(model, names, progress, prune=True)]
         n = len(list(self))  # _runs visits every sample once per slice of names, in order
         return [{k: v for part in parts[i::n] for k, v in part.items()} for i in range(n)]
 
-    def _runs(self, model: ir.Model, names: list[str], progress: bool) -> Iterator[tuple[list[str], dict[str, np.ndarray]]]:
+    def _runs(self, model: ir.Model, names: list[str], progress: bool, prune: bool = False) -> Iterator[tuple[list[str], dict[str, np.ndarray]]]:
         """Run ``model`` (unchanged) on every sample with the named tensors exposed, at most
-        :data:`EXPOSED_PER_RUN` per pass over the data; yields (the pass's names, one sample's outputs)."""
+        :data:`EXPOSED_PER_RUN` per pass over the data; yields (the pass's names, one sample's outputs). ``prune``:
+        run only the nodes the names depend on (:func:`prefix`), not the whole graph."""
         samples = list(self)
         if not samples:
             raise BitfoldError(f"calibration source '{self.name}' yields no samples.")
         chunks = exposed_slices(names)
         bar = tqdm(total=len(samples) * len(chunks), desc="calibrate", disable=not progress, leave=False)
         for chunk in chunks:
-            probe = expose(model, chunk)
+            probe = prefix(model, chunk) if prune else expose(model, chunk)
             runner = session(probe)
             outputs = [o.name for o in runner.get_outputs()]
             for feeds in samples:
@@ -323,6 +324,18 @@ def expose(model: ir.Model, names: Iterable[str]) -> ir.Model:
             probe.graph.outputs.append(values[name])
             exposed.add(name)
     return probe
+
+
+def prefix(model: ir.Model, names: Sequence[str]) -> ir.Model:
+    """A model of ``model``'s inputs whose outputs are the named tensors, with only the nodes they depend on (the
+    graph's tensors shared, not copied: a block reconstruction's first inputs from a model on disk read the
+    embedding table, not every weight)."""
+    values = ir.convenience.create_value_mapping(model.graph, include_subgraphs=False)
+    missing = [name for name in names if name not in values]
+    if missing:
+        raise BitfoldError(f"calibration asked for tensor '{missing[0]}', which the model does not compute.")
+    graph = ir.convenience.extract(model.graph, inputs=list(model.graph.inputs), outputs=[values[n] for n in names])
+    return ir.Model(graph, ir_version=model.ir_version, producer_name=model.producer_name, functions=model.functions.values())
 
 
 def model_key(model: ir.Model) -> str:

@@ -61,7 +61,7 @@ def gptq_loop(
         raise ValueError("groups fitted during the loop follow column order; fit the grid beforehand for act_order")
     check_damp(damp)
     W = torch.tensor(W, dtype=torch.float64)
-    H = torch.tensor(H, dtype=torch.float64).clone()
+    H = torch.tensor(H, dtype=torch.float64)  # a copy: the caller's H is not changed
     if not torch.isfinite(H).all():
         raise BitfoldError(
             "the layer's Hessian (the Gram matrix of its calibration inputs) has inf or NaN entries; "
@@ -75,9 +75,12 @@ def gptq_loop(
         block_size = max(block_size // group, 1) * group  # a group never spans two blocks
     scale = torch.mean(torch.abs(torch.diag(H)))  # the dampening's unit
     perm = torch.argsort(torch.diag(H) + damp * scale, descending=True) if act_order else torch.arange(k)
-    W, H = W[:, perm], H[perm][:, perm]
+    W = W[:, perm]
+    H = H[perm]  # two steps, so at most two K x K copies live at once
+    H = H[:, perm]
 
     U = inverse_cholesky(H, damp, scale, notes)
+    del H  # the loop reads U only
     Q = torch.zeros_like(W)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
@@ -112,11 +115,16 @@ def inverse_cholesky(H: torch.Tensor, damp: float, scale: torch.Tensor, notes: l
     """The upper Cholesky factor U of (H + λI)⁻¹ (H⁻¹ = UᵀU), λ = damp · ``scale`` (mean |diag H|) raised through
     ``DAMP_STEPS`` until H + λI is positive definite; if none is, the diagonal U = diag(H)^(-1/2) (entries where
     diag H <= 0 take 1), under which the GPTQ loop spreads no error: round-to-nearest."""
-    k = H.shape[0]
     for step in DAMP_STEPS:
-        lower, info = torch.linalg.cholesky_ex(H + torch.eye(k, dtype=H.dtype) * (damp * step) * scale)
+        damped = H.clone()  # H + λI, built without a dense identity (K x K temporaries are the memory at large K)
+        damped.diagonal().add_((damp * step) * scale)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info == 0 and torch.isfinite(U).all():
                 if step != 1.0 and notes is not None:
                     notes.append(f"H is not positive definite with damp {damp:g}; used damp {damp * step:g}")
@@ -136,7 +144,9 @@ class FormatGrid:
 
     def __init__(self, fmt: Format, shape: tuple[int, int], clip: Clip = "none", H: np.ndarray | None = None) -> None:
         self.fmt, self.clip, self.H = fmt, clip, H
-        self.scale, self.zero = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        # stored column-major ((K, N) arrays seen through a transpose): the loop reads one column per step, and a
+        # strided column of a wide row-major matrix touches a cache line per element
+        self.scale, self.zero = np.zeros(shape[::-1], np.float32).T, np.zeros(shape[::-1], np.float32).T
 
     def fit(self, w: np.ndarray, start: int, u_diag: np.ndarray) -> None:
         end = start + w.shape[1]
@@ -174,4 +184,4 @@ def gptq(
         grid.scale[:], grid.zero[:] = group_params(np.asarray(W, np.float32), fmt, granularity, clip, H)
     q = gptq_loop(W, H, grid, group=granularity.size if dynamic else 0, block_size=block_size, damp=damp, act_order=act_order,
                   notes=notes)  # fmt: skip
-    return q, grid.scale.astype(np.float32), grid.zero.astype(np.float32)
+    return q, np.ascontiguousarray(grid.scale, np.float32), np.ascontiguousarray(grid.zero, np.float32)

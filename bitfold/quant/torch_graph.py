@@ -79,6 +79,9 @@ class TorchGraph(torch.nn.Module):
         self.output_names = [v.name for v in (_block_outputs(block) if outputs is None else outputs)]
         self._nodes = [node for node in block if not _is_constant(node)]
         self._ops = [_op(node) for node in self._nodes]
+        # the names each node reads, as built: a pass may rewire the graph's nodes (emit a block's quantized weights)
+        # while the module still runs the block it was built from
+        self._reads = [[None if v is None else v.name for v in node.inputs] for node in self._nodes]
         known = {*self.input_names, *(v.name for v in constants), *(v.name for n in self._nodes for v in n.outputs)}
         for name in self.output_names:
             if name not in known:
@@ -106,10 +109,10 @@ class TorchGraph(torch.nn.Module):
         env = {name: getattr(self, attr) for name, attr in self._attrs.items()}
         env.update(self._feeds(args, kwargs))
         passed: set[str] = set()  # Q outputs that carry a float tensor through (fake_quantize off)
-        for node, op in zip(self._nodes, self._ops, strict=True):
-            xs = [None if v is None else env[v.name] for v in node.inputs]
+        for node, op, reads in zip(self._nodes, self._ops, self._reads, strict=True):
+            xs = [None if name is None else env[name] for name in reads]
             if not self.fake_quantize and not node.domain and node.op_type in ("QuantizeLinear", "DequantizeLinear") and (
-                    node.op_type == "QuantizeLinear" or node.inputs[0].name in passed):  # fmt: skip
+                    node.op_type == "QuantizeLinear" or reads[0] in passed):  # fmt: skip
                 passed.add(node.outputs[0].name)
                 env[node.outputs[0].name] = xs[0]
                 continue

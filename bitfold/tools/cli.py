@@ -229,7 +229,8 @@ def _calibration(args, model):
     if not args.calibration:
         return None
     shapes = dict(parse_shape(s) for s in getattr(args, "shape", []))
-    return CalibrationData.from_source(args.calibration, model, shapes=shapes, model_dir=args.model.parent)
+    folder = args.model if args.model.is_dir() else args.model.parent  # a language model's folder holds its tokenizer
+    return CalibrationData.from_source(args.calibration, model, shapes=shapes, model_dir=folder)
 
 
 def _export(args) -> None:

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import numpy as np
@@ -236,11 +236,11 @@ class Reconstruct(QuantizeWeights):
         for b, block in enumerate(blocks):
             if not block.targets:
                 self.notes.append(f"block {b}: no weights to learn (every one excluded or quantized already); run as it is")
-        solved = self.learn(model, blocks)
         weights = list(dict.fromkeys(node.inputs[1] for b in blocks for node in b.targets))
         self._emitted = {}
-        for block in blocks:
-            for node in block.targets:
+
+        def emit(block: Block, solved: dict[str, tuple[np.ndarray, ...]]) -> None:
+            for node in [n for n in block.targets if n.inputs[1].name in solved]:
                 if node.op_type == "Conv":
                     self.fold_conv(model.graph, node, *solved[node.inputs[1].name])
                     continue
@@ -249,6 +249,8 @@ class Reconstruct(QuantizeWeights):
                     continue
                 producer = self._emitter.fold(model, node, self._encode(solved[node.inputs[1].name]), node.inputs[1].const_value.numpy())
                 producer.metadata_props[QUANTIZED_KEY] = self.config.tag
+
+        self.learn(model, blocks, emit)
         for block in blocks:
             for value in self._biases(block):
                 node = next(user for user, _ in value.uses())
@@ -337,17 +339,7 @@ class Reconstruct(QuantizeWeights):
         """GPTQ's solution of the block's weights (integer grid; binary codes: the shiftadd solver's) on Hessians of
         what the block reads in the quantized model (the earlier blocks already quantized), each sequence's first
         token weighted ``sink_weight``."""
-        grams: dict[str, np.ndarray] = {}
-        conv_inputs = {node.inputs[0].name for node in block.targets if node.op_type == "Conv"}
-        convs: dict[str, list[np.ndarray]] = {name: [] for name in conv_inputs}  # a Conv's inputs, for its patch Grams
-        with torch.no_grad():
-            for env in samples:
-                for name, x in probe(**{n: env[n] for n in names}, **weights).items():
-                    if name in conv_inputs:
-                        convs[name].append(x.numpy())
-                    if any(node.inputs[0].name == name and node.op_type == "MatMul" for node in block.targets):
-                        g = sink_gram(x.numpy(), self.config.sink_weight)
-                        grams[name] = grams[name] + g if name in grams else g
+        grams, convs = self._grams(block, probe, names, samples, weights)
         fmt, granularity = self.config.number_format, granularity_from(self.config.group_size)
         found = {}
         for node in block.targets:
@@ -369,6 +361,59 @@ class Reconstruct(QuantizeWeights):
                                                   act_order=self.config.act_order, clip=self.config.clip, notes=self.notes)  # fmt: skip
         return found
 
+    def _grams(self, block: Block, probe: TorchGraph, names: list[str], samples: list[dict[str, torch.Tensor]],
+               weights: dict[str, torch.Tensor]) -> tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]]]:  # fmt: skip
+        """The Gram matrix of every MatMul target's input and every Conv target's inputs, on what the block reads
+        in the quantized model."""
+        grams: dict[str, np.ndarray] = {}
+        conv_inputs = {node.inputs[0].name for node in block.targets if node.op_type == "Conv"}
+        matmul_inputs = {node.inputs[0].name for node in block.targets if node.op_type == "MatMul"}
+        convs: dict[str, list[np.ndarray]] = {name: [] for name in conv_inputs}  # a Conv's inputs, for its patch Grams
+        with torch.no_grad():
+            for env in samples:
+                for name, x in probe(**{n: env[n] for n in names}, **weights).items():
+                    if name in conv_inputs:
+                        convs[name].append(x.numpy())
+                    if name in matmul_inputs:
+                        g = sink_gram(x.numpy(), self.config.sink_weight)
+                        if name in grams:
+                            grams[name] += g
+                        else:
+                            grams[name] = g
+        return grams, convs
+
+    def _sequential_gptq(self, block: Block, probe: TorchGraph, names: list[str], samples: list[dict[str, torch.Tensor]],
+                         emit: Callable[[Block, dict[str, tuple[np.ndarray, ...]]], None]) -> dict[str, torch.Tensor]:  # fmt: skip
+        """GPTQ of a block's MatMul weights on the quantized model's inputs without learning, lean: the float
+        weights are read for the Gram matrices and dropped, then each weight is read again, solved, handed to
+        ``emit`` and kept only as its dequantized value (what the block's quantized forward needs); each Gram
+        matrix is dropped after its last reader. Returns those values in the graph's layout. The weights equal what
+        the learning path gives with no steps (the same quantizer, rounded as its start)."""
+        read = lambda v: torch.from_numpy(v.const_value.numpy().astype(np.float32))  # noqa: E731
+        grams, _ = self._grams(block, probe, names, samples, {v.name: read(v) for v in _weights(block)})
+        first: dict[ir.Value, str] = {}  # each weight, in order, and the input of its first reader
+        for node in block.targets:
+            first.setdefault(node.inputs[1], node.inputs[0].name)
+        last = {x: value.name for value, x in first.items()}  # the last weight solved on each input's Gram matrix
+        fmt, granularity = self.config.number_format, granularity_from(self.config.group_size)
+        hard = {}
+        for value, x in list(first.items()):  # listed first: emit rewires every reader of a weight
+            w = read(value)
+            wt = _rows(w).numpy()
+            start = gptq(wt, grams[x], fmt, granularity, damp=self.config.damp, act_order=self.config.act_order,
+                         clip=self.config.clip, notes=self.notes)  # fmt: skip
+            q = self.quantizer(wt, start)
+            del start, wt
+            q.start_rounding()
+            q.hard = True
+            with torch.no_grad():
+                hard[value.name] = _layout(q(), tuple(w.shape))
+            emit(block, {value.name: q.export()})
+            del q, w
+            if last[x] == value.name:
+                del grams[x]
+        return hard
+
     def quantizer(self, wt: np.ndarray, start: tuple[np.ndarray, ...] | None = None) -> IntQuantizer | ShiftQuantizer | BinaryQuantizer | BCQQuantizer:
         if self.config.grid == "bcq":
             return BCQQuantizer(wt, self.config.bits, self._bcq_group(wt.shape[1]), self.config.alpha_terms, start=start)
@@ -380,10 +425,14 @@ class Reconstruct(QuantizeWeights):
         assert isinstance(fmt, IntFormat)
         return IntQuantizer(wt, fmt, granularity_from(self.config.group_size), min_ratio=self.config.min_ratio, start=start)
 
-    def learn(self, model: ir.Model, blocks: list[Block]) -> dict[str, tuple[np.ndarray, ...]]:
-        """Train every block in order; returns weight name → the quantizer's export: (dequantized Wᵀ, scale, zero
-        point) per element for integer grids, (units, scale per output) for powers of two, (signs, α, mean) for sign
-        planes, (signs, α per group) for binary codes."""
+    def learn(self, model: ir.Model, blocks: list[Block], emit: Callable[[Block, dict[str, tuple[np.ndarray, ...]]], None]) -> None:
+        """Train every block in order and hand each block's weights to ``emit`` (weight name → the quantizer's
+        export: (dequantized Wᵀ, scale, zero point) per element for integer grids, (units, scale per output) for
+        powers of two, (signs, α, mean) for sign planes, (signs, α per group) for binary codes): right after the
+        block, so one block's solutions are held at a time, or with ``tune_steps`` after the end-to-end phase.
+
+        Without learning (``clip_steps = round_steps = tune_steps = 0``: GPTQ on the quantized model's inputs to
+        each block, sequential GPTQ) the full-precision path is not run: nothing compares against it."""
         graph = model.graph
         inputs, made = [], []
         for block in blocks:
@@ -409,14 +458,28 @@ class Reconstruct(QuantizeWeights):
         if self.config.tune_steps and self.config.tune_augment:
             _image_input(shared[0])  # refused before the blocks' work, not after
         quant = [dict(s) for s in shared]  # value name → tensor on the quantized path, per sample
-        full = [dict(s) for s in shared]  # the same on the full-precision path
+        learning = bool(self.config.clip_steps or self.config.round_steps or self.config.tune_steps)
+        full = [dict(s) for s in shared] if learning else []  # the same on the full-precision path
         schedule = Schedule(self.config.clip_steps, self.config.round_steps, self.config.clip_lr, self.config.round_lr,
                             self.config.reg, seed=self.config.seed, loss=self.config.loss)  # fmt: skip
-        solved, learned = {}, []
+        learned = []
         self.learned_biases: dict[str, np.ndarray] = {}  # bias name → its learned value (bias = true)
         self.results: list[BlockResult] = []  # per block, for callers and tests
         bar = tqdm(total=len(blocks), desc=f"reconstruct {self.config.tag}", leave=False)
         for b, (block, module, probe, names) in enumerate(zip(blocks, modules, probes, inputs, strict=True)):
+            if not learning and self.config.grid == "int" and self.config.start == "gptq" and all(n.op_type == "MatMul" for n in block.targets) and not self._biases(block):
+                with torch.no_grad():
+                    hard = self._sequential_gptq(block, probe, names, quant, emit)
+                    for i in range(len(samples)):
+                        quant[i].update(module(**{n: quant[i][n] for n in names}, **hard))
+                del hard
+                if block.targets:
+                    self.notes.append(f"block {b} ({len(_weights(block))} weights): GPTQ on the quantized model's inputs, no learning")
+                for env in quant:  # drop what no later block reads
+                    for name in [n for n in env if later.get(n, -1) <= b]:
+                        del env[name]
+                bar.update()
+                continue
             float_weights = {v.name: torch.from_numpy(v.const_value.numpy().astype(np.float32)) for v in _weights(block) + self._biases(block)}
             biases = {v.name: torch.nn.Parameter(float_weights.pop(v.name).clone()) for v in self._biases(block)}
             starts = self._gptq(block, probe, names, quant, {**float_weights, **biases}) if block.targets and self.config.grid in ("int", "bcq") and self.config.start == "gptq" else {}
@@ -433,7 +496,12 @@ class Reconstruct(QuantizeWeights):
             def show(phase: str, loss: float) -> None:
                 bar.set_postfix_str(f"block {b}: {phase} loss {loss:.3g}", refresh=False)
 
-            if quantizers:
+            if quantizers and not learning:
+                for q in quantizers.values():  # the start as it is, rounded as train_block would with no steps
+                    q.start_rounding()
+                    q.hard = True
+                self.notes.append(f"block {b} ({len(quantizers)} weights): GPTQ on the quantized model's inputs, no learning")
+            elif quantizers:
                 result = train_block(run, quantizers, targets, schedule, biases=list(biases.values()), progress=show)
                 self.results.append(result)
                 self.notes.append(f"block {b} ({len(quantizers)} weights): output error {result.loss_start:.4g} (start) → "
@@ -443,9 +511,11 @@ class Reconstruct(QuantizeWeights):
                 hard.update({name: b.detach().clone() for name, b in biases.items()})
                 for i in range(len(samples)):
                     quant[i].update(module(**{n: quant[i][n] for n in names}, **hard))
-                    full[i].update(computed[i])
-            for name, q in quantizers.items():
-                solved[name] = q.export()
+                for env, found in zip(full, computed, strict=True):
+                    env.update(found)
+            del hard, computed
+            if not self.config.tune_steps:
+                emit(block, {name: q.export() for name, q in quantizers.items()})
             self.learned_biases.update({name: b.detach().numpy().copy() for name, b in biases.items()})
             if self.config.tune_steps:  # kept for the end-to-end phase, the biases fixed; the float block for matching or crops
                 teacher = {**float_weights, **{v.name: torch.from_numpy(v.const_value.numpy().astype(np.float32)) for v in self._biases(block)}} if self.config.tune_match or self.config.tune_augment else {}
@@ -454,15 +524,14 @@ class Reconstruct(QuantizeWeights):
             for env in (*quant, *full):  # drop what no later block reads
                 for name in [n for n in env if later.get(n, -1) <= b]:
                     del env[name]
+            del float_weights, quantizers, starts  # one block's weights held at a time (kept in learned for tuning)
             bar.update()
         bar.close()
         if self.config.tune_steps:
             chain = list(zip(blocks, modules, inputs, learned, strict=True))
             self._tune(chain, tail, shared, final)
-            for quantizers, *_ in learned:
-                for name, q in quantizers.items():
-                    solved[name] = q.export()
-        return solved
+            for block, (quantizers, *_) in zip(blocks, learned, strict=True):
+                emit(block, {name: q.export() for name, q in quantizers.items()})
 
     def tail(self, graph: ir.Graph, end: ir.Value) -> TorchGraph | None:
         """The nodes from the blocks' end to the graph's first output (final norm and LM head), as a module; None
