@@ -1,13 +1,15 @@
 """Memory and time at scale: seeded random-weight models of SmolLM2-135M's, TinyLlama-1.1B's and Llama-2-7B's
-shapes, written by ``bitfold synth-llm`` (bf16 safetensors), then int4 round-to-nearest weights (group 128, lm_head
-kept float, QDQ) by ``bitfold optimize`` straight from the model folder, streamed (``--stream``) and, where the
-machine can hold it, in memory. A depth sweep repeats the streamed run at TinyLlama's block shape with fewer layers.
+shapes, written by ``bitfold synth-llm`` (bf16 safetensors), then int4 weights (group 128, lm_head kept float, QDQ)
+by ``bitfold optimize`` straight from the model folder: round-to-nearest streamed (``--stream``) and, where the
+machine can hold it, in memory; GPTQ streamed, block by block (sequential: each block on the Gram matrices of what
+the already-quantized blocks compute; 16 x 512 calibration tokens), below 2 B parameters. Depth sweeps repeat the
+streamed runs at TinyLlama's and at Llama-2-7B's block shapes with fewer layers: the per-layer cost of the 7B
+shape's GPTQ, whose whole run takes hours on 2 cores.
 
 Every step is one ``bitfold`` command in its own process: wall time, and peak resident memory as the kernel counts
 it for that process's own program (``VmHWM``, read every 50 ms, so a peak between two samples is not missed); the
-resident memory samples are kept for the plot. (Rows written before the switch to ``VmHWM`` say ``ru_maxrss`` in
-their protocol: that figure is the larger of the child's peak and this script's memory when it started the child.) Writes benchmarks/results/scale.json (one row per step, a rerun replaces its
-own rows) and scale.png (peak memory and time against parameters, log-log, with the fitted slopes).
+resident memory samples are kept for the plot. Writes benchmarks/results/scale.json (one row per step, a rerun
+replaces its own rows) and scale.png (peak memory and time against parameters, log-log, with the fitted slopes).
 
 With ``--nodes L [L ...]`` it measures instead each canonical pass's time against graph size: a narrow Llama
 (hidden 32) of L layers, exported in process, each pass run alone through the pipeline (pass time as the report
@@ -19,7 +21,7 @@ for every SmolLM2-135M layer but lm_head on 16 × 128 Lee tokens, logits of the 
 two must write the same recipe and the same sensitivities. A third process times Ray's start and stop alone.
 Writes scale_ray.json.
 
-    python benchmarks/scale.py [--shapes smollm2-135m tinyllama-1.1b llama2-7b] [--layers 2 4 8] [--work DIR]
+    python benchmarks/scale.py [--shapes smollm2-135m tinyllama-1.1b llama2-7b] [--layers 2 4 8] [--big-layers 2 4] [--work DIR]
     python benchmarks/scale.py --nodes 20 60 200 600 1800
     python benchmarks/scale.py --allocate [--repeats 3]
 """
@@ -46,17 +48,26 @@ from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 RECIPE = '[[pass]]\nname = "quantize-weights"\nmethod = "rtn"\nbits = 4\ngroup_size = 128\nexclude = ["*lm_head*"]\n'
+#: sequential GPTQ (reconstruct with no learning steps): each block's weights on the Gram matrices of what the
+#: already-quantized blocks compute; act_order, damp 0.003, first token weighted 64, no range clipping
+GPTQ_RECIPE = ('[[pass]]\nname = "reconstruct"\nbits = 4\ngroup_size = 128\nclip_steps = 0\nround_steps = 0\nclip = "none"\n'
+               'exclude = ["*lm_head*"]\n')  # fmt: skip
+CALIBRATION = (16, 512)  # GPTQ calibration: samples x tokens (seeded random token ids: the weights are random too)
+#: a whole 7B model's sequential GPTQ runs for hours on 2 cores: its block shape is measured at reduced depth
+GPTQ_MAX_PARAMS = 2e9
 #: the in-memory run holds the float model and its rewrite: only below this many parameters on a 24 GB machine
 IN_MEMORY_MAX_PARAMS = 2e9
 SWEEP_SHAPE = "tinyllama-1.1b"
+STEPS = ("synth-llm", "optimize rtn w4 streamed", "optimize gptq w4 streamed", "optimize rtn w4 in memory")
 ORDER = [f"{shape} L{layers} {step}" for shape in ("smollm2-135m", "tinyllama-1.1b", "llama2-7b") for layers in (2, 4, 8, 16, 22, 30, 32)
-         for step in ("synth-llm", "optimize rtn w4 streamed", "optimize rtn w4 in memory")]  # fmt: skip
+         for step in STEPS]  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", nargs="*", default=["smollm2-135m", "tinyllama-1.1b", "llama2-7b"])
     parser.add_argument("--layers", nargs="*", type=int, default=[2, 4, 8], help=f"depth sweep at {SWEEP_SHAPE}'s block shape")
+    parser.add_argument("--big-layers", nargs="*", type=int, default=[2, 4], help="depth sweep at llama2-7b's block shape")
     parser.add_argument("--work", type=Path, help="scratch folder for the models (default: a temporary folder, removed)")
     parser.add_argument("--nodes", nargs="*", type=int, help="instead: canonical pass time against graph size, at these layer counts")
     parser.add_argument("--allocate", action="store_true", help="instead: the allocation sweep, serial against Ray")
@@ -68,9 +79,10 @@ def main() -> None:
     if args.allocate:
         return allocate_sweep(args.repeats, stamp)
     work = Path(tempfile.mkdtemp(prefix="bitfold-scale-", dir=args.work))
-    recipe = work / "rtn.toml"
+    recipe, gptq = work / "rtn.toml", work / "gptq.toml"
     recipe.write_text(RECIPE)
-    runs = [(shape, None) for shape in args.shapes] + [(SWEEP_SHAPE, n) for n in args.layers]
+    gptq.write_text(GPTQ_RECIPE)
+    runs = [(shape, None) for shape in args.shapes] + [(SWEEP_SHAPE, n) for n in args.layers] + [("llama2-7b", n) for n in args.big_layers]
     rows = []
     try:
         for shape, layers in runs:
@@ -79,14 +91,20 @@ def main() -> None:
             folder = work / f"{shape}-L{depth}"
             steps = [("synth-llm", ["synth-llm", shape, "-o", str(folder / "hf"), "--layers", str(depth)]),
                      ("optimize rtn w4 streamed", ["optimize", str(folder / "hf"), "-r", str(recipe), "-o", str(folder / "s" / "model.onnx"), "--stream"])]  # fmt: skip
+            if params < GPTQ_MAX_PARAMS:
+                steps.append(("optimize gptq w4 streamed", ["optimize", str(folder / "hf"), "-r", str(gptq), "-o", str(folder / "g" / "model.onnx"),
+                                                           "--stream", "--calibration", str(folder / "calibration.npz")]))  # fmt: skip
             if params < IN_MEMORY_MAX_PARAMS:
                 steps.append(("optimize rtn w4 in memory", ["optimize", str(folder / "hf"), "-r", str(recipe), "-o", str(folder / "m" / "model.onnx")]))
             for step, command in steps:
+                if step == "optimize gptq w4 streamed":
+                    _calibration(folder / "hf", folder / "calibration.npz")
                 result = run_measured([sys.executable, "-m", "bitfold", *command])
                 if result["returncode"] != 0:
                     raise SystemExit(f"{shape} L{depth} {step} failed:\n{result['stderr_tail']}")
-                out = folder / ("hf" if step == "synth-llm" else "s" if "streamed" in step else "m")
+                out = folder / {"synth-llm": "hf", "optimize rtn w4 streamed": "s", "optimize gptq w4 streamed": "g"}.get(step, "m")
                 rows.append({"model": "synthetic", "variant": f"{shape} L{depth} {step}", "shape": shape, "layers": depth, "params": params,
+                             "full_depth": layers is None,
                              "step": step, "wall_s": result["wall_s"], "peak_rss_gb": round(result["peak_rss_bytes"] / 1e9, 3),
                              "written_gb": round(sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e9, 3),
                              "trace": result["trace"][:: max(1, len(result["trace"]) // 200)]})  # fmt: skip
@@ -97,6 +115,18 @@ def main() -> None:
             shutil.rmtree(folder)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _calibration(folder: Path, path: Path) -> None:
+    """The GPTQ calibration file for the model in ``folder``: CALIBRATION prefills of seeded random token ids."""
+    from bitfold.llm.export import export_llm
+    from bitfold.llm.feeds import prefill
+
+    model, cfg, _ = export_llm(folder)  # the graph only: its weights stay in the safetensors
+    rng = np.random.default_rng(0)
+    samples, tokens = CALIBRATION
+    feeds = [prefill(model, rng.integers(0, cfg.vocab_size, (1, tokens))) for _ in range(samples)]
+    np.savez(path, **{k: np.stack([f[k] for f in feeds]) for k in feeds[0]})
 
 
 NARROW = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
@@ -193,9 +223,11 @@ def _write(rows: list[dict], stamp: dict) -> None:
         rows = merge_rows(json.loads(path.read_text())["rows"], rows, order=ORDER)
     result = {
         **stamp,
-        "protocol": "seeded random weights (bitfold synth-llm, bf16 safetensors, 1 GiB shards); int4 RTN, group 128, QDQ, "
-        "lm_head float; bitfold optimize on the model folder (exported on the fly); each step its own process: wall time "
-        "and peak resident memory (VmHWM, the process's own high-water mark)",
+        "protocol": "seeded random weights (bitfold synth-llm, bf16 safetensors, 1 GiB shards); int4 group 128, QDQ, "
+        "lm_head float: RTN (quantize-weights), and GPTQ block by block (reconstruct, no learning steps, act_order, "
+        f"no clipping) on {CALIBRATION[0]} x {CALIBRATION[1]} calibration tokens (seeded random ids); bitfold optimize on "
+        "the model folder (exported on the fly); each step its own process: wall time and peak resident memory (VmHWM, "
+        "the process's own high-water mark)",
         "rows": rows,
     }
     write_atomic(path, json.dumps(result, indent=1).encode())
@@ -210,31 +242,37 @@ def slope(rows: list[dict], x: str, y: str) -> float | None:
     return float(np.polyfit(xs, np.log([r[y] for r in rows]), 1)[0])
 
 
+COLORS = {"synth-llm": "tab:gray", "optimize rtn w4 streamed": "tab:blue", "optimize gptq w4 streamed": "tab:green",
+          "optimize rtn w4 in memory": "tab:red"}  # fmt: skip
+
+
 def _plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for step, color in (("synth-llm", "tab:gray"), ("optimize rtn w4 streamed", "tab:blue"), ("optimize rtn w4 in memory", "tab:red")):
-        full = sorted((r for r in rows if r["step"] == step and r["shape"] != SWEEP_SHAPE or r["step"] == step and r["layers"] == 22),
+    for step, color in COLORS.items():
+        full = sorted((r for r in rows if r["step"] == step and r.get("full_depth", r["shape"] != SWEEP_SHAPE or r["layers"] == 22)),
                       key=lambda r: r["params"])  # fmt: skip
-        sweep = sorted((r for r in rows if r["step"] == step and r["shape"] == SWEEP_SHAPE), key=lambda r: r["layers"])
         for ax, key in ((axes[0], "peak_rss_gb"), (axes[1], "wall_s")):
             if full:
                 s = slope(full, "params", key)
                 ax.loglog([r["params"] for r in full], [r[key] for r in full], "o-", color=color,
                           label=f"{step}" + (f" (slope {s:.2f})" if s is not None else ""))  # fmt: skip
-        if sweep:
+        for shape, marker in ((SWEEP_SHAPE, "o"), ("llama2-7b", "^")):
+            sweep = sorted((r for r in rows if r["step"] == step and r["shape"] == shape), key=lambda r: r["layers"])
+            if len(sweep) < 2 or step == "synth-llm":
+                continue
             s = slope(sweep, "layers", "wall_s")
-            axes[2].loglog([r["layers"] for r in sweep], [r["wall_s"] for r in sweep], "o-", color=color,
-                           label=f"{step} time" + (f" (slope {s:.2f})" if s is not None else ""))  # fmt: skip
-            axes[2].loglog([r["layers"] for r in sweep], [r["peak_rss_gb"] * 100 for r in sweep], "s--", color=color, alpha=0.6,
-                           label=f"{step} peak GB × 100")  # fmt: skip
+            axes[2].loglog([r["layers"] for r in sweep], [r["wall_s"] for r in sweep], marker + "-", color=color,
+                           label=f"{step}, {shape} blocks, time" + (f" (slope {s:.2f})" if s is not None else ""))  # fmt: skip
+            axes[2].loglog([r["layers"] for r in sweep], [r["peak_rss_gb"] * 100 for r in sweep], marker + "--", color=color, alpha=0.5,
+                           label=f"{step}, {shape} blocks, peak GB x 100")  # fmt: skip
     axes[0].set(xlabel="parameters", ylabel="peak resident memory, GB", title="memory against model size")
     axes[1].set(xlabel="parameters", ylabel="wall time, s", title="time against model size")
-    axes[2].set(xlabel=f"layers ({SWEEP_SHAPE} block shape)", ylabel="s (time), GB × 100 (memory)", title="against depth")
+    axes[2].set(xlabel="layers (at a fixed block shape)", ylabel="s (time), GB x 100 (memory)", title="against depth")
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
