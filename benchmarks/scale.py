@@ -93,7 +93,8 @@ def main() -> None:
                      ("optimize rtn w4 streamed", ["optimize", str(folder / "hf"), "-r", str(recipe), "-o", str(folder / "s" / "model.onnx"), "--stream"])]  # fmt: skip
             if params < GPTQ_MAX_PARAMS:
                 steps.append(("optimize gptq w4 streamed", ["optimize", str(folder / "hf"), "-r", str(gptq), "-o", str(folder / "g" / "model.onnx"),
-                                                           "--stream", "--calibration", str(folder / "calibration.npz")]))  # fmt: skip
+                                                           "--stream", "--calibration", str(folder / "calibration.npz"),
+                                                           "--report", str(folder / "gptq_report.json")]))  # fmt: skip
             if params < IN_MEMORY_MAX_PARAMS:
                 steps.append(("optimize rtn w4 in memory", ["optimize", str(folder / "hf"), "-r", str(recipe), "-o", str(folder / "m" / "model.onnx")]))
             for step, command in steps:
@@ -108,6 +109,10 @@ def main() -> None:
                              "step": step, "wall_s": result["wall_s"], "peak_rss_gb": round(result["peak_rss_bytes"] / 1e9, 3),
                              "written_gb": round(sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e9, 3),
                              "trace": result["trace"][:: max(1, len(result["trace"]) // 200)]})  # fmt: skip
+                if step == "optimize gptq w4 streamed":  # the pass's own split: Gram matrices, solves, quantized forward
+                    notes = json.loads((folder / "gptq_report.json").read_text())["passes"][0]["notes"]
+                    phases = next(n for n in notes if n.startswith("sequential GPTQ seconds: ")).split(": ", 1)[1].split(" (")[0]
+                    rows[-1]["phases_s"] = {k: float(v) for k, v in (part.split() for part in phases.split(", "))}
                 print({k: v for k, v in rows[-1].items() if k != "trace"}, flush=True)
                 if step != "synth-llm":
                     shutil.rmtree(out)

@@ -91,3 +91,13 @@ def test_cli_allocate_with_ray_writes_the_serial_recipe(tiny, cluster, tmp_path)
         assert main([*common, "-o", str(tmp_path / "serial.toml")]) == 0
     assert main([*common, "-o", str(tmp_path / "ray.toml"), "--ray", "--workers", "2"]) == 0
     assert (tmp_path / "ray.toml").read_text() == (tmp_path / "serial.toml").read_text()
+
+
+def test_sequential_gptq_solves_on_ray_write_the_serial_model(tiny, cluster):
+    model, calibration = tiny
+    step = [{"name": "reconstruct", "bits": 3, "group_size": 16, "format": "fake", "clip_steps": 0, "round_steps": 0}]
+    with parallel.executing(parallel.Serial()):
+        serial, report = bitfold.optimize(bitfold.clone(model), step, calibration=calibration)
+    assert any(note.startswith("sequential GPTQ seconds") for note in report.passes[0].notes)
+    spread, _ = bitfold.optimize(bitfold.clone(model), step, calibration=calibration)
+    assert ir.to_proto(spread).SerializeToString() == ir.to_proto(serial).SerializeToString()

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import Callable, Iterator
 from typing import Literal
 
@@ -54,6 +55,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from bitfold import parallel
 from bitfold.errors import BitfoldError
 from bitfold.ops import bcq as bcq_op
 from bitfold.ops import binary as binary_op
@@ -387,31 +389,41 @@ class Reconstruct(QuantizeWeights):
         """GPTQ of a block's MatMul weights on the quantized model's inputs without learning, lean: the float
         weights are read for the Gram matrices and dropped, then each weight is read again, solved, handed to
         ``emit`` and kept only as its dequantized value (what the block's quantized forward needs); each Gram
-        matrix is dropped after its last reader. Returns those values in the graph's layout. The weights equal what
-        the learning path gives with no steps (the same quantizer, rounded as its start)."""
+        matrix is dropped after its last reader. The solves are independent: they go to the current executor
+        (:mod:`bitfold.parallel`; in this process by default, one at a time). Returns the dequantized values in the
+        graph's layout. The weights equal what the learning path gives with no steps (the same quantizer, rounded
+        as its start)."""
         read = lambda v: torch.from_numpy(v.const_value.numpy().astype(np.float32))  # noqa: E731
+        clock = time.perf_counter()
         grams, _ = self._grams(block, probe, names, samples, {v.name: read(v) for v in _weights(block)})
+        self.timings["grams"] += time.perf_counter() - clock
         first: dict[ir.Value, str] = {}  # each weight, in order, and the input of its first reader
         for node in block.targets:
             first.setdefault(node.inputs[1], node.inputs[0].name)
-        last = {x: value.name for value, x in first.items()}  # the last weight solved on each input's Gram matrix
-        fmt, granularity = self.config.number_format, granularity_from(self.config.group_size)
+        order = list(first.items())  # listed first: emit rewires every reader of a weight
+        last = {x: value.name for value, x in order}  # the last weight solved on each input's Gram matrix
+
+        def problems():  # drawn as the executor asks: one weight and its Gram matrix at a time in this process
+            for value, x in order:
+                yield _rows(read(value)).numpy(), grams[x]
+                if last[x] == value.name:
+                    del grams[x]
+
+        settings = (self.config.number_format, granularity_from(self.config.group_size), self.config.damp, self.config.act_order, self.config.clip)
+        clock = time.perf_counter()
         hard = {}
-        for value, x in list(first.items()):  # listed first: emit rewires every reader of a weight
+        for (value, _), (start, notes) in zip(order, parallel.current().map(_gptq_solve, problems(), shared=settings), strict=True):
+            self.notes += notes
             w = read(value)
-            wt = _rows(w).numpy()
-            start = gptq(wt, grams[x], fmt, granularity, damp=self.config.damp, act_order=self.config.act_order,
-                         clip=self.config.clip, notes=self.notes)  # fmt: skip
-            q = self.quantizer(wt, start)
-            del start, wt
+            q = self.quantizer(_rows(w).numpy(), start)
+            del start
             q.start_rounding()
             q.hard = True
             with torch.no_grad():
                 hard[value.name] = _layout(q(), tuple(w.shape))
             emit(block, {value.name: q.export()})
             del q, w
-            if last[x] == value.name:
-                del grams[x]
+        self.timings["solves"] += time.perf_counter() - clock
         return hard
 
     def quantizer(self, wt: np.ndarray, start: tuple[np.ndarray, ...] | None = None) -> IntQuantizer | ShiftQuantizer | BinaryQuantizer | BCQQuantizer:
@@ -463,6 +475,7 @@ class Reconstruct(QuantizeWeights):
         schedule = Schedule(self.config.clip_steps, self.config.round_steps, self.config.clip_lr, self.config.round_lr,
                             self.config.reg, seed=self.config.seed, loss=self.config.loss)  # fmt: skip
         learned = []
+        self.timings = dict.fromkeys(("grams", "solves", "forward"), 0.0)  # seconds, sequential GPTQ's phases
         self.learned_biases: dict[str, np.ndarray] = {}  # bias name → its learned value (bias = true)
         self.results: list[BlockResult] = []  # per block, for callers and tests
         bar = tqdm(total=len(blocks), desc=f"reconstruct {self.config.tag}", leave=False)
@@ -470,8 +483,10 @@ class Reconstruct(QuantizeWeights):
             if not learning and self.config.grid == "int" and self.config.start == "gptq" and all(n.op_type == "MatMul" for n in block.targets) and not self._biases(block):
                 with torch.no_grad():
                     hard = self._sequential_gptq(block, probe, names, quant, emit)
+                    clock = time.perf_counter()
                     for i in range(len(samples)):
                         quant[i].update(module(**{n: quant[i][n] for n in names}, **hard))
+                    self.timings["forward"] += time.perf_counter() - clock
                 del hard
                 if block.targets:
                     self.notes.append(f"block {b} ({len(_weights(block))} weights): GPTQ on the quantized model's inputs, no learning")
@@ -527,6 +542,9 @@ class Reconstruct(QuantizeWeights):
             del float_weights, quantizers, starts  # one block's weights held at a time (kept in learned for tuning)
             bar.update()
         bar.close()
+        if not learning and any(self.timings.values()):
+            self.notes.append("sequential GPTQ seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.timings.items()) +
+                              " (inputs and Gram matrices, solves with emission, quantized forward)")  # fmt: skip
         if self.config.tune_steps:
             chain = list(zip(blocks, modules, inputs, learned, strict=True))
             self._tune(chain, tail, shared, final)
@@ -724,3 +742,11 @@ def _ancestors(value: ir.Value) -> set[ir.Node]:
         seen.add(node)
         todo.extend(v.producer() for v in node.inputs if v is not None)
     return seen
+
+
+def _gptq_solve(settings: tuple, problem: tuple[np.ndarray, np.ndarray]) -> tuple[tuple[np.ndarray, ...], list[str]]:
+    """One weight's GPTQ solution (dequantized Wᵀ, scale, zero point) and the solver's notes (an executor's work item)."""
+    fmt, granularity, damp, act_order, clip = settings
+    wt, gram = problem
+    notes: list[str] = []
+    return gptq(wt, gram, fmt, granularity, damp=damp, act_order=act_order, clip=clip, notes=notes), notes
