@@ -49,6 +49,7 @@ WRITERS = {
     "lowbit_minilm.json": "lowbit_minilm.py",
     "scale.json": "scale.py",
     "scale_passes.json": "scale.py",
+    "scale_ray.json": "scale.py",
     "sparse.json": "sparse_table.py",
     "transforms.json": "transforms_table.py",
     "transforms_layers.json": "transforms_layers.py",
@@ -78,7 +79,7 @@ SECTIONS = {
     "quant_table.py": ("measured.md#smollm2", "SmolLM2"),
     "lowbit_smollm2.py": ("measured.md#low-bit-weight-solvers", "Low-bit weight solvers"),
     "lowbit_minilm.py": ("measured.md#low-bit-weight-solvers", "Low-bit weight solvers"),
-    "scale.py": ("language-models.md#models-larger-than-memory", "Models larger than memory"),
+    "scale.py": ("scale.md", "Scale: models larger than memory, sweeps on Ray"),
     "sparse_table.py": ("measured.md#sparsity", "Sparsity"),
     "transforms_layers.py": ("measured.md#equivalent-transforms", "Equivalent transforms"),
     "transforms_table.py": ("measured.md#equivalent-transforms", "Equivalent transforms"),
@@ -329,34 +330,110 @@ def sparse() -> str:
     return "\n\n".join([_table(["variant", smol, "SmolLM2 pass s", mini], rows), stamp("sparse.json")])
 
 
+SCALE_STEPS = ("synth-llm", "optimize rtn w4 streamed", "optimize gptq w4 streamed", "optimize rtn w4 in memory")
+
+
 def scale() -> str:
     if not (RESULTS / "scale.json").exists():
         return "(no results yet: `python benchmarks/scale.py` writes `benchmarks/results/scale.json`)"
-    r = load("scale.json")
-    rows = sorted(r["rows"], key=lambda row: (row["params"], row["step"] != "synth-llm", row["step"]))
-    table = [[row["shape"], str(row["layers"]), f"{row['params'] / 1e9:.3f} B", row["step"], f"{row['wall_s']:.1f}",
-              f"{row['peak_rss_gb']:.2f}", f"{row['written_gb']:.2f}"] for row in rows]  # fmt: skip
-    head = ["shape", "layers", "parameters", "step", "wall s", "peak memory GB", "written GB"]
-    fits = []
-    for step in ("optimize rtn w4 streamed", "optimize rtn w4 in memory"):
-        sweep = [row for row in r["rows"] if row["step"] == step and row["shape"] == "tinyllama-1.1b"]
-        for key, what in (("wall_s", "time"), ("peak_rss_gb", "peak memory")):
-            fitted = _log_slope(sweep, "layers", key)
-            if fitted is not None:
-                fits.append(f"{step}, {what} against layers at TinyLlama's block shape: log-log slope {fitted:.2f}")
     import numpy as np
 
-    streamed = sorted((row for row in r["rows"] if row["step"] == "optimize rtn w4 streamed" and row["shape"] == "tinyllama-1.1b"),
-                      key=lambda row: row["layers"])  # fmt: skip
-    if len(streamed) > 2:  # time = fixed + per layer × layers: the fixed part (start-up, embedding, head) bends the log-log slope
-        layers, wall = np.array([row["layers"] for row in streamed]), np.array([row["wall_s"] for row in streamed])
-        per_layer, fixed = np.polyfit(layers, wall, 1)
-        worst = float(np.max(np.abs(fixed + per_layer * layers - wall) / wall))
-        fits.append(f"streamed time as a line in layers: {fixed:.1f} s + {per_layer:.2f} s per layer, within {worst:.0%} of every point")
+    r = load("scale.json")
+    rows = sorted(r["rows"], key=lambda row: (row["shape"] != "smollm2-135m", row["params"], SCALE_STEPS.index(row["step"])))
+    table = []
+    for row in rows:
+        phases = row.get("phases_s")
+        split = f"{phases['grams']:.0f} / {phases['solves']:.0f} / {phases['forward']:.0f}" if phases else "-"
+        table.append([row["shape"], str(row["layers"]), f"{row['params'] / 1e9:.3f} B", row["step"], f"{row['wall_s']:.1f}",
+                      f"{row['peak_rss_gb']:.2f}", f"{row['written_gb']:.2f}", split])  # fmt: skip
+    head = ["shape", "layers", "parameters", "step", "wall s", "peak memory GB", "written GB", "GPTQ s: Gram / solves / forward"]
+    fits = []
+    for shape, what_shape in (("tinyllama-1.1b", "TinyLlama's"), ("llama2-7b", "Llama-2-7B's")):
+        for step in SCALE_STEPS[1:]:
+            sweep = sorted((row for row in r["rows"] if row["step"] == step and row["shape"] == shape), key=lambda row: row["layers"])
+            if len(sweep) < 2:
+                continue
+            peak = _log_slope(sweep, "layers", "peak_rss_gb")
+            layers, wall = np.array([row["layers"] for row in sweep]), np.array([row["wall_s"] for row in sweep])
+            per_layer, fixed = np.polyfit(layers, wall, 1)
+            text = (f"{step} at {what_shape} block shape ({', '.join(map(str, layers))} layers): peak memory log-log slope "
+                    f"{peak:.2f} in layers; time {fixed:.1f} s + {per_layer:.2f} s per layer")
+            if len(sweep) > 2:
+                text += f" (within {float(np.max(np.abs(fixed + per_layer * layers - wall) / wall)):.0%} of every point; log-log slope {_log_slope(sweep, 'layers', 'wall_s'):.2f})"
+            full = next((row for row in r["rows"] if row["shape"] == shape and row["step"] == step and row.get("full_depth")), None)
+            if full is None and shape == "llama2-7b":
+                text += f", so about {(fixed + per_layer * 32) / 3600:.1f} h at its 32 layers (computed from the line, not measured)"
+            fits.append(text)
     text = [f"{r['protocol']}.", _table(head, table)]
     if fits:
         text.append("Fits: " + "; ".join(fits) + ".")
     return "\n\n".join([*text, stamp("scale.json")])
+
+
+def scale_ray() -> str:
+    if not (RESULTS / "scale_ray.json").exists():
+        return "(no results yet: `python benchmarks/scale.py --allocate` writes `benchmarks/results/scale_ray.json`)"
+    r = load("scale_ray.json")
+    variants = list(r["median_wall_s"])
+    table = []
+    for v in variants:
+        runs = [row for row in r["rows"] if row["variant"] == v]
+        peak = [row["peak_rss_gb"] for row in runs if "peak_rss_gb" in row]
+        table.append([v, str(len(runs)), f"{r['median_wall_s'][v]:.1f}", ", ".join(f"{row['wall_s']:.1f}" for row in runs),
+                      f"{max(peak):.2f}" if peak else "-"])  # fmt: skip
+    same = "the same recipe and sensitivities in every run" if r["identical_recipe_and_sensitivities"] else "**different results** between runs"
+    return "\n\n".join([f"{r['protocol']}.", _table(["variant", "runs", "median wall s", "each run, s", "driver peak GB"], table),
+                        f"Ray over serial: {r['ray_over_serial']:.2f}x the serial median; {same}.", stamp("scale_ray.json")])  # fmt: skip
+
+
+#: Llama-2-70B's decoder block, against which the 7B shape's measured per-block costs are scaled
+LLAMA_70B = {"layers": 80, "hidden": 8192, "ffn": 28672, "kv": 1024}
+LLAMA_7B = {"layers": 32, "hidden": 4096, "ffn": 11008, "kv": 4096}
+
+
+def _block_weights(shape: dict) -> list[tuple[int, int]]:
+    """(N outputs, K inputs) of the seven linears of a Llama block."""
+    h, f, kv = shape["hidden"], shape["ffn"], shape["kv"]
+    return [(h, h), (kv, h), (kv, h), (h, h), (f, h), (f, h), (h, f)]
+
+
+def scale_70b() -> str:
+    """Sequential GPTQ of a 70B model, computed from the 7B shape's measured per-block phases: Gram matrices and the
+    quantized forward scale with the block's parameters, each weight's solve with N·K² + K³ (the loop and the
+    Cholesky factorizations); blocks stay in order, a block's seven solves spread over the workers."""
+    if not (RESULTS / "scale.json").exists():
+        return "(no results yet: `python benchmarks/scale.py` writes `benchmarks/results/scale.json`)"
+    import numpy as np
+
+    r = load("scale.json")
+    sweep = sorted((row for row in r["rows"] if row["shape"] == "llama2-7b" and row["step"] == "optimize gptq w4 streamed" and "phases_s" in row),
+                   key=lambda row: row["layers"])  # fmt: skip
+    if len(sweep) < 2:
+        return "(needs the 7B-shape GPTQ depth sweep: `python benchmarks/scale.py --big-layers 2 4`)"
+    layers = np.array([row["layers"] for row in sweep])
+    per_block = {k: float(np.polyfit(layers, [row["phases_s"][k] for row in sweep], 1)[0]) for k in ("grams", "solves", "forward")}
+    params = lambda shape: sum(n * k for n, k in _block_weights(shape))  # noqa: E731
+    solve_cost = lambda n, k: n * k * k + k**3  # noqa: E731
+    ratio = params(LLAMA_70B) / params(LLAMA_7B)
+    unit = per_block["solves"] / sum(solve_cost(n, k) for n, k in _block_weights(LLAMA_7B))  # seconds per unit of N·K² + K³
+    solves = sorted((unit * solve_cost(n, k) for n, k in _block_weights(LLAMA_70B)), reverse=True)
+    serial = (per_block["grams"] + per_block["forward"]) * ratio
+    moved = sum(4 * n * k + 8 * k * k for n, k in _block_weights(LLAMA_70B)) / 1e9  # fp32 weight + fp64 Gram per solve
+    rows = []
+    for workers in (1, 2, 4, 7):
+        loads = [0.0] * workers
+        for t in solves:  # longest first onto the least loaded worker
+            loads[loads.index(min(loads))] += t
+        block = serial + max(loads)
+        rows.append([str(workers), f"{serial:.0f}", f"{max(loads):.0f}", f"{block:.0f}", f"{block * LLAMA_70B['layers'] / 3600:.1f}",
+                     f"{moved:.1f}" if workers > 1 else "0"])  # fmt: skip
+    head = ["workers", "Gram + forward s per block", "solves s per block", "block s", "80 blocks, h", "GB sent per block"]
+    note = (f"Computed, not measured: the 7B shape's per-block phases ({per_block['grams']:.1f} s Gram matrices, "
+            f"{per_block['solves']:.1f} s solves, {per_block['forward']:.1f} s quantized forward; slopes of the depth sweep) "
+            f"scaled to a 70B block ({ratio:.2f}x the parameters; solves by N·K² + K³ per weight). The largest Gram matrix "
+            f"(down_proj, K = {LLAMA_70B['ffn']:,}) is {8 * LLAMA_70B['ffn'] ** 2 / 1e9:.1f} GB in float64, and GPTQ holds "
+            "about three of its size while solving it: the memory a worker needs.")
+    return "\n\n".join([note, _table(head, rows), stamp("scale.json")])
 
 
 def scale_passes() -> str:
@@ -517,6 +594,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "llm-profile": llm_profile,
     "scale": scale,
     "scale-passes": scale_passes,
+    "scale-ray": scale_ray,
+    "scale-70b": scale_70b,
     "scripts": scripts,
 }
 
