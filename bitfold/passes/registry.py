@@ -69,6 +69,15 @@ class BitfoldPass(ir.passes.InPlacePass):
         #: Sentences on what the last run left alone and why (unsupported structure); the pipeline reports them.
         self.notes: list[str] = []
 
+    @property
+    def holds_whole_model(self) -> str | None:
+        """Why this pass, as configured, needs every weight at once (a sentence), or None when it works weight by
+        weight or block by block, so that under streaming (``optimize --stream``) its memory follows one of those.
+        By default a calibrated pass holds the model: its statistics come from a run of the whole graph."""
+        if self.needs_calibration:
+            return "its calibration runs the whole graph in ONNX Runtime, which holds every weight"
+        return None
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.needs_calibration and self.calibration is None:
             raise BitfoldError(

@@ -339,6 +339,11 @@ def _optimize(args) -> None:
         model, cfg, folder = export_llm(args.model)
     else:
         model = load(args.model)
+    if args.stream:  # say which steps will hold every weight anyway, before the work starts
+        for step in recipe.steps:
+            reason = step.build().holds_whole_model
+            if reason:
+                err.print(f"[yellow]note:[/] {escape(step.name)} does not stream: {escape(reason)}.", highlight=False, soft_wrap=True)
     with _streamed(model, args.output) if args.stream else contextlib.nullcontext(), _executor(args):
         report = _run_recipe(args, recipe, model)
     if llm:

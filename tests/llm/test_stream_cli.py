@@ -165,3 +165,25 @@ def test_streamed_sequential_gptq_writes_the_in_memory_output(exported, tmp_path
     assert sorted(written.graph.initializers) == sorted(memory.graph.initializers)
     for name, value in memory.graph.initializers.items():
         np.testing.assert_array_equal(written.graph.initializers[name].const_value.numpy(), value.const_value.numpy())
+
+
+def test_streamed_optimize_names_the_steps_that_hold_the_whole_model(exported, tmp_path, capsys):
+    from bitfold.tools.cli import main
+
+    rng = np.random.default_rng(0)
+    import bitfold
+    from bitfold.llm.feeds import prefill
+
+    model = bitfold.load(exported / "onnx" / "model.onnx")
+    feeds = [prefill(model, rng.integers(0, SHAPE["vocab_size"], (1, 8))) for _ in range(2)]
+    np.savez(tmp_path / "calib.npz", **{k: np.stack([f[k] for f in feeds]) for k in feeds[0]})
+    recipe = tmp_path / "gptq.toml"
+    recipe.write_text('[[pass]]\nname = "quantize-weights"\nmethod = "gptq"\nformat = "fake"\ngroup_size = 32\n')
+    code = main(["optimize", str(exported / "onnx" / "model.onnx"), "-r", str(recipe), "-o", str(tmp_path / "out" / "model.onnx"),
+                 "--stream", "--calibration", str(tmp_path / "calib.npz")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "quantize-weights does not stream" in err and "reconstruct with clip_steps = 0" in err
+    recipe.write_text(RECIPE)
+    assert main(["optimize", str(exported / "onnx" / "model.onnx"), "-r", str(recipe), "-o", str(tmp_path / "rtn" / "model.onnx"), "--stream"]) == 0
+    assert "does not stream" not in capsys.readouterr().err

@@ -209,6 +209,12 @@ class Reconstruct(QuantizeWeights):
     Config = ReconstructConfig
     needs_calibration = True
 
+    @property
+    def holds_whole_model(self) -> str | None:
+        if self.config.tune_steps:
+            return "its end-to-end phase (tune_steps) keeps every block's learned quantizers until all blocks are done"
+        return None  # block by block: one block's weights, activations at its boundary
+
     def rewrite(self, model: ir.Model) -> int:
         targets = self.collect(model)  # a rerun finds the blocks' weights quantized: what it collects lies outside them
         if not targets:

@@ -151,6 +151,13 @@ class QuantizeWeights(BitfoldPass):
     def needs_calibration(self) -> bool:  # type: ignore[override]
         return self.config.method in ("gptq", "awq", "quantease") or self.config.compensate_rank > 0 or self.config.clip == "output"
 
+    @property
+    def holds_whole_model(self) -> str | None:
+        reason = super().holds_whole_model
+        if reason and self.config.method == "gptq":
+            reason += " (reconstruct with clip_steps = 0 and round_steps = 0 is GPTQ block by block)"
+        return reason
+
     def rewrite(self, model: ir.Model) -> int:
         targets = self.collect(model)
         if not targets:
