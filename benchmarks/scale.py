@@ -15,8 +15,8 @@ With ``--nodes L [L ...]`` it measures instead each canonical pass's time agains
 (hidden 32) of L layers, exported in process, each pass run alone through the pipeline (pass time as the report
 records it, and the whole call with the pipeline's instrumentation). Writes scale_passes.json and scale_passes.png.
 
-With ``--allocate`` it times the bit-allocation sweep (``bitfold allocate``, GPTQ sensitivities of int8 / int4 / int3
-for every SmolLM2-135M layer but lm_head on 16 × 128 Lee tokens, logits of the first 4 samples) serially and with
+With ``--allocate`` it times the bit-allocation sweep (``bitfold allocate``, GPTQ sensitivities of int4 and int3 for
+every SmolLM2-135M layer but lm_head on 16 × 128 Lee tokens, logits of the first 2 samples) serially and with
 ``--ray`` on a local cluster of 2 one-thread workers: each its own process, interleaved, ``--repeats`` times; the
 two must write the same recipe and the same sensitivities. A third process times Ray's start and stop alone.
 Writes scale_ray.json.
@@ -193,8 +193,8 @@ def allocate_sweep(repeats: int, stamp: dict) -> None:
         bitfold.save(model, work / "smollm2-128.onnx")
         feeds = list(lm_feeds(lee_windows(smollm2()[1], range(464, 480), 128)))
         np.savez(work / "calibration.npz", **{k: np.stack([f[k] for f in feeds]) for k in feeds[0]})
-        base = [sys.executable, "-m", "bitfold", "allocate", str(work / "smollm2-128.onnx"), "--bits", "4", "--formats", "int8,int4,int3",
-                "--method", "gptq", "--calibration", str(work / "calibration.npz"), "--exclude", "*lm_head*", "--samples", "4"]  # fmt: skip
+        base = [sys.executable, "-m", "bitfold", "allocate", str(work / "smollm2-128.onnx"), "--bits", "3.5", "--formats", "int4,int3",
+                "--method", "gptq", "--calibration", str(work / "calibration.npz"), "--exclude", "*lm_head*", "--samples", "2"]  # fmt: skip
         variants = {"serial": [], "ray 2 workers x 1 thread": ["--ray", "--workers", "2", "--worker-threads", "1"]}
         rows, outputs = [], {}
         for repeat in range(repeats):
@@ -213,7 +213,7 @@ def allocate_sweep(repeats: int, stamp: dict) -> None:
     identical = all(o == reference for found in outputs.values() for o in found)
     medians = {v: float(np.median([r["wall_s"] for r in rows if r["variant"] == v])) for v in (*variants, "ray start and stop")}
     result = {**stamp, "model": "SmolLM2-135M-Instruct",
-              "protocol": "bitfold allocate --bits 4 --formats int8,int4,int3 --method gptq --samples 4 on the 128-token "
+              "protocol": "bitfold allocate --bits 3.5 --formats int4,int3 --method gptq --samples 2 on the 128-token "
               "export, calibration Lee 128-token windows 464-479, lm_head excluded; each run its own process, variants "
               "interleaved; wall seconds and VmHWM of the driver process (Ray workers not counted)",
               "identical_recipe_and_sensitivities": identical, "median_wall_s": medians,
