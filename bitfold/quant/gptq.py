@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -61,7 +62,8 @@ def gptq_loop(
         raise ValueError("groups fitted during the loop follow column order; fit the grid beforehand for act_order")
     check_damp(damp)
     W = torch.tensor(W, dtype=torch.float64)
-    H = torch.tensor(H, dtype=torch.float64)  # a copy: the caller's H is not changed
+    source = H  # the caller's array, not changed: read again only if a dampening retry needs H afresh
+    H = torch.tensor(source, dtype=torch.float64)
     if not torch.isfinite(H).all():
         raise BitfoldError(
             "the layer's Hessian (the Gram matrix of its calibration inputs) has inf or NaN entries; "
@@ -79,7 +81,13 @@ def gptq_loop(
     H = H[perm]  # two steps, so at most two K x K copies live at once
     H = H[:, perm]
 
-    U = inverse_cholesky(H, damp, scale, notes)
+    def permuted() -> torch.Tensor:  # H as above, again
+        fresh = torch.tensor(source, dtype=torch.float64)
+        fresh[dead, dead] = 1.0
+        fresh = fresh[perm]
+        return fresh[:, perm]
+
+    U = inverse_cholesky(H, damp, scale, notes, rebuild=permuted)  # factored in H's own memory
     del H  # the loop reads U only
     Q = torch.zeros_like(W)
     for i1 in range(0, k, block_size):
@@ -111,28 +119,32 @@ def check_damp(damp: float) -> None:
         raise PassParameterError(f"damp must be a finite number in (0, 1] (a fraction of H's mean diagonal, e.g. 0.01), got {damp!r}.")
 
 
-def inverse_cholesky(H: torch.Tensor, damp: float, scale: torch.Tensor, notes: list[str] | None = None) -> torch.Tensor:
+def inverse_cholesky(H: torch.Tensor, damp: float, scale: torch.Tensor, notes: list[str] | None = None,
+                     rebuild: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
     """The upper Cholesky factor U of (H + λI)⁻¹ (H⁻¹ = UᵀU), λ = damp · ``scale`` (mean |diag H|) raised through
     ``DAMP_STEPS`` until H + λI is positive definite; if none is, the diagonal U = diag(H)^(-1/2) (entries where
-    diag H <= 0 take 1), under which the GPTQ loop spreads no error: round-to-nearest."""
-    for step in DAMP_STEPS:
-        damped = H.clone()  # H + λI, built without a dense identity (K x K temporaries are the memory at large K)
-        damped.diagonal().add_((damp * step) * scale)
-        lower, info = torch.linalg.cholesky_ex(damped)
-        del damped
+    diag H <= 0 take 1), under which the GPTQ loop spreads no error: round-to-nearest.
+
+    The factorizations run in place (LAPACK's own way), so the memory is one K x K matrix besides H: a copy of H
+    per attempt, or, given ``rebuild`` (which returns H afresh), none: the first attempt factors H itself (H is
+    then gone: its memory holds U) and a retry factors what ``rebuild`` returns."""
+    diag = torch.diag(H).clone()
+    for attempt, step in enumerate(DAMP_STEPS):
+        work = H.clone() if rebuild is None else H if attempt == 0 else rebuild()
+        work.diagonal().add_((damp * step) * scale)
+        info = torch.zeros((), dtype=torch.int32)
+        torch.linalg.cholesky_ex(work, out=(work, info))
         if info == 0:
-            inverse = torch.cholesky_inverse(lower)
-            del lower
-            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if info == 0 and torch.isfinite(U).all():
+            torch.cholesky_inverse(work, out=work)
+            torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
+            if info == 0 and torch.isfinite(work).all():
                 if step != 1.0 and notes is not None:
                     notes.append(f"H is not positive definite with damp {damp:g}; used damp {damp * step:g}")
-                return U
+                return work
+        del work
     if notes is not None:
         top = damp * DAMP_STEPS[-1]
         notes.append(f"H is not positive definite even with damp {top:g}; rounded to nearest (no GPTQ error feedback)")
-    diag = torch.diag(H)
     return torch.diag(torch.rsqrt(torch.where(diag > 0, diag, torch.ones_like(diag))))
 
 
