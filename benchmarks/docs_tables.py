@@ -361,7 +361,7 @@ def scale() -> str:
             if len(sweep) > 2:
                 text += f" (within {float(np.max(np.abs(fixed + per_layer * layers - wall) / wall)):.0%} of every point; log-log slope {_log_slope(sweep, 'layers', 'wall_s'):.2f})"
             full = next((row for row in r["rows"] if row["shape"] == shape and row["step"] == step and row.get("full_depth")), None)
-            if full is None and shape == "llama2-7b":
+            if full is None and shape == "llama2-7b" and "streamed" in step:
                 text += f", so about {(fixed + per_layer * 32) / 3600:.1f} h at its 32 layers (computed from the line, not measured)"
             fits.append(text)
     text = [f"{r['protocol']}.", _table(head, table)]
@@ -432,7 +432,8 @@ def scale_70b() -> str:
             f"{per_block['solves']:.1f} s solves, {per_block['forward']:.1f} s quantized forward; slopes of the depth sweep) "
             f"scaled to a 70B block ({ratio:.2f}x the parameters; solves by N·K² + K³ per weight). The largest Gram matrix "
             f"(down_proj, K = {LLAMA_70B['ffn']:,}) is {8 * LLAMA_70B['ffn'] ** 2 / 1e9:.1f} GB in float64, and GPTQ holds "
-            "about three of its size while solving it: the memory a worker needs.")
+            "two of its size while solving it (the matrix and its factor): the memory a worker needs. One weight's solve "
+            "is one work item, so beyond two workers the largest solve (down_proj) sets the block's time.")
     return "\n\n".join([note, _table(head, rows), stamp("scale.json")])
 
 
