@@ -195,17 +195,25 @@ def measure(
                 cost[i, j] = bits * w.size
             yield node.inputs[1].name, found
 
-    shared = (ir.to_proto(probe).SerializeToString(), feeds)
+    if isinstance(parallel.current(), parallel.Serial):
+        shared = (probe, feeds)
+    else:  # to other processes as bytes, external data read in (a worker may not see the model's folder)
+        for value in probe.graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                value.const_value = ir.Tensor(value.const_value.numpy(), dtype=value.const_value.dtype, name=value.name)
+        shared = (ir.to_proto(probe).SerializeToString(), feeds)
     rows = parallel.current().map(_sensitivities, candidates(), setup=_probe_session, shared=shared)
     for i, row in enumerate(tqdm(rows, total=len(layers), desc="sensitivity", leave=False)):
         sensitivity[i] = row
     return Allocation(layers, list(formats), sensitivity, cost, weights, np.zeros(len(layers), int), outside)
 
 
-def _probe_session(shared: tuple[bytes, list[dict[str, np.ndarray]]]) -> tuple[Any, list, list[np.ndarray]]:
+def _probe_session(shared: tuple[ir.Model | bytes, list[dict[str, np.ndarray]]]) -> tuple[Any, list, list[np.ndarray]]:
     """A worker's state: the probe model's session, the feeds and the reference outputs (every weight float)."""
-    proto, feeds = shared
-    session = runtime.session(ir.from_proto(onnx.load_from_string(proto)), threads=parallel.worker_threads(), optimization="basic")
+    probe, feeds = shared
+    if isinstance(probe, bytes):
+        probe = ir.from_proto(onnx.load_from_string(probe))
+    session = runtime.session(probe, threads=parallel.worker_threads(), optimization="basic")
     return session, feeds, _outputs(session, feeds, {})
 
 

@@ -282,7 +282,7 @@ def test_gptq_fallback_is_noted_with_the_node(decoder, monkeypatch):
     """A Hessian GPTQ cannot factor even after dampening: the layer is rounded to nearest and the report says which."""
     import bitfold.quant.gptq as gptq_module
 
-    def indefinite(H, damp, scale, notes=None):  # no dampening within the retries makes -10⁶ H positive definite
+    def indefinite(H, damp, scale, notes=None, rebuild=None):  # no dampening within the retries makes -10⁶ H positive definite
         return original(-1e6 * H, damp, scale, notes)
 
     original = gptq_module.inverse_cholesky
