@@ -88,3 +88,74 @@ def test_last_position_head(tmp_path):
     last = OrtRunnable(lowered.model, device="cpu").run(feeds)["logits"]
     assert last.shape == (1, 1, 256)
     assert _rel(last[0, 0], full[0, -1]) < 1e-5
+
+
+@pytest.mark.parametrize("k, block", [(96, 32), (100, 32), (40, 64)])
+def test_float_zero_points_split_into_default_zero_and_group_offsets(k, block):
+    """Two MatMulNBits on one input with float zero points (a min-max grid, padded when K is not a multiple of the
+    block) compute the same after the split, which sums each group of the shared input once."""
+    import onnx_ir as ir
+
+    from bitfold.backends.ort import OrtRunnable
+    from bitfold.backends.ort import split_float_zero_points
+    from bitfold.quant import matmulnbits
+
+    rng = np.random.default_rng(4)
+    x = ir.Value(name="x", shape=ir.Shape([2, 3, k]), type=ir.TensorType(ir.DataType.FLOAT))
+    graph = ir.Graph([x], [], nodes=[], opset_imports={"": 21, "com.microsoft": 1}, name="g")
+    weights = []
+    for j, n in enumerate((24, 40)):
+        groups = -(-k // block)
+        codes = rng.integers(0, 16, (n, k))
+        scales = rng.uniform(0.01, 0.1, (n, groups)).astype(np.float32)
+        zeros = rng.uniform(-4.0, 20.0, (n, groups)).astype(np.float32)  # anywhere, as min / scale is
+        packed, scales, zeros = matmulnbits.pack(codes, scales, zeros, 4, block, float_zero=True)
+        weights.append(matmulnbits.unpack(packed, scales, zeros, 4, block, k))
+        values = []
+        for name, array in (("b", packed), ("s", scales), ("z", zeros)):
+            value = ir.Value(name=f"{name}{j}", shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                             const_value=ir.tensor(array))  # fmt: skip
+            graph.register_initializer(value)
+            values.append(value)
+        node = ir.Node("com.microsoft", "MatMulNBits", [x, *values], ir.convenience.convert_attributes(
+            {"K": k, "N": n, "bits": 4, "block_size": block, "accuracy_level": 0}), name=f"linear{j}")  # fmt: skip
+        node.outputs[0].name = f"y{j}"
+        node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        graph.append(node)
+        graph.outputs.append(node.outputs[0])
+    model = ir.Model(graph, ir_version=10)
+    feeds = {"x": rng.standard_normal((2, 3, k)).astype(np.float32)}
+    before = OrtRunnable(model, device="cpu").run(feeds)
+    assert split_float_zero_points(graph) == 2
+    ops = [node.op_type for node in graph]
+    assert ops.count("MatMulNBits") == 2 and ops.count("MatMul") == 3  # one group sum for the shared input
+    assert all(len(node.inputs) == 3 for node in graph if node.op_type == "MatMulNBits")
+    after = OrtRunnable(model, device="cpu").run(feeds)
+    for j, weight in enumerate(weights):
+        want = feeds["x"] @ weight
+        scale = np.abs(want).max()
+        assert np.abs(before[f"y{j}"] - want).max() / scale < 1e-5
+        assert np.abs(after[f"y{j}"] - want).max() / scale < 1e-5
+
+
+def test_min_max_grid_decoder_runs_split(tmp_path):
+    """A model quantized to the min-max grid (float zero points) generates the same through the lowered decoder, whose
+    session runs every MatMulNBits with the default zero point and the offsets beside it."""
+    import bitfold
+    from bitfold.llm import export_llm
+
+    make("llama-tied-llama3rope", tmp_path)
+    model, _, _ = export_llm(tmp_path)
+    step = {"name": "quantize-weights", "bits": 4, "group_size": 32, "symmetric": False, "zero_point": "float",
+            "format": "matmulnbits", "accuracy_level": 0}  # fmt: skip
+    packed, _ = bitfold.optimize(bitfold.clone(model), [step])
+    fake, _ = bitfold.optimize(model, [{**step, "format": "fake"}])  # the same grid as float weights: the reference
+    assert any(node.op_type == "MatMulNBits" and len(node.inputs) == 4 for node in packed.graph)
+    rng = np.random.default_rng(5)
+    prompt, tokens = rng.integers(3, 256, 10), rng.integers(3, 256, 6)
+    fused, got = _steps(packed, True, prompt, tokens)
+    _, want = _steps(fake, False, prompt, tokens)
+    for step_index, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert _rel(g, w) < 1e-4, f"step {step_index} differs by {_rel(g, w):.2e}"
+    nbits = [node for node in fused.fusion.model.graph if node.op_type == "MatMulNBits"]
+    assert nbits and fused.runnable.split_zero_points == len(nbits)  # q, k and v packed first, then split
