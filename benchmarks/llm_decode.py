@@ -11,7 +11,8 @@ uses background windows 139-146), computed through ONNX Runtime for ONNX models 
 for GGUF files.
 
 SmolLM2's weights already lie on a Q4_1 grid of 32-element blocks (the GGUF bitfold calls fp32): llama.cpp Q4_1 is
-that grid itself; bitfold's 4-bit rows use 128-element groups; ORT GenAI's default block is 32.
+that grid itself, and so is bitfold's min-max row (float zero points; exact up to int8 activations); bitfold's other
+4-bit rows use 128-element groups (GPTQ g32 asymmetric: integer zero points); ORT GenAI's default block is 32.
 Writes benchmarks/results/llm_decode.{json,png}. Needs ``pip install -e '.[bench]'`` (llama-cpp-python built as
 ``make bench`` does).
 
@@ -56,7 +57,7 @@ BITFOLD = {
     "w4-head8": ("bitfold W4 GPTQ g128, int8 activations, 8-bit head (RTN g128)", ["w4", *HEAD8], ("ort", "ort-standard", "tvm")),  # steps after w4's
     "w4g32-head8": ("bitfold W4 GPTQ g32 asymmetric, int8 activations, 8-bit head", [GPTQ32, *HEAD8], ("ort",)),
     "minmax-head8": ("bitfold W4 min-max g32 (float zero points: the Q4_1 grid), int8 activations, 8-bit head",
-                     [MINMAX, *HEAD8], ("tvm",)),  # fmt: skip  (ORT's MatMulNBits has no fast path for float zero points)
+                     [MINMAX, *HEAD8], ("ort", "tvm")),  # fmt: skip  (on ORT: the zero points split off, see bitfold.backends.ort)
     "q3": ("bitfold ShiftAddLLM q3 g128 (BCQ lookup tables)", [{"name": "shiftadd", "exclude": HEAD}], ("tvm", "ort-slow")),
     "binary": ("bitfold binary (sign planes, per-output scales)", [{"name": "binarize", "exclude": HEAD}], ("tvm", "ort-slow")),
 }
