@@ -294,7 +294,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, nargs="+", default=[512, 128, 1024])
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--only", help="run only the runtimes whose label or name contains this text; merge into the JSON")
-    parser.add_argument("--names", help="comma-separated runtime names to run (e.g. w4-ort,llamacpp-Q4_0); merge into the JSON")
+    parser.add_argument("--names", help="comma-separated runtime names to run (e.g. w4-ort,llamacpp-Q4_0), or 'all'; merge into "
+                        "the JSON (prompt lengths not run keep their previous rounds)")
     parser.add_argument("--ppl-only", action="store_true", help="compute the perplexities only (no timing) and store them")
     parser.add_argument("--worker", nargs=4, metavar=("KIND", "PATH", "PROMPTS", "NEW"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -311,7 +312,7 @@ def main() -> None:
     specs = prepare(args.only)
     if args.names:
         wanted = set(args.names.split(","))
-        specs = [s for s in specs if s["name"] in wanted]
+        specs = [s for s in specs if s["name"] in wanted or args.names == "all"]
         args.only = args.only or args.names  # merge with the rows already measured
     ids = np.asarray(smollm2()[1](lee_text(), add_special_tokens=False)["input_ids"][: max(args.prompts)], dtype=np.int64)
     prompt_file = WORK / "prompt_ids.npy"
@@ -376,12 +377,15 @@ def main() -> None:
 
 
 def _write(rows: dict, previous: dict, args, stamp: dict) -> dict:
-    for row in rows.values():
-        row["median"] = {n: {"prefill_ms": float(np.median([x["prefill_ms"] for x in runs])),
-                             "decode_tok_s": float(np.median([x["decode_tok_s"] for x in runs]))}
-                         for n, runs in row["runs"].items() if runs}  # fmt: skip
+    kept = {r["name"]: r for r in previous["rows"]} if args.only else {}
+    written = {}
+    for name, row in rows.items():  # a merged rerun of some prompt lengths keeps the row's other lengths
+        runs = {**kept.get(name, {}).get("runs", {}), **{n: r for n, r in row["runs"].items() if r}}
+        written[name] = {**row, "runs": runs, "median": {
+            n: {"prefill_ms": float(np.median([x["prefill_ms"] for x in r])), "decode_tok_s": float(np.median([x["decode_tok_s"] for x in r]))}
+            for n, r in runs.items() if r}}  # fmt: skip
     merged = {r["name"]: r for r in previous["rows"]} if args.only else {}
-    merged.update(rows)
+    merged.update(written)
     result = {
         **stamp,
         "model": "SmolLM2-135M-Instruct (weights from a Q4_1 GGUF: 32-element blocks with offset)",

@@ -59,6 +59,15 @@ def decode_table(prompt: str = "512") -> str:
                 text = f"- {row['name']}: decode {m['decode_tok_s'] / a['decode_tok_s']:.2f}× Q4_0"
                 text += f", {m['decode_tok_s'] / g['decode_tok_s']:.2f}× GenAI" if g else ""
                 lines.append(text + f"; prefill {m['prefill_ms'] / a['prefill_ms']:.2f}× Q4_0's time")
+    same = next((row for row in r["rows"] if row["name"] == "llamacpp-Q4_1"), None)
+    grid = [row for row in r["rows"] if row["name"].startswith("minmax") and prompt in row["median"]]
+    if same is not None and prompt in same["median"] and grid:
+        q = same["median"][prompt]
+        lines += ["", f"The min-max rows hold the layers' weights of llama.cpp's Q4_1 file exactly (its grid; their head is 8-bit), at the {prompt}-token prompt:", ""]
+        for row in grid:
+            m = row["median"][prompt]
+            lines.append(f"- {row['name']}: decode {m['decode_tok_s'] / q['decode_tok_s']:.2f}× Q4_1; prefill "
+                         f"{m['prefill_ms'] / q['prefill_ms']:.2f}× Q4_1's time; perplexity {row['ppl']:.2f} against {same['ppl']:.2f}")
     return "\n".join(lines)
 
 
