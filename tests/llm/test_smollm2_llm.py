@@ -155,9 +155,9 @@ def test_streamed_sequential_gptq_writes_the_in_memory_model(exported, tmp_path)
     """SmolLM2's exported KV-cache graph, GPTQ block by block (reconstruct without learning, the first two decoder
     layers) with weights read from disk and written to a store: the in-memory run's weights, bit for bit."""
     import bitfold
-    from bitfold.frontend.stream import WeightStore, read_on_demand, storing
     from bitfold.llm.feeds import prefill
     from bitfold.quant.calibration import CalibrationData
+    from tests.llm.streaming import in_memory_and_streamed
 
     rng = np.random.default_rng(0)
     source = bitfold.save(bitfold.load(exported), tmp_path / "external" / "model.onnx", external_data=True)
@@ -165,17 +165,8 @@ def test_streamed_sequential_gptq_writes_the_in_memory_model(exported, tmp_path)
              "exclude": ["*lm_head*", *(f"*layers.{i}.*" for i in range(2, 30))]}]  # fmt: skip
     model = bitfold.load(source)
     calibration = CalibrationData([prefill(model, rng.integers(0, 49152, (1, 32))) for _ in range(2)])
-    memory, report = bitfold.optimize(model, step, calibration)
+    memory, report, written = in_memory_and_streamed(source, step, calibration, tmp_path)
     assert sum("no learning" in note for note in report.passes[0].notes) == 2
-    streamed = bitfold.load(source)
-    assert read_on_demand(streamed) > 200
-    store = WeightStore(tmp_path)
-    try:
-        with storing(store):
-            streamed, _ = bitfold.optimize(streamed, step, calibration)
-        written = bitfold.load(bitfold.save(streamed, tmp_path / "stream" / "model.onnx", external_data=True))
-    finally:
-        store.close()
     changed = [name for name in memory.graph.initializers if name.endswith("_fq")]
     assert len(changed) == 14
     assert sorted(written.graph.initializers) == sorted(memory.graph.initializers)

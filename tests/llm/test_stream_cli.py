@@ -142,26 +142,16 @@ def test_streamed_sequential_gptq_writes_the_in_memory_output(exported, tmp_path
     """GPTQ block by block (reconstruct without learning) on weights read from disk and written to a store: the
     same weights as in memory, while the calibration's first inputs come from the pruned prefix of the graph."""
     import bitfold
-    from bitfold.frontend.stream import WeightStore, read_on_demand, storing
     from bitfold.llm.feeds import prefill
     from bitfold.quant.calibration import CalibrationData
+    from tests.llm.streaming import in_memory_and_streamed
 
     source = exported / "onnx" / "model.onnx"
     rng = np.random.default_rng(0)
     model = bitfold.load(source)
     calibration = CalibrationData([prefill(model, rng.integers(0, SHAPE["vocab_size"], (1, 24))) for _ in range(3)])
-    memory, report = bitfold.optimize(model, SEQUENTIAL_GPTQ, calibration)
+    memory, report, written = in_memory_and_streamed(source, SEQUENTIAL_GPTQ, calibration, tmp_path)
     assert sum("no learning" in note for note in report.passes[0].notes) == SHAPE["num_hidden_layers"]
-    streamed = bitfold.load(source)
-    assert read_on_demand(streamed) > 0
-    store = WeightStore(tmp_path)
-    try:
-        with storing(store):
-            streamed, _ = bitfold.optimize(streamed, SEQUENTIAL_GPTQ, calibration)
-        out = bitfold.save(streamed, tmp_path / "stream" / "model.onnx", external_data=True)
-    finally:
-        store.close()
-    written = bitfold.load(out)
     assert sorted(written.graph.initializers) == sorted(memory.graph.initializers)
     for name, value in memory.graph.initializers.items():
         np.testing.assert_array_equal(written.graph.initializers[name].const_value.numpy(), value.const_value.numpy())
