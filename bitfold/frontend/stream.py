@@ -25,6 +25,28 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+def trim_heap() -> None:
+    """Hand the heap's free memory back to the operating system (glibc's ``malloc_trim``; nothing elsewhere).
+
+    A pass that works weight by weight frees each weight's large temporaries before the next; glibc keeps freed
+    blocks below its (adaptive) mmap threshold in the heap, so the resident memory of one weight's solve would stay
+    charged while the next one allocates its own."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("c")
+        try:
+            _LIBC = ctypes.CDLL(name) if name else False
+            _LIBC = _LIBC if _LIBC and hasattr(_LIBC, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 _STORE: contextvars.ContextVar[WeightStore | None] = contextvars.ContextVar("bitfold_weight_store", default=None)
 
 

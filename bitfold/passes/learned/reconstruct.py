@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 
 from bitfold import parallel
 from bitfold.errors import BitfoldError
+from bitfold.frontend.stream import trim_heap
 from bitfold.ops import bcq as bcq_op
 from bitfold.ops import binary as binary_op
 from bitfold.ops import shift as shift_op
@@ -402,6 +403,7 @@ class Reconstruct(QuantizeWeights):
         read = lambda v: torch.from_numpy(v.const_value.numpy().astype(np.float32))  # noqa: E731
         clock = time.perf_counter()
         grams, _ = self._grams(block, probe, names, samples, {v.name: read(v) for v in _weights(block)})
+        trim_heap()  # the forward's activations are gone: the solves start from what the Gram matrices hold
         self.timings["grams"] += time.perf_counter() - clock
         first: dict[ir.Value, str] = {}  # each weight, in order, and the input of its first reader
         for node in block.targets:
@@ -429,6 +431,7 @@ class Reconstruct(QuantizeWeights):
                 hard[value.name] = _layout(q(), tuple(w.shape))
             emit(block, {value.name: q.export()})
             del q, w
+            trim_heap()
         self.timings["solves"] += time.perf_counter() - clock
         return hard
 
