@@ -22,6 +22,18 @@ def _rel(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+def _lowered_matches(model, reference, seed: int, tolerance: float = 1e-4):
+    """The lowered decoder of ``model`` against the standard graph of ``reference``, prompt + 6 steps; returns the
+    lowered decoder."""
+    rng = np.random.default_rng(seed)
+    prompt, tokens = rng.integers(3, 256, 10), rng.integers(3, 256, 6)
+    fused, got = _steps(model, True, prompt, tokens)
+    _, want = _steps(reference, False, prompt, tokens)
+    for step_index, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert _rel(g, w) < tolerance, f"step {step_index} differs by {_rel(g, w):.2e}"
+    return fused
+
+
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_lowered_decoder_matches_standard_graph(name, tmp_path):
     from bitfold.llm import export_llm
@@ -56,12 +68,7 @@ def test_packed_qkv_of_quantized_linears(name, tmp_path):
     model, _, _ = export_llm(tmp_path)
     step = {"name": "quantize-weights", "bits": 4, "group_size": 32, "format": "matmulnbits", "accuracy_level": 0}
     model, _ = bitfold.optimize(model, [step])
-    rng = np.random.default_rng(2)
-    prompt, tokens = rng.integers(3, 256, 10), rng.integers(3, 256, 6)
-    fused, got = _steps(model, True, prompt, tokens)
-    _, want = _steps(model, False, prompt, tokens)
-    for step_index, (g, w) in enumerate(zip(got, want, strict=True)):
-        assert _rel(g, w) < 1e-4, f"step {step_index} differs by {_rel(g, w):.2e}"
+    fused = _lowered_matches(model, model, seed=2)
     graph = fused.fusion.model.graph
     gqa = [n for n in graph if n.op_type == "GroupQueryAttention"]
     assert len(gqa) == 2
@@ -151,11 +158,6 @@ def test_min_max_grid_decoder_runs_split(tmp_path):
     packed, _ = bitfold.optimize(bitfold.clone(model), [step])
     fake, _ = bitfold.optimize(model, [{**step, "format": "fake"}])  # the same grid as float weights: the reference
     assert any(node.op_type == "MatMulNBits" and len(node.inputs) == 4 for node in packed.graph)
-    rng = np.random.default_rng(5)
-    prompt, tokens = rng.integers(3, 256, 10), rng.integers(3, 256, 6)
-    fused, got = _steps(packed, True, prompt, tokens)
-    _, want = _steps(fake, False, prompt, tokens)
-    for step_index, (g, w) in enumerate(zip(got, want, strict=True)):
-        assert _rel(g, w) < 1e-4, f"step {step_index} differs by {_rel(g, w):.2e}"
+    fused = _lowered_matches(packed, fake, seed=5)
     nbits = [node for node in fused.fusion.model.graph if node.op_type == "MatMulNBits"]
     assert nbits and fused.runnable.split_zero_points == len(nbits)  # q, k and v packed first, then split
