@@ -4,17 +4,21 @@ import os
 import sys
 from pathlib import Path
 
-import onnx_ir as ir
-import pytest
+if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker takes its share of the cores: no oversubscribed, spinning pools
+    _share = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    # BLAS pools read their size when numpy loads, so this comes before any import that pulls numpy in
+    for _name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "BITFOLD_ORT_THREADS", "TVM_NUM_THREADS"):
+        os.environ.setdefault(_name, _share)
+    os.environ.setdefault("BITFOLD_ORT_SPINNING", "0")
+
+import onnx_ir as ir  # noqa: E402
+import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import models  # noqa: E402
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker takes its share of the cores: no oversubscribed, spinning pools
-    _share = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
-    for _name, _value in (("BITFOLD_ORT_THREADS", _share), ("BITFOLD_ORT_SPINNING", "0"), ("TVM_NUM_THREADS", _share)):
-        os.environ.setdefault(_name, _value)
+if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
     torch.set_num_threads(int(_share))
