@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+
 def trim_heap() -> None:
     """Hand the heap's free memory back to the operating system (glibc's ``malloc_trim``; nothing elsewhere).
 

@@ -61,35 +61,36 @@ def gptq_loop(
     if group and act_order:
         raise ValueError("groups fitted during the loop follow column order; fit the grid beforehand for act_order")
     check_damp(damp)
-    W = torch.tensor(W, dtype=torch.float64)
-    source = H  # the caller's array, not changed: read again only if a dampening retry needs H afresh
-    H = torch.tensor(source, dtype=torch.float64)
-    if not torch.isfinite(H).all():
+    source = np.asarray(H)  # the caller's array, never changed: read again only if a dampening retry needs H afresh
+    if not all(np.isfinite(source[i : i + 1024]).all() for i in range(0, len(source), 1024)):  # no K x K temporary
         raise BitfoldError(
             "the layer's Hessian (the Gram matrix of its calibration inputs) has inf or NaN entries; "
             "use calibration data whose activations stay finite at this layer."
         )
     k = W.shape[1]
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    diag = torch.from_numpy(np.diag(source).astype(np.float64))
+    dead = diag == 0
+    diag[dead] = 1.0  # as the factored matrix holds it
     if group:
         block_size = max(block_size // group, 1) * group  # a group never spans two blocks
-    scale = torch.mean(torch.abs(torch.diag(H)))  # the dampening's unit
-    perm = torch.argsort(torch.diag(H) + damp * scale, descending=True) if act_order else torch.arange(k)
-    W = W[:, perm]
-    H = H[perm]  # two steps, so at most two K x K copies live at once
-    H = H[:, perm]
+    scale = torch.mean(torch.abs(diag))  # the dampening's unit
+    perm = torch.argsort(diag + damp * scale, descending=True) if act_order else torch.arange(k)
+    W = torch.tensor(np.asarray(W)[:, perm.numpy()], dtype=torch.float64)  # permuted before widening: one float64 copy
+    W[:, dead[perm]] = 0.0
 
-    def permuted() -> torch.Tensor:  # H as above, again
-        fresh = torch.tensor(source, dtype=torch.float64)
-        fresh[dead, dead] = 1.0
-        fresh = fresh[perm]
-        return fresh[:, perm]
+    def permuted() -> torch.Tensor:  # H[perm][:, perm] with dead inputs' diagonal at 1, a block of rows at a time
+        out = torch.empty((k, k), dtype=torch.float64)
+        columns = perm.numpy()
+        for i in range(0, k, 512):
+            out[i : i + 512] = torch.from_numpy(source[columns[i : i + 512]][:, columns])
+        out.diagonal()[dead[perm]] = 1.0
+        return out
+
+    H = permuted()  # the only K x K matrix besides the caller's
 
     U = inverse_cholesky(H, damp, scale, notes, rebuild=permuted)  # factored in H's own memory
     del H  # the loop reads U only
-    Q = torch.zeros_like(W)
+    Q = torch.zeros(W.shape, dtype=torch.float32)  # what is returned: the error feedback uses the float64 values
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
@@ -100,13 +101,13 @@ def gptq_loop(
                 end = i + min(group, k - col)
                 grid.fit(W1[:, i:end].numpy(), col, torch.diag(U1)[i:end].numpy())
             w = W1[:, i]
-            q = torch.tensor(grid.round(w.numpy(), int(perm[col])), dtype=torch.float64)
+            q = torch.from_numpy(np.asarray(grid.round(w.numpy(), int(perm[col])), np.float64))
             Q[:, col] = q
             e = (w - q) / U1[i, i]
             W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
             E1[:, i] = e
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    return Q[:, torch.argsort(perm)].float().numpy()
+    return Q[:, torch.argsort(perm)].numpy()
 
 
 #: Dampening factors tried in turn, as multiples of ``damp``, before falling back to round-to-nearest.
