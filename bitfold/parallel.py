@@ -48,7 +48,9 @@ class Serial:
     def map(self, fn, items, *, setup=None, shared=None):
         state = setup(shared) if setup is not None else shared
         for item in items:
-            yield fn(state, item)
+            result = fn(state, item)
+            del item  # the item's arrays are not held while the caller works on the result
+            yield result
 
 
 _current: contextvars.ContextVar[Executor] = contextvars.ContextVar("bitfold_executor", default=Serial())

@@ -78,11 +78,12 @@ def gptq_loop(
     W = torch.tensor(np.asarray(W)[:, perm.numpy()], dtype=torch.float64)  # permuted before widening: one float64 copy
     W[:, dead[perm]] = 0.0
 
-    def permuted() -> torch.Tensor:  # H[perm][:, perm] with dead inputs' diagonal at 1, a block of rows at a time
-        out = torch.empty((k, k), dtype=torch.float64)
-        columns = perm.numpy()
-        for i in range(0, k, 512):
-            out[i : i + 512] = torch.from_numpy(source[columns[i : i + 512]][:, columns])
+    def permuted() -> torch.Tensor:  # H[perm][:, perm] with dead inputs' diagonal at 1, a block of columns at a time
+        # column-major, as LAPACK works: the factorizations then run in its memory with no K x K copy of their own
+        out = torch.empty((k, k), dtype=torch.float64).T
+        order = perm.numpy()
+        for j in range(0, k, 512):
+            out[:, j : j + 512] = torch.from_numpy(source[:, order[j : j + 512]][order])
         out.diagonal()[dead[perm]] = 1.0
         return out
 
@@ -138,7 +139,7 @@ def inverse_cholesky(H: torch.Tensor, damp: float, scale: torch.Tensor, notes: l
         if info == 0:
             torch.cholesky_inverse(work, out=work)
             torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
-            if info == 0 and torch.isfinite(work).all():
+            if info == 0 and all(torch.isfinite(work[:, j : j + 512]).all() for j in range(0, len(work), 512)):  # no K x K temporary
                 if step != 1.0 and notes is not None:
                     notes.append(f"H is not positive definite with damp {damp:g}; used damp {damp * step:g}")
                 return work

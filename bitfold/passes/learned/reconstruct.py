@@ -413,24 +413,20 @@ class Reconstruct(QuantizeWeights):
 
         def problems():  # drawn as the executor asks: one weight and its Gram matrix at a time in this process
             for value, x in order:
-                yield _rows(read(value)).numpy(), grams[x]
-                if last[x] == value.name:
-                    del grams[x]
+                yield _rows(read(value)).numpy(), grams.pop(x) if last[x] == value.name else grams[x]
 
         settings = (self.config.number_format, granularity_from(self.config.group_size), self.config.damp, self.config.act_order, self.config.clip)
         clock = time.perf_counter()
         hard = {}
-        for (value, _), (start, notes) in zip(order, parallel.current().map(_gptq_solve, problems(), shared=settings), strict=True):
+        for (value, _), ((q, scale, zero), notes) in zip(order, parallel.current().map(_gptq_solve, problems(), shared=settings), strict=True):
             self.notes += notes
-            w = read(value)
-            q = self.quantizer(_rows(w).numpy(), start)
-            del start
-            q.start_rounding()
-            q.hard = True
-            with torch.no_grad():
-                hard[value.name] = _layout(q(), tuple(w.shape))
-            emit(block, {value.name: q.export()})
-            del q, w
+            # what the quantizer started from these would give with no steps: the solver's codes on its scales
+            # (a group of zeros gets scale 1), so the solution goes out as it is
+            scale = np.where(scale != 0, scale, np.float32(1.0))
+            q = q if q.flags.writeable else q.copy()  # a remote worker's result is a read-only view
+            hard[value.name] = _layout(torch.from_numpy(q), tuple(value.const_value.shape))
+            emit(block, {value.name: (q, scale, zero)})
+            del q, scale, zero
             trim_heap()
         self.timings["solves"] += time.perf_counter() - clock
         return hard
@@ -497,6 +493,7 @@ class Reconstruct(QuantizeWeights):
                         quant[i].update(module(**{n: quant[i][n] for n in names}, **hard))
                     self.timings["forward"] += time.perf_counter() - clock
                 del hard
+                trim_heap()  # the forward's activations and the block's weights: the next block starts from its inputs
                 if block.targets:
                     self.notes.append(f"block {b} ({len(_weights(block))} weights): GPTQ on the quantized model's inputs, no learning")
                 for env in quant:  # drop what no later block reads
