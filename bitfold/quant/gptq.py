@@ -75,8 +75,10 @@ def gptq_loop(
         block_size = max(block_size // group, 1) * group  # a group never spans two blocks
     scale = torch.mean(torch.abs(diag))  # the dampening's unit
     perm = torch.argsort(diag + damp * scale, descending=True) if act_order else torch.arange(k)
-    W = torch.tensor(np.asarray(W)[:, perm.numpy()], dtype=torch.float64)  # permuted before widening: one float64 copy
-    W[:, dead[perm]] = 0.0
+    n = W.shape[0]
+    # transposed, (K, N): a column of W is a contiguous row here, and the rank-1 updates run over whole rows
+    W = torch.tensor(np.asarray(W)[:, perm.numpy()].T, dtype=torch.float64)  # permuted before widening: one copy
+    W[dead[perm]] = 0.0
 
     def permuted() -> torch.Tensor:  # H[perm][:, perm] with dead inputs' diagonal at 1, a block of columns at a time
         # column-major, as LAPACK works: the factorizations then run in its memory with no K x K copy of their own
@@ -88,27 +90,24 @@ def gptq_loop(
         return out
 
     H = permuted()  # the only K x K matrix besides the caller's
-
     U = inverse_cholesky(H, damp, scale, notes, rebuild=permuted)  # factored in H's own memory
     del H  # the loop reads U only
-    Q = torch.zeros(W.shape, dtype=torch.float32)  # what is returned: the error feedback uses the float64 values
+    Q = torch.zeros((k, n), dtype=torch.float32)  # what is returned: the error feedback uses the float64 values
+    E = torch.empty((block_size, n), dtype=torch.float64)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-        E1 = torch.zeros_like(W1)
+        W1, U1, E1 = W[i1:i2], U[i1:i2, i1:i2], E[: i2 - i1]  # W1 is updated in place: its rows are not read later
         for i in range(i2 - i1):
             col = i1 + i
             if group and col % group == 0:
                 end = i + min(group, k - col)
-                grid.fit(W1[:, i:end].numpy(), col, torch.diag(U1)[i:end].numpy())
-            w = W1[:, i]
-            q = torch.from_numpy(np.asarray(grid.round(w.numpy(), int(perm[col])), np.float64))
-            Q[:, col] = q
-            e = (w - q) / U1[i, i]
-            W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
-            E1[:, i] = e
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    return Q[:, torch.argsort(perm)].numpy()
+                grid.fit(W1[i:end].T.numpy(), col, torch.diag(U1)[i:end].numpy())
+            q = torch.from_numpy(np.asarray(grid.round(W1[i].numpy(), int(perm[col])), np.float64))
+            Q[col] = q
+            e = torch.sub(W1[i], q, out=E1[i]).div_(U1[i, i])
+            W1[i + 1 :].addr_(U1[i, i + 1 :], e, alpha=-1.0)
+        W[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1.0)
+    return Q.T[:, torch.argsort(perm)].numpy()
 
 
 #: Dampening factors tried in turn, as multiples of ``damp``, before falling back to round-to-nearest.
