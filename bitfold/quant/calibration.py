@@ -127,14 +127,25 @@ class TensorStats:
             self.sample, self.sample_keys = _keep(self.sample, self.sample_keys, rows, rows_kept, rng)
 
 
-def sink_gram(x: np.ndarray, sink_weight: float = 1.0) -> np.ndarray:
+def sink_gram(x: np.ndarray, sink_weight: float = 1.0, into: np.ndarray | None = None) -> np.ndarray:
     """``Σ w_r x_r x_rᵀ`` over the rows of ``x`` (its last axis the channels), float64: every row weighs 1 but each
-    sequence's first one (x shaped (..., sequence, channels)), which weighs ``sink_weight``."""
+    sequence's first one (x shaped (..., sequence, channels)), which weighs ``sink_weight``. Given ``into`` (a Gram
+    matrix so far), the sum is added to it in place and it is returned. Computed a block of rows at a time: a
+    matrix of a wide layer's inputs costs no second one while it accumulates."""
     rows = np.asarray(x).reshape(-1, x.shape[-1]).astype(np.float64)
     weights = np.ones(rows.shape[0])
     if x.ndim >= 3 and sink_weight != 1.0:
         weights.reshape(-1, x.shape[-2])[:, 0] = sink_weight
-    return (rows * weights[:, None]).T @ rows
+    weighted = rows * weights[:, None]
+    k = rows.shape[1]
+    out = np.empty((k, k)) if into is None else into
+    for i in range(0, k, 1024):
+        block = weighted[:, i : i + 1024].T @ rows
+        if into is None:
+            out[i : i + 1024] = block
+        else:
+            out[i : i + 1024] += block
+    return out
 
 
 def _keep(kept: np.ndarray | None, keys: np.ndarray | None, new: np.ndarray, size: int, rng: np.random.Generator):

@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Literal
@@ -57,7 +59,7 @@ from tqdm.auto import tqdm
 
 from bitfold import parallel
 from bitfold.errors import BitfoldError
-from bitfold.frontend.stream import trim_heap
+from bitfold.frontend.stream import WeightStore, current_store, trim_heap
 from bitfold.ops import bcq as bcq_op
 from bitfold.ops import binary as binary_op
 from bitfold.ops import shift as shift_op
@@ -384,11 +386,7 @@ class Reconstruct(QuantizeWeights):
                     if name in conv_inputs:
                         convs[name].append(x.numpy())
                     if name in matmul_inputs:
-                        g = sink_gram(x.numpy(), self.config.sink_weight)
-                        if name in grams:
-                            grams[name] += g
-                        else:
-                            grams[name] = g
+                        grams[name] = sink_gram(x.numpy(), self.config.sink_weight, into=grams.get(name))
         return grams, convs
 
     def _sequential_gptq(self, block: Block, probe: TorchGraph, names: list[str], samples: list[dict[str, torch.Tensor]],
@@ -417,19 +415,28 @@ class Reconstruct(QuantizeWeights):
 
         settings = (self.config.number_format, granularity_from(self.config.group_size), self.config.damp, self.config.act_order, self.config.clip)
         clock = time.perf_counter()
-        hard = {}
+        hard: dict[str, torch.Tensor | ir.TensorProtocol] = {}
+        store = current_store()  # streaming: the solved weights wait on disk while the next ones are solved
+        spill = WeightStore(tempfile.mkdtemp(prefix="bitfold-block-", dir=store.path.parent)) if store is not None else None
         for (value, _), ((q, scale, zero), notes) in zip(order, parallel.current().map(_gptq_solve, problems(), shared=settings), strict=True):
             self.notes += notes
             # what the quantizer started from these would give with no steps: the solver's codes on its scales
             # (a group of zeros gets scale 1), so the solution goes out as it is
             scale = np.where(scale != 0, scale, np.float32(1.0))
-            q = q if q.flags.writeable else q.copy()  # a remote worker's result is a read-only view
-            hard[value.name] = _layout(torch.from_numpy(q), tuple(value.const_value.shape))
+            if spill is not None:
+                hard[value.name] = spill.put(value.name, q)
+            else:
+                hard[value.name] = torch.from_numpy(q if q.flags.writeable else q.copy())  # a remote result is read-only
             emit(block, {value.name: (q, scale, zero)})
             del q, scale, zero
             trim_heap()
+        if spill is not None:  # the Gram matrices are gone: the block's weights come back for its forward
+            hard = {name: torch.from_numpy(t.numpy()) for name, t in hard.items()}
+            spill.close()
+            shutil.rmtree(spill.path.parent)
         self.timings["solves"] += time.perf_counter() - clock
-        return hard
+        shapes = {value.name: tuple(value.const_value.shape) for value, _ in order}
+        return {name: _layout(rows, shapes[name]) for name, rows in hard.items()}
 
     def quantizer(self, wt: np.ndarray, start: tuple[np.ndarray, ...] | None = None) -> IntQuantizer | ShiftQuantizer | BinaryQuantizer | BCQQuantizer:
         if self.config.grid == "bcq":
