@@ -53,7 +53,7 @@ RECIPE = '[[pass]]\nname = "quantize-weights"\nmethod = "rtn"\nbits = 4\ngroup_s
 GPTQ_RECIPE = ('[[pass]]\nname = "reconstruct"\nbits = 4\ngroup_size = 128\nclip_steps = 0\nround_steps = 0\nclip = "none"\n'
                'exclude = ["*lm_head*"]\n')  # fmt: skip
 CALIBRATION = (16, 512)  # GPTQ calibration: samples x tokens (seeded random token ids: the weights are random too)
-#: a whole 7B model's sequential GPTQ runs for hours on 2 cores: its block shape is measured at reduced depth
+#: a whole 7B model's sequential GPTQ runs for about an hour on 2 cores: only with --whole-7b-gptq
 GPTQ_MAX_PARAMS = 2e9
 #: the in-memory run holds the float model and its rewrite: only below this many parameters on a 24 GB machine
 IN_MEMORY_MAX_PARAMS = 2e9
@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--nodes", nargs="*", type=int, help="instead: canonical pass time against graph size, at these layer counts")
     parser.add_argument("--allocate", action="store_true", help="instead: the allocation sweep, serial against Ray")
     parser.add_argument("--repeats", type=int, default=3, help="with --allocate: interleaved runs of each")
+    parser.add_argument("--steps", nargs="*", choices=STEPS, default=list(STEPS), help="only these steps (synth-llm always runs)")
+    parser.add_argument("--whole-7b-gptq", action="store_true", help="also GPTQ the whole-depth 7B shape (about an hour)")
     args = parser.parse_args()
     stamp = provenance()
     if args.nodes:
@@ -91,12 +93,13 @@ def main() -> None:
             folder = work / f"{shape}-L{depth}"
             steps = [("synth-llm", ["synth-llm", shape, "-o", str(folder / "hf"), "--layers", str(depth)]),
                      ("optimize rtn w4 streamed", ["optimize", str(folder / "hf"), "-r", str(recipe), "-o", str(folder / "s" / "model.onnx"), "--stream"])]  # fmt: skip
-            if params < GPTQ_MAX_PARAMS:
+            if params < GPTQ_MAX_PARAMS or args.whole_7b_gptq:
                 steps.append(("optimize gptq w4 streamed", ["optimize", str(folder / "hf"), "-r", str(gptq), "-o", str(folder / "g" / "model.onnx"),
                                                            "--stream", "--calibration", str(folder / "calibration.npz"),
                                                            "--report", str(folder / "gptq_report.json")]))  # fmt: skip
             if params < IN_MEMORY_MAX_PARAMS:
                 steps.append(("optimize rtn w4 in memory", ["optimize", str(folder / "hf"), "-r", str(recipe), "-o", str(folder / "m" / "model.onnx")]))
+            steps = [(step, command) for step, command in steps if step == "synth-llm" or step in args.steps]
             for step, command in steps:
                 if step == "optimize gptq w4 streamed":
                     _calibration(folder / "hf", folder / "calibration.npz")
@@ -105,7 +108,7 @@ def main() -> None:
                     raise SystemExit(f"{shape} L{depth} {step} failed:\n{result['stderr_tail']}")
                 out = folder / {"synth-llm": "hf", "optimize rtn w4 streamed": "s", "optimize gptq w4 streamed": "g"}.get(step, "m")
                 rows.append({"model": "synthetic", "variant": f"{shape} L{depth} {step}", "shape": shape, "layers": depth, "params": params,
-                             "full_depth": layers is None,
+                             "full_depth": layers is None, "commit": stamp["commit"], "machine": stamp["machine"],
                              "step": step, "wall_s": result["wall_s"], "peak_rss_gb": round(result["peak_rss_bytes"] / 1e9, 3),
                              "written_gb": round(sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e9, 3),
                              "trace": result["trace"][:: max(1, len(result["trace"]) // 200)]})  # fmt: skip

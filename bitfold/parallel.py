@@ -51,6 +51,7 @@ class Serial:
             result = fn(state, item)
             del item  # the item's arrays are not held while the caller works on the result
             yield result
+            del result  # nor the result while the next item is worked on
 
 
 _current: contextvars.ContextVar[Executor] = contextvars.ContextVar("bitfold_executor", default=Serial())

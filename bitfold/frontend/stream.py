@@ -60,7 +60,10 @@ def file_tensor(path: str | os.PathLike, offset: int, length: int, dtype: ir.Dat
         try:
             return ir.Tensor(np.array(external.numpy(), copy=True), dtype=dtype, name=name)
         finally:
-            external.release()  # unmap: the pages read do not stay charged to this process
+            # unmap: the pages read do not stay charged to this process (unless a view of them is still held, e.g.
+            # by a profiler keeping a frame alive: the mapping then closes when that view goes)
+            with contextlib.suppress(BufferError):
+                external.release()
 
     return ir.LazyTensor(read, dtype=dtype, shape=shape, name=name, cache=False)
 

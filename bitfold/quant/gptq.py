@@ -150,25 +150,36 @@ def inverse_cholesky(H: torch.Tensor, damp: float, scale: torch.Tensor, notes: l
 
 
 class FormatGrid:
-    """A number format's grid: scale and zero point per row and column, fitted per group (or all at once).
+    """A number format's grid: scale and zero point per row and group of ``group`` columns (1: per column), fitted
+    per group (or all at once).
 
     ``clip = "output"`` fits each group's range to the output error through H's diagonal block (``clip.py``).
     """
 
-    def __init__(self, fmt: Format, shape: tuple[int, int], clip: Clip = "none", H: np.ndarray | None = None) -> None:
-        self.fmt, self.clip, self.H = fmt, clip, H
-        # stored column-major ((K, N) arrays seen through a transpose): the loop reads one column per step, and a
+    def __init__(self, fmt: Format, shape: tuple[int, int], clip: Clip = "none", H: np.ndarray | None = None, group: int = 1) -> None:
+        self.fmt, self.clip, self.H, self.group, self.shape = fmt, clip, H, group, shape
+        groups = -(-shape[1] // group)
+        # stored column-major ((G, N) arrays seen through a transpose): the loop reads one column per step, and a
         # strided column of a wide row-major matrix touches a cache line per element
-        self.scale, self.zero = np.zeros(shape[::-1], np.float32).T, np.zeros(shape[::-1], np.float32).T
+        self.scale, self.zero = np.zeros((groups, shape[0]), np.float32).T, np.zeros((groups, shape[0]), np.float32).T
+
+    def set(self, scale: np.ndarray, zero: np.ndarray, start: int = 0) -> None:
+        """Per-element parameters (N, columns from ``start``), constant within each group, stored per group."""
+        first, g = start // self.group, self.group
+        self.scale[:, first : first + -(-scale.shape[1] // g)] = scale[:, ::g]
+        self.zero[:, first : first + -(-zero.shape[1] // g)] = zero[:, ::g]
+
+    def per_element(self) -> tuple[np.ndarray, np.ndarray]:
+        """Scale and zero point per element (N, K), float32."""
+        return tuple(np.ascontiguousarray(np.repeat(p, self.group, axis=1)[:, : self.shape[1]], np.float32) for p in (self.scale, self.zero))
 
     def fit(self, w: np.ndarray, start: int, u_diag: np.ndarray) -> None:
         end = start + w.shape[1]
         block = None if self.H is None else self.H[start:end, start:end]
-        params = group_params(np.asarray(w, np.float32), self.fmt, PerChannel(), self.clip, block)
-        self.scale[:, start:end], self.zero[:, start:end] = params
+        self.set(*group_params(np.asarray(w, np.float32), self.fmt, PerChannel(), self.clip, block), start=start)
 
     def round(self, w: np.ndarray, col: int) -> np.ndarray:
-        s, z = self.scale[:, col], self.zero[:, col]
+        s, z = self.scale[:, col // self.group], self.zero[:, col // self.group]
         return self.fmt.dequantize(self.fmt.quantize(w.astype(np.float32), s, z), s, z)
 
 
@@ -191,10 +202,11 @@ def gptq(
     are fixed from the unquantized weights. ``notes``: as for :func:`gptq_loop`.
     """
     check_damp(damp)
-    grid = FormatGrid(fmt, W.shape, clip, H)
+    # parameters are held per group while the loop runs, per element only once it is done
+    grid = FormatGrid(fmt, W.shape, clip, H, group=granularity.size if isinstance(granularity, PerGroup) else W.shape[1])
     dynamic = isinstance(granularity, PerGroup) and not act_order
     if not dynamic:
-        grid.scale[:], grid.zero[:] = group_params(np.asarray(W, np.float32), fmt, granularity, clip, H)
+        grid.set(*group_params(np.asarray(W, np.float32), fmt, granularity, clip, H))
     q = gptq_loop(W, H, grid, group=granularity.size if dynamic else 0, block_size=block_size, damp=damp, act_order=act_order,
                   notes=notes)  # fmt: skip
-    return q, np.ascontiguousarray(grid.scale, np.float32), np.ascontiguousarray(grid.zero, np.float32)
+    return (q, *grid.per_element())

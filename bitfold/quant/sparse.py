@@ -159,7 +159,7 @@ def sparsegpt(
     quant = None
     if fmt is not None:
         quant = FormatGrid(fmt, W.shape)
-        quant.scale[:], quant.zero[:] = group_params(W, fmt, granularity)
+        quant.set(*group_params(W, fmt, granularity))
     grid = PruneGrid(W.shape, pattern, quant)
     q = gptq_loop(W, H, grid, group=group_of(pattern, block), block_size=max(block, group_of(pattern, block)), damp=damp)
     return q, grid.mask
@@ -186,7 +186,7 @@ part's scale per element (N, K))."""
     W = np.asarray(W, np.float64)
     mask = ~_drop_lowest(-np.abs(W), round(ratio * W.size))
     quant = FormatGrid(fmt, W.shape)
-    quant.scale[:], quant.zero[:] = group_params(np.where(mask, 0.0, W), fmt, granularity)
+    quant.set(*group_params(np.where(mask, 0.0, W), fmt, granularity))
     grid = _OutlierGrid(mask, quant)
     if H is None:
         return np.stack([grid.round(W[:, col], col) for col in range(W.shape[1])], axis=1), mask, quant.scale

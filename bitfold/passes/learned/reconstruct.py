@@ -418,7 +418,9 @@ class Reconstruct(QuantizeWeights):
         hard: dict[str, torch.Tensor | ir.TensorProtocol] = {}
         store = current_store()  # streaming: the solved weights wait on disk while the next ones are solved
         spill = WeightStore(tempfile.mkdtemp(prefix="bitfold-block-", dir=store.path.parent)) if store is not None else None
-        for (value, _), ((q, scale, zero), notes) in zip(order, parallel.current().map(_gptq_solve, problems(), shared=settings), strict=True):
+        solutions = parallel.current().map(_gptq_solve, problems(), shared=settings)
+        for value, _ in order:  # not zip: it would hold the last solution while the next one is solved
+            (q, scale, zero), notes = next(solutions)
             self.notes += notes
             # what the quantizer started from these would give with no steps: the solver's codes on its scales
             # (a group of zeros gets scale 1), so the solution goes out as it is
@@ -430,6 +432,7 @@ class Reconstruct(QuantizeWeights):
             emit(block, {value.name: (q, scale, zero)})
             del q, scale, zero
             trim_heap()
+        solutions.close()  # the executor's workers go now
         if spill is not None:  # the Gram matrices are gone: the block's weights come back for its forward
             hard = {name: torch.from_numpy(t.numpy()) for name, t in hard.items()}
             spill.close()
