@@ -261,3 +261,19 @@ def test_photo_splits_share_no_photo_and_the_validation_photo_loads():
     assert len({c.tobytes() for c in crops}) == 3 and 0.3 < crops.std() < 3  # distinct crops, ImageNet-normalized
     with pytest.raises(KeyError):
         photo_crops("test", 1)
+
+
+def test_gram_accumulated_in_place_is_the_sum_bit_for_bit():
+    """A Gram matrix wider than the row blocks sink_gram works in, added to in place: the same bits as the sum of
+    the separate matrices (first token of each sequence weighted)."""
+    from bitfold.quant.calibration import sink_gram
+
+    rng = np.random.default_rng(0)
+    first, second = (rng.standard_normal((2, 16, 1100)).astype(np.float32) for _ in range(2))
+    expected = sink_gram(first, 64.0) + sink_gram(second, 64.0)
+    gram = sink_gram(first, 64.0)
+    assert sink_gram(second, 64.0, into=gram) is gram
+    np.testing.assert_array_equal(gram, expected)
+    rows = first.reshape(-1, 1100).astype(np.float64)
+    weights = np.where(np.arange(32) % 16 == 0, 64.0, 1.0)
+    np.testing.assert_allclose(sink_gram(first, 64.0), (rows * weights[:, None]).T @ rows, rtol=1e-12)

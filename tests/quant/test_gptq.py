@@ -140,3 +140,25 @@ def test_singular_calibration_hessians_need_no_fallback(case):
         assert np.all(Q[:, [4, 30]] == 0)
     err = lambda A: np.linalg.norm((W - A) @ X.T)  # noqa: E731
     assert err(Q) < 0.8 * err(fake_quantize(W, IntFormat(4), PerGroup(16)))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_scales_come_back_per_element_constant_within_groups(act_order):
+    """Held per group while the loop runs, returned per element: K not a multiple of the group, the last group
+    short; with act_order the groups keep their columns and take the unquantized weights' ranges."""
+    from bitfold.quant.clip import group_params
+
+    W, H, _ = _problem(5, n=8, k=100)
+    fmt = IntFormat(4, symmetric=False)
+    Q, scale, zero = gptq(W, H, fmt, PerGroup(32), act_order=act_order)
+    assert scale.shape == zero.shape == W.shape and scale.flags.c_contiguous
+    for start in range(0, 100, 32):
+        group = scale[:, start : start + 32]
+        assert (group == group[:, :1]).all()
+    codes = np.round(Q / scale + zero)
+    np.testing.assert_allclose(fmt.dequantize(codes, scale, zero), Q, atol=1e-6)
+    assert codes.min() >= 0 and codes.max() <= 15
+    if act_order:
+        expected = group_params(W, fmt, PerGroup(32))
+        np.testing.assert_array_equal(scale, expected[0])
+        np.testing.assert_array_equal(zero, expected[1])
