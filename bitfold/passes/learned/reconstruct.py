@@ -380,9 +380,11 @@ class Reconstruct(QuantizeWeights):
         conv_inputs = {node.inputs[0].name for node in block.targets if node.op_type == "Conv"}
         matmul_inputs = {node.inputs[0].name for node in block.targets if node.op_type == "MatMul"}
         convs: dict[str, list[np.ndarray]] = {name: [] for name in conv_inputs}  # a Conv's inputs, for its patch Grams
+        taken = set(probe.input_names)
+        weights = {name: w for name, w in weights.items() if name in taken}
         with torch.no_grad():
             for env in samples:
-                for name, x in probe(**{n: env[n] for n in names}, **weights).items():
+                for name, x in probe(**{n: env[n] for n in names if n in taken}, **weights).items():
                     if name in conv_inputs:
                         convs[name].append(x.numpy())
                     if name in matmul_inputs:
@@ -400,7 +402,7 @@ class Reconstruct(QuantizeWeights):
         as its start)."""
         read = lambda v: torch.from_numpy(v.const_value.numpy().astype(np.float32))  # noqa: E731
         clock = time.perf_counter()
-        grams, _ = self._grams(block, probe, names, samples, {v.name: read(v) for v in _weights(block)})
+        grams, _ = self._grams(block, probe, names, samples, {v.name: read(v) for v in _weights(block) if v.name in probe.input_names})
         trim_heap()  # the forward's activations are gone: the solves start from what the Gram matrices hold
         self.timings["grams"] += time.perf_counter() - clock
         first: dict[ir.Value, str] = {}  # each weight, in order, and the input of its first reader
@@ -478,7 +480,10 @@ class Reconstruct(QuantizeWeights):
             values = {v.name: v for node in block.nodes for v in node.inputs if v is not None}
             fed = [values[n] for n in inputs[b]] + _weights(block) + self._biases(block)
             modules.append(TorchGraph(graph, nodes=block.nodes, inputs=fed, outputs=outputs))
-            probes.append(TorchGraph(graph, nodes=block.nodes, inputs=fed, outputs=list(dict.fromkeys(n.inputs[0] for n in block.targets))))
+            wanted = list(dict.fromkeys(n.inputs[0] for n in block.targets))
+            needed = _feeding(block.nodes, wanted) if wanted else block.nodes  # not the nodes after the last target's input
+            reads = {v.name for node in needed for v in node.inputs if v is not None} | {v.name for v in wanted}
+            probes.append(TorchGraph(graph, nodes=needed, inputs=[v for v in fed if v.name in reads], outputs=wanted))
         samples = self.calibration.activations(model, outside)
         later = {name: max(i for i, names in enumerate(inputs) if name in names) for names in inputs for name in names}
         shared = [{k: torch.from_numpy(np.asarray(v)) for k, v in s.items()} for s in samples]
@@ -719,6 +724,16 @@ def _rows(w: torch.Tensor) -> torch.Tensor:
 def _layout(rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """(N, K) rows back in the graph's layout of a weight of ``shape``."""
     return rows.T if len(shape) == 2 else rows.reshape(shape)
+
+
+def _feeding(nodes: list[ir.Node], outputs: list[ir.Value]) -> list[ir.Node]:
+    """The nodes (in order) that ``outputs`` depend on."""
+    need, kept = {v.name for v in outputs}, []
+    for node in reversed(nodes):
+        if any(v.name in need for v in node.outputs):
+            kept.append(node)
+            need.update(v.name for v in node.inputs if v is not None)
+    return kept[::-1]
 
 
 def _weights(block: Block) -> list[ir.Value]:
