@@ -108,6 +108,7 @@ class ReconstructConfig:
     start: Literal["rtn", "gptq"] = dataclasses.field(default="gptq", metadata={"doc": "int, bcq: where the learning starts: round to nearest (int: then learned clipping) | GPTQ's solution on the quantized model's inputs to the block (a gain learned on its scales, each rounding chosen between GPTQ's code and its neighbour)"})
     damp: float = dataclasses.field(default=0.003, metadata={"doc": "start = gptq: Hessian dampening, fraction of mean diag"})
     act_order: bool = dataclasses.field(default=True, metadata={"doc": "start = gptq: visit columns by decreasing Hessian diagonal"})
+    true_sequential: bool = dataclasses.field(default=True, metadata={"doc": "nothing learned (clip_steps = round_steps = tune_steps = 0), int grid, MatMul weights: solve a block's weights in graph order, those reading one input at a time (q, k, v; o; gate, up; down), each on its input computed with the earlier ones already quantized; false: all on the block's float weights"})
     sink_weight: float = dataclasses.field(default=64.0, metadata={"doc": "start = gptq: weight in H of each sequence's first token"})
     clip: Literal["none", "weight", "output"] = dataclasses.field(default="output", metadata={"doc": "start = gptq: range shrink per group (as quantize-weights)"})
     loss: Literal["tensor", "channel", "token"] = dataclasses.field(default="tensor", metadata={"doc": "block output error relative to the target's mean square over: the tensor | each channel | each token"})
@@ -391,56 +392,88 @@ class Reconstruct(QuantizeWeights):
                         grams[name] = sink_gram(x.numpy(), self.config.sink_weight, into=grams.get(name))
         return grams, convs
 
-    def _sequential_gptq(self, block: Block, probe: TorchGraph, names: list[str], samples: list[dict[str, torch.Tensor]],
-                         emit: Callable[[Block, dict[str, tuple[np.ndarray, ...]]], None]) -> dict[str, torch.Tensor]:  # fmt: skip
-        """GPTQ of a block's MatMul weights on the quantized model's inputs without learning, lean: the float
-        weights are read for the Gram matrices and dropped, then each weight is read again, solved, handed to
-        ``emit`` and kept only as its dequantized value (what the block's quantized forward needs); each Gram
-        matrix is dropped after its last reader. The solves are independent: they go to the current executor
-        (:mod:`bitfold.parallel`; in this process by default, one at a time). Returns the dequantized values in the
-        graph's layout. The weights equal what the learning path gives with no steps (the same quantizer, rounded
-        as its start)."""
-        read = lambda v: torch.from_numpy(v.const_value.numpy().astype(np.float32))  # noqa: E731
-        clock = time.perf_counter()
-        grams, _ = self._grams(block, probe, names, samples, {v.name: read(v) for v in _weights(block) if v.name in probe.input_names})
-        trim_heap()  # the forward's activations are gone: the solves start from what the Gram matrices hold
-        self.timings["grams"] += time.perf_counter() - clock
-        first: dict[ir.Value, str] = {}  # each weight, in order, and the input of its first reader
+    def _lean(self, block: Block) -> bool:
+        """Whether the block takes sequential GPTQ's lean path: nothing learned, integer grid from GPTQ's start,
+        MatMul weights only and no biases."""
+        c = self.config
+        return (not (c.clip_steps or c.round_steps or c.tune_steps) and c.grid == "int" and c.start == "gptq"
+                and all(n.op_type == "MatMul" for n in block.targets) and not self._biases(block))  # fmt: skip
+
+    def _stages(self, graph: ir.Graph, block: Block, fed: list[ir.Value], probe: TorchGraph) -> list[tuple[TorchGraph, list[tuple[ir.Value, str]]]]:
+        """Sequential GPTQ's order within a block: (probe, [(weight, the input its first reader reads)]) per step.
+        ``true_sequential``: one step per input the weights read, in graph order (a decoder layer's q, k, v; o; gate,
+        up; down), each with a probe that computes that input alone from the block's inputs, so the weights before
+        it can be fed quantized; otherwise one step, every input from the block's float weights."""
+        first: dict[ir.Value, ir.Value] = {}  # each weight, in order, and the input of its first reader
         for node in block.targets:
-            first.setdefault(node.inputs[1], node.inputs[0].name)
-        order = list(first.items())  # listed first: emit rewires every reader of a weight
-        last = {x: value.name for value, x in order}  # the last weight solved on each input's Gram matrix
+            first.setdefault(node.inputs[1], node.inputs[0])
+        if not self.config.true_sequential:
+            return [(probe, [(value, x.name) for value, x in first.items()])]
+        steps: dict[str, tuple[ir.Value, list[tuple[ir.Value, str]]]] = {}
+        for value, x in first.items():
+            steps.setdefault(x.name, (x, []))[1].append((value, x.name))
+        found = []
+        for x, group in steps.values():
+            needed = _feeding(block.nodes, [x])
+            reads = {v.name for node in needed for v in node.inputs if v is not None} | {x.name}
+            found.append((TorchGraph(graph, nodes=needed, inputs=[v for v in fed if v.name in reads], outputs=[x]), group))
+        return found
 
-        def problems():  # drawn as the executor asks: one weight and its Gram matrix at a time in this process
-            for value, x in order:
-                yield _rows(read(value)).numpy(), grams.pop(x) if last[x] == value.name else grams[x]
-
+    def _sequential_gptq(self, block: Block, stages: list[tuple[TorchGraph, list[tuple[ir.Value, str]]]], names: list[str],
+                         samples: list[dict[str, torch.Tensor]], emit: Callable[[Block, dict[str, tuple[np.ndarray, ...]]], None]) -> dict[str, torch.Tensor]:  # fmt: skip
+        """GPTQ of a block's MatMul weights on the quantized model's inputs without learning, step by step
+        (:meth:`_stages`), lean: the weights a step's probe reads are fed (float, or quantized where an earlier
+        step solved them) for its Gram matrices and dropped, then each of the step's weights is read again, solved,
+        handed to ``emit`` and kept only as its dequantized value (what later steps and the block's quantized
+        forward need); each Gram matrix is dropped after its last reader, so one step's are held at a time. The
+        solves within a step are independent: they go to the current executor (:mod:`bitfold.parallel`; in this
+        process by default, one at a time). Returns the dequantized values in the graph's layout. With one step
+        (``true_sequential = false``) the weights equal what the learning path gives with no steps (the same
+        quantizer, rounded as its start)."""
+        read = lambda v: torch.from_numpy(v.const_value.numpy().astype(np.float32))  # noqa: E731
+        values = [value for _, group in stages for value, _ in group]  # as built: emit rewires the block's readers
+        shapes = {value.name: tuple(value.const_value.shape) for value in values}
         settings = (self.config.number_format, granularity_from(self.config.group_size), self.config.damp, self.config.act_order, self.config.clip)
-        clock = time.perf_counter()
         hard: dict[str, torch.Tensor | ir.TensorProtocol] = {}
         store = current_store()  # streaming: the solved weights wait on disk while the next ones are solved
         spill = WeightStore(tempfile.mkdtemp(prefix="bitfold-block-", dir=store.path.parent)) if store is not None else None
-        solutions = parallel.current().map(_gptq_solve, problems(), shared=settings)
-        for value, _ in order:  # not zip: it would hold the last solution while the next one is solved
-            (q, scale, zero), notes = next(solutions)
-            self.notes += notes
-            # what the quantizer started from these would give with no steps: the solver's codes on its scales
-            # (a group of zeros gets scale 1), so the solution goes out as it is
-            scale = np.where(scale != 0, scale, np.float32(1.0))
-            if spill is not None:
-                hard[value.name] = spill.put(value.name, q)
-            else:
-                hard[value.name] = torch.from_numpy(q if q.flags.writeable else q.copy())  # a remote result is read-only
-            emit(block, {value.name: (q, scale, zero)})
-            del q, scale, zero
-            trim_heap()
-        solutions.close()  # the executor's workers go now
+        dense = lambda name: _layout(torch.from_numpy(hard[name].numpy()) if spill is not None else hard[name], shapes[name])  # noqa: E731
+        for probe, group in stages:
+            clock = time.perf_counter()
+            taken = set(probe.input_names)
+            weights = {v.name: dense(v.name) if v.name in hard else read(v) for v in values if v.name in taken}
+            grams, _ = self._grams(block, probe, names, samples, weights)
+            del weights
+            trim_heap()  # the forward's activations are gone: the solves start from what the Gram matrices hold
+            self.timings["grams"] += time.perf_counter() - clock
+            last = {x: value.name for value, x in group}  # the last weight solved on each input's Gram matrix
+
+            def problems(group=group, grams=grams, last=last):  # drawn as the executor asks: one weight and its Gram matrix at a time
+                for value, x in group:
+                    yield _rows(read(value)).numpy(), grams.pop(x) if last[x] == value.name else grams[x]
+
+            clock = time.perf_counter()
+            solutions = parallel.current().map(_gptq_solve, problems(), shared=settings)
+            del grams  # held by the generator until each last reader has taken its own
+            for value, _ in group:  # not zip: it would hold the last solution while the next one is solved
+                (q, scale, zero), notes = next(solutions)
+                self.notes += notes
+                # what the quantizer started from these would give with no steps: the solver's codes on its scales
+                # (a group of zeros gets scale 1), so the solution goes out as it is
+                scale = np.where(scale != 0, scale, np.float32(1.0))
+                if spill is not None:
+                    hard[value.name] = spill.put(value.name, q)
+                else:
+                    hard[value.name] = torch.from_numpy(q if q.flags.writeable else q.copy())  # a remote result is read-only
+                emit(block, {value.name: (q, scale, zero)})
+                del q, scale, zero
+                trim_heap()
+            solutions.close()  # the executor's workers go now
+            self.timings["solves"] += time.perf_counter() - clock
         if spill is not None:  # the Gram matrices are gone: the block's weights come back for its forward
             hard = {name: torch.from_numpy(t.numpy()) for name, t in hard.items()}
             spill.close()
             shutil.rmtree(spill.path.parent)
-        self.timings["solves"] += time.perf_counter() - clock
-        shapes = {value.name: tuple(value.const_value.shape) for value, _ in order}
         return {name: _layout(rows, shapes[name]) for name, rows in hard.items()}
 
     def quantizer(self, wt: np.ndarray, start: tuple[np.ndarray, ...] | None = None) -> IntQuantizer | ShiftQuantizer | BinaryQuantizer | BCQQuantizer:
@@ -473,7 +506,7 @@ class Reconstruct(QuantizeWeights):
         tail_reads = [] if tail is None else [n for n in tail.input_names if n != blocks[-1].output.name]
         readers = [*inputs, tail_reads]
         outside = list(dict.fromkeys(n for names in readers for n in names if n not in produced))
-        modules, probes = [], []
+        modules, probes, stages = [], [], []
         for b, block in enumerate(blocks):  # each block computes its stream output and what later blocks read of it
             passed = [made[b][n] for names in readers[b + 1 :] for n in names if n in made[b]]
             outputs = list(dict.fromkeys([block.output, *passed]))
@@ -484,6 +517,8 @@ class Reconstruct(QuantizeWeights):
             needed = _feeding(block.nodes, wanted) if wanted else block.nodes  # not the nodes after the last target's input
             reads = {v.name for node in needed for v in node.inputs if v is not None} | {v.name for v in wanted}
             probes.append(TorchGraph(graph, nodes=needed, inputs=[v for v in fed if v.name in reads], outputs=wanted))
+            # sequential GPTQ's steps, built before any block's weights are emitted (emit rewires their readers)
+            stages.append(self._stages(graph, block, fed, probes[-1]) if self._lean(block) else [])
         samples = self.calibration.activations(model, outside)
         later = {name: max(i for i, names in enumerate(inputs) if name in names) for names in inputs for name in names}
         shared = [{k: torch.from_numpy(np.asarray(v)) for k, v in s.items()} for s in samples]
@@ -500,9 +535,9 @@ class Reconstruct(QuantizeWeights):
         self.results: list[BlockResult] = []  # per block, for callers and tests
         bar = tqdm(total=len(blocks), desc=f"reconstruct {self.config.tag}", leave=False)
         for b, (block, module, probe, names) in enumerate(zip(blocks, modules, probes, inputs, strict=True)):
-            if not learning and self.config.grid == "int" and self.config.start == "gptq" and all(n.op_type == "MatMul" for n in block.targets) and not self._biases(block):
+            if self._lean(block):
                 with torch.no_grad():
-                    hard = self._sequential_gptq(block, probe, names, quant, emit)
+                    hard = self._sequential_gptq(block, stages[b], names, quant, emit)
                     clock = time.perf_counter()
                     for i in range(len(samples)):
                         quant[i].update(module(**{n: quant[i][n] for n in names}, **hard))

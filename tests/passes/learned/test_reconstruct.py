@@ -301,7 +301,7 @@ def test_the_gptq_start_is_quantize_weights_gptq_on_the_inputs_the_quantized_mod
     one_shot = _lm(zoo_protos, "tiny-lm")
     create("quantize-weights", {"method": "gptq", **settings}, calibration=calibration)(one_shot)
     started = _lm(zoo_protos, "tiny-lm")
-    p = Reconstruct(**settings, start="gptq", clip_steps=0, round_steps=0, calibration=calibration)
+    p = Reconstruct(**settings, start="gptq", clip_steps=0, round_steps=0, true_sequential=False, calibration=calibration)
     p(started)
     layers = [[n for n in m.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None] for m in (one_shot, started)]
     assert len(layers[0]) == len(layers[1]) == 15  # 7 linears per decoder layer, then the head (left float by reconstruct)
@@ -313,6 +313,25 @@ def test_the_gptq_start_is_quantize_weights_gptq_on_the_inputs_the_quantized_mod
         differ.append(float(np.mean(wa != wb)))
     assert max(differ[:7]) < 0.01, differ
     assert min(differ[7:14]) > 0.01, differ
+
+
+def test_true_sequential_gptq_solves_each_weight_on_inputs_the_weights_before_it_already_quantized(zoo_protos):
+    calibration, held_out = token_calibration(16), list(token_calibration(8, seed=1))
+    settings = {"bits": 3, "group_size": 16, "format": "fake", "clip_steps": 0, "round_steps": 0}
+    models, errors = {}, {}
+    reference = _logits(_lm(zoo_protos, "tiny-lm"), held_out)
+    for label, stepwise in (("block", False), ("true", True)):
+        models[label] = _lm(zoo_protos, "tiny-lm")
+        Reconstruct(**settings, true_sequential=stepwise, calibration=calibration)(models[label])
+        errors[label] = _error(models[label], reference, held_out)
+    layers = [[n.inputs[1].const_value.numpy() for n in models[k].graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None]
+              for k in ("block", "true")]  # fmt: skip
+    differ = [float(np.mean(a != b)) for a, b in zip(*layers, strict=True)]
+    # block 0's q, k and v read the block's normed input in both: the same solution; o, gate, up and down read
+    # what the quantized q, k, v (then o, then gate and up) compute in the true-sequential run only
+    assert max(differ[:3]) == 0.0, differ
+    assert min(differ[3:7]) > 0.01, differ
+    assert errors["true"] < errors["block"], errors
 
 
 def test_a_gptq_start_never_ends_above_gptq_on_the_calibration_blocks(zoo_protos):
