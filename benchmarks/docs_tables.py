@@ -345,8 +345,8 @@ def scale() -> str:
         phases = row.get("phases_s")
         split = f"{phases['grams']:.0f} / {phases['solves']:.0f} / {phases['forward']:.0f}" if phases else "-"
         table.append([row["shape"], str(row["layers"]), f"{row['params'] / 1e9:.3f} B", row["step"], f"{row['wall_s']:.1f}",
-                      f"{row['peak_rss_gb']:.2f}", f"{row['written_gb']:.2f}", split])  # fmt: skip
-    head = ["shape", "layers", "parameters", "step", "wall s", "peak memory GB", "written GB", "GPTQ s: Gram / solves / forward"]
+                      f"{row['peak_rss_gb']:.2f}", f"{row['written_gb']:.2f}", split, row.get("commit", "-")])  # fmt: skip
+    head = ["shape", "layers", "parameters", "step", "wall s", "peak memory GB", "written GB", "GPTQ s: Gram / solves / forward", "commit"]
     fits = []
     for shape, what_shape in (("tinyllama-1.1b", "TinyLlama's"), ("llama2-7b", "Llama-2-7B's")):
         for step in SCALE_STEPS[1:]:

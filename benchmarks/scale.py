@@ -71,13 +71,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="scratch folder for the models (default: a temporary folder, removed)")
     parser.add_argument("--nodes", nargs="*", type=int, help="instead: canonical pass time against graph size, at these layer counts")
     parser.add_argument("--allocate", action="store_true", help="instead: the allocation sweep, serial against Ray")
-    parser.add_argument("--repeats", type=int, default=3, help="with --allocate: interleaved runs of each")
+    parser.add_argument("--repeats", type=int, default=3, help="with --allocate or --nodes: interleaved runs of each (medians reported)")
     parser.add_argument("--steps", nargs="*", choices=STEPS, default=list(STEPS), help="only these steps (synth-llm always runs)")
     parser.add_argument("--whole-7b-gptq", action="store_true", help="also GPTQ the whole-depth 7B shape (about an hour)")
     args = parser.parse_args()
     stamp = provenance()
     if args.nodes:
-        return pass_scaling(args.nodes, stamp)
+        return pass_scaling(args.nodes, stamp, args.repeats)
     if args.allocate:
         return allocate_sweep(args.repeats, stamp)
     work = Path(tempfile.mkdtemp(prefix="bitfold-scale-", dir=args.work))
@@ -140,7 +140,9 @@ def _calibration(folder: Path, path: Path) -> None:
 NARROW = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
 
 
-def pass_scaling(depths: list[int], stamp: dict) -> None:
+def pass_scaling(depths: list[int], stamp: dict, repeats: int = 3) -> None:
+    import gc
+    import statistics
     import time
 
     import bitfold
@@ -158,15 +160,22 @@ def pass_scaling(depths: list[int], stamp: dict) -> None:
             nodes = sum(1 for _ in model.graph)
             rows.append({"model": "synthetic", "variant": f"L{depth} export-llm graph", "layers": depth, "nodes": nodes,
                          "pass": "export-llm graph", "seconds": round(export_s, 4), "with_pipeline_s": round(export_s, 4)})  # fmt: skip
-            for name in CANONICAL:  # each alone, on the exported graph (they change nothing here but still visit it)
-                start = time.perf_counter()
-                _, report = bitfold.optimize(model, [name])
-                total = time.perf_counter() - start
+            runs: dict[str, list[tuple[float, float]]] = {name: [] for name in CANONICAL}
+            for _ in range(repeats):  # interleaved: each pass once per round
+                for name in CANONICAL:  # each alone, on the exported graph (they change nothing here but still visit it)
+                    gc.collect()  # the previous call's garbage is not this one's time
+                    start = time.perf_counter()
+                    _, report = bitfold.optimize(model, [name])
+                    runs[name].append((report.passes[0].seconds, time.perf_counter() - start))
+            for name, times in runs.items():
                 rows.append({"model": "synthetic", "variant": f"L{depth} {name}", "layers": depth, "nodes": nodes, "pass": name,
-                             "seconds": round(report.passes[0].seconds, 4), "with_pipeline_s": round(total, 4)})  # fmt: skip
+                             "seconds": round(statistics.median(t for t, _ in times), 4),
+                             "with_pipeline_s": round(statistics.median(t for _, t in times), 4),
+                             "runs_s": [round(t, 4) for t, _ in times]})  # fmt: skip
                 print(rows[-1], flush=True)
     result = {**stamp, "protocol": f"narrow Llama {NARROW}, fp32, exported in process; each canonical pass alone through the "
-              "pipeline: seconds inside the pass (report) and of the whole call", "rows": rows}  # fmt: skip
+              f"pipeline, {repeats} interleaved runs after a garbage collection: median seconds inside the pass (report) and of "
+              "the whole call", "rows": rows}  # fmt: skip
     write_atomic(RESULTS / "scale_passes.json", json.dumps(result, indent=1).encode())
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in dict.fromkeys(r["pass"] for r in rows):
