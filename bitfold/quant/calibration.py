@@ -148,19 +148,6 @@ def sink_gram(x: np.ndarray, sink_weight: float = 1.0, into: np.ndarray | None =
     return out
 
 
-def sink_cross(x: np.ndarray, y: np.ndarray, sink_weight: float = 1.0, into: np.ndarray | None = None) -> np.ndarray:
-    """``Σ w_r x_r y_rᵀ`` (K, N) over the rows of ``x`` (.., K) and ``y`` (.., N), float64, weighted as
-    :func:`sink_gram` weights them; added in place to ``into`` when given."""
-    rows = np.asarray(x).reshape(-1, x.shape[-1]).astype(np.float64)
-    if x.ndim >= 3 and sink_weight != 1.0:
-        rows.reshape(-1, x.shape[-2], x.shape[-1])[:, 0] *= sink_weight
-    block = rows.T @ np.asarray(y).reshape(-1, y.shape[-1]).astype(np.float64)
-    if into is None:
-        return block
-    into += block
-    return into
-
-
 def _keep(kept: np.ndarray | None, keys: np.ndarray | None, new: np.ndarray, size: int, rng: np.random.Generator):
     """Merge ``new`` items (along axis 0) into a uniform sample without replacement of at most ``size`` items.
 

@@ -110,40 +110,6 @@ def gptq_loop(
     return Q.T[:, torch.argsort(perm)].numpy()
 
 
-def float_target(W: np.ndarray, H: np.ndarray, cross: np.ndarray, damp: float = 0.01, notes: list[str] | None = None) -> np.ndarray:
-    """The float weight (N, K) whose output on the quantized model's inputs best matches the float model's output:
-    ``argmin_V Σ_r w_r |V x_r − W x̂_r|² + λ |V − W|²`` over the calibration rows, with x_r what the layer reads in
-    the quantized model and x̂_r in the float model: V = W + Δ with (H + λI) Δᵀ = ``cross`` − H Wᵀ, where
-    H = Σ w_r x_r x_rᵀ (the Gram matrix GPTQ reads), ``cross`` = Σ w_r x_r (W x̂_r)ᵀ (K, N) and λ = ``damp`` ·
-    mean |diag H| (raised through ``DAMP_STEPS`` as GPTQ's): W itself where both models read the same, and no
-    change along directions the calibration inputs never take. Because ``Σ w_r |Q x_r − W x̂_r|² = Σ w_r |(Q − V) x_r|² + const``, GPTQ on
-    V with H minimizes the layer's error against the float model (asymmetric calibration), not only its own
-    rounding error. Inputs that never fire (diag H = 0) get weight 0, as GPTQ gives them. One K x K matrix besides
-    H: its factor."""
-    check_damp(damp)
-    diag = np.diag(H).astype(np.float64)
-    dead = diag == 0
-    scale = float(np.mean(np.abs(np.where(dead, 1.0, diag))))
-    for factor in DAMP_STEPS:
-        a = torch.from_numpy(np.asarray(H, np.float64)).T.clone()  # column-major copy: factored in place
-        a.diagonal()[torch.from_numpy(dead)] = 1.0
-        a.diagonal().add_(damp * factor * scale)
-        L, info = torch.linalg.cholesky_ex(a, out=(a, torch.empty((), dtype=torch.int32)))
-        if int(info) == 0:
-            wt = torch.from_numpy(np.asarray(W, np.float64).T.copy())  # (K, N)
-            shift = torch.cholesky_solve(torch.from_numpy(np.asarray(cross, np.float64)) - torch.from_numpy(np.asarray(H, np.float64)) @ wt, L)
-            del L, a
-            wt += shift
-            wt[torch.from_numpy(dead)] = 0.0
-            if factor != 1.0 and notes is not None:
-                notes.append(f"float target: H needed dampening {damp * factor:g} (asked {damp:g})")
-            return wt.T.numpy().astype(np.float32)
-        del L, a
-    if notes is not None:
-        notes.append("float target: H + λI is not positive definite at any dampening tried; the layer's own weight kept")
-    return np.asarray(W, np.float32)
-
-
 #: Dampening factors tried in turn, as multiples of ``damp``, before falling back to round-to-nearest.
 DAMP_STEPS = (1.0, 10.0, 100.0, 1000.0)
 

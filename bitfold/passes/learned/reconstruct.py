@@ -72,10 +72,10 @@ from bitfold.passes.multless.shiftadd import ShiftAdd, ShiftAddConfig
 from bitfold.passes.quant.quantize_weights import QUANTIZED_KEY, QuantizeWeights
 from bitfold.passes.registry import register
 from bitfold.passes.transforms.structure import residual_cuts
-from bitfold.quant.calibration import sink_cross, sink_gram
+from bitfold.quant.calibration import sink_gram
 from bitfold.quant.formats import Format, IntFormat, format_from, granularity_from
 from bitfold.quant.bcq import bcq
-from bitfold.quant.gptq import float_target, gptq
+from bitfold.quant.gptq import gptq
 from bitfold.quant.im2col import ConvGeometry, patch_gram
 from bitfold.quant.reconstruct import BCQQuantizer, BinaryQuantizer, BlockResult, IntQuantizer, Schedule, ShiftQuantizer, train_block, tune_scales
 from bitfold.quant.torch_graph import TorchGraph
@@ -109,7 +109,6 @@ class ReconstructConfig:
     damp: float = dataclasses.field(default=0.003, metadata={"doc": "start = gptq: Hessian dampening, fraction of mean diag"})
     act_order: bool = dataclasses.field(default=True, metadata={"doc": "start = gptq: visit columns by decreasing Hessian diagonal"})
     true_sequential: bool = dataclasses.field(default=False, metadata={"doc": "nothing learned (clip_steps = round_steps = tune_steps = 0), int grid, MatMul weights: solve a block's weights in graph order, those reading one input at a time (q, k, v; o; gate, up; down), each on its input computed with the earlier ones already quantized (one input's Gram matrix held at a time); false: every input's Gram matrix from one forward on the block's float weights"})
-    float_target: bool = dataclasses.field(default=False, metadata={"doc": "nothing learned, int grid, MatMul weights: solve each weight for the float model's output on the quantized model's inputs, not its own (asymmetric calibration: the error the earlier layers left is corrected too); runs the float model alongside and holds each input's (K, N) cross product with the float outputs"})
     sink_weight: float = dataclasses.field(default=64.0, metadata={"doc": "start = gptq: weight in H of each sequence's first token"})
     clip: Literal["none", "weight", "output"] = dataclasses.field(default="output", metadata={"doc": "start = gptq: range shrink per group (as quantize-weights)"})
     loss: Literal["tensor", "channel", "token"] = dataclasses.field(default="tensor", metadata={"doc": "block output error relative to the target's mean square over: the tensor | each channel | each token"})
@@ -131,8 +130,8 @@ class ReconstructConfig:
             raise ValueError("span must be >= 1")
         if min(self.clip_steps, self.round_steps, self.tune_steps) < 0:
             raise ValueError("clip_steps, round_steps and tune_steps must be >= 0")
-        if (self.true_sequential or self.float_target) and (self.clip_steps or self.round_steps or self.tune_steps or self.grid != "int" or self.start != "gptq"):
-            raise ValueError("true_sequential and float_target belong to sequential GPTQ (grid \"int\", start \"gptq\", nothing learned); "
+        if self.true_sequential and (self.clip_steps or self.round_steps or self.tune_steps or self.grid != "int" or self.start != "gptq"):
+            raise ValueError("true_sequential belongs to sequential GPTQ (grid \"int\", start \"gptq\", nothing learned); "
                              "set clip_steps = round_steps = tune_steps = 0")  # fmt: skip
         if self.tune_batch < 1:
             raise ValueError("tune_batch must be >= 1")
@@ -206,18 +205,6 @@ class Block:
     nodes: list[ir.Node]
     output: ir.Value  # the stream value the block ends at (its loss)
     targets: list[ir.Node]  # the MatMuls it quantizes
-
-
-@dataclasses.dataclass
-class _Reference:
-    """What sequential GPTQ's float target reads while the Gram matrices accumulate: the float model's values per
-    sample, the float weights the probe reads, and per solved weight (the input it is solved on, its float value in
-    the graph's layout); each weight's cross product accumulates into ``found``."""
-
-    samples: list[dict[str, torch.Tensor]]
-    weights: dict[str, torch.Tensor]
-    crosses: dict[str, tuple[str, torch.Tensor]]
-    found: dict[str, np.ndarray]
 
 
 @register
@@ -390,9 +377,9 @@ class Reconstruct(QuantizeWeights):
         return found
 
     def _grams(self, block: Block, probe: TorchGraph, names: list[str], samples: list[dict[str, torch.Tensor]],
-               weights: dict[str, torch.Tensor], reference: _Reference | None = None) -> tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]]]:  # fmt: skip
+               weights: dict[str, torch.Tensor]) -> tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]]]:  # fmt: skip
         """The Gram matrix of every MatMul target's input and every Conv target's inputs, on what the block reads
-        in the quantized model; with ``reference``, also the cross products it asks for."""
+        in the quantized model."""
         grams: dict[str, np.ndarray] = {}
         conv_inputs = {node.inputs[0].name for node in block.targets if node.op_type == "Conv"}
         matmul_inputs = {node.inputs[0].name for node in block.targets if node.op_type == "MatMul"}
@@ -400,20 +387,12 @@ class Reconstruct(QuantizeWeights):
         taken = set(probe.input_names)
         weights = {name: w for name, w in weights.items() if name in taken}
         with torch.no_grad():
-            for i, env in enumerate(samples):
-                found = probe(**{n: env[n] for n in names if n in taken}, **weights)
-                for name, x in found.items():
+            for env in samples:
+                for name, x in probe(**{n: env[n] for n in names if n in taken}, **weights).items():
                     if name in conv_inputs:
                         convs[name].append(x.numpy())
                     if name in matmul_inputs:
                         grams[name] = sink_gram(x.numpy(), self.config.sink_weight, into=grams.get(name))
-                if reference is not None:
-                    fenv = reference.samples[i]
-                    floats = probe(**{n: fenv[n] for n in names if n in taken}, **{n: w for n, w in reference.weights.items() if n in taken})
-                    for weight, (x, w) in reference.crosses.items():
-                        out = reference.found
-                        out[weight] = sink_cross(found[x].numpy(), (floats[x] @ w).numpy(), self.config.sink_weight, into=out.get(weight))
-                    del floats
         return grams, convs
 
     def _lean(self, block: Block) -> bool:
@@ -444,8 +423,7 @@ class Reconstruct(QuantizeWeights):
         return found
 
     def _sequential_gptq(self, block: Block, stages: list[tuple[TorchGraph, list[tuple[ir.Value, str]]]], names: list[str],
-                         samples: list[dict[str, torch.Tensor]], emit: Callable[[Block, dict[str, tuple[np.ndarray, ...]]], None],
-                         float_samples: list[dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+                         samples: list[dict[str, torch.Tensor]], emit: Callable[[Block, dict[str, tuple[np.ndarray, ...]]], None]) -> dict[str, torch.Tensor]:  # fmt: skip
         """GPTQ of a block's MatMul weights on the quantized model's inputs without learning, step by step
         (:meth:`_stages`), lean: the weights a step's probe reads are fed (float, or quantized where an earlier
         step solved them) for its Gram matrices and dropped, then each of the step's weights is read again, solved,
@@ -454,9 +432,7 @@ class Reconstruct(QuantizeWeights):
         solves within a step are independent: they go to the current executor (:mod:`bitfold.parallel`; in this
         process by default, one at a time). Returns the dequantized values in the graph's layout. With one step
         (``true_sequential = false``) the weights equal what the learning path gives with no steps (the same
-        quantizer, rounded as its start). With ``float_samples`` (``float_target``) each weight is solved for the
-        float model's output (:func:`~bitfold.quant.gptq.float_target`): the probe also runs on the float model's
-        values with the float weights, for each weight's cross product."""
+        quantizer, rounded as its start)."""
         read = lambda v: torch.from_numpy(v.const_value.numpy().astype(np.float32))  # noqa: E731
         values = [value for _, group in stages for value, _ in group]  # as built: emit rewires the block's readers
         shapes = {value.name: tuple(value.const_value.shape) for value in values}
@@ -469,26 +445,19 @@ class Reconstruct(QuantizeWeights):
             clock = time.perf_counter()
             taken = set(probe.input_names)
             weights = {v.name: dense(v.name) if v.name in hard else read(v) for v in values if v.name in taken}
-            crosses: dict[str, np.ndarray] = {}
-            reference = None
-            if float_samples:  # the float model: its values, the float weights the probe reads, each solved weight
-                floats = {v.name: read(v) if v.name in hard else w for v in values if (w := weights.get(v.name)) is not None}
-                reference = _Reference(float_samples, floats, {value.name: (x, floats[value.name] if value.name in floats else read(value))
-                                                               for value, x in group}, crosses)  # fmt: skip
-                del floats
-            grams, _ = self._grams(block, probe, names, samples, weights, reference)
-            del weights, reference
+            grams, _ = self._grams(block, probe, names, samples, weights)
+            del weights
             trim_heap()  # the forward's activations are gone: the solves start from what the Gram matrices hold
             self.timings["grams"] += time.perf_counter() - clock
             last = {x: value.name for value, x in group}  # the last weight solved on each input's Gram matrix
 
-            def problems(group=group, grams=grams, last=last, crosses=crosses):  # drawn as the executor asks: one weight and its Gram matrix at a time
+            def problems(group=group, grams=grams, last=last):  # drawn as the executor asks: one weight and its Gram matrix at a time
                 for value, x in group:
-                    yield _rows(read(value)).numpy(), grams.pop(x) if last[x] == value.name else grams[x], crosses.pop(value.name, None)
+                    yield _rows(read(value)).numpy(), grams.pop(x) if last[x] == value.name else grams[x]
 
             clock = time.perf_counter()
             solutions = parallel.current().map(_gptq_solve, problems(), shared=settings)
-            del grams, crosses  # held by the generator until each last reader has taken its own
+            del grams  # held by the generator until each last reader has taken its own
             for value, _ in group:  # not zip: it would hold the last solution while the next one is solved
                 (q, scale, zero), notes = next(solutions)
                 self.notes += notes
@@ -560,7 +529,7 @@ class Reconstruct(QuantizeWeights):
             _image_input(shared[0])  # refused before the blocks' work, not after
         quant = [dict(s) for s in shared]  # value name → tensor on the quantized path, per sample
         learning = bool(self.config.clip_steps or self.config.round_steps or self.config.tune_steps)
-        full = [dict(s) for s in shared] if learning or self.config.float_target else []  # the same on the full-precision path
+        full = [dict(s) for s in shared] if learning else []  # the same on the full-precision path
         schedule = Schedule(self.config.clip_steps, self.config.round_steps, self.config.clip_lr, self.config.round_lr,
                             self.config.reg, seed=self.config.seed, loss=self.config.loss)  # fmt: skip
         learned = []
@@ -570,23 +539,17 @@ class Reconstruct(QuantizeWeights):
         bar = tqdm(total=len(blocks), desc=f"reconstruct {self.config.tag}", leave=False)
         for b, (block, module, probe, names) in enumerate(zip(blocks, modules, probes, inputs, strict=True)):
             if self._lean(block):
-                originals = [value for _, group in stages[b] for value, _ in group]  # as built: emit rewires their readers
                 with torch.no_grad():
-                    hard = self._sequential_gptq(block, stages[b], names, quant, emit, full or None)
+                    hard = self._sequential_gptq(block, stages[b], names, quant, emit)
                     clock = time.perf_counter()
                     for i in range(len(samples)):
                         quant[i].update(module(**{n: quant[i][n] for n in names}, **hard))
-                    del hard
-                    if full:  # float_target: the float model's values for the next block
-                        floats = {v.name: torch.from_numpy(v.const_value.numpy().astype(np.float32)) for v in originals}
-                        for env in full:
-                            env.update(module(**{n: env[n] for n in names}, **floats))
-                        del floats
                     self.timings["forward"] += time.perf_counter() - clock
+                del hard
                 trim_heap()  # the forward's activations and the block's weights: the next block starts from its inputs
                 if block.targets:
                     self.notes.append(f"block {b} ({len(_weights(block))} weights): GPTQ on the quantized model's inputs, no learning")
-                for env in (*quant, *full):  # drop what no later block reads
+                for env in quant:  # drop what no later block reads
                     for name in [n for n in env if later.get(n, -1) <= b]:
                         del env[name]
                 bar.update()
@@ -850,13 +813,9 @@ def _ancestors(value: ir.Value) -> set[ir.Node]:
     return seen
 
 
-def _gptq_solve(settings: tuple, problem: tuple[np.ndarray, np.ndarray, np.ndarray | None]) -> tuple[tuple[np.ndarray, ...], list[str]]:
-    """One weight's GPTQ solution (dequantized Wᵀ, scale, zero point) and the solver's notes (an executor's work
-    item); with a cross product (:func:`~bitfold.quant.gptq.float_target`), solved for the float model's output."""
+def _gptq_solve(settings: tuple, problem: tuple[np.ndarray, np.ndarray]) -> tuple[tuple[np.ndarray, ...], list[str]]:
+    """One weight's GPTQ solution (dequantized Wᵀ, scale, zero point) and the solver's notes (an executor's work item)."""
     fmt, granularity, damp, act_order, clip = settings
-    wt, gram, cross = problem
+    wt, gram = problem
     notes: list[str] = []
-    if cross is not None:  # the float model's output as the target
-        wt = float_target(wt, gram, cross, damp, notes)
-        del cross
     return gptq(wt, gram, fmt, granularity, damp=damp, act_order=act_order, clip=clip, notes=notes), notes

@@ -166,8 +166,8 @@ def test_bad_parameters_and_graphs_without_a_stream_get_one_sentence(zoo_protos)
         create("reconstruct", {"format": "matmulnbits", "group_size": 32, "op_types": ["Conv"]})
     with pytest.raises(PassParameterError, match="set tune_steps > 0"):
         create("reconstruct", {"tune_weights": True})
-    with pytest.raises(PassParameterError, match="float_target belong to sequential GPTQ"):
-        create("reconstruct", {"float_target": True})  # learning steps left at their defaults
+    with pytest.raises(PassParameterError, match="true_sequential belongs to sequential GPTQ"):
+        create("reconstruct", {"true_sequential": True})  # learning steps left at their defaults
     with pytest.raises(PassParameterError, match="no latent weights"):
         create("reconstruct", {"grid": "shift", "bits": 3, "format": "fake", "tune_steps": 4, "tune_weights": True})
     with pytest.raises(PassParameterError, match="set tune_steps > 0"):
@@ -334,20 +334,6 @@ def test_true_sequential_gptq_solves_each_weight_on_inputs_the_weights_before_it
     assert max(differ[:3]) == 0.0, differ
     assert min(differ[3:7]) > 0.01, differ
     assert errors["true"] < errors["block"], errors
-
-
-@pytest.mark.parametrize("stepwise", [False, True])
-def test_a_float_target_brings_sequential_gptq_closer_to_the_float_model(zoo_protos, stepwise):
-    calibration, held_out = token_calibration(16), list(token_calibration(8, seed=1))
-    settings = {"bits": 3, "group_size": 16, "format": "fake", "clip_steps": 0, "round_steps": 0, "true_sequential": stepwise}
-    reference = _logits(_lm(zoo_protos, "tiny-lm"), held_out)
-    errors = {}
-    for target in (False, True):
-        model = _lm(zoo_protos, "tiny-lm")
-        Reconstruct(**settings, float_target=target, calibration=calibration)(model)
-        errors[target] = _error(model, reference, held_out)
-    print(stepwise, errors)
-    assert errors[True] < errors[False], errors
 
 
 def test_a_gptq_start_never_ends_above_gptq_on_the_calibration_blocks(zoo_protos):
