@@ -43,9 +43,10 @@ def output_clip(
     n, k = w.shape
     blocks = to_groups(np.asarray(w, np.float32), granularity)  # (N, G, S)
     size = blocks.shape[2]
-    padded = np.zeros((blocks.shape[1] * size,) * 2)
-    padded[:k, :k] = H
-    h_blocks = np.stack([padded[g * size : (g + 1) * size, g * size : (g + 1) * size] for g in range(blocks.shape[1])])
+    h_blocks = np.zeros((blocks.shape[1], size, size))  # H's diagonal blocks, the last one zero-padded to the group size
+    for g in range(blocks.shape[1]):
+        part = H[g * size : (g + 1) * size, g * size : (g + 1) * size]
+        h_blocks[g, : len(part), : len(part)] = part
     lo, hi = blocks.min(axis=-1, keepdims=True), blocks.max(axis=-1, keepdims=True)
     best_scale, best_zero = fmt.params(lo, hi)
     best_err = np.full(lo.shape, np.inf)

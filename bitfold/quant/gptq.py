@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import tempfile
 from collections.abc import Callable
 from typing import Protocol
 
@@ -49,7 +50,7 @@ class GroupGrid(Grid, Protocol):
 
 def gptq_loop(
     W: np.ndarray, H: np.ndarray, grid: Grid | GroupGrid, *, group: int = 0, block_size: int = 128, damp: float = 0.01,
-    act_order: bool = False, notes: list[str] | None = None,
+    act_order: bool = False, notes: list[str] | None = None, overwrite_h: bool = False,
 ) -> np.ndarray:  # fmt: skip
     """Round W (N, K) column by column onto ``grid``, given H (K, K); returns the rounded W (N, K), float32.
 
@@ -57,6 +58,10 @@ def gptq_loop(
     follow column order, so not with ``act_order``). ``group`` = 0: the grid was fitted beforehand. ``round``
     always receives the original column index. ``notes`` receives a sentence when H needed more dampening than
     ``damp`` or the loop fell back to round-to-nearest.
+
+    ``overwrite_h``: H's memory may hold the factorization (its contents are undefined afterwards), so the solve
+    needs no K x K matrix of its own; taken only where H is a writable, C-contiguous float64 array (otherwise H is
+    copied as without it). The result is the same either way.
     """
     if group and act_order:
         raise ValueError("groups fitted during the loop follow column order; fit the grid beforehand for act_order")
@@ -89,11 +94,25 @@ def gptq_loop(
         out.diagonal()[dead[perm]] = 1.0
         return out
 
-    H = permuted()  # the only K x K matrix besides the caller's
-    U = inverse_cholesky(H, damp, scale, notes, rebuild=permuted)  # factored in H's own memory
+    if overwrite_h and isinstance(source, np.ndarray) and source.dtype == np.float64 and source.flags.c_contiguous and source.flags.writeable:
+        with tempfile.TemporaryFile(prefix="bitfold-gram-") as backup:  # what a dampening retry starts again from
+            H = _permuted_in_place(source, perm.numpy(), dead[perm].numpy())
+            source.tofile(backup)
+            backup.flush()
+
+            def restored() -> torch.Tensor:
+                backup.seek(0)
+                backup.readinto(memoryview(source).cast("B"))
+                return H
+
+            U = inverse_cholesky(H, damp, scale, notes, rebuild=restored)  # factored in the caller's memory
+    else:
+        H = permuted()  # the only K x K matrix besides the caller's
+        U = inverse_cholesky(H, damp, scale, notes, rebuild=permuted)  # factored in H's own memory
     del H  # the loop reads U only
     Q = torch.zeros((k, n), dtype=torch.float32)  # what is returned: the error feedback uses the float64 values
     E = torch.empty((block_size, n), dtype=torch.float64)
+    W1 = U1 = E1 = None  # views into W, U and E, per block
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         W1, U1, E1 = W[i1:i2], U[i1:i2, i1:i2], E[: i2 - i1]  # W1 is updated in place: its rows are not read later
@@ -107,7 +126,47 @@ def gptq_loop(
             e = torch.sub(W1[i], q, out=E1[i]).div_(U1[i, i])
             W1[i + 1 :].addr_(U1[i, i + 1 :], e, alpha=-1.0)
         W[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1.0)
+    del U, W, W1, U1, E, E1  # the factor and the updated weights go before the result's unpermuted copy is made
     return Q.T[:, torch.argsort(perm)].numpy()
+
+
+def _permuted_in_place(a: np.ndarray, order: np.ndarray, dead: np.ndarray) -> torch.Tensor:
+    """What ``permuted`` builds (``a[order][:, order]`` with the ``dead`` entries of its diagonal at 1, seen
+    column-major), in ``a``'s own memory (a C-contiguous K x K array): rows moved along the permutation's cycles,
+    the matrix transposed tile by tile, rows moved again. The memory then holds P aᵀ Pᵀ, whose column-major view is
+    P a Pᵀ (a Gram matrix summed in blocks of rows need not be exactly symmetric: the transpose is not skipped).
+    Only copies: the values are the same bits."""
+    rows_in_place(a, order)
+    tile = 512
+    for i in range(0, len(a), tile):
+        d = a[i : i + tile, i : i + tile]
+        d[...] = d.T.copy()
+        for j in range(i + tile, len(a), tile):
+            upper = a[i : i + tile, j : j + tile].copy()
+            a[i : i + tile, j : j + tile] = a[j : j + tile, i : i + tile].T
+            a[j : j + tile, i : i + tile] = upper.T
+    rows_in_place(a, order)
+    out = torch.from_numpy(a).T
+    out.diagonal()[torch.from_numpy(dead)] = 1.0
+    return out
+
+
+def rows_in_place(a: np.ndarray, order: np.ndarray) -> None:
+    """``a[:] = a[order]`` with one row of scratch memory: each cycle of the permutation moved in turn."""
+    done = np.zeros(len(order), dtype=bool)
+    for start in range(len(order)):
+        if done[start] or order[start] == start:
+            continue
+        first = a[start].copy()
+        i = start
+        while True:
+            done[i] = True
+            j = order[i]
+            if j == start:
+                a[i] = first
+                break
+            a[i] = a[j]
+            i = j
 
 
 #: Dampening factors tried in turn, as multiples of ``damp``, before falling back to round-to-nearest.
@@ -157,8 +216,10 @@ class FormatGrid:
     """
 
     def __init__(self, fmt: Format, shape: tuple[int, int], clip: Clip = "none", H: np.ndarray | None = None, group: int = 1) -> None:
-        self.fmt, self.clip, self.H, self.group, self.shape = fmt, clip, H, group, shape
+        self.fmt, self.clip, self.group, self.shape = fmt, clip, group, shape
         groups = -(-shape[1] // group)
+        # what the output clip reads of H: its diagonal blocks, copied (the loop may factor H in its own memory)
+        self.blocks = None if H is None or clip != "output" else [np.array(H[s : s + group, s : s + group]) for s in range(0, shape[1], group)]
         # stored column-major ((G, N) arrays seen through a transpose): the loop reads one column per step, and a
         # strided column of a wide row-major matrix touches a cache line per element
         self.scale, self.zero = np.zeros((groups, shape[0]), np.float32).T, np.zeros((groups, shape[0]), np.float32).T
@@ -174,8 +235,7 @@ class FormatGrid:
         return tuple(np.ascontiguousarray(np.repeat(p, self.group, axis=1)[:, : self.shape[1]], np.float32) for p in (self.scale, self.zero))
 
     def fit(self, w: np.ndarray, start: int, u_diag: np.ndarray) -> None:
-        end = start + w.shape[1]
-        block = None if self.H is None else self.H[start:end, start:end]
+        block = None if self.blocks is None else self.blocks[start // self.group]
         self.set(*group_params(np.asarray(w, np.float32), self.fmt, PerChannel(), self.clip, block), start=start)
 
     def round(self, w: np.ndarray, col: int) -> np.ndarray:
@@ -194,19 +254,20 @@ def gptq(
     act_order: bool = False,
     clip: Clip = "none",
     notes: list[str] | None = None,
+    overwrite_h: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Quantize W (N, K) given H (K, K). Returns (Q dequantized (N, K), scale (N, K), zero (N, K)).
 
     ``scale``/``zero`` are per element (constant within each scale group) so any emitter can re-derive codes.
     Per-group scales follow the error-updated weights; with ``act_order`` (or per-channel/per-tensor scales) they
-    are fixed from the unquantized weights. ``notes``: as for :func:`gptq_loop`.
+    are fixed from the unquantized weights. ``notes`` and ``overwrite_h``: as for :func:`gptq_loop`.
     """
     check_damp(damp)
     # parameters are held per group while the loop runs, per element only once it is done
-    grid = FormatGrid(fmt, W.shape, clip, H, group=granularity.size if isinstance(granularity, PerGroup) else W.shape[1])
     dynamic = isinstance(granularity, PerGroup) and not act_order
+    grid = FormatGrid(fmt, W.shape, clip, H if dynamic else None, group=granularity.size if isinstance(granularity, PerGroup) else W.shape[1])
     if not dynamic:
         grid.set(*group_params(np.asarray(W, np.float32), fmt, granularity, clip, H))
     q = gptq_loop(W, H, grid, group=granularity.size if dynamic else 0, block_size=block_size, damp=damp, act_order=act_order,
-                  notes=notes)  # fmt: skip
+                  notes=notes, overwrite_h=overwrite_h)  # fmt: skip
     return (q, *grid.per_element())

@@ -138,9 +138,12 @@ SEQUENTIAL_GPTQ = [{"name": "reconstruct", "bits": 4, "group_size": 32, "format"
                     "exclude": ["*lm_head*"]}]  # fmt: skip
 
 
-def test_streamed_sequential_gptq_writes_the_in_memory_output(exported, tmp_path):
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_streamed_sequential_gptq_writes_the_in_memory_output(exported, tmp_path, true_sequential, monkeypatch):
     """GPTQ block by block (reconstruct without learning) on weights read from disk and written to a store: the
-    same weights as in memory, while the calibration's first inputs come from the pruned prefix of the graph."""
+    same weights as in memory, while the calibration's first inputs come from the pruned prefix of the graph (and,
+    streamed, each layer input is kept on disk until its Gram matrix is needed: 72 tokens, fewer than twice any
+    input's width)."""
     import bitfold
     from bitfold.llm.feeds import prefill
     from bitfold.quant.calibration import CalibrationData
@@ -150,7 +153,13 @@ def test_streamed_sequential_gptq_writes_the_in_memory_output(exported, tmp_path
     rng = np.random.default_rng(0)
     model = bitfold.load(source)
     calibration = CalibrationData([prefill(model, rng.integers(0, SHAPE["vocab_size"], (1, 24))) for _ in range(3)])
-    memory, report, written = in_memory_and_streamed(source, SEQUENTIAL_GPTQ, calibration, tmp_path)
+    steps = [{**SEQUENTIAL_GPTQ[0], "true_sequential": true_sequential}]
+    from bitfold.passes.learned.reconstruct import Reconstruct
+
+    built, gram = [], Reconstruct._gram
+    monkeypatch.setattr(Reconstruct, "_gram", lambda self, parts: built.append(len(parts)) or gram(self, parts))
+    memory, report, written = in_memory_and_streamed(source, steps, calibration, tmp_path)
+    assert built == [3] * 4 * SHAPE["num_hidden_layers"]  # streamed only: four inputs per layer, three samples each
     assert sum("no learning" in note for note in report.passes[0].notes) == SHAPE["num_hidden_layers"]
     assert sorted(written.graph.initializers) == sorted(memory.graph.initializers)
     for name, value in memory.graph.initializers.items():

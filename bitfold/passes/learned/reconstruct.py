@@ -395,6 +395,34 @@ class Reconstruct(QuantizeWeights):
                         grams[name] = sink_gram(x.numpy(), self.config.sink_weight, into=grams.get(name))
         return grams, convs
 
+    def _lean_grams(self, probe: TorchGraph, names: list[str], samples: list[dict[str, torch.Tensor]], weights: dict[str, torch.Tensor],
+                    spill: WeightStore | None) -> tuple[dict[str, np.ndarray], dict[str, list[ir.TensorProtocol]]]:  # fmt: skip
+        """Sequential GPTQ's Gram matrices: of every input ``probe`` computes, on what the block reads in the quantized
+        model; streaming (``spill`` given), an input whose activations take less room than its Gram matrix (fewer
+        tokens than twice its width: a decoder's wide down-projection input) is kept on disk instead, per sample, and
+        its Gram matrix is built by :meth:`_gram` when its weights are solved, with no other one held. Either way the
+        sums run over the same arrays in the same order: the same bits."""
+        taken = set(probe.input_names)
+        grams: dict[str, np.ndarray] = {}
+        kept: dict[str, list[ir.TensorProtocol]] = {}
+        with torch.no_grad():
+            for i, env in enumerate(samples):
+                for name, x in probe(**{n: env[n] for n in names if n in taken}, **weights).items():
+                    x = x.numpy()
+                    rows = x.size // x.shape[-1] * len(samples)
+                    if spill is not None and (name in kept or (name not in grams and rows < 2 * x.shape[-1])):
+                        kept.setdefault(name, []).append(spill.put(f"{name}#{i}", x))
+                    else:
+                        grams[name] = sink_gram(x, self.config.sink_weight, into=grams.get(name))
+        return grams, kept
+
+    def _gram(self, parts: list[ir.TensorProtocol]) -> np.ndarray:
+        """The Gram matrix of an input kept per sample (:meth:`_lean_grams`), summed in sample order."""
+        gram = None
+        for part in parts:
+            gram = sink_gram(part.numpy(), self.config.sink_weight, into=gram)
+        return gram
+
     def _lean(self, block: Block) -> bool:
         """Whether the block takes sequential GPTQ's lean path: nothing learned, integer grid from GPTQ's start,
         MatMul weights only and no biases."""
@@ -445,19 +473,25 @@ class Reconstruct(QuantizeWeights):
             clock = time.perf_counter()
             taken = set(probe.input_names)
             weights = {v.name: dense(v.name) if v.name in hard else read(v) for v in values if v.name in taken}
-            grams, _ = self._grams(block, probe, names, samples, weights)
+            grams, kept = self._lean_grams(probe, names, samples, weights, spill)
             del weights
             trim_heap()  # the forward's activations are gone: the solves start from what the Gram matrices hold
             self.timings["grams"] += time.perf_counter() - clock
             last = {x: value.name for value, x in group}  # the last weight solved on each input's Gram matrix
+            late = [0.0]  # seconds spent on the Gram matrices built from kept inputs, within the solves
 
-            def problems(group=group, grams=grams, last=last):  # drawn as the executor asks: one weight and its Gram matrix at a time
+            def problems(group=group, grams=grams, kept=kept, last=last, late=late):  # drawn as the executor asks: one weight and its Gram matrix at a time
                 for value, x in group:
-                    yield _rows(read(value)).numpy(), grams.pop(x) if last[x] == value.name else grams[x]
+                    if x not in grams:  # an input kept on disk: its Gram matrix now, the block's weights and the Gram matrices solved before it gone
+                        start = time.perf_counter()
+                        grams[x] = self._gram(kept.pop(x))
+                        late[0] += time.perf_counter() - start
+                    owned = last[x] == value.name  # the last reader owns the Gram matrix: its solve factors it in its own memory
+                    yield _rows(read(value)).numpy(), grams.pop(x) if owned else grams[x], owned
 
             clock = time.perf_counter()
             solutions = parallel.current().map(_gptq_solve, problems(), shared=settings)
-            del grams  # held by the generator until each last reader has taken its own
+            del grams, kept  # held by the generator until each last reader has taken its own
             for value, _ in group:  # not zip: it would hold the last solution while the next one is solved
                 (q, scale, zero), notes = next(solutions)
                 self.notes += notes
@@ -472,7 +506,8 @@ class Reconstruct(QuantizeWeights):
                 del q, scale, zero
                 trim_heap()
             solutions.close()  # the executor's workers go now
-            self.timings["solves"] += time.perf_counter() - clock
+            self.timings["solves"] += time.perf_counter() - clock - late[0]
+            self.timings["grams"] += late[0]
         if spill is not None:  # the Gram matrices are gone: the block's weights come back for its forward
             hard = {name: torch.from_numpy(t.numpy()) for name, t in hard.items()}
             spill.close()
@@ -530,6 +565,8 @@ class Reconstruct(QuantizeWeights):
         quant = [dict(s) for s in shared]  # value name → tensor on the quantized path, per sample
         learning = bool(self.config.clip_steps or self.config.round_steps or self.config.tune_steps)
         full = [dict(s) for s in shared] if learning else []  # the same on the full-precision path
+        if not self.config.tune_steps:  # only the end-to-end phase reads the first inputs again
+            del samples, shared
         schedule = Schedule(self.config.clip_steps, self.config.round_steps, self.config.clip_lr, self.config.round_lr,
                             self.config.reg, seed=self.config.seed, loss=self.config.loss)  # fmt: skip
         learned = []
@@ -542,7 +579,7 @@ class Reconstruct(QuantizeWeights):
                 with torch.no_grad():
                     hard = self._sequential_gptq(block, stages[b], names, quant, emit)
                     clock = time.perf_counter()
-                    for i in range(len(samples)):
+                    for i in range(len(quant)):
                         quant[i].update(module(**{n: quant[i][n] for n in names}, **hard))
                     self.timings["forward"] += time.perf_counter() - clock
                 del hard
@@ -583,7 +620,7 @@ class Reconstruct(QuantizeWeights):
             with torch.no_grad():
                 hard = {name: _layout(q(), shapes[name]) for name, q in quantizers.items()}
                 hard.update({name: b.detach().clone() for name, b in biases.items()})
-                for i in range(len(samples)):
+                for i in range(len(quant)):
                     quant[i].update(module(**{n: quant[i][n] for n in names}, **hard))
                 for env, found in zip(full, computed, strict=True):
                     env.update(found)
@@ -813,9 +850,10 @@ def _ancestors(value: ir.Value) -> set[ir.Node]:
     return seen
 
 
-def _gptq_solve(settings: tuple, problem: tuple[np.ndarray, np.ndarray]) -> tuple[tuple[np.ndarray, ...], list[str]]:
-    """One weight's GPTQ solution (dequantized Wᵀ, scale, zero point) and the solver's notes (an executor's work item)."""
+def _gptq_solve(settings: tuple, problem: tuple[np.ndarray, np.ndarray, bool]) -> tuple[tuple[np.ndarray, ...], list[str]]:
+    """One weight's GPTQ solution (dequantized Wᵀ, scale, zero point) and the solver's notes (an executor's work item);
+    a Gram matrix no later weight reads (``owned``) is overwritten by the factorization."""
     fmt, granularity, damp, act_order, clip = settings
-    wt, gram = problem
+    wt, gram, owned = problem
     notes: list[str] = []
-    return gptq(wt, gram, fmt, granularity, damp=damp, act_order=act_order, clip=clip, notes=notes), notes
+    return gptq(wt, gram, fmt, granularity, damp=damp, act_order=act_order, clip=clip, notes=notes, overwrite_h=owned), notes
