@@ -431,9 +431,10 @@ def scale_70b() -> str:
     note = (f"Computed, not measured: the 7B shape's per-block phases ({per_block['grams']:.1f} s Gram matrices, "
             f"{per_block['solves']:.1f} s solves, {per_block['forward']:.1f} s quantized forward; slopes of the depth sweep) "
             f"scaled to a 70B block ({ratio:.2f}x the parameters; solves by N·K² + K³ per weight). The largest Gram matrix "
-            f"(down_proj, K = {LLAMA_70B['ffn']:,}) is {8 * LLAMA_70B['ffn'] ** 2 / 1e9:.1f} GB in float64, and GPTQ holds "
-            "two of its size while solving it (the matrix and its factor): the memory a worker needs. One weight's solve "
-            "is one work item, so beyond two workers the largest solve (down_proj) sets the block's time.")
+            f"(down_proj, K = {LLAMA_70B['ffn']:,}) is {8 * LLAMA_70B['ffn'] ** 2 / 1e9:.1f} GB in float64: solved in the "
+            "process that built it, it is factored in its own memory; a Ray worker receives it read-only (from the "
+            "object store) and factors a copy, so a worker needs twice that. One weight's solve is one work item, so "
+            "beyond two workers the largest solve (down_proj) sets the block's time.")
     return "\n\n".join([note, _table(head, rows), stamp("scale.json")])
 
 

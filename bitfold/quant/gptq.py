@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import tempfile
 from collections.abc import Callable
 from typing import Protocol
@@ -50,7 +51,7 @@ class GroupGrid(Grid, Protocol):
 
 def gptq_loop(
     W: np.ndarray, H: np.ndarray, grid: Grid | GroupGrid, *, group: int = 0, block_size: int = 128, damp: float = 0.01,
-    act_order: bool = False, notes: list[str] | None = None, overwrite_h: bool = False,
+    act_order: bool = False, notes: list[str] | None = None, overwrite_h: bool = False, scratch: str | os.PathLike | None = None,
 ) -> np.ndarray:  # fmt: skip
     """Round W (N, K) column by column onto ``grid``, given H (K, K); returns the rounded W (N, K), float32.
 
@@ -61,7 +62,9 @@ def gptq_loop(
 
     ``overwrite_h``: H's memory may hold the factorization (its contents are undefined afterwards), so the solve
     needs no K x K matrix of its own; taken only where H is a writable, C-contiguous float64 array (otherwise H is
-    copied as without it). The result is the same either way.
+    copied as without it). The result is the same either way. A copy of the permuted H, read back only if a
+    dampening retry needs it, goes to a temporary file in ``scratch`` (default: the system's temporary folder; name
+    one on disk where that is a RAM-backed tmpfs).
     """
     if group and act_order:
         raise ValueError("groups fitted during the loop follow column order; fit the grid beforehand for act_order")
@@ -95,7 +98,7 @@ def gptq_loop(
         return out
 
     if overwrite_h and isinstance(source, np.ndarray) and source.dtype == np.float64 and source.flags.c_contiguous and source.flags.writeable:
-        with tempfile.TemporaryFile(prefix="bitfold-gram-") as backup:  # what a dampening retry starts again from
+        with tempfile.TemporaryFile(prefix="bitfold-gram-", dir=scratch) as backup:  # what a dampening retry starts again from
             H = _permuted_in_place(source, perm.numpy(), dead[perm].numpy())
             source.tofile(backup)
             backup.flush()
@@ -136,7 +139,7 @@ def _permuted_in_place(a: np.ndarray, order: np.ndarray, dead: np.ndarray) -> to
     the matrix transposed tile by tile, rows moved again. The memory then holds P aᵀ Pᵀ, whose column-major view is
     P a Pᵀ (a Gram matrix summed in blocks of rows need not be exactly symmetric: the transpose is not skipped).
     Only copies: the values are the same bits."""
-    rows_in_place(a, order)
+    _rows_in_place(a, order)
     tile = 512
     for i in range(0, len(a), tile):
         d = a[i : i + tile, i : i + tile]
@@ -145,13 +148,13 @@ def _permuted_in_place(a: np.ndarray, order: np.ndarray, dead: np.ndarray) -> to
             upper = a[i : i + tile, j : j + tile].copy()
             a[i : i + tile, j : j + tile] = a[j : j + tile, i : i + tile].T
             a[j : j + tile, i : i + tile] = upper.T
-    rows_in_place(a, order)
+    _rows_in_place(a, order)
     out = torch.from_numpy(a).T
     out.diagonal()[torch.from_numpy(dead)] = 1.0
     return out
 
 
-def rows_in_place(a: np.ndarray, order: np.ndarray) -> None:
+def _rows_in_place(a: np.ndarray, order: np.ndarray) -> None:
     """``a[:] = a[order]`` with one row of scratch memory: each cycle of the permutation moved in turn."""
     done = np.zeros(len(order), dtype=bool)
     for start in range(len(order)):
@@ -255,12 +258,13 @@ def gptq(
     clip: Clip = "none",
     notes: list[str] | None = None,
     overwrite_h: bool = False,
+    scratch: str | os.PathLike | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Quantize W (N, K) given H (K, K). Returns (Q dequantized (N, K), scale (N, K), zero (N, K)).
 
     ``scale``/``zero`` are per element (constant within each scale group) so any emitter can re-derive codes.
     Per-group scales follow the error-updated weights; with ``act_order`` (or per-channel/per-tensor scales) they
-    are fixed from the unquantized weights. ``notes`` and ``overwrite_h``: as for :func:`gptq_loop`.
+    are fixed from the unquantized weights. ``notes``, ``overwrite_h`` and ``scratch``: as for :func:`gptq_loop`.
     """
     check_damp(damp)
     # parameters are held per group while the loop runs, per element only once it is done
@@ -269,5 +273,5 @@ def gptq(
     if not dynamic:
         grid.set(*group_params(np.asarray(W, np.float32), fmt, granularity, clip, H))
     q = gptq_loop(W, H, grid, group=granularity.size if dynamic else 0, block_size=block_size, damp=damp, act_order=act_order,
-                  notes=notes, overwrite_h=overwrite_h)  # fmt: skip
+                  notes=notes, overwrite_h=overwrite_h, scratch=scratch)  # fmt: skip
     return (q, *grid.per_element())

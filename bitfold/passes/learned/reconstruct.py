@@ -464,10 +464,11 @@ class Reconstruct(QuantizeWeights):
         read = lambda v: torch.from_numpy(v.const_value.numpy().astype(np.float32))  # noqa: E731
         values = [value for _, group in stages for value, _ in group]  # as built: emit rewires the block's readers
         shapes = {value.name: tuple(value.const_value.shape) for value in values}
-        settings = (self.config.number_format, granularity_from(self.config.group_size), self.config.damp, self.config.act_order, self.config.clip)
         hard: dict[str, torch.Tensor | ir.TensorProtocol] = {}
         store = current_store()  # streaming: the solved weights wait on disk while the next ones are solved
         spill = WeightStore(tempfile.mkdtemp(prefix="bitfold-block-", dir=store.path.parent)) if store is not None else None
+        settings = (self.config.number_format, granularity_from(self.config.group_size), self.config.damp, self.config.act_order, self.config.clip,
+                    None if spill is None else str(spill.path.parent))  # fmt: skip
         dense = lambda name: _layout(torch.from_numpy(hard[name].numpy()) if spill is not None else hard[name], shapes[name])  # noqa: E731
         for probe, group in stages:
             clock = time.perf_counter()
@@ -852,8 +853,9 @@ def _ancestors(value: ir.Value) -> set[ir.Node]:
 
 def _gptq_solve(settings: tuple, problem: tuple[np.ndarray, np.ndarray, bool]) -> tuple[tuple[np.ndarray, ...], list[str]]:
     """One weight's GPTQ solution (dequantized Wᵀ, scale, zero point) and the solver's notes (an executor's work item);
-    a Gram matrix no later weight reads (``owned``) is overwritten by the factorization."""
-    fmt, granularity, damp, act_order, clip = settings
+    a Gram matrix no later weight reads (``owned``) is overwritten by the factorization, its copy for a dampening
+    retry kept in the folder ``settings`` name (streaming: the scratch folder beside the output)."""
+    fmt, granularity, damp, act_order, clip, scratch = settings
     wt, gram, owned = problem
     notes: list[str] = []
-    return gptq(wt, gram, fmt, granularity, damp=damp, act_order=act_order, clip=clip, notes=notes, overwrite_h=owned), notes
+    return gptq(wt, gram, fmt, granularity, damp=damp, act_order=act_order, clip=clip, notes=notes, overwrite_h=owned, scratch=scratch), notes
