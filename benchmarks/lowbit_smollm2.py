@@ -1,7 +1,9 @@
 """Low-bit weight solvers on SmolLM2-135M at W4, W3 and W2 (g128), on the calibration corpus and a held-out one:
 GPTQ, QuantEase and learned block reconstruction (the ``reconstruct`` pass), all on the same symmetric grid; and GPTQ
 sequential: GPTQ on what each decoder layer reads in the already-quantized model (reconstruct's start, nothing learned),
-also true-sequential (each layer's linears in graph order, each on its input computed with the ones before it quantized).
+also true-sequential (each layer's linears in graph order, each on its input computed with the ones before it quantized),
+and true-sequential with the float model's inputs summed into each Gram matrix (``float_inputs``, its weight chosen on
+Lee windows 16-31, which neither calibration nor the scores below read).
 
 GPTQ and QuantEase run with the quantization table's GPTQ settings (act-order, sink weight 64, output clip, damp
 0.003; the strongest GPTQ there): QuantEase starts from GPTQ's solution and keeps its scales, so any difference is
@@ -17,7 +19,7 @@ are emitted as ``fake`` (the dequantized values in float): the rows measure the 
 Writes benchmarks/results/lowbit_smollm2.json, one row at a time (a rerun replaces its own rows), and
 lowbit_smollm2.png: each reconstruct row's per-block error at its start and learned.
 
-    python benchmarks/lowbit_smollm2.py [--bits 4 3 2] [--methods gptq gptq-sequential gptq-true-sequential quantease reconstruct] [--asymmetric] [--binary 1 2]
+    python benchmarks/lowbit_smollm2.py [--bits 4 3 2] [--methods gptq gptq-sequential gptq-true-sequential gptq-true-sequential-float quantease reconstruct] [--asymmetric] [--binary 1 2]
                                         [--shiftadd 3 2] [--tune STEPS] [--learned-only]
 """
 
@@ -45,14 +47,18 @@ from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 GPTQ = {"act_order": True, "sink_weight": 64.0, "clip": "output", "damp": 0.003}
-NAMES = {"gptq": "GPTQ", "gptq-sequential": "GPTQ sequential", "gptq-true-sequential": "GPTQ true-sequential", "quantease": "QuantEase",
-         "reconstruct": "reconstruct"}
+NAMES = {"gptq": "GPTQ", "gptq-sequential": "GPTQ sequential", "gptq-true-sequential": "GPTQ true-sequential",
+         "gptq-true-sequential-float": "GPTQ true-sequential + float inputs", "quantease": "QuantEase", "reconstruct": "reconstruct"}
 #: GPTQ layer by layer on what each decoder layer reads in the already-quantized model: reconstruct's GPTQ start
 #: with nothing learned (no clipping gains, no rounding steps)
 SEQUENTIAL = {"name": "reconstruct", "clip_steps": 0, "round_steps": 0, "true_sequential": False}
 #: the same with each decoder layer's linears solved in graph order, each on its input computed with the ones before
 #: it already quantized
 TRUE_SEQUENTIAL = {**SEQUENTIAL, "true_sequential": True}
+#: the same with each Gram matrix also summing what the float model gives that input (weight FLOAT_INPUTS)
+FLOAT_INPUTS = 1.0
+SEQUENTIAL_STEPS = {"gptq-sequential": SEQUENTIAL, "gptq-true-sequential": TRUE_SEQUENTIAL,
+                    "gptq-true-sequential-float": {**TRUE_SEQUENTIAL, "float_inputs": FLOAT_INPUTS}}
 #: Sign planes (1 bit per weight per plane, α per output): the binarize pass with GPTQ rounding (its strongest
 #: solver here) against reconstruct's learned α and signs.
 BINARY = {
@@ -95,8 +101,8 @@ def main() -> None:
     runs = []
     for bits in args.bits:
         for method in args.methods:
-            step = ({"name": "reconstruct", "tune_steps": args.tune} if method == "reconstruct" else SEQUENTIAL if method == "gptq-sequential"
-                    else TRUE_SEQUENTIAL if method == "gptq-true-sequential" else {"name": "quantize-weights", "method": method, **GPTQ})  # fmt: skip
+            step = ({"name": "reconstruct", "tune_steps": args.tune} if method == "reconstruct"
+                    else SEQUENTIAL_STEPS.get(method, {"name": "quantize-weights", "method": method, **GPTQ}))  # fmt: skip
             grid = {"symmetric": False} if args.asymmetric else {}
             name = f"{NAMES[method]}{' + end to end' if method == 'reconstruct' and args.tune else ''}"
             runs.append((f"{name} W{bits} g128{' asym' if args.asymmetric else ''}", method, bits, {**step, "bits": bits, "group_size": 128, **grid}))

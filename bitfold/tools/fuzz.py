@@ -892,7 +892,7 @@ def pass_cases() -> tuple[PassCase, ...]:
         pass_case("prune", False, method="wanda", pattern="block:2x2:0.5", compensate_rank=1, **open_ends),
         pass_case("split-outliers", False, ratio=0.05, group_size=8, **open_ends),
         pass_case("reconstruct", False, group_size=8, clip_steps=2, round_steps=2),
-        pass_case("reconstruct", False, group_size=8, clip_steps=0, round_steps=0, true_sequential=True),
+        pass_case("reconstruct", False, group_size=8, clip_steps=0, round_steps=0, true_sequential=True, float_inputs=1.0),
         pass_case("reconstruct", False, grid="binary", format="fake", clip_steps=2, round_steps=2),
         pass_case("reconstruct", False, grid="bcq", bits=2, group_size=8, format="fake", clip_steps=2, round_steps=2),
         pass_case("reconstruct", False, grid="binary", format="fake", clip_steps=2, round_steps=2, tune_steps=2, tune_weights=True, tune_match=1.0),

@@ -138,12 +138,12 @@ SEQUENTIAL_GPTQ = [{"name": "reconstruct", "bits": 4, "group_size": 32, "format"
                     "exclude": ["*lm_head*"]}]  # fmt: skip
 
 
-@pytest.mark.parametrize("true_sequential", [False, True])
-def test_streamed_sequential_gptq_writes_the_in_memory_output(exported, tmp_path, true_sequential, monkeypatch):
+@pytest.mark.parametrize(("true_sequential", "float_inputs"), [(False, 0.0), (True, 0.0), (True, 1.0)])
+def test_streamed_sequential_gptq_writes_the_in_memory_output(exported, tmp_path, true_sequential, float_inputs, monkeypatch):
     """GPTQ block by block (reconstruct without learning) on weights read from disk and written to a store: the
     same weights as in memory, while the calibration's first inputs come from the pruned prefix of the graph (and,
     streamed, each layer input is kept on disk until its Gram matrix is needed: 72 tokens, fewer than twice any
-    input's width)."""
+    input's width; with ``float_inputs`` the float model's inputs are kept beside them)."""
     import bitfold
     from bitfold.llm.feeds import prefill
     from bitfold.quant.calibration import CalibrationData
@@ -153,13 +153,14 @@ def test_streamed_sequential_gptq_writes_the_in_memory_output(exported, tmp_path
     rng = np.random.default_rng(0)
     model = bitfold.load(source)
     calibration = CalibrationData([prefill(model, rng.integers(0, SHAPE["vocab_size"], (1, 24))) for _ in range(3)])
-    steps = [{**SEQUENTIAL_GPTQ[0], "true_sequential": true_sequential}]
+    steps = [{**SEQUENTIAL_GPTQ[0], "true_sequential": true_sequential, "float_inputs": float_inputs}]
     from bitfold.passes.learned.reconstruct import Reconstruct
 
     built, gram = [], Reconstruct._gram
     monkeypatch.setattr(Reconstruct, "_gram", lambda self, parts: built.append(len(parts)) or gram(self, parts))
     memory, report, written = in_memory_and_streamed(source, steps, calibration, tmp_path)
-    assert built == [3] * 4 * SHAPE["num_hidden_layers"]  # streamed only: four inputs per layer, three samples each
+    # streamed only: four inputs per layer, three samples each (twice: the float model's too)
+    assert built == [3 * (2 if float_inputs else 1)] * 4 * SHAPE["num_hidden_layers"]
     assert sum("no learning" in note for note in report.passes[0].notes) == SHAPE["num_hidden_layers"]
     assert sorted(written.graph.initializers) == sorted(memory.graph.initializers)
     for name, value in memory.graph.initializers.items():

@@ -19,7 +19,11 @@ layers use the interpreter's ops works without a model definition.
 
 Sequential: block *i*'s inputs are what the already-quantized blocks before it compute, and its target is what
 the full-precision blocks compute, so each block also corrects the error it inherits. Values the blocks read from
-outside the stream (masks, rotary tables, graph inputs) come from one ONNX Runtime run of the input graph.
+outside the stream (masks, rotary tables, graph inputs) come from one ONNX Runtime run of the input graph. With
+nothing learned (``clip_steps = round_steps = 0``) the pass is sequential GPTQ: the GPTQ start is the answer, and no
+full-precision target is computed, unless ``float_inputs`` > 0 sums the full-precision model's inputs to each weight
+into its Gram matrix beside the quantized model's (H = Xq Xqᵀ + float_inputs · Xf Xfᵀ): a solution that fits the
+inputs the quantized model gives and those the float model gives, between sequential and one-shot GPTQ.
 
 CNNs: with ``"Conv"`` in ``op_types`` the 2-D Conv weights learn on the integer grid too (as (C_out, C_in/groups ·
 kh · kw) rows, GPTQ's start on each group's input-patch Hessian, as ``quantize-weights`` does); the graph cuts at
@@ -45,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import shutil
 import tempfile
 import time
@@ -109,6 +114,7 @@ class ReconstructConfig:
     damp: float = dataclasses.field(default=0.003, metadata={"doc": "start = gptq: Hessian dampening, fraction of mean diag"})
     act_order: bool = dataclasses.field(default=True, metadata={"doc": "start = gptq: visit columns by decreasing Hessian diagonal"})
     true_sequential: bool = dataclasses.field(default=False, metadata={"doc": "nothing learned (clip_steps = round_steps = tune_steps = 0), int grid, MatMul weights: solve a block's weights in graph order, those reading one input at a time (q, k, v; o; gate, up; down), each on its input computed with the earlier ones already quantized (one input's Gram matrix held at a time); false: every input's Gram matrix from one forward on the block's float weights"})
+    float_inputs: float = dataclasses.field(default=0.0, metadata={"doc": "sequential GPTQ (nothing learned, int grid, MatMul weights): weight of the full-precision model's inputs in each Gram matrix, summed with the quantized model's (0: the quantized model's inputs only; large: approaches GPTQ on the float model's inputs); runs the block's float forward too"})
     sink_weight: float = dataclasses.field(default=64.0, metadata={"doc": "start = gptq: weight in H of each sequence's first token"})
     clip: Literal["none", "weight", "output"] = dataclasses.field(default="output", metadata={"doc": "start = gptq: range shrink per group (as quantize-weights)"})
     loss: Literal["tensor", "channel", "token"] = dataclasses.field(default="tensor", metadata={"doc": "block output error relative to the target's mean square over: the tensor | each channel | each token"})
@@ -130,6 +136,11 @@ class ReconstructConfig:
             raise ValueError("span must be >= 1")
         if min(self.clip_steps, self.round_steps, self.tune_steps) < 0:
             raise ValueError("clip_steps, round_steps and tune_steps must be >= 0")
+        if not (math.isfinite(self.float_inputs) and self.float_inputs >= 0):
+            raise ValueError(f"float_inputs must be a finite number >= 0, got {self.float_inputs!r}")
+        if self.float_inputs and (self.clip_steps or self.round_steps or self.tune_steps or self.grid != "int" or self.start != "gptq"):
+            raise ValueError("float_inputs belongs to sequential GPTQ (grid \"int\", start \"gptq\", nothing learned); "
+                             "set clip_steps = round_steps = tune_steps = 0")  # fmt: skip
         if self.true_sequential and (self.clip_steps or self.round_steps or self.tune_steps or self.grid != "int" or self.start != "gptq"):
             raise ValueError("true_sequential belongs to sequential GPTQ (grid \"int\", start \"gptq\", nothing learned); "
                              "set clip_steps = round_steps = tune_steps = 0")  # fmt: skip
@@ -395,25 +406,32 @@ class Reconstruct(QuantizeWeights):
                         grams[name] = sink_gram(x.numpy(), self.config.sink_weight, into=grams.get(name))
         return grams, convs
 
-    def _lean_grams(self, probe: TorchGraph, names: list[str], samples: list[dict[str, torch.Tensor]], weights: dict[str, torch.Tensor],
+    def _lean_grams(self, probe: TorchGraph, names: list[str], streams: list[tuple[list[dict[str, torch.Tensor]], Callable[[], dict[str, torch.Tensor]], float]],
                     spill: WeightStore | None) -> tuple[dict[str, np.ndarray], dict[str, list[ir.TensorProtocol]]]:  # fmt: skip
-        """Sequential GPTQ's Gram matrices: of every input ``probe`` computes, on what the block reads in the quantized
-        model; streaming (``spill`` given), an input whose activations take less room than its Gram matrix (fewer
-        tokens than twice its width: a decoder's wide down-projection input) is kept on disk instead, per sample, and
-        its Gram matrix is built by :meth:`_gram` when its weights are solved, with no other one held. Either way the
-        sums run over the same arrays in the same order: the same bits."""
+        """Sequential GPTQ's Gram matrices: of every input ``probe`` computes, summed over ``streams`` — (samples,
+        the weights the probe reads, a factor on the stream's Gram matrices): what the block reads in the quantized
+        model with the weights solved so far, and with ``float_inputs`` what it reads in the float model with its
+        float weights. Streaming (``spill`` given), an input whose activations take less room than its Gram matrix
+        (fewer tokens than twice its width: a decoder's wide down-projection input) is kept on disk instead, per
+        sample, and its Gram matrix is built by :meth:`_gram` when its weights are solved, with no other one held.
+        Either way the sums run over the same arrays in the same order: the same bits. Each stream's weights are built
+        when its forward starts and dropped after it."""
         taken = set(probe.input_names)
         grams: dict[str, np.ndarray] = {}
         kept: dict[str, list[ir.TensorProtocol]] = {}
+        count = sum(len(samples) for samples, _, _ in streams)
         with torch.no_grad():
-            for i, env in enumerate(samples):
-                for name, x in probe(**{n: env[n] for n in names if n in taken}, **weights).items():
-                    x = x.numpy()
-                    rows = x.size // x.shape[-1] * len(samples)
-                    if spill is not None and (name in kept or (name not in grams and rows < 2 * x.shape[-1])):
-                        kept.setdefault(name, []).append(spill.put(f"{name}#{i}", x))
-                    else:
-                        grams[name] = sink_gram(x, self.config.sink_weight, into=grams.get(name))
+            for s, (samples, read, factor) in enumerate(streams):
+                weights = read()
+                for i, env in enumerate(samples):
+                    for name, x in probe(**{n: env[n] for n in names if n in taken}, **weights).items():
+                        x = x.numpy() if factor == 1.0 else x.numpy() * np.float32(math.sqrt(factor))
+                        rows = x.size // x.shape[-1] * count
+                        if spill is not None and (name in kept or (name not in grams and rows < 2 * x.shape[-1])):
+                            kept.setdefault(name, []).append(spill.put(f"{name}#{s}.{i}", x))
+                        else:
+                            grams[name] = sink_gram(x, self.config.sink_weight, into=grams.get(name))
+                del weights
         return grams, kept
 
     def _gram(self, parts: list[ir.TensorProtocol]) -> np.ndarray:
@@ -451,7 +469,8 @@ class Reconstruct(QuantizeWeights):
         return found
 
     def _sequential_gptq(self, block: Block, stages: list[tuple[TorchGraph, list[tuple[ir.Value, str]]]], names: list[str],
-                         samples: list[dict[str, torch.Tensor]], emit: Callable[[Block, dict[str, tuple[np.ndarray, ...]]], None]) -> dict[str, torch.Tensor]:  # fmt: skip
+                         samples: list[dict[str, torch.Tensor]], emit: Callable[[Block, dict[str, tuple[np.ndarray, ...]]], None],
+                         floats: list[dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
         """GPTQ of a block's MatMul weights on the quantized model's inputs without learning, step by step
         (:meth:`_stages`), lean: the weights a step's probe reads are fed (float, or quantized where an earlier
         step solved them) for its Gram matrices and dropped, then each of the step's weights is read again, solved,
@@ -460,7 +479,8 @@ class Reconstruct(QuantizeWeights):
         solves within a step are independent: they go to the current executor (:mod:`bitfold.parallel`; in this
         process by default, one at a time). Returns the dequantized values in the graph's layout. With one step
         (``true_sequential = false``) the weights equal what the learning path gives with no steps (the same
-        quantizer, rounded as its start)."""
+        quantizer, rounded as its start). ``floats``: the same block inputs in the full-precision model, whose Gram
+        matrices (float weights) are added to each step's, times ``float_inputs``."""
         read = lambda v: torch.from_numpy(v.const_value.numpy().astype(np.float32))  # noqa: E731
         values = [value for _, group in stages for value, _ in group]  # as built: emit rewires the block's readers
         shapes = {value.name: tuple(value.const_value.shape) for value in values}
@@ -473,9 +493,11 @@ class Reconstruct(QuantizeWeights):
         for probe, group in stages:
             clock = time.perf_counter()
             taken = set(probe.input_names)
-            weights = {v.name: dense(v.name) if v.name in hard else read(v) for v in values if v.name in taken}
-            grams, kept = self._lean_grams(probe, names, samples, weights, spill)
-            del weights
+            streams = [(samples, lambda taken=taken: {v.name: dense(v.name) if v.name in hard else read(v) for v in values if v.name in taken}, 1.0)]
+            if floats:  # the float model's inputs too: its float weights on the float stream
+                streams.append((floats, lambda taken=taken: {v.name: read(v) for v in values if v.name in taken}, self.config.float_inputs))
+            grams, kept = self._lean_grams(probe, names, streams, spill)
+            del streams
             trim_heap()  # the forward's activations are gone: the solves start from what the Gram matrices hold
             self.timings["grams"] += time.perf_counter() - clock
             last = {x: value.name for value, x in group}  # the last weight solved on each input's Gram matrix
@@ -565,7 +587,7 @@ class Reconstruct(QuantizeWeights):
             _image_input(shared[0])  # refused before the blocks' work, not after
         quant = [dict(s) for s in shared]  # value name → tensor on the quantized path, per sample
         learning = bool(self.config.clip_steps or self.config.round_steps or self.config.tune_steps)
-        full = [dict(s) for s in shared] if learning else []  # the same on the full-precision path
+        full = [dict(s) for s in shared] if learning or self.config.float_inputs else []  # the same on the full-precision path
         if not self.config.tune_steps:  # only the end-to-end phase reads the first inputs again
             del samples, shared
         schedule = Schedule(self.config.clip_steps, self.config.round_steps, self.config.clip_lr, self.config.round_lr,
@@ -577,17 +599,24 @@ class Reconstruct(QuantizeWeights):
         bar = tqdm(total=len(blocks), desc=f"reconstruct {self.config.tag}", leave=False)
         for b, (block, module, probe, names) in enumerate(zip(blocks, modules, probes, inputs, strict=True)):
             if self._lean(block):
+                originals = _weights(block)  # before emit rewires the block's readers: the float path reads them
                 with torch.no_grad():
-                    hard = self._sequential_gptq(block, stages[b], names, quant, emit)
+                    hard = self._sequential_gptq(block, stages[b], names, quant, emit, full)
                     clock = time.perf_counter()
                     for i in range(len(quant)):
                         quant[i].update(module(**{n: quant[i][n] for n in names}, **hard))
+                    del hard
+                    if full:  # float_inputs: the float model's stream goes on through the block's float weights
+                        float_weights = {v.name: torch.from_numpy(v.const_value.numpy().astype(np.float32)) for v in originals}
+                        for i in range(len(full)):
+                            full[i].update(module(**{n: full[i][n] for n in names}, **float_weights))
+                        del float_weights
                     self.timings["forward"] += time.perf_counter() - clock
-                del hard
+                del originals
                 trim_heap()  # the forward's activations and the block's weights: the next block starts from its inputs
                 if block.targets:
                     self.notes.append(f"block {b} ({len(_weights(block))} weights): GPTQ on the quantized model's inputs, no learning")
-                for env in quant:  # drop what no later block reads
+                for env in (*quant, *full):  # drop what no later block reads
                     for name in [n for n in env if later.get(n, -1) <= b]:
                         del env[name]
                 bar.update()

@@ -317,6 +317,32 @@ def test_the_gptq_start_is_quantize_weights_gptq_on_the_inputs_the_quantized_mod
     assert min(differ[7:14]) > 0.01, differ
 
 
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_float_inputs_moves_sequential_gptq_towards_gptq_on_the_float_models_inputs(zoo_protos, true_sequential):
+    calibration = token_calibration(8)
+    settings = {"bits": 3, "group_size": 16, "format": "fake", "damp": 0.003, "act_order": True, "sink_weight": 64.0, "clip": "output"}
+    one_shot = _lm(zoo_protos, "tiny-lm")
+    create("quantize-weights", {"method": "gptq", **settings}, calibration=calibration)(one_shot)
+    weights = {"one-shot": [n.inputs[1].const_value.numpy() for n in one_shot.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None][:14]}
+    for mix in (0.0, 1.0, 1e6):
+        model = _lm(zoo_protos, "tiny-lm")
+        Reconstruct(**settings, clip_steps=0, round_steps=0, true_sequential=true_sequential, float_inputs=mix, calibration=calibration)(model)
+        weights[mix] = [n.inputs[1].const_value.numpy() for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None][:14]
+    differ = {mix: [float(np.mean(a != b)) for a, b in zip(weights["one-shot"], weights[mix], strict=True)] for mix in (0.0, 1.0, 1e6)}
+    # the quantized model's Gram matrices (block 1 on, and after block 0's q, k, v when true-sequential) outweighed a
+    # million times by the float model's: one-shot GPTQ's codes; weighed equally, codes between the two
+    assert max(differ[1e6]) < 0.002, differ[1e6]
+    assert min(differ[0.0][7:]) > 0.01, differ[0.0]
+    assert 0 < np.mean(differ[1.0][7:]) < np.mean(differ[0.0][7:]), differ
+
+
+def test_float_inputs_belongs_to_sequential_gptq():
+    with pytest.raises(PassParameterError, match="float_inputs belongs to sequential GPTQ"):
+        create("reconstruct", {"float_inputs": 1.0})  # learning steps left at their defaults
+    with pytest.raises(PassParameterError, match="float_inputs must be a finite number"):
+        create("reconstruct", {"float_inputs": -1.0, "clip_steps": 0, "round_steps": 0})
+
+
 def test_true_sequential_gptq_solves_each_weight_on_inputs_the_weights_before_it_already_quantized(zoo_protos):
     calibration, held_out = token_calibration(16), list(token_calibration(8, seed=1))
     settings = {"bits": 3, "group_size": 16, "format": "fake", "clip_steps": 0, "round_steps": 0}
