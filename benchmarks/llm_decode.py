@@ -7,8 +7,13 @@ are interleaved (each round asks every process for one generation, in turn) afte
 per prompt length (TVM builds its prefill bucket and decode module then); the table holds medians over rounds.
 Perplexity is the Lee protocol of ``bitfold eval --task smollm2-ppl`` (windows 0-15 of 512 tokens, 8,176 scored)
 and, held out, every 512-token window of the Lee test corpus (``lee.cor``, 9 windows, 4,599 scored; calibration
-uses background windows 139-146), computed through ONNX Runtime for ONNX models and through llama.cpp's own logits
-for GGUF files.
+uses background windows 115-146, the quantization table's), computed through ONNX Runtime for ONNX models and
+through llama.cpp's own logits for GGUF files.
+
+The mixed rows are ``bitfold allocate --format matmulnbits``'s integer program over {int8 g128, int4 g128} per
+linear (GPTQ sensitivities on 16 x 128 calibration tokens, logits of the first 4), at 4.5 bits per weight — the bytes
+per linear weight of llama.cpp's Q4_0 file — and at 5.0 (its Q4_K_M file holds 5.53 here: with 576-wide rows its
+k-quants fall back to Q5_0 and Q8_0 blocks).
 
 SmolLM2's weights already lie on a Q4_1 grid of 32-element blocks (the GGUF bitfold calls fp32): llama.cpp Q4_1 is
 that grid itself, and so is bitfold's min-max row (float zero points; exact up to int8 activations); bitfold's other
@@ -37,8 +42,11 @@ RESULTS = Path(__file__).parent / "results"
 WORK = RESULTS / ".tmp" / "llm_decode"
 THREADS = 2
 HEAD = ["*lm_head*"]
-GPTQ = {"name": "quantize-weights", "method": "gptq", "act_order": True, "sink_weight": 64.0, "clip": "output", "damp": 0.003,
-        "bits": 4, "group_size": 128, "format": "matmulnbits", "accuracy_level": 4, "exclude": HEAD}  # fmt: skip
+SOLVER = {"method": "gptq", "act_order": True, "sink_weight": 64.0, "clip": "output", "damp": 0.003}  # the quantization table's
+GPTQ = {"name": "quantize-weights", **SOLVER, "bits": 4, "group_size": 128, "format": "matmulnbits", "accuracy_level": 4,
+        "exclude": HEAD}  # fmt: skip
+CALIBRATION = range(115, 147)  # Lee windows of 512 tokens, as benchmarks/quant_table.py
+SENSITIVITY = range(464, 480)  # 128-token windows inside the calibration region (benchmarks/allocate_smollm2.py's)
 HEAD8 = [{"name": "fold-constants", "input_size_limit": 1 << 26, "output_size_limit": 1 << 26},
          {"name": "quantize-weights", "method": "rtn", "bits": 8, "group_size": 128, "format": "matmulnbits",
           "accuracy_level": 4, "exclude": ["*layers*"]}]  # fmt: skip
@@ -58,6 +66,10 @@ BITFOLD = {
     "w4g32-head8": ("bitfold W4 GPTQ g32 asymmetric, int8 activations, 8-bit head", [GPTQ32, *HEAD8], ("ort",)),
     "minmax-head8": ("bitfold W4 min-max g32 (float zero points: the Q4_1 grid), int8 activations, 8-bit head",
                      [MINMAX, *HEAD8], ("ort", "tvm")),  # fmt: skip  (on ORT: the zero points split off, see bitfold.backends.ort)
+    "mixed45-head8": ("bitfold W4/W8 mixed GPTQ, 4.5 bits per weight (Q4_0's bytes), int8 activations, 8-bit head",
+                      [("allocate", 4.5), *HEAD8], ("ort",)),  # fmt: skip
+    "mixed50-head8": ("bitfold W4/W8 mixed GPTQ, 5.0 bits per weight, int8 activations, 8-bit head",
+                      [("allocate", 5.0), *HEAD8], ("ort",)),  # fmt: skip
     "q3": ("bitfold ShiftAddLLM q3 g128 (BCQ lookup tables)", [{"name": "shiftadd", "exclude": HEAD}], ("tvm", "ort-slow")),
     "binary": ("bitfold binary (sign planes, per-output scales)", [{"name": "binarize", "exclude": HEAD}], ("tvm", "ort-slow")),
 }
@@ -77,28 +89,36 @@ def prepare(only: str | None) -> list[dict]:
     from bitfold.llm import export_llm, write_llm
     from bitfold.quant.calibration import CalibrationData
 
+    from bitfold.eval.models import smollm2
+
     WORK.mkdir(parents=True, exist_ok=True)
     specs = []
     folder = smollm2_folder()
     base = None
+    built = set()
     for key, (label, steps, runtimes) in BITFOLD.items():
         path = WORK / f"bitfold-{key}" / "model.onnx"
-        if not path.exists():
+        stamp_file = path.parent / "recipe.json"  # what the file was built from: a changed recipe rebuilds it
+        stamp = json.dumps({"steps": steps, "calibration": [CALIBRATION.start, CALIBRATION.stop - 1]}, sort_keys=True)
+        if not path.exists() or not stamp_file.exists() or stamp_file.read_text() != stamp or built & {s for s in steps if isinstance(s, str)}:
             if base is None:
                 base, cfg, _ = export_llm("smollm2")
                 base = bitfold.clone(base)
             model = bitfold.clone(base)
             if steps and isinstance(steps[0], str):  # start from another row's model
                 model, steps = bitfold.load(WORK / f"bitfold-{steps[0]}" / "model.onnx"), steps[1:]
+            if steps and isinstance(steps[0], tuple):  # ("allocate", bits per weight): the mixed recipe first
+                steps = _allocated(base, steps[0][1]) + steps[1:]
             if steps:
-                from bitfold.eval.models import smollm2
-
-                windows = lee_windows(smollm2()[1], range(139, 147))
+                windows = lee_windows(smollm2()[1], CALIBRATION)
                 model, _ = bitfold.optimize(model, steps, CalibrationData(list(lm_feeds(windows, model))))
             write_llm(model, path, folder, cfg, 2048)
+            stamp_file.write_text(stamp)
+            built.add(key)
         for backend in runtimes:
             spec = {"name": f"{key}-{backend}", "label": f"{label} on {RUNTIME_LABELS[backend]}",
-                    "kind": f"bitfold-{backend.removesuffix('-slow')}", "path": str(path), "tool": "bitfold"}  # fmt: skip
+                    "kind": f"bitfold-{backend.removesuffix('-slow')}", "path": str(path), "tool": "bitfold",
+                    "rebuilt": key in built}  # fmt: skip
             specs.append({**spec, **SLOW} if backend.endswith("-slow") else spec)
 
     genai_src = WORK / "hf-folder"  # the builder wants `architectures` and no GGUF quantization_config
@@ -142,6 +162,29 @@ def prepare(only: str | None) -> list[dict]:
         specs.append({"name": f"llamacpp-{name}", "label": f"llama.cpp {name} ({origin})", "kind": "llamacpp",
                       "path": str(path), "tool": "llama.cpp"})  # fmt: skip
     return [s for s in specs if only is None or only in s["label"] or only in s["name"]]
+
+
+def _allocated(base, bits: float) -> list[dict]:
+    """The mixed int8/int4 recipe at ``bits`` per weight; the sensitivities are measured once (kept under WORK)."""
+    from bitfold.eval.models import smollm2
+    from bitfold.eval.tasks import lee_windows, lm_feeds
+    from bitfold.quant.calibration import CalibrationData
+    from bitfold.tools import allocate
+
+    report = WORK / "allocation.json"
+    params = {**SOLVER, "format": "matmulnbits"}
+    if report.exists():
+        data = json.loads(report.read_text())
+        measured = allocate.Allocation(data["layers"], data["formats"], np.array(data["sensitivity"]), np.array(data["cost"]),
+                                       np.array(data["weights"]), np.zeros(len(data["layers"]), int), data["outside"], "matmulnbits")  # fmt: skip
+    else:
+        feeds = CalibrationData(list(lm_feeds(lee_windows(smollm2()[1], SENSITIVITY, 128), base)))
+        measured = allocate.measure(base, feeds, ["int8", "int4"], samples=4, exclude=HEAD, params=params)
+        report.write_text(json.dumps({"layers": measured.layers, "formats": measured.formats, "outside": measured.outside,
+                                      "sensitivity": measured.sensitivity.tolist(), "cost": measured.cost.tolist(),
+                                      "weights": measured.weights.tolist()}))  # fmt: skip
+    solved = allocate.solve(measured, bits)
+    return solved.recipe(**SOLVER, accuracy_level=4, exclude=HEAD).to_list()
 
 
 # ----------------------------------------------------------------------------------------------- perplexity
@@ -327,6 +370,9 @@ def main() -> None:
     for spec in specs:
         twin = spec["name"].removesuffix("-tvm").removesuffix("-ort-standard").removesuffix("-ort-slow")
         twin = twin if twin == spec["name"] else twin + "-ort"
+        if spec.pop("rebuilt", False) and twin == spec["name"]:  # a new file: its perplexities are measured again
+            for suffix in ("", ":heldout"):
+                known_ppl.pop(spec["name"] + suffix, None)
         ppl = {}
         for text, suffix in (("lee", ""), ("heldout", ":heldout")):
             value = known_ppl.get(spec["name"] + suffix) if twin == spec["name"] else None

@@ -81,6 +81,18 @@ FORMATS = {
 }
 
 
+def candidate(name: str, deploy: str = "fake") -> Candidate:
+    """Format ``name`` as a recipe writing ``deploy`` (quantize-weights' ``format``) stores it: MatMulNBits holds
+    groups of a power of two along K, so a per-channel integer format becomes groups of 128 (scales costed so)."""
+    found = FORMATS[name]
+    step = found.step
+    if deploy == "matmulnbits" and step["name"] == "quantize-weights" and step["group_size"] == -1:
+        bits = step["bits"]
+        learned = {**found.learned, "group_size": 128} if found.learned else None
+        return Candidate({**step, "group_size": 128}, lambda k: bits + 32 / 128, learned)
+    return found
+
+
 def step_for(candidate: Candidate, settings: Mapping[str, Any]) -> dict[str, Any]:
     """The candidate's step with the recipe's settings that its pass takes: ``method`` becomes the ``gptq`` switch
     of passes that have one, ``format`` applies to quantize-weights only; weight passes keep no layers back by
@@ -112,6 +124,7 @@ class Allocation:
     weights: np.ndarray
     choice: np.ndarray
     outside: list[str] = dataclasses.field(default_factory=list)  # other weight-bearing nodes, never touched
+    format: str = "fake"  # how the recipe stores the integer formats (quantize-weights' format); costs follow it
 
     @property
     def bits_per_weight(self) -> float:
@@ -119,14 +132,17 @@ class Allocation:
 
     def recipe(self, **params) -> Recipe:
         """One step per format used, excluding every other layer (and every weight outside the allocation);
-        ``params`` (method, format, clip, ...) apply to every step whose pass takes them (default: RTN; integer
-        formats fake-quantized)."""
+        ``params`` (method, clip, ...) apply to every step whose pass takes them (default: RTN; integer formats
+        stored as measured: fake-quantized unless ``measure`` was given a ``format``)."""
+        if params.get("format", self.format) != self.format:
+            raise BitfoldError(f"the allocation was measured for format '{self.format}'; measure again with format "
+                               f"'{params['format']}' (its costs differ).")  # fmt: skip
         steps = []
-        settings = {"method": "rtn", "format": "fake", **params}
+        settings = {"method": "rtn", **params, "format": self.format}
         for f, name in enumerate(self.formats):
             others = [glob.escape(layer) for layer, c in zip(self.layers, self.choice, strict=True) if c != f]
             if len(others) < len(self.layers):
-                step = step_for(FORMATS[name], settings)
+                step = step_for(candidate(name, self.format), settings)
                 exclude = list(params.get("exclude", [])) + others + [glob.escape(x) for x in self.outside]
                 steps.append({**step, "exclude": exclude})
         return Recipe.from_list(steps)
@@ -152,14 +168,19 @@ def measure(
     it, GPTQ and output clipping on the Gram matrices of all calibration samples. With ``method = "reconstruct"``
     each format's candidate weights are those the ``reconstruct`` pass learns with the whole model on that format
     (one run per format, ``params`` its schedule), so the allocation weighs the formats at their best; layers outside
-    every block (an LM head) join ``outside``. The choice is left empty."""
+    every block (an LM head) join ``outside``. ``params["format"]`` is how the recipe will store the integer formats
+    (``fake`` by default; ``matmulnbits`` holds per-channel int8 in groups of 128, which that op can store, and costs
+    it so). The choice is left empty."""
     nodes, outside = _layers(model, formats, exclude)
+    deploy = (params or {}).get("format", "fake")
+    if deploy not in ("fake", "qdq", "matmulnbits"):
+        raise BitfoldError(f"format '{deploy}' is not one quantize-weights writes; use fake, qdq or matmulnbits.")
     settings = {"method": "rtn", **{k: v for k, v in (params or {}).items() if k not in ("name", "exclude", "format")}}
     learned = {}
     if settings["method"] == "reconstruct":
         for name in formats:
-            step_for(FORMATS[name], settings)  # refuses a format without a grid before anything runs
-        learned = _reconstructed(model, calibration, formats, nodes, {**settings, "exclude": tuple(exclude)})
+            step_for(candidate(name, deploy), settings)  # refuses a format without a grid before anything runs
+        learned = _reconstructed(model, calibration, formats, nodes, {**settings, "exclude": tuple(exclude)}, deploy)
         kept = set.intersection(*(set(w) for w in learned.values()))
         outside += [n.name for n in nodes if n.name not in kept]  # outside every block: reconstruct leaves it float
         nodes = [n for n in nodes if n.name in kept]
@@ -176,7 +197,7 @@ def measure(
     sensitivity, cost = np.zeros((len(layers), len(formats))), np.zeros((len(layers), len(formats)))
     if settings["method"] == "awq":
         raise BitfoldError("allocate-bits measures layers one at a time; AWQ rescales shared inputs, so measure with rtn or gptq.")
-    solvers = _solvers(formats, {**settings, "method": "rtn"} if learned else settings)  # reconstruct: the costs only
+    solvers = _solvers(formats, {**settings, "method": "rtn"} if learned else settings, deploy)  # reconstruct: the costs only
     hessians = {}
     if any(s.needs_calibration for s in solvers):
         inputs = sorted({n.inputs[0].name for n in nodes})
@@ -188,7 +209,7 @@ def measure(
             w = node.inputs[1].const_value.numpy()
             found = []
             for j, (name, solver) in enumerate(zip(formats, solvers, strict=True)):
-                q, bits = _solve(solver, FORMATS[name], node, w.astype(np.float32).T, hessians.get(node.inputs[0].name))
+                q, bits = _solve(solver, candidate(name, deploy), node, w.astype(np.float32).T, hessians.get(node.inputs[0].name))
                 if learned:
                     q = learned[name][node.name].T
                 found.append(np.ascontiguousarray(q.T.astype(w.dtype)))
@@ -205,7 +226,7 @@ def measure(
     rows = parallel.current().map(_sensitivities, candidates(), setup=_probe_session, shared=shared)
     for i, row in enumerate(tqdm(rows, total=len(layers), desc="sensitivity", leave=False)):
         sensitivity[i] = row
-    return Allocation(layers, list(formats), sensitivity, cost, weights, np.zeros(len(layers), int), outside)
+    return Allocation(layers, list(formats), sensitivity, cost, weights, np.zeros(len(layers), int), outside, deploy)
 
 
 def _probe_session(shared: tuple[ir.Model | bytes, list[dict[str, np.ndarray]]]) -> tuple[Any, list, list[np.ndarray]]:
@@ -289,8 +310,8 @@ def _layers(model: ir.Model, formats: list[str], exclude: Sequence[str]) -> tupl
     return nodes, outside
 
 
-def _solvers(formats: list[str], settings: Mapping[str, Any]) -> list[BitfoldPass]:
-    steps = [step_for(FORMATS[f], {**settings, "format": "fake"}) for f in formats]
+def _solvers(formats: list[str], settings: Mapping[str, Any], deploy: str = "fake") -> list[BitfoldPass]:
+    steps = [step_for(candidate(f, deploy), {**settings, "format": "fake"}) for f in formats]
     return [create(step["name"], {k: v for k, v in step.items() if k != "name"}) for step in steps]
 
 
@@ -299,13 +320,13 @@ def _name_of(candidate: Candidate) -> str:
 
 
 def _reconstructed(model: ir.Model, calibration: CalibrationData, formats: list[str], nodes: list[ir.Node],
-                   settings: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:  # fmt: skip
+                   settings: Mapping[str, Any], deploy: str = "fake") -> dict[str, dict[str, np.ndarray]]:  # fmt: skip
     """Per format, every layer's weight as ``reconstruct`` learns it with the whole model on that format (fake
     quantized, in the graph's layout), keyed by node name; layers outside every block are absent."""
     names = {node.name for node in nodes}
     found = {}
     for name in formats:
-        step = step_for(FORMATS[name], {**settings, "format": "fake"})
+        step = step_for(candidate(name, deploy), {**settings, "format": "fake"})
         work = clone(model)
         create("reconstruct", {k: v for k, v in step.items() if k != "name"}, calibration=calibration)(work)
         found[name] = {node.name: node.inputs[1].const_value.numpy() for node in work.graph

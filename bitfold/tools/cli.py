@@ -106,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, type=Path, help="the recipe TOML to write")
     p.add_argument("--method", choices=("rtn", "gptq", "reconstruct"), default="rtn",
                    help="quantizer measured and written into the recipe: rtn (default), gptq, or reconstruct (learned per block; one run per format)")
+    p.add_argument("--format", choices=("fake", "qdq", "matmulnbits"), default="fake",
+                   help="how the recipe stores the integer formats (default fake); matmulnbits holds int8 in groups of 128, costed so")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="layers left float (repeatable), e.g. '*lm_head*'")
     p.add_argument("--samples", type=int, default=4, help="calibration samples the sensitivities are measured on (default 4)")
     p.add_argument("--report", type=Path, help="write the sensitivities, costs and choice as JSON")
@@ -460,7 +462,7 @@ def _allocate(args) -> None:
     calibration = _calibration(args, model)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     with _executor(args):
-        measured = measure(model, calibration, formats, args.samples, args.exclude, {"method": args.method})
+        measured = measure(model, calibration, formats, args.samples, args.exclude, {"method": args.method, "format": args.format})
     allocation = solve(measured, args.bits)
     write_atomic(args.output, allocation.recipe(method=args.method, exclude=args.exclude).to_toml().encode())
     if args.report:

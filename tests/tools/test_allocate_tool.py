@@ -68,6 +68,27 @@ def test_cli_writes_an_editable_recipe(zoo_protos, tmp_path, capsys):
     assert "unknown format 'int9'" in capsys.readouterr().err
 
 
+def test_a_matmulnbits_allocation_costs_and_writes_what_that_op_stores(measured, tmp_path):
+    model, calibration, per_channel = measured
+    allocation = allocate.measure(model, calibration, ["int8", "int2"], params={"format": "matmulnbits"})
+    k = np.array([model.graph.node(name).inputs[1].shape[0] for name in allocation.layers], np.float64)
+    np.testing.assert_allclose(allocation.cost[:, 0] / allocation.weights, 8 + 32 / 128)  # int8 in groups of 128
+    np.testing.assert_allclose(per_channel.cost[:, 0] / per_channel.weights, 8 + 32 / k)
+    np.testing.assert_allclose(allocation.cost[:, 1], per_channel.cost[:, 1])  # int2 g128 either way
+    high, low = allocation.cost.sum(axis=0) / allocation.weights.sum()
+    solved = allocate.solve(allocation, (low + high) / 2)
+    steps = solved.recipe(method="gptq").to_list()
+    assert {(s["bits"], s["group_size"], s["format"]) for s in steps} == {(8, 128, "matmulnbits"), (2, 128, "matmulnbits")}
+    mixed, _ = bitfold.optimize(bitfold.clone(model), steps, calibration)
+    nbits = [n for n in mixed.graph if n.op_type == "MatMulNBits"]
+    assert len(nbits) == len(allocation.layers) and {n.attributes["bits"].value for n in nbits} == {8, 2}
+    assert sum(n.attributes["bits"].value == 8 for n in nbits) == (solved.choice == 0).sum()
+    with pytest.raises(BitfoldError, match="measured for format 'matmulnbits'"):
+        solved.recipe(format="fake")
+    with pytest.raises(BitfoldError, match="format 'int4' is not one"):
+        allocate.measure(model, calibration, ["int8"], params={"format": "int4"})
+
+
 def test_a_sensitivity_is_the_error_of_the_model_quantized_at_that_layer_alone(measured):
     """The shared session's weight override measures the same thing as quantizing one layer through the pass."""
     model, calibration, allocation = measured
