@@ -11,9 +11,10 @@ uses background windows 115-146, the quantization table's), computed through ONN
 through llama.cpp's own logits for GGUF files.
 
 The mixed rows are ``bitfold allocate --format matmulnbits``'s integer program over {int8 g128, int4 g128} per
-linear (GPTQ sensitivities on 16 x 128 calibration tokens, logits of the first 4), at 4.5 bits per weight — the bytes
-per linear weight of llama.cpp's Q4_0 file — and at 5.0 (its Q4_K_M file holds 5.53 here: with 576-wide rows its
-k-quants fall back to Q5_0 and Q8_0 blocks).
+linear (GPTQ sensitivities on 16 x 128 calibration tokens, logits of the first 4) at 5.0 and 5.5 stored bits per
+linear weight. Stored bits count codes, scales and zero points as the files hold them (``linear_bpw``): MatMulNBits
+pads 576-wide rows to whole 128-blocks, so uniform W4 g128 stores 4.60 here, llama.cpp's Q4_0 file 4.5 and its
+Q4_K_M file 5.53 (with 576-wide rows its k-quants fall back to Q5_0 and Q8_0 blocks).
 
 SmolLM2's weights already lie on a Q4_1 grid of 32-element blocks (the GGUF bitfold calls fp32): llama.cpp Q4_1 is
 that grid itself, and so is bitfold's min-max row (float zero points; exact up to int8 activations); bitfold's other
@@ -66,10 +67,10 @@ BITFOLD = {
     "w4g32-head8": ("bitfold W4 GPTQ g32 asymmetric, int8 activations, 8-bit head", [GPTQ32, *HEAD8], ("ort",)),
     "minmax-head8": ("bitfold W4 min-max g32 (float zero points: the Q4_1 grid), int8 activations, 8-bit head",
                      [MINMAX, *HEAD8], ("ort", "tvm")),  # fmt: skip  (on ORT: the zero points split off, see bitfold.backends.ort)
-    "mixed45-head8": ("bitfold W4/W8 mixed GPTQ, 4.5 bits per weight (Q4_0's bytes), int8 activations, 8-bit head",
-                      [("allocate", 4.5), *HEAD8], ("ort",)),  # fmt: skip
-    "mixed50-head8": ("bitfold W4/W8 mixed GPTQ, 5.0 bits per weight, int8 activations, 8-bit head",
+    "mixed50-head8": ("bitfold W4/W8 mixed GPTQ g128 at 5.0 bits per linear weight, int8 activations, 8-bit head",
                       [("allocate", 5.0), *HEAD8], ("ort",)),  # fmt: skip
+    "mixed55-head8": ("bitfold W4/W8 mixed GPTQ g128 at 5.5 bits per linear weight, int8 activations, 8-bit head",
+                      [("allocate", 5.5), *HEAD8], ("ort",)),  # fmt: skip
     "q3": ("bitfold ShiftAddLLM q3 g128 (BCQ lookup tables)", [{"name": "shiftadd", "exclude": HEAD}], ("tvm", "ort-slow")),
     "binary": ("bitfold binary (sign planes, per-output scales)", [{"name": "binarize", "exclude": HEAD}], ("tvm", "ort-slow")),
 }
@@ -171,20 +172,47 @@ def _allocated(base, bits: float) -> list[dict]:
     from bitfold.quant.calibration import CalibrationData
     from bitfold.tools import allocate
 
-    report = WORK / "allocation.json"
-    params = {**SOLVER, "format": "matmulnbits"}
-    if report.exists():
-        data = json.loads(report.read_text())
-        measured = allocate.Allocation(data["layers"], data["formats"], np.array(data["sensitivity"]), np.array(data["cost"]),
-                                       np.array(data["weights"]), np.zeros(len(data["layers"]), int), data["outside"], "matmulnbits")  # fmt: skip
-    else:
+    report = WORK / "allocation.json"  # the sensitivities (the costs follow the stored formats: recomputed)
+    if not report.exists():
         feeds = CalibrationData(list(lm_feeds(lee_windows(smollm2()[1], SENSITIVITY, 128), base)))
-        measured = allocate.measure(base, feeds, ["int8", "int4"], samples=4, exclude=HEAD, params=params)
+        measured = allocate.measure(base, feeds, ["int8", "int4"], samples=4, exclude=HEAD, params={**SOLVER, "format": "matmulnbits"})
         report.write_text(json.dumps({"layers": measured.layers, "formats": measured.formats, "outside": measured.outside,
-                                      "sensitivity": measured.sensitivity.tolist(), "cost": measured.cost.tolist(),
-                                      "weights": measured.weights.tolist()}))  # fmt: skip
+                                      "sensitivity": measured.sensitivity.tolist()}))  # fmt: skip
+    data = json.loads(report.read_text())
+    nodes = {node.name: node for node in base.graph}
+    shapes = [nodes[layer].inputs[1].shape for layer in data["layers"]]  # [K, N]
+    weights = np.array([k * n for k, n in shapes], np.float64)
+    cost = np.array([[allocate.candidate(f, "matmulnbits").bits(k) * k * n for f in data["formats"]] for k, n in shapes])
+    measured = allocate.Allocation(data["layers"], data["formats"], np.array(data["sensitivity"]), cost, weights,
+                                   np.zeros(len(weights), int), data["outside"], "matmulnbits")  # fmt: skip
     solved = allocate.solve(measured, bits)
     return solved.recipe(**SOLVER, accuracy_level=4, exclude=HEAD).to_list()
+
+
+def linear_bits(kind: str, path: str) -> float | None:
+    """Stored bits per weight of the decoder layers' linears (codes, scales, zero points; not the embedding or the
+    head): from the GGUF tensor table for llama.cpp, from the MatMulNBits / MatMul initializers otherwise. None where
+    the layers run other ops (bitfold's BCQ and binary ops)."""
+    if kind == "llamacpp":
+        from gguf import GGUFReader
+
+        tensors = [t for t in GGUFReader(path).tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+        return 8 * sum(int(t.n_bytes) for t in tensors) / sum(int(np.prod(t.shape)) for t in tensors)
+    import onnx_ir as ir
+
+    stored = count = 0
+    for node in ir.load(path).graph:
+        if "layers." not in node.name:
+            continue
+        if node.op_type == "MatMulNBits":
+            stored += sum(v.const_value.nbytes for v in node.inputs[1:] if v is not None and v.const_value is not None)
+            count += node.attributes["K"].value * node.attributes["N"].value
+        elif node.op_type == "MatMul" and node.inputs[1].const_value is not None:
+            stored += node.inputs[1].const_value.nbytes
+            count += node.inputs[1].const_value.size
+        elif node.domain not in ("", "ai.onnx", "com.microsoft") and any(v is not None and v.const_value is not None for v in node.inputs):
+            return None  # a bitfold op holds the layer's weights
+    return 8 * stored / count if count else None
 
 
 # ----------------------------------------------------------------------------------------------- perplexity
@@ -340,6 +368,7 @@ def main() -> None:
     parser.add_argument("--names", help="comma-separated runtime names to run (e.g. w4-ort,llamacpp-Q4_0), or 'all'; merge into "
                         "the JSON (prompt lengths not run keep their previous rounds)")
     parser.add_argument("--ppl-only", action="store_true", help="compute the perplexities only (no timing) and store them")
+    parser.add_argument("--sizes-only", action="store_true", help="add each row's stored bits per linear weight (no timing)")
     parser.add_argument("--worker", nargs=4, metavar=("KIND", "PATH", "PROMPTS", "NEW"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -352,6 +381,14 @@ def main() -> None:
     from bitfold.tools.bench import provenance
 
     stamp = provenance()
+    if args.sizes_only:
+        from bitfold.tools.files import write_atomic
+
+        previous = json.loads((RESULTS / "llm_decode.json").read_text())
+        for row in previous["rows"]:
+            row["linear_bpw"] = linear_bits(row["kind"], row["path"])
+        write_atomic(RESULTS / "llm_decode.json", json.dumps(previous, indent=2).encode())
+        return
     specs = prepare(args.only)
     if args.names:
         wanted = set(args.names.split(","))
@@ -362,8 +399,9 @@ def main() -> None:
     np.save(prompt_file, ids, allow_pickle=False)
 
     previous = json.loads((RESULTS / "llm_decode.json").read_text()) if (RESULTS / "llm_decode.json").exists() else {"rows": []}
-    known_ppl = {r["name"]: r["ppl"] for r in previous["rows"]}
-    known_ppl.update({f"{r['name']}:heldout": r["ppl_heldout"] for r in previous["rows"] if "ppl_heldout" in r})
+    others = [r for r in previous["rows"] if r["tool"] != "bitfold"]  # bitfold's files change with the recipes: WORK's cache below
+    known_ppl = {r["name"]: r["ppl"] for r in others}
+    known_ppl.update({f"{r['name']}:heldout": r["ppl_heldout"] for r in others if "ppl_heldout" in r})
     cache = WORK / "ppl.json"  # perplexities as they are computed: a stopped run does not recompute them
     known_ppl.update(json.loads(cache.read_text()) if cache.exists() else {})
     rows = {}
@@ -385,6 +423,7 @@ def main() -> None:
             if spec["kind"] != "llamacpp" else Path(spec["path"]).stat().st_size  # fmt: skip
         prompts = [n for n in args.prompts if n in spec.get("prompts", args.prompts)]
         rows[spec["name"]] = {**spec, "ppl": ppl["lee"], "ppl_heldout": ppl["heldout"], "file_bytes": size,
+                              "linear_bpw": linear_bits(spec["kind"], spec["path"]),
                               "runs": {str(n): [] for n in prompts}}  # fmt: skip
         print(f"{spec['label']}: perplexity {ppl['lee']:.2f} (Lee), {ppl['heldout']:.2f} (held out)", flush=True)
 

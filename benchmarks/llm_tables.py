@@ -39,15 +39,17 @@ def decode_table(prompt: str = "512") -> str:
     anchor = next((row for row in r["rows"] if row["name"] == "llamacpp-Q4_0"), None)
     genai = next((row for row in r["rows"] if row["name"] == "genai-int4-b32"), None)
     lengths = sorted({n for row in r["rows"] for n in row["median"]}, key=int)
-    head = "| runtime / format | Lee perplexity | held-out perplexity | file MB | " + " | ".join(f"prefill {n} ms | decode tok/s @{n}" for n in lengths) + " |"
-    lines = [f"`{r['command']}`: {r['protocol']}.", "", head, "|---|---|---|---|" + "---|---|" * len(lengths)]
+    head = ("| runtime / format | Lee perplexity | held-out perplexity | file MB | bits per linear weight | "
+            + " | ".join(f"prefill {n} ms | decode tok/s @{n}" for n in lengths) + " |")  # fmt: skip
+    lines = [f"`{r['command']}`: {r['protocol']}.", "", head, "|---|---|---|---|---|" + "---|---|" * len(lengths)]
     for row in sorted(r["rows"], key=lambda x: -x["median"].get(prompt, {"decode_tok_s": 0})["decode_tok_s"]):
         cells = []
         for n in lengths:
             m = row["median"].get(n)
             cells += [f"{m['prefill_ms']:.0f}", f"{m['decode_tok_s']:.1f}"] if m else ["-", "-"]
         heldout = f"{row['ppl_heldout']:.2f}" if "ppl_heldout" in row else "not measured"
-        lines.append(f"| {row['label']} | {row['ppl']:.2f} | {heldout} | {row['file_bytes'] / 1e6:.0f} | " + " | ".join(cells) + " |")
+        bpw = f"{row['linear_bpw']:.2f}" if row.get("linear_bpw") else "-"
+        lines.append(f"| {row['label']} | {row['ppl']:.2f} | {heldout} | {row['file_bytes'] / 1e6:.0f} | {bpw} | " + " | ".join(cells) + " |")
     if anchor is not None and prompt in anchor["median"]:
         a = anchor["median"][prompt]
         g = genai["median"].get(prompt) if genai is not None else None
@@ -59,6 +61,22 @@ def decode_table(prompt: str = "512") -> str:
                 text = f"- {row['name']}: decode {m['decode_tok_s'] / a['decode_tok_s']:.2f}× Q4_0"
                 text += f", {m['decode_tok_s'] / g['decode_tok_s']:.2f}× GenAI" if g else ""
                 lines.append(text + f"; prefill {m['prefill_ms'] / a['prefill_ms']:.2f}× Q4_0's time")
+    ours = [row for row in r["rows"] if row["tool"] == "bitfold" and row.get("linear_bpw") and prompt in row["median"]]
+    theirs = [row for row in r["rows"] if row["name"] in ("llamacpp-Q4_0", "llamacpp-Q4_K_M") and row.get("linear_bpw")
+              and prompt in row["median"]]  # fmt: skip
+    if ours and theirs:
+        lines += ["", "bitfold's best perplexity at no more stored bits per linear weight than a llama.cpp 4-bit file "
+                  f"(Lee / held-out perplexity; decode and prefill at the {prompt}-token prompt):", ""]  # fmt: skip
+        for ref in theirs:
+            fitting = [row for row in ours if row["linear_bpw"] <= ref["linear_bpw"]]
+            if not fitting:
+                lines.append(f"- {ref['label']}, {ref['linear_bpw']:.2f} bits: no bitfold row stores that few")
+                continue
+            best = min(fitting, key=lambda row: (row["ppl"], -row["median"][prompt]["decode_tok_s"]))
+            m, q = best["median"][prompt], ref["median"][prompt]
+            lines.append(f"- {ref['label']}, {ref['linear_bpw']:.2f} bits, {ref['ppl']:.2f} / {ref['ppl_heldout']:.2f}: "
+                         f"{best['name']}, {best['linear_bpw']:.2f} bits, {best['ppl']:.2f} / {best['ppl_heldout']:.2f}; decode "
+                         f"{m['decode_tok_s'] / q['decode_tok_s']:.2f}× theirs, prefill {m['prefill_ms'] / q['prefill_ms']:.2f}× their time")  # fmt: skip
     same = next((row for row in r["rows"] if row["name"] == "llamacpp-Q4_1"), None)
     grid = [row for row in r["rows"] if row["name"].startswith("minmax") and prompt in row["median"]]
     if same is not None and prompt in same["median"] and grid:

@@ -82,15 +82,25 @@ FORMATS = {
 
 
 def candidate(name: str, deploy: str = "fake") -> Candidate:
-    """Format ``name`` as a recipe writing ``deploy`` (quantize-weights' ``format``) stores it: MatMulNBits holds
-    groups of a power of two along K, so a per-channel integer format becomes groups of 128 (scales costed so)."""
+    """Format ``name`` as a recipe writing ``deploy`` (quantize-weights' ``format``) stores it. MatMulNBits holds
+    whole blocks of a power of two along K (K = 576 with groups of 128 stores 640 codes per row), 3-bit codes in
+    4-bit storage and zero points packed per row: its integer formats cost exactly those bytes, and per-channel int8
+    becomes groups of 128."""
     found = FORMATS[name]
     step = found.step
-    if deploy == "matmulnbits" and step["name"] == "quantize-weights" and step["group_size"] == -1:
-        bits = step["bits"]
-        learned = {**found.learned, "group_size": 128} if found.learned else None
-        return Candidate({**step, "group_size": 128}, lambda k: bits + 32 / 128, learned)
-    return found
+    if deploy != "matmulnbits" or step["name"] != "quantize-weights":
+        return found
+    group = 128 if step["group_size"] == -1 else step["group_size"]
+    storage = 4 if step["bits"] == 3 else step["bits"]
+    symmetric = step["symmetric"]
+
+    def stored(k: int) -> float:  # codes, fp32 scales and packed zero points of one row, per weight
+        blocks = -(-k // group)
+        zero_points = 0 if symmetric else -(-blocks * storage // 8) * 8
+        return (blocks * (group * storage + 32) + zero_points) / k
+
+    learned = {**found.learned, "group_size": group} if found.learned else None
+    return Candidate({**step, "group_size": group}, stored, learned)
 
 
 def step_for(candidate: Candidate, settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -72,9 +72,10 @@ def test_a_matmulnbits_allocation_costs_and_writes_what_that_op_stores(measured,
     model, calibration, per_channel = measured
     allocation = allocate.measure(model, calibration, ["int8", "int2"], params={"format": "matmulnbits"})
     k = np.array([model.graph.node(name).inputs[1].shape[0] for name in allocation.layers], np.float64)
-    np.testing.assert_allclose(allocation.cost[:, 0] / allocation.weights, 8 + 32 / 128)  # int8 in groups of 128
     np.testing.assert_allclose(per_channel.cost[:, 0] / per_channel.weights, 8 + 32 / k)
-    np.testing.assert_allclose(allocation.cost[:, 1], per_channel.cost[:, 1])  # int2 g128 either way
+    blocks = np.ceil(k / 128)  # the op stores whole blocks of 128 along K, and int2's zero points packed 4 per byte
+    np.testing.assert_allclose(allocation.cost[:, 0] / allocation.weights, blocks * (128 * 8 + 32) / k)
+    np.testing.assert_allclose(allocation.cost[:, 1] / allocation.weights, (blocks * (128 * 2 + 32) + np.ceil(blocks * 2 / 8) * 8) / k)
     high, low = allocation.cost.sum(axis=0) / allocation.weights.sum()
     solved = allocate.solve(allocation, (low + high) / 2)
     steps = solved.recipe(method="gptq").to_list()
@@ -83,6 +84,8 @@ def test_a_matmulnbits_allocation_costs_and_writes_what_that_op_stores(measured,
     nbits = [n for n in mixed.graph if n.op_type == "MatMulNBits"]
     assert len(nbits) == len(allocation.layers) and {n.attributes["bits"].value for n in nbits} == {8, 2}
     assert sum(n.attributes["bits"].value == 8 for n in nbits) == (solved.choice == 0).sum()
+    stored = sum(8 * v.const_value.nbytes for n in nbits for v in n.inputs[1:] if v is not None)
+    assert stored == pytest.approx(solved.bits_per_weight * solved.weights.sum())  # the cost is what the file holds
     with pytest.raises(BitfoldError, match="measured for format 'matmulnbits'"):
         solved.recipe(format="fake")
     with pytest.raises(BitfoldError, match="format 'int4' is not one"):
