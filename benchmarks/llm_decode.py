@@ -13,8 +13,8 @@ through llama.cpp's own logits for GGUF files.
 The mixed rows are ``bitfold allocate --format matmulnbits``'s integer program over {int8 g128, int4 g128} per
 linear (GPTQ sensitivities on 16 x 128 calibration tokens, logits of the first 4) at 5.0 and 5.5 stored bits per
 linear weight. Stored bits count codes, scales and zero points as the files hold them (``linear_bpw``): MatMulNBits
-pads 576-wide rows to whole 128-blocks, so uniform W4 g128 stores 4.60 here, llama.cpp's Q4_0 file 4.5 and its
-Q4_K_M file 5.53 (with 576-wide rows its k-quants fall back to Q5_0 and Q8_0 blocks).
+pads 576-wide rows to whole 128-blocks, so uniform W4 g128 stores 4.60 here and W4 g64 4.5, as llama.cpp's Q4_0
+file; its Q4_K_M file stores 5.53 (with 576-wide rows its k-quants fall back to Q5_0 and Q8_0 blocks).
 
 SmolLM2's weights already lie on a Q4_1 grid of 32-element blocks (the GGUF bitfold calls fp32): llama.cpp Q4_1 is
 that grid itself, and so is bitfold's min-max row (float zero points; exact up to int8 activations); bitfold's other
@@ -64,6 +64,7 @@ BITFOLD = {
     "fp32": ("bitfold fp32", [], ("ort", "tvm")),
     "w4": ("bitfold W4 GPTQ g128, int8 activations (MatMulNBits acc 4), fp32 head", [GPTQ], ("ort",)),
     "w4-head8": ("bitfold W4 GPTQ g128, int8 activations, 8-bit head (RTN g128)", ["w4", *HEAD8], ("ort", "ort-standard", "tvm")),  # steps after w4's
+    "w4g64-head8": ("bitfold W4 GPTQ g64, int8 activations, 8-bit head", [{**GPTQ, "group_size": 64}, *HEAD8], ("ort",)),
     "w4g32-head8": ("bitfold W4 GPTQ g32 asymmetric, int8 activations, 8-bit head", [GPTQ32, *HEAD8], ("ort",)),
     "minmax-head8": ("bitfold W4 min-max g32 (float zero points: the Q4_1 grid), int8 activations, 8-bit head",
                      [MINMAX, *HEAD8], ("ort", "tvm")),  # fmt: skip  (on ORT: the zero points split off, see bitfold.backends.ort)
