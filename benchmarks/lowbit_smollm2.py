@@ -9,7 +9,8 @@ GPTQ and QuantEase run with the quantization table's GPTQ settings (act-order, s
 0.003; the strongest GPTQ there): QuantEase starts from GPTQ's solution and keeps its scales, so any difference is
 the coordinate descent's. ``reconstruct`` runs with its defaults (GPTQ with the same settings on what each decoder
 layer reads in the quantized model, then learned rounding); ``--tune STEPS`` rows ("+ end to end") add that many
-end-to-end steps on every scale against the float model's logits. Sign-plane rows: the binarize pass with GPTQ
+end-to-end steps on every scale against the float model's logits; with ``--tune-weights`` ("+ end to end, codes
+learned") the integer codes learn too (a latent value per weight, its rounded code taken straight-through). Sign-plane rows: the binarize pass with GPTQ
 rounding against reconstruct's binary grid (bits in the JSON: the number of planes). Binary-code rows
 (``--shiftadd Q``): ShiftAddLLM's format (α a sum of two powers of two) through the shiftadd pass with the same
 GPTQ settings against reconstruct's ``bcq`` grid (bits: the number of planes). Calibration: the built-in
@@ -20,7 +21,7 @@ Writes benchmarks/results/lowbit_smollm2.json, one row at a time (a rerun replac
 lowbit_smollm2.png: each reconstruct row's per-block error at its start and learned.
 
     python benchmarks/lowbit_smollm2.py [--bits 4 3 2] [--methods gptq gptq-sequential[-float] gptq-true-sequential[-float] quantease reconstruct] [--asymmetric] [--binary 1 2]
-                                        [--shiftadd 3 2] [--tune STEPS] [--learned-only]
+                                        [--shiftadd 3 2] [--tune STEPS [--tune-weights]] [--learned-only]
 """
 
 from __future__ import annotations
@@ -71,12 +72,12 @@ BINARY = {
 }
 #: reconstruct's note per block: relative output error at the start → after the scale phase → after rounding
 BLOCK_NOTE = re.compile(r"output error ([\d.e+-]+) \(start\) → ([\d.e+-]+) \(clipping\) → ([\d.e+-]+) \(rounding\)")
-TUNE_NOTE = re.compile(r"end to end \((\d+) steps\): kl ([\d.e+-]+) → ([\d.e+-]+)")
+TUNE_NOTE = re.compile(r"end to end \((\d+) steps(?:, weights learned)?\): kl ([\d.e+-]+) → ([\d.e+-]+)")
 #: ShiftAddLLM binary codes (q sign planes, α per plane and 128 inputs, α a sum of two powers of two): the shiftadd
 #: pass with the GPTQ settings above against reconstruct's learned α and codes.
 SHIFTADD = {"name": "shiftadd", "group_size": 128, "keep_ends": False, "act_order": True, "sink_weight": 64.0, "damp": 0.003}
 ORDER = (["FP32"] + [f"{name} W{bits} g128{grid}" for bits in (4, 3, 2) for grid in ("", " asym")
-                     for name in [*NAMES.values(), "reconstruct + end to end"]]
+                     for name in [*NAMES.values(), "reconstruct + end to end", "reconstruct + end to end, codes learned"]]
          + [v for variant in BINARY for v in (variant, variant.replace("binary,", "binary + end to end,")) if v == variant or "reconstruct" in v]
          + [f"{name} q{q} g128" for q in (4, 3, 2) for name in ("ShiftAddLLM (GPTQ)", "reconstruct bcq", "reconstruct bcq + end to end")])  # fmt: skip
 
@@ -91,7 +92,10 @@ def main() -> None:
     parser.add_argument("--learned-only", action="store_true", help="sign-plane and binary-code rows: reconstruct's only (the solvers' rows kept)")
     parser.add_argument("--tune", type=int, default=0, metavar="STEPS",
                         help="reconstruct rows: also this many end-to-end steps on the scales (variant '+ end to end')")  # fmt: skip
+    parser.add_argument("--tune-weights", action="store_true", help="integer reconstruct rows with --tune: the codes learn end to end too")
     args = parser.parse_args()
+    if args.tune_weights and not args.tune:
+        parser.error("--tune-weights belongs to the end-to-end phase: give --tune STEPS")
     stamp = provenance()
     _, tokenizer = smollm2()
     heldout = heldout_windows(tokenizer)
@@ -103,10 +107,12 @@ def main() -> None:
     runs = []
     for bits in args.bits:
         for method in args.methods:
-            step = ({"name": "reconstruct", "tune_steps": args.tune} if method == "reconstruct"
+            tune = {"tune_steps": args.tune, **({"tune_weights": True} if args.tune_weights else {})}
+            step = ({"name": "reconstruct", **tune} if method == "reconstruct"
                     else SEQUENTIAL_STEPS.get(method, {"name": "quantize-weights", "method": method, **GPTQ}))  # fmt: skip
             grid = {"symmetric": False} if args.asymmetric else {}
-            name = f"{NAMES[method]}{' + end to end' if method == 'reconstruct' and args.tune else ''}"
+            tuned = " + end to end" + (", codes learned" if args.tune_weights else "") if args.tune else ""
+            name = f"{NAMES[method]}{tuned if method == 'reconstruct' else ''}"
             runs.append((f"{name} W{bits} g128{' asym' if args.asymmetric else ''}", method, bits, {**step, "bits": bits, "group_size": 128, **grid}))
     for variant, step in BINARY.items():
         planes = step.get("planes", 1)
@@ -132,7 +138,8 @@ def main() -> None:
             rows[-1]["block_losses"] = blocks
         for note in report.passes[0].notes:
             if m := TUNE_NOTE.search(note):  # reconstruct's end-to-end phase: the KL on the calibration windows
-                rows[-1]["end_to_end"] = {"steps": int(m[1]), "kl_start": float(m[2]), "kl_end": float(m[3])}
+                rows[-1]["end_to_end"] = {"steps": int(m[1]), "kl_start": float(m[2]), "kl_end": float(m[3]),
+                                          "codes_learned": "weights learned" in note}  # fmt: skip
         print(rows[-1], flush=True)
         del model
         _write(rows, stamp)  # after every row: a long run that stops keeps what it measured
