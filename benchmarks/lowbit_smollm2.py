@@ -10,7 +10,8 @@ GPTQ and QuantEase run with the quantization table's GPTQ settings (act-order, s
 the coordinate descent's. ``reconstruct`` runs with its defaults (GPTQ with the same settings on what each decoder
 layer reads in the quantized model, then learned rounding); ``--tune STEPS`` rows ("+ end to end") add that many
 end-to-end steps on every scale against the float model's logits; with ``--tune-weights`` ("+ end to end, codes
-learned") the integer codes learn too (a latent value per weight, its rounded code taken straight-through). Sign-plane rows: the binarize pass with GPTQ
+learned") the codes learn too (a latent value per weight, its rounded integer code or its signs taken
+straight-through). Sign-plane rows: the binarize pass with GPTQ
 rounding against reconstruct's binary grid (bits in the JSON: the number of planes). Binary-code rows
 (``--shiftadd Q``): ShiftAddLLM's format (α a sum of two powers of two) through the shiftadd pass with the same
 GPTQ settings against reconstruct's ``bcq`` grid (bits: the number of planes). Calibration: the built-in
@@ -79,7 +80,8 @@ SHIFTADD = {"name": "shiftadd", "group_size": 128, "keep_ends": False, "act_orde
 ORDER = (["FP32"] + [f"{name} W{bits} g128{grid}" for bits in (4, 3, 2) for grid in ("", " asym")
                      for name in [*NAMES.values(), "reconstruct + end to end", "reconstruct + end to end, codes learned"]]
          + [v for variant in BINARY for v in (variant, variant.replace("binary,", "binary + end to end,")) if v == variant or "reconstruct" in v]
-         + [f"{name} q{q} g128" for q in (4, 3, 2) for name in ("ShiftAddLLM (GPTQ)", "reconstruct bcq", "reconstruct bcq + end to end")])  # fmt: skip
+         + [f"{name} q{q} g128" for q in (4, 3, 2) for name in ("ShiftAddLLM (GPTQ)", "reconstruct bcq", "reconstruct bcq + end to end",
+                                                           "reconstruct bcq + end to end, codes learned")])  # fmt: skip
 
 
 def main() -> None:
@@ -92,7 +94,7 @@ def main() -> None:
     parser.add_argument("--learned-only", action="store_true", help="sign-plane and binary-code rows: reconstruct's only (the solvers' rows kept)")
     parser.add_argument("--tune", type=int, default=0, metavar="STEPS",
                         help="reconstruct rows: also this many end-to-end steps on the scales (variant '+ end to end')")  # fmt: skip
-    parser.add_argument("--tune-weights", action="store_true", help="integer reconstruct rows with --tune: the codes learn end to end too")
+    parser.add_argument("--tune-weights", action="store_true", help="reconstruct rows (integer and binary-code) with --tune: the codes learn end to end too")
     args = parser.parse_args()
     if args.tune_weights and not args.tune:
         parser.error("--tune-weights belongs to the end-to-end phase: give --tune STEPS")
@@ -123,8 +125,10 @@ def main() -> None:
     for q in args.shiftadd:
         if not args.learned_only:
             runs.append((f"ShiftAddLLM (GPTQ) q{q} g128", "shiftadd", q, {**SHIFTADD, "q": q}))
-        learned = {"name": "reconstruct", "grid": "bcq", "bits": q, "group_size": 128, "tune_steps": args.tune}
-        runs.append((f"reconstruct bcq{' + end to end' if args.tune else ''} q{q} g128", "reconstruct", q, learned))
+        learned = {"name": "reconstruct", "grid": "bcq", "bits": q, "group_size": 128, "tune_steps": args.tune,
+                   **({"tune_weights": True} if args.tune_weights else {})}  # fmt: skip
+        tuned = " + end to end" + (", codes learned" if args.tune_weights else "") if args.tune else ""
+        runs.append((f"reconstruct bcq{tuned} q{q} g128", "reconstruct", q, learned))
     for variant, method, bits, step in runs:
         step = {**step, "format": "fake", "exclude": ["*lm_head*"]}
         start = time.perf_counter()
