@@ -22,7 +22,8 @@ that grid itself, and so is bitfold's min-max row (float zero points; exact up t
 Writes benchmarks/results/llm_decode.{json,png}. Needs ``pip install -e '.[bench]'`` (llama-cpp-python built as
 ``make bench`` does).
 
-    python benchmarks/llm_decode.py [--rounds 3] [--prompts 512 128 1024] [--new 128] [--only TEXT]
+    python benchmarks/llm_decode.py [--rounds 3] [--prompts 512 128 1024] [--new 128] [--only TEXT | --names A,B]
+                                    [--ppl-only | --sizes-only]
 """
 
 from __future__ import annotations
