@@ -160,7 +160,8 @@ def _write(rows: list[dict], stamp: dict) -> None:
         "protocol": f"calibration: Lee windows {CALIB_WINDOWS.start}-{CALIB_WINDOWS.stop - 1}; scored: Lee windows 0-15 of 512 tokens "
         "(8,176 tokens) and the held-out Lee test corpus (9 windows of 512); lm_head fp32; GPTQ settings as the quantization table's; "
         "reconstruct with its defaults; '+ end to end' rows then learn every scale against the float logits on the same "
-        "calibration windows (steps and KL before and after in the row's end_to_end record)",
+        "calibration windows (steps and KL before and after in the row's end_to_end record), ', codes learned' rows the codes "
+        "too",
         "rows": rows,
     }
     write_atomic(path, json.dumps(result, indent=2).encode())
