@@ -43,6 +43,7 @@ import bitfold  # noqa: E402
 from bitfold.eval.models import export_smollm2, smollm2  # noqa: E402
 from bitfold.eval.tasks import CALIB_WINDOWS, heldout_windows, perplexity, smollm2_ppl  # noqa: E402
 from bitfold.passes.canonical import CANONICAL  # noqa: E402
+from bitfold.passes.learned.reconstruct import ReconstructConfig  # noqa: E402
 from bitfold.quant.calibration import CalibrationData  # noqa: E402
 from bitfold.tools.bench import merge_rows, provenance  # noqa: E402
 from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
@@ -73,7 +74,7 @@ BINARY = {
 }
 #: reconstruct's note per block: relative output error at the start → after the scale phase → after rounding
 BLOCK_NOTE = re.compile(r"output error ([\d.e+-]+) \(start\) → ([\d.e+-]+) \(clipping\) → ([\d.e+-]+) \(rounding\)")
-TUNE_NOTE = re.compile(r"end to end \((\d+) steps(?:, weights learned)?\): kl ([\d.e+-]+) → ([\d.e+-]+)")
+TUNE_NOTE = re.compile(r"end to end \((\d+) steps(?:, weights learned)?\): kl ([\d.e+-]+) → ([\d.e+-]+)(?:.*; (\d+) of (\d+) codes changed)?")
 #: ShiftAddLLM binary codes (q sign planes, α per plane and 128 inputs, α a sum of two powers of two): the shiftadd
 #: pass with the GPTQ settings above against reconstruct's learned α and codes.
 SHIFTADD = {"name": "shiftadd", "group_size": 128, "keep_ends": False, "act_order": True, "sink_weight": 64.0, "damp": 0.003}
@@ -95,9 +96,16 @@ def main() -> None:
     parser.add_argument("--tune", type=int, default=0, metavar="STEPS",
                         help="reconstruct rows: also this many end-to-end steps on the scales (variant '+ end to end')")  # fmt: skip
     parser.add_argument("--tune-weights", action="store_true", help="reconstruct rows (integer and binary-code) with --tune: the codes learn end to end too")
+    parser.add_argument("--tune-weight-lr", type=float, default=None, metavar="LR",
+                        help="with --tune-weights: the latent codes' learning rate (default: the pass's)")  # fmt: skip
     args = parser.parse_args()
     if args.tune_weights and not args.tune:
         parser.error("--tune-weights belongs to the end-to-end phase: give --tune STEPS")
+    if args.tune_weight_lr is not None and not args.tune_weights:
+        parser.error("--tune-weight-lr needs --tune-weights")
+    codes = {"tune_weights": True} if args.tune_weights else {}
+    if args.tune_weight_lr is not None:
+        codes["tune_weight_lr"] = args.tune_weight_lr
     stamp = provenance()
     _, tokenizer = smollm2()
     heldout = heldout_windows(tokenizer)
@@ -109,7 +117,7 @@ def main() -> None:
     runs = []
     for bits in args.bits:
         for method in args.methods:
-            tune = {"tune_steps": args.tune, **({"tune_weights": True} if args.tune_weights else {})}
+            tune = {"tune_steps": args.tune, **codes}
             step = ({"name": "reconstruct", **tune} if method == "reconstruct"
                     else SEQUENTIAL_STEPS.get(method, {"name": "quantize-weights", "method": method, **GPTQ}))  # fmt: skip
             grid = {"symmetric": False} if args.asymmetric else {}
@@ -125,8 +133,7 @@ def main() -> None:
     for q in args.shiftadd:
         if not args.learned_only:
             runs.append((f"ShiftAddLLM (GPTQ) q{q} g128", "shiftadd", q, {**SHIFTADD, "q": q}))
-        learned = {"name": "reconstruct", "grid": "bcq", "bits": q, "group_size": 128, "tune_steps": args.tune,
-                   **({"tune_weights": True} if args.tune_weights else {})}  # fmt: skip
+        learned = {"name": "reconstruct", "grid": "bcq", "bits": q, "group_size": 128, "tune_steps": args.tune, **codes}
         tuned = " + end to end" + (", codes learned" if args.tune_weights else "") if args.tune else ""
         runs.append((f"reconstruct bcq{tuned} q{q} g128", "reconstruct", q, learned))
     for variant, method, bits, step in runs:
@@ -144,6 +151,10 @@ def main() -> None:
             if m := TUNE_NOTE.search(note):  # reconstruct's end-to-end phase: the KL on the calibration windows
                 rows[-1]["end_to_end"] = {"steps": int(m[1]), "kl_start": float(m[2]), "kl_end": float(m[3]),
                                           "codes_learned": "weights learned" in note}  # fmt: skip
+                if m[4] is not None:
+                    rows[-1]["end_to_end"]["codes_changed"] = int(m[4]) / int(m[5])
+                if step.get("tune_weights"):
+                    rows[-1]["end_to_end"]["weight_lr"] = step.get("tune_weight_lr", ReconstructConfig.tune_weight_lr)
         print(rows[-1], flush=True)
         del model
         _write(rows, stamp)  # after every row: a long run that stops keeps what it measured

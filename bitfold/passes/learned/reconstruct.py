@@ -123,7 +123,7 @@ class ReconstructConfig:
     tune_lr: float = dataclasses.field(default=3e-3, metadata={"doc": "learning rate of the end-to-end scale factors (their logarithms)"})
     tune_loss: Literal["kl", "mse"] = dataclasses.field(default="kl", metadata={"doc": "end to end: KL divergence of the first graph output's softmax (logits) | its error relative to its mean square"})
     tune_weights: bool = dataclasses.field(default=False, metadata={"doc": "end to end: the codes learn too (distillation): latent weights whose sign (binary, bcq) or rounded code (int) is taken straight-through"})
-    tune_weight_lr: float = dataclasses.field(default=2e-3, metadata={"doc": "learning rate of the latent weights, in units of the grid step (int), of the row's α (binary) or of a sign (bcq)"})
+    tune_weight_lr: float = dataclasses.field(default=2e-3, metadata={"doc": "learning rate of the latent weights, in units of the grid step (int), of the row's α (binary) or of a sign (bcq); an integer code changes once its latent moves half a step, about tune_weight_lr per step"})
     tune_match: float = dataclasses.field(default=0.0, metadata={"doc": "end to end: weight of each block output's direction matching to the full-precision model's (1 − cosine per token, or per pixel over channels), added to the output loss"})
     tune_augment: bool = dataclasses.field(default=False, metadata={"doc": "end to end, NCHW image input: each training step reads a random crop of its sample (a random 50–100 % of each side, flipped half the time, resized back) against the full-precision model's output on that crop; the scores before and after read one fixed crop per sample"})
     accuracy_level: int = dataclasses.field(default=4, metadata={"doc": "matmulnbits: ORT compute type (4 = int8)"})
@@ -698,6 +698,12 @@ class Reconstruct(QuantizeWeights):
         masks = [torch.from_numpy(np.asarray(s["attention_mask"])) if "attention_mask" in s else None for s in self.calibration] if config.tune_match else []
         parameters = [p for _, _, _, (quantizers, *_) in chain for q in quantizers.values() for p in q.start_tuning()]
         latent = [p for _, _, _, (quantizers, *_) in chain for q in quantizers.values() for p in q.start_latent()] if config.tune_weights else []
+        learning = [q for _, _, _, (quantizers, *_) in chain for q in quantizers.values()] if config.tune_weights else []
+        codes_before = [_codes(q) for q in learning]
+        reach = config.tune_weight_lr * config.tune_steps  # about the farthest Adam moves a latent code
+        if learning and config.grid == "int" and reach < 0.5:
+            self.notes.append(f"tune_weight_lr × tune_steps = {reach:.3g} < 0.5: an integer code changes only once its latent "
+                              "moves half a step, so none can change; raise either to let the codes learn")  # fmt: skip
         end = chain[-1][0].output.name
 
         def block(module: TorchGraph, names: list[str], learned: tuple, *feeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -757,7 +763,11 @@ class Reconstruct(QuantizeWeights):
         self.tuned = result
         kept = "" if result.loss_end < result.loss_start else f" (reached {result.loss_reached:.4g}: undone)"
         what = ", weights learned" if config.tune_weights else ""
-        self.notes.append(f"end to end ({config.tune_steps} steps{what}): {config.tune_loss} {result.loss_start:.4g} → {result.loss_end:.4g}{kept}")
+        changed = ""
+        if learning:  # how many codes the latent weights moved (an integer code moves once its latent crosses half a step)
+            moved = sum(int((_codes(q) != before).sum()) for q, before in zip(learning, codes_before, strict=True))
+            changed = f"; {moved} of {sum(b.numel() for b in codes_before)} codes changed"
+        self.notes.append(f"end to end ({config.tune_steps} steps{what}): {config.tune_loss} {result.loss_start:.4g} → {result.loss_end:.4g}{kept}{changed}")
 
 
 class _ShiftEmitter(Shift):
@@ -776,6 +786,14 @@ class _BinaryEmitter(Binarize):
     """The binarize pass's collection and emission, stamping what it writes as reconstruct's."""
 
     name = "reconstruct"
+
+
+def _codes(quantizer: torch.nn.Module) -> torch.Tensor:
+    """A copy of the values on a quantizer's grid: integer codes, sign planes."""
+    with torch.no_grad():
+        if hasattr(quantizer, "grid_values"):
+            return quantizer.grid_values().detach().clone()
+        return torch.stack(quantizer.signs()).detach().clone()
 
 
 @contextlib.contextmanager

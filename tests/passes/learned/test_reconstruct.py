@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -436,6 +438,24 @@ def test_distillation_learns_the_signs_end_to_end_below_the_scales_alone(zoo_pro
     assert errors["weights"] < 0.95 * errors["scales"], errors  # measured: 0.135 against 0.143
     assert passes["weights"].tuned.loss_end < passes["weights"].tuned.loss_start  # the calibration loss: matching trades some of it
     assert "weights learned" in passes["weights"].notes[-1]
+
+
+def test_learned_integer_codes_move_only_past_half_a_step_and_the_note_counts_them(zoo_protos):
+    calibration = token_calibration(8)
+    changed = {}
+    for lr in (2e-3, 3e-2):  # 32 steps: at most about 0.06 and 1 grid step
+        model = _lm(zoo_protos, "tiny-lm")
+        p = Reconstruct(bits=3, group_size=16, format="fake", clip_steps=4, round_steps=4, tune_steps=32, tune_loss="mse",
+                        tune_weights=True, tune_weight_lr=lr, calibration=calibration)  # fmt: skip
+        p(model)
+        note = p.notes[-1]
+        match = re.search(r"; (\d+) of (\d+) codes changed", note)
+        assert match, note
+        changed[lr] = int(match[1]), int(match[2])
+        warned = any("none can change" in n for n in p.notes)
+        assert warned == (lr * 32 < 0.5), p.notes
+    assert changed[2e-3][0] == 0 and changed[3e-2][0] > 0, changed
+    assert changed[2e-3][1] == changed[3e-2][1] > changed[3e-2][0]  # counted over every learned weight
 
 
 def test_end_to_end_kl_on_a_kv_cache_graph_trains_against_the_logits(tmp_path):
