@@ -227,9 +227,10 @@ def lowbit_smollm2() -> str:
     if not (RESULTS / "lowbit_smollm2.json").exists():
         return "(no results yet: `python benchmarks/lowbit_smollm2.py` writes `benchmarks/results/lowbit_smollm2.json`)"
     r = load("lowbit_smollm2.json")
-    rows = [[row["variant"], _ppl(row["ppl"]), _ppl(row["ppl_heldout"]), f"{row['optimize_s']:.0f}" if "optimize_s" in row else "-"]
+    rows = [[row["variant"], _ppl(row["ppl"]), _ppl(row["ppl_heldout"]), str(row["end_to_end"]["steps"]) if "end_to_end" in row else "-",
+             f"{row['optimize_s']:.0f}" if "optimize_s" in row else "-"]
             for row in r["rows"]]  # fmt: skip
-    head = ["variant", "perplexity, Lee 0-15", "perplexity, held-out Lee test", "optimize s"]
+    head = ["variant", "perplexity, Lee 0-15", "perplexity, held-out Lee test", "end-to-end steps", "optimize s"]
     return "\n\n".join([f"{r['model']}; {r['protocol']}.", _table(head, rows), stamp("lowbit_smollm2.json")])
 
 
