@@ -54,6 +54,10 @@ HEAD8 = [{"name": "fold-constants", "input_size_limit": 1 << 26, "output_size_li
           "accuracy_level": 4, "exclude": ["*layers*"]}]  # fmt: skip
 
 GPTQ32 = {**GPTQ, "group_size": 32, "symmetric": False, "exclude": HEAD}
+#: reconstruct on the same grid: GPTQ's start, then scales and rounding learned block by block, then every scale 128
+#: steps end to end against the float logits (benchmarks/lowbit_smollm2.py's "reconstruct + end to end" W4 g128 row)
+LEARNED = {"name": "reconstruct", "bits": 4, "group_size": 128, "format": "matmulnbits", "accuracy_level": 4, "tune_steps": 128,
+           "exclude": HEAD}  # fmt: skip
 MINMAX = {"name": "quantize-weights", "method": "rtn", "bits": 4, "group_size": 32, "symmetric": False, "zero_point": "float",
           "format": "matmulnbits", "accuracy_level": 4, "exclude": HEAD}  # fmt: skip
 
@@ -69,6 +73,8 @@ BITFOLD = {
     "w4g32-head8": ("bitfold W4 GPTQ g32 asymmetric, int8 activations, 8-bit head", [GPTQ32, *HEAD8], ("ort",)),
     "minmax-head8": ("bitfold W4 min-max g32 (float zero points: the Q4_1 grid), int8 activations, 8-bit head",
                      [MINMAX, *HEAD8], ("ort", "tvm")),  # fmt: skip  (on ORT: the zero points split off, see bitfold.backends.ort)
+    "learned-head8": ("bitfold W4 g128 learned (reconstruct, 128 end-to-end steps), int8 activations, 8-bit head",
+                      [LEARNED, *HEAD8], ("ort",)),  # fmt: skip
     "mixed50-head8": ("bitfold W4/W8 mixed GPTQ g128 at 5.0 bits per linear weight, int8 activations, 8-bit head",
                       [("allocate", 5.0), *HEAD8], ("ort",)),  # fmt: skip
     "mixed55-head8": ("bitfold W4/W8 mixed GPTQ g128 at 5.5 bits per linear weight, int8 activations, 8-bit head",
