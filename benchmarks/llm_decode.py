@@ -73,8 +73,8 @@ BITFOLD = {
     "w4g32-head8": ("bitfold W4 GPTQ g32 asymmetric, int8 activations, 8-bit head", [GPTQ32, *HEAD8], ("ort",)),
     "minmax-head8": ("bitfold W4 min-max g32 (float zero points: the Q4_1 grid), int8 activations, 8-bit head",
                      [MINMAX, *HEAD8], ("ort", "tvm")),  # fmt: skip  (on ORT: the zero points split off, see bitfold.backends.ort)
-    "learned-head8": ("bitfold W4 g128 learned (reconstruct, 128 end-to-end steps), int8 activations, 8-bit head",
-                      [LEARNED, *HEAD8], ("ort",)),  # fmt: skip
+    "learned": ("bitfold W4 g128 learned (reconstruct, 128 end-to-end steps), int8 activations, fp32 head", [LEARNED], ("ort",)),
+    "learned-head8": ("bitfold W4 g128 learned (reconstruct, 128 end-to-end steps), int8 activations, 8-bit head", ["learned", *HEAD8], ("ort",)),
     "mixed50-head8": ("bitfold W4/W8 mixed GPTQ g128 at 5.0 bits per linear weight, int8 activations, 8-bit head",
                       [("allocate", 5.0), *HEAD8], ("ort",)),  # fmt: skip
     "mixed55-head8": ("bitfold W4/W8 mixed GPTQ g128 at 5.5 bits per linear weight, int8 activations, 8-bit head",
