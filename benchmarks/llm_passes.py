@@ -7,15 +7,17 @@ Recipes that round activations (int8 tokens) or run an error-feedback solver (GP
 such differences into a different draw of the same rounding noise. Where the graphs disagree by more than 1e-3, the
 row also measures such draws on one graph: the same recipe on the fixed-length graph with ONNX Runtime's graph
 optimizations off, and at its basic level (calibration and evaluation), fp32-equivalent reorderings of that graph
-alone (``spread_draws``; ``spread`` is the largest). A row is "within reordering noise" when the graphs differ by at
-most twice the spread.
+alone; and, with ``--ulp-draws N``, N draws on that graph with every float weight moved by one ulp in a seeded random
+direction (a perturbation of the size the two graphs' float orders make). ``spread_draws`` holds each draw's relative
+difference from the graph's own perplexity, ``spread`` the largest. A row is "within reordering noise" when the graphs
+differ by at most twice the spread.
 
 Protocol: Lee corpus, 512-token windows 0-3 scored (2,044 tokens; the full 16-window protocol is the quantization
 table's), calibration windows 139-142 (prefill from an empty cache on the cached graph). lm_head stays fp32 in
 every row. SmolLM2's weights already lie on a Q4_1 32-group grid; no row uses 32-element asymmetric groups.
 Writes benchmarks/results/llm_passes.json.
 
-    python benchmarks/llm_passes.py [--only TEXT ...] [--skip-done] [--spread-only]
+    python benchmarks/llm_passes.py [--only TEXT ...] [--skip-done] [--spread-only] [--ulp-draws N]
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", help="run only the recipes whose label contains one of these texts; merge into the JSON")
     parser.add_argument("--skip-done", action="store_true", help="run only the recipes the JSON does not hold yet; merge into it")
     parser.add_argument("--spread-only", action="store_true", help="keep the JSON's perplexities of the --only rows; measure their missing spread draws")
+    parser.add_argument("--ulp-draws", type=int, default=0, help="rows that differ: also this many draws with every float weight moved one ulp (seeds 1..N)")
     args = parser.parse_args()
     stamp = provenance()
     path = RESULTS / "llm_passes.json"
@@ -117,6 +120,10 @@ def main() -> None:
             for level in REORDERINGS:
                 if level not in row["spread_draws"]:
                     row["spread_draws"][level] = abs(_reordered(graphs[FIXED], steps, calib_windows, windows, scored, level) - a) / a
+            for seed in range(1, args.ulp_draws + 1):
+                if f"ulp-{seed}" not in row["spread_draws"]:
+                    moved = _one_ulp(graphs[FIXED], seed)
+                    row["spread_draws"][f"ulp-{seed}"] = abs(_reordered(moved, steps, calib_windows, windows, scored, "all") - a) / a
             row["spread"] = max(row["spread_draws"].values())
         else:
             row.pop("spread_draws", None)
@@ -139,6 +146,22 @@ def _reordered(base, steps: list, calib_windows, windows: int | None, scored, le
             del os.environ["BITFOLD_ORT_OPTIMIZATION"]
         else:
             os.environ["BITFOLD_ORT_OPTIMIZATION"] = previous
+
+
+def _one_ulp(base, seed: int):
+    """A copy of ``base`` whose float32 weights each moved one ulp up or down (seeded, independent per element)."""
+    import numpy as np
+    import onnx_ir as ir
+
+    model = bitfold.clone(base)
+    rng = np.random.default_rng(seed)
+    for value in model.graph.initializers.values():
+        if value.const_value is None or value.const_value.dtype != ir.DataType.FLOAT:
+            continue
+        array = value.const_value.numpy()
+        toward = np.where(rng.random(array.shape) < 0.5, -np.inf, np.inf).astype(np.float32)
+        value.const_value = ir.tensor(np.nextafter(array, toward), name=value.name)
+    return model
 
 
 def _write(rows: list[dict], stamp: dict, merge: bool) -> None:
