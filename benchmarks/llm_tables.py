@@ -25,12 +25,14 @@ def passes_table() -> str:
     fixed, cached = "fixed-length (traced, no cache)", "KV-cache (export-llm)"
     lines = [f"`{r['command']}`: {r['protocol']}.", "",
              "| recipe | perplexity, fixed-length graph | perplexity, KV-cache graph | relative difference | "
-             "same graph reordered: ORT optimizations off / basic | verdict |", "|---|---|---|---|---|---|"]  # fmt: skip
+             "same graph reordered: ORT optimizations off / basic | same graph, weights moved one ulp | verdict |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in r["rows"]:
         draws = row.get("spread_draws", {"none": row["spread"]} if "spread" in row else {})
         spread = " / ".join(f"{draws[level]:.1e}" if level in draws else "not measured" for level in ("none", "basic")) if draws else "-"
+        ulp = " / ".join(f"{v:.1e}" for k, v in sorted(draws.items()) if k.startswith("ulp-")) or ("not measured" if draws else "-")
         lines.append(f"| {row['variant']} | {row[fixed]['ppl']:.4f} | {row[cached]['ppl']:.4f} | {row['rel_diff']:.1e} | "
-                     f"{spread} | {row.get('verdict') or ('agree' if row['rel_diff'] <= 1e-3 else 'differ (spread not measured)')} |")
+                     f"{spread} | {ulp} | {row.get('verdict') or ('agree' if row['rel_diff'] <= 1e-3 else 'differ (spread not measured)')} |")
     return "\n".join(lines)
 
 
