@@ -28,13 +28,20 @@ class Decoder:
     one ``GroupQueryAttention`` per layer, fused residual norms, the head on the last position only); past and
     present then share one ``max_length`` buffer per tensor. Where the lowering declines (``fusion.reason``) or
     ``fuse=False``, the standard graph runs with two buffers per tensor used in turn as past and present.
+
+    A prompt longer than ``prefill_chunk`` tokens is fed in chunks of that many, each attending to the cache the
+    previous ones wrote: the attention kernels score every query against every key of a call, so one 512-token call
+    computes the full 512 × 512 product where chunks skip most of its masked half, while the linears keep enough rows
+    per call to stay efficient (0: the whole prompt in one call).
     """
 
     def __init__(self, model: ir.Model, max_length: int = 2048, threads: int | None = None, device: str = "cpu",
-                 fuse: bool = True, profile: str | None = None) -> None:  # fmt: skip
+                 fuse: bool = True, profile: str | None = None, prefill_chunk: int = 128) -> None:  # fmt: skip
         from bitfold.backends.ort import OrtRunnable
         from bitfold.backends.ort_llm import lower_decoder
 
+        if prefill_chunk < 0:
+            raise BitfoldError(f"prefill_chunk must be 0 (no chunks) or a number of tokens, not {prefill_chunk}.")
         pasts = past_inputs(model)
         if not pasts:
             raise BitfoldError("the model has no past_key_values.* inputs; export it with `bitfold export-llm` to get a KV-cache graph.")
@@ -43,6 +50,7 @@ class Decoder:
         self.runnable = OrtRunnable(self.fusion.model if self.fusion else model, device=device, threads=threads, profile=profile)
         self.session = self.runnable.session
         self.max_length = max_length
+        self.prefill_chunk = prefill_chunk
         outputs = {o.name: o for o in model.graph.outputs}
         self.vocab = int(outputs["logits"].shape[-1])
         self.dtype = pasts[0].dtype.numpy()
@@ -71,6 +79,10 @@ class Decoder:
         past, total = self.length, self.length + new
         if total > self.max_length:
             raise BitfoldError(f"the sequence would hold {total} tokens, more than max_length {self.max_length}; raise --max-length.")
+        if 0 < self.prefill_chunk < new:
+            for start in range(0, new, self.prefill_chunk):
+                logits = self(ids[0, start : start + self.prefill_chunk])
+            return logits
         if self.shared:
             return self._shared_step(ids, past, total)
         binding = self.session.io_binding()

@@ -161,3 +161,35 @@ def test_min_max_grid_decoder_runs_split(tmp_path):
     fused = _lowered_matches(packed, fake, seed=5)
     nbits = [node for node in fused.fusion.model.graph if node.op_type == "MatMulNBits"]
     assert nbits and fused.runnable.split_zero_points == len(nbits)  # q, k and v packed first, then split
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("fuse", [True, False])
+def test_prompt_in_chunks_matches_one_call(name, fuse, tmp_path):
+    """A prompt fed in chunks (each attending to the cache the earlier ones wrote, across the sliding windows of 8)
+    gives the logits of one whole-prompt call, and the steps after it too."""
+    from bitfold.llm import export_llm
+    from bitfold.llm.generate import Decoder
+
+    make(name, tmp_path)
+    model, _, _ = export_llm(tmp_path)
+    rng = np.random.default_rng(2)
+    prompt, tokens = rng.integers(3, 256, 23), rng.integers(3, 256, 4)
+    results = []
+    for chunk in (0, 5):
+        decoder = Decoder(model, max_length=32, fuse=fuse, prefill_chunk=chunk)
+        calls, run = [], decoder.session.run_with_iobinding
+        decoder.session.run_with_iobinding = lambda binding: (calls.append(1), run(binding))
+        results.append([decoder(prompt)] + [decoder(np.asarray([t])) for t in tokens])
+        assert decoder.length == prompt.size + tokens.size
+        assert len(calls) == (5 if chunk else 1) + tokens.size  # 23 tokens: chunks of 5, 5, 5, 5, 3
+    for step, (g, w) in enumerate(zip(*results, strict=True)):
+        assert _rel(g, w) < 1e-5, f"{name}: step {step} differs by {_rel(g, w):.2e}"
+
+
+def test_prefill_chunk_must_not_be_negative():
+    from bitfold.errors import BitfoldError
+    from bitfold.llm.generate import Decoder
+
+    with pytest.raises(BitfoldError, match="prefill_chunk"):
+        Decoder(None, prefill_chunk=-1)
