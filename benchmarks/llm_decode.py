@@ -10,6 +10,11 @@ and, held out, every 512-token window of the Lee test corpus (``lee.cor``, 9 win
 uses background windows 115-146, the quantization table's), computed through ONNX Runtime for ONNX models and
 through llama.cpp's own logits for GGUF files.
 
+The learned rows run ``reconstruct`` on the W4 g128 grid (GPTQ's start, then scales and rounding learned block by
+block, then 128 end-to-end steps on every scale against the float logits; calibration as above), then quantize
+the head: 8-bit RTN g128, or 4-bit GPTQ g32 asymmetric. bitfold's ONNX Runtime generator feeds a prompt in chunks
+of 128 tokens (``Decoder``'s ``prefill_chunk``); prefill times include them.
+
 The mixed rows are ``bitfold allocate --format matmulnbits``'s integer program over {int8 g128, int4 g128} per
 linear (GPTQ sensitivities on 16 x 128 calibration tokens, logits of the first 4) at 5.0 and 5.5 stored bits per
 linear weight. Stored bits count codes, scales and zero points as the files hold them (``linear_bpw``): MatMulNBits
@@ -52,6 +57,8 @@ SENSITIVITY = range(464, 480)  # 128-token windows inside the calibration region
 HEAD8 = [{"name": "fold-constants", "input_size_limit": 1 << 26, "output_size_limit": 1 << 26},
          {"name": "quantize-weights", "method": "rtn", "bits": 8, "group_size": 128, "format": "matmulnbits",
           "accuracy_level": 4, "exclude": ["*layers*"]}]  # fmt: skip
+HEAD4 = [HEAD8[0], {**SOLVER, "name": "quantize-weights", "bits": 4, "group_size": 32, "symmetric": False, "format": "matmulnbits",
+                    "accuracy_level": 4, "exclude": ["*layers*"]}]  # fmt: skip
 
 GPTQ32 = {**GPTQ, "group_size": 32, "symmetric": False, "exclude": HEAD}
 #: reconstruct on the same grid: GPTQ's start, then scales and rounding learned block by block, then every scale 128
@@ -75,6 +82,8 @@ BITFOLD = {
                      [MINMAX, *HEAD8], ("ort", "tvm")),  # fmt: skip  (on ORT: the zero points split off, see bitfold.backends.ort)
     "learned": ("bitfold W4 g128 learned (reconstruct, 128 end-to-end steps), int8 activations, fp32 head", [LEARNED], ("ort",)),
     "learned-head8": ("bitfold W4 g128 learned (reconstruct, 128 end-to-end steps), int8 activations, 8-bit head", ["learned", *HEAD8], ("ort",)),
+    "learned-head4": ("bitfold W4 g128 learned (reconstruct, 128 end-to-end steps), int8 activations, 4-bit head (GPTQ g32 asymmetric)",
+                      ["learned", *HEAD4], ("ort",)),  # fmt: skip
     "mixed50-head8": ("bitfold W4/W8 mixed GPTQ g128 at 5.0 bits per linear weight, int8 activations, 8-bit head",
                       [("allocate", 5.0), *HEAD8], ("ort",)),  # fmt: skip
     "mixed55-head8": ("bitfold W4/W8 mixed GPTQ g128 at 5.5 bits per linear weight, int8 activations, 8-bit head",
