@@ -149,7 +149,8 @@ def _reordered(base, steps: list, calib_windows, windows: int | None, scored, le
 
 
 def _one_ulp(base, seed: int):
-    """A copy of ``base`` whose float32 weights each moved one ulp up or down (seeded, independent per element)."""
+    """A copy of ``base`` whose float32 constants each moved one ulp up or down (seeded, independent per element);
+    masking sentinels (magnitude ≥ 1e30, e.g. the lowest float) stay as they are."""
     import numpy as np
     import onnx_ir as ir
 
@@ -160,7 +161,7 @@ def _one_ulp(base, seed: int):
             continue
         array = value.const_value.numpy()
         toward = np.where(rng.random(array.shape) < 0.5, -np.inf, np.inf).astype(np.float32)
-        value.const_value = ir.tensor(np.nextafter(array, toward), name=value.name)
+        value.const_value = ir.tensor(np.where(np.abs(array) < 1e30, np.nextafter(array, toward), array), name=value.name)
     return model
 
 
