@@ -8,7 +8,7 @@ such differences into a different draw of the same rounding noise. Where the gra
 row also measures such draws on one graph: the same recipe on the fixed-length graph with ONNX Runtime's graph
 optimizations off, and at its basic level (calibration and evaluation), fp32-equivalent reorderings of that graph
 alone; and, with ``--ulp-draws N``, N draws on that graph with every float weight moved by one ulp in a seeded random
-direction (a perturbation of the size the two graphs' float orders make). ``spread_draws`` holds each draw's relative
+direction (weight matrices only; a perturbation of the size the two graphs' float orders make). ``spread_draws`` holds each draw's relative
 difference from the graph's own perplexity, ``spread`` the largest. A row is "within reordering noise" when the graphs
 differ by at most twice the spread.
 
@@ -149,19 +149,20 @@ def _reordered(base, steps: list, calib_windows, windows: int | None, scored, le
 
 
 def _one_ulp(base, seed: int):
-    """A copy of ``base`` whose float32 constants each moved one ulp up or down (seeded, independent per element);
-    masking sentinels (magnitude ≥ 1e30, e.g. the lowest float) stay as they are."""
+    """A copy of ``base`` whose float32 weight matrices (two or more dimensions: the linears and the embedding) each
+    moved one ulp up or down per element (seeded). Scalars and vectors stay: exponents, epsilons and masking
+    sentinels are not weights (a ``Pow`` exponent one ulp off 2 turns negative bases into NaN)."""
     import numpy as np
     import onnx_ir as ir
 
     model = bitfold.clone(base)
     rng = np.random.default_rng(seed)
     for value in model.graph.initializers.values():
-        if value.const_value is None or value.const_value.dtype != ir.DataType.FLOAT:
+        if value.const_value is None or value.const_value.dtype != ir.DataType.FLOAT or len(value.const_value.shape) < 2:
             continue
         array = value.const_value.numpy()
         toward = np.where(rng.random(array.shape) < 0.5, -np.inf, np.inf).astype(np.float32)
-        value.const_value = ir.tensor(np.where(np.abs(array) < 1e30, np.nextafter(array, toward), array), name=value.name)
+        value.const_value = ir.tensor(np.nextafter(array, toward), name=value.name)
     return model
 
 
