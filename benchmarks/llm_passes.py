@@ -7,8 +7,8 @@ Recipes that round activations (int8 tokens) or run an error-feedback solver (GP
 such differences into a different draw of the same rounding noise. Where the graphs disagree by more than 1e-3, the
 row also measures such draws on one graph: the same recipe on the fixed-length graph with ONNX Runtime's graph
 optimizations off, and at its basic level (calibration and evaluation), fp32-equivalent reorderings of that graph
-alone; and, with ``--ulp-draws N``, N draws on that graph with every float weight moved by one ulp in a seeded random
-direction (weight matrices only; a perturbation of the size the two graphs' float orders make). ``spread_draws`` holds each draw's relative
+alone; and, with ``--ulp-draws N``, N draws on that graph with every element of its weight matrices moved by one ulp
+in a seeded random direction (a perturbation of the size the two graphs' float orders make). ``spread_draws`` holds each draw's relative
 difference from the graph's own perplexity, ``spread`` the largest. A row is "within reordering noise" when the graphs
 differ by at most twice the spread.
 
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", help="run only the recipes whose label contains one of these texts; merge into the JSON")
     parser.add_argument("--skip-done", action="store_true", help="run only the recipes the JSON does not hold yet; merge into it")
     parser.add_argument("--spread-only", action="store_true", help="keep the JSON's perplexities of the --only rows; measure their missing spread draws")
-    parser.add_argument("--ulp-draws", type=int, default=0, help="rows that differ: also this many draws with every float weight moved one ulp (seeds 1..N)")
+    parser.add_argument("--ulp-draws", type=int, default=0, help="rows that differ: also this many draws with the weight matrices moved one ulp (seeds 1..N)")
     args = parser.parse_args()
     stamp = provenance()
     path = RESULTS / "llm_passes.json"
