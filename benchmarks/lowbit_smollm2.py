@@ -11,7 +11,9 @@ the coordinate descent's. ``reconstruct`` runs with its defaults (GPTQ with the 
 layer reads in the quantized model, then learned rounding); ``--tune STEPS`` rows ("+ end to end") add that many
 end-to-end steps on every scale against the float model's logits; with ``--tune-weights`` ("+ end to end, codes
 learned") the codes learn too (a latent value per weight, its rounded integer code or its signs taken
-straight-through). Sign-plane rows: the binarize pass with GPTQ
+straight-through); ``--tune-schedule cosine`` (", cosine") decays the learning rates along a half cosine.
+``--methods sequential-tune`` ("GPTQ sequential + end to end") skips the per-block phase: GPTQ sequential, then the
+``--tune`` steps. Sign-plane rows: the binarize pass with GPTQ
 rounding against reconstruct's binary grid (bits in the JSON: the number of planes). Binary-code rows
 (``--shiftadd Q``): ShiftAddLLM's format (α a sum of two powers of two) through the shiftadd pass with the same
 GPTQ settings against reconstruct's ``bcq`` grid (bits: the number of planes). Calibration: the built-in
@@ -22,7 +24,8 @@ Writes benchmarks/results/lowbit_smollm2.json, one row at a time (a rerun replac
 lowbit_smollm2.png: each reconstruct row's per-block error at its start and learned.
 
     python benchmarks/lowbit_smollm2.py [--bits 4 3 2] [--methods gptq gptq-sequential[-float] gptq-true-sequential[-float] quantease reconstruct] [--asymmetric] [--binary 1 2]
-                                        [--shiftadd 3 2] [--tune STEPS [--tune-weights]] [--learned-only]
+                                        [--shiftadd 3 2] [--tune STEPS [--tune-weights] [--tune-lr LR] [--tune-schedule cosine]]
+                                        [--learned-only]
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ RESULTS = Path(__file__).parent / "results"
 GPTQ = {"act_order": True, "sink_weight": 64.0, "clip": "output", "damp": 0.003}
 NAMES = {"gptq": "GPTQ", "gptq-sequential": "GPTQ sequential", "gptq-sequential-float": "GPTQ sequential + float inputs",
          "gptq-true-sequential": "GPTQ true-sequential", "gptq-true-sequential-float": "GPTQ true-sequential + float inputs",
-         "quantease": "QuantEase", "reconstruct": "reconstruct"}
+         "quantease": "QuantEase", "reconstruct": "reconstruct", "sequential-tune": "GPTQ sequential"}
 #: GPTQ layer by layer on what each decoder layer reads in the already-quantized model: reconstruct's GPTQ start
 #: with nothing learned (no clipping gains, no rounding steps)
 SEQUENTIAL = {"name": "reconstruct", "clip_steps": 0, "round_steps": 0, "true_sequential": False}
@@ -62,7 +65,7 @@ TRUE_SEQUENTIAL = {**SEQUENTIAL, "true_sequential": True}
 #: either with each Gram matrix also summing what the float model gives that input, weighted FLOAT_INPUTS: chosen
 #: for true-sequential among 1, 3 and 10 on Lee windows 16-31 (neither calibrated on nor scored here)
 FLOAT_INPUTS = 3.0
-SEQUENTIAL_STEPS = {"gptq-sequential": SEQUENTIAL, "gptq-sequential-float": {**SEQUENTIAL, "float_inputs": FLOAT_INPUTS},
+SEQUENTIAL_STEPS = {"gptq-sequential": SEQUENTIAL, "sequential-tune": {"name": "reconstruct", "clip_steps": 0, "round_steps": 0}, "gptq-sequential-float": {**SEQUENTIAL, "float_inputs": FLOAT_INPUTS},
                     "gptq-true-sequential": TRUE_SEQUENTIAL, "gptq-true-sequential-float": {**TRUE_SEQUENTIAL, "float_inputs": FLOAT_INPUTS}}
 #: Sign planes (1 bit per weight per plane, α per output): the binarize pass with GPTQ rounding (its strongest
 #: solver here) against reconstruct's learned α and signs.
@@ -79,7 +82,8 @@ TUNE_NOTE = re.compile(r"end to end \((\d+) steps(?:, weights learned)?\): kl ([
 #: pass with the GPTQ settings above against reconstruct's learned α and codes.
 SHIFTADD = {"name": "shiftadd", "group_size": 128, "keep_ends": False, "act_order": True, "sink_weight": 64.0, "damp": 0.003}
 ORDER = (["FP32"] + [f"{name} W{bits} g128{grid}" for bits in (4, 3, 2) for grid in ("", " asym")
-                     for name in [*NAMES.values(), "reconstruct + end to end", "reconstruct + end to end, codes learned"]]
+                     for name in [*NAMES.values(), *(f"{base} + end to end{codes}{decay}" for base in ("reconstruct", "GPTQ sequential")
+                                                                     for codes in ("", ", codes learned") for decay in ("", ", cosine"))]]
          + [v for variant in BINARY for v in (variant, variant.replace("binary,", "binary + end to end,")) if v == variant or "reconstruct" in v]
          + [f"{name} q{q} g128" for q in (4, 3, 2) for name in ("ShiftAddLLM (GPTQ)", "reconstruct bcq", "reconstruct bcq + end to end",
                                                            "reconstruct bcq + end to end, codes learned")])  # fmt: skip
@@ -88,7 +92,7 @@ ORDER = (["FP32"] + [f"{name} W{bits} g128{grid}" for bits in (4, 3, 2) for grid
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
-    parser.add_argument("--methods", nargs="*", choices=list(NAMES), default=list(NAMES), help="integer-grid rows (none: --methods)")
+    parser.add_argument("--methods", nargs="*", choices=list(NAMES), default=[m for m in NAMES if m != "sequential-tune"], help="integer-grid rows (none: --methods)")
     parser.add_argument("--asymmetric", action="store_true", help="the integer rows on the asymmetric grid (a zero point per group)")
     parser.add_argument("--binary", nargs="*", choices=[1, 2], type=int, default=[1, 2], help="sign-plane rows to run (none: --binary)")
     parser.add_argument("--shiftadd", nargs="*", choices=[2, 3, 4], type=int, default=[], help="binary-code rows (sign planes q) to run")
@@ -96,6 +100,9 @@ def main() -> None:
     parser.add_argument("--tune", type=int, default=0, metavar="STEPS",
                         help="reconstruct rows: also this many end-to-end steps on the scales (variant '+ end to end')")  # fmt: skip
     parser.add_argument("--tune-weights", action="store_true", help="reconstruct rows (integer and binary-code) with --tune: the codes learn end to end too")
+    parser.add_argument("--tune-lr", type=float, default=None, metavar="LR", help="with --tune: the scale factors' learning rate (default: the pass's)")
+    parser.add_argument("--tune-schedule", choices=["constant", "cosine"], default="constant",
+                        help="with --tune: learning rates held, or decayed along a half cosine (variant ', cosine')")  # fmt: skip
     parser.add_argument("--tune-weight-lr", type=float, default=None, metavar="LR",
                         help="with --tune-weights: the latent codes' learning rate (default: the pass's)")  # fmt: skip
     args = parser.parse_args()
@@ -103,7 +110,15 @@ def main() -> None:
         parser.error("--tune-weights belongs to the end-to-end phase: give --tune STEPS")
     if args.tune_weight_lr is not None and not args.tune_weights:
         parser.error("--tune-weight-lr needs --tune-weights")
+    if "sequential-tune" in args.methods and not args.tune:
+        parser.error("--methods sequential-tune is GPTQ sequential followed by the end-to-end phase: give --tune STEPS")
+    if (args.tune_lr is not None or args.tune_schedule != "constant") and not args.tune:
+        parser.error("--tune-lr and --tune-schedule belong to the end-to-end phase: give --tune STEPS")
     codes = {"tune_weights": True} if args.tune_weights else {}
+    if args.tune_lr is not None:
+        codes["tune_lr"] = args.tune_lr
+    if args.tune_schedule != "constant":
+        codes["tune_schedule"] = args.tune_schedule
     if args.tune_weight_lr is not None:
         codes["tune_weight_lr"] = args.tune_weight_lr
     stamp = provenance()
@@ -119,10 +134,12 @@ def main() -> None:
         for method in args.methods:
             tune = {"tune_steps": args.tune, **codes}
             step = ({"name": "reconstruct", **tune} if method == "reconstruct"
+                    else {**SEQUENTIAL_STEPS[method], **tune} if method == "sequential-tune"
                     else SEQUENTIAL_STEPS.get(method, {"name": "quantize-weights", "method": method, **GPTQ}))  # fmt: skip
             grid = {"symmetric": False} if args.asymmetric else {}
-            tuned = " + end to end" + (", codes learned" if args.tune_weights else "") if args.tune else ""
-            name = f"{NAMES[method]}{tuned if method == 'reconstruct' else ''}"
+            tuned = (" + end to end" + (", codes learned" if args.tune_weights else "")
+                     + (", cosine" if args.tune_schedule == "cosine" else "")) if args.tune else ""  # fmt: skip
+            name = f"{NAMES[method]}{tuned if method in ('reconstruct', 'sequential-tune') else ''}"
             runs.append((f"{name} W{bits} g128{' asym' if args.asymmetric else ''}", method, bits, {**step, "bits": bits, "group_size": 128, **grid}))
     for variant, step in BINARY.items():
         planes = step.get("planes", 1)
@@ -153,6 +170,8 @@ def main() -> None:
                                           "codes_learned": "weights learned" in note}  # fmt: skip
                 if m[4] is not None:
                     rows[-1]["end_to_end"]["codes_changed"] = int(m[4]) / int(m[5])
+                rows[-1]["end_to_end"]["lr"] = step.get("tune_lr", ReconstructConfig.tune_lr)
+                rows[-1]["end_to_end"]["schedule"] = step.get("tune_schedule", ReconstructConfig.tune_schedule)
                 if step.get("tune_weights"):
                     rows[-1]["end_to_end"]["weight_lr"] = step.get("tune_weight_lr", ReconstructConfig.tune_weight_lr)
         print(rows[-1], flush=True)

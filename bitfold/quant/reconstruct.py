@@ -628,19 +628,23 @@ def tune_scales(
     latent_lr: float = 0.0,
     after_step: Callable[[], None] | None = None,
     batch: int = 1,
+    schedule: str = "constant",
 ) -> TuneResult:
     """Learn ``parameters`` (the quantizers' factors on their scales) and ``latent`` (offsets on their grid values,
     learning rate ``latent_lr``; empty: codes frozen) so that the model's output ``run(sample)[0]`` matches its
     target ``run(sample)[1]``: the KL divergence from the target's softmax over the last axis (``loss = "kl"``, per
     position) or the squared error relative to the target's mean square (``"mse"``). A third value that ``run``
     returns while gradients are on (e.g. intermediate matching) is added to the training loss; the scores before
-    and after are the output loss alone. Adam, ``batch`` samples per step (their gradients averaged) in a seeded order;
-    ends undone when the mean loss over all samples did not drop. ``after_step`` runs after every step (e.g. to keep
+    and after are the output loss alone. Adam, ``batch`` samples per step (their gradients averaged) in a seeded order,
+    the learning rates held (``schedule = "constant"``) or decayed along a half cosine to zero at the last step
+    (``"cosine"``); ends undone when the mean loss over all samples did not drop. ``after_step`` runs after every step (e.g. to keep
     latent values in range)."""
     if latent and latent_lr <= 0:
         raise ValueError("latent values need latent_lr > 0")
     if batch < 1:
         raise ValueError("batch must be >= 1")
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', not {schedule!r}")
     rng = np.random.default_rng(seed)
 
     def loss_of(i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -661,6 +665,7 @@ def tune_scales(
     initial = [p.detach().clone() for p in learned]
     groups = [{"params": list(parameters), "lr": lr}] + ([{"params": list(latent), "lr": latent_lr}] if latent else [])
     opt = torch.optim.Adam(groups)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps))) if schedule == "cosine" and steps else None
     visits = steps * batch
     picks = np.concatenate([rng.permutation(samples) for _ in range(-(-visits // samples))])[:visits] if steps else []
     for step in range(steps):
@@ -671,6 +676,8 @@ def tune_scales(
             ((value if extra is None else value + extra) / batch).backward()
             total += value.item() / batch
         opt.step()
+        if decay is not None:
+            decay.step()
         if after_step:
             after_step()
         if progress:

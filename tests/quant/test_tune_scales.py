@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -38,3 +40,21 @@ def test_training_that_lowers_the_loss_is_kept_and_its_losses_are_reported():
 def test_a_batch_below_one_is_refused():
     with pytest.raises(ValueError, match="batch must be >= 1"):
         _fit(batch=0)
+
+
+def test_cosine_schedule_decays_each_step_to_zero_at_the_end():
+    # one sample far from its optimum: Adam's normalized step is the learning rate itself, so p's path is the sum of
+    # the rates: 4 × 0.1 held, or 0.1 × Σ (1 + cos(πk/4)) / 2 over k = 0..3 along the half cosine
+    paths = {}
+    for schedule in ("constant", "cosine"):
+        p = torch.nn.Parameter(torch.tensor([1.0]))
+        tune_scales(lambda i: (p * XS[0], torch.tensor([100.0])), [p], 1, steps=4, lr=0.1, loss="mse", schedule=schedule)
+        paths[schedule] = float(p.detach()) - 1.0
+    rates = [0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert paths["constant"] == pytest.approx(0.4, rel=1e-3)
+    assert paths["cosine"] == pytest.approx(0.1 * sum(rates), rel=1e-3)
+
+
+def test_an_unknown_schedule_is_refused():
+    with pytest.raises(ValueError, match="schedule must be"):
+        tune_scales(lambda i: (XS[0], YS[0]), [], 1, steps=1, lr=0.1, schedule="linear")

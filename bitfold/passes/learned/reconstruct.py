@@ -121,6 +121,7 @@ class ReconstructConfig:
     tune_steps: int = dataclasses.field(default=0, metadata={"doc": "Adam steps (tune_batch calibration samples each) learning a factor on every scale end to end, all blocks at once, codes frozen (0: none)"})
     tune_batch: int = dataclasses.field(default=1, metadata={"doc": "calibration samples per end-to-end step, their gradients averaged"})
     tune_lr: float = dataclasses.field(default=3e-3, metadata={"doc": "learning rate of the end-to-end scale factors (their logarithms)"})
+    tune_schedule: Literal["constant", "cosine"] = dataclasses.field(default="constant", metadata={"doc": "end to end: the learning rates held, or decayed along a half cosine to zero at the last step"})
     tune_loss: Literal["kl", "mse"] = dataclasses.field(default="kl", metadata={"doc": "end to end: KL divergence of the first graph output's softmax (logits) | its error relative to its mean square"})
     tune_weights: bool = dataclasses.field(default=False, metadata={"doc": "end to end: the codes learn too (distillation): latent weights whose sign (binary, bcq) or rounded code (int) is taken straight-through"})
     tune_weight_lr: float = dataclasses.field(default=2e-3, metadata={"doc": "learning rate of the latent weights, in units of the grid step (int), of the row's α (binary) or of a sign (bcq); an integer code changes once its latent moves half a step, about tune_weight_lr per step"})
@@ -758,7 +759,7 @@ class Reconstruct(QuantizeWeights):
 
         result = tune_scales(run, parameters, len(shared), steps=config.tune_steps, lr=config.tune_lr, loss=config.tune_loss,
                              seed=config.seed, progress=show, latent=latent, latent_lr=config.tune_weight_lr,
-                             after_step=bound if latent else None, batch=config.tune_batch)  # fmt: skip
+                             after_step=bound if latent else None, batch=config.tune_batch, schedule=config.tune_schedule)  # fmt: skip
         bar.close()
         self.tuned = result
         kept = "" if result.loss_end < result.loss_start else f" (reached {result.loss_reached:.4g}: undone)"
