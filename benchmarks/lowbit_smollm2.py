@@ -11,7 +11,9 @@ the coordinate descent's. ``reconstruct`` runs with its defaults (GPTQ with the 
 layer reads in the quantized model, then learned rounding); ``--tune STEPS`` rows ("+ end to end") add that many
 end-to-end steps on every scale against the float model's logits; with ``--tune-weights`` ("+ end to end, codes
 learned") the codes learn too (a latent value per weight, its rounded integer code or its signs taken
-straight-through); ``--tune-schedule cosine`` (", cosine") decays the learning rates along a half cosine.
+straight-through); ``--tune-schedule cosine`` (", cosine") decays the learning rates along a half cosine;
+``--tune-holdout N`` (", early stopping") keeps N calibration windows out of the end-to-end phase and keeps the step
+where their KL was lowest (checked every 16 steps).
 ``--methods sequential-tune`` ("GPTQ sequential + end to end") skips the per-block phase: GPTQ sequential, then the
 ``--tune`` steps. Sign-plane rows: the binarize pass with GPTQ
 rounding against reconstruct's binary grid (bits in the JSON: the number of planes). Binary-code rows
@@ -24,7 +26,7 @@ Writes benchmarks/results/lowbit_smollm2.json, one row at a time (a rerun replac
 lowbit_smollm2.png: each reconstruct row's per-block error at its start and learned.
 
     python benchmarks/lowbit_smollm2.py [--bits 4 3 2] [--methods gptq gptq-sequential[-float] gptq-true-sequential[-float] quantease reconstruct] [--asymmetric] [--binary 1 2]
-                                        [--shiftadd 3 2] [--tune STEPS [--tune-weights] [--tune-lr LR] [--tune-schedule cosine]]
+                                        [--shiftadd 3 2] [--tune STEPS [--tune-weights] [--tune-lr LR] [--tune-schedule cosine] [--tune-holdout N]]
                                         [--learned-only]
 """
 
@@ -78,12 +80,15 @@ BINARY = {
 #: reconstruct's note per block: relative output error at the start → after the scale phase → after rounding
 BLOCK_NOTE = re.compile(r"output error ([\d.e+-]+) \(start\) → ([\d.e+-]+) \(clipping\) → ([\d.e+-]+) \(rounding\)")
 TUNE_NOTE = re.compile(r"end to end \((\d+) steps(?:, weights learned)?\): kl ([\d.e+-]+) → ([\d.e+-]+)(?:.*; (\d+) of (\d+) codes changed)?")
+HOLDOUT_NOTE = re.compile(r"held out \((\d+) samples\) ([^;]+); kept step (\d+)")
+CHECK = re.compile(r"(\d+): ([\d.e+-]+)")
 #: ShiftAddLLM binary codes (q sign planes, α per plane and 128 inputs, α a sum of two powers of two): the shiftadd
 #: pass with the GPTQ settings above against reconstruct's learned α and codes.
 SHIFTADD = {"name": "shiftadd", "group_size": 128, "keep_ends": False, "act_order": True, "sink_weight": 64.0, "damp": 0.003}
 ORDER = (["FP32"] + [f"{name} W{bits} g128{grid}" for bits in (4, 3, 2) for grid in ("", " asym")
                      for name in [*NAMES.values(), *(f"{base} + end to end{codes}{decay}" for base in ("reconstruct", "GPTQ sequential")
-                                                                     for codes in ("", ", codes learned") for decay in ("", ", cosine"))]]
+                                                                     for codes in ("", ", codes learned") for decay in ("", ", cosine")
+                                                                     for stop in ("", ", early stopping"))]]
          + [v for variant in BINARY for v in (variant, variant.replace("binary,", "binary + end to end,")) if v == variant or "reconstruct" in v]
          + [f"{name} q{q} g128" for q in (4, 3, 2) for name in ("ShiftAddLLM (GPTQ)", "reconstruct bcq", "reconstruct bcq + end to end",
                                                            "reconstruct bcq + end to end, codes learned")])  # fmt: skip
@@ -103,6 +108,8 @@ def main() -> None:
     parser.add_argument("--tune-lr", type=float, default=None, metavar="LR", help="with --tune: the scale factors' learning rate (default: the pass's)")
     parser.add_argument("--tune-schedule", choices=["constant", "cosine"], default="constant",
                         help="with --tune: learning rates held, or decayed along a half cosine (variant ', cosine')")  # fmt: skip
+    parser.add_argument("--tune-holdout", type=int, default=0, metavar="N",
+                        help="with --tune: calibration windows held out of the end-to-end phase to pick its step (variant ', early stopping')")  # fmt: skip
     parser.add_argument("--tune-weight-lr", type=float, default=None, metavar="LR",
                         help="with --tune-weights: the latent codes' learning rate (default: the pass's)")  # fmt: skip
     args = parser.parse_args()
@@ -112,13 +119,15 @@ def main() -> None:
         parser.error("--tune-weight-lr needs --tune-weights")
     if "sequential-tune" in args.methods and not args.tune:
         parser.error("--methods sequential-tune is GPTQ sequential followed by the end-to-end phase: give --tune STEPS")
-    if (args.tune_lr is not None or args.tune_schedule != "constant") and not args.tune:
-        parser.error("--tune-lr and --tune-schedule belong to the end-to-end phase: give --tune STEPS")
+    if (args.tune_lr is not None or args.tune_schedule != "constant" or args.tune_holdout) and not args.tune:
+        parser.error("--tune-lr, --tune-schedule and --tune-holdout belong to the end-to-end phase: give --tune STEPS")
     codes = {"tune_weights": True} if args.tune_weights else {}
     if args.tune_lr is not None:
         codes["tune_lr"] = args.tune_lr
     if args.tune_schedule != "constant":
         codes["tune_schedule"] = args.tune_schedule
+    if args.tune_holdout:
+        codes["tune_holdout"] = args.tune_holdout
     if args.tune_weight_lr is not None:
         codes["tune_weight_lr"] = args.tune_weight_lr
     stamp = provenance()
@@ -138,7 +147,8 @@ def main() -> None:
                     else SEQUENTIAL_STEPS.get(method, {"name": "quantize-weights", "method": method, **GPTQ}))  # fmt: skip
             grid = {"symmetric": False} if args.asymmetric else {}
             tuned = (" + end to end" + (", codes learned" if args.tune_weights else "")
-                     + (", cosine" if args.tune_schedule == "cosine" else "")) if args.tune else ""  # fmt: skip
+                     + (", cosine" if args.tune_schedule == "cosine" else "")
+                     + (", early stopping" if args.tune_holdout else "")) if args.tune else ""  # fmt: skip
             name = f"{NAMES[method]}{tuned if method in ('reconstruct', 'sequential-tune') else ''}"
             runs.append((f"{name} W{bits} g128{' asym' if args.asymmetric else ''}", method, bits, {**step, "bits": bits, "group_size": 128, **grid}))
     for variant, step in BINARY.items():
@@ -172,6 +182,9 @@ def main() -> None:
                     rows[-1]["end_to_end"]["codes_changed"] = int(m[4]) / int(m[5])
                 rows[-1]["end_to_end"]["lr"] = step.get("tune_lr", ReconstructConfig.tune_lr)
                 rows[-1]["end_to_end"]["schedule"] = step.get("tune_schedule", ReconstructConfig.tune_schedule)
+                if m := HOLDOUT_NOTE.search(note):  # early stopping: the held-out windows' KL at each check, the step kept
+                    rows[-1]["end_to_end"]["holdout"] = {"windows": int(m[1]), "kl": [[int(a), float(b)] for a, b in CHECK.findall(m[2])],
+                                                         "kept_step": int(m[3])}  # fmt: skip
                 if step.get("tune_weights"):
                     rows[-1]["end_to_end"]["weight_lr"] = step.get("tune_weight_lr", ReconstructConfig.tune_weight_lr)
         print(rows[-1], flush=True)

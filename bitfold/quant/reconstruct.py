@@ -612,6 +612,9 @@ class TuneResult:
     loss_start: float  # mean loss on the calibration samples before the end-to-end phase
     loss_end: float  # after it (the start's when it did not help: the phase is then undone)
     loss_reached: float  # where the training ended, kept or not
+    #: with held-out samples: (step, their mean loss) at the start, every ``check`` steps and at the end
+    holdout_curve: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    kept_step: int | None = None  # with held-out samples: the step whose parameters were kept (0: the start)
 
 
 def tune_scales(
@@ -629,6 +632,8 @@ def tune_scales(
     after_step: Callable[[], None] | None = None,
     batch: int = 1,
     schedule: str = "constant",
+    holdout: int = 0,
+    check: int = 16,
 ) -> TuneResult:
     """Learn ``parameters`` (the quantizers' factors on their scales) and ``latent`` (offsets on their grid values,
     learning rate ``latent_lr``; empty: codes frozen) so that the model's output ``run(sample)[0]`` matches its
@@ -638,14 +643,24 @@ def tune_scales(
     and after are the output loss alone. Adam, ``batch`` samples per step (their gradients averaged) in a seeded order,
     the learning rates held (``schedule = "constant"``) or decayed along a half cosine to zero at the last step
     (``"cosine"``); ends undone when the mean loss over all samples did not drop. ``after_step`` runs after every step (e.g. to keep
-    latent values in range)."""
+    latent values in range).
+
+    ``holdout > 0`` (early stopping): that many samples, chosen with the seed, are never trained on; their mean loss
+    is measured at the start, every ``check`` steps and at the end, and the parameters where it was lowest are kept
+    (the start's when no check beat it: the phase is undone)."""
     if latent and latent_lr <= 0:
         raise ValueError("latent values need latent_lr > 0")
     if batch < 1:
         raise ValueError("batch must be >= 1")
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"schedule must be 'constant' or 'cosine', not {schedule!r}")
+    if not 0 <= holdout < samples:
+        raise ValueError(f"holdout must leave samples to train on: 0 <= holdout < {samples}, got {holdout}")
+    if check < 1:
+        raise ValueError("check must be >= 1")
     rng = np.random.default_rng(seed)
+    held = sorted(int(i) for i in rng.permutation(samples)[:holdout]) if holdout else []
+    trained = [i for i in range(samples) if i not in set(held)]
 
     def loss_of(i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         out, target, *extra = run(i)
@@ -656,18 +671,22 @@ def tune_scales(
             value = ((out - target) ** 2).mean() / (target**2).mean().clamp_min(1e-30)
         return value, (extra[0] if extra else None)
 
-    def evaluate() -> float:
+    def evaluate(over: Sequence[int] = range(samples)) -> float:
         with torch.no_grad():
-            return float(np.mean([float(loss_of(i)[0]) for i in range(samples)]))
+            return float(np.mean([float(loss_of(i)[0]) for i in over]))
 
     start = evaluate()
     learned = [*parameters, *latent]
     initial = [p.detach().clone() for p in learned]
+    curve = [(0, evaluate(held))] if held else []
+    best, kept_step = (curve[0][1], 0) if held else (None, None)
+    kept = initial
     groups = [{"params": list(parameters), "lr": lr}] + ([{"params": list(latent), "lr": latent_lr}] if latent else [])
     opt = torch.optim.Adam(groups)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps))) if schedule == "cosine" and steps else None
     visits = steps * batch
-    picks = np.concatenate([rng.permutation(samples) for _ in range(-(-visits // samples))])[:visits] if steps else []
+    order = np.asarray(trained)
+    picks = np.concatenate([order[rng.permutation(len(order))] for _ in range(-(-visits // len(order)))])[:visits] if steps else []
     for step in range(steps):
         opt.zero_grad(set_to_none=True)
         total = 0.0
@@ -682,7 +701,18 @@ def tune_scales(
             after_step()
         if progress:
             progress(total)
+        if held and ((step + 1) % check == 0 or step + 1 == steps):
+            curve.append((step + 1, evaluate(held)))
+            if curve[-1][1] < best:
+                best, kept_step, kept = curve[-1][1], step + 1, [p.detach().clone() for p in learned]
     reached = end = evaluate() if steps else start
+    if held:
+        if kept_step != steps:  # the held-out samples' loss was lowest earlier (or at the start: undone)
+            with torch.no_grad():
+                for p, value in zip(learned, kept, strict=True):
+                    p.copy_(value)
+            end = evaluate() if kept_step else start
+        return TuneResult(start, end, reached, curve, kept_step)
     if end > start:
         with torch.no_grad():
             for p, value in zip(learned, initial, strict=True):

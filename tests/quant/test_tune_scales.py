@@ -58,3 +58,43 @@ def test_cosine_schedule_decays_each_step_to_zero_at_the_end():
 def test_an_unknown_schedule_is_refused():
     with pytest.raises(ValueError, match="schedule must be"):
         tune_scales(lambda i: (XS[0], YS[0]), [], 1, steps=1, lr=0.1, schedule="linear")
+
+
+def test_held_out_samples_are_never_trained_on_and_pick_the_step_kept():
+    # sample 0 pulls p to 0.9, sample 1 to 3; the seeded choice holds one of them out, so training follows the other
+    # and moves p away from the held-out one's optimum: the start is its lowest loss, and the phase is undone
+    p = torch.nn.Parameter(torch.tensor([1.0]))
+    result = tune_scales(lambda i: (p * XS[i], YS[i]), [p], 2, steps=8, lr=0.1, loss="mse", holdout=1, check=2)
+    assert [step for step, _ in result.holdout_curve] == [0, 2, 4, 6, 8]
+    assert result.kept_step == 0 and float(p.detach()) == 1.0 and result.loss_end == result.loss_start
+    # the held-out sample agrees with the trained one (both pull p up toward 3): its loss falls, the last check is kept
+    ys = (torch.tensor([3.0]), torch.tensor([12.0]))
+    q = torch.nn.Parameter(torch.tensor([1.0]))
+    result = tune_scales(lambda i: (q * XS[i], ys[i]), [q], 2, steps=8, lr=0.1, loss="mse", holdout=1, check=2)
+    losses = [value for _, value in result.holdout_curve]
+    assert losses == sorted(losses, reverse=True) and result.kept_step == 8 and float(q.detach()) > 1.5
+
+
+def test_early_stopping_keeps_the_parameters_of_the_best_check():
+    # training on sample 1 alone overshoots the held-out sample 0's optimum (p = 1.3 for both would be ideal): the
+    # step kept is the check nearest 1.3, and p is restored to its value there
+    xs, ys = (torch.tensor([1.0]), torch.tensor([1.0])), (torch.tensor([1.3]), torch.tensor([3.0]))
+    p = torch.nn.Parameter(torch.tensor([1.0]))
+    seen = []
+    result = tune_scales(lambda i: (p * xs[i], ys[i]), [p], 2, steps=12, lr=0.1, loss="mse", seed=_seed_holding(0),
+                         holdout=1, check=1, progress=lambda _: seen.append(float(p.detach())))  # fmt: skip
+    best = min(range(len(seen)), key=lambda k: abs(seen[k] - 1.3))
+    assert result.kept_step == best + 1 and float(p.detach()) == pytest.approx(seen[best])
+    assert 0 < result.kept_step < 12
+
+
+def _seed_holding(sample: int) -> int:
+    """A seed whose held-out choice of one sample among two is ``sample``."""
+    import numpy as np
+
+    return next(s for s in range(100) if int(np.random.default_rng(s).permutation(2)[0]) == sample)
+
+
+def test_a_holdout_that_leaves_nothing_to_train_is_refused():
+    with pytest.raises(ValueError, match="holdout must leave samples"):
+        tune_scales(lambda i: (XS[i], YS[i]), [], 2, steps=1, lr=0.1, holdout=2)

@@ -122,6 +122,8 @@ class ReconstructConfig:
     tune_batch: int = dataclasses.field(default=1, metadata={"doc": "calibration samples per end-to-end step, their gradients averaged"})
     tune_lr: float = dataclasses.field(default=3e-3, metadata={"doc": "learning rate of the end-to-end scale factors (their logarithms)"})
     tune_schedule: Literal["constant", "cosine"] = dataclasses.field(default="constant", metadata={"doc": "end to end: the learning rates held, or decayed along a half cosine to zero at the last step"})
+    tune_holdout: int = dataclasses.field(default=0, metadata={"doc": "end to end: calibration samples never trained on; their loss, measured every tune_check steps, picks the step whose parameters are kept (early stopping; 0: all samples train, the last step's kept)"})
+    tune_check: int = dataclasses.field(default=16, metadata={"doc": "end to end with tune_holdout: steps between two measurements of the held-out samples' loss"})
     tune_loss: Literal["kl", "mse"] = dataclasses.field(default="kl", metadata={"doc": "end to end: KL divergence of the first graph output's softmax (logits) | its error relative to its mean square"})
     tune_weights: bool = dataclasses.field(default=False, metadata={"doc": "end to end: the codes learn too (distillation): latent weights whose sign (binary, bcq) or rounded code (int) is taken straight-through"})
     tune_weight_lr: float = dataclasses.field(default=2e-3, metadata={"doc": "learning rate of the latent weights, in units of the grid step (int), of the row's α (binary) or of a sign (bcq); an integer code changes once its latent moves half a step, about tune_weight_lr per step"})
@@ -149,6 +151,10 @@ class ReconstructConfig:
             raise ValueError("tune_batch must be >= 1")
         if (self.tune_weights or self.tune_match or self.tune_augment) and not self.tune_steps:
             raise ValueError("tune_weights, tune_match and tune_augment belong to the end-to-end phase; set tune_steps > 0")
+        if self.tune_holdout < 0 or self.tune_check < 1:
+            raise ValueError("tune_holdout must be >= 0 and tune_check >= 1")
+        if self.tune_holdout and not self.tune_steps:
+            raise ValueError("tune_holdout belongs to the end-to-end phase; set tune_steps > 0")
         if self.tune_match < 0 or self.tune_weight_lr <= 0:
             raise ValueError("tune_match must be >= 0 and tune_weight_lr > 0")
         if self.tune_weights and self.grid == "shift":
@@ -757,9 +763,13 @@ class Reconstruct(QuantizeWeights):
             bar.set_postfix_str(f"{config.tune_loss} {loss:.3g}", refresh=False)
             bar.update()
 
+        if config.tune_holdout >= len(shared):
+            raise BitfoldError(f"tune_holdout = {config.tune_holdout} leaves nothing to train on: the calibration data holds "
+                               f"{len(shared)} samples; hold out fewer, or calibrate on more")  # fmt: skip
         result = tune_scales(run, parameters, len(shared), steps=config.tune_steps, lr=config.tune_lr, loss=config.tune_loss,
                              seed=config.seed, progress=show, latent=latent, latent_lr=config.tune_weight_lr,
-                             after_step=bound if latent else None, batch=config.tune_batch, schedule=config.tune_schedule)  # fmt: skip
+                             after_step=bound if latent else None, batch=config.tune_batch, schedule=config.tune_schedule,
+                             holdout=config.tune_holdout, check=config.tune_check)  # fmt: skip
         bar.close()
         self.tuned = result
         kept = "" if result.loss_end < result.loss_start else f" (reached {result.loss_reached:.4g}: undone)"
@@ -768,7 +778,11 @@ class Reconstruct(QuantizeWeights):
         if learning:  # how many codes the latent weights moved (an integer code moves once its latent crosses half a step)
             moved = sum(int((_codes(q) != before).sum()) for q, before in zip(learning, codes_before, strict=True))
             changed = f"; {moved} of {sum(b.numel() for b in codes_before)} codes changed"
-        self.notes.append(f"end to end ({config.tune_steps} steps{what}): {config.tune_loss} {result.loss_start:.4g} → {result.loss_end:.4g}{kept}{changed}")
+        held = ""
+        if result.holdout_curve:  # early stopping: the held-out samples' loss at each check, and the step kept
+            curve = ", ".join(f"{step}: {value:.4g}" for step, value in result.holdout_curve)
+            held = f"; held out ({config.tune_holdout} samples) {curve}; kept step {result.kept_step}"
+        self.notes.append(f"end to end ({config.tune_steps} steps{what}): {config.tune_loss} {result.loss_start:.4g} → {result.loss_end:.4g}{kept}{changed}{held}")
 
 
 class _ShiftEmitter(Shift):

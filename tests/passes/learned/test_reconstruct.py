@@ -612,3 +612,24 @@ def test_random_crop_training_is_seeded_and_never_ends_above_its_start_on_the_fi
     np.testing.assert_array_equal(outputs[0], outputs[1])  # the crops come from the pass's seed
     assert tuned[0].loss_end <= tuned[0].loss_start
     assert tuned[0].loss_start != tuned[2].loss_start  # scored on one fixed crop per sample, not on the samples
+
+
+def test_end_to_end_early_stopping_reports_the_held_out_curve_and_keeps_its_best_step(zoo_protos):
+    # 4 of 16 calibration samples held out: the note lists their loss at every check, and the parameters kept are
+    # those of the check where it was lowest, so the held-out loss at the end is that minimum
+    model = _lm(zoo_protos, "tiny-lm")
+    p = Reconstruct(bits=2, group_size=16, format="fake", start="rtn", **STEPS, tune_steps=24, tune_lr=1e-2, tune_loss="mse",
+                    tune_holdout=4, tune_check=8, calibration=token_calibration(16))  # fmt: skip
+    p(model)
+    curve = p.tuned.holdout_curve
+    assert [step for step, _ in curve] == [0, 8, 16, 24]
+    best = min(range(len(curve)), key=lambda k: curve[k][1])
+    assert p.tuned.kept_step == curve[best][0]
+    assert any("held out (4 samples)" in note and f"kept step {p.tuned.kept_step}" in note for note in p.notes)
+
+
+def test_a_holdout_of_every_calibration_sample_is_refused(zoo_protos):
+    p = Reconstruct(bits=2, group_size=16, format="fake", start="rtn", **STEPS, tune_steps=2, tune_holdout=4,
+                    calibration=token_calibration(4))  # fmt: skip
+    with pytest.raises(BitfoldError, match="tune_holdout = 4 leaves nothing to train on"):
+        p(_lm(zoo_protos, "tiny-lm"))
