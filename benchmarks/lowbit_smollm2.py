@@ -170,7 +170,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         rows.append({"model": "SmolLM2", "variant": variant, "method": method, "bits": bits,
                      "ppl": smollm2_ppl(model).value, "ppl_heldout": perplexity(model, heldout)[0],
-                     "optimize_s": round(seconds, 1)})  # fmt: skip
+                     "optimize_s": round(seconds, 1), "command": stamp["command"], "commit": stamp["commit"]})  # fmt: skip
         blocks = [[float(x) for x in m.groups()] for note in report.passes[0].notes if (m := BLOCK_NOTE.search(note))]
         if blocks:  # reconstruct: each block's calibration error at its start, after the first phase, at the end
             rows[-1]["block_losses"] = blocks
