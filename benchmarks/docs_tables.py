@@ -231,7 +231,10 @@ def lowbit_smollm2() -> str:
              f"{row['optimize_s']:.0f}" if "optimize_s" in row else "-"]
             for row in r["rows"]]  # fmt: skip
     head = ["variant", "perplexity, Lee 0-15", "perplexity, held-out Lee test", "end-to-end steps", "optimize s"]
-    return "\n\n".join([f"{r['model']}; {r['protocol']}.", _table(head, rows), stamp("lowbit_smollm2.json")])
+    others = [row for row in r["rows"] if row.get("command") != r["command"] and row["variant"] != "FP32"]
+    kept = ([f"*{len(others)} rows come from earlier runs of the script with other arguments, on the machines their own records "
+             "name where they record one (optimize s compares runs on the same machine only).*"] if others else [])  # fmt: skip
+    return "\n\n".join([f"{r['model']}; {r['protocol']}.", _table(head, rows), stamp("lowbit_smollm2.json"), *kept])
 
 
 def quant_minilm() -> str:

@@ -86,7 +86,7 @@ CHECK = re.compile(r"(\d+): ([\d.e+-]+)")
 #: pass with the GPTQ settings above against reconstruct's learned α and codes.
 SHIFTADD = {"name": "shiftadd", "group_size": 128, "keep_ends": False, "act_order": True, "sink_weight": 64.0, "damp": 0.003}
 ORDER = (["FP32"] + [f"{name} W{bits} g128{grid}" for bits in (4, 3, 2) for grid in ("", " asym")
-                     for name in [*NAMES.values(), *(f"{base} + end to end{codes}{decay}" for base in ("reconstruct", "GPTQ sequential")
+                     for name in [*dict.fromkeys(NAMES.values()), *(f"{base} + end to end{codes}{decay}" for base in ("reconstruct", "GPTQ sequential")
                                                                      for codes in ("", ", codes learned") for decay in ("", ", cosine")
                                                                      for stop in ("", ", early stopping"))]]
          + [v for variant in BINARY for v in (variant, variant.replace("binary,", "binary + end to end,")) if v == variant or "reconstruct" in v]
@@ -170,7 +170,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         rows.append({"model": "SmolLM2", "variant": variant, "method": method, "bits": bits,
                      "ppl": smollm2_ppl(model).value, "ppl_heldout": perplexity(model, heldout)[0],
-                     "optimize_s": round(seconds, 1), "command": stamp["command"], "commit": stamp["commit"]})  # fmt: skip
+                     "optimize_s": round(seconds, 1), "command": stamp["command"], "commit": stamp["commit"], "machine": stamp["machine"]})  # fmt: skip
         blocks = [[float(x) for x in m.groups()] for note in report.passes[0].notes if (m := BLOCK_NOTE.search(note))]
         if blocks:  # reconstruct: each block's calibration error at its start, after the first phase, at the end
             rows[-1]["block_losses"] = blocks
