@@ -46,6 +46,7 @@ WRITERS = {
     "quant_minilm.json": "quant_minilm.py",
     "quant_smollm2.json": "quant_table.py",
     "lowbit_smollm2.json": "lowbit_smollm2.py",
+    "lowbit_smollm2_large.json": "lowbit_smollm2.py",
     "lowbit_minilm.json": "lowbit_minilm.py",
     "scale.json": "scale.py",
     "scale_passes.json": "scale.py",
@@ -223,10 +224,11 @@ def lowbit_minilm() -> str:
     return "\n\n".join([f"{r['model']}; {r['protocol']}.", _table(head, rows), stamp("lowbit_minilm.json"), *kept])
 
 
-def lowbit_smollm2() -> str:
-    if not (RESULTS / "lowbit_smollm2.json").exists():
-        return "(no results yet: `python benchmarks/lowbit_smollm2.py` writes `benchmarks/results/lowbit_smollm2.json`)"
-    r = load("lowbit_smollm2.json")
+def lowbit_smollm2(name: str = "lowbit_smollm2.json") -> str:
+    if not (RESULTS / name).exists():
+        flag = " --calibration large" if name == "lowbit_smollm2_large.json" else ""
+        return f"(no results yet: `python benchmarks/lowbit_smollm2.py{flag}` writes `benchmarks/results/{name}`)"
+    r = load(name)
     rows = [[row["variant"], _ppl(row["ppl"]), _ppl(row["ppl_heldout"]), str(row["end_to_end"]["steps"]) if "end_to_end" in row else "-",
              f"{row['optimize_s']:.0f}" if "optimize_s" in row else "-"]
             for row in r["rows"]]  # fmt: skip
@@ -234,7 +236,7 @@ def lowbit_smollm2() -> str:
     others = [row for row in r["rows"] if row.get("command") != r["command"] and row["variant"] != "FP32"]
     kept = ([f"*{len(others)} rows come from earlier runs of the script with other arguments, on the machines their own records "
              "name where they record one (optimize s compares runs on the same machine only).*"] if others else [])  # fmt: skip
-    return "\n\n".join([f"{r['model']}; {r['protocol']}.", _table(head, rows), stamp("lowbit_smollm2.json"), *kept])
+    return "\n\n".join([f"{r['model']}; {r['protocol']}.", _table(head, rows), stamp(name), *kept])
 
 
 def quant_minilm() -> str:
@@ -579,6 +581,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "canonical-efficientnet": canonical_efficientnet,
     "quant-smollm2": quant_smollm2,
     "lowbit-smollm2": lowbit_smollm2,
+    "lowbit-smollm2-large": lambda: lowbit_smollm2("lowbit_smollm2_large.json"),
     "lowbit-minilm": lowbit_minilm,
     "quant-minilm": quant_minilm,
     "quant-effnet": quant_effnet,

@@ -19,20 +19,24 @@ where their KL was lowest (checked every 16 steps).
 rounding against reconstruct's binary grid (bits in the JSON: the number of planes). Binary-code rows
 (``--shiftadd Q``): ShiftAddLLM's format (α a sum of two powers of two) through the shiftadd pass with the same
 GPTQ settings against reconstruct's ``bcq`` grid (bits: the number of planes). Calibration: the built-in
-``lee-text`` source (Lee background windows 115-146). Scored: Lee windows 0-15 (8,176 tokens) and the held-out Lee
+``lee-text`` source (Lee background windows 115-146); ``--calibration large``: Lee background windows 32-146 (115
+windows, 58,880 tokens; windows 16-31 stay free for choosing settings), every row of that protocol in its own results
+file (lowbit_smollm2_large.json). Scored: Lee windows 0-15 (8,176 tokens) and the held-out Lee
 test corpus (9 windows of 512, never used for calibration or for choosing a default). lm_head stays fp32. Weights
 are emitted as ``fake`` (the dequantized values in float): the rows measure the weights alone.
-Writes benchmarks/results/lowbit_smollm2.json, one row at a time (a rerun replaces its own rows), and
-lowbit_smollm2.png: each reconstruct row's per-block error at its start and learned.
+Writes benchmarks/results/lowbit_smollm2.json (``--calibration large``: lowbit_smollm2_large.json), one row at a time
+(a rerun replaces its own rows), and a .png beside it: each reconstruct row's per-block error at its start and
+learned.
 
     python benchmarks/lowbit_smollm2.py [--bits 4 3 2] [--methods gptq gptq-sequential[-float] gptq-true-sequential[-float] quantease reconstruct] [--asymmetric] [--binary 1 2]
                                         [--shiftadd 3 2] [--tune STEPS [--tune-weights] [--tune-lr LR] [--tune-schedule cosine] [--tune-holdout N]]
-                                        [--learned-only]
+                                        [--learned-only] [--calibration large]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import time
@@ -46,7 +50,7 @@ import numpy as np  # noqa: E402
 
 import bitfold  # noqa: E402
 from bitfold.eval.models import export_smollm2, smollm2  # noqa: E402
-from bitfold.eval.tasks import CALIB_WINDOWS, heldout_windows, perplexity, smollm2_ppl  # noqa: E402
+from bitfold.eval.tasks import CALIB_WINDOWS, heldout_windows, lee_windows, lm_feeds, perplexity, smollm2_ppl  # noqa: E402
 from bitfold.passes.canonical import CANONICAL  # noqa: E402
 from bitfold.passes.learned.reconstruct import ReconstructConfig  # noqa: E402
 from bitfold.quant.calibration import CalibrationData  # noqa: E402
@@ -54,6 +58,9 @@ from bitfold.tools.bench import merge_rows, provenance  # noqa: E402
 from bitfold.tools.files import save_figure, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+#: calibration protocols: the Lee background windows each calibrates on, and the results file its rows go to (one
+#: file per protocol: rows calibrated on different data are never in one table)
+CALIBRATION = {"standard": (CALIB_WINDOWS, "lowbit_smollm2"), "large": (range(32, 147), "lowbit_smollm2_large")}
 GPTQ = {"act_order": True, "sink_weight": 64.0, "clip": "output", "damp": 0.003}
 NAMES = {"gptq": "GPTQ", "gptq-sequential": "GPTQ sequential", "gptq-sequential-float": "GPTQ sequential + float inputs",
          "gptq-true-sequential": "GPTQ true-sequential", "gptq-true-sequential-float": "GPTQ true-sequential + float inputs",
@@ -112,6 +119,8 @@ def main() -> None:
                         help="with --tune: calibration windows held out of the end-to-end phase to pick its step (variant ', early stopping')")  # fmt: skip
     parser.add_argument("--tune-weight-lr", type=float, default=None, metavar="LR",
                         help="with --tune-weights: the latent codes' learning rate (default: the pass's)")  # fmt: skip
+    parser.add_argument("--calibration", choices=list(CALIBRATION), default="standard",
+                        help="calibration windows: the built-in lee-text source's 32 (standard) or Lee windows 32-146 (large, its own results file)")  # fmt: skip
     args = parser.parse_args()
     if args.tune_weights and not args.tune:
         parser.error("--tune-weights belongs to the end-to-end phase: give --tune STEPS")
@@ -134,10 +143,14 @@ def main() -> None:
     _, tokenizer = smollm2()
     heldout = heldout_windows(tokenizer)
     fp32, _ = bitfold.optimize(export_smollm2(), list(CANONICAL))
-    calibration = CalibrationData.from_source("lee-text", fp32)  # statistics collected once, reused by every row
+    windows, results = CALIBRATION[args.calibration]
+    # statistics collected once, reused by every row
+    calibration = (CalibrationData.from_source("lee-text", fp32) if args.calibration == "standard"
+                   else CalibrationData(list(lm_feeds(lee_windows(tokenizer, windows)))))  # fmt: skip
+    write = functools.partial(_write, stamp=stamp, name=results, windows=windows)
     rows = [{"model": "SmolLM2", "variant": "FP32", "method": "-", "bits": 32, "ppl": smollm2_ppl(fp32).value, "ppl_heldout": perplexity(fp32, heldout)[0]}]
     print(rows[-1], flush=True)
-    _write(rows, stamp)
+    write(rows)
     runs = []
     for bits in args.bits:
         for method in args.methods:
@@ -189,18 +202,18 @@ def main() -> None:
                     rows[-1]["end_to_end"]["weight_lr"] = step.get("tune_weight_lr", ReconstructConfig.tune_weight_lr)
         print(rows[-1], flush=True)
         del model
-        _write(rows, stamp)  # after every row: a long run that stops keeps what it measured
+        write(rows)  # after every row: a long run that stops keeps what it measured
 
 
-def _write(rows: list[dict], stamp: dict) -> None:
-    """The rows merged into the JSON (a rerun replaces its own rows, the others stay), stamped with this run."""
-    path = RESULTS / "lowbit_smollm2.json"
+def _write(rows: list[dict], stamp: dict, name: str, windows: range) -> None:
+    """The rows merged into the protocol's JSON (a rerun replaces its own rows, the others stay), stamped with this run."""
+    path = RESULTS / f"{name}.json"
     if path.exists():
         rows = merge_rows(json.loads(path.read_text())["rows"], rows, order=ORDER)
     result = {
         **stamp,
         "model": "SmolLM2-135M-Instruct (weights from a Q4_1 GGUF: 32-element blocks with offset)",
-        "protocol": f"calibration: Lee windows {CALIB_WINDOWS.start}-{CALIB_WINDOWS.stop - 1}; scored: Lee windows 0-15 of 512 tokens "
+        "protocol": f"calibration: Lee windows {windows.start}-{windows.stop - 1} ({len(windows)} windows of 512 tokens); scored: Lee windows 0-15 of 512 tokens "
         "(8,176 tokens) and the held-out Lee test corpus (9 windows of 512); lm_head fp32; GPTQ settings as the quantization table's; "
         "reconstruct with its defaults; '+ end to end' rows then learn every scale against the float logits on the same "
         "calibration windows (steps and KL before and after in the row's end_to_end record), ', codes learned' rows the codes "
@@ -208,7 +221,7 @@ def _write(rows: list[dict], stamp: dict) -> None:
         "rows": rows,
     }
     write_atomic(path, json.dumps(result, indent=2).encode())
-    _plot(rows, RESULTS / "lowbit_smollm2.png")
+    _plot(rows, RESULTS / f"{name}.png")
 
 
 def _plot(rows: list[dict], path: Path) -> None:
