@@ -230,13 +230,20 @@ def lowbit_smollm2(name: str = "lowbit_smollm2.json") -> str:
         return f"(no results yet: `python benchmarks/lowbit_smollm2.py{flag}` writes `benchmarks/results/{name}`)"
     r = load(name)
     rows = [[row["variant"], _ppl(row["ppl"]), _ppl(row["ppl_heldout"]), str(row["end_to_end"]["steps"]) if "end_to_end" in row else "-",
-             f"{row['optimize_s']:.0f}" if "optimize_s" in row else "-"]
+             f"{row['optimize_s']:.0f}" if "optimize_s" in row else "-", _phase_seconds(row.get("seconds", {}))]
             for row in r["rows"]]  # fmt: skip
-    head = ["variant", "perplexity, Lee 0-15", "perplexity, held-out Lee test", "end-to-end steps", "optimize s"]
+    head = ["variant", "perplexity, Lee 0-15", "perplexity, held-out Lee test", "end-to-end steps", "optimize s", "s per block / per end-to-end step"]
     others = [row for row in r["rows"] if row.get("command") != r["command"] and row["variant"] != "FP32"]
     kept = ([f"*{len(others)} rows come from earlier runs of the script with other arguments, on the machines their own records "
              "name where they record one (optimize s compares runs on the same machine only).*"] if others else [])  # fmt: skip
     return "\n\n".join([f"{r['model']}; {r['protocol']}.", _table(head, rows), stamp(name), *kept])
+
+
+def _phase_seconds(seconds: dict) -> str:
+    """reconstruct's time per block and per end-to-end step, where the row recorded them."""
+    if "per_block" not in seconds:
+        return "-"
+    return f"{seconds['per_block']:.1f} / {seconds['per_step']:.2f}" if "per_step" in seconds else f"{seconds['per_block']:.1f}"
 
 
 def quant_minilm() -> str:

@@ -89,6 +89,9 @@ BLOCK_NOTE = re.compile(r"output error ([\d.e+-]+) \(start\) → ([\d.e+-]+) \(c
 TUNE_NOTE = re.compile(r"end to end \((\d+) steps(?:, weights learned)?\): kl ([\d.e+-]+) → ([\d.e+-]+)(?:.*; (\d+) of (\d+) codes changed)?")
 HOLDOUT_NOTE = re.compile(r"held out \((\d+) samples\) ([^;]+); kept step (\d+)")
 CHECK = re.compile(r"(\d+): ([\d.e+-]+)")
+#: reconstruct's note on where its time went: seconds collecting the first inputs, in the blocks, end to end
+SECONDS_NOTE = re.compile(r"^seconds: .*blocks")
+PHASE = re.compile(r"(inputs|blocks|end to end) ([\d.]+)")
 #: ShiftAddLLM binary codes (q sign planes, α per plane and 128 inputs, α a sum of two powers of two): the shiftadd
 #: pass with the GPTQ settings above against reconstruct's learned α and codes.
 SHIFTADD = {"name": "shiftadd", "group_size": 128, "keep_ends": False, "act_order": True, "sink_weight": 64.0, "damp": 0.003}
@@ -187,6 +190,11 @@ def main() -> None:
         blocks = [[float(x) for x in m.groups()] for note in report.passes[0].notes if (m := BLOCK_NOTE.search(note))]
         if blocks:  # reconstruct: each block's calibration error at its start, after the first phase, at the end
             rows[-1]["block_losses"] = blocks
+            seconds = next(({k: float(v) for k, v in PHASE.findall(n)} for n in report.passes[0].notes if SECONDS_NOTE.match(n)), {})
+            if seconds:  # where its time went: the first inputs, the blocks, the end-to-end phase
+                rows[-1]["seconds"] = {**seconds, "per_block": round(seconds["blocks"] / len(blocks), 1)}
+                if "end to end" in seconds:
+                    rows[-1]["seconds"]["per_step"] = round(seconds["end to end"] / step["tune_steps"], 2)
         for note in report.passes[0].notes:
             if m := TUNE_NOTE.search(note):  # reconstruct's end-to-end phase: the KL on the calibration windows
                 rows[-1]["end_to_end"] = {"steps": int(m[1]), "kl_start": float(m[2]), "kl_end": float(m[3]),

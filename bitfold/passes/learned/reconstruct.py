@@ -587,7 +587,10 @@ class Reconstruct(QuantizeWeights):
             probes.append(TorchGraph(graph, nodes=needed, inputs=[v for v in fed if v.name in reads], outputs=wanted))
             # sequential GPTQ's steps, built before any block's weights are emitted (emit rewires their readers)
             stages.append(self._stages(graph, block, fed, probes[-1]) if self._lean(block) else [])
+        clock = time.perf_counter()
         samples = self.calibration.activations(model, outside)
+        seconds = {"inputs": time.perf_counter() - clock}  # where the pass's time goes, in its note
+        clock = time.perf_counter()
         later = {name: max(i for i, names in enumerate(inputs) if name in names) for names in inputs for name in names}
         shared = [{k: torch.from_numpy(np.asarray(v)) for k, v in s.items()} for s in samples]
         if self.config.tune_steps and self.config.tune_augment:
@@ -675,14 +678,21 @@ class Reconstruct(QuantizeWeights):
             del float_weights, quantizers, starts  # one block's weights held at a time (kept in learned for tuning)
             bar.update()
         bar.close()
+        seconds["blocks"] = time.perf_counter() - clock
         if not learning and any(self.timings.values()):
             self.notes.append("sequential GPTQ seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.timings.items()) +
                               " (inputs and Gram matrices, solves with emission, quantized forward)")  # fmt: skip
         if self.config.tune_steps:
             chain = list(zip(blocks, modules, inputs, learned, strict=True))
+            clock = time.perf_counter()
             self._tune(chain, tail, shared, final)
+            seconds["end to end"] = time.perf_counter() - clock
             for block, (quantizers, *_) in zip(blocks, learned, strict=True):
                 emit(block, {name: q.export() for name, q in quantizers.items()})
+        self.seconds = seconds  # inputs, blocks, end to end: for callers
+        per = {"blocks": (len(blocks), "block"), "end to end": (self.config.tune_steps, "step")}
+        self.notes.append("seconds: " + ", ".join(f"{k} {v:.1f}" + (f" ({v / per[k][0]:.2f} per {per[k][1]})" if per.get(k, (0,))[0] else "")
+                                                  for k, v in seconds.items()))  # fmt: skip
 
     def tail(self, graph: ir.Graph, end: ir.Value) -> TorchGraph | None:
         """The nodes from the blocks' end to the graph's first output (final norm and LM head), as a module; None

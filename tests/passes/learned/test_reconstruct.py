@@ -437,7 +437,7 @@ def test_distillation_learns_the_signs_end_to_end_below_the_scales_alone(zoo_pro
         errors[label], passes[label] = _error(model, reference, held_out), p
     assert errors["weights"] < 0.95 * errors["scales"], errors  # measured: 0.135 against 0.143
     assert passes["weights"].tuned.loss_end < passes["weights"].tuned.loss_start  # the calibration loss: matching trades some of it
-    assert "weights learned" in passes["weights"].notes[-1]
+    assert any(n.startswith("end to end (128 steps, weights learned)") for n in passes["weights"].notes), passes["weights"].notes
 
 
 def test_learned_integer_codes_move_only_past_half_a_step_and_the_note_counts_them(zoo_protos):
@@ -448,7 +448,7 @@ def test_learned_integer_codes_move_only_past_half_a_step_and_the_note_counts_th
         p = Reconstruct(bits=3, group_size=16, format="fake", clip_steps=4, round_steps=4, tune_steps=32, tune_loss="mse",
                         tune_weights=True, tune_weight_lr=lr, calibration=calibration)  # fmt: skip
         p(model)
-        note = p.notes[-1]
+        note = next(n for n in p.notes if n.startswith("end to end"))
         match = re.search(r"; (\d+) of (\d+) codes changed", note)
         assert match, note
         changed[lr] = int(match[1]), int(match[2])
@@ -626,6 +626,18 @@ def test_end_to_end_early_stopping_reports_the_held_out_curve_and_keeps_its_best
     best = min(range(len(curve)), key=lambda k: curve[k][1])
     assert p.tuned.kept_step == curve[best][0]
     assert any("held out (4 samples)" in note and f"kept step {p.tuned.kept_step}" in note for note in p.notes)
+
+
+def test_the_note_says_where_the_time_went_per_block_and_per_step(zoo_protos):
+    p = Reconstruct(bits=2, group_size=16, format="fake", start="rtn", **STEPS, tune_steps=6, tune_loss="mse", calibration=token_calibration(4))
+    p(_lm(zoo_protos, "tiny-lm"))
+    assert list(p.seconds) == ["inputs", "blocks", "end to end"] and all(s > 0 for s in p.seconds.values()), p.seconds
+    [note] = [n for n in p.notes if n.startswith("seconds: ")]
+    match = re.fullmatch(r"seconds: inputs [\d.]+, blocks ([\d.]+) \(([\d.]+) per block\), end to end ([\d.]+) \(([\d.]+) per step\)", note)
+    assert match, note
+    blocks = len([n for n in p.notes if re.match(r"block \d+ \(", n)])
+    assert float(match[2]) == pytest.approx(float(match[1]) / blocks, abs=0.06)  # the totals printed to 0.1 s
+    assert float(match[4]) == pytest.approx(float(match[3]) / 6, abs=0.06)
 
 
 def test_a_holdout_of_every_calibration_sample_is_refused(zoo_protos):
