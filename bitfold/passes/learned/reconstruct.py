@@ -77,7 +77,7 @@ from bitfold.passes.multless.shiftadd import ShiftAdd, ShiftAddConfig
 from bitfold.passes.quant.quantize_weights import QUANTIZED_KEY, QuantizeWeights
 from bitfold.passes.registry import register
 from bitfold.passes.transforms.structure import residual_cuts
-from bitfold.quant.calibration import sink_gram
+from bitfold.quant.calibration import CalibrationData, sink_gram
 from bitfold.quant.formats import Format, IntFormat, format_from, granularity_from
 from bitfold.quant.bcq import bcq
 from bitfold.quant.gptq import gptq
@@ -588,7 +588,12 @@ class Reconstruct(QuantizeWeights):
             # sequential GPTQ's steps, built before any block's weights are emitted (emit rewires their readers)
             stages.append(self._stages(graph, block, fed, probes[-1]) if self._lean(block) else [])
         clock = time.perf_counter()
-        samples = self.calibration.activations(model, outside)
+        read = {v.name: v for node in graph for v in node.inputs if v is not None}
+        static = [n for n in outside if _static(read[n])]  # e.g. a head tied to the embedding: its weight transposed
+        samples = self.calibration.activations(model, [n for n in outside if n not in static])
+        if static:  # the same on every sample: computed once and shared, not held once per sample
+            once = CalibrationData(list(self.calibration)[:1]).activations(model, static, progress=False)[0]
+            samples = [{**sample, **once} for sample in samples]
         seconds = {"inputs": time.perf_counter() - clock}  # where the pass's time goes, in its note
         clock = time.perf_counter()
         later = {name: max(i for i, names in enumerate(inputs) if name in names) for names in inputs for name in names}
@@ -909,6 +914,17 @@ def _descendants(value: ir.Value) -> set[ir.Node]:
         seen.add(node)
         todo.extend(user for v in node.outputs for user, _ in v.uses())
     return seen
+
+
+def _static(value: ir.Value) -> bool:
+    """Whether ``value`` is computed from constants alone, the same for every input: no graph input (nor a node
+    with a subgraph, which may read one) among what its producers read."""
+    nodes = _ancestors(value)
+    return bool(nodes) and all(
+        not any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())
+        and all(v is None or v.producer() is not None or (v.const_value is not None and not v.is_graph_input()) for v in node.inputs)
+        for node in nodes
+    )
 
 
 def _ancestors(value: ir.Value) -> set[ir.Node]:

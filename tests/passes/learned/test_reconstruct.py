@@ -17,6 +17,7 @@ from bitfold.passes.canonical import CANONICAL
 from bitfold.errors import BitfoldError, PassParameterError
 from bitfold.passes.learned.reconstruct import Reconstruct, _random_crop
 from bitfold.passes.registry import create
+from bitfold.quant.calibration import CalibrationData
 from bitfold.quant.formats import IntFormat, PerGroup, rtn
 from bitfold.quant.gptq import gptq
 from bitfold.quant.reconstruct import BCQQuantizer, BinaryQuantizer, IntQuantizer, Schedule, ShiftQuantizer, train_block
@@ -638,6 +639,40 @@ def test_the_note_says_where_the_time_went_per_block_and_per_step(zoo_protos):
     blocks = len([n for n in p.notes if re.match(r"block \d+ \(", n)])
     assert float(match[2]) == pytest.approx(float(match[1]) / blocks, abs=0.06)  # the totals printed to 0.1 s
     assert float(match[4]) == pytest.approx(float(match[3]) / 6, abs=0.06)
+
+
+def _unfolded_head(model: ir.Model) -> ir.Model:
+    """``model`` (tiny-lm, canonical) with its tied head's weight computed as the embedding transposed, as large
+    models come out of the exporter (constant folding leaves tensors that large alone)."""
+    head = list(model.graph)[-1]
+    gather = next(n for n in model.graph if n.op_type == "Gather")
+    transpose = ir.node("Transpose", [gather.inputs[0]], attributes={"perm": [1, 0]})
+    model.graph.insert_before(head, transpose)
+    head.replace_input_with(1, transpose.outputs[0])
+    return model
+
+
+def test_a_value_computed_from_constants_alone_is_collected_once_and_changes_nothing(zoo_protos, monkeypatch):
+    # the end-to-end phase reads the tied head's weight from outside the blocks; as a Transpose of the embedding it
+    # is the same on every sample, so it is collected on one sample (not held once per sample: 113 MB each on
+    # SmolLM2), and the model learned is the one the folded graph gives
+    calls = []
+    original = CalibrationData.activations
+
+    def spy(self, model, names, **kwargs):
+        calls.append((len(self), list(names)))
+        return original(self, model, names, **kwargs)
+
+    monkeypatch.setattr(CalibrationData, "activations", spy)
+    step = {"bits": 3, "group_size": 16, "format": "fake", "clip_steps": 4, "round_steps": 4, "tune_steps": 4, "tune_loss": "mse"}
+    folded, unfolded = _lm(zoo_protos, "tiny-lm"), _unfolded_head(_lm(zoo_protos, "tiny-lm"))
+    transposed = list(unfolded.graph)[-1].inputs[1].name
+    Reconstruct(**step, calibration=token_calibration(6))(unfolded)
+    [(_, varying)], [once] = [c for c in calls if c[0] == 6], [names for n, names in calls if n == 1]
+    assert once == [transposed] and transposed not in varying, calls
+    Reconstruct(**step, calibration=token_calibration(6))(folded)
+    held_out = list(token_calibration(4, seed=1))
+    np.testing.assert_allclose(_logits(unfolded, held_out), _logits(folded, held_out), rtol=1e-5, atol=1e-5)
 
 
 def test_a_holdout_of_every_calibration_sample_is_refused(zoo_protos):
