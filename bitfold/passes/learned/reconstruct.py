@@ -592,7 +592,7 @@ class Reconstruct(QuantizeWeights):
         static = [n for n in outside if _static(read[n])]  # e.g. a head tied to the embedding: its weight transposed
         samples = self.calibration.activations(model, [n for n in outside if n not in static])
         if static:  # the same on every sample: computed once and shared, not held once per sample
-            once = CalibrationData(list(self.calibration)[:1]).activations(model, static, progress=False)[0]
+            once = CalibrationData([next(iter(self.calibration))]).activations(model, static, progress=False)[0]
             samples = [{**sample, **once} for sample in samples]
         seconds = {"inputs": time.perf_counter() - clock}  # where the pass's time goes, in its note
         clock = time.perf_counter()
