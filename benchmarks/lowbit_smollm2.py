@@ -13,7 +13,8 @@ end-to-end steps on every scale against the float model's logits; with ``--tune-
 learned") the codes learn too (a latent value per weight, its rounded integer code or its signs taken
 straight-through); ``--tune-schedule cosine`` (", cosine") decays the learning rates along a half cosine;
 ``--tune-holdout N`` (", early stopping") keeps N calibration windows out of the end-to-end phase and keeps the step
-where their KL was lowest (checked every 16 steps).
+where their KL was lowest (checked every 16 steps); ``--start-windows N`` (", start on N windows") gives the per-block
+phase (GPTQ's start) the first N calibration windows and the end-to-end phase all of them.
 ``--methods sequential-tune`` ("GPTQ sequential + end to end") skips the per-block phase: GPTQ sequential, then the
 ``--tune`` steps. Sign-plane rows: the binarize pass with GPTQ
 rounding against reconstruct's binary grid (bits in the JSON: the number of planes). Binary-code rows
@@ -30,7 +31,7 @@ learned.
 
     python benchmarks/lowbit_smollm2.py [--bits 4 3 2] [--methods gptq gptq-sequential[-float] gptq-true-sequential[-float] quantease reconstruct] [--asymmetric] [--binary 1 2]
                                         [--shiftadd 3 2] [--tune STEPS [--tune-weights] [--tune-lr LR] [--tune-schedule cosine] [--tune-holdout N]]
-                                        [--learned-only] [--calibration large]
+                                        [--start-windows N] [--learned-only] [--calibration large]
 """
 
 from __future__ import annotations
@@ -96,9 +97,9 @@ PHASE = re.compile(r"(inputs|blocks|end to end) ([\d.]+)")
 #: pass with the GPTQ settings above against reconstruct's learned α and codes.
 SHIFTADD = {"name": "shiftadd", "group_size": 128, "keep_ends": False, "act_order": True, "sink_weight": 64.0, "damp": 0.003}
 ORDER = (["FP32"] + [f"{name} W{bits} g128{grid}" for bits in (4, 3, 2) for grid in ("", " asym")
-                     for name in [*dict.fromkeys(NAMES.values()), *(f"{base} + end to end{codes}{decay}" for base in ("reconstruct", "GPTQ sequential")
+                     for name in [*dict.fromkeys(NAMES.values()), *(f"{base} + end to end{codes}{decay}{stop}{start}" for base in ("reconstruct", "GPTQ sequential")
                                                                      for codes in ("", ", codes learned") for decay in ("", ", cosine")
-                                                                     for stop in ("", ", early stopping"))]]
+                                                                     for stop in ("", ", early stopping") for start in ("", *(f", start on {n} windows" for n in (16, 32, 64))))]]
          + [v for variant in BINARY for v in (variant, variant.replace("binary,", "binary + end to end,")) if v == variant or "reconstruct" in v]
          + [f"{name} q{q} g128" for q in (4, 3, 2) for name in ("ShiftAddLLM (GPTQ)", "reconstruct bcq", "reconstruct bcq + end to end",
                                                            "reconstruct bcq + end to end, codes learned")])  # fmt: skip
@@ -122,6 +123,8 @@ def main() -> None:
                         help="with --tune: calibration windows held out of the end-to-end phase to pick its step (variant ', early stopping')")  # fmt: skip
     parser.add_argument("--tune-weight-lr", type=float, default=None, metavar="LR",
                         help="with --tune-weights: the latent codes' learning rate (default: the pass's)")  # fmt: skip
+    parser.add_argument("--start-windows", type=int, default=0, metavar="N",
+                        help="with --tune: the per-block phase (GPTQ's start) reads the first N calibration windows, the end-to-end phase all (variant ', start on N windows')")  # fmt: skip
     parser.add_argument("--calibration", choices=list(CALIBRATION), default="standard",
                         help="calibration windows: the built-in lee-text source's 32 (standard) or Lee windows 32-146 (large, its own results file)")  # fmt: skip
     args = parser.parse_args()
@@ -142,6 +145,10 @@ def main() -> None:
         codes["tune_holdout"] = args.tune_holdout
     if args.tune_weight_lr is not None:
         codes["tune_weight_lr"] = args.tune_weight_lr
+    if args.start_windows:
+        if not args.tune:
+            parser.error("--start-windows splits the windows between the per-block and the end-to-end phase: give --tune STEPS")
+        codes["start_samples"] = args.start_windows
     stamp = provenance()
     _, tokenizer = smollm2()
     heldout = heldout_windows(tokenizer)
@@ -164,7 +171,8 @@ def main() -> None:
             grid = {"symmetric": False} if args.asymmetric else {}
             tuned = (" + end to end" + (", codes learned" if args.tune_weights else "")
                      + (", cosine" if args.tune_schedule == "cosine" else "")
-                     + (", early stopping" if args.tune_holdout else "")) if args.tune else ""  # fmt: skip
+                     + (", early stopping" if args.tune_holdout else "")
+                     + (f", start on {args.start_windows} windows" if args.start_windows else "")) if args.tune else ""  # fmt: skip
             name = f"{NAMES[method]}{tuned if method in ('reconstruct', 'sequential-tune') else ''}"
             runs.append((f"{name} W{bits} g128{' asym' if args.asymmetric else ''}", method, bits, {**step, "bits": bits, "group_size": 128, **grid}))
     for variant, step in BINARY.items():
@@ -203,6 +211,8 @@ def main() -> None:
                     rows[-1]["end_to_end"]["codes_changed"] = int(m[4]) / int(m[5])
                 rows[-1]["end_to_end"]["lr"] = step.get("tune_lr", ReconstructConfig.tune_lr)
                 rows[-1]["end_to_end"]["schedule"] = step.get("tune_schedule", ReconstructConfig.tune_schedule)
+                # KL before and after: on the calibration windows, or with early stopping on its held-out windows alone
+                rows[-1]["end_to_end"]["kl_on"] = "held-out windows" if "on the held-out samples" in note else "calibration windows"
                 if m := HOLDOUT_NOTE.search(note):  # early stopping: the held-out windows' KL at each check, the step kept
                     rows[-1]["end_to_end"]["holdout"] = {"windows": int(m[1]), "kl": [[int(a), float(b)] for a, b in CHECK.findall(m[2])],
                                                          "kept_step": int(m[3])}  # fmt: skip

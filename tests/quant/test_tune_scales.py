@@ -75,6 +75,28 @@ def test_held_out_samples_are_never_trained_on_and_pick_the_step_kept():
     assert losses == sorted(losses, reverse=True) and result.kept_step == 8 and float(q.detach()) > 1.5
 
 
+def test_with_held_out_samples_only_they_are_scored():
+    # the trained samples are read with gradients on (training steps) and never scored: on a large calibration set a
+    # pass over them costs what many steps do; the scores before and after are the held-out curve's start and best
+    ys = (torch.tensor([3.0]), torch.tensor([12.0]), torch.tensor([6.0]))
+    xs = (torch.tensor([1.0]), torch.tensor([4.0]), torch.tensor([2.0]))
+    p = torch.nn.Parameter(torch.tensor([1.0]))
+    scored = []
+
+    def run(i):
+        if not torch.is_grad_enabled():
+            scored.append(int(i))
+        return p * xs[i], ys[i]
+
+    result = tune_scales(run, [p], 3, steps=6, lr=0.1, loss="mse", holdout=1, check=2)
+    [held] = set(scored)
+    assert len(scored) == len(result.holdout_curve) == 4
+    assert result.loss_start == result.holdout_curve[0][1]
+    assert result.loss_end == min(v for _, v in result.holdout_curve) == dict(result.holdout_curve)[result.kept_step]
+    assert result.loss_reached == result.holdout_curve[-1][1]
+    assert held in range(3)
+
+
 def test_early_stopping_keeps_the_parameters_of_the_best_check():
     # training on sample 1 alone overshoots the held-out sample 0's optimum (p = 1.3 for both would be ideal): the
     # step kept is the check nearest 1.3, and p is restored to its value there

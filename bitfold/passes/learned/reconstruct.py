@@ -118,6 +118,7 @@ class ReconstructConfig:
     sink_weight: float = dataclasses.field(default=64.0, metadata={"doc": "start = gptq: weight in H of each sequence's first token"})
     clip: Literal["none", "weight", "output"] = dataclasses.field(default="output", metadata={"doc": "start = gptq: range shrink per group (as quantize-weights)"})
     loss: Literal["tensor", "channel", "token"] = dataclasses.field(default="tensor", metadata={"doc": "block output error relative to the target's mean square over: the tensor | each channel | each token"})
+    start_samples: int = dataclasses.field(default=0, metadata={"doc": "with tune_steps: the per-block phase (GPTQ's start, the blocks' learning) reads the first start_samples calibration samples, and the end-to-end phase trains on all (0: every phase reads all); the start's cost grows with the samples, the end-to-end phase's does not"})
     tune_steps: int = dataclasses.field(default=0, metadata={"doc": "Adam steps (tune_batch calibration samples each) learning a factor on every scale end to end, all blocks at once, codes frozen (0: none)"})
     tune_batch: int = dataclasses.field(default=1, metadata={"doc": "calibration samples per end-to-end step, their gradients averaged"})
     tune_lr: float = dataclasses.field(default=3e-3, metadata={"doc": "learning rate of the end-to-end scale factors (their logarithms)"})
@@ -153,6 +154,11 @@ class ReconstructConfig:
             raise ValueError("tune_weights, tune_match and tune_augment belong to the end-to-end phase; set tune_steps > 0")
         if self.tune_holdout < 0 or self.tune_check < 1:
             raise ValueError("tune_holdout must be >= 0 and tune_check >= 1")
+        if self.start_samples < 0:
+            raise ValueError("start_samples must be >= 0")
+        if self.start_samples and not self.tune_steps:
+            raise ValueError("start_samples splits the calibration data between the per-block and the end-to-end phase; "
+                             "set tune_steps > 0 (without it, calibrate on fewer samples)")  # fmt: skip
         if self.tune_holdout and not self.tune_steps:
             raise ValueError("tune_holdout belongs to the end-to-end phase; set tune_steps > 0")
         if self.tune_match < 0 or self.tune_weight_lr <= 0:
@@ -600,7 +606,12 @@ class Reconstruct(QuantizeWeights):
         shared = [{k: torch.from_numpy(np.asarray(v)) for k, v in s.items()} for s in samples]
         if self.config.tune_steps and self.config.tune_augment:
             _image_input(shared[0])  # refused before the blocks' work, not after
-        quant = [dict(s) for s in shared]  # value name → tensor on the quantized path, per sample
+        if self.config.start_samples > len(shared):
+            raise BitfoldError(f"start_samples = {self.config.start_samples} asks for more than the calibration data's "
+                               f"{len(shared)} samples; give at most {len(shared)}, or 0 for all")  # fmt: skip
+        # the per-block phase reads the first start_samples; the full-precision stream runs on every sample, whose
+        # value where the blocks end is the end-to-end phase's target
+        quant = [dict(s) for s in shared[: self.config.start_samples or len(shared)]]  # value name → tensor on the quantized path, per sample
         learning = bool(self.config.clip_steps or self.config.round_steps or self.config.tune_steps)
         full = [dict(s) for s in shared] if learning or self.config.float_inputs else []  # the same on the full-precision path
         if not self.config.tune_steps:  # only the end-to-end phase reads the first inputs again
@@ -644,7 +655,7 @@ class Reconstruct(QuantizeWeights):
             out = block.output.name
             with torch.no_grad(), _float(module):
                 computed = [module(**{n: s[n] for n in names}, **float_weights, **biases) for s in full]
-            targets = [c[out] for c in computed]
+            targets = [c[out] for c in computed]  # every sample's; the blocks learn on the first len(quant)
 
             def run(i: int, weights: dict[str, torch.Tensor], names=names, module=module, out=out, shapes=shapes, biases=biases) -> torch.Tensor:
                 return module(**{n: quant[i][n] for n in names}, **{k: _layout(w, shapes[k]) for k, w in weights.items()}, **biases)[out]
@@ -658,7 +669,7 @@ class Reconstruct(QuantizeWeights):
                     q.hard = True
                 self.notes.append(f"block {b} ({len(quantizers)} weights): GPTQ on the quantized model's inputs, no learning")
             elif quantizers:
-                result = train_block(run, quantizers, targets, schedule, biases=list(biases.values()), progress=show)
+                result = train_block(run, quantizers, targets[: len(quant)], schedule, biases=list(biases.values()), progress=show)
                 self.results.append(result)
                 self.notes.append(f"block {b} ({len(quantizers)} weights): output error {result.loss_start:.4g} (start) → "
                                   f"{result.loss_clip:.4g} (clipping) → {result.loss_end:.4g} (rounding)")  # fmt: skip
@@ -797,7 +808,8 @@ class Reconstruct(QuantizeWeights):
         if result.holdout_curve:  # early stopping: the held-out samples' loss at each check, and the step kept
             curve = ", ".join(f"{step}: {value:.4g}" for step, value in result.holdout_curve)
             held = f"; held out ({config.tune_holdout} samples) {curve}; kept step {result.kept_step}"
-        self.notes.append(f"end to end ({config.tune_steps} steps{what}): {config.tune_loss} {result.loss_start:.4g} → {result.loss_end:.4g}{kept}{changed}{held}")
+        scored = " on the held-out samples" if result.holdout_curve else ""
+        self.notes.append(f"end to end ({config.tune_steps} steps{what}): {config.tune_loss} {result.loss_start:.4g} → {result.loss_end:.4g}{scored}{kept}{changed}{held}")
 
 
 class _ShiftEmitter(Shift):

@@ -629,6 +629,28 @@ def test_end_to_end_early_stopping_reports_the_held_out_curve_and_keeps_its_best
     assert any("held out (4 samples)" in note and f"kept step {p.tuned.kept_step}" in note for note in p.notes)
 
 
+def test_start_samples_give_the_blocks_the_first_samples_and_the_end_to_end_phase_all(zoo_protos):
+    # the per-block phase (GPTQ's start, the blocks' learning) on the first 4 of 12 samples learns what a run
+    # calibrated on those 4 alone learns, block by block; the end-to-end phase then trains on all 12 (its early
+    # stopping holds out 2 of them, which the 4-sample run could not pick)
+    step = {"bits": 2, "group_size": 16, "format": "fake", **STEPS, "tune_steps": 4, "tune_loss": "mse", "tune_holdout": 2, "tune_check": 2}
+    calibration = token_calibration(12)
+    first = CalibrationData(list(calibration)[:4])
+    split = Reconstruct(**step, start_samples=4, calibration=calibration)
+    split(_lm(zoo_protos, "tiny-lm"))
+    alone = Reconstruct(**step, calibration=first)
+    alone(_lm(zoo_protos, "tiny-lm"))
+    blocks = lambda p: [n for n in p.notes if re.match(r"block \d+ \(", n)]  # noqa: E731
+    assert blocks(split) == blocks(alone) and len(blocks(split)) == 2
+    assert [r.loss_end for r in split.results] == [r.loss_end for r in alone.results]
+    held = lambda p: next(n for n in p.notes if n.startswith("end to end"))  # noqa: E731
+    assert "on the held-out samples" in held(split) and held(split) != held(alone)
+    with pytest.raises(BitfoldError, match="start_samples = 13 asks for more than the calibration data's 12 samples"):
+        Reconstruct(**step, start_samples=13, calibration=calibration)(_lm(zoo_protos, "tiny-lm"))
+    with pytest.raises(PassParameterError, match="start_samples splits the calibration data"):
+        Reconstruct(bits=2, start_samples=4)
+
+
 def test_the_note_says_where_the_time_went_per_block_and_per_step(zoo_protos):
     p = Reconstruct(bits=2, group_size=16, format="fake", start="rtn", **STEPS, tune_steps=6, tune_loss="mse", calibration=token_calibration(4))
     p(_lm(zoo_protos, "tiny-lm"))
