@@ -33,6 +33,10 @@ float bias with the scales. On a graph that already carries activation Q/DQ pair
 first, ``weights = false``), the blocks learn under the activations' quantization, straight through its rounding,
 against the float model (the same blocks with the pairs passed through).
 
+With ``tune_steps`` an end-to-end phase then learns every scale of all blocks at once against the model's output;
+``start_samples = N`` gives the per-block phase (whose cost grows with every sample) the first N calibration samples
+and the end-to-end phase all of them.
+
 Emits what ``quantize-weights`` emits for the same integer grid (``qdq``, ``matmulnbits`` or ``fake``), or what
 ``shift``, ``binarize`` and ``shiftadd`` emit (``op``: ``bitfold.ShiftMatMul`` / ``bitfold.BinaryMatMul`` /
 ``bitfold.BCQMatMul``, or ``fake``), tagged
