@@ -31,7 +31,7 @@ learned.
 
     python benchmarks/lowbit_smollm2.py [--bits 4 3 2] [--methods gptq gptq-sequential[-float] gptq-true-sequential[-float] quantease reconstruct] [--asymmetric] [--binary 1 2]
                                         [--shiftadd 3 2] [--tune STEPS [--tune-weights] [--tune-lr LR] [--tune-schedule cosine] [--tune-holdout N]]
-                                        [--start-windows N] [--learned-only] [--calibration large]
+                                        [--start-windows N] [--suffix TEXT] [--learned-only] [--calibration large]
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ SHIFTADD = {"name": "shiftadd", "group_size": 128, "keep_ends": False, "act_orde
 ORDER = (["FP32"] + [f"{name} W{bits} g128{grid}" for bits in (4, 3, 2) for grid in ("", " asym")
                      for name in [*dict.fromkeys(NAMES.values()), *(f"{base} + end to end{codes}{decay}{stop}{start}" for base in ("reconstruct", "GPTQ sequential")
                                                                      for codes in ("", ", codes learned") for decay in ("", ", cosine")
-                                                                     for stop in ("", ", early stopping") for start in ("", *(f", start on {n} windows" for n in (16, 32, 64))))]]
+                                                                     for stop in ("", ", early stopping") for start in ("", *(f", start on {n} windows" for n in (16, 32, 64)))
+                                                                     for steps in ("", *(f", {n} steps" for n in (192, 256))))]]
          + [v for variant in BINARY for v in (variant, variant.replace("binary,", "binary + end to end,")) if v == variant or "reconstruct" in v]
          + [f"{name} q{q} g128" for q in (4, 3, 2) for name in ("ShiftAddLLM (GPTQ)", "reconstruct bcq", "reconstruct bcq + end to end",
                                                            "reconstruct bcq + end to end, codes learned")])  # fmt: skip
@@ -125,6 +126,8 @@ def main() -> None:
                         help="with --tune-weights: the latent codes' learning rate (default: the pass's)")  # fmt: skip
     parser.add_argument("--start-windows", type=int, default=0, metavar="N",
                         help="with --tune: the per-block phase (GPTQ's start) reads the first N calibration windows, the end-to-end phase all (variant ', start on N windows')")  # fmt: skip
+    parser.add_argument("--suffix", default="", metavar="TEXT",
+                        help="appended to the variant of every '+ end to end' row: keeps rows that differ in a setting the name does not carry (e.g. ', 192 steps')")  # fmt: skip
     parser.add_argument("--calibration", choices=list(CALIBRATION), default="standard",
                         help="calibration windows: the built-in lee-text source's 32 (standard) or Lee windows 32-146 (large, its own results file)")  # fmt: skip
     args = parser.parse_args()
@@ -172,7 +175,7 @@ def main() -> None:
             tuned = (" + end to end" + (", codes learned" if args.tune_weights else "")
                      + (", cosine" if args.tune_schedule == "cosine" else "")
                      + (", early stopping" if args.tune_holdout else "")
-                     + (f", start on {args.start_windows} windows" if args.start_windows else "")) if args.tune else ""  # fmt: skip
+                     + (f", start on {args.start_windows} windows" if args.start_windows else "") + args.suffix) if args.tune else ""  # fmt: skip
             name = f"{NAMES[method]}{tuned if method in ('reconstruct', 'sequential-tune') else ''}"
             runs.append((f"{name} W{bits} g128{' asym' if args.asymmetric else ''}", method, bits, {**step, "bits": bits, "group_size": 128, **grid}))
     for variant, step in BINARY.items():
