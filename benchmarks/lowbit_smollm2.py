@@ -97,7 +97,7 @@ PHASE = re.compile(r"(inputs|blocks|end to end) ([\d.]+)")
 #: pass with the GPTQ settings above against reconstruct's learned α and codes.
 SHIFTADD = {"name": "shiftadd", "group_size": 128, "keep_ends": False, "act_order": True, "sink_weight": 64.0, "damp": 0.003}
 ORDER = (["FP32"] + [f"{name} W{bits} g128{grid}" for bits in (4, 3, 2) for grid in ("", " asym")
-                     for name in [*dict.fromkeys(NAMES.values()), *(f"{base} + end to end{codes}{decay}{stop}{start}" for base in ("reconstruct", "GPTQ sequential")
+                     for name in [*dict.fromkeys(NAMES.values()), *(f"{base} + end to end{codes}{decay}{stop}{start}{steps}" for base in ("reconstruct", "GPTQ sequential")
                                                                      for codes in ("", ", codes learned") for decay in ("", ", cosine")
                                                                      for stop in ("", ", early stopping") for start in ("", *(f", start on {n} windows" for n in (16, 32, 64)))
                                                                      for steps in ("", *(f", {n} steps" for n in (192, 256))))]]
@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--start-windows", type=int, default=0, metavar="N",
                         help="with --tune: the per-block phase (GPTQ's start) reads the first N calibration windows, the end-to-end phase all (variant ', start on N windows')")  # fmt: skip
     parser.add_argument("--suffix", default="", metavar="TEXT",
-                        help="appended to the variant of every '+ end to end' row: keeps rows that differ in a setting the name does not carry (e.g. ', 192 steps')")  # fmt: skip
+                        help="with --tune: appended to the variant of every integer and binary-code '+ end to end' row: keeps rows that differ in a setting the name does not carry (e.g. ', 192 steps')")  # fmt: skip
     parser.add_argument("--calibration", choices=list(CALIBRATION), default="standard",
                         help="calibration windows: the built-in lee-text source's 32 (standard) or Lee windows 32-146 (large, its own results file)")  # fmt: skip
     args = parser.parse_args()
@@ -148,6 +148,8 @@ def main() -> None:
         codes["tune_holdout"] = args.tune_holdout
     if args.tune_weight_lr is not None:
         codes["tune_weight_lr"] = args.tune_weight_lr
+    if args.suffix and not args.tune:
+        parser.error("--suffix names end-to-end rows: give --tune STEPS")
     if args.start_windows:
         if not args.tune:
             parser.error("--start-windows splits the windows between the per-block and the end-to-end phase: give --tune STEPS")
@@ -165,6 +167,11 @@ def main() -> None:
     print(rows[-1], flush=True)
     write(rows)
     runs = []
+    # what an end-to-end row's variant says of its settings (integer and binary-code rows alike)
+    tuned = (" + end to end" + (", codes learned" if args.tune_weights else "")
+             + (", cosine" if args.tune_schedule == "cosine" else "")
+             + (", early stopping" if args.tune_holdout else "")
+             + (f", start on {args.start_windows} windows" if args.start_windows else "") + args.suffix) if args.tune else ""  # fmt: skip
     for bits in args.bits:
         for method in args.methods:
             tune = {"tune_steps": args.tune, **codes}
@@ -172,10 +179,6 @@ def main() -> None:
                     else {**SEQUENTIAL_STEPS[method], **tune} if method == "sequential-tune"
                     else SEQUENTIAL_STEPS.get(method, {"name": "quantize-weights", "method": method, **GPTQ}))  # fmt: skip
             grid = {"symmetric": False} if args.asymmetric else {}
-            tuned = (" + end to end" + (", codes learned" if args.tune_weights else "")
-                     + (", cosine" if args.tune_schedule == "cosine" else "")
-                     + (", early stopping" if args.tune_holdout else "")
-                     + (f", start on {args.start_windows} windows" if args.start_windows else "") + args.suffix) if args.tune else ""  # fmt: skip
             name = f"{NAMES[method]}{tuned if method in ('reconstruct', 'sequential-tune') else ''}"
             runs.append((f"{name} W{bits} g128{' asym' if args.asymmetric else ''}", method, bits, {**step, "bits": bits, "group_size": 128, **grid}))
     for variant, step in BINARY.items():
@@ -188,7 +191,6 @@ def main() -> None:
         if not args.learned_only:
             runs.append((f"ShiftAddLLM (GPTQ) q{q} g128", "shiftadd", q, {**SHIFTADD, "q": q}))
         learned = {"name": "reconstruct", "grid": "bcq", "bits": q, "group_size": 128, "tune_steps": args.tune, **codes}
-        tuned = " + end to end" + (", codes learned" if args.tune_weights else "") if args.tune else ""
         runs.append((f"reconstruct bcq{tuned} q{q} g128", "reconstruct", q, learned))
     for variant, method, bits, step in runs:
         step = {**step, "format": "fake", "exclude": ["*lm_head*"]}

@@ -633,6 +633,7 @@ def tune_scales(
     batch: int = 1,
     schedule: str = "constant",
     holdout: int = 0,
+    holdout_from: int = 0,
     check: int = 16,
 ) -> TuneResult:
     """Learn ``parameters`` (the quantizers' factors on their scales) and ``latent`` (offsets on their grid values,
@@ -642,13 +643,14 @@ def tune_scales(
     returns while gradients are on (e.g. intermediate matching) is added to the training loss; the scores before
     and after are the output loss alone. Adam, ``batch`` samples per step (their gradients averaged) in a seeded order,
     the learning rates held (``schedule = "constant"``) or decayed along a half cosine to zero at the last step
-    (``"cosine"``); ends undone when the mean loss over all samples did not drop. ``after_step`` runs after every step (e.g. to keep
+    (``"cosine"``); without held-out samples, ends undone when the mean loss over all samples did not drop. ``after_step`` runs after every step (e.g. to keep
     latent values in range).
 
     ``holdout > 0`` (early stopping): that many samples, chosen with the seed, are never trained on; their mean loss
     is measured at the start, every ``check`` steps and at the end, and the parameters where it was lowest are kept
     (the start's when no check beat it: the phase is undone). The scores before and after are then theirs: the
-    trained samples are not scored."""
+    trained samples are not scored. ``holdout_from``: they are drawn among the samples from that index on (those
+    before it fitted an earlier phase)."""
     if latent and latent_lr <= 0:
         raise ValueError("latent values need latent_lr > 0")
     if batch < 1:
@@ -657,10 +659,12 @@ def tune_scales(
         raise ValueError(f"schedule must be 'constant' or 'cosine', not {schedule!r}")
     if not 0 <= holdout < samples:
         raise ValueError(f"holdout must leave samples to train on: 0 <= holdout < {samples}, got {holdout}")
+    if holdout and not 0 <= holdout_from <= samples - holdout:
+        raise ValueError(f"the {holdout} held-out samples are drawn from index {holdout_from} on, of {samples}: too few")
     if check < 1:
         raise ValueError("check must be >= 1")
     rng = np.random.default_rng(seed)
-    held = sorted(int(i) for i in rng.permutation(samples)[:holdout]) if holdout else []
+    held = sorted(holdout_from + int(i) for i in rng.permutation(samples - holdout_from)[:holdout]) if holdout else []
     trained = [i for i in range(samples) if i not in set(held)]
 
     def loss_of(i: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -95,6 +95,11 @@ def test_with_held_out_samples_only_they_are_scored():
     assert result.loss_end == min(v for _, v in result.holdout_curve) == dict(result.holdout_curve)[result.kept_step]
     assert result.loss_reached == result.holdout_curve[-1][1]
     assert held in range(3)
+    scored.clear()  # drawn after the first two (which an earlier phase fitted): the third is the one held out
+    tune_scales(run, [p], 3, steps=2, lr=0.1, loss="mse", holdout=1, check=1, holdout_from=2)
+    assert set(scored) == {2}
+    with pytest.raises(ValueError, match="drawn from index 3 on, of 3: too few"):
+        tune_scales(run, [p], 3, steps=2, lr=0.1, holdout=1, holdout_from=3)
 
 
 def test_early_stopping_keeps_the_parameters_of_the_best_check():

@@ -122,7 +122,7 @@ class ReconstructConfig:
     sink_weight: float = dataclasses.field(default=64.0, metadata={"doc": "start = gptq: weight in H of each sequence's first token"})
     clip: Literal["none", "weight", "output"] = dataclasses.field(default="output", metadata={"doc": "start = gptq: range shrink per group (as quantize-weights)"})
     loss: Literal["tensor", "channel", "token"] = dataclasses.field(default="tensor", metadata={"doc": "block output error relative to the target's mean square over: the tensor | each channel | each token"})
-    start_samples: int = dataclasses.field(default=0, metadata={"doc": "with tune_steps: the per-block phase (GPTQ's start, the blocks' learning) reads the first start_samples calibration samples, and the end-to-end phase trains on all (0: every phase reads all); the start's cost grows with the samples, the end-to-end phase's does not"})
+    start_samples: int = dataclasses.field(default=0, metadata={"doc": "with tune_steps: the per-block phase (GPTQ's start, the blocks' learning) reads the first start_samples calibration samples, and the end-to-end phase trains on all, its tune_holdout drawn among the others (0: every phase reads all); the start's cost grows with the samples, the end-to-end phase's does not"})
     tune_steps: int = dataclasses.field(default=0, metadata={"doc": "Adam steps (tune_batch calibration samples each) learning a factor on every scale end to end, all blocks at once, codes frozen (0: none)"})
     tune_batch: int = dataclasses.field(default=1, metadata={"doc": "calibration samples per end-to-end step, their gradients averaged"})
     tune_lr: float = dataclasses.field(default=3e-3, metadata={"doc": "learning rate of the end-to-end scale factors (their logarithms)"})
@@ -600,6 +600,7 @@ class Reconstruct(QuantizeWeights):
         clock = time.perf_counter()
         read = {v.name: v for node in graph for v in node.inputs if v is not None}
         static = [n for n in outside if _static(read[n])]  # e.g. a head tied to the embedding: its weight transposed
+        self._check_samples(len(self.calibration))  # before the first inputs' collection, not after
         samples = self.calibration.activations(model, [n for n in outside if n not in static])
         if static:  # the same on every sample: computed once and shared, not held once per sample
             once = CalibrationData([next(iter(self.calibration))]).activations(model, static, progress=False)[0]
@@ -610,9 +611,6 @@ class Reconstruct(QuantizeWeights):
         shared = [{k: torch.from_numpy(np.asarray(v)) for k, v in s.items()} for s in samples]
         if self.config.tune_steps and self.config.tune_augment:
             _image_input(shared[0])  # refused before the blocks' work, not after
-        if self.config.start_samples > len(shared):
-            raise BitfoldError(f"start_samples = {self.config.start_samples} asks for more than the calibration data's "
-                               f"{len(shared)} samples; give at most {len(shared)}, or 0 for all")  # fmt: skip
         # the per-block phase reads the first start_samples; the full-precision stream runs on every sample, whose
         # value where the blocks end is the end-to-end phase's target
         quant = [dict(s) for s in shared[: self.config.start_samples or len(shared)]]  # value name → tensor on the quantized path, per sample
@@ -714,6 +712,20 @@ class Reconstruct(QuantizeWeights):
         self.notes.append("seconds: " + ", ".join(f"{k} {v:.1f}" + (f" ({v / per[k][0]:.2f} per {per[k][1]})" if per.get(k, (0,))[0] else "")
                                                   for k, v in seconds.items()))  # fmt: skip
 
+    def _check_samples(self, count: int) -> None:
+        """Refuse a split of the ``count`` calibration samples that leaves a phase nothing to read."""
+        c = self.config
+        if c.start_samples > count:
+            raise BitfoldError(f"start_samples = {c.start_samples} asks for more than the calibration data's {count} samples; "
+                               f"give at most {count}, or 0 for all")  # fmt: skip
+        if c.tune_holdout and c.tune_holdout >= count:
+            raise BitfoldError(f"tune_holdout = {c.tune_holdout} leaves nothing to train on: the calibration data holds "
+                               f"{count} samples; hold out fewer, or calibrate on more")  # fmt: skip
+        if c.tune_holdout and c.start_samples and c.tune_holdout > count - c.start_samples:
+            raise BitfoldError(f"tune_holdout = {c.tune_holdout} samples are held out among those after the first start_samples = "
+                               f"{c.start_samples} (which the blocks fitted), and the calibration data holds {count - c.start_samples} "
+                               "of them; hold out fewer, or start on fewer")  # fmt: skip
+
     def tail(self, graph: ir.Graph, end: ir.Value) -> TorchGraph | None:
         """The nodes from the blocks' end to the graph's first output (final norm and LM head), as a module; None
         when the blocks end at it."""
@@ -793,13 +805,10 @@ class Reconstruct(QuantizeWeights):
             bar.set_postfix_str(f"{config.tune_loss} {loss:.3g}", refresh=False)
             bar.update()
 
-        if config.tune_holdout >= len(shared):
-            raise BitfoldError(f"tune_holdout = {config.tune_holdout} leaves nothing to train on: the calibration data holds "
-                               f"{len(shared)} samples; hold out fewer, or calibrate on more")  # fmt: skip
         result = tune_scales(run, parameters, len(shared), steps=config.tune_steps, lr=config.tune_lr, loss=config.tune_loss,
                              seed=config.seed, progress=show, latent=latent, latent_lr=config.tune_weight_lr,
                              after_step=bound if latent else None, batch=config.tune_batch, schedule=config.tune_schedule,
-                             holdout=config.tune_holdout, check=config.tune_check)  # fmt: skip
+                             holdout=config.tune_holdout, check=config.tune_check, holdout_from=config.start_samples)  # fmt: skip
         bar.close()
         self.tuned = result
         kept = "" if result.loss_end < result.loss_start else f" (reached {result.loss_reached:.4g}: undone)"

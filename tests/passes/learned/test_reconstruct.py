@@ -631,8 +631,8 @@ def test_end_to_end_early_stopping_reports_the_held_out_curve_and_keeps_its_best
 
 def test_start_samples_give_the_blocks_the_first_samples_and_the_end_to_end_phase_all(zoo_protos):
     # the per-block phase (GPTQ's start, the blocks' learning) on the first 4 of 12 samples learns what a run
-    # calibrated on those 4 alone learns, block by block; the end-to-end phase then trains on all 12 (its early
-    # stopping holds out 2 of them, which the 4-sample run could not pick)
+    # calibrated on those 4 alone learns, block by block; the end-to-end phase then reads all 12, its early stopping
+    # holding out 2 of the 8 the blocks did not fit
     step = {"bits": 2, "group_size": 16, "format": "fake", **STEPS, "tune_steps": 4, "tune_loss": "mse", "tune_holdout": 2, "tune_check": 2}
     calibration = token_calibration(12)
     first = CalibrationData(list(calibration)[:4])
@@ -647,6 +647,8 @@ def test_start_samples_give_the_blocks_the_first_samples_and_the_end_to_end_phas
     assert "on the held-out samples" in held(split) and held(split) != held(alone)
     with pytest.raises(BitfoldError, match="start_samples = 13 asks for more than the calibration data's 12 samples"):
         Reconstruct(**step, start_samples=13, calibration=calibration)(_lm(zoo_protos, "tiny-lm"))
+    with pytest.raises(BitfoldError, match="the calibration data holds 2 of them; hold out fewer"):
+        Reconstruct(**{**step, "tune_holdout": 3}, start_samples=10, calibration=calibration)(_lm(zoo_protos, "tiny-lm"))
     with pytest.raises(PassParameterError, match="start_samples splits the calibration data"):
         Reconstruct(bits=2, start_samples=4)
 
