@@ -87,6 +87,8 @@ BINARY = {
 }
 #: reconstruct's note per block: relative output error at the start → after the scale phase → after rounding
 BLOCK_NOTE = re.compile(r"output error ([\d.e+-]+) \(start\) → ([\d.e+-]+) \(clipping\) → ([\d.e+-]+) \(rounding\)")
+#: with no per-block steps (the end-to-end phase alone learns): the error each block starts from, which it keeps
+START_NOTE = re.compile(r"output error ([\d.e+-]+) from the start, no per-block steps")
 TUNE_NOTE = re.compile(r"end to end \((\d+) steps(?:, weights learned)?\): kl ([\d.e+-]+) → ([\d.e+-]+)(?:.*; (\d+) of (\d+) codes changed)?")
 HOLDOUT_NOTE = re.compile(r"held out \((\d+) samples\) ([^;]+); kept step (\d+)")
 CHECK = re.compile(r"(\d+): ([\d.e+-]+)")
@@ -126,6 +128,8 @@ def main() -> None:
                         help="with --tune-weights: the latent codes' learning rate (default: the pass's)")  # fmt: skip
     parser.add_argument("--start-windows", type=int, default=0, metavar="N",
                         help="with --tune: the per-block phase (GPTQ's start) reads the first N calibration windows, the end-to-end phase all (variant ', start on N windows')")  # fmt: skip
+    parser.add_argument("--hold-activations", action="store_true",
+                        help="with --tune: every block's activations held through a step's backward pass, not recomputed (tune_recompute = false: the same scales, less time per step, more memory)")  # fmt: skip
     parser.add_argument("--suffix", default="", metavar="TEXT",
                         help="with --tune: appended to the variant of every integer and binary-code '+ end to end' row: keeps rows that differ in a setting the name does not carry (e.g. ', 192 steps')")  # fmt: skip
     parser.add_argument("--calibration", choices=list(CALIBRATION), default="standard",
@@ -148,6 +152,10 @@ def main() -> None:
         codes["tune_holdout"] = args.tune_holdout
     if args.tune_weight_lr is not None:
         codes["tune_weight_lr"] = args.tune_weight_lr
+    if args.hold_activations:
+        if not args.tune:
+            parser.error("--hold-activations belongs to the end-to-end phase: give --tune STEPS")
+        codes["tune_recompute"] = False
     if args.suffix and not args.tune:
         parser.error("--suffix names end-to-end rows: give --tune STEPS")
     if args.start_windows:
@@ -200,7 +208,8 @@ def main() -> None:
         rows.append({"model": "SmolLM2", "variant": variant, "method": method, "bits": bits,
                      "ppl": smollm2_ppl(model).value, "ppl_heldout": perplexity(model, heldout)[0],
                      "optimize_s": round(seconds, 1), "command": stamp["command"], "commit": stamp["commit"], "machine": stamp["machine"]})  # fmt: skip
-        blocks = [[float(x) for x in m.groups()] for note in report.passes[0].notes if (m := BLOCK_NOTE.search(note))]
+        blocks = [[float(x) for x in m.groups()] if m.re is BLOCK_NOTE else [float(m[1])] * 3
+                  for note in report.passes[0].notes if (m := BLOCK_NOTE.search(note) or START_NOTE.search(note))]  # fmt: skip
         if blocks:  # reconstruct: each block's calibration error at its start, after the first phase, at the end
             rows[-1]["block_losses"] = blocks
             seconds = next(({k: float(v) for k, v in PHASE.findall(n)} for n in report.passes[0].notes if SECONDS_NOTE.match(n)), {})

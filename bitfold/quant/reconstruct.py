@@ -523,6 +523,14 @@ class BlockResult:
     undecided: float  # fraction of soft roundings not yet at 0 or 1 before hardening
 
 
+def block_error(output: torch.Tensor, target: torch.Tensor, power: torch.Tensor | str) -> torch.Tensor:
+    """The block's output error that :func:`train_block` minimises: the squared error over the target's mean square
+    (``power``: :func:`_power`'s value, or the ``Schedule.loss`` it is taken over), averaged."""
+    if isinstance(power, str):
+        power = _power(target, power)
+    return (((output - target) ** 2) / power).mean()
+
+
 def train_block(
     run: Callable[[int, dict[str, torch.Tensor]], torch.Tensor],
     quantizers: dict[str, IntQuantizer | ShiftQuantizer | BinaryQuantizer | BCQQuantizer],
@@ -540,7 +548,7 @@ def train_block(
 
     def loss_of(i: int) -> torch.Tensor:
         weights = {name: q() for name, q in quantizers.items()}
-        return (((run(i, weights) - targets[i]) ** 2) / power[i]).mean()
+        return block_error(run(i, weights), targets[i], power[i])
 
     def evaluate() -> float:
         with torch.no_grad():

@@ -86,7 +86,7 @@ from bitfold.quant.formats import Format, IntFormat, format_from, granularity_fr
 from bitfold.quant.bcq import bcq
 from bitfold.quant.gptq import gptq
 from bitfold.quant.im2col import ConvGeometry, patch_gram
-from bitfold.quant.reconstruct import BCQQuantizer, BinaryQuantizer, BlockResult, IntQuantizer, Schedule, ShiftQuantizer, train_block, tune_scales
+from bitfold.quant.reconstruct import BCQQuantizer, BinaryQuantizer, BlockResult, IntQuantizer, Schedule, ShiftQuantizer, block_error, train_block, tune_scales
 from bitfold.quant.torch_graph import TorchGraph
 
 
@@ -129,6 +129,7 @@ class ReconstructConfig:
     tune_schedule: Literal["constant", "cosine"] = dataclasses.field(default="constant", metadata={"doc": "end to end: the learning rates held, or decayed along a half cosine to zero at the last step"})
     tune_holdout: int = dataclasses.field(default=0, metadata={"doc": "end to end: calibration samples never trained on; their loss, measured every tune_check steps, picks the step whose parameters are kept (early stopping; 0: all samples train, the last step's kept)"})
     tune_check: int = dataclasses.field(default=16, metadata={"doc": "end to end with tune_holdout: steps between two measurements of the held-out samples' loss"})
+    tune_recompute: bool = dataclasses.field(default=True, metadata={"doc": "end to end: recompute each block's activations in the backward pass, one block's held at a time; false: hold every block's through the step (about a fifth less time per step on a decoder, that many blocks' activations more memory)"})
     tune_loss: Literal["kl", "mse"] = dataclasses.field(default="kl", metadata={"doc": "end to end: KL divergence of the first graph output's softmax (logits) | its error relative to its mean square"})
     tune_weights: bool = dataclasses.field(default=False, metadata={"doc": "end to end: the codes learn too (distillation): latent weights whose sign (binary, bcq) or rounded code (int) is taken straight-through"})
     tune_weight_lr: float = dataclasses.field(default=2e-3, metadata={"doc": "learning rate of the latent weights, in units of the grid step (int), of the row's α (binary) or of a sign (bcq); an integer code changes once its latent moves half a step, about tune_weight_lr per step"})
@@ -665,11 +666,17 @@ class Reconstruct(QuantizeWeights):
             def show(phase: str, loss: float) -> None:
                 bar.set_postfix_str(f"block {b}: {phase} loss {loss:.3g}", refresh=False)
 
-            if quantizers and not learning:
-                for q in quantizers.values():  # the start as it is, rounded as train_block would with no steps
+            # no per-block steps: the start as it is, rounded as train_block would leave it with none; with tune_steps
+            # its output error is measured on the quantized forward below, not by three more passes over the samples
+            measured: list[float] | None = None
+            if quantizers and not (self.config.clip_steps or self.config.round_steps):
+                for q in quantizers.values():
                     q.start_rounding()
                     q.hard = True
-                self.notes.append(f"block {b} ({len(quantizers)} weights): GPTQ on the quantized model's inputs, no learning")
+                if not learning:
+                    self.notes.append(f"block {b} ({len(quantizers)} weights): GPTQ on the quantized model's inputs, no learning")
+                else:
+                    measured = []
             elif quantizers:
                 result = train_block(run, quantizers, targets[: len(quant)], schedule, biases=list(biases.values()), progress=show)
                 self.results.append(result)
@@ -679,10 +686,17 @@ class Reconstruct(QuantizeWeights):
                 hard = {name: _layout(q(), shapes[name]) for name, q in quantizers.items()}
                 hard.update({name: b.detach().clone() for name, b in biases.items()})
                 for i in range(len(quant)):
-                    quant[i].update(module(**{n: quant[i][n] for n in names}, **hard))
+                    found = module(**{n: quant[i][n] for n in names}, **hard)
+                    if measured is not None:
+                        measured.append(float(block_error(found[out], targets[i], self.config.loss)))
+                    quant[i].update(found)
                 for env, found in zip(full, computed, strict=True):
                     env.update(found)
             del hard, computed
+            if measured is not None:  # what the end-to-end phase starts from, block by block
+                error = float(np.mean(measured))
+                self.results.append(BlockResult(error, error, error, 0.0))
+                self.notes.append(f"block {b} ({len(quantizers)} weights): output error {error:.4g} from the start, no per-block steps")
             if not self.config.tune_steps:
                 emit(block, {name: q.export() for name, q in quantizers.items()})
             self.learned_biases.update({name: b.detach().numpy().copy() for name, b in biases.items()})
@@ -773,7 +787,7 @@ class Reconstruct(QuantizeWeights):
             terms = []
             for blk, module, names, learned in chain:
                 feeds = [env[n] for n in names]
-                if torch.is_grad_enabled():  # each block's activations recomputed in the backward pass, not all held
+                if torch.is_grad_enabled() and config.tune_recompute:  # each block's activations recomputed in the backward pass, not all held
                     found = checkpoint(block, module, names, learned, *feeds, use_reentrant=False)
                 else:
                     found = block(module, names, learned, *feeds)

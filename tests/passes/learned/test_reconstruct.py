@@ -653,6 +653,40 @@ def test_start_samples_give_the_blocks_the_first_samples_and_the_end_to_end_phas
         Reconstruct(bits=2, start_samples=4)
 
 
+def test_with_no_per_block_steps_the_block_error_comes_from_the_quantized_forward(zoo_protos):
+    # tune_steps alone: each block's output error is measured on the forward that carries the quantized stream, not
+    # by train_block's passes; a rounding phase that cannot move (learning rate 0) reports the same start error and
+    # leaves the same weights
+    step = {"bits": 2, "group_size": 16, "format": "fake", "tune_steps": 3, "tune_loss": "mse", "calibration": token_calibration(4)}
+    alone = Reconstruct(**step, clip_steps=0, round_steps=0)
+    tuned = alone(_lm(zoo_protos, "tiny-lm")).model
+    still = Reconstruct(**step, clip_steps=0, round_steps=1, round_lr=0.0, reg=0.0)
+    reference = still(_lm(zoo_protos, "tiny-lm")).model
+    assert len(alone.results) == len(still.results) == 2
+    for a, b in zip(alone.results, still.results, strict=True):
+        assert a.loss_start == a.loss_end and a.loss_start == pytest.approx(b.loss_start, rel=1e-6) and a.loss_start > 0
+    notes = [n for n in alone.notes if re.match(r"block \d+ \(", n)]
+    assert all(re.fullmatch(r"block \d \(7 weights\): output error [\d.e+-]+ from the start, no per-block steps", n) for n in notes), notes
+    weights = lambda m: {v.name: v.const_value.numpy() for v in m.graph.initializers.values()}  # noqa: E731
+    assert weights(tuned).keys() == weights(reference).keys()
+    for name, w in weights(tuned).items():
+        np.testing.assert_allclose(w, weights(reference)[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_holding_the_activations_learns_what_recomputing_them_learns(zoo_protos):
+    # tune_recompute = false keeps every block's activations for the backward pass instead of recomputing them: the
+    # same gradients, so the same scales after the same steps
+    step = {"bits": 2, "group_size": 16, "format": "fake", **STEPS, "tune_steps": 4, "calibration": token_calibration(4)}
+    recomputed = Reconstruct(**step)
+    a = recomputed(_lm(zoo_protos, "tiny-lm")).model
+    held = Reconstruct(**step, tune_recompute=False)
+    b = held(_lm(zoo_protos, "tiny-lm")).model
+    assert recomputed.tuned.loss_end < recomputed.tuned.loss_start  # the phase moved the scales
+    assert held.tuned.loss_end == pytest.approx(recomputed.tuned.loss_end, rel=1e-5)
+    for name, value in a.graph.initializers.items():
+        np.testing.assert_allclose(value.const_value.numpy(), b.graph.initializers[name].const_value.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_the_note_says_where_the_time_went_per_block_and_per_step(zoo_protos):
     p = Reconstruct(bits=2, group_size=16, format="fake", start="rtn", **STEPS, tune_steps=6, tune_loss="mse", calibration=token_calibration(4))
     p(_lm(zoo_protos, "tiny-lm"))
