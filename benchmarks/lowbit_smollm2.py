@@ -19,7 +19,9 @@ phase (GPTQ's start) the first N calibration windows and the end-to-end phase al
 ``--tune`` steps. Sign-plane rows: the binarize pass with GPTQ
 rounding against reconstruct's binary grid (bits in the JSON: the number of planes). Binary-code rows
 (``--shiftadd Q``): ShiftAddLLM's format (α a sum of two powers of two) through the shiftadd pass with the same
-GPTQ settings against reconstruct's ``bcq`` grid (bits: the number of planes). Calibration: the built-in
+GPTQ settings against reconstruct's ``bcq`` grid (bits: the number of planes); with ``--shiftadd-sequential``
+("ShiftAddLLM (GPTQ) sequential + end to end") the learned row skips the per-block phase as ``sequential-tune`` does:
+the shiftadd solver on what each decoder layer reads in the already-quantized model, then the ``--tune`` steps. Calibration: the built-in
 ``lee-text`` source (Lee background windows 115-146); ``--calibration large``: Lee background windows 32-146 (115
 windows, 58,880 tokens; windows 16-31 stay free for choosing settings), every row of that protocol in its own results
 file (lowbit_smollm2_large.json). Scored: Lee windows 0-15 (8,176 tokens) and the held-out Lee
@@ -30,7 +32,7 @@ Writes benchmarks/results/lowbit_smollm2.json (``--calibration large``: lowbit_s
 learned.
 
     python benchmarks/lowbit_smollm2.py [--bits 4 3 2] [--methods gptq gptq-sequential[-float] gptq-true-sequential[-float] quantease reconstruct] [--asymmetric] [--binary 1 2]
-                                        [--shiftadd 3 2] [--tune STEPS [--tune-weights] [--tune-lr LR] [--tune-schedule cosine] [--tune-holdout N]]
+                                        [--shiftadd 3 2 [--shiftadd-sequential]] [--tune STEPS [--tune-weights] [--tune-lr LR] [--tune-schedule cosine] [--tune-holdout N]]
                                         [--start-windows N] [--suffix TEXT] [--learned-only] [--calibration large]
 """
 
@@ -105,7 +107,9 @@ ORDER = (["FP32"] + [f"{name} W{bits} g128{grid}" for bits in (4, 3, 2) for grid
                                                                      for steps in ("", *(f", {n} steps" for n in (192, 256))))]]
          + [v for variant in BINARY for v in (variant, variant.replace("binary,", "binary + end to end,")) if v == variant or "reconstruct" in v]
          + [f"{name} q{q} g128" for q in (4, 3, 2) for name in ("ShiftAddLLM (GPTQ)", "reconstruct bcq", "reconstruct bcq + end to end",
-                                                           "reconstruct bcq + end to end, codes learned")])  # fmt: skip
+                                                           "reconstruct bcq + end to end, codes learned",
+                                                           *(f"ShiftAddLLM (GPTQ) sequential + end to end{decay}{stop}{steps}" for decay in ("", ", cosine")
+                                                             for stop in ("", ", early stopping") for steps in ("", *(f", {n} steps" for n in (192, 256)))))])  # fmt: skip
 
 
 def main() -> None:
@@ -115,6 +119,8 @@ def main() -> None:
     parser.add_argument("--asymmetric", action="store_true", help="the integer rows on the asymmetric grid (a zero point per group)")
     parser.add_argument("--binary", nargs="*", choices=[1, 2], type=int, default=[1, 2], help="sign-plane rows to run (none: --binary)")
     parser.add_argument("--shiftadd", nargs="*", choices=[2, 3, 4], type=int, default=[], help="binary-code rows (sign planes q) to run")
+    parser.add_argument("--shiftadd-sequential", action="store_true",
+                        help="binary-code rows: the learned row without per-block steps (the solver layer by layer, then --tune steps)")
     parser.add_argument("--learned-only", action="store_true", help="sign-plane and binary-code rows: reconstruct's only (the solvers' rows kept)")
     parser.add_argument("--tune", type=int, default=0, metavar="STEPS",
                         help="reconstruct rows: also this many end-to-end steps on the scales (variant '+ end to end')")  # fmt: skip
@@ -156,6 +162,8 @@ def main() -> None:
         if not args.tune:
             parser.error("--hold-activations belongs to the end-to-end phase: give --tune STEPS")
         codes["tune_recompute"] = False
+    if args.shiftadd_sequential and not (args.tune and args.shiftadd):
+        parser.error("--shiftadd-sequential is the shiftadd solver followed by the end-to-end phase: give --shiftadd Q and --tune STEPS")
     if args.suffix and not args.tune:
         parser.error("--suffix names end-to-end rows: give --tune STEPS")
     if args.start_windows:
@@ -199,7 +207,10 @@ def main() -> None:
         if not args.learned_only:
             runs.append((f"ShiftAddLLM (GPTQ) q{q} g128", "shiftadd", q, {**SHIFTADD, "q": q}))
         learned = {"name": "reconstruct", "grid": "bcq", "bits": q, "group_size": 128, "tune_steps": args.tune, **codes}
-        runs.append((f"reconstruct bcq{tuned} q{q} g128", "reconstruct", q, learned))
+        if args.shiftadd_sequential:
+            learned = {**learned, "clip_steps": 0, "round_steps": 0}
+        name = "ShiftAddLLM (GPTQ) sequential" if args.shiftadd_sequential else "reconstruct bcq"
+        runs.append((f"{name}{tuned} q{q} g128", "reconstruct", q, learned))
     for variant, method, bits, step in runs:
         step = {**step, "format": "fake", "exclude": ["*lm_head*"]}
         start = time.perf_counter()
