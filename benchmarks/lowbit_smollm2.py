@@ -91,7 +91,7 @@ BINARY = {
 BLOCK_NOTE = re.compile(r"output error ([\d.e+-]+) \(start\) → ([\d.e+-]+) \(clipping\) → ([\d.e+-]+) \(rounding\)")
 #: with no per-block steps (the end-to-end phase alone learns): the error each block starts from, which it keeps
 START_NOTE = re.compile(r"output error ([\d.e+-]+) from the start, no per-block steps")
-TUNE_NOTE = re.compile(r"end to end \((\d+) steps(?:, weights learned)?\): kl ([\d.e+-]+) → ([\d.e+-]+)(?:.*; (\d+) of (\d+) codes changed)?")
+TUNE_NOTE = re.compile(r"end to end \((\d+) steps(?:, weights learned)?(?:, \d+ float vectors learned)?\): kl ([\d.e+-]+) → ([\d.e+-]+)(?:.*; (\d+) of (\d+) codes changed)?")
 HOLDOUT_NOTE = re.compile(r"held out \((\d+) samples\) ([^;]+); kept step (\d+)")
 CHECK = re.compile(r"(\d+): ([\d.e+-]+)")
 #: reconstruct's note on where its time went: seconds collecting the first inputs, in the blocks, end to end

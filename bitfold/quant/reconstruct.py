@@ -637,6 +637,8 @@ def tune_scales(
     progress: Callable[[float], None] | None = None,
     latent: Sequence[torch.nn.Parameter] = (),
     latent_lr: float = 0.0,
+    floats: Sequence[torch.nn.Parameter] = (),
+    floats_lr: float = 0.0,
     after_step: Callable[[], None] | None = None,
     batch: int = 1,
     schedule: str = "constant",
@@ -646,7 +648,7 @@ def tune_scales(
 ) -> TuneResult:
     """Learn ``parameters`` (the quantizers' factors on their scales) and ``latent`` (offsets on their grid values,
     learning rate ``latent_lr``; empty: codes frozen) so that the model's output ``run(sample)[0]`` matches its
-    target ``run(sample)[1]``: the KL divergence from the target's softmax over the last axis (``loss = "kl"``, per
+    target ``run(sample)[1]``; ``floats`` (e.g. biases and norm affines, learning rate ``floats_lr``) learn with them: the KL divergence from the target's softmax over the last axis (``loss = "kl"``, per
     position) or the squared error relative to the target's mean square (``"mse"``). A third value that ``run``
     returns while gradients are on (e.g. intermediate matching) is added to the training loss; the scores before
     and after are the output loss alone. Adam, ``batch`` samples per step (their gradients averaged) in a seeded order,
@@ -661,6 +663,8 @@ def tune_scales(
     before it fitted an earlier phase)."""
     if latent and latent_lr <= 0:
         raise ValueError("latent values need latent_lr > 0")
+    if floats and floats_lr <= 0:
+        raise ValueError("float values need floats_lr > 0")
     if batch < 1:
         raise ValueError("batch must be >= 1")
     if schedule not in ("constant", "cosine"):
@@ -688,13 +692,14 @@ def tune_scales(
         with torch.no_grad():
             return float(np.mean([float(loss_of(i)[0]) for i in over]))
 
-    learned = [*parameters, *latent]
+    learned = [*parameters, *latent, *floats]
     initial = [p.detach().clone() for p in learned]
     curve = [(0, evaluate(held))] if held else []
     start = curve[0][1] if held else evaluate()
     best, kept_step = (curve[0][1], 0) if held else (None, None)
     kept = initial
     groups = [{"params": list(parameters), "lr": lr}] + ([{"params": list(latent), "lr": latent_lr}] if latent else [])
+    groups += [{"params": list(floats), "lr": floats_lr}] if floats else []
     opt = torch.optim.Adam(groups)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps))) if schedule == "cosine" and steps else None
     visits = steps * batch

@@ -133,6 +133,8 @@ class ReconstructConfig:
     tune_loss: Literal["kl", "mse"] = dataclasses.field(default="kl", metadata={"doc": "end to end: KL divergence of the first graph output's softmax (logits) | its error relative to its mean square"})
     tune_weights: bool = dataclasses.field(default=False, metadata={"doc": "end to end: the codes learn too (distillation): latent weights whose sign (binary, bcq) or rounded code (int) is taken straight-through"})
     tune_weight_lr: float = dataclasses.field(default=2e-3, metadata={"doc": "learning rate of the latent weights, in units of the grid step (int), of the row's α (binary) or of a sign (bcq); an integer code changes once its latent moves half a step, about tune_weight_lr per step"})
+    tune_floats: bool = dataclasses.field(default=False, metadata={"doc": "end to end: every float vector a block reads from an initializer that nothing else reads (biases, norm scales and shifts) learns too, with the scales and codes; written back in place of the originals"})
+    tune_float_lr: float = dataclasses.field(default=1e-4, metadata={"doc": "tune_floats: Adam's learning rate on those vectors (absolute, as in fine-tuning)"})
     tune_match: float = dataclasses.field(default=0.0, metadata={"doc": "end to end: weight of each block output's direction matching to the full-precision model's (1 − cosine per token, or per pixel over channels), added to the output loss"})
     tune_augment: bool = dataclasses.field(default=False, metadata={"doc": "end to end, NCHW image input: each training step reads a random crop of its sample (a random 50–100 % of each side, flipped half the time, resized back) against the full-precision model's output on that crop; the scores before and after read one fixed crop per sample"})
     accuracy_level: int = dataclasses.field(default=4, metadata={"doc": "matmulnbits: ORT compute type (4 = int8)"})
@@ -155,8 +157,10 @@ class ReconstructConfig:
                              "set clip_steps = round_steps = tune_steps = 0")  # fmt: skip
         if self.tune_batch < 1:
             raise ValueError("tune_batch must be >= 1")
-        if (self.tune_weights or self.tune_match or self.tune_augment) and not self.tune_steps:
-            raise ValueError("tune_weights, tune_match and tune_augment belong to the end-to-end phase; set tune_steps > 0")
+        if (self.tune_weights or self.tune_floats or self.tune_match or self.tune_augment) and not self.tune_steps:
+            raise ValueError("tune_weights, tune_floats, tune_match and tune_augment belong to the end-to-end phase; set tune_steps > 0")
+        if not self.tune_float_lr > 0:
+            raise ValueError("tune_float_lr must be > 0")
         if self.tune_holdout < 0 or self.tune_check < 1:
             raise ValueError("tune_holdout must be >= 0 and tune_check >= 1")
         if self.start_samples < 0:
@@ -294,12 +298,18 @@ class Reconstruct(QuantizeWeights):
                 producer = self._emitter.fold(model, node, self._encode(solved[node.inputs[1].name]), node.inputs[1].const_value.numpy())
                 producer.metadata_props[QUANTIZED_KEY] = self.config.tag
 
+        vectors = [self._floats(block) for block in blocks]  # before emission rewires the blocks
         self.learn(model, blocks, emit)
-        for block in blocks:
+        for block, found in zip(blocks, vectors, strict=True):
             for value in self._biases(block):
                 node = next(user for user, _ in value.uses())
                 learned = self.learned_biases[value.name].astype(value.const_value.dtype.numpy())
                 node.replace_input_with(2, add_initializer(model.graph, f"{value.name}_learned", learned))
+                drop_if_unused(model.graph, value)
+            for value in found:
+                node, index = next(iter(value.uses()))
+                learned = self.learned_floats[value.name].astype(value.const_value.dtype.numpy())
+                node.replace_input_with(index, add_initializer(model.graph, f"{value.name}_learned", learned))
                 drop_if_unused(model.graph, value)
         for weight in weights:
             drop_if_unused(model.graph, weight)
@@ -373,6 +383,21 @@ class Reconstruct(QuantizeWeights):
             if b is not None and b.is_initializer() and b.const_value is not None and b.const_value.dtype.is_floating_point() and len(b.uses()) == 1:
                 found.append(b)
         return found
+
+    def _floats(self, block: Block) -> list[ir.Value]:
+        """The float vectors the block learns end to end (``tune_floats``): each initializer of one axis and more than
+        one element that one node of the block reads and nothing else (biases, norm scales and shifts), other than
+        the learned weights and ``bias``'s biases. Scalars (epsilons, exponents, attention scales) stay."""
+        if not self.config.tune_floats:
+            return []
+        skip = {v.name for v in _weights(block) + self._biases(block)}
+        found: dict[str, ir.Value] = {}
+        for node in block.nodes:
+            for v in node.inputs:
+                if (v is not None and v.name not in skip and v.is_initializer() and v.const_value is not None and v.const_value.dtype.is_floating_point()
+                        and len(v.shape or ()) == 1 and v.const_value.size > 1 and len(v.uses()) == 1):  # fmt: skip
+                    found[v.name] = v
+        return list(found.values())
 
     def _bcq_group(self, k: int) -> int:
         """Inputs per α for a weight with ``k`` inputs (``group_size = -1``: all, rounded up to a multiple of 8)."""
@@ -590,7 +615,7 @@ class Reconstruct(QuantizeWeights):
             passed = [made[b][n] for names in readers[b + 1 :] for n in names if n in made[b]]
             outputs = list(dict.fromkeys([block.output, *passed]))
             values = {v.name: v for node in block.nodes for v in node.inputs if v is not None}
-            fed = [values[n] for n in inputs[b]] + _weights(block) + self._biases(block)
+            fed = [values[n] for n in inputs[b]] + _weights(block) + self._biases(block) + self._floats(block)
             modules.append(TorchGraph(graph, nodes=block.nodes, inputs=fed, outputs=outputs))
             wanted = list(dict.fromkeys(n.inputs[0] for n in block.targets))
             needed = _feeding(block.nodes, wanted) if wanted else block.nodes  # not the nodes after the last target's input
@@ -624,6 +649,7 @@ class Reconstruct(QuantizeWeights):
         learned = []
         self.timings = dict.fromkeys(("grams", "solves", "forward"), 0.0)  # seconds, sequential GPTQ's phases
         self.learned_biases: dict[str, np.ndarray] = {}  # bias name → its learned value (bias = true)
+        self.learned_floats: dict[str, np.ndarray] = {}  # float vector name → its value learned end to end (tune_floats)
         self.results: list[BlockResult] = []  # per block, for callers and tests
         bar = tqdm(total=len(blocks), desc=f"reconstruct {self.config.tag}", leave=False)
         for b, (block, module, probe, names) in enumerate(zip(blocks, modules, probes, inputs, strict=True)):
@@ -652,6 +678,10 @@ class Reconstruct(QuantizeWeights):
                 continue
             float_weights = {v.name: torch.from_numpy(v.const_value.numpy().astype(np.float32)) for v in _weights(block) + self._biases(block)}
             biases = {v.name: torch.nn.Parameter(float_weights.pop(v.name).clone()) for v in self._biases(block)}
+            # tune_floats: the block's other float vectors, fed like the biases and held in their dict, learned end to end only
+            floats = {v.name: torch.from_numpy(v.const_value.numpy().astype(np.float32)) for v in self._floats(block)}
+            learned_biases = list(biases.values())
+            biases.update(floats)
             starts = self._gptq(block, probe, names, quant, {**float_weights, **biases}) if block.targets and self.config.grid in ("int", "bcq") and self.config.start == "gptq" else {}
             quantizers = {v.name: self.quantizer(_rows(float_weights[v.name]).numpy(), starts.get(v.name)) for v in _weights(block)}
             shapes = {name: tuple(w.shape) for name, w in float_weights.items()}
@@ -678,7 +708,7 @@ class Reconstruct(QuantizeWeights):
                 else:
                     measured = []
             elif quantizers:
-                result = train_block(run, quantizers, targets[: len(quant)], schedule, biases=list(biases.values()), progress=show)
+                result = train_block(run, quantizers, targets[: len(quant)], schedule, biases=learned_biases, progress=show)
                 self.results.append(result)
                 self.notes.append(f"block {b} ({len(quantizers)} weights): output error {result.loss_start:.4g} (start) → "
                                   f"{result.loss_clip:.4g} (clipping) → {result.loss_end:.4g} (rounding)")  # fmt: skip
@@ -699,15 +729,15 @@ class Reconstruct(QuantizeWeights):
                 self.notes.append(f"block {b} ({len(quantizers)} weights): output error {error:.4g} from the start, no per-block steps")
             if not self.config.tune_steps:
                 emit(block, {name: q.export() for name, q in quantizers.items()})
-            self.learned_biases.update({name: b.detach().numpy().copy() for name, b in biases.items()})
+            self.learned_biases.update({name: b.detach().numpy().copy() for name, b in biases.items() if name not in floats})
             if self.config.tune_steps:  # kept for the end-to-end phase, the biases fixed; the float block for matching or crops
-                teacher = {**float_weights, **{v.name: torch.from_numpy(v.const_value.numpy().astype(np.float32)) for v in self._biases(block)}} if self.config.tune_match or self.config.tune_augment else {}
+                teacher = {**float_weights, **{v.name: torch.from_numpy(v.const_value.numpy().astype(np.float32)) for v in self._biases(block)}, **floats} if self.config.tune_match or self.config.tune_augment else {}
                 learned.append((quantizers, shapes, {name: b.detach().clone() for name, b in biases.items()}, teacher))
                 final = targets  # at the last block: the full-precision model's stream where the blocks end
             for env in (*quant, *full):  # drop what no later block reads
                 for name in [n for n in env if later.get(n, -1) <= b]:
                     del env[name]
-            del float_weights, quantizers, starts  # one block's weights held at a time (kept in learned for tuning)
+            del float_weights, quantizers, starts, floats  # one block's weights held at a time (kept in learned for tuning)
             bar.update()
         bar.close()
         seconds["blocks"] = time.perf_counter() - clock
@@ -719,7 +749,8 @@ class Reconstruct(QuantizeWeights):
             clock = time.perf_counter()
             self._tune(chain, tail, shared, final)
             seconds["end to end"] = time.perf_counter() - clock
-            for block, (quantizers, *_) in zip(blocks, learned, strict=True):
+            for block, (quantizers, _, held, _) in zip(blocks, learned, strict=True):
+                self.learned_floats.update({v.name: held[v.name].detach().numpy().copy() for v in self._floats(block)})  # before emission rewires it
                 emit(block, {name: q.export() for name, q in quantizers.items()})
         self.seconds = seconds  # inputs, blocks, end to end: for callers
         per = {"blocks": (len(blocks), "block"), "end to end": (self.config.tune_steps, "step")}
@@ -762,6 +793,11 @@ class Reconstruct(QuantizeWeights):
         parameters = [p for _, _, _, (quantizers, *_) in chain for q in quantizers.values() for p in q.start_tuning()]
         latent = [p for _, _, _, (quantizers, *_) in chain for q in quantizers.values() for p in q.start_latent()] if config.tune_weights else []
         learning = [q for _, _, _, (quantizers, *_) in chain for q in quantizers.values()] if config.tune_weights else []
+        floats = []  # tune_floats: each block's float vectors, made learnable in place in its held dict
+        for blk, _, _, (_, _, held, _) in chain:
+            for v in self._floats(blk):
+                held[v.name] = torch.nn.Parameter(held[v.name].clone())
+                floats.append(held[v.name])
         codes_before = [_codes(q) for q in learning]
         reach = config.tune_weight_lr * config.tune_steps  # about the farthest Adam moves a latent code
         if learning and config.grid == "int" and reach < 0.5:
@@ -820,13 +856,13 @@ class Reconstruct(QuantizeWeights):
             bar.update()
 
         result = tune_scales(run, parameters, len(shared), steps=config.tune_steps, lr=config.tune_lr, loss=config.tune_loss,
-                             seed=config.seed, progress=show, latent=latent, latent_lr=config.tune_weight_lr,
+                             seed=config.seed, progress=show, latent=latent, latent_lr=config.tune_weight_lr, floats=floats, floats_lr=config.tune_float_lr,
                              after_step=bound if latent else None, batch=config.tune_batch, schedule=config.tune_schedule,
                              holdout=config.tune_holdout, check=config.tune_check, holdout_from=config.start_samples)  # fmt: skip
         bar.close()
         self.tuned = result
         kept = "" if result.loss_end < result.loss_start else f" (reached {result.loss_reached:.4g}: undone)"
-        what = ", weights learned" if config.tune_weights else ""
+        what = (", weights learned" if config.tune_weights else "") + (f", {len(floats)} float vectors learned" if floats else "")
         changed = ""
         if learning:  # how many codes the latent weights moved (an integer code moves once its latent crosses half a step)
             moved = sum(int((_codes(q) != before).sum()) for q, before in zip(learning, codes_before, strict=True))

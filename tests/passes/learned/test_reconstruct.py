@@ -738,3 +738,26 @@ def test_a_holdout_of_every_calibration_sample_is_refused(zoo_protos):
                     calibration=token_calibration(4))  # fmt: skip
     with pytest.raises(BitfoldError, match="tune_holdout = 4 leaves nothing to train on"):
         p(_lm(zoo_protos, "tiny-lm"))
+
+
+def test_learned_float_vectors_lower_the_end_to_end_loss_and_are_the_emitted_ones(zoo_protos):
+    calibration = token_calibration(16)
+    passes, models = {}, {}
+    for floats in (False, True):
+        model = _lm(zoo_protos, "tiny-lm-layernorm")
+        p = Reconstruct(grid="binary", format="fake", clip_steps=10, round_steps=20, tune_steps=48, tune_lr=1e-2, tune_loss="mse",
+                        tune_floats=floats, tune_float_lr=1e-3, calibration=calibration)  # fmt: skip
+        p(model)
+        passes[floats], models[floats] = p, model
+    learned = passes[True].learned_floats
+    # per block: two LayerNorms' scales and shifts, four linears' biases
+    assert len(learned) == 16 and not passes[False].learned_floats
+    assert passes[True].tuned.loss_end < passes[False].tuned.loss_end, (passes[True].tuned, passes[False].tuned)  # 0.0161 against 0.0167
+    written = {v.name.removesuffix("_learned"): v.const_value.numpy() for v in models[True].graph.initializers.values() if v.name.endswith("_learned")}
+    assert written.keys() == learned.keys()
+    for key, value in learned.items():
+        np.testing.assert_array_equal(written[key], value)
+        assert key not in models[True].graph.initializers  # the original is gone: nothing else read it
+    moved = [key for key, value in learned.items() if not np.array_equal(value, models[False].graph.initializers[key].const_value.numpy())]
+    assert moved, "no float vector moved"
+    assert any(f"{len(learned)} float vectors learned" in n for n in passes[True].notes), passes[True].notes
