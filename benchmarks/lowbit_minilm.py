@@ -11,12 +11,14 @@ gensim's Wikipedia sample). The distillation settings are the first ones tried; 
 other sentences of that sample, where settings are to be compared. ``--sentences N`` (", N sentences") trains the
 distillation rows on N sentences of the sample: wiki-sentences' 1,024 first (the per-block phase reads those alone,
 ``start_samples``, so it is the other rows'), then others spread over the sample, never a validation sentence; their
-end-to-end phase keeps ``--holdout`` of the added sentences out and keeps the step where those scored best. Scored: mean and minimum cosine between the model's and the fp32 export's sentence
+end-to-end phase keeps ``--holdout`` of the added sentences out and keeps the step where those scored best.
+``--floats LR`` (", float vectors learned") lets the distillation rows' biases and LayerNorm scales and shifts learn
+too (``tune_floats``, at ``tune_float_lr`` LR). Scored: mean and minimum cosine between the model's and the fp32 export's sentence
 embeddings over the 151 sentences of the Lee test corpus (``minilm_cos``) and over the first 256 sentences of the
 Lee background corpus; neither corpus is read by any row. Writes benchmarks/results/lowbit_minilm.json.
 
     python benchmarks/lowbit_minilm.py [--tune STEPS] [--distill STEPS [STEPS ...]] [--lr LR] [--match W] [--validate]
-                                       [--sentences N [--holdout N] [--check STEPS]] [--rows I ...]
+                                       [--sentences N [--holdout N] [--check STEPS]] [--floats LR] [--rows I ...]
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=1024, metavar="N", help="training sentences of the distillation rows (1,024: wiki-sentences)")
     parser.add_argument("--holdout", type=int, default=0, metavar="N", help="with --sentences: the distillation rows' early-stopping sentences (tune_holdout)")
     parser.add_argument("--check", type=int, default=16, metavar="STEPS", help="with --holdout: steps between two scores of the held-out sentences")
+    parser.add_argument("--floats", type=float, default=None, metavar="LR", help="the distillation rows' float vectors learn too, at this rate (tune_floats)")
     args = parser.parse_args()
     if args.holdout and args.sentences <= 1024:
         parser.error("--holdout draws among the sentences --sentences adds to the 1,024: give --sentences N > 1024")
@@ -96,6 +99,9 @@ def main() -> None:
         if args.holdout:
             distill = {**distill, "tune_holdout": args.holdout, "tune_check": args.check}
         more = f", {args.sentences} sentences" + (", early stopping" if args.holdout else "")
+    if args.floats is not None:
+        distill = {**distill, "tune_floats": True, "tune_float_lr": args.floats}
+        more += ", float vectors learned"
     runs = [
         ("binarize (GPTQ), 1 plane", {"name": "binarize", "keep_ends": False, "gptq": True, "act_order": True, "damp": 0.003}),
         ("reconstruct binary, 1 plane", BINARY),
