@@ -229,14 +229,28 @@ def lowbit_smollm2(name: str = "lowbit_smollm2.json") -> str:
         flag = " --calibration large" if name == "lowbit_smollm2_large.json" else ""
         return f"(no results yet: `python benchmarks/lowbit_smollm2.py{flag}` writes `benchmarks/results/{name}`)"
     r = load(name)
-    rows = [[row["variant"], _ppl(row["ppl"]), _ppl(row["ppl_heldout"]), str(row["end_to_end"]["steps"]) if "end_to_end" in row else "-",
+    rows = [[row["variant"], _ppl(row["ppl"]), _ppl(row["ppl_heldout"]), _gap_closed(row, r["rows"]),
+             str(row["end_to_end"]["steps"]) if "end_to_end" in row else "-",
              f"{row['optimize_s']:.0f}" if "optimize_s" in row else "-", _phase_seconds(row.get("seconds", {}))]
             for row in r["rows"]]  # fmt: skip
-    head = ["variant", "perplexity, Lee 0-15", "perplexity, held-out Lee test", "end-to-end steps", "optimize s", "s per block / per end-to-end step"]
+    head = ["variant", "perplexity, Lee 0-15", "perplexity, held-out Lee test", "RTN's gap to FP32 closed, Lee / held out",
+            "end-to-end steps", "optimize s", "s per block / per end-to-end step"]  # fmt: skip
     others = [row for row in r["rows"] if row.get("command") != r["command"] and row["variant"] != "FP32"]
     kept = ([f"*{len(others)} rows come from earlier runs of the script with other arguments, on the machines their own records "
              "name where they record one (optimize s compares runs on the same machine only).*"] if others else [])  # fmt: skip
     return "\n\n".join([f"{r['model']}; {r['protocol']}.", _table(head, rows), stamp(name), *kept])
+
+
+def _gap_closed(row: dict, rows: list[dict]) -> str:
+    """How much of the RTN row's perplexity gap to FP32 an integer-grid row closes on each corpus (same bits, same
+    grid): 100 % is the float model's perplexity, 0 % RTN's; '-' without an RTN row to compare with."""
+    grid = re.search(r" (W\d+ g128(?: asym)?)$", row["variant"])
+    rtn = next((r for r in rows if grid and r["variant"] == f"RTN {grid[1]}"), None)
+    fp32 = next((r for r in rows if r["variant"] == "FP32"), None)
+    if rtn is None or fp32 is None or row is rtn:
+        return "-"
+    closed = [(rtn[k] - row[k]) / (rtn[k] - fp32[k]) for k in ("ppl", "ppl_heldout")]
+    return " / ".join(f"{100 * c:.0f} %" for c in closed)
 
 
 def _phase_seconds(seconds: dict) -> str:

@@ -5,7 +5,8 @@ also true-sequential (each layer's linears in graph order, each on its input com
 and either with the float model's inputs summed into each Gram matrix (``float_inputs``, its weight chosen on Lee
 windows 16-31, which neither calibration nor the scores below read).
 
-GPTQ and QuantEase run with the quantization table's GPTQ settings (act-order, sink weight 64, output clip, damp
+RTN rows round each weight to the nearest point of the same grid (no clipping, no calibration): the baseline whose gap
+to FP32 the docs table reports each row closing, on Lee and held out. GPTQ and QuantEase run with the quantization table's GPTQ settings (act-order, sink weight 64, output clip, damp
 0.003; the strongest GPTQ there): QuantEase starts from GPTQ's solution and keeps its scales, so any difference is
 the coordinate descent's. ``reconstruct`` runs with its defaults (GPTQ with the same settings on what each decoder
 layer reads in the quantized model, then learned rounding); ``--tune STEPS`` rows ("+ end to end") add that many
@@ -31,7 +32,7 @@ Writes benchmarks/results/lowbit_smollm2.json (``--calibration large``: lowbit_s
 (a rerun replaces its own rows), and a .png beside it: each reconstruct row's per-block error at its start and
 learned.
 
-    python benchmarks/lowbit_smollm2.py [--bits 4 3 2] [--methods gptq gptq-sequential[-float] gptq-true-sequential[-float] quantease reconstruct] [--asymmetric] [--binary 1 2]
+    python benchmarks/lowbit_smollm2.py [--bits 4 3 2] [--methods rtn gptq gptq-sequential[-float] gptq-true-sequential[-float] quantease reconstruct] [--asymmetric] [--binary 1 2]
                                         [--shiftadd 3 2 [--shiftadd-sequential]] [--tune STEPS [--tune-weights] [--tune-lr LR] [--tune-schedule cosine] [--tune-holdout N]]
                                         [--start-windows N] [--suffix TEXT] [--learned-only] [--calibration large]
 """
@@ -65,7 +66,7 @@ RESULTS = Path(__file__).parent / "results"
 #: file per protocol: rows calibrated on different data are never in one table)
 CALIBRATION = {"standard": (CALIB_WINDOWS, "lowbit_smollm2"), "large": (range(32, 147), "lowbit_smollm2_large")}
 GPTQ = {"act_order": True, "sink_weight": 64.0, "clip": "output", "damp": 0.003}
-NAMES = {"gptq": "GPTQ", "gptq-sequential": "GPTQ sequential", "gptq-sequential-float": "GPTQ sequential + float inputs",
+NAMES = {"rtn": "RTN", "gptq": "GPTQ", "gptq-sequential": "GPTQ sequential", "gptq-sequential-float": "GPTQ sequential + float inputs",
          "gptq-true-sequential": "GPTQ true-sequential", "gptq-true-sequential-float": "GPTQ true-sequential + float inputs",
          "quantease": "QuantEase", "reconstruct": "reconstruct", "sequential-tune": "GPTQ sequential"}
 #: GPTQ layer by layer on what each decoder layer reads in the already-quantized model: reconstruct's GPTQ start
@@ -193,6 +194,7 @@ def main() -> None:
             tune = {"tune_steps": args.tune, **codes}
             step = ({"name": "reconstruct", **tune} if method == "reconstruct"
                     else {**SEQUENTIAL_STEPS[method], **tune} if method == "sequential-tune"
+                    else {"name": "quantize-weights", "method": "rtn"} if method == "rtn"
                     else SEQUENTIAL_STEPS.get(method, {"name": "quantize-weights", "method": method, **GPTQ}))  # fmt: skip
             grid = {"symmetric": False} if args.asymmetric else {}
             name = f"{NAMES[method]}{tuned if method in ('reconstruct', 'sequential-tune') else ''}"
