@@ -230,6 +230,18 @@ def test_generated_tables_are_current():
     assert not stale, f"generated tables differ from the results files in {stale}; run `python benchmarks/docs_tables.py`"
 
 
+def test_gap_closed_compares_a_row_with_rtn_on_its_own_grid():
+    rows = [{"variant": "FP32", "ppl": 10.0, "ppl_heldout": 20.0},
+            {"variant": "RTN W4 g128", "ppl": 30.0, "ppl_heldout": 40.0},
+            {"variant": "GPTQ W4 g128", "ppl": 20.0, "ppl_heldout": 35.0},
+            {"variant": "GPTQ W4 g128 asym", "ppl": 15.0, "ppl_heldout": 25.0},
+            {"variant": "ShiftAddLLM (GPTQ) q3 g128", "ppl": 15.0, "ppl_heldout": 25.0}]  # fmt: skip
+    assert docs_tables._gap_closed(rows[2], rows) == "50 % / 25 %"
+    assert docs_tables._gap_closed(rows[1], rows) == "-"  # RTN against itself
+    assert docs_tables._gap_closed(rows[3], rows) == "-"  # no RTN row on the asymmetric grid
+    assert docs_tables._gap_closed(rows[4], rows) == "-"  # no integer grid
+
+
 def test_every_results_file_has_a_table_and_a_writer():
     for name in results_files():
         assert name in docs_tables.WRITERS, f"{name} has no entry in docs_tables.WRITERS"
