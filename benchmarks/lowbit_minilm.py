@@ -12,13 +12,14 @@ other sentences of that sample, where settings are to be compared. ``--sentences
 distillation rows on N sentences of the sample: wiki-sentences' 1,024 first (the per-block phase reads those alone,
 ``start_samples``, so it is the other rows'), then others spread over the sample, never a validation sentence; their
 end-to-end phase keeps ``--holdout`` of the added sentences out and keeps the step where those scored best.
-``--floats LR`` (", float vectors learned") lets the distillation rows' biases and LayerNorm scales and shifts learn
+``--batch N`` (", N per step") averages each distillation step's gradient over N sentences (``tune_batch``; one
+otherwise), so the same steps read N times the sentences. ``--floats LR`` (", float vectors learned") lets the distillation rows' biases and LayerNorm scales and shifts learn
 too (``tune_floats``, at ``tune_float_lr`` LR). Scored: mean and minimum cosine between the model's and the fp32 export's sentence
 embeddings over the 151 sentences of the Lee test corpus (``minilm_cos``) and over the first 256 sentences of the
 Lee background corpus; neither corpus is read by any row. Writes benchmarks/results/lowbit_minilm.json.
 
     python benchmarks/lowbit_minilm.py [--tune STEPS] [--distill STEPS [STEPS ...]] [--lr LR] [--match W] [--validate]
-                                       [--sentences N [--holdout N] [--check STEPS]] [--floats LR] [--rows I ...]
+                                       [--sentences N [--holdout N] [--check STEPS]] [--batch N] [--floats LR] [--rows I ...]
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def main() -> None:
     parser.add_argument("--holdout", type=int, default=0, metavar="N", help="with --sentences: the distillation rows' early-stopping sentences (tune_holdout)")
     parser.add_argument("--check", type=int, default=16, metavar="STEPS", help="with --holdout: steps between two scores of the held-out sentences")
     parser.add_argument("--floats", type=float, default=None, metavar="LR", help="the distillation rows' float vectors learn too, at this rate (tune_floats)")
+    parser.add_argument("--batch", type=int, default=1, metavar="N", help="the distillation rows' sentences per end-to-end step, gradients averaged (tune_batch)")
     args = parser.parse_args()
     if args.holdout and args.sentences <= 1024:
         parser.error("--holdout draws among the sentences --sentences adds to the 1,024: give --sentences N > 1024")
@@ -99,6 +101,9 @@ def main() -> None:
         if args.holdout:
             distill = {**distill, "tune_holdout": args.holdout, "tune_check": args.check}
         more = f", {args.sentences} sentences" + (", early stopping" if args.holdout else "")
+    if args.batch > 1:
+        distill = {**distill, "tune_batch": args.batch}
+        more += f", {args.batch} per step"
     if args.floats is not None:
         distill = {**distill, "tune_floats": True, "tune_float_lr": args.floats}
         more += ", float vectors learned"
