@@ -17,8 +17,10 @@ straight-through); ``--tune-schedule cosine`` (", cosine") decays the learning r
 where their KL was lowest (checked every 16 steps); ``--start-windows N`` (", start on N windows") gives the per-block
 phase (GPTQ's start) the first N calibration windows and the end-to-end phase all of them.
 ``--methods sequential-tune`` ("GPTQ sequential + end to end") skips the per-block phase: GPTQ sequential, then the
-``--tune`` steps. Sign-plane rows: the binarize pass with GPTQ
-rounding against reconstruct's binary grid (bits in the JSON: the number of planes). Binary-code rows
+``--tune`` steps. Sign-plane rows (``--binary 1 2 pb ternary``): the binarize pass with GPTQ rounding against
+reconstruct's binary grid (bits in the JSON: the number of planes), PB-LLM (a tenth of the weights int8, by Hessian
+salience) and BitNet b1.58's ternary grid with γ per output the same way (the binarize and ternarize passes with GPTQ
+rounding against reconstruct's). Binary-code rows
 (``--shiftadd Q``): ShiftAddLLM's format (α a sum of two powers of two) through the shiftadd pass with the same
 GPTQ settings against reconstruct's ``bcq`` grid (bits: the number of planes); with ``--shiftadd-sequential``
 ("ShiftAddLLM (GPTQ) sequential + end to end") the learned row skips the per-block phase as ``sequential-tune`` does:
@@ -82,12 +84,22 @@ SEQUENTIAL_STEPS = {"gptq-sequential": SEQUENTIAL, "sequential-tune": {"name": "
                     "gptq-true-sequential": TRUE_SEQUENTIAL, "gptq-true-sequential-float": {**TRUE_SEQUENTIAL, "float_inputs": FLOAT_INPUTS}}
 #: Sign planes (1 bit per weight per plane, α per output): the binarize pass with GPTQ rounding (its strongest
 #: solver here) against reconstruct's learned α and signs.
+#: PB-LLM (one sign plane, a tenth of the weights int8 by Hessian salience, as the multless table's row) and BitNet
+#: b1.58's ternary grid with γ per output: the binarize and ternarize passes with GPTQ rounding against reconstruct's
+#: learned rows. Keyed by what --binary names: 1 and 2 sign planes, pb, ternary.
+SOLVER = {"keep_ends": False, "gptq": True, "act_order": True, "sink_weight": 64.0, "damp": 0.003}
 BINARY = {
-    "binarize (GPTQ), 1 plane": {"name": "binarize", "keep_ends": False, "gptq": True, "act_order": True, "sink_weight": 64.0, "damp": 0.003},
-    "reconstruct binary, 1 plane": {"name": "reconstruct", "grid": "binary"},
-    "binarize (GPTQ), 2 planes": {"name": "binarize", "planes": 2, "keep_ends": False, "gptq": True, "act_order": True, "sink_weight": 64.0, "damp": 0.003},
-    "reconstruct binary, 2 planes": {"name": "reconstruct", "grid": "binary", "planes": 2},
+    "binarize (GPTQ), 1 plane": ("1", {"name": "binarize", **SOLVER}),
+    "reconstruct binary, 1 plane": ("1", {"name": "reconstruct", "grid": "binary"}),
+    "binarize (GPTQ), 2 planes": ("2", {"name": "binarize", "planes": 2, **SOLVER}),
+    "reconstruct binary, 2 planes": ("2", {"name": "reconstruct", "grid": "binary", "planes": 2}),
+    "PB-LLM (GPTQ, Hessian salience), ρ 0.1": ("pb", {"name": "binarize", "salient_ratio": 0.1, "salience": "hessian", **SOLVER}),
+    "reconstruct PB-LLM, ρ 0.1": ("pb", {"name": "reconstruct", "grid": "binary", "salient_ratio": 0.1, "salience": "hessian"}),
+    "ternarize (GPTQ), γ per output": ("ternary", {"name": "ternarize", "per_channel": True, **SOLVER}),
+    "reconstruct ternary, γ per output": ("ternary", {"name": "reconstruct", "grid": "ternary"}),
 }
+#: the JSON's bits of those rows: sign planes (PB-LLM: its one plane), 2 for ternary (as TernaryMatMul stores a trit)
+BINARY_BITS = {"1": 1, "2": 2, "pb": 1, "ternary": 2}
 #: reconstruct's note per block: relative output error at the start → after the scale phase → after rounding
 BLOCK_NOTE = re.compile(r"output error ([\d.e+-]+) \(start\) → ([\d.e+-]+) \(clipping\) → ([\d.e+-]+) \(rounding\)")
 #: with no per-block steps (the end-to-end phase alone learns): the error each block starts from, which it keeps
@@ -101,12 +113,17 @@ PHASE = re.compile(r"(inputs|blocks|end to end) ([\d.]+)")
 #: ShiftAddLLM binary codes (q sign planes, α per plane and 128 inputs, α a sum of two powers of two): the shiftadd
 #: pass with the GPTQ settings above against reconstruct's learned α and codes.
 SHIFTADD = {"name": "shiftadd", "group_size": 128, "keep_ends": False, "act_order": True, "sink_weight": 64.0, "damp": 0.003}
+def _tuned_name(variant: str) -> str:
+    """A sign-plane row's variant with the end-to-end phase: 'reconstruct binary, 1 plane' → 'reconstruct binary + end to end, 1 plane'."""
+    return variant.replace(",", " + end to end,", 1)
+
+
 ORDER = (["FP32"] + [f"{name} W{bits} g128{grid}" for bits in (4, 3, 2) for grid in ("", " asym")
                      for name in [*dict.fromkeys(NAMES.values()), *(f"{base} + end to end{codes}{decay}{stop}{start}{steps}" for base in ("reconstruct", "GPTQ sequential")
                                                                      for codes in ("", ", codes learned") for decay in ("", ", cosine")
                                                                      for stop in ("", ", early stopping") for start in ("", *(f", start on {n} windows" for n in (16, 32, 64)))
                                                                      for steps in ("", *(f", {n} steps" for n in (192, 256))))]]
-         + [v for variant in BINARY for v in (variant, variant.replace("binary,", "binary + end to end,")) if v == variant or "reconstruct" in v]
+         + [v for variant in BINARY for v in (variant, _tuned_name(variant)) if v == variant or "reconstruct" in v]
          + [f"{name} q{q} g128" for q in (4, 3, 2) for name in ("ShiftAddLLM (GPTQ)", "reconstruct bcq", "reconstruct bcq + end to end",
                                                            "reconstruct bcq + end to end, codes learned",
                                                            *(f"ShiftAddLLM (GPTQ) sequential + end to end{decay}{stop}{steps}" for decay in ("", ", cosine")
@@ -118,7 +135,8 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--methods", nargs="*", choices=list(NAMES), default=[m for m in NAMES if m != "sequential-tune"], help="integer-grid rows (none: --methods)")
     parser.add_argument("--asymmetric", action="store_true", help="the integer rows on the asymmetric grid (a zero point per group)")
-    parser.add_argument("--binary", nargs="*", choices=[1, 2], type=int, default=[1, 2], help="sign-plane rows to run (none: --binary)")
+    parser.add_argument("--binary", nargs="*", choices=["1", "2", "pb", "ternary"], default=["1", "2"],
+                        help="sign-plane rows to run: 1 or 2 planes, pb (PB-LLM), ternary (none: --binary)")  # fmt: skip
     parser.add_argument("--shiftadd", nargs="*", choices=[2, 3, 4], type=int, default=[], help="binary-code rows (sign planes q) to run")
     parser.add_argument("--shiftadd-sequential", action="store_true",
                         help="binary-code rows: the learned row without per-block steps (the solver layer by layer, then --tune steps)")
@@ -199,12 +217,11 @@ def main() -> None:
             grid = {"symmetric": False} if args.asymmetric else {}
             name = f"{NAMES[method]}{tuned if method in ('reconstruct', 'sequential-tune') else ''}"
             runs.append((f"{name} W{bits} g128{' asym' if args.asymmetric else ''}", method, bits, {**step, "bits": bits, "group_size": 128, **grid}))
-    for variant, step in BINARY.items():
-        planes = step.get("planes", 1)
-        if planes in args.binary and (step["name"] == "reconstruct" or not args.learned_only):
+    for variant, (kind, step) in BINARY.items():
+        if kind in args.binary and (step["name"] == "reconstruct" or not args.learned_only):
             if step["name"] == "reconstruct" and args.tune:
-                variant, step = variant.replace("binary,", "binary + end to end,"), {**step, "tune_steps": args.tune}
-            runs.append((variant, step["name"], planes, step))
+                variant, step = _tuned_name(variant), {**step, "tune_steps": args.tune}
+            runs.append((variant, step["name"], BINARY_BITS[kind], step))
     for q in args.shiftadd:
         if not args.learned_only:
             runs.append((f"ShiftAddLLM (GPTQ) q{q} g128", "shiftadd", q, {**SHIFTADD, "q": q}))

@@ -1,9 +1,9 @@
-"""Learned block reconstruction of quantized weights (integer grids, powers of two, sign planes, binary codes), in torch.
+"""Learned block reconstruction of quantized weights (integer grids, powers of two, sign planes, ternary, binary codes), in torch.
 
 A block of a graph (a :class:`~bitfold.quant.torch_graph.TorchGraph` whose target weights are fed as inputs) is
 trained so that its output with quantized weights matches the full-precision block's output on calibration data.
-Each weight gets a quantizer (:class:`IntQuantizer`, :class:`ShiftQuantizer`, :class:`BinaryQuantizer`,
-:class:`BCQQuantizer`) whose free parameters are learned in two phases; for integer grids:
+Each weight gets a quantizer (:class:`IntQuantizer`, :class:`ShiftQuantizer`, :class:`BinaryQuantizer` (sign planes,
+PB-LLM's salient int8 weights), :class:`TernaryQuantizer`, :class:`BCQQuantizer`) whose free parameters are learned in two phases; for integer grids:
 
 1. **Clipping** (OmniQuant's learnable weight clipping): a ratio per scale group shrinks the group's range,
    ``lo' = r_lo·lo``, ``hi' = r_hi·hi`` (one ratio for symmetric grids), and the scale and zero point follow the
@@ -305,23 +305,37 @@ def _sign_ste(x: torch.Tensor) -> torch.Tensor:
 class BinaryQuantizer(torch.nn.Module):
     """Learnable binary quantizer of one weight Wᵀ (N, K) (``bitfold.quant.binary``'s grid): W ≈ μ + Σ_i α_i ⊙ B_i
     per output, ``planes`` sign planes (the second binarizes the first's residual), μ the row mean with ``center``.
+    With a ``salient`` mask (N, K) it is PB-LLM's grid: the masked weights are int8 codes on a scale per output
+    (max |w| / 127 over the row's masked weights) and α fits the others; the mask stays as given.
 
     The scale phase learns log α (and μ, in units of the row's first α, with ``center``) from the solver's
     least-squares values, the signs fixed by the weights. The rounding phase learns latent weights W + δ·ᾱ (ᾱ the
-    row's first α, δ from 0) whose signs are taken with a straight-through gradient, α and μ still learning: the sign
-    flips that lower the block's error.
+    row's first α, δ from 0) whose signs (and the masked weights' int8 codes) are taken with a straight-through
+    gradient, α and μ still learning: the sign flips that lower the block's error.
     """
 
     scale_with_rounding = True
 
-    def __init__(self, wt: np.ndarray, planes: int, center: bool) -> None:
+    def __init__(self, wt: np.ndarray, planes: int, center: bool, salient: np.ndarray | None = None) -> None:
         super().__init__()
         from bitfold.quant import bcq
 
         w = np.asarray(wt, np.float64)
         self.planes, self.center, self.shape = planes, center, tuple(w.shape)
         mean = w.mean(axis=1) if center else np.zeros(len(w))
-        alpha = np.maximum(bcq.fit(w - mean[:, None], planes), 1e-12)  # (N, r)
+        if salient is not None:
+            if planes != 1:
+                raise ValueError("salient weights combine with one sign plane (PB-LLM)")
+            salient = np.asarray(salient, bool)
+            rest = ~salient
+            alpha = ((np.abs(w - mean[:, None]) * rest).sum(axis=1) / np.maximum(rest.sum(axis=1), 1))[:, None]
+            top = np.abs(np.where(salient, w, 0.0)).max(axis=1)
+            self.register_buffer("mask", torch.from_numpy(salient))
+            self.register_buffer("salient_scale", torch.from_numpy(np.where(top > 0, top / 127.0, 1.0).astype(np.float32))[:, None])
+        else:
+            alpha = bcq.fit(w - mean[:, None], planes)  # (N, r)
+            self.mask: torch.Tensor | None = None
+        alpha = np.maximum(alpha, 1e-12)
         self.register_buffer("w", torch.from_numpy(w.astype(np.float32)))
         self.register_buffer("mean0", torch.from_numpy(mean.astype(np.float32))[:, None])
         self.register_buffer("unit", torch.from_numpy(alpha[:, :1].astype(np.float32)))
@@ -329,15 +343,17 @@ class BinaryQuantizer(torch.nn.Module):
         self.shift = torch.nn.Parameter(torch.zeros_like(self.mean0)) if center else None
         self.v: torch.nn.Parameter | None = None  # δ, the latent weights' offset in units of ᾱ
         self.hard = False
-        self.frozen: list[torch.Tensor] | None = None  # the sign planes, from :meth:`start_tuning` on
+        self.frozen: list[torch.Tensor] | None = None  # the sign planes (and salient codes), from :meth:`start_tuning` on
 
     def clip_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in (self.log_alpha, self.shift) if p is not None]
 
     def start_tuning(self) -> list[torch.nn.Parameter]:
-        """Freeze the sign planes; from here on α (and μ) learn. Returns them."""
+        """Freeze the sign planes (and the salient codes); from here on α (and μ) learn. Returns them."""
         with torch.no_grad():
             frozen = [b.detach().clone() for b in self.signs()]
+            if self.mask is not None:
+                frozen.append(self.codes().detach().clone())
         self.frozen = frozen
         return self.clip_parameters()
 
@@ -350,7 +366,7 @@ class BinaryQuantizer(torch.nn.Module):
         return [self.v]
 
     def bound_latent(self) -> None:
-        """Nothing to keep in range: any latent value has a sign."""
+        """Nothing to keep in range: any latent value has a sign (and the int8 codes' range is the row's)."""
 
     def start_rounding(self) -> None:
         self.v = torch.nn.Parameter(torch.zeros_like(self.w))
@@ -358,17 +374,26 @@ class BinaryQuantizer(torch.nn.Module):
     def _mean(self) -> torch.Tensor:
         return self.mean0 if self.shift is None else self.mean0 + self.shift * self.unit
 
+    def _latent(self) -> torch.Tensor:
+        return self.w if self.v is None else self.w + self.v * self.unit
+
     def signs(self) -> list[torch.Tensor]:
         if self.frozen is not None:
-            return list(self.frozen)
-        latent = self.w if self.v is None else self.w + self.v * self.unit
-        r, alpha = latent - self._mean(), self.log_alpha.exp()
+            return list(self.frozen[: self.planes])
+        r, alpha = self._latent() - self._mean(), self.log_alpha.exp()
         out = []
         for i in range(self.planes):
             b = _sign_ste(r)
             out.append(b)
             r = r - alpha[:, i : i + 1] * b
         return out
+
+    def codes(self) -> torch.Tensor:
+        """The salient weights' int8 codes (N, K) (read where the mask is set)."""
+        assert self.mask is not None
+        if self.frozen is not None:
+            return self.frozen[-1]
+        return _round_ste(self._latent() / self.salient_scale).clamp(-127, 127)
 
     def regulariser(self, beta: float) -> torch.Tensor:
         return torch.zeros(())  # signs are hard throughout
@@ -378,13 +403,97 @@ class BinaryQuantizer(torch.nn.Module):
 
     def forward(self) -> torch.Tensor:
         alpha = self.log_alpha.exp()
-        return self._mean() + sum(alpha[:, i : i + 1] * b for i, b in enumerate(self.signs()))
+        out = self._mean() + sum(alpha[:, i : i + 1] * b for i, b in enumerate(self.signs()))
+        if self.mask is None:
+            return out
+        return torch.where(self.mask, self.codes() * self.salient_scale, out)
 
-    def export(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(signs (r, N, K) in ±1, α (r, N), μ (N,)), float64 numpy."""
+    def export(self) -> tuple[np.ndarray | None, ...]:
+        """(signs (r, N, K) in ±1, α (r, N), μ (N,), salient mask (N, K), int8 codes (N, K), their scale (N,)), float64
+        numpy; the last three None without salient weights."""
         with torch.no_grad():
             signs = torch.stack(self.signs()).double().numpy()
-            return signs, self.log_alpha.exp().T.double().numpy(), self._mean()[:, 0].double().numpy()
+            found = (signs, self.log_alpha.exp().T.double().numpy(), self._mean()[:, 0].double().numpy())
+            if self.mask is None:
+                return (*found, None, None, None)
+            return (*found, self.mask.numpy().copy(), self.codes().double().numpy(), self.salient_scale[:, 0].double().numpy())
+
+
+class TernaryQuantizer(torch.nn.Module):
+    """Learnable ternary quantizer of one weight Wᵀ (N, K) (BitNet b1.58's grid with a scale per output,
+    ``bitfold.quant.binary.ternarize(per_channel=True)``): W ≈ γ_n · T, T ∈ {−1, 0, +1}.
+
+    Starts at the absmean solver (γ = mean |w| of the row, T = clip(round(W / γ), −1, 1)). The scale phase learns
+    log γ, T following round(W / γ) with a straight-through gradient (LSQ's step-size gradient: the rounding error
+    inside the grid, ±1 at its ends). The rounding phase learns latent weights W + δ·γ₀ (δ from 0) whose trits are
+    taken straight-through, γ still learning: which weights are 0 and which ±1.
+    """
+
+    scale_with_rounding = True
+
+    def __init__(self, wt: np.ndarray) -> None:
+        super().__init__()
+        w = np.asarray(wt, np.float64)
+        self.shape = tuple(w.shape)
+        gamma = np.abs(w).mean(axis=1)
+        gamma = np.where(gamma > 0, gamma, 1.0)[:, None]
+        self.register_buffer("w", torch.from_numpy(w.astype(np.float32)))
+        self.register_buffer("unit", torch.from_numpy(gamma.astype(np.float32)))
+        self.log_gamma = torch.nn.Parameter(torch.from_numpy(np.log(gamma).astype(np.float32)))
+        self.v: torch.nn.Parameter | None = None  # δ, the latent weights' offset in units of γ₀
+        self.hard = False
+        self.frozen: torch.Tensor | None = None  # the trits, from :meth:`start_tuning` on
+
+    def clip_parameters(self) -> list[torch.nn.Parameter]:
+        return [self.log_gamma]
+
+    def start_rounding(self) -> None:
+        self.v = torch.nn.Parameter(torch.zeros_like(self.w))
+
+    def start_tuning(self) -> list[torch.nn.Parameter]:
+        """Freeze the trits; from here on γ learns. Returns its logarithm."""
+        with torch.no_grad():
+            self.frozen = self.trits().detach().clone()
+        return [self.log_gamma]
+
+    def start_latent(self) -> list[torch.nn.Parameter]:
+        """After :meth:`start_tuning`: the trits follow the latent weights again (straight-through). Returns δ."""
+        self.frozen = None
+        if self.v is None:
+            self.v = torch.nn.Parameter(torch.zeros_like(self.w))
+        return [self.v]
+
+    def bound_latent(self) -> None:
+        """Keep each latent weight within half a step beyond ±γ: past the grid's ends it gets no gradient, and
+        momentum alone would carry it further out, where it could never come back."""
+        if self.v is not None:
+            with torch.no_grad():
+                gamma = self.log_gamma.exp()
+                latent = (self.w + self.v * self.unit).clamp(-1.5 * gamma, 1.5 * gamma)
+                self.v.copy_((latent - self.w) / self.unit)
+
+    def trits(self) -> torch.Tensor:
+        if self.frozen is not None:
+            return self.frozen
+        latent = self.w if self.v is None else self.w + self.v * self.unit
+        return _round_ste(latent / self.log_gamma.exp()).clamp(-1.0, 1.0)
+
+    def grid_values(self) -> torch.Tensor:
+        return self.trits()
+
+    def regulariser(self, beta: float) -> torch.Tensor:
+        return torch.zeros(())  # trits are hard throughout
+
+    def undecided(self) -> float:
+        return 0.0
+
+    def forward(self) -> torch.Tensor:
+        return self.log_gamma.exp() * self.trits()
+
+    def export(self) -> tuple[np.ndarray, np.ndarray]:
+        """(trits (N, K) in {−1, 0, +1}, γ (N,)), float64 numpy."""
+        with torch.no_grad():
+            return self.trits().double().numpy(), self.log_gamma.exp()[:, 0].double().numpy()
 
 
 def _pow2_sum(a: torch.Tensor, terms: int) -> torch.Tensor:
@@ -533,7 +642,7 @@ def block_error(output: torch.Tensor, target: torch.Tensor, power: torch.Tensor 
 
 def train_block(
     run: Callable[[int, dict[str, torch.Tensor]], torch.Tensor],
-    quantizers: dict[str, IntQuantizer | ShiftQuantizer | BinaryQuantizer | BCQQuantizer],
+    quantizers: dict[str, IntQuantizer | ShiftQuantizer | BinaryQuantizer | TernaryQuantizer | BCQQuantizer],
     targets: Sequence[torch.Tensor],
     schedule: Schedule,
     *,

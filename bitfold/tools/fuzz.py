@@ -895,6 +895,8 @@ def pass_cases() -> tuple[PassCase, ...]:
         pass_case("reconstruct", False, group_size=8, clip_steps=0, round_steps=0, true_sequential=True, float_inputs=1.0),
         pass_case("reconstruct", False, grid="binary", format="fake", clip_steps=2, round_steps=2),
         pass_case("reconstruct", False, grid="bcq", bits=2, group_size=8, format="fake", clip_steps=2, round_steps=2),
+        pass_case("reconstruct", False, grid="ternary", format="fake", clip_steps=2, round_steps=2, tune_steps=2, tune_weights=True),
+        pass_case("reconstruct", False, grid="binary", salient_ratio=0.1, salience="hessian", format="fake", clip_steps=2, round_steps=2),
         pass_case("reconstruct", False, grid="binary", format="fake", clip_steps=2, round_steps=2, tune_steps=2, tune_weights=True, tune_match=1.0, tune_schedule="cosine", tune_holdout=1, tune_check=1, start_samples=1, tune_recompute=False),
         pass_case("reconstruct", False, grid="bcq", bits=2, group_size=8, format="fake", clip_steps=0, round_steps=0, tune_steps=2, tune_floats=True, tune_float_lr=1e-3),
         pass_case("reconstruct", False, op_types=["MatMul", "Conv"], group_size=-1, head=True, bias=True, clip_steps=2, round_steps=2),

@@ -4,15 +4,17 @@ The graph is cut into blocks along its transformer residual stream (``span`` res
 decoder layer, attention then MLP): at the residual Adds that every path from the token embeddings to the first
 output passes through, so pre-norm decoders, sandwich norms (Gemma) and post-norm encoders (BERT) all cut into
 their layers. For each block in order, every MatMul weight inside it that
-``quantize-weights`` (``grid = "int"``), ``shift`` (``grid = "shift"``), ``binarize`` (``grid = "binary"``) or
-``shiftadd`` (``grid = "bcq"``) would quantize gets a learnable quantizer (:mod:`bitfold.quant.reconstruct`). On
+``quantize-weights`` (``grid = "int"``), ``shift`` (``grid = "shift"``), ``binarize`` (``grid = "binary"``; with
+``salient_ratio``, PB-LLM), ``ternarize`` (``grid = "ternary"``, a scale per output) or ``shiftadd`` (``grid = "bcq"``) would quantize gets a learnable quantizer (:mod:`bitfold.quant.reconstruct`). On
 integer grids the default start is GPTQ's solution on the Hessians of what the block reads in the quantized model
 (the blocks before it already quantized), after which each group's scale learns a gain and each weight the choice
 between GPTQ's code and its neighbour (AdaRound, annealed to hard); ``start = "rtn"`` learns the clipping ratio of
 every scale group first (OmniQuant's learnable weight clipping), then the rounding. Binary codes (ShiftAddLLM) start
 the same way from the shiftadd solver's GPTQ solution: α per plane and group learns, then each weight the choice
 between its code and the neighbouring level. For powers of two: each output's scale, then the choice between the
-two exponents around the weight's; for sign planes: α, then latent weights under a straight-through sign. The loss
+two exponents around the weight's; for sign planes: α, then latent weights under a straight-through sign (PB-LLM: the
+salient weights, chosen once by ``salience`` and kept, as int8 codes of the same latent weights); for ternary: γ per
+output, then latent weights whose trits are taken straight-through. The loss
 is the block's output error against the full-precision block on the calibration samples. The block is run by
 :class:`~bitfold.quant.torch_graph.TorchGraph`, a torch translation of its ONNX nodes, so any architecture whose
 layers use the interpreter's ops works without a model definition.
@@ -38,15 +40,15 @@ With ``tune_steps`` an end-to-end phase then learns every scale of all blocks at
 and the end-to-end phase all of them.
 
 Emits what ``quantize-weights`` emits for the same integer grid (``qdq``, ``matmulnbits`` or ``fake``), or what
-``shift``, ``binarize`` and ``shiftadd`` emit (``op``: ``bitfold.ShiftMatMul`` / ``bitfold.BinaryMatMul`` /
-``bitfold.BCQMatMul``, or ``fake``), tagged
+``shift``, ``binarize``, ``ternarize`` and ``shiftadd`` emit (``op``: ``bitfold.ShiftMatMul`` / ``bitfold.BinaryMatMul`` /
+``bitfold.TernaryMatMul`` / ``bitfold.BCQMatMul``, or ``fake``), tagged
 ``bitfold.quantized = reconstruct-…``; a rerun is a no-op. MatMuls outside every block (the LM head) are left float
 with a note: quantize them with ``quantize-weights``. Each block's losses (at the start, after clipping, after
 rounding) are in the pass notes.
 
 Guarantees: the emitted weight equals the learned weight exactly in every format; on the calibration samples no
-block's output error ends above what its start (GPTQ's solution, round to nearest, or the shift, binarize and
-shiftadd solvers') gives it.
+block's output error ends above what its start (GPTQ's solution, round to nearest, or the shift, binarize, ternarize
+and shiftadd solvers') gives it.
 """
 
 from __future__ import annotations
@@ -72,35 +74,41 @@ from bitfold.frontend.stream import WeightStore, current_store, trim_heap
 from bitfold.ops import bcq as bcq_op
 from bitfold.ops import binary as binary_op
 from bitfold.ops import shift as shift_op
+from bitfold.ops import ternary as ternary_op
 from bitfold.ops.functions import MIN_OPSET, upgrade_opset
 from bitfold.passes.initializers import add_initializer, drop_if_unused
 from bitfold.passes.multless.base import Encoded
 from bitfold.passes.multless.binarize import Binarize, BinarizeConfig
 from bitfold.passes.multless.shift import Shift, ShiftConfig
 from bitfold.passes.multless.shiftadd import ShiftAdd, ShiftAddConfig
+from bitfold.passes.multless.ternarize import Ternarize, TernarizeConfig
 from bitfold.passes.quant.quantize_weights import QUANTIZED_KEY, QuantizeWeights
 from bitfold.passes.registry import register
 from bitfold.passes.transforms.structure import residual_cuts
 from bitfold.quant.calibration import CalibrationData, sink_gram
 from bitfold.quant.formats import Format, IntFormat, format_from, granularity_from
 from bitfold.quant.bcq import bcq
+from bitfold.quant.binary import Salience, salient_mask
 from bitfold.quant.gptq import gptq
 from bitfold.quant.im2col import ConvGeometry, patch_gram
-from bitfold.quant.reconstruct import BCQQuantizer, BinaryQuantizer, BlockResult, IntQuantizer, Schedule, ShiftQuantizer, block_error, train_block, tune_scales
+from bitfold.quant.reconstruct import (BCQQuantizer, BinaryQuantizer, BlockResult, IntQuantizer, Schedule, ShiftQuantizer, TernaryQuantizer, block_error,
+                                       train_block, tune_scales)
 from bitfold.quant.torch_graph import TorchGraph
 
 
 @dataclasses.dataclass(frozen=True)
 class ReconstructConfig:
-    grid: Literal["int", "shift", "binary", "bcq"] = dataclasses.field(default="int", metadata={"doc": "int: integer codes, a scale per group (quantize-weights) | shift: signed powers of two, a scale per output (the shift pass) | binary: sign planes with α per output (the binarize pass) | bcq: ShiftAddLLM's binary codes, α per plane and group (the shiftadd pass)"})
+    grid: Literal["int", "shift", "binary", "ternary", "bcq"] = dataclasses.field(default="int", metadata={"doc": "int: integer codes, a scale per group (quantize-weights) | shift: signed powers of two, a scale per output (the shift pass) | binary: sign planes with α per output (the binarize pass; PB-LLM with salient_ratio) | ternary: {−γ, 0, +γ}, γ per output (the ternarize pass, per_channel) | bcq: ShiftAddLLM's binary codes, α per plane and group (the shiftadd pass)"})
     bits: int = dataclasses.field(default=4, metadata={"doc": "int: 2, 3, 4 or 8; shift: 3 or 4; bcq: sign planes q, 2 to 4"})
     group_size: int = dataclasses.field(default=128, metadata={"doc": "elements per scale along K; -1 per channel (bcq: a multiple of 8)"})
     symmetric: bool = dataclasses.field(default=True, metadata={"doc": "signed codes, zero point 0; false: unsigned with zero point"})
     zero_point: Literal["int", "float"] = dataclasses.field(default="int", metadata={"doc": "asymmetric: int (ONNX QDQ) | float (min-max grid; matmulnbits and fake only)"})
-    format: Literal["qdq", "matmulnbits", "fake", "op"] = dataclasses.field(default="qdq", metadata={"doc": "int: qdq | matmulnbits | fake, as quantize-weights; shift, binary, bcq: op (bitfold.ShiftMatMul, bitfold.BinaryMatMul, bitfold.BCQMatMul) | fake"})
+    format: Literal["qdq", "matmulnbits", "fake", "op"] = dataclasses.field(default="qdq", metadata={"doc": "int: qdq | matmulnbits | fake, as quantize-weights; shift, binary, ternary, bcq: op (bitfold.ShiftMatMul, bitfold.BinaryMatMul, bitfold.TernaryMatMul, bitfold.BCQMatMul) | fake"})
     zero: bool = dataclasses.field(default=True, metadata={"doc": "shift: one code means 0 (DeepShift-PS); false: DenseShift"})
     planes: int = dataclasses.field(default=1, metadata={"doc": "binary: 1 sign plane, or 2 (residual binary)"})
     center: bool = dataclasses.field(default=False, metadata={"doc": "binary: subtract a learned mean per output first"})
+    salient_ratio: float = dataclasses.field(default=0.0, metadata={"doc": "binary, 1 plane: PB-LLM, the fraction of weights kept as int8 codes (a scale per output), chosen by salience before learning and kept (0: none)"})
+    salience: Salience = dataclasses.field(default="hessian", metadata={"doc": "salient_ratio: magnitude (|w|) | activation (|w|·‖x_k‖) | hessian (w² / [H⁻¹]²_kk), H the block input's Gram matrix in the quantized model"})
     alpha_terms: int = dataclasses.field(default=2, metadata={"doc": "bcq: powers of two summed per α (0: float16), as shiftadd"})
     op_types: tuple[Literal["MatMul", "Conv"], ...] = dataclasses.field(default=("MatMul",), metadata={"doc": "ops whose weights are learned: MatMul, Conv (2-D; int grid only)"})
     exclude: tuple[str, ...] = dataclasses.field(default=(), metadata={"doc": "globs on node name, weight name or torch module scope"})
@@ -132,7 +140,7 @@ class ReconstructConfig:
     tune_recompute: bool = dataclasses.field(default=True, metadata={"doc": "end to end: recompute each block's activations in the backward pass, one block's held at a time; false: hold every block's through the step (the same gradients, one forward per step less, every block's activations in memory)"})
     tune_loss: Literal["kl", "mse"] = dataclasses.field(default="kl", metadata={"doc": "end to end: KL divergence of the first graph output's softmax (logits) | its error relative to its mean square"})
     tune_weights: bool = dataclasses.field(default=False, metadata={"doc": "end to end: the codes learn too (distillation): latent weights whose sign (binary, bcq) or rounded code (int) is taken straight-through"})
-    tune_weight_lr: float = dataclasses.field(default=2e-3, metadata={"doc": "learning rate of the latent weights, in units of the grid step (int), of the row's α (binary) or of a sign (bcq); an integer code changes once its latent moves half a step, about tune_weight_lr per step"})
+    tune_weight_lr: float = dataclasses.field(default=2e-3, metadata={"doc": "learning rate of the latent weights, in units of the grid step (int), of the row's α (binary) or γ (ternary) or of a sign (bcq); an integer code changes once its latent moves half a step, about tune_weight_lr per step"})
     tune_floats: bool = dataclasses.field(default=False, metadata={"doc": "end to end: every float vector a block reads from an initializer that nothing else reads (biases, norm scales and shifts) learns too, with the scales and codes; written back in place of the originals"})
     tune_float_lr: float = dataclasses.field(default=1e-4, metadata={"doc": "tune_floats: Adam's learning rate on those vectors (absolute, as in fine-tuning)"})
     tune_match: float = dataclasses.field(default=0.0, metadata={"doc": "end to end: weight of each block output's direction matching to the full-precision model's (1 − cosine per token, or per pixel over channels), added to the output loss"})
@@ -172,8 +180,12 @@ class ReconstructConfig:
             raise ValueError("tune_holdout belongs to the end-to-end phase; set tune_steps > 0")
         if self.tune_match < 0 or self.tune_weight_lr <= 0:
             raise ValueError("tune_match must be >= 0 and tune_weight_lr > 0")
+        if self.salient_ratio and not (self.grid == "binary" and self.planes == 1):
+            raise ValueError("salient_ratio (PB-LLM) belongs to grid \"binary\" with planes = 1")
+        if not 0.0 <= self.salient_ratio < 0.5:
+            raise ValueError("salient_ratio must be in [0, 0.5)")
         if self.tune_weights and self.grid == "shift":
-            raise ValueError("grid \"shift\" has no latent weights to learn end to end; tune_weights takes grid int, binary or bcq")
+            raise ValueError("grid \"shift\" has no latent weights to learn end to end; tune_weights takes grid int, binary, ternary or bcq")
         if not 0.0 < self.min_ratio <= 1.0:
             raise ValueError("min_ratio must be in (0, 1]")
         if not self.op_types or set(self.op_types) - {"MatMul", "Conv"}:
@@ -190,6 +202,10 @@ class ReconstructConfig:
             if self.format not in ("op", "fake"):
                 raise ValueError("grid \"binary\" is emitted as format = \"op\" (bitfold.BinaryMatMul) or \"fake\"")
             return
+        if self.grid == "ternary":
+            if self.format not in ("op", "fake"):
+                raise ValueError("grid \"ternary\" is emitted as format = \"op\" (bitfold.TernaryMatMul) or \"fake\"")
+            return
         if self.grid == "bcq":
             try:  # the shiftadd pass's own rules for q (here bits), group_size and alpha_terms
                 ShiftAddConfig(q=self.bits, group_size=self.group_size, alpha_terms=self.alpha_terms)
@@ -205,7 +221,7 @@ class ReconstructConfig:
                 raise ValueError("grid \"shift\" is emitted as format = \"op\" (bitfold.ShiftMatMul) or \"fake\"")
             return
         if self.format == "op":
-            raise ValueError("format \"op\" belongs to the shift, binary and bcq grids; integer grids take qdq, matmulnbits or fake")
+            raise ValueError("format \"op\" belongs to the shift, binary, ternary and bcq grids; integer grids take qdq, matmulnbits or fake")
         if self.bits not in (2, 3, 4, 8):
             raise ValueError("bits must be 2, 3, 4 or 8")
         if self.group_size == 0 or self.group_size < -1:
@@ -225,7 +241,10 @@ class ReconstructConfig:
     @property
     def tag(self) -> str:
         if self.grid == "binary":
-            return f"reconstruct-binary{self.planes}{'-centred' if self.center else ''}"
+            salient = f"-salient{self.salient_ratio:g}" if self.salient_ratio else ""
+            return f"reconstruct-binary{self.planes}{'-centred' if self.center else ''}{salient}"
+        if self.grid == "ternary":
+            return "reconstruct-ternary"
         if self.grid == "shift":
             return f"reconstruct-shift{self.bits}{'' if self.zero else '-dense'}"
         if self.grid == "bcq":
@@ -261,7 +280,7 @@ class Reconstruct(QuantizeWeights):
             return 0
         if self.config.format == "op":
             self._emitter.refuse_low_precision(targets)  # the bitfold ops are typed float32
-        op = {"shift": shift_op, "binary": binary_op, "bcq": bcq_op}.get(self.config.grid, binary_op)
+        op = {"shift": shift_op, "binary": binary_op, "ternary": ternary_op, "bcq": bcq_op}.get(self.config.grid, binary_op)
         opset = 21 if self.config.format == "qdq" else max(MIN_OPSET, getattr(op, "MIN_OPSET", MIN_OPSET)) if self.config.format == "op" else 0
         upgraded = model.opset_imports.get("", 1) < opset
         if upgraded:
@@ -323,6 +342,8 @@ class Reconstruct(QuantizeWeights):
         common = {"format": c.format, "exclude": c.exclude, "keep_ends": False}
         if c.grid == "shift":
             self._emitter = _ShiftEmitter(ShiftConfig(bits=c.bits, zero=c.zero, **common))
+        elif c.grid == "ternary":
+            self._emitter = _TernaryEmitter(TernarizeConfig(per_channel=True, **common))
         elif c.grid == "bcq":
             self._emitter = _BCQEmitter(ShiftAddConfig(q=c.bits, group_size=c.group_size, alpha_terms=c.alpha_terms, **common))
         else:
@@ -332,7 +353,7 @@ class Reconstruct(QuantizeWeights):
         return found
 
     def _encode(self, solved: tuple[np.ndarray, ...]) -> Encoded:
-        """The shift, binarize or shiftadd pass's encoding of a learned weight."""
+        """The shift, binarize, ternarize or shiftadd pass's encoding of a learned weight."""
         if self.config.grid == "bcq":
             signs, alpha = solved
             k, group = signs.shape[2], self._bcq_group(signs.shape[2])
@@ -342,8 +363,13 @@ class Reconstruct(QuantizeWeights):
             units, scale = solved
             packed, s = shift_op.pack(units.T, scale, self.config.bits, self.config.zero)
             return Encoded(units * s.astype(np.float64)[:, None], {"shift": packed, "scale": s}, {"zero": int(self.config.zero)})
-        signs, alpha, mean = solved
-        tensors = binary_op.pack(signs.transpose(0, 2, 1), alpha, mean)
+        if self.config.grid == "ternary":
+            trits, gamma = solved
+            packed, g = ternary_op.pack(trits.T.astype(np.int64), gamma)
+            return Encoded(trits * g.astype(np.float64)[:, None], {"ternary": packed, "gamma": g})
+        signs, alpha, mean, salient, codes, scale = solved
+        side = () if salient is None else (salient.T, codes.T, scale)
+        tensors = binary_op.pack(signs.transpose(0, 2, 1), alpha, mean, *side)
         dense = binary_op.unpack(*tensors, signs.shape[2]).T
         names = ("signs", "alpha", "mean", "salient", "salient_codes", "salient_scale")
         return Encoded(dense.astype(np.float64), dict(zip(names, tensors, strict=True)), {"binarize_input": 0})
@@ -428,6 +454,19 @@ class Reconstruct(QuantizeWeights):
             else:
                 found[node.inputs[1].name] = gptq(wt, grams[node.inputs[0].name], fmt, granularity, damp=self.config.damp,
                                                   act_order=self.config.act_order, clip=self.config.clip, notes=self.notes)  # fmt: skip
+        return found
+
+    def _salient(self, block: Block, probe: TorchGraph, names: list[str], samples: list[dict[str, torch.Tensor]],
+                 weights: dict[str, torch.Tensor]) -> dict[str, tuple[np.ndarray]]:  # fmt: skip
+        """PB-LLM's salient mask (N, K) of each of the block's weights: the top ``salient_ratio`` by ``salience``, on
+        the Gram matrix of what the block reads in the quantized model (the earlier blocks already quantized)."""
+        c = self.config
+        grams = self._grams(block, probe, names, samples, weights)[0] if c.salience != "magnitude" else {}
+        found = {}
+        for node in block.targets:
+            name = node.inputs[1].name
+            if name not in found:
+                found[name] = (salient_mask(_rows(weights[name]).numpy().astype(np.float64), grams.get(node.inputs[0].name), c.salient_ratio, c.salience),)
         return found
 
     def _grams(self, block: Block, probe: TorchGraph, names: list[str], samples: list[dict[str, torch.Tensor]],
@@ -580,11 +619,14 @@ class Reconstruct(QuantizeWeights):
             shutil.rmtree(spill.path.parent)
         return {name: _layout(rows, shapes[name]) for name, rows in hard.items()}
 
-    def quantizer(self, wt: np.ndarray, start: tuple[np.ndarray, ...] | None = None) -> IntQuantizer | ShiftQuantizer | BinaryQuantizer | BCQQuantizer:
+    def quantizer(self, wt: np.ndarray, start: tuple[np.ndarray, ...] | None = None) -> IntQuantizer | ShiftQuantizer | BinaryQuantizer | TernaryQuantizer | BCQQuantizer:
+        """``start``: a solver's solution (int, bcq), or the salient mask (N, K) (binary, ``salient_ratio``)."""
         if self.config.grid == "bcq":
             return BCQQuantizer(wt, self.config.bits, self._bcq_group(wt.shape[1]), self.config.alpha_terms, start=start)
         if self.config.grid == "binary":
-            return BinaryQuantizer(wt, self.config.planes, self.config.center)
+            return BinaryQuantizer(wt, self.config.planes, self.config.center, salient=None if start is None else start[0])
+        if self.config.grid == "ternary":
+            return TernaryQuantizer(wt)
         if self.config.grid == "shift":
             return ShiftQuantizer(wt, self.config.bits, self.config.zero)
         fmt = self.config.number_format
@@ -683,6 +725,8 @@ class Reconstruct(QuantizeWeights):
             learned_biases = list(biases.values())
             biases.update(floats)
             starts = self._gptq(block, probe, names, quant, {**float_weights, **biases}) if block.targets and self.config.grid in ("int", "bcq") and self.config.start == "gptq" else {}
+            if block.targets and self.config.salient_ratio:  # PB-LLM: each weight's salient mask, chosen once
+                starts = self._salient(block, probe, names, quant, {**float_weights, **biases})
             quantizers = {v.name: self.quantizer(_rows(float_weights[v.name]).numpy(), starts.get(v.name)) for v in _weights(block)}
             shapes = {name: tuple(w.shape) for name, w in float_weights.items()}
             out = block.output.name
@@ -889,6 +933,12 @@ class _BCQEmitter(ShiftAdd):
 
 class _BinaryEmitter(Binarize):
     """The binarize pass's collection and emission, stamping what it writes as reconstruct's."""
+
+    name = "reconstruct"
+
+
+class _TernaryEmitter(Ternarize):
+    """The ternarize pass's collection and emission, stamping what it writes as reconstruct's."""
 
     name = "reconstruct"
 

@@ -20,7 +20,7 @@ from bitfold.passes.registry import create
 from bitfold.quant.calibration import CalibrationData
 from bitfold.quant.formats import IntFormat, PerGroup, rtn
 from bitfold.quant.gptq import gptq
-from bitfold.quant.reconstruct import BCQQuantizer, BinaryQuantizer, IntQuantizer, Schedule, ShiftQuantizer, train_block
+from bitfold.quant.reconstruct import BCQQuantizer, BinaryQuantizer, IntQuantizer, Schedule, ShiftQuantizer, TernaryQuantizer, train_block
 
 STEPS = {"clip_steps": 30, "round_steps": 60}
 
@@ -161,8 +161,14 @@ def test_bad_parameters_and_graphs_without_a_stream_get_one_sentence(zoo_protos)
         create("reconstruct", {"grid": "bcq", "bits": 5, "format": "fake"})
     with pytest.raises(PassParameterError, match="multiple of 8"):
         create("reconstruct", {"grid": "bcq", "group_size": 12, "format": "fake"})
-    with pytest.raises(PassParameterError, match="shift, binary and bcq grids"):
+    with pytest.raises(PassParameterError, match="shift, binary, ternary and bcq grids"):
         create("reconstruct", {"format": "op"})
+    with pytest.raises(PassParameterError, match="grid \"ternary\" is emitted as"):
+        create("reconstruct", {"grid": "ternary", "format": "qdq"})
+    with pytest.raises(PassParameterError, match="PB-LLM\) belongs to grid \"binary\" with planes = 1"):
+        create("reconstruct", {"grid": "binary", "planes": 2, "format": "fake", "salient_ratio": 0.1})
+    with pytest.raises(PassParameterError, match="salient_ratio must be in"):
+        create("reconstruct", {"grid": "binary", "format": "fake", "salient_ratio": 0.6})
     with pytest.raises(PassParameterError, match="Conv weights take grid = \"int\""):
         create("reconstruct", {"grid": "binary", "format": "fake", "op_types": ["MatMul", "Conv"]})
     with pytest.raises(PassParameterError, match="Conv weights need format"):
@@ -244,6 +250,50 @@ def test_learned_binary_beats_the_binarize_solver_and_the_op_computes_it(zoo_pro
         errors[label] = float(np.linalg.norm(outputs[label] - reference) / np.linalg.norm(reference))
     assert errors["learned"] < (0.9 if planes == 1 else 1.0) * errors["solver"]  # the residual plane leaves less to learn
     np.testing.assert_allclose(outputs["op"], outputs["learned"], rtol=0, atol=1e-4 * np.abs(outputs["learned"]).max())
+
+
+def test_ternary_and_salient_binary_quantizers_start_at_their_solvers():
+    from bitfold.quant.binary import binarize, ternarize
+
+    wt = np.random.default_rng(3).standard_normal((8, 40))
+    trits, gamma = ternarize(wt, None, per_channel=True)
+    q = TernaryQuantizer(wt)
+    np.testing.assert_allclose(q().detach().numpy(), trits * gamma[:, None], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(q.export()[0], trits)
+    solved = binarize(wt, None, salient_ratio=0.1)
+    q = BinaryQuantizer(wt, 1, False, salient=solved.salient)
+    np.testing.assert_allclose(q().detach().numpy(), solved.dequantized, rtol=1e-5, atol=1e-6)
+    signs, alpha, mean, mask, codes, scale = q.export()
+    np.testing.assert_array_equal(mask, solved.salient)
+    np.testing.assert_array_equal(codes[mask], solved.codes[mask])
+    np.testing.assert_allclose(alpha, solved.alpha, rtol=1e-5)
+    with pytest.raises(ValueError, match="one sign plane"):
+        BinaryQuantizer(wt, 2, False, salient=solved.salient)
+
+
+@pytest.mark.parametrize(("grid", "tag"), [({"grid": "ternary"}, "reconstruct-ternary"),
+                                           ({"grid": "binary", "salient_ratio": 0.1}, "reconstruct-binary1-salient0.1"),
+                                           ({"grid": "binary", "salient_ratio": 0.1, "salience": "magnitude"}, "reconstruct-binary1-salient0.1")])  # fmt: skip
+def test_learned_ternary_and_pbllm_beat_their_solvers_and_the_op_computes_them(zoo_protos, grid, tag):
+    calibration, held_out = token_calibration(64), list(token_calibration(8, seed=1))
+    reference = _logits(_lm(zoo_protos, "tiny-lm"), held_out)
+    errors, outputs, passes = {}, {}, {}
+    for label, fmt, steps in (("solver", "fake", {"clip_steps": 0, "round_steps": 0}), ("learned", "fake", STEPS), ("op", "op", STEPS)):
+        model = _lm(zoo_protos, "tiny-lm")
+        upgrade_opset(model, 21)
+        passes[label] = Reconstruct(**grid, format=fmt, **steps, calibration=calibration)
+        passes[label](model)
+        assert sum(n.metadata_props.get("bitfold.quantized") == tag for n in model.graph) == 14
+        outputs[label] = _logits(model, held_out)
+        errors[label] = float(np.linalg.norm(outputs[label] - reference) / np.linalg.norm(reference))
+    assert all(r.loss_end < r.loss_start for r in passes["learned"].results)  # every block's calibration error goes down
+    assert errors["learned"] < 0.9 * errors["solver"], errors  # and the model's error on held-out tokens with it
+    np.testing.assert_allclose(outputs["op"], outputs["learned"], rtol=0, atol=1e-4 * np.abs(outputs["learned"]).max())
+    if grid["grid"] == "ternary":  # the solver's start is the ternarize pass per channel, weight for weight
+        model = _lm(zoo_protos, "tiny-lm")
+        head = [n.name for n in model.graph if n.op_type == "MatMul"][-1]  # the tied LM head, outside every block
+        bitfold.optimize(model, [{"name": "ternarize", "per_channel": True, "format": "fake", "keep_ends": False, "exclude": [head]}])
+        np.testing.assert_allclose(_logits(model, held_out), outputs["solver"], rtol=0, atol=1e-5 * np.abs(outputs["solver"]).max())
 
 
 @pytest.mark.parametrize("terms", [2, 0])
@@ -399,6 +449,8 @@ def test_latent_weights_start_at_the_frozen_grid_and_learn_through_it():
     quantizers = {
         "int": IntQuantizer(wt, IntFormat(3, True), PerGroup(16)),
         "binary": BinaryQuantizer(wt, 2, True),
+        "ternary": TernaryQuantizer(wt),
+        "pb-llm": BinaryQuantizer(wt, 1, False, salient=np.abs(wt) > 1.5),
         "bcq": BCQQuantizer(wt, 2, 16, 0),
     }
     for name, q in quantizers.items():
