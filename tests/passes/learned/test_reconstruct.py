@@ -230,7 +230,8 @@ def test_binary_quantizer_starts_at_the_binarize_solver():
     for planes, center in ((1, False), (1, True), (2, False)):
         q = BinaryQuantizer(wt, planes, center)
         solved = binarize(wt, None, planes=planes, center=center)
-        signs, alpha, mean = q.export()
+        signs, alpha, mean, *salient = q.export()
+        assert salient == [None, None, None]  # no salient weights without a mask
         np.testing.assert_allclose(q().detach().numpy(), solved.dequantized, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(signs, solved.signs)
         np.testing.assert_allclose(alpha, solved.alpha, rtol=1e-5)
