@@ -5,7 +5,8 @@ decoder layer, attention then MLP): at the residual Adds that every path from th
 output passes through, so pre-norm decoders, sandwich norms (Gemma) and post-norm encoders (BERT) all cut into
 their layers. For each block in order, every MatMul weight inside it that
 ``quantize-weights`` (``grid = "int"``), ``shift`` (``grid = "shift"``), ``binarize`` (``grid = "binary"``; with
-``salient_ratio``, PB-LLM), ``ternarize`` (``grid = "ternary"``, a scale per output) or ``shiftadd`` (``grid = "bcq"``) would quantize gets a learnable quantizer (:mod:`bitfold.quant.reconstruct`). On
+``salient_ratio``, PB-LLM), ``ternarize`` (``grid = "ternary"``, a scale per output) or ``shiftadd``
+(``grid = "bcq"``) would quantize gets a learnable quantizer (:mod:`bitfold.quant.reconstruct`). On
 integer grids the default start is GPTQ's solution on the Hessians of what the block reads in the quantized model
 (the blocks before it already quantized), after which each group's scale learns a gain and each weight the choice
 between GPTQ's code and its neighbour (AdaRound, annealed to hard); ``start = "rtn"`` learns the clipping ratio of
@@ -139,7 +140,7 @@ class ReconstructConfig:
     tune_check: int = dataclasses.field(default=16, metadata={"doc": "end to end with tune_holdout: steps between two measurements of the held-out samples' loss"})
     tune_recompute: bool = dataclasses.field(default=True, metadata={"doc": "end to end: recompute each block's activations in the backward pass, one block's held at a time; false: hold every block's through the step (the same gradients, one forward per step less, every block's activations in memory)"})
     tune_loss: Literal["kl", "mse"] = dataclasses.field(default="kl", metadata={"doc": "end to end: KL divergence of the first graph output's softmax (logits) | its error relative to its mean square"})
-    tune_weights: bool = dataclasses.field(default=False, metadata={"doc": "end to end: the codes learn too (distillation): latent weights whose sign (binary, bcq) or rounded code (int) is taken straight-through"})
+    tune_weights: bool = dataclasses.field(default=False, metadata={"doc": "end to end: the codes learn too (distillation): latent weights whose sign (binary, bcq), trit (ternary) or rounded code (int) is taken straight-through"})
     tune_weight_lr: float = dataclasses.field(default=2e-3, metadata={"doc": "learning rate of the latent weights, in units of the grid step (int), of the row's α (binary) or γ (ternary) or of a sign (bcq); an integer code changes once its latent moves half a step, about tune_weight_lr per step"})
     tune_floats: bool = dataclasses.field(default=False, metadata={"doc": "end to end: every float vector a block reads from an initializer that nothing else reads (biases, norm scales and shifts) learns too, with the scales and codes; written back in place of the originals"})
     tune_float_lr: float = dataclasses.field(default=1e-4, metadata={"doc": "tune_floats: Adam's learning rate on those vectors (absolute, as in fine-tuning)"})
