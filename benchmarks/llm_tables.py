@@ -36,39 +36,60 @@ def passes_table() -> str:
     return "\n".join(lines)
 
 
+def _run(row: dict, r: dict) -> str:
+    """The run that timed ``row``: its commit (rows of files written before rows named their run: the file's)."""
+    return (row.get("run") or {}).get("commit") or r.get("commit") or "?"
+
+
 def decode_table(prompt: str = "512") -> str:
     r = json.loads((RESULTS / "llm_decode.json").read_text())
-    anchor = next((row for row in r["rows"] if row["name"] == "llamacpp-Q4_0"), None)
-    genai = next((row for row in r["rows"] if row["name"] == "genai-int4-b32"), None)
+    runs = list(dict.fromkeys(_run(row, r) for row in r["rows"]))  # in the file's order
+    several = len(runs) > 1
     lengths = sorted({n for row in r["rows"] for n in row["median"]}, key=int)
     head = ("| runtime / format | Lee perplexity | held-out perplexity | file MB | bits per linear weight | "
-            + " | ".join(f"prefill {n} ms | decode tok/s @{n}" for n in lengths) + " |")  # fmt: skip
-    lines = [f"`{r['command']}`: {r['protocol']}.", "", head, "|---|---|---|---|---|" + "---|---|" * len(lengths)]
-    for row in sorted(r["rows"], key=lambda x: -x["median"].get(prompt, {"decode_tok_s": 0})["decode_tok_s"]):
+            + " | ".join(f"prefill {n} ms | decode tok/s @{n}" for n in lengths) + (" | timed at |" if several else " |"))  # fmt: skip
+    lines = [f"`{r['command']}`: {r['protocol']}.", "", head, "|---|---|---|---|---|" + "---|---|" * len(lengths) + ("---|" if several else "")]
+    if several:
+        commands = "; ".join(f"{run}: `{next(row['run']['command'] for row in r['rows'] if _run(row, r) == run and row.get('run'))}`"
+                             for run in runs)  # fmt: skip
+        lines[0] += f" Rows were timed in {len(runs)} runs ({commands}); speeds compare within one run, the ratios below do."
+    order = {run: i for i, run in enumerate(runs)}
+    for row in sorted(r["rows"], key=lambda x: (-order[_run(x, r)] if several else 0, -x["median"].get(prompt, {"decode_tok_s": 0})["decode_tok_s"])):
         cells = []
         for n in lengths:
             m = row["median"].get(n)
             cells += [f"{m['prefill_ms']:.0f}", f"{m['decode_tok_s']:.1f}"] if m else ["-", "-"]
         heldout = f"{row['ppl_heldout']:.2f}" if "ppl_heldout" in row else "not measured"
         bpw = f"{row['linear_bpw']:.2f}" if row.get("linear_bpw") else "-"
-        lines.append(f"| {row['label']} | {row['ppl']:.2f} | {heldout} | {row['file_bytes'] / 1e6:.0f} | {bpw} | " + " | ".join(cells) + " |")
+        tail = f" | {_run(row, r)} |" if several else " |"
+        lines.append(f"| {row['label']} | {row['ppl']:.2f} | {heldout} | {row['file_bytes'] / 1e6:.0f} | {bpw} | " + " | ".join(cells) + tail)
+    for run in reversed(runs):  # the newest run first
+        lines += _ratios([row for row in r["rows"] if _run(row, r) == run], prompt, f" (run {run})" if several else "")
+    return "\n".join(lines)
+
+
+def _ratios(rows: list[dict], prompt: str, which: str) -> list[str]:
+    """Speed ratios of one run's bitfold rows against the same run's llama.cpp and ORT GenAI rows."""
+    lines = []
+    anchor = next((row for row in rows if row["name"] == "llamacpp-Q4_0"), None)
+    genai = next((row for row in rows if row["name"] == "genai-int4-b32"), None)
     if anchor is not None and prompt in anchor["median"]:
         a = anchor["median"][prompt]
         g = genai["median"].get(prompt) if genai is not None else None
         versus = " and ORT GenAI int4 (builder default, block 32)" if g else ""
-        lines += ["", f"Ratios at the {prompt}-token prompt against llama.cpp Q4_0{versus} (decode tok/s ratio; prefill time ratio):", ""]
-        for row in r["rows"]:
+        lines += ["", f"Ratios at the {prompt}-token prompt against llama.cpp Q4_0{versus}{which} (decode tok/s ratio; prefill time ratio):", ""]
+        for row in rows:
             m = row["median"].get(prompt)
             if m and row["tool"] == "bitfold":
                 text = f"- {row['name']}: decode {m['decode_tok_s'] / a['decode_tok_s']:.2f}× Q4_0"
                 text += f", {m['decode_tok_s'] / g['decode_tok_s']:.2f}× GenAI" if g else ""
                 lines.append(text + f"; prefill {m['prefill_ms'] / a['prefill_ms']:.2f}× Q4_0's time")
-    ours = [row for row in r["rows"] if row["tool"] == "bitfold" and row.get("linear_bpw") and prompt in row["median"]]
-    theirs = [row for row in r["rows"] if row["name"] in ("llamacpp-Q4_0", "llamacpp-Q4_K_M") and row.get("linear_bpw")
+    ours = [row for row in rows if row["tool"] == "bitfold" and row.get("linear_bpw") and prompt in row["median"]]
+    theirs = [row for row in rows if row["name"] in ("llamacpp-Q4_0", "llamacpp-Q4_K_M") and row.get("linear_bpw")
               and prompt in row["median"]]  # fmt: skip
     if ours and theirs:
         lines += ["", "bitfold's best perplexity at no more stored bits per linear weight than a llama.cpp 4-bit file "
-                  f"(Lee / held-out perplexity; decode and prefill at the {prompt}-token prompt):", ""]  # fmt: skip
+                  f"(Lee / held-out perplexity; decode and prefill at the {prompt}-token prompt){which}:", ""]  # fmt: skip
         for ref in theirs:
             fitting = [row for row in ours if row["linear_bpw"] <= ref["linear_bpw"]]
             if not fitting:
@@ -79,8 +100,8 @@ def decode_table(prompt: str = "512") -> str:
             lines.append(f"- {ref['label']}, {ref['linear_bpw']:.2f} bits, {ref['ppl']:.2f} / {ref['ppl_heldout']:.2f}: "
                          f"{best['name']}, {best['linear_bpw']:.2f} bits, {best['ppl']:.2f} / {best['ppl_heldout']:.2f}; decode "
                          f"{m['decode_tok_s'] / q['decode_tok_s']:.2f}× theirs, prefill {m['prefill_ms'] / q['prefill_ms']:.2f}× their time")  # fmt: skip
-    same = next((row for row in r["rows"] if row["name"] == "llamacpp-Q4_1"), None)
-    grid = [row for row in r["rows"] if row["name"].startswith("minmax") and prompt in row["median"]]
+    same = next((row for row in rows if row["name"] == "llamacpp-Q4_1"), None)
+    grid = [row for row in rows if row["name"].startswith("minmax") and prompt in row["median"]]
     if same is not None and prompt in same["median"] and grid:
         q = same["median"][prompt]
         lines += ["", f"The min-max rows hold the layers' weights of llama.cpp's Q4_1 file exactly (its grid; their head is 8-bit), at the {prompt}-token prompt:", ""]
@@ -88,7 +109,7 @@ def decode_table(prompt: str = "512") -> str:
             m = row["median"][prompt]
             lines.append(f"- {row['name']}: decode {m['decode_tok_s'] / q['decode_tok_s']:.2f}× Q4_1; prefill "
                          f"{m['prefill_ms'] / q['prefill_ms']:.2f}× Q4_1's time; perplexity {row['ppl']:.2f} against {same['ppl']:.2f}")
-    return "\n".join(lines)
+    return lines
 
 
 def tables() -> str:

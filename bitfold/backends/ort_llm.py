@@ -11,7 +11,10 @@ keys copies the whole cache at every step. This lowering rewrites a copy of the 
   their biases) become one packed linear feeding its packed-QKV input;
 * a residual ``Add`` followed by the decomposed RMSNorm becomes ``SkipSimplifiedLayerNormalization``;
 * optionally the head runs on the last position only (``logits [B, 1, V]``), which generation needs and prefill
-  otherwise pays a whole ``S × vocab`` product for.
+  otherwise pays a whole ``S × vocab`` product for;
+* optionally the cache is float16 (``kv_cache="float16"``, llama.cpp's default): q, k and v are cast to float16
+  before attention and its output back, so decode reads half the cache bytes per step. Attention then computes in
+  float16 too; the logits move by float16 rounding of q, k, v and the context, not by the weights.
 
 The lowered graph assumes what generation feeds it: one sequence whose ``attention_mask`` is all ones (positions
 ``0 … total-1``); attention masks with holes need the standard graph. Everything else (weights, quantized
@@ -30,6 +33,7 @@ import onnx_ir as ir
 from bitfold.backends.llm_match import (
     Attention, Decline, const, match_attention, num_layers, only_user, other, producer, scalar, slice_head,
 )  # fmt: skip
+from bitfold.errors import BitfoldError
 from bitfold.frontend.onnx_io import clone
 
 MS = "com.microsoft"
@@ -44,8 +48,14 @@ class Lowered:
     reason: str = ""  # why attention was not fused
 
 
-def lower_decoder(model: ir.Model, max_length: int, last_logits: bool = False) -> Lowered:
-    """A lowered copy of ``model`` (which is left unchanged). ``max_length`` sizes the rotary tables."""
+KV_CACHE_DTYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16}
+
+
+def lower_decoder(model: ir.Model, max_length: int, last_logits: bool = False, kv_cache: str | None = None) -> Lowered:
+    """A lowered copy of ``model`` (which is left unchanged). ``max_length`` sizes the rotary tables; ``kv_cache``
+    (``"float32"`` or ``"float16"``) is the cache's element type when attention is fused (default: the graph's)."""
+    if kv_cache is not None and kv_cache not in KV_CACHE_DTYPES:
+        raise BitfoldError(f"kv_cache must be one of {', '.join(KV_CACHE_DTYPES)}, not '{kv_cache}'.")
     model = clone(model)
     graph = model.graph
     reason = ""
@@ -56,7 +66,7 @@ def lower_decoder(model: ir.Model, max_length: int, last_logits: bool = False) -
     except Decline as error:
         layers, reason = [], str(error)
     if layers:
-        _fuse_attention(model, layers, max_length)
+        _fuse_attention(model, layers, max_length, KV_CACHE_DTYPES[kv_cache] if kv_cache else None)
     fused = _fuse_skip_norms(graph)
     sliced = slice_head(graph) if last_logits else False
     ir.passes.common.RemoveUnusedNodesPass()(model)
@@ -142,11 +152,12 @@ def _pack(graph: ir.Graph, nodes: list[ir.Node], biases: list[ir.Value | None], 
     return out
 
 
-def _fuse_attention(model: ir.Model, layers: list[Attention], max_length: int) -> None:
+def _fuse_attention(model: ir.Model, layers: list[Attention], max_length: int, cache: ir.DataType | None) -> None:
     graph = model.graph
     inputs = {v.name: v for v in graph.inputs}
     mask, positions = inputs["attention_mask"], inputs.get("position_ids")
-    dtype = layers[0].query.dtype or ir.DataType.FLOAT
+    compute = layers[0].query.dtype or ir.DataType.FLOAT  # the graph's activations
+    dtype = cache or compute  # attention's and the cache's
     nodes: list[ir.Node] = []
 
     def add(op, *args, domain="", **attrs):
@@ -181,6 +192,8 @@ def _fuse_attention(model: ir.Model, layers: list[Attention], max_length: int) -
         else:
             flat = [v if v is not None else add("Reshape", t, initializer(f"/model/layers.{i}/ort_fusion/{name}_shape", np.array([0, 0, -1], np.int64))).outputs[0]
                     for v, t, name in zip(flat, (layer.query, layer.key, layer.value), "qkv", strict=True)]  # fmt: skip
+        if dtype != compute:
+            flat = [add("Cast", v, to=dtype).outputs[0] if v is not None else None for v in flat]
         cos, sin = tables[layer.inv_freq.tobytes()]
         past_k = next(v for v in graph.inputs if v.name == f"past_key_values.{i}.key")
         past_v = next(v for v in graph.inputs if v.name == f"past_key_values.{i}.value")
@@ -192,17 +205,22 @@ def _fuse_attention(model: ir.Model, layers: list[Attention], max_length: int) -
                       num_outputs=3, name=f"/model/layers.{i}/self_attn/GroupQueryAttention")  # fmt: skip
         nodes.append(gqa)
         out, present_k, present_v = gqa.outputs
-        out.shape, out.type = layer.context.shape, layer.context.type
+        out.shape, out.type = layer.context.shape, ir.TensorType(dtype)
+        if dtype != compute:
+            out = add("Cast", out, to=compute).outputs[0]
+            out.shape = layer.context.shape
+        out.type = layer.context.type
         ir.convenience.replace_all_uses_with(layer.context, out)
         for idx, old in enumerate(list(graph.outputs)):
             if old.name in (f"present.{i}.key", f"present.{i}.value"):
                 new = present_k if old.name.endswith(".key") else present_v
-                new.shape, new.type = ir.Shape([old.shape[0], old.shape[1], "max_length", old.shape[3]]), old.type
+                new.shape, new.type = ir.Shape([old.shape[0], old.shape[1], "max_length", old.shape[3]]), ir.TensorType(dtype)
                 old.name = f"{old.name}_unfused"
                 new.name = old.name.removesuffix("_unfused")
                 graph.outputs[idx] = new
-        past_k.shape = ir.Shape([past_k.shape[0], past_k.shape[1], "max_length", past_k.shape[3]])
-        past_v.shape = ir.Shape([past_v.shape[0], past_v.shape[1], "max_length", past_v.shape[3]])
+        for past in (past_k, past_v):
+            past.shape = ir.Shape([past.shape[0], past.shape[1], "max_length", past.shape[3]])
+            past.type = ir.TensorType(dtype)
     for node in nodes:
         graph.append(node)
     graph.sort()  # topological order again (the new nodes were appended at the end)

@@ -33,10 +33,13 @@ class Decoder:
     previous ones wrote: the attention kernels score every query against every key of a call, so one 512-token call
     computes the full 512 × 512 product where chunks skip most of its masked half, while the linears keep enough rows
     per call to stay efficient (0: the whole prompt in one call).
+
+    ``kv_cache="float16"`` keeps the fused graph's cache in float16 (half the bytes each decode step reads; attention
+    computes in float16); the default is the graph's own type, so the logits are the exported graph's.
     """
 
     def __init__(self, model: ir.Model, max_length: int = 2048, threads: int | None = None, device: str = "cpu",
-                 fuse: bool = True, profile: str | None = None, prefill_chunk: int = 128) -> None:  # fmt: skip
+                 fuse: bool = True, profile: str | None = None, prefill_chunk: int = 128, kv_cache: str | None = None) -> None:  # fmt: skip
         from bitfold.backends.ort import OrtRunnable
         from bitfold.backends.ort_llm import lower_decoder
 
@@ -45,14 +48,20 @@ class Decoder:
         pasts = past_inputs(model)
         if not pasts:
             raise BitfoldError("the model has no past_key_values.* inputs; export it with `bitfold export-llm` to get a KV-cache graph.")
-        self.fusion = lower_decoder(model, max_length, last_logits=True) if fuse and device == "cpu" else None
+        self.fusion = lower_decoder(model, max_length, last_logits=True, kv_cache=kv_cache) if fuse and device == "cpu" else None
         self.shared = self.fusion is not None and self.fusion.attention
+        if kv_cache is not None and not self.shared:
+            reason = self.fusion.reason if self.fusion else "the graph is not lowered (fuse=False or a GPU)"
+            raise BitfoldError(f"kv_cache='{kv_cache}' needs the fused attention, which this graph does not get: {reason}.")
         self.runnable = OrtRunnable(self.fusion.model if self.fusion else model, device=device, threads=threads, profile=profile)
         self.session = self.runnable.session
         self.max_length = max_length
         self.prefill_chunk = prefill_chunk
         outputs = {o.name: o for o in model.graph.outputs}
         self.vocab = int(outputs["logits"].shape[-1])
+        logits_dtype = outputs["logits"].dtype.numpy()
+        if self.shared:
+            pasts = past_inputs(self.fusion.model)
         self.dtype = pasts[0].dtype.numpy()
         self._pairs = []  # (past name, present name, heads, head_dim, [buffer A, buffer B] or [shared buffer])
         for value in pasts:
@@ -65,7 +74,7 @@ class Decoder:
         self._ones = np.ones((1, max_length), np.int64)
         self._positions = np.arange(max_length, dtype=np.int64)[None]
         self._binding = None  # kept across steps when past and present share buffers
-        self._logits = np.zeros((1, 1, self.vocab), np.float32 if self.dtype == np.float32 else self.dtype)
+        self._logits = np.zeros((1, 1, self.vocab), logits_dtype)
         self.length = 0  # tokens in the cache
         self._current = 0  # which buffer of each pair holds the past
 
@@ -262,10 +271,13 @@ def _aligned(shape, dtype, align: int = 64) -> np.ndarray:
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
-def make_decoder(model: ir.Model, backend: str = "ort", max_length: int = 2048, threads: int | None = None):
+def make_decoder(model: ir.Model, backend: str = "ort", max_length: int = 2048, threads: int | None = None,
+                 kv_cache: str | None = None):  # fmt: skip
     if backend == "ort":
-        return Decoder(model, max_length=max_length, threads=threads)
+        return Decoder(model, max_length=max_length, threads=threads, kv_cache=kv_cache)
     if backend == "tvm":
+        if kv_cache is not None and kv_cache != str(past_inputs(model)[0].dtype.numpy()):
+            raise BitfoldError(f"kv_cache='{kv_cache}' is an ONNX Runtime option; the TVM backend keeps the graph's cache type.")
         return TvmDecoder(model, max_length=max_length)
     raise BitfoldError(f"unknown backend '{backend}'; choose ort or tvm.")
 
@@ -371,11 +383,13 @@ def generate(
     raw: bool = False,
     threads: int | None = None,
     backend: str = "ort",
+    kv_cache: str | None = None,
     on_text: Callable[[str], None] | None = None,
 ) -> Generation:
     """Generate a continuation of ``prompt`` with a bitfold KV-cache model (a path, or a model plus ``tokenizer``).
 
-    ``on_text`` receives the decoded text as it grows (the new piece each time), for streaming.
+    ``kv_cache`` (ORT): ``"float16"`` or ``"float32"``, the cache's element type (default: the graph's; see
+    :class:`Decoder`). ``on_text`` receives the decoded text as it grows (the new piece each time), for streaming.
     """
     from bitfold.frontend import load
 
@@ -392,7 +406,7 @@ def generate(
     ids = encode_prompt(tokenizer, prompt, raw)
     if max_length is None:  # TVM: the prompt takes its bucket's slots; decode needs one more for the new token
         max_length = (prefill_bucket(len(ids)) + 1 if backend == "tvm" else len(ids)) + max_new_tokens
-    decoder = make_decoder(model, backend, max_length, threads)
+    decoder = make_decoder(model, backend, max_length, threads, kv_cache)
     eos = eos_ids(tokenizer, model_dir) if model_dir else ({tokenizer.eos_token_id} - {None})
     shown = ""
     tokens: list[int] = []

@@ -148,6 +148,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("ort", "tvm"), default="ort", help="ort (default) or tvm (fixed-capacity cache, "
                    "bucketed prefill; the first prompt of a new bucket length builds once)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--kv-cache", choices=("float32", "float16"), help="ort: the cache's element type (default: the graph's); "
+                   "float16 halves the bytes each decode step reads, attention then computes in float16")
     p.add_argument("--json", action="store_true", help="print the result (text, tokens, timings) as JSON instead of streaming")
     p.set_defaults(func=_generate)
 
@@ -619,7 +621,7 @@ def _generate(args) -> None:
 
     result = generate(args.model, prompt, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
                       temperature=args.temperature, top_p=args.top_p, seed=args.seed, raw=args.raw, threads=args.threads,
-                      backend=args.backend, on_text=None if args.json else show)  # fmt: skip
+                      backend=args.backend, kv_cache=args.kv_cache, on_text=None if args.json else show)  # fmt: skip
     if args.json:
         print(json.dumps(dataclasses.asdict(result), indent=2))
         return

@@ -58,6 +58,45 @@ def test_lowered_decoder_matches_standard_graph(name, tmp_path):
         assert ops.count("GroupQueryAttention") == 2 and "Softmax" not in ops and "Concat" not in ops
 
 
+@pytest.mark.parametrize("name", ["llama-tied-llama3rope", "qwen2-bias", "gemma2-softcap"])
+def test_float16_cache_follows_the_float32_decoder(name, tmp_path):
+    """kv_cache='float16': the cache buffers are float16, past and present still share them, and every step's logits
+    stay within float16 rounding of the float32 cache's while greedy decoding picks the same tokens."""
+    import onnx_ir as ir
+
+    from bitfold.llm import export_llm
+    from bitfold.llm.generate import Decoder, generate_ids
+
+    make(name, tmp_path)
+    model, _, _ = export_llm(tmp_path)
+    rng = np.random.default_rng(5)
+    prompt, tokens = rng.integers(3, 256, 12), rng.integers(3, 256, 16)
+    half = Decoder(model, max_length=48, kv_cache="float16")
+    full = Decoder(model, max_length=48)
+    assert half.shared and half.dtype == np.float16 and full.dtype == np.float32
+    types = {v.name: v.dtype for v in half.fusion.model.graph.inputs if v.name.startswith("past_key_values")}
+    assert set(types.values()) == {ir.DataType.FLOAT16}
+    got = [half(prompt)] + [half(np.asarray([t])) for t in tokens]
+    want = [full(prompt)] + [full(np.asarray([t])) for t in tokens]
+    errors = [_rel(g, w) for g, w in zip(got, want, strict=True)]
+    assert max(errors) < 5e-3, f"largest step error {max(errors):.2e}"
+    assert min(errors) > 0, "a float16 cache that changes nothing was not float16"
+    assert generate_ids(half, list(prompt), 12).tokens == generate_ids(full, list(prompt), 12).tokens
+
+
+def test_float16_cache_needs_the_fused_attention(tmp_path):
+    from bitfold.errors import BitfoldError
+    from bitfold.llm import export_llm
+    from bitfold.llm.generate import Decoder
+
+    make("llama-tied-llama3rope", tmp_path)
+    model, _, _ = export_llm(tmp_path)
+    with pytest.raises(BitfoldError, match="needs the fused attention"):
+        Decoder(model, max_length=32, fuse=False, kv_cache="float16")
+    with pytest.raises(BitfoldError, match="kv_cache must be one of float32, float16"):
+        Decoder(model, max_length=32, kv_cache="int8")
+
+
 @pytest.mark.parametrize("name", ["qwen2-bias", "llama-tied-llama3rope"])
 def test_packed_qkv_of_quantized_linears(name, tmp_path):
     """q, k, v MatMulNBits (and q/k/v biases) become one MatMulNBits feeding GroupQueryAttention's packed input."""

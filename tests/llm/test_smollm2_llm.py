@@ -102,6 +102,21 @@ def test_cli_generate_streams_and_reports_speed(exported, capsys):
     assert json.loads(capsys.readouterr().out)["tokens"] == first["tokens"]  # seeded sampling repeats
 
 
+def test_cli_generate_with_a_float16_cache(exported, capsys):
+    """--kv-cache float16 on SmolLM2: the same greedy tokens as the float32 cache for a short answer; --backend tvm
+    refuses it in one sentence."""
+    from bitfold.tools.cli import main
+
+    args = ["generate", str(exported), "--prompt", "What is the capital of France?", "--max-new-tokens", "16", "--threads", "2", "--json"]
+    assert main(args) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert main([*args, "--kv-cache", "float16"]) == 0
+    half = json.loads(capsys.readouterr().out)
+    assert half["tokens"] == full["tokens"] and "Paris" in half["text"]
+    assert main([*args, "--kv-cache", "float16", "--backend", "tvm"]) == 2
+    assert "ONNX Runtime option" in capsys.readouterr().err
+
+
 def test_cli_eval_ppl_on_any_text(exported, tmp_path, capsys):
     from bitfold.eval.data import lee_corpus_path
     from bitfold.tools.cli import main
