@@ -7,9 +7,10 @@ by op type per decode step and per prefill, beside the wall time Python sees per
 session and Python overhead). Profiling adds a little time per node, so read the shares, not the absolute speed
 (llm_decode.py measures that). Also reported: the bytes a decode step must read (weights and the KV cache) and what
 they cost at the machine's copy bandwidth (the floor no kernel can beat).
+``--model`` picks another of llm_decode.py's models, ``--kv-cache float16`` the generator's float16 cache.
 Writes benchmarks/results/llm_profile.json. Needs llm_decode.py's models (run it first).
 
-    python benchmarks/llm_profile.py [--new 128]
+    python benchmarks/llm_profile.py [--new 128] [--model bitfold-w4-head8] [--kv-cache float32|float16]
 """
 
 from __future__ import annotations
@@ -71,15 +72,17 @@ def _bytes_read(model) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--new", type=int, default=128, help="greedy tokens after the prompt (default 128)")
+    parser.add_argument("--model", default=MODEL, help=f"a model folder under {WORK.relative_to(RESULTS.parent.parent)} (default {MODEL})")
+    parser.add_argument("--kv-cache", choices=("float32", "float16"), help="the cache's element type (default: the graph's)")
     args = parser.parse_args()
     stamp = provenance()
-    path = WORK / MODEL / "model.onnx"
+    path = WORK / args.model / "model.onnx"
     if not path.exists():
         raise SystemExit(f"{path} is missing: run `python benchmarks/llm_decode.py` first (it builds the models).")
     prompt = np.load(WORK / "prompt_ids.npy")[:PROMPT]
     model = bitfold.load(path)
     with tempfile.TemporaryDirectory() as tmp:
-        decoder = Decoder(model, max_length=PROMPT + args.new, threads=THREADS, profile=str(Path(tmp) / "decode"))
+        decoder = Decoder(model, max_length=PROMPT + args.new, threads=THREADS, profile=str(Path(tmp) / "decode"), kv_cache=args.kv_cache)
         assert decoder.fusion is not None and decoder.fusion.attention, decoder.fusion and decoder.fusion.reason
         walls = []
         start = time.perf_counter()
@@ -97,7 +100,8 @@ def main() -> None:
     kernel_ms = sum(decode_ms.values())
     run_ms = float(np.mean([r["dur"] for r in decode])) / 1e3
     wall_ms = float(np.median(walls)) * 1e3
-    kv_per_token = sum(int(v.shape[1]) * int(v.shape[3]) * 4 for v in model.graph.inputs if v.name.startswith("past_key_values"))
+    element = np.dtype(decoder.dtype).itemsize  # the cache's element as the generator holds it
+    kv_per_token = sum(int(v.shape[1]) * int(v.shape[3]) * element for v in model.graph.inputs if v.name.startswith("past_key_values"))
     read = {**_bytes_read(model), "kv_cache_mb": kv_per_token * (PROMPT + args.new // 2) / 1e6}  # the cache at mid-generation
     kernels = RESULTS / "kernels.json"
     copy_gbps = json.loads(kernels.read_text()).get("machine", {}).get("copy_gbps") if kernels.exists() else None
@@ -105,7 +109,7 @@ def main() -> None:
         read |= {"copy_gbps": copy_gbps, "floor_ms": sum(read.values()) / copy_gbps}  # MB / (GB/s) = ms
     result = {
         **stamp,
-        "model": f"SmolLM2-135M, {MODEL} (llm_decode.py), ORT lowered graph",
+        "model": f"SmolLM2-135M, {args.model} (llm_decode.py), ORT lowered graph, {np.dtype(decoder.dtype).name} KV cache",
         "protocol": f"prompt = first {PROMPT} Lee tokens, {args.new} greedy tokens, {THREADS} threads, ORT profiler on",
         "decode": {"kernel_ms_by_op": decode_ms, "kernel_ms": round(kernel_ms, 3), "model_run_ms": round(run_ms, 3),
                    "python_wall_ms_median": round(wall_ms, 3), "steps": len(decode)},  # fmt: skip
