@@ -12,8 +12,12 @@ through llama.cpp's own logits for GGUF files.
 
 The learned rows run ``reconstruct`` on the W4 g128 grid (GPTQ's start, then scales and rounding learned block by
 block, then 128 end-to-end steps on every scale against the float logits; calibration as above), then quantize
-the head: 8-bit RTN g128, or 4-bit GPTQ g32 asymmetric. bitfold's ONNX Runtime generator feeds a prompt in chunks
-of 128 tokens (``Decoder``'s ``prefill_chunk``); prefill times include them.
+the head: 8-bit RTN g128, or 4-bit GPTQ g32 asymmetric. The tuned rows are lowbit_smollm2.py's best W4 recipe
+(``--calibration large``): GPTQ sequential on the asymmetric W4 g128 grid, then 256 end-to-end steps on every scale
+and zero point (cosine schedule, the step kept by 4 held-out calibration windows), calibrated on Lee background
+windows 32-146 (none of them scored), then the same heads. bitfold's ONNX Runtime generator feeds a prompt in chunks
+of 128 tokens (``Decoder``'s ``prefill_chunk``); prefill times include them. The ``float16 KV cache`` rows run the
+same files with ``bitfold generate --kv-cache float16``; their perplexity is the lowered float16 graph's.
 
 The mixed rows are ``bitfold allocate --format matmulnbits``'s integer program over {int8 g128, int4 g128} per
 linear (GPTQ sensitivities on 16 x 128 calibration tokens, logits of the first 4) at 5.0 and 5.5 stored bits per
@@ -65,6 +69,13 @@ GPTQ32 = {**GPTQ, "group_size": 32, "symmetric": False, "exclude": HEAD}
 #: steps end to end against the float logits (benchmarks/lowbit_smollm2.py's "reconstruct + end to end" W4 g128 row)
 LEARNED = {"name": "reconstruct", "bits": 4, "group_size": 128, "format": "matmulnbits", "accuracy_level": 4, "tune_steps": 128,
            "exclude": HEAD}  # fmt: skip
+#: GPTQ sequential (reconstruct with nothing learned per block) on the asymmetric W4 g128 grid, then every scale and
+#: zero point 256 steps end to end against the float logits (cosine schedule, the step kept by 4 held-out windows),
+#: calibrated on Lee windows 32-146: benchmarks/lowbit_smollm2.py's best W4 row (``--calibration large``)
+TUNED = {"name": "reconstruct", "clip_steps": 0, "round_steps": 0, "bits": 4, "group_size": 128, "symmetric": False,
+         "tune_steps": 256, "tune_schedule": "cosine", "tune_holdout": 4, "tune_recompute": False, "format": "matmulnbits",
+         "accuracy_level": 4, "exclude": HEAD}  # fmt: skip
+LARGE = range(32, 147)  # the tuned rows' calibration windows (lowbit_smollm2.py --calibration large); scored: windows 0-15
 MINMAX = {"name": "quantize-weights", "method": "rtn", "bits": 4, "group_size": 32, "symmetric": False, "zero_point": "float",
           "format": "matmulnbits", "accuracy_level": 4, "exclude": HEAD}  # fmt: skip
 
@@ -88,6 +99,11 @@ BITFOLD = {
                       ("ort", "ort-kv16")),  # fmt: skip
     "learned-head4": ("bitfold W4 g128 learned (reconstruct, 128 end-to-end steps), int8 activations, 4-bit head (GPTQ g32 asymmetric)",
                       ["learned", *HEAD4], ("ort", "ort-kv16")),  # fmt: skip
+    "tuned": ("bitfold W4 g128 asymmetric, GPTQ sequential + 256 end-to-end steps, int8 activations, fp32 head", [TUNED], ()),
+    "tuned-head8": ("bitfold W4 g128 asymmetric, GPTQ sequential + 256 end-to-end steps, int8 activations, 8-bit head",
+                    ["tuned", *HEAD8], ("ort",)),  # fmt: skip
+    "tuned-head4": ("bitfold W4 g128 asymmetric, GPTQ sequential + 256 end-to-end steps, int8 activations, 4-bit head (GPTQ g32 asymmetric)",
+                    ["tuned", *HEAD4], ("ort",)),  # fmt: skip
     "mixed50-head8": ("bitfold W4/W8 mixed GPTQ g128 at 5.0 bits per linear weight, int8 activations, 8-bit head",
                       [("allocate", 5.0), *HEAD8], ("ort",)),  # fmt: skip
     "mixed55-head8": ("bitfold W4/W8 mixed GPTQ g128 at 5.5 bits per linear weight, int8 activations, 8-bit head",
@@ -129,7 +145,8 @@ def prepare(only: str | None, names: set[str] | None = None) -> list[dict]:
             continue
         path = WORK / f"bitfold-{key}" / "model.onnx"
         stamp_file = path.parent / "recipe.json"  # what the file was built from: a changed recipe rebuilds it
-        stamp = json.dumps({"steps": steps, "calibration": [CALIBRATION.start, CALIBRATION.stop - 1]}, sort_keys=True)
+        windows = LARGE if key.startswith("tuned") else CALIBRATION
+        stamp = json.dumps({"steps": steps, "calibration": [windows.start, windows.stop - 1]}, sort_keys=True)
         if not path.exists() or not stamp_file.exists() or stamp_file.read_text() != stamp or built & {s for s in steps if isinstance(s, str)}:
             if base is None:
                 base, cfg, _ = export_llm("smollm2")
@@ -140,8 +157,7 @@ def prepare(only: str | None, names: set[str] | None = None) -> list[dict]:
             if steps and isinstance(steps[0], tuple):  # ("allocate", bits per weight): the mixed recipe first
                 steps = _allocated(base, steps[0][1]) + steps[1:]
             if steps:
-                windows = lee_windows(smollm2()[1], CALIBRATION)
-                model, _ = bitfold.optimize(model, steps, CalibrationData(list(lm_feeds(windows, model))))
+                model, _ = bitfold.optimize(model, steps, CalibrationData(list(lm_feeds(lee_windows(smollm2()[1], windows), model))))
             write_llm(model, path, folder, cfg, 2048)
             stamp_file.write_text(stamp)
             built.add(key)
