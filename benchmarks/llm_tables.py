@@ -43,7 +43,8 @@ def _run(row: dict, r: dict) -> str:
 
 def decode_table(prompt: str = "512") -> str:
     r = json.loads((RESULTS / "llm_decode.json").read_text())
-    runs = list(dict.fromkeys(_run(row, r) for row in r["rows"]))  # in the file's order
+    runs = list(dict.fromkeys(_run(row, r) for row in r["rows"]))
+    runs.sort(key=lambda run: run != r.get("commit"))  # the file's own (newest) run first, then the others in file order
     several = len(runs) > 1
     lengths = sorted({n for row in r["rows"] for n in row["median"]}, key=int)
     head = ("| runtime / format | Lee perplexity | held-out perplexity | file MB | bits per linear weight | "
@@ -54,7 +55,7 @@ def decode_table(prompt: str = "512") -> str:
                              for run in runs)  # fmt: skip
         lines[0] += f" Rows were timed in {len(runs)} runs ({commands}); speeds compare within one run, the ratios below do."
     order = {run: i for i, run in enumerate(runs)}
-    for row in sorted(r["rows"], key=lambda x: (-order[_run(x, r)] if several else 0, -x["median"].get(prompt, {"decode_tok_s": 0})["decode_tok_s"])):
+    for row in sorted(r["rows"], key=lambda x: (order[_run(x, r)], -x["median"].get(prompt, {"decode_tok_s": 0})["decode_tok_s"])):
         cells = []
         for n in lengths:
             m = row["median"].get(n)
@@ -63,7 +64,7 @@ def decode_table(prompt: str = "512") -> str:
         bpw = f"{row['linear_bpw']:.2f}" if row.get("linear_bpw") else "-"
         tail = f" | {_run(row, r)} |" if several else " |"
         lines.append(f"| {row['label']} | {row['ppl']:.2f} | {heldout} | {row['file_bytes'] / 1e6:.0f} | {bpw} | " + " | ".join(cells) + tail)
-    for run in reversed(runs):  # the newest run first
+    for run in runs:
         lines += _ratios([row for row in r["rows"] if _run(row, r) == run], prompt, f" (run {run})" if several else "")
     return "\n".join(lines)
 
