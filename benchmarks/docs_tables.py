@@ -543,7 +543,10 @@ def llm_profile() -> str:
     floor = (f"A decode step reads {read['matmulnbits_mb']:.1f} MB of MatMulNBits weights and scales, "
              f"{read['other_constants_mb'] + read.get('gathered_rows_mb', 0.0):.2f} MB of other constants and embedding rows, and "
              f"{read['kv_cache_mb']:.1f} MB of KV cache (at mid-generation)")  # fmt: skip
-    if "floor_ms" in read:
+    if "read_gbps" in read:
+        floor += (f"; at the read bandwidth measured in the same run ({read['read_gbps']:.1f} GB/s, a 256 MiB sum on the same threads) "
+                  f"that alone takes {read['floor_ms']:.2f} ms")  # fmt: skip
+    elif "floor_ms" in read:
         floor += f"; at the measured copy bandwidth ({read['copy_gbps']:.1f} GB/s) that alone takes {read['floor_ms']:.2f} ms"
     return "\n\n".join([f"{r['model']}; {r['protocol']}:", table, floor + ".", stamp("llm_profile.json")])
 
